@@ -1,0 +1,15 @@
+// pylb._core: the one extension module. Each area registers its bindings from its own
+// register_<area>.cpp; this file only assembles them. Python code imports it only through
+// pylb/native.py.
+#include <pybind11/pybind11.h>
+
+#include "bindings.hpp"
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "pylb native core: block hashing, dual hash ring, adaptive prefix key, cache mirror, similarity";
+  pylb::bindings::register_hashing(m);
+  pylb::bindings::register_ring(m);
+  pylb::bindings::register_prefix_key(m);
+  pylb::bindings::register_mirror(m);
+  pylb::bindings::register_similarity(m);
+}

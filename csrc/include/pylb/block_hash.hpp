@@ -1,0 +1,31 @@
+// Chained block hashing of prompts (DESIGN.md §3).
+//
+// A prompt (bytes, or token ids seen as bytes) is cut into full blocks of `block_bytes`; each
+// full block gets one 64-bit hash that also covers everything before it:
+//     h_0 = XXH3_64bits_withSeed(block_0, seed)
+//     h_i = XXH3_64bits_withSeed(block_i, h_{i-1})
+// A trailing partial block gets no hash. Because each hash names the whole prefix up to its
+// block, two prompts share their first k hashes exactly when they share their first k blocks,
+// which is what vLLM's automatic prefix caching keys its KV blocks on. The chaining is the one
+// python-xxhash reproduces with `xxh3_64_intdigest(block, seed=prev)`.
+// xxHash is the system library (Debian libxxhash-dev); nothing of it is vendored.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace pylb {
+
+// Number of full blocks (= hashes) in a buffer of `len` bytes.
+inline std::size_t full_block_count(std::size_t len, std::size_t block_bytes) noexcept {
+  return block_bytes == 0 ? 0 : len / block_bytes;
+}
+
+// Writes full_block_count(len, block_bytes) chained hashes to `out`; returns that count.
+std::size_t chained_block_hashes(const std::uint8_t* data, std::size_t len, std::size_t block_bytes,
+                                 std::uint64_t seed, std::uint64_t* out) noexcept;
+
+// One-shot XXH3-64 of a whole buffer (the speed limit the chained form is measured against).
+std::uint64_t xxh3_64(const std::uint8_t* data, std::size_t len, std::uint64_t seed) noexcept;
+
+}  // namespace pylb

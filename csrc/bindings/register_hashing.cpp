@@ -89,13 +89,15 @@ py::list block_hashes_batch(const py::sequence& prompts, long long block_size, s
   }
   py::array_t<std::uint64_t> flat(static_cast<py::ssize_t>(offsets.back()));
   std::uint64_t* dst = flat.mutable_data();
+  std::vector<ChainJob> jobs;
+  jobs.reserve(views.size());
+  for (std::size_t i = 0; i < views.size(); ++i) {
+    jobs.push_back(ChainJob{views[i].data, views[i].len, block * views[i].unit, dst + offsets[i]});
+  }
   {
     // Safe without the GIL: the prompt buffers stay held by `views` and only plain memory is touched.
     py::gil_scoped_release release;
-    for (std::size_t i = 0; i < views.size(); ++i) {
-      const auto& v = views[i];
-      chained_block_hashes(v.data, v.len, block * v.unit, seed, dst + offsets[i]);
-    }
+    chained_block_hashes_many(jobs.data(), jobs.size(), seed);
   }
   py::list result(views.size());
   py::object slicer = flat.attr("__getitem__");

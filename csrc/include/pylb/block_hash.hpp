@@ -25,6 +25,19 @@ inline std::size_t full_block_count(std::size_t len, std::size_t block_bytes) no
 std::size_t chained_block_hashes(const std::uint8_t* data, std::size_t len, std::size_t block_bytes,
                                  std::uint64_t seed, std::uint64_t* out) noexcept;
 
+// One prompt of a batch: its bytes, the block length in bytes, and where its hashes go.
+struct ChainJob {
+  const std::uint8_t* data;
+  std::size_t len;
+  std::size_t block_bytes;
+  std::uint64_t* out;
+};
+
+// Hashes every job as chained_block_hashes would. One chain is a strict dependency chain, so a
+// single prompt is latency-bound (one XXH3 call after another); here up to kLanes prompts are
+// hashed in lock step so that their independent chains overlap in the CPU's pipeline.
+void chained_block_hashes_many(const ChainJob* jobs, std::size_t count, std::uint64_t seed) noexcept;
+
 // One-shot XXH3-64 of a whole buffer (the speed limit the chained form is measured against).
 std::uint64_t xxh3_64(const std::uint8_t* data, std::size_t len, std::uint64_t seed) noexcept;
 

@@ -20,8 +20,8 @@ using HashArray = py::array_t<std::uint64_t, py::array::c_style | py::array::for
 // (signed values are reinterpreted as two's complement), or a sequence of ints.
 // (The same helper as in register_prefix_key.cpp.)
 HashArray as_hashes(const py::handle& obj, const char* what) {
-  py::array arr;
-  if (!py::isinstance<py::str>(obj) && !py::isinstance<py::bytes>(obj)) arr = py::array::ensure(obj);
+  const bool text = py::isinstance<py::str>(obj) || py::isinstance<py::bytes>(obj);
+  py::array arr = text ? py::array(py::reinterpret_steal<py::array>(py::handle())) : py::array::ensure(obj);
   if (!arr) {
     PyErr_Clear();
     throw py::type_error(std::string(what) + " must be a 1-D array or sequence of uint64 hashes, got " +

@@ -16,27 +16,33 @@ namespace {
 
 using HashArray = py::array_t<std::uint64_t, py::array::c_style | py::array::forcecast>;
 
-// A 1-D array of 64-bit hashes from a uint64 array (no copy when C-contiguous), any integer array
-// (signed values are reinterpreted as two's complement), or a sequence of ints.
+// A 1-D array of 64-bit hashes: a numpy integer array (uint64 and C-contiguous: no copy; signed
+// values are reinterpreted as two's complement), or any other sequence, converted as
+// numpy.asarray(x, dtype=numpy.uint64) would (so Python ints must lie in [0, 2**64)).
 // (The same helper as in register_prefix_key.cpp.)
 HashArray as_hashes(const py::handle& obj, const char* what) {
-  const bool text = py::isinstance<py::str>(obj) || py::isinstance<py::bytes>(obj);
-  py::array arr = text ? py::array(py::reinterpret_steal<py::array>(py::handle())) : py::array::ensure(obj);
-  if (!arr) {
-    PyErr_Clear();
+  if (py::isinstance<py::str>(obj) || py::isinstance<py::bytes>(obj)) {
     throw py::type_error(std::string(what) + " must be a 1-D array or sequence of uint64 hashes, got " +
+                         std::string(py::str(py::type::of(obj).attr("__name__"))));
+  }
+  if (py::isinstance<py::array>(obj)) {
+    const auto arr = py::reinterpret_borrow<py::array>(obj);
+    const char kind = arr.dtype().kind();
+    if (kind != 'u' && kind != 'i' && arr.size() != 0) {
+      throw py::type_error(std::string(what) + " must hold integer hashes, got dtype " +
+                           std::string(py::str(arr.dtype())));
+    }
+  }
+  HashArray arr = HashArray::ensure(obj);  // clears the Python error when it fails
+  if (!arr) {
+    throw py::type_error(std::string(what) + " must be a 1-D array or sequence of uint64 hashes (integers in [0, 2**64)), got " +
                          std::string(py::str(py::type::of(obj).attr("__name__"))));
   }
   if (arr.ndim() != 1) {
     throw py::value_error(std::string(what) + " must be one-dimensional, got " + std::to_string(arr.ndim()) +
                           " dimensions");
   }
-  const char kind = arr.dtype().kind();
-  if (kind != 'u' && kind != 'i' && arr.size() != 0) {
-    throw py::type_error(std::string(what) + " must hold integer hashes, got dtype " +
-                         std::string(py::str(arr.dtype())));
-  }
-  return HashArray::ensure(arr);
+  return arr;
 }
 
 std::size_t replica_index(const CacheMirror& m, long long replica) {

@@ -16,7 +16,9 @@ xxh3_64 = _core.xxh3_64
 # ---- dual hash ring (csrc/src/dual_ring.cpp) -----------------------------------------------------
 
 # ---- adaptive prefix key (csrc/src/prefix_key.cpp) ---------------------------------------------
+PrefixKeyTable = _core.PrefixKeyTable
 
 # ---- cache mirror (csrc/src/cache_mirror.cpp) --------------------------------------------------
+CacheMirror = _core.CacheMirror
 
 # ---- batched similarity (csrc/src/similarity_cpu.cpp, similarity_cuda.cu) -------------------------

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "bindings.hpp"
+#include "hash_array.hpp"
 #include "pylb/prefix_key.hpp"
 
 namespace py = pybind11;
@@ -16,35 +17,6 @@ namespace py = pybind11;
 namespace pylb::bindings {
 namespace {
 
-using HashArray = py::array_t<std::uint64_t, py::array::c_style | py::array::forcecast>;
-
-// A 1-D array of 64-bit hashes: a numpy integer array (uint64 and C-contiguous: no copy; signed
-// values are reinterpreted as two's complement), or any other sequence, converted as
-// numpy.asarray(x, dtype=numpy.uint64) would (so Python ints must lie in [0, 2**64)).
-HashArray as_hashes(const py::handle& obj, const char* what) {
-  if (py::isinstance<py::str>(obj) || py::isinstance<py::bytes>(obj)) {
-    throw py::type_error(std::string(what) + " must be a 1-D array or sequence of uint64 hashes, got " +
-                         std::string(py::str(py::type::of(obj).attr("__name__"))));
-  }
-  if (py::isinstance<py::array>(obj)) {
-    const auto arr = py::reinterpret_borrow<py::array>(obj);
-    const char kind = arr.dtype().kind();
-    if (kind != 'u' && kind != 'i' && arr.size() != 0) {
-      throw py::type_error(std::string(what) + " must hold integer hashes, got dtype " +
-                           std::string(py::str(arr.dtype())));
-    }
-  }
-  HashArray arr = HashArray::ensure(obj);  // clears the Python error when it fails
-  if (!arr) {
-    throw py::type_error(std::string(what) + " must be a 1-D array or sequence of uint64 hashes (integers in [0, 2**64)), got " +
-                         std::string(py::str(py::type::of(obj).attr("__name__"))));
-  }
-  if (arr.ndim() != 1) {
-    throw py::value_error(std::string(what) + " must be one-dimensional, got " + std::to_string(arr.ndim()) +
-                          " dimensions");
-  }
-  return arr;
-}
 
 std::size_t positive(long long value, const char* field) {
   if (value < 1) throw py::value_error(std::string(field) + " must be >= 1, got " + std::to_string(value));

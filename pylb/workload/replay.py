@@ -448,7 +448,7 @@ async def replay(
         slo_ttft_s: the TTFT SLO for `slo_attainment`.
         concurrency_limit: most requests in flight at once; None is unlimited.
         timeout_s: per-request limit from sending to `[DONE]`.
-        progress: show a tqdm progress bar on stderr.
+        progress: show a tqdm progress bar on stderr (when it is a terminal).
         extra_body: fields merged into every request body (overriding the defaults).
         session: an aiohttp session to use (not closed); None makes and closes one.
 
@@ -507,7 +507,8 @@ async def _run(
     records: list[RequestRecord] = []
     tasks: list[asyncio.Task[None]] = []
     failed = 0
-    bar = tqdm(total=len(workload), unit="req", desc="replay", disable=not progress, dynamic_ncols=True)
+    # disable=None: tqdm shows the bar only when stderr is a terminal.
+    bar = tqdm(total=len(workload), unit="req", desc="replay", disable=True if not progress else None, dynamic_ncols=True)
 
     async def one(req: WorkloadRequest, rec: RequestRecord) -> None:
         nonlocal failed

@@ -9,7 +9,7 @@
 // Formulas (r = ring 0 or 1, XXH3 = XXH3_64bits_withSeed from the system xxHash):
 //   points     replica i gets c_i = max(1, round(vnodes * w_i / mean(w))) points per ring, at
 //                  pos_r(i, v) = XXH3(utf8(name_i) || le32(v), seed = S_r),  v = 0 .. c_i - 1
-//              (Envoy ring_hash hashes "name_v" the same way). Placement is a pure function of
+//              (as Envoy's ring_hash_lb hashes "<host>_<i>"). Placement is a pure function of
 //              the names and weights, so router processes agree without talking; ties of
 //              equal positions are broken by name, so the order of the list does not matter.
 //   key probes the key (already a 64-bit hash) is remixed per ring and per probe:
@@ -24,24 +24,28 @@
 // Multi-probe (Appleton & O'Reilly 2015, "Multi-probe consistent hashing", arXiv:1505.00062).
 // With one probe, a replica's share is the sum of the arcs before its V points; arcs are about
 // exponential, so the share's relative standard deviation is about 1/sqrt(V) = 6.25 % at V =
-// 256, and "no replica above 1.15 x fair share" fails for about 1 in 5 rings of 16 replicas.
-// Taking the nearest of P probes evens out the arcs: a point with arc L (in units of the mean
-// arc) keeps about 1 - exp(-P L) of a mean arc's keys instead of L. Measured (exact integral
-// over random rings, V = 256): share CV 5.9 % (P=1), 3.5 % (2), 2.7 % (3), 2.3 % (4),
-// 2.0 % (5), 1.5 % (8). P = 4 puts 1.15 x fair at about 6.5 standard deviations, for any
-// replica count, at 8 lookups per candidate pair; more probes buy little balance per cost.
-// It keeps perfect consistency: adding a replica only adds points, which can only shorten
-// some d_p, so a key either keeps its point or moves to a new one (onto the added replica);
-// removing one only lengthens the d_p of probes that landed on its points, so only its keys move.
+// 256, and "no replica above 1.15 x fair share on either ring" fails for about 1 in 4 sets of
+// 16 replicas (measured: 42 of 150). Taking the nearest of P probes evens out the arcs: a point
+// whose arc is x mean arcs long gets roughly 1 - exp(-P x) mean shares instead of x, so long
+// arcs stop collecting extra keys. Share spread (relative standard deviation, exact integral
+// over random rings, V = 256, confirmed by lookups): 5.9 % (P=1), 3.5 % (2), 2.7 % (3),
+// 2.3 % (4), 2.0 % (5), 1.5 % (8). P = 4 puts 1.15 x fair at about 6.5 standard deviations
+// whatever the replica count, for 8 lookups per candidate pair; beyond it each doubling of the
+// lookups buys only a factor of about 1.5 in spread.
+// Multi-probe keeps perfect consistency: adding a replica only adds points, which can only
+// shorten some d_p, so a key either keeps its point or moves to a new one (onto the added
+// replica); removing one only lengthens the d_p of probes that landed on its points, so only
+// its keys move.
 //
-// Lookups are O(1): a bucket table indexed by the top bits of the position (2^bits >= points)
-// gives the first point of each bucket, and a short scan (2^bits >= 2 x points, so under half
-// a point per bucket on average; mostly branch-free) finds
-// the successor. A next_other table gives b's walk in one step.
+// Lookups are O(1): a bucket table indexed by the top bits of the position, with 2^bits >= 2 x
+// points (under half a point per bucket on average), gives the first point of each bucket, and
+// a short, mostly branch-free scan finds the successor. A next_other table gives b's walk in
+// one step. About 30 ns per candidate pair (8 probe lookups) on one core.
 //
-// Parameters: vnodes (default 256, as Envoy ring_hash's minimum ring of 1024 over a few hosts
-// and KubeAI CHWBL's 256 per endpoint); weights (relative, > 0; scale the point count);
-// probes (default 4, range 1 .. 64). The seeds S_r, K_r are fixed constants in the header.
+// Parameters: vnodes (default 256, the per-endpoint count of KubeAI's CHWBL, DESIGN.md §4;
+// virtual nodes hashed from "<name><index>" as in Envoy's ring_hash_lb); weights (relative,
+// finite, > 0; they scale the point count); probes (default 4, range 1 .. 64). The seeds S_r
+// and K_r are fixed constants in the header and are part of the placement format.
 #include "pylb/dual_ring.hpp"
 
 // XXH_INLINE_ALL compiles the system header's XXH3 inline into this file (the same algorithm
@@ -55,6 +59,14 @@
 #include <cstdio>
 #include <stdexcept>
 #include <unordered_map>
+
+// The lookup kernels are inlined into the batch loops (GCC otherwise keeps them out of line,
+// which costs about a third of the batch throughput).
+#if defined(__GNUC__) || defined(__clang__)
+#define PYLB_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define PYLB_ALWAYS_INLINE inline
+#endif
 
 namespace pylb {
 namespace {
@@ -234,7 +246,7 @@ void DualRing::build_ring(int r) {
   }
 }
 
-std::uint32_t DualRing::nearest_point(const Ring& ring, std::uint64_t key, int r) const noexcept {
+PYLB_ALWAYS_INLINE std::uint32_t DualRing::nearest_point(const Ring& ring, std::uint64_t key, int r) const noexcept {
   const std::uint64_t* pos = ring.pos.data();  // m points, then the sentinel UINT64_MAX
   const std::uint32_t* bucket = ring.bucket.data();
   const unsigned shift = ring.shift;
@@ -266,12 +278,20 @@ std::uint32_t DualRing::nearest_point(const Ring& ring, std::uint64_t key, int r
   return best;
 }
 
-std::pair<std::uint32_t, std::uint32_t> DualRing::candidates(std::uint64_t key) const noexcept {
+PYLB_ALWAYS_INLINE std::pair<std::uint32_t, std::uint32_t> DualRing::candidate_pair(std::uint64_t key) const noexcept {
   const std::uint32_t a = rings_[0].owner[nearest_point(rings_[0], key, 0)];
   const Ring& r1 = rings_[1];
   std::uint32_t j = nearest_point(r1, key, 1);
-  if (r1.owner[j] == a) j = r1.next_other[j];
+  j = r1.owner[j] == a ? r1.next_other[j] : j;  // with one replica next_other[j] == j
   return {a, r1.owner[j]};
+}
+
+std::uint32_t DualRing::owner(std::uint64_t key, int ring) const noexcept {
+  return rings_[ring].owner[nearest_point(rings_[ring], key, ring)];
+}
+
+std::pair<std::uint32_t, std::uint32_t> DualRing::candidates(std::uint64_t key) const noexcept {
+  return candidate_pair(key);
 }
 
 void DualRing::owners_batch(const std::uint64_t* keys, std::size_t n, int ring, std::int32_t* out) const noexcept {
@@ -284,7 +304,7 @@ void DualRing::owners_batch(const std::uint64_t* keys, std::size_t n, int ring, 
 void DualRing::candidates_batch(const std::uint64_t* keys, std::size_t n, std::int32_t* a,
                                 std::int32_t* b) const noexcept {
   for (std::size_t t = 0; t < n; ++t) {
-    const auto ab = candidates(keys[t]);
+    const auto ab = candidate_pair(keys[t]);
     a[t] = static_cast<std::int32_t>(ab.first);
     b[t] = static_cast<std::int32_t>(ab.second);
   }

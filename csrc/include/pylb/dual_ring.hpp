@@ -42,9 +42,7 @@ class DualRing {
   std::size_t points() const noexcept { return rings_[0].owner.size(); }
 
   // Raw owner of `key` on ring 0 or 1 (ring must be 0 or 1; not checked here).
-  std::uint32_t owner(std::uint64_t key, int ring) const noexcept {
-    return rings_[ring].owner[nearest_point(rings_[ring], key, ring)];
-  }
+  std::uint32_t owner(std::uint64_t key, int ring) const noexcept;
   // Candidates (a, b): a = owner on ring 0; b = owner on ring 1, or, when that is a, the owner
   // of the next point clockwise on ring 1 that belongs to another replica. (0, 0) with 1 replica.
   std::pair<std::uint32_t, std::uint32_t> candidates(std::uint64_t key) const noexcept;
@@ -72,6 +70,7 @@ class DualRing {
   // Index of the point chosen for `key` on ring r: the successor of the probe nearest to its
   // successor (multi-probe consistent hashing).
   std::uint32_t nearest_point(const Ring& ring, std::uint64_t key, int r) const noexcept;
+  std::pair<std::uint32_t, std::uint32_t> candidate_pair(std::uint64_t key) const noexcept;
 
   std::vector<std::string> ids_;
   std::vector<double> weights_;

@@ -14,6 +14,7 @@ block_hashes_batch = _core.block_hashes_batch
 xxh3_64 = _core.xxh3_64
 
 # ---- dual hash ring (csrc/src/dual_ring.cpp) -----------------------------------------------------
+DualRing = _core.DualRing
 
 # ---- adaptive prefix key (csrc/src/prefix_key.cpp) ---------------------------------------------
 PrefixKeyTable = _core.PrefixKeyTable

@@ -1,0 +1,92 @@
+"""Batched cosine top-k: pylb's CPU (and CUDA, when available) against numpy, in one process.
+
+How to read it: each line is the median wall time of --reps runs after one warm-up; `ratio` is
+pylb's time over numpy's (the target is <= 2.0 on the CPU). numpy's reference is what a Python
+semantic cache would do: normalise keys and queries, one matmul, argpartition then sort the k.
+`check` compares pylb's result with numpy's: similarities within 1e-5, indices equal except at
+near-ties (|difference| < 1e-6). Keys are random normal float32, not real embeddings.
+
+    python bench/bench_similarity.py                 # B=64, N=100000, D=384, k=10
+    python bench/bench_similarity.py --cuda          # also the GPU (needs PYLB_CUDA=ON + CuPy)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+from pylb import native
+
+
+def numpy_topk(q: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    s = qn @ xn.T
+    part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    ps = np.take_along_axis(s, part, 1)
+    order = np.argsort(-ps, axis=1, kind="stable")
+    return np.take_along_axis(part, order, 1), np.take_along_axis(ps, order, 1)
+
+
+def timed(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def check(name: str, got: tuple, ref: tuple) -> str:
+    gi, gs = (np.asarray(a) for a in got)
+    ri, rs = ref
+    err = float(np.abs(gs - rs).max())
+    bad = (gi != ri) & (np.abs(gs - rs) >= 1e-6)
+    ok = err < 1e-5 and not bad.any()
+    return f"{name}: max |sim diff| {err:.1e}, index mismatches outside near-ties {int(bad.sum())} -> {'OK' if ok else 'FAIL'}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-B", type=int, default=64)
+    ap.add_argument("-N", type=int, default=100_000)
+    ap.add_argument("-D", type=int, default=384)
+    ap.add_argument("-k", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--cuda", action="store_true", help="also time the CUDA kernels")
+    a = ap.parse_args()
+
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((a.B, a.D), dtype=np.float32)
+    x = rng.standard_normal((a.N, a.D), dtype=np.float32)
+    print(f"B={a.B} N={a.N} D={a.D} k={a.k}, median of {a.reps}")
+
+    ref = numpy_topk(q, x, a.k)
+    t_np = timed(lambda: numpy_topk(q, x, a.k), a.reps)
+    t_cpu = timed(lambda: native.topk_similarity(q, x, a.k, device="cpu"), a.reps)
+    print(f"numpy (normalise + matmul + argpartition + sort): {t_np * 1e3:8.2f} ms")
+    print(f"pylb cpu:                                         {t_cpu * 1e3:8.2f} ms   ratio {t_cpu / t_np:.2f}")
+    print(check("pylb cpu vs numpy", native.topk_similarity(q, x, a.k, device="cpu"), ref))
+
+    if a.cuda:
+        import cupy as cp
+
+        qd, xd = cp.asarray(q), cp.asarray(x)
+
+        def gpu() -> None:
+            native.topk_similarity(qd, xd, a.k)
+            cp.cuda.get_current_stream().synchronize()
+
+        t_gpu = timed(gpu, max(a.reps, 20))
+        print(f"pylb cuda (CuPy in, CuPy out, synchronised):      {t_gpu * 1e3:8.2f} ms   vs pylb cpu x{t_cpu / t_gpu:.1f}")
+        t_gpu_np = timed(lambda: native.topk_similarity(q, x, a.k, device="cuda"), a.reps)
+        print(f"pylb cuda (numpy in/out, incl. copies):           {t_gpu_np * 1e3:8.2f} ms")
+        print(check("pylb cuda vs numpy", native.topk_similarity(qd, xd, a.k), ref))
+
+
+if __name__ == "__main__":
+    main()

@@ -59,11 +59,11 @@ class Table:
         self.rows.append({"group": group, "name": name, "value": value, "unit": unit, "baseline": vs, "ratio": ratio})
 
     def print(self) -> None:
-        print(f"{'group':<11} {'benchmark':<52} {'value':>12} {'unit':<10} {'vs baseline':>22}")
-        print("-" * 112)
+        print(f"{'group':<11} {'benchmark':<62} {'value':>12} {'unit':<10} {'vs baseline':>22}")
+        print("-" * 122)
         for r in self.rows:
             ratio = f"{r['ratio']:.2f}x {r['baseline']}" if r["ratio"] is not None else ""
-            print(f"{r['group']:<11} {r['name']:<52} {r['value']:>12.4g} {r['unit']:<10} {ratio:>22}")
+            print(f"{r['group']:<11} {r['name']:<62} {r['value']:>12.4g} {r['unit']:<10} {ratio:>22}")
 
 
 def bench_hashing(t: Table, quick: bool) -> None:

@@ -6,6 +6,11 @@ change in one place. Each section below re-exports one area of ``csrc/`` with it
 
 from __future__ import annotations
 
+import operator
+from typing import Any
+
+import numpy as np
+
 from . import _core
 
 # ---- block hashing (csrc/src/block_hash.cpp) ----------------------------------------------------
@@ -26,12 +31,6 @@ CacheMirror = _core.CacheMirror
 # Cosine top-k of query embeddings against stored embeddings, for the semantic cache. The CPU path
 # is always built; the CUDA path exists when pylb was built with PYLB_CUDA=ON. Both order results
 # the same way (similarity descending, ties by smaller key index) and agree up to float rounding.
-# (Imports kept in this section so that it merges alone; hoist them when convenient.)
-import operator  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-
 built_with_cuda = _core.built_with_cuda
 cuda_available = _core.cuda_available
 topk_similarity_cpu = _core.topk_similarity_cpu

@@ -1,6 +1,10 @@
 // Chained block hashing; the design comment and formula are in include/pylb/block_hash.hpp.
 #include "pylb/block_hash.hpp"
 
+// Inline mode of the system header: XXH3's short-input path is a handful of multiplies, and
+// compiling it into the lane loop below (instead of calling libxxhash) lets the compiler
+// interleave the independent chains; measured here it roughly doubles batch throughput.
+#define XXH_INLINE_ALL
 #include <xxhash.h>
 
 namespace pylb {

@@ -39,6 +39,7 @@ struct ChainJob {
 void chained_block_hashes_many(const ChainJob* jobs, std::size_t count, std::uint64_t seed) noexcept;
 
 // One-shot XXH3-64 of a whole buffer (the speed limit the chained form is measured against).
+// Both use the system xxhash.h in inline mode (XXH_INLINE_ALL), see block_hash.cpp.
 std::uint64_t xxh3_64(const std::uint8_t* data, std::size_t len, std::uint64_t seed) noexcept;
 
 }  // namespace pylb

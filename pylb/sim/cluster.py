@@ -14,6 +14,9 @@ clock, with a heap of timed events:
                 replica, as the live proxy's scraper does
     wakeup      the time router.next_wakeup asked for
 
+While the whole cluster is idle (no engine working, nothing held by the router, no timer set),
+scrapes are skipped up to the next arrival: they would only repeat the same snapshot.
+
 After every event the router is polled; each dispatch adds the request to its engine at that
 instant (an idle engine starts a step immediately; a busy one takes it at its next step).
 Events at the same instant run in the order step end, arrival, scrape, wakeup, then by
@@ -113,6 +116,7 @@ class SimResult:
 
     Times are virtual seconds; NaN where the event did not happen (e.g. a request the engine
     rejected has no first token). `replica` is the index into `replicas`, -1 if never dispatched.
+    `end_time` is the last arrival, dispatch or completion.
     """
 
     replicas: list[ReplicaId]
@@ -323,13 +327,22 @@ def simulate(
             for e, eng in enumerate(engines):
                 router.on_metrics(names[e], eng.metrics_snapshot(now), now)
             poll(now)
-            busy = next_arrival < n or wake_at is not None or any(p is not None for p in step_pending)
-            if busy or undispatched == 0:
+            assert scrape_interval is not None
+            if wake_at is not None or any(p is not None for p in step_pending):
                 idle_since = None
-            elif idle_since is None:
-                idle_since = now
-            if done < n and (busy or (undispatched > 0 and now - idle_since < _IDLE_GRACE_S)):  # type: ignore[operator]
-                push(now + scrape_interval, _SCRAPE)  # type: ignore[operator]
+                push(now + scrape_interval, _SCRAPE)
+                continue
+            if undispatched > 0:  # engines idle, the router holds requests: give it a grace period
+                if idle_since is None:
+                    idle_since = now
+                if now - idle_since < _IDLE_GRACE_S:
+                    push(now + scrape_interval, _SCRAPE)
+                    continue
+            else:
+                idle_since = None
+            if next_arrival < n:  # idle until the next arrival: skip the scrapes that would repeat
+                t_next = workload[order[next_arrival]].arrival_s / rate_scale
+                push(now + max(1, math.ceil((t_next - now) / scrape_interval)) * scrape_interval, _SCRAPE)
         else:  # _WAKEUP
             if wake_at is None or now != wake_at:
                 continue
@@ -349,7 +362,7 @@ def simulate(
         cached_tokens=cached,
         output_tokens=np.array([r.output_tokens for r in workload], dtype=np.int64),
         rejected=rejected,
-        end_time=now,
+        end_time=float(np.nanmax(np.concatenate([completion, arrival, dispatch]))) if n else 0.0,
         wall_s=time.perf_counter() - wall_start,
         stats={**stats, "preemptions": sum(e.num_preemptions for e in engines), "engine_steps": sum(e.steps_total for e in engines)},
     )

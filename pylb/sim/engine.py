@@ -66,7 +66,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import compress, islice, repeat
+from itertools import compress, islice, repeat, takewhile
 
 import numpy as np
 
@@ -80,6 +80,7 @@ from .profiles import Profile
 _consume = deque(maxlen=0).extend  # run an iterator for its side effects, at C speed
 _not_none = partial(operator.is_not, None)
 _minus_one = partial(operator.add, -1)
+_plus_one = partial(operator.add, 1)
 
 
 class RequestRejected(ValueError):
@@ -199,19 +200,19 @@ class _Run:
         """Duration of the first m steps: m*a + b*m*(m-1)/2."""
         return m * self.a + self.b * (m * (m - 1) // 2)
 
-    def started_before(self, now: float) -> int:
-        """How many of the k steps started strictly before `now` (0..k)."""
+    def started_by(self, now: float) -> int:
+        """How many of the k steps have started at or before `now` (0..k)."""
         dt = now - self.t0
-        if dt <= 0:
+        if dt < 0:
             return 0
-        lo, hi = 0, self.k
-        while lo < hi:  # smallest m in [0, k] whose start time t0 + span(m) is >= now
+        lo, hi = 1, self.k
+        while lo < hi:  # smallest m in [1, k] whose start time t0 + span(m) is after now
             mid = (lo + hi) // 2
-            if self.span(mid) < dt:
+            if self.span(mid) <= dt:
                 lo = mid + 1
             else:
                 hi = mid
-        return lo
+        return lo if self.span(lo) > dt else self.k
 
 
 class Engine:
@@ -355,7 +356,7 @@ class Engine:
         return res
 
     def metrics_snapshot(self, now: float) -> ReplicaMetrics:
-        """The replica's vLLM metrics at `now` (state after every step that started before `now`)."""
+        """The replica's vLLM metrics at `now` (state after every step started at or before `now`)."""
         self._advance(now)
         return ReplicaMetrics(
             num_requests_running=len(self._running),
@@ -461,6 +462,27 @@ class Engine:
 
     # ---- scheduling --------------------------------------------------------------------------
 
+    def _admission(self, req: _Req, budget: int) -> tuple[list[int], list[int], int, int, bool]:
+        """How a waiting request would be admitted with `budget` tokens left (no state change).
+
+        Returns (hit blocks, their reference counts, tokens to compute, new blocks needed,
+        whether those blocks can be allocated now).
+        """
+        hl = req.hash_list
+        if hl is None:
+            hl = req.hash_list = _hash_list(req.hashes)
+        bs = self.block_size
+        num_tokens = req.prompt_len + req.out
+        max_hit = min((num_tokens - 1) // bs, len(hl))  # vLLM: at least one token is computed
+        hits = list(takewhile(_not_none, map(self._cached.get, islice(hl, max_hit))))
+        n_hit = len(hits)
+        hit_tokens = n_hit * bs
+        n_new = min(num_tokens - hit_tokens, budget)
+        need = -(-(hit_tokens + n_new) // bs) - n_hit
+        refs = list(map(self._ref.__getitem__, hits))
+        ok = need <= len(self._free) - refs.count(0)  # hit blocks in the free queue are not free to take
+        return hits, refs, n_new, need, ok
+
     def _preempt(self, req: _Req) -> None:
         """Recompute preemption: free all blocks, back to the front of the waiting queue."""
         req.running = False
@@ -512,42 +534,22 @@ class Engine:
             ref = self._ref
             while waiting and budget > 0 and len(running) < self.max_num_seqs:
                 req = waiting[0]
-                num_tokens = req.prompt_len + req.out
-                hl = req.hash_list
-                if hl is None:
-                    hl = req.hash_list = _hash_list(req.hashes)
-                max_hit = min((num_tokens - 1) // bs, len(hl))
-                cached = self._cached
-                hits: list[int] = []
-                for j in range(max_hit):
-                    b = cached.get(hl[j])
-                    if b is None:
-                        break
-                    hits.append(b)
+                hits, refs, n_new, need, ok = self._admission(req, budget)
+                if not ok:
+                    break  # FCFS: nobody behind it goes first
+                waiting.popleft()
+                # touch: cached blocks become referenced (unreferenced ones leave the free queue)
+                _consume(map(free.__delitem__, compress(hits, map(operator.not_, refs))))
+                _consume(map(ref.__setitem__, hits, map(_plus_one, refs)))
                 n_hit = len(hits)
                 hit_tokens = n_hit * bs
-                n_new = num_tokens - hit_tokens
-                if n_new > budget:
-                    n_new = budget
-                need = -(-(hit_tokens + n_new) // bs) - n_hit
-                evictable = 0
-                for b in hits:
-                    if ref[b] == 0:
-                        evictable += 1
-                if need > len(free) - evictable:
-                    break
-                waiting.popleft()
-                for b in hits:  # touch: cached blocks become referenced (leave the free queue)
-                    if ref[b] == 0:
-                        del free[b]
-                    ref[b] += 1
                 req.blocks = hits
                 if need > 0:
                     req.blocks.extend(self._allocate(need))
                 req.computed = hit_tokens
                 req.n_cached = n_hit
                 if req.preemptions == 0:
-                    self.prefix_cache_queries += num_tokens
+                    self.prefix_cache_queries += req.prompt_len + req.out
                     self.prefix_cache_hits += hit_tokens
                 if req.cached_tokens < 0:
                     req.cached_tokens = hit_tokens
@@ -605,7 +607,7 @@ class Engine:
         """A fused run of >= 2 event-free decode steps, or None when the next step is not one."""
         running = self._running
         n = len(running)
-        if n == 0 or n > self.max_num_batched_tokens or (self._waiting and n < self.max_num_seqs):
+        if n == 0 or n > self.max_num_batched_tokens:
             return None
         k = max_steps
         context = 0
@@ -619,12 +621,25 @@ class Engine:
                 if k < 2:
                     return None
             context += nt
-        free = len(self._free)
-        if self._blocks_needed(k) > free:
-            lo, hi = 1, k  # largest k' with blocks_needed(k') <= free; blocks_needed(1) may exceed too
+        # Blocks the run may take: all free ones, but when the head of the waiting queue is
+        # blocked, only those ahead of its first evictable hit block in the free queue. Then it
+        # stays blocked for the whole run: the free blocks only get fewer and its hits stay.
+        cap = len(self._free)
+        if self._waiting and n < self.max_num_seqs and n < self.max_num_batched_tokens:
+            hits, refs, _, _, ok = self._admission(self._waiting[0], self.max_num_batched_tokens - n)
+            if ok:
+                return None
+            evictable = set(compress(hits, map(operator.not_, refs)))
+            if evictable:
+                for i, b in enumerate(islice(self._free, self._blocks_needed(k))):
+                    if b in evictable:
+                        cap = i
+                        break
+        if self._blocks_needed(k) > cap:
+            lo, hi = 1, k  # largest k' with blocks_needed(k') <= cap; blocks_needed(1) may exceed too
             while lo < hi:
                 mid = (lo + hi + 1) // 2
-                if self._blocks_needed(mid) <= free:
+                if self._blocks_needed(mid) <= cap:
                     lo = mid
                 else:
                     hi = mid - 1
@@ -669,11 +684,11 @@ class Engine:
             self._run = None
 
     def _advance(self, now: float) -> None:
-        """Apply the steps of the pending run that started before `now`; the run goes on."""
+        """Apply the steps of the pending run started at or before `now`; the run goes on."""
         run = self._run
         if run is None:
             return
-        m = run.started_before(now)
+        m = run.started_by(now)
         if m == 0:
             return
         self._materialize(m)
@@ -685,11 +700,11 @@ class Engine:
         run.k -= m
 
     def _cut(self, now: float) -> None:
-        """End the pending run after the steps that started before `now` (a request changes)."""
+        """End the pending run after the steps started at or before `now` (a request changes)."""
         run = self._run
         if run is None:
             return
-        m = run.started_before(now)
+        m = run.started_by(now)
         self._materialize(m)
         self._busy_until = run.end if m >= run.k else run.t0 + run.span(m)
         self._run = None

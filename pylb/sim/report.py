@@ -16,7 +16,9 @@ Per run (`summarize`):
 Effective request capacity (`find_capacity`): the highest qps at which slo_attainment >= 0.9
 (DualMap's definition, SLO 5 s by default). Search on the rate scale: start at `start`, double
 (or halve) until the target is bracketed, then bisect geometrically until the bracket is within
-`rel_tol` or `max_runs` runs were made. Attainment is not strictly monotone in the rate (cache
+`rel_tol` or `max_runs` runs were made. Halving stops early when half the load changes neither
+attainment nor median TTFT (the cluster is idle enough already): then no rate meets the target
+(long prompts alone may take longer than the SLO) and the capacity is 0. Attainment is not strictly monotone in the rate (cache
 reuse changes with the load), so the capacity reported is the largest qps among the runs that
 met the target, and every run is kept for the record.
 """
@@ -130,6 +132,13 @@ def meets_slo(m: RunMetrics, target: float = DEFAULT_SLO_TARGET) -> bool:
     return m.slo_attainment >= target
 
 
+def _plateau(a: RunMetrics, b: RunMetrics) -> bool:
+    """Run b (at half a's load) is no better than a: same attainment and median TTFT within 1 %."""
+    if b.slo_attainment > a.slo_attainment + 0.001 or a.ttft_p50 is None or b.ttft_p50 is None:
+        return False
+    return abs(a.ttft_p50 - b.ttft_p50) <= 0.01 * max(a.ttft_p50, b.ttft_p50)
+
+
 def find_capacity(
     run_at: Callable[[float], RunMetrics],
     *,
@@ -169,11 +178,14 @@ def find_capacity(
     else:
         hi = scale
         while len(runs) < max_runs and scale / 2 >= min_scale:
+            prev = runs[-1]
             scale /= 2
             if run(scale):
                 lo = scale
                 break
             hi = scale
+            if _plateau(prev, runs[-1]):
+                break  # half the load changed nothing: the target is out of reach at any rate
     while lo is not None and hi is not None and len(runs) < max_runs and hi / lo > 1 + rel_tol:
         mid = math.sqrt(lo * hi)
         if run(mid):

@@ -412,3 +412,15 @@ def test_missing_profile_field_and_unknown_name(tmp_path) -> None:
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ProfileError, match="expected a mapping"):
         load_profile(str(bad))
+
+
+def test_add_prompt_counts_tokens_and_hashes_text() -> None:
+    e = Engine(prof(num_blocks=64))
+    text = b"0123456789abcdef" * 4 + b"xyz"  # 67 bytes -> 17 tokens, 4 full blocks of 4 tokens
+    assert e.add_prompt("a", text, 1, 0.0) == 17
+    Trace(e).drain()
+    e.add_prompt("b", text, 1, 1.0)
+    t = Trace(e)
+    t.now = 1.0
+    t.drain()
+    assert t.usage["b"].cached_tokens == 16

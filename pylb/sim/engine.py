@@ -57,6 +57,22 @@ per request per step). Such a result carries no first tokens and no finished req
 that finishes a request is always returned alone), and it is cut short at the next step boundary
 when a request is added or aborted in the middle of it, so fused and single stepping give the
 same timeline. The real-time server steps one at a time (the default).
+
+For the fake vLLM server (real time)
+------------------------------------
+* `engine.add_prompt(id, prompt_bytes, max_tokens, now)` (or `add_request` with your own
+  token count and `prompt_block_hashes`); `RequestRejected` maps to HTTP 400 (vLLM rejects a
+  prompt longer than the model/cache the same way).
+* Loop: `res = engine.step(now)`; sleep `res.duration / speed`; then stream one token chunk per
+  id in `res.sampled`, observe TTFT for `res.first_tokens`, and close the requests in
+  `res.finished` with their `usage` (`cached_tokens` is `prompt_tokens_details.cached_tokens`).
+  Skip ids you aborted meanwhile. Sleep until a request arrives when `has_work()` is False.
+* Client disconnect: `engine.abort(id, now)` frees its blocks (they stay cached).
+* `/metrics`: `metrics_snapshot(now)` gives the values of `vllm:num_requests_running`,
+  `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`, `vllm:prefix_cache_queries_total`,
+  `vllm:prefix_cache_hits_total`, `vllm:num_preemptions_total`, `vllm:prompt_tokens_total`,
+  `vllm:generation_tokens_total` and the `block_size` / `num_gpu_blocks` labels of
+  `vllm:cache_config_info` (see `pylb.router.interface.ReplicaMetrics`).
 """
 
 from __future__ import annotations
@@ -72,7 +88,7 @@ import numpy as np
 
 from pylb import native
 from pylb.router.interface import ReplicaMetrics, Usage
-from pylb.workload.types import BYTES_PER_TOKEN
+from pylb.workload.types import BYTES_PER_TOKEN, tokens_in
 
 from .profiles import Profile
 
@@ -321,6 +337,16 @@ class Engine:
         req = _Req(request_id, prompt_tokens, max_tokens, block_hashes)
         self._reqs[request_id] = req
         self._waiting.append(req)
+
+    def add_prompt(self, request_id: str, prompt: bytes, max_tokens: int, now: float) -> int:
+        """`add_request` for a prompt given as text bytes (what the fake HTTP server has).
+
+        Counts tokens as `tokens_in(len(prompt))` (4 bytes per token, rounded up) and hashes
+        the prompt with `prompt_block_hashes`. Returns the prompt's token count.
+        """
+        tokens = max(1, tokens_in(len(prompt)))
+        self.add_request(request_id, tokens, max_tokens, prompt_block_hashes(prompt, self.block_size), now)
+        return tokens
 
     def abort(self, request_id: str, now: float) -> bool:
         """Remove a request and free its blocks (client disconnect). False if it is not here."""

@@ -1,0 +1,368 @@
+"""Discrete-event cluster simulator: N engine replicas behind one router, in virtual time.
+
+Design
+------
+`simulate(workload, profile, replicas, router)` replays a prepared workload through a router
+(anything implementing `pylb.router.interface.Router`) and N `Engine`s, all on one virtual
+clock, with a heap of timed events:
+
+    arrival     request i reaches the router at arrival_s / rate_scale (trace order kept on ties)
+                -> router.submit
+    step end    an engine step finishes -> router.on_first_token / on_complete for its events,
+                then the engine starts its next step at once if it has work
+    scrape      every `scrape_interval` seconds -> router.on_metrics(replica, snapshot) for each
+                replica, as the live proxy's scraper does
+    wakeup      the time router.next_wakeup asked for
+
+While the whole cluster is idle (no engine working, nothing held by the router, no timer set),
+scrapes are skipped up to the next arrival: they would only repeat the same snapshot.
+
+After every event the router is polled; each dispatch adds the request to its engine at that
+instant (an idle engine starts a step immediately; a busy one takes it at its next step).
+Events at the same instant run in the order step end, arrival, scrape, wakeup, then by
+insertion. Decode-only stretches are simulated as fused engine steps (see `pylb.sim.engine`),
+which keeps a whole-trace run to seconds without changing the timeline.
+
+Workloads are prepared once (`prepare_workload`): every prompt's text is built, hashed for the
+router (64-byte blocks) and for the engine (4 * block_size bytes), and dropped, so that a
+capacity sweep re-runs the simulation without re-hashing hundreds of megabytes of text.
+
+Per request the result records arrival, dispatch, first token and completion times, replica,
+prompt, cached and output tokens (`SimResult`); `pylb.sim.report` turns it into metrics.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import count
+
+import numpy as np
+
+from pylb import native
+from pylb.router.interface import DEFAULT_BLOCK_CHARS, ReplicaId, Router, RoutingRequest
+from pylb.workload.types import BYTES_PER_TOKEN, WorkloadRequest
+
+from .engine import Engine, RequestRejected, StepResult
+from .profiles import Profile
+
+DEFAULT_SCRAPE_INTERVAL = 0.5
+"""Seconds between metrics scrapes delivered to the router (the live proxy's default too)."""
+
+_FUSE_STEPS = 1 << 30  # no cap on fused decode steps in virtual time
+_IDLE_GRACE_S = 60.0  # keep scraping this long while only the router holds undispatched requests
+
+# event kinds, in their order at equal times
+_STEP_END, _ARRIVAL, _SCRAPE, _WAKEUP = 0, 1, 2, 3
+
+
+class SimulationError(RuntimeError):
+    """The router broke the interface contract (unknown replica or request, double dispatch)."""
+
+
+@dataclass(slots=True)
+class SimRequest:
+    """A workload request with its prompt already hashed for the router and for the engines.
+
+    Attributes:
+        request_id, arrival_s, prompt_tokens, output_tokens: as in `WorkloadRequest`.
+        router_hashes: `block_hashes(text, router_block_bytes)` (64-byte blocks by default).
+        engine_hashes: `block_hashes(text, 4 * engine_block_size)`.
+    """
+
+    request_id: str
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+    router_hashes: np.ndarray
+    engine_hashes: np.ndarray
+
+
+def prepare_workload(
+    requests: Sequence[WorkloadRequest],
+    engine_block_size: int,
+    *,
+    router_block_bytes: int = DEFAULT_BLOCK_CHARS,
+    batch_size: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> list[SimRequest]:
+    """Build, hash and drop every prompt text once; returns the requests in the given order.
+
+    `engine_block_size` is the engines' block size in tokens (the profile's `block_size`).
+    Hashing goes through `pylb.native.block_hashes_batch`, `batch_size` prompts at a time;
+    `progress(n)` is called after each batch with the number of requests it prepared.
+    """
+    engine_bytes = BYTES_PER_TOKEN * engine_block_size
+    out: list[SimRequest] = []
+    for start in range(0, len(requests), batch_size):
+        chunk = requests[start : start + batch_size]
+        texts = [r.prompt_text().encode("utf-8") for r in chunk]
+        router = native.block_hashes_batch(texts, router_block_bytes)
+        engine = router if engine_bytes == router_block_bytes else native.block_hashes_batch(texts, engine_bytes)
+        del texts
+        for r, rh, eh in zip(chunk, router, engine):
+            out.append(SimRequest(r.request_id, r.arrival_s, r.prompt_tokens, max(1, r.output_tokens), rh, eh))
+        if progress is not None:
+            progress(len(chunk))
+    return out
+
+
+@dataclass
+class SimResult:
+    """Per-request outcome of one simulation run (arrays indexed like the workload).
+
+    Times are virtual seconds; NaN where the event did not happen (e.g. a request the engine
+    rejected has no first token). `replica` is the index into `replicas`, -1 if never dispatched.
+    `end_time` is the last arrival, dispatch or completion.
+    """
+
+    replicas: list[ReplicaId]
+    rate_scale: float
+    request_ids: list[str]
+    arrival: np.ndarray
+    dispatch: np.ndarray
+    first_token: np.ndarray
+    completion: np.ndarray
+    replica: np.ndarray
+    prompt_tokens: np.ndarray
+    cached_tokens: np.ndarray
+    output_tokens: np.ndarray
+    rejected: np.ndarray
+    end_time: float
+    wall_s: float
+    stats: dict[str, int | float] = field(default_factory=dict)
+
+    @property
+    def num_requests(self) -> int:
+        """Requests in the workload."""
+        return len(self.request_ids)
+
+    @property
+    def ttft(self) -> np.ndarray:
+        """Time to first token per request (first token - arrival; NaN when none)."""
+        return self.first_token - self.arrival
+
+
+def simulate(
+    workload: Sequence[SimRequest],
+    profile: Profile,
+    num_replicas: int,
+    router: Router,
+    *,
+    rate_scale: float = 1.0,
+    scrape_interval: float | None = DEFAULT_SCRAPE_INTERVAL,
+    fuse_decode: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> SimResult:
+    """Replay `workload` through `router` and `num_replicas` engines of `profile`.
+
+    Args:
+        workload: prepared requests (`prepare_workload`); arrivals need not be sorted.
+        router: a fresh router; it receives `on_membership` with the replica names first.
+        rate_scale: arrival times are divided by it (2.0 = twice the request rate).
+        scrape_interval: seconds between `on_metrics` deliveries; None for none.
+        fuse_decode: simulate decode-only stretches as fused engine steps (same timeline,
+            much faster); False steps every iteration (for checking).
+        progress: called with the number of requests that just completed (or were rejected).
+
+    Returns a `SimResult`. Raises SimulationError if the router dispatches an unknown request
+    or to an unknown replica.
+    """
+    if num_replicas < 1:
+        raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
+    if not rate_scale > 0 or not math.isfinite(rate_scale):
+        raise ValueError(f"rate_scale must be a positive number, got {rate_scale}")
+    if scrape_interval is not None and not scrape_interval > 0:
+        raise ValueError(f"scrape_interval must be > 0 seconds, got {scrape_interval}")
+    wall_start = time.perf_counter()
+
+    names = [f"replica-{i}" for i in range(num_replicas)]
+    name_index = {n: i for i, n in enumerate(names)}
+    engines = [Engine(profile, name=n) for n in names]
+    n = len(workload)
+    order = sorted(range(n), key=lambda i: workload[i].arrival_s)  # stable: trace order on ties
+    index_of = {workload[i].request_id: i for i in range(n)}
+    if len(index_of) != n:
+        raise ValueError("workload request ids must be unique")
+
+    arrival = np.full(n, np.nan)
+    dispatch = np.full(n, np.nan)
+    first_token = np.full(n, np.nan)
+    completion = np.full(n, np.nan)
+    replica_of = np.full(n, -1, dtype=np.int64)
+    cached = np.zeros(n, dtype=np.int64)
+    rejected = np.zeros(n, dtype=bool)
+    submitted = np.zeros(n, dtype=bool)
+    done = 0
+    undispatched = 0
+    max_steps = _FUSE_STEPS if fuse_decode else 1
+    stats = {"events": 0, "engine_calls": 0, "polls": 0, "scrapes": 0, "dispatches": 0}
+
+    heap: list[tuple[float, int, int, int, int]] = []
+    seq = count()
+    step_version = [0] * num_replicas
+    step_pending: list[float | None] = [None] * num_replicas
+    step_result: list[StepResult | None] = [None] * num_replicas
+    wake_at: float | None = None
+    next_arrival = 0
+    idle_since: float | None = None
+
+    def push(t: float, kind: int, arg: int = 0, ver: int = 0) -> None:
+        heapq.heappush(heap, (t, kind, next(seq), arg, ver))
+
+    def start_step(e: int, now: float) -> None:
+        eng = engines[e]
+        res = eng.step(now, max_steps)
+        stats["engine_calls"] += 1
+        step_version[e] += 1
+        end = eng.busy_until
+        step_pending[e] = end
+        step_result[e] = res
+        push(end, _STEP_END, e, step_version[e])
+
+    def after_add(e: int, now: float) -> None:
+        """Reconcile engine e's pending step event after a request was added to it."""
+        eng = engines[e]
+        pending = step_pending[e]
+        if pending is None:
+            if eng.has_work():
+                start_step(e, now)
+            return
+        busy = eng.busy_until
+        if busy != pending:  # a fused run was cut short at a step boundary
+            step_version[e] += 1
+            step_result[e] = None
+            if busy > now:
+                step_pending[e] = busy
+                push(busy, _STEP_END, e, step_version[e])
+            else:
+                step_pending[e] = None
+                start_step(e, now)
+
+    def poll(now: float) -> None:
+        nonlocal done, undispatched, wake_at
+        stats["polls"] += 1
+        for rid, rep in router.poll(now):
+            e = name_index.get(rep)
+            if e is None:
+                raise SimulationError(f"router dispatched {rid!r} to unknown replica {rep!r} (known: {names[0]}..)")
+            i = index_of.get(rid)
+            if i is None or not submitted[i] or replica_of[i] >= 0:
+                raise SimulationError(f"router dispatched {rid!r}, which is not a queued request")
+            req = workload[i]
+            replica_of[i] = e
+            dispatch[i] = now
+            undispatched -= 1
+            stats["dispatches"] += 1
+            try:
+                engines[e].add_request(rid, req.prompt_tokens, req.output_tokens, req.engine_hashes, now)
+            except RequestRejected:
+                rejected[i] = True
+                done += 1
+                router.on_complete(rid, rep, now, None)
+                if progress is not None:
+                    progress(1)
+                continue
+            after_add(e, now)
+        w = router.next_wakeup(now)
+        if w is not None and w > now and (wake_at is None or w < wake_at):
+            wake_at = w
+            push(w, _WAKEUP)
+
+    router.on_membership(list(names), workload[order[0]].arrival_s / rate_scale if n else 0.0)
+    if n:
+        push(workload[order[0]].arrival_s / rate_scale, _ARRIVAL)
+        if scrape_interval is not None:
+            push(workload[order[0]].arrival_s / rate_scale + scrape_interval, _SCRAPE)
+
+    now = 0.0
+    while heap:
+        now, kind, _, arg, ver = heapq.heappop(heap)
+        stats["events"] += 1
+        if kind == _STEP_END:
+            e = arg
+            if ver != step_version[e]:
+                continue
+            step_pending[e] = None
+            res = step_result[e]
+            step_result[e] = None
+            if res is not None and (res.first_tokens or res.finished):
+                rep = names[e]
+                for rid in res.first_tokens:
+                    first_token[index_of[rid]] = now
+                    router.on_first_token(rid, rep, now)
+                for fin in res.finished:
+                    i = index_of[fin.request_id]
+                    completion[i] = now
+                    cached[i] = fin.usage.cached_tokens
+                    done += 1
+                    router.on_complete(fin.request_id, rep, now, fin.usage)
+                if progress is not None and res.finished:
+                    progress(len(res.finished))
+                poll(now)
+            if step_pending[e] is None and engines[e].has_work():
+                start_step(e, now)
+        elif kind == _ARRIVAL:
+            # every request arriving at this instant, in trace order, then one poll
+            while next_arrival < n:
+                i = order[next_arrival]
+                t = workload[i].arrival_s / rate_scale
+                if t > now:
+                    push(t, _ARRIVAL)
+                    break
+                req = workload[i]
+                arrival[i] = t
+                submitted[i] = True
+                undispatched += 1
+                next_arrival += 1
+                router.submit(
+                    RoutingRequest(req.request_id, req.router_hashes, req.prompt_tokens, req.output_tokens, t), now
+                )
+            poll(now)
+        elif kind == _SCRAPE:
+            stats["scrapes"] += 1
+            for e, eng in enumerate(engines):
+                router.on_metrics(names[e], eng.metrics_snapshot(now), now)
+            poll(now)
+            assert scrape_interval is not None
+            if wake_at is not None or any(p is not None for p in step_pending):
+                idle_since = None
+                push(now + scrape_interval, _SCRAPE)
+                continue
+            if undispatched > 0:  # engines idle, the router holds requests: give it a grace period
+                if idle_since is None:
+                    idle_since = now
+                if now - idle_since < _IDLE_GRACE_S:
+                    push(now + scrape_interval, _SCRAPE)
+                    continue
+            else:
+                idle_since = None
+            if next_arrival < n:  # idle until the next arrival: skip the scrapes that would repeat
+                t_next = workload[order[next_arrival]].arrival_s / rate_scale
+                push(now + max(1, math.ceil((t_next - now) / scrape_interval)) * scrape_interval, _SCRAPE)
+        else:  # _WAKEUP
+            if wake_at is None or now != wake_at:
+                continue
+            wake_at = None
+            poll(now)
+
+    return SimResult(
+        replicas=names,
+        rate_scale=rate_scale,
+        request_ids=[r.request_id for r in workload],
+        arrival=arrival,
+        dispatch=dispatch,
+        first_token=first_token,
+        completion=completion,
+        replica=replica_of,
+        prompt_tokens=np.array([r.prompt_tokens for r in workload], dtype=np.int64),
+        cached_tokens=cached,
+        output_tokens=np.array([r.output_tokens for r in workload], dtype=np.int64),
+        rejected=rejected,
+        end_time=float(np.nanmax(np.concatenate([completion, arrival, dispatch]))) if n else 0.0,
+        wall_s=time.perf_counter() - wall_start,
+        stats={**stats, "preemptions": sum(e.num_preemptions for e in engines), "engine_steps": sum(e.steps_total for e in engines)},
+    )

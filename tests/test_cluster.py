@@ -1,0 +1,342 @@
+"""Cluster simulator, router registry and run metrics; the issue-3 validation on the Mooncake trace."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pylb import native
+from pylb.router import registry
+from pylb.router.interface import Dispatch, ReplicaMetrics, Router, RouterOptions, RoutingRequest, Usage
+from pylb.router.round_robin import RoundRobinRouter
+from pylb.sim.cluster import SimResult, SimulationError, prepare_workload, simulate
+from pylb.sim.profiles import PROFILES, Profile, load_profile
+from pylb.sim.report import find_capacity, summarize
+from pylb.workload.types import WorkloadRequest
+
+SYSTEM = "You are a helpful assistant. " * 20  # 580 bytes shared by every prompt
+
+
+def workload(n: int, gap: float = 0.1, prompt_bytes: int = 800, out: int = 5) -> list[WorkloadRequest]:
+    reqs = []
+    for i in range(n):
+        suffix = f"request {i}: " + "x" * prompt_bytes
+        text = (SYSTEM + suffix)[:prompt_bytes]
+        reqs.append(WorkloadRequest(f"r{i}", i * gap, prompt_bytes // 4, out, make_text=lambda t=text: t))
+    return reqs
+
+
+FAST = Profile("fast", block_size=16, num_blocks=2048, max_num_seqs=32, max_num_batched_tokens=2048, c0=0.005, c_prefill=1e-5, c_decode=1e-4, c_attn=1e-8)
+
+
+class Recorder(RoundRobinRouter):
+    """Round-robin that logs every call it gets."""
+
+    def __init__(self, options: RouterOptions | None = None) -> None:
+        super().__init__(options)
+        self.calls: list[tuple] = []
+
+    def submit(self, request: RoutingRequest, now: float) -> None:
+        self.calls.append(("submit", request.request_id, now, request))
+        super().submit(request, now)
+
+    def on_first_token(self, request_id: str, replica: str, now: float) -> None:
+        self.calls.append(("first", request_id, now, replica))
+
+    def on_complete(self, request_id: str, replica: str, now: float, usage: Usage | None) -> None:
+        self.calls.append(("complete", request_id, now, usage))
+
+    def on_metrics(self, replica: str, metrics: ReplicaMetrics, now: float) -> None:
+        self.calls.append(("metrics", replica, now, metrics))
+
+    def on_membership(self, replicas: Sequence[str], now: float) -> None:
+        self.calls.append(("membership", tuple(replicas), now, None))
+        super().on_membership(replicas, now)
+
+    def of(self, kind: str) -> list[tuple]:
+        return [c for c in self.calls if c[0] == kind]
+
+
+def test_all_requests_complete_with_consistent_records() -> None:
+    w = prepare_workload(workload(50), FAST.block_size)
+    router = Recorder()
+    res = simulate(w, FAST, 3, router)
+    assert not np.isnan(res.completion).any()
+    assert (res.arrival <= res.dispatch).all() and (res.dispatch < res.first_token).all()
+    assert (res.first_token <= res.completion).all()
+    assert router.of("membership")[0][1] == ("replica-0", "replica-1", "replica-2")
+    assert len(router.of("first")) == len(router.of("complete")) == 50
+    assert all(c[3].completion_tokens == 5 for c in router.of("complete"))
+    # every prompt shares the system prompt: later requests on a replica hit it
+    assert res.cached_tokens[3:].min() >= 512 // 4
+
+
+def test_rate_scale_divides_arrival_times_and_keeps_order() -> None:
+    reqs = workload(20, gap=1.0)
+    reqs[5].arrival_s = reqs[6].arrival_s = reqs[7].arrival_s = 6.0  # a tie, in trace order 5, 6, 7
+    w = prepare_workload(reqs, FAST.block_size)
+    for scale in (1.0, 4.0):
+        router = Recorder()
+        res = simulate(w, FAST, 2, router, rate_scale=scale)
+        submits = router.of("submit")
+        assert [c[1] for c in submits] == [f"r{i}" for i in range(20)]
+        assert [c[2] for c in submits] == pytest.approx([r.arrival_s / scale for r in reqs])
+        assert res.arrival == pytest.approx(np.array([r.arrival_s / scale for r in reqs]))
+        assert summarize(res, "rr").qps == pytest.approx(20 / (19 / scale))
+
+
+def test_metrics_reach_the_router_every_scrape_interval() -> None:
+    w = prepare_workload(workload(40, gap=0.25, out=50), FAST.block_size)
+    router = Recorder()
+    simulate(w, FAST, 2, router, scrape_interval=0.3)
+    scrapes = router.of("metrics")
+    for rep in ("replica-0", "replica-1"):
+        times = [c[2] for c in scrapes if c[1] == rep]
+        assert len(times) > 20
+        assert np.diff(times) == pytest.approx(np.full(len(times) - 1, 0.3))  # busy all along
+    # an idle gap: no scrapes while nothing happens, then back on the same grid
+    reqs = workload(4, gap=1.0) + [WorkloadRequest("late", 100.0, 200, 5, make_text=lambda: "z" * 800)]
+    router = Recorder()
+    simulate(prepare_workload(reqs, FAST.block_size), FAST, 1, router, scrape_interval=0.3)
+    times = np.array([c[2] for c in router.of("metrics")])
+    assert len(times) < 30
+    assert np.allclose(times / 0.3, np.round(times / 0.3))
+    assert times.max() > 100.0 and ((times > 4) & (times < 99.5)).sum() == 0
+    snaps = [c[3] for c in scrapes]
+    assert any(m.num_requests_running > 0 for m in snaps)
+    assert all(m.block_size == 16 and m.num_gpu_blocks == 2048 for m in snaps)
+    assert max(m.prefix_cache_queries for m in snaps) > 0
+
+
+def test_round_robin_spreads_evenly() -> None:
+    w = prepare_workload(workload(80), FAST.block_size)
+    res = simulate(w, FAST, 8, registry.create("round-robin"))
+    assert np.bincount(res.replica, minlength=8).tolist() == [10] * 8
+    assert summarize(res, "round-robin").hotspot_factor == pytest.approx(1.0)
+
+
+def test_fused_and_single_steps_give_the_same_run() -> None:
+    w = prepare_workload(workload(60, gap=0.05, prompt_bytes=4000, out=40), FAST.block_size)
+    small = Profile("small", 16, 300, 8, 512, c0=0.01, c_prefill=2e-5, c_decode=1e-4, c_attn=1e-7)
+    a = simulate(w, small, 2, registry.create("round-robin"))
+    b = simulate(w, small, 2, registry.create("round-robin"), fuse_decode=False)
+    assert a.stats["engine_calls"] < b.stats["engine_calls"]
+    assert a.stats["preemptions"] == b.stats["preemptions"] > 0
+    np.testing.assert_allclose(a.first_token, b.first_token, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(a.completion, b.completion, rtol=0, atol=1e-9)
+    assert (a.cached_tokens == b.cached_tokens).all()
+
+
+def test_zero_cost_profile_terminates_in_zero_time() -> None:
+    zero = Profile("zero", 16, 256, 4, 64, 0.0, 0.0, 0.0, 0.0)
+    w = prepare_workload(workload(30, gap=0.0, out=20), zero.block_size)
+    res = simulate(w, zero, 2, registry.create("round-robin"))
+    assert not np.isnan(res.completion).any()
+    assert res.end_time == 0.0
+
+
+class TimerRouter(Router):
+    """Holds every request until a dispatch timer fires 1 s after its arrival."""
+
+    def __init__(self, options: RouterOptions | None = None) -> None:
+        self.queue: list[tuple[float, str]] = []
+        self.replicas: list[str] = []
+
+    def submit(self, request: RoutingRequest, now: float) -> None:
+        self.queue.append((now + 1.0, request.request_id))
+
+    def poll(self, now: float) -> list[Dispatch]:
+        due = [rid for t, rid in self.queue if t <= now]
+        self.queue = [(t, rid) for t, rid in self.queue if t > now]
+        return [Dispatch(rid, self.replicas[0]) for rid in due]
+
+    def on_membership(self, replicas: Sequence[str], now: float) -> None:
+        self.replicas = list(replicas)
+
+    def next_wakeup(self, now: float) -> float | None:
+        return min((t for t, _ in self.queue), default=None)
+
+
+def test_router_timers_are_honoured() -> None:
+    w = prepare_workload(workload(10, gap=0.37), FAST.block_size)
+    res = simulate(w, FAST, 2, TimerRouter(), scrape_interval=None)
+    np.testing.assert_allclose(res.dispatch - res.arrival, 1.0)
+    assert not np.isnan(res.completion).any()
+
+
+class BadRouter(RoundRobinRouter):
+    def poll(self, now: float) -> list[Dispatch]:
+        return [Dispatch(d.request_id, "nowhere") for d in super().poll(now)]
+
+
+def test_router_contract_violations_are_reported() -> None:
+    w = prepare_workload(workload(3), FAST.block_size)
+    with pytest.raises(SimulationError, match="unknown replica 'nowhere'"):
+        simulate(w, FAST, 2, BadRouter())
+
+
+def test_requests_too_long_for_the_cache_are_rejected_not_hung() -> None:
+    tiny = Profile("tiny", 16, 10, 4, 64, 0.001, 0.0, 0.0, 0.0)  # 160 tokens of KV
+    reqs = workload(4, prompt_bytes=400) + [WorkloadRequest("huge", 1.0, 1000, 5, make_text=lambda: "y" * 4000)]
+    router = Recorder()
+    res = simulate(prepare_workload(reqs, tiny.block_size), tiny, 1, router)
+    assert res.rejected.tolist() == [False] * 4 + [True]
+    assert ("complete", "huge") in [(c[0], c[1]) for c in router.of("complete") if c[3] is None]
+    assert summarize(res, "rr").completed == 4
+
+
+def test_prepare_workload_hashes_router_and_engine_blocks() -> None:
+    reqs = workload(3, prompt_bytes=1000)
+    w = prepare_workload(reqs, 128, batch_size=2)
+    for r, s in zip(reqs, w):
+        text = r.prompt_text().encode()
+        assert s.router_hashes.tolist() == native.block_hashes(text, 64).tolist()
+        assert s.engine_hashes.tolist() == native.block_hashes(text, 512).tolist()
+
+
+def test_registry() -> None:
+    assert "round-robin" in registry.names()
+    assert isinstance(registry.create("round-robin"), RoundRobinRouter)
+    with pytest.raises(registry.UnknownPolicyError, match="unknown policy 'nope': expected one of .*round-robin"):
+        registry.get("nope")
+    with pytest.raises(ValueError, match="kebab-case"):
+        registry.register("Bad_Name")
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register("round-robin")(Recorder)
+
+
+def test_round_robin_survives_membership_changes() -> None:
+    r = RoundRobinRouter()
+    req = lambda i: RoutingRequest(f"q{i}", np.zeros(0, np.uint64), 10, 1, 0.0)  # noqa: E731
+    r.submit(req(0), 0.0)
+    assert r.poll(0.0) == []  # no replicas yet: held, not dropped
+    r.on_membership(["a", "b"], 0.0)
+    for i in range(1, 4):
+        r.submit(req(i), 0.0)
+    assert [d.replica for d in r.poll(0.0)] == ["a", "b", "a", "b"]
+    r.on_membership(["c"], 1.0)
+    r.submit(req(9), 1.0)
+    assert r.poll(1.0) == [Dispatch("q9", "c")]
+
+
+# ---- report ------------------------------------------------------------------------------------
+
+
+def fake_result(ttft: list[float], replica: list[int], prompt: list[int], cached: list[int]) -> SimResult:
+    n = len(ttft)
+    arrival = np.arange(n, dtype=float)
+    first = arrival + np.array(ttft)
+    return SimResult(
+        replicas=["a", "b"],
+        rate_scale=1.0,
+        request_ids=[str(i) for i in range(n)],
+        arrival=arrival,
+        dispatch=arrival,
+        first_token=first,
+        completion=first + 1,
+        replica=np.array(replica),
+        prompt_tokens=np.array(prompt),
+        cached_tokens=np.array(cached),
+        output_tokens=np.ones(n, dtype=np.int64),
+        rejected=np.zeros(n, dtype=bool),
+        end_time=float(first.max() + 1),
+        wall_s=0.0,
+    )
+
+
+def test_summarize_definitions() -> None:
+    res = fake_result([1.0, 2.0, 6.0, float("nan")], [0, 0, 0, 1], [100, 300, 100, 100], [50, 100, 0, 0])
+    res.completion[3] = np.nan
+    m = summarize(res, "p", slo_ttft=5.0)
+    assert m.qps == pytest.approx(4 / 3)
+    assert (m.requests, m.completed) == (4, 3)
+    assert m.ttft_p50 == pytest.approx(2.0)
+    assert m.slo_attainment == pytest.approx(0.5)  # the request without a first token misses
+    assert m.hit_rate == pytest.approx(150 / 500)  # token-weighted over completed requests
+    assert m.hotspot_factor == pytest.approx(2 * 3 / 4)
+    assert set(m.to_json()) == {
+        "policy", "rate_scale", "qps", "requests", "completed", "ttft_p50", "ttft_p90", "ttft_p99",
+        "slo_attainment", "hit_rate", "hotspot_factor",
+    }  # fmt: skip
+
+
+def test_find_capacity_brackets_then_bisects() -> None:
+    def run_at(scale: float):
+        m = summarize(fake_result([1.0, 1.0], [0, 1], [1, 1], [0, 0]), "p")
+        m.rate_scale, m.qps, m.ttft_p50 = scale, 2.0 * scale, min(scale, 1.0)
+        m.slo_attainment = 1.0 if scale <= 3.3 else 0.5
+        return m
+
+    cap, runs = find_capacity(run_at, max_runs=8)
+    assert [r.rate_scale for r in runs[:3]] == [1.0, 2.0, 4.0]
+    assert len(runs) <= 8
+    assert 2.0 * 3.3 / 1.05 < cap <= 2.0 * 3.3  # stops once the bracket is within 5 %
+    cap, runs = find_capacity(lambda s: run_at(s * 16), max_runs=6)  # fails at the start: halves
+    assert [r.rate_scale for r in runs[:2]] == [16.0, 8.0]
+
+    def never(scale: float, p50: float):
+        m = run_at(1e9)
+        m.rate_scale, m.ttft_p50 = scale, p50
+        return m
+
+    cap, runs = find_capacity(lambda s: never(s, 100 * s), max_runs=3)  # overloaded: keeps halving
+    assert cap == 0.0 and [r.rate_scale for r in runs] == [1.0, 0.5, 0.25]
+    cap, runs = find_capacity(lambda s: never(s, 7.0), max_runs=8)  # a plateau below target: stops
+    assert cap == 0.0 and [r.rate_scale for r in runs] == [1.0, 0.5]
+
+
+# ---- validation on the real trace (issue 3, section 6) -----------------------------------------
+
+
+def traces_dir() -> Path | None:
+    """../shared/traces beside the repository (CI's layout), shared/traces inside it, or $PYLB_TRACES."""
+    root = Path(__file__).resolve().parents[1]
+    for d in (root.parent / "shared" / "traces", root / "shared" / "traces", os.environ.get("PYLB_TRACES")):
+        if d and (Path(d) / "mooncake_conversation_trace.jsonl").is_file():
+            return Path(d)
+    return None
+
+
+def mooncake_workload(block_size: int) -> list:
+    d = traces_dir()
+    if d is None:
+        pytest.skip("Mooncake trace not found (../shared/traces beside the repository, or $PYLB_TRACES)")
+    from pylb.workload.mooncake import load_mooncake
+
+    return prepare_workload(load_mooncake(d / "mooncake_conversation_trace.jsonl"), block_size)
+
+
+def test_single_lru_hit_rate_matches_the_trace_statistics(tmp_path: Path) -> None:
+    """One replica, 16,384 blocks of 512 tokens, zero costs: the hit rate of one LRU cache of
+    8M tokens, which ../shared/traces/README.md gives as 26.6 % of blocks."""
+    f = tmp_path / "lru16k.yaml"
+    f.write_text(
+        "block_size: 512\nnum_blocks: 16384\nmax_num_seqs: 256\nmax_num_batched_tokens: 8192\n"
+        "c0: 0\nc_prefill: 0\nc_decode: 0\nc_attn: 0\n"
+    )
+    profile = load_profile(str(f))
+    w = mooncake_workload(profile.block_size)
+    res = simulate(w, profile, 1, registry.create("round-robin"))
+    m = summarize(res, "round-robin")
+    assert m.completed == len(w) == 12031
+    block_hit = float((res.cached_tokens // 512).sum()) / sum(-(-int(p) // 512) for p in res.prompt_tokens)
+    print(f"\nsingle LRU of 16k x 512-token blocks: hit rate {m.hit_rate:.2%} of tokens, {block_hit:.2%} of blocks")
+    assert abs(m.hit_rate - 0.266) <= 0.03
+    assert abs(block_hit - 0.266) <= 0.03
+
+
+@pytest.mark.slow
+def test_whole_trace_over_8_replicas_runs_in_under_30_s() -> None:
+    profile = PROFILES["h100-llama3.1-8b"]
+    start = time.perf_counter()
+    w = mooncake_workload(profile.block_size)
+    res = simulate(w, profile, 8, registry.create("round-robin"))
+    elapsed = time.perf_counter() - start
+    print(f"\nwhole Mooncake trace, 8 x {profile.name}: {elapsed:.1f} s (simulation {res.wall_s:.1f} s)")
+    assert summarize(res, "round-robin").completed == 12031
+    assert elapsed < 30.0

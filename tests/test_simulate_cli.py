@@ -1,0 +1,136 @@
+"""`pylb simulate`: output schema, sweep, plot, and clear errors for bad arguments."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from pylb.cli import main
+from pylb.router import registry
+
+RUN_KEYS = {
+    "policy", "rate_scale", "qps", "requests", "completed", "ttft_p50", "ttft_p90", "ttft_p99",
+    "slo_attainment", "hit_rate", "hotspot_factor",
+}  # fmt: skip
+
+
+@pytest.fixture()
+def trace(tmp_path: Path) -> Path:
+    """A small Mooncake-format trace: 60 requests over 30 s, conversations sharing prefixes."""
+    rng = random.Random(1)
+    lines, next_id, convs = [], 1, []
+    for i in range(60):
+        if convs and rng.random() < 0.5:
+            ids = rng.choice(convs) + [next_id]
+            next_id += 1
+        else:
+            ids = [0] + list(range(next_id, next_id + rng.randint(1, 4)))
+            next_id += len(ids) - 1
+        convs.append(ids)
+        length = (len(ids) - 1) * 512 + rng.randint(1, 512)
+        lines.append({"timestamp": i * 500, "input_length": length, "output_length": rng.randint(1, 40), "hash_ids": ids})
+    p = tmp_path / "small.jsonl"
+    p.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return p
+
+
+@pytest.fixture()
+def fast_profile(tmp_path: Path) -> Path:
+    p = tmp_path / "fast.yaml"
+    p.write_text(
+        "block_size: 16\nnum_blocks: 4096\nmax_num_seqs: 64\nmax_num_batched_tokens: 4096\n"
+        "c0: 0.005\nc_prefill: 0.0002\nc_decode: 0.0001\nc_attn: 0.00000005\n"
+    )
+    return p
+
+
+def test_single_run_writes_the_json_schema(trace: Path, fast_profile: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out.json"
+    rc = main(["simulate", "--trace", str(trace), "--replicas", "2", "--profile", str(fast_profile),
+               "--policy", "round-robin", "--rate-scale", "2", "--json", str(out), "--no-progress"])  # fmt: skip
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert set(doc) >= {"runs", "capacity"}
+    (run,) = doc["runs"]
+    assert set(run) == RUN_KEYS
+    assert (run["policy"], run["rate_scale"], run["requests"], run["completed"]) == ("round-robin", 2.0, 60, 60)
+    assert run["qps"] == pytest.approx(60 / 14.75)
+    assert 0 <= run["slo_attainment"] <= 1 and 0 < run["hit_rate"] < 1 and run["hotspot_factor"] >= 1
+    assert run["ttft_p50"] <= run["ttft_p90"] <= run["ttft_p99"]
+    assert doc["capacity"] == {"round-robin": None}  # not measured without --sweep
+    table = capsys.readouterr().out
+    assert "round-robin" in table and "hit" in table
+
+
+def test_sweep_all_policies_with_plot(trace: Path, fast_profile: Path, tmp_path: Path) -> None:
+    out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    rc = main(["simulate", "--trace", str(trace), "--replicas", "2", "--profile", str(fast_profile), "--policy", "all",
+               "--sweep", "--sweep-runs", "4", "--slo-ttft", "1", "--json", str(out), "--plot", str(png), "--no-progress"])  # fmt: skip
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert set(doc["capacity"]) == set(registry.names())
+    runs = [r for r in doc["runs"] if r["policy"] == "round-robin"]
+    assert 2 <= len(runs) <= 4 and [r["rate_scale"] for r in runs[:2]] in ([1.0, 2.0], [1.0, 0.5])
+    passing = [r["qps"] for r in runs if r["slo_attainment"] >= 0.9]
+    assert doc["capacity"]["round-robin"] == (max(passing) if passing else 0.0)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_builtin_profile_and_limit(trace: Path, capsys) -> None:
+    rc = main(["simulate", "--trace", str(trace), "--replicas", "1", "--profile", "dualmap-910b", "--limit", "10", "--no-progress"])
+    assert rc == 0
+    assert "10 requests; 1 replicas of dualmap-910b" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, flag, value",
+    [
+        (["--replicas", "0"], "--replicas", "'0'"),
+        (["--replicas", "two"], "--replicas", "'two'"),
+        (["--rate-scale", "-1"], "--rate-scale", "'-1'"),
+        (["--slo-ttft", "nan"], "--slo-ttft", "'nan'"),
+        (["--scrape-interval", "0"], "--scrape-interval", "'0'"),
+        (["--limit", "0"], "--limit", "'0'"),
+        (["--rate-scale", "2", "--sweep"], "--sweep", "not allowed with argument --rate-scale"),
+    ],
+)
+def test_bad_flag_values_exit_2_by_argparse(trace: Path, capsys, args: list[str], flag: str, value: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["simulate", "--trace", str(trace), *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and value in err and "Traceback" not in err
+
+
+def test_bad_values_found_after_parsing_exit_2(trace: Path, tmp_path: Path, capsys) -> None:
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("block_size: 16\nnum_blocks: -3\n")
+    neg = tmp_path / "neg.yaml"
+    neg.write_text(
+        "block_size: 16\nnum_blocks: 64\nmax_num_seqs: 4\nmax_num_batched_tokens: 64\n"
+        "c0: 0\nc_prefill: -0.1\nc_decode: 0\nc_attn: 0\n"
+    )
+    bad_trace = tmp_path / "bad.jsonl"
+    bad_trace.write_text('{"timestamp": 0}\n')
+    cases = [
+        (["--policy", "round-robin,nope"], ["--policy", "'nope'", "round-robin"]),
+        (["--profile", "h200-magic"], ["--profile", "'h200-magic'", "dualmap-910b"]),
+        (["--profile", str(bad_yaml)], ["--profile", "missing profile field"]),
+        (["--profile", str(neg)], ["--profile", "c_prefill", "-0.1"]),
+        (["--trace", str(tmp_path / "missing.jsonl")], ["--trace", "missing.jsonl"]),
+        (["--trace", str(bad_trace)], ["--trace", ":1:", "input_length"]),
+        (["--trace", str(tmp_path / "x.csv")], ["--trace"]),
+        (["--json", str(tmp_path / "no" / "such" / "dir.json")], ["--json", "directory"]),
+    ]
+    (tmp_path / "x.csv").write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n")
+    for args, needles in cases:
+        argv = ["simulate", "--trace", str(trace), "--no-progress", *args]
+        assert main(argv) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("pylb simulate: error: argument "), err
+        for needle in needles:
+            assert needle in err, (needle, err)
+        assert "Traceback" not in err

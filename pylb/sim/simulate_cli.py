@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pylb.router import registry
 from pylb.router.interface import RouterOptions
+from pylb.workload.loaders import SYNTHETIC_PREFIX, load_workload
 from pylb.workload.types import WorkloadRequest
 
 from .cluster import DEFAULT_SCRAPE_INTERVAL, prepare_workload, simulate
@@ -97,21 +98,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_trace(path: str, limit: int | None) -> list[WorkloadRequest]:
-    """Load a trace file by extension (.jsonl Mooncake for now).
-
-    To be replaced by `pylb.workload.loaders.load_trace` (or `load_workload` for synthetic
-    specs) once that module is merged; it dispatches .jsonl to the same `load_mooncake`.
-    """
-    p = Path(path)
-    if not p.is_file():
+    """Load `--trace`: a trace file (.jsonl Mooncake, .csv Azure) or a `synthetic:NAME[:k=v,...]` spec."""
+    if not path.startswith(SYNTHETIC_PREFIX) and not Path(path).is_file():
         raise UsageError(f"argument --trace: no such file: {path!r}")
-    if p.suffix.lower() != ".jsonl":
-        raise UsageError(f"argument --trace: unsupported trace format {p.suffix or '(no extension)'!r} (expected .jsonl, Mooncake)")
-    from pylb.workload.mooncake import load_mooncake
-
     try:
-        return load_mooncake(p, limit=limit)
-    except ValueError as exc:
+        return load_workload(path, limit=limit)
+    except (ValueError, FileNotFoundError) as exc:
         raise UsageError(f"argument --trace: {exc}") from None
 
 

@@ -1,0 +1,139 @@
+"""The policy contract: how a routing policy sees the fleet and what it answers.
+
+Design (DESIGN.md §4, STYLE.md 1-2)
+-----------------------------------
+A policy is a small synchronous object with no I/O that answers one question: *which replica
+should this request go to?* Everything else -- per-replica queues, dispatch budgets, in-flight
+accounting, the cache mirror, the TTFT model, hotspot migration, membership -- belongs to the
+router core (`pylb.router.core`), which is the one writer of per-replica state. Policies only
+*read* that state through a `RouterView` and keep whatever private state their algorithm needs
+(a ring, a prefix tree, a counter).
+
+Call sequence, made by the router core (never by drivers):
+
+    policy.on_membership(replicas)            before the first choose, and on every change
+    policy.choose(request, view) -> Choice    once per request, when it is submitted (and again
+                                              when its replica leaves and it must be re-placed)
+    policy.on_dispatch(request, i, view)      when the core actually sends it to replica i
+    policy.on_complete(request_id, i, view)   when it finished or failed on replica i
+
+`Choice.replica` is where the request is queued. `Choice.alternate`, when a policy names one, is
+the request's second candidate: the core may migrate the still-queued request there when its
+replica turns hot (DualMap) or retry there. `Choice.branch` says why (metrics label).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+import numpy as np
+
+from .interface import ReplicaId, ReplicaMetrics, RouterOptions, RoutingRequest
+
+BRANCHES = ("affinity", "slo-switch", "load", "migration", "retry", "fallback")
+"""Decision branches, as counted in `pylb_decisions_total{branch}`."""
+
+
+@dataclass(slots=True)
+class ReplicaState:
+    """What a policy may read about one replica. Written only by the router core.
+
+    Attributes:
+        name: the replica's id (simulator "replica-3"; proxy: base URL).
+        index: position in `RouterView.replicas` (and in the cache mirror).
+        queued_requests: requests waiting in the router's queue for this replica.
+        queued_tokens: uncached prompt tokens of those (what they will cost to prefill).
+        inflight_requests: dispatched to the replica and not yet complete.
+        unprefilled_requests: dispatched, first token not yet seen.
+        unprefilled_tokens: uncached prompt tokens of those.
+        metrics: the last scrape of the replica's /metrics (None before the first).
+        metrics_at: when that scrape was delivered (driver clock).
+        prefill_seconds_per_token: the core's learned per-token prefill time on this replica.
+        cache_capacity_blocks: the mirror's capacity for it, in router blocks.
+    """
+
+    name: ReplicaId
+    index: int
+    queued_requests: int = 0
+    queued_tokens: int = 0
+    inflight_requests: int = 0
+    unprefilled_requests: int = 0
+    unprefilled_tokens: int = 0
+    metrics: ReplicaMetrics | None = None
+    metrics_at: float | None = None
+    prefill_seconds_per_token: float = 0.0
+    cache_capacity_blocks: int = 0
+
+    @property
+    def load(self) -> int:
+        """Requests the replica owes: queued in the router plus in flight on it."""
+        return self.queued_requests + self.inflight_requests
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Last scraped `vllm:kv_cache_usage_perc` (fraction), 0.0 before the first scrape."""
+        return self.metrics.kv_cache_usage if self.metrics is not None else 0.0
+
+
+class RouterView(Protocol):
+    """The read-only view of the fleet a policy gets in `choose`."""
+
+    now: float
+    options: RouterOptions
+    replicas: Sequence[ReplicaState]
+
+    def cached_blocks(self, request: RoutingRequest) -> np.ndarray:
+        """Per replica (by index), how many of the request's leading router blocks the cache
+        mirror believes the replica holds (int64 array, len == len(replicas))."""
+
+    def uncached_tokens(self, request: RoutingRequest, replica: int) -> int:
+        """Prompt tokens the replica would have to prefill for this request (mirror estimate)."""
+
+    def predicted_ttft(self, request: RoutingRequest, replica: int) -> float:
+        """Predicted TTFT in seconds if the request were queued on `replica` now:
+        (queued + un-prefilled + this request's uncached tokens) x learned per-token time."""
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """A policy's answer: queue on `replica` (an index into `view.replicas`).
+
+    `alternate` is the request's other candidate (for migration and retries), or None.
+    `branch` names the reason, one of `BRANCHES`.
+    """
+
+    replica: int
+    alternate: int | None = None
+    branch: str = "affinity"
+
+
+class Policy(ABC):
+    """Base class of routing policies. Subclasses set `name` and implement `choose`.
+
+    A policy is constructed with the router's `RouterOptions` (policy-specific settings come
+    from `options.extra`, documented in each policy's module comment) and must be
+    deterministic for a given `options.seed` and call sequence.
+    """
+
+    name: ClassVar[str]
+    migrates: ClassVar[bool] = False
+    """Whether the core should migrate this policy's queued requests off hot replicas."""
+
+    def __init__(self, options: RouterOptions) -> None:
+        self.options = options
+
+    def on_membership(self, replicas: Sequence[ReplicaId]) -> None:
+        """The live replicas changed (full ordered list); rebuild rings or tables here."""
+
+    @abstractmethod
+    def choose(self, request: RoutingRequest, view: RouterView) -> Choice:
+        """Pick the replica for `request`. `view.replicas` is never empty when this is called."""
+
+    def on_dispatch(self, request: RoutingRequest, replica: int, view: RouterView) -> None:
+        """The core sent `request` to `view.replicas[replica]` (update private state here)."""
+
+    def on_complete(self, request_id: str, replica: int, view: RouterView) -> None:
+        """The request finished or failed on `view.replicas[replica]`."""

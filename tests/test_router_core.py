@@ -15,7 +15,7 @@ from pylb.router import registry
 from pylb.router.core import CoreRouter, PolicyContractError
 from pylb.router.interface import Dispatch, ReplicaId, ReplicaMetrics, RouterOptions, RoutingRequest, Usage
 from pylb.router.policy import Choice, Policy, PolicyOptionError, RouterView
-from pylb.router.ttft import PrefillTimeEstimator
+from pylb.router.ttft import PrefillTimeEstimator, blended
 
 
 class Fixed(Policy):
@@ -192,6 +192,7 @@ def test_ttft_estimator_converges_to_the_observed_rate() -> None:
 
 def test_core_learns_prefill_time_from_first_tokens() -> None:
     r = core(prefill_seconds_per_token=1e-3, max_unprefilled_requests=1)
+    assert [s.prefill_seconds_per_token for s in r.replicas] == [1e-3, 1e-3]  # the seed
     t = 0.0
     for k in range(300):
         r.submit(req(f"1/{k}", tokens=1000), t)
@@ -200,8 +201,19 @@ def test_core_learns_prefill_time_from_first_tokens() -> None:
         r.on_first_token(f"1/{k}", "r1", t)
         r.on_complete(f"1/{k}", "r1", t, Usage(1000, 4))
     assert r.replicas[1].prefill_seconds_per_token == pytest.approx(5e-5, rel=0.02)
-    assert r.replicas[0].prefill_seconds_per_token == pytest.approx(1e-3)  # never observed
+    # r0 never served anything: it is predicted at the fleet's rate, not at the stale seed
+    assert r.replicas[0].prefill_seconds_per_token == pytest.approx(5e-5, rel=0.02)
     assert r.replicas[1].inflight_requests == 0 and r.replicas[1].unprefilled_tokens == 0
+
+
+def test_a_replica_estimate_leans_on_the_fleet_until_it_has_samples() -> None:
+    fleet, own = PrefillTimeEstimator(1e-4), PrefillTimeEstimator(1e-4)
+    for _ in range(100):
+        fleet.observe(2e-5 * 1000, 1000)
+    assert blended(own, fleet) == pytest.approx(fleet.seconds_per_token)
+    for _ in range(16):
+        own.observe(8e-5 * 1000, 1000)
+    assert blended(own, fleet) == pytest.approx((own.seconds_per_token + fleet.seconds_per_token) / 2)
 
 
 # ---- migration ---------------------------------------------------------------------------------------
@@ -219,13 +231,14 @@ def test_migration_moves_cheapest_first_and_only_while_it_helps() -> None:
     r.submit(req("0/busy", tokens=2000), 0.0)
     r.poll(0.0)
     for rid, rep in (("1/warm", "r1"), ("2/warm2", "r2")):
-        r.on_first_token(rid, rep, 0.0)
-        r.on_complete(rid, rep, 0.0, Usage(3200, 4))
-    r.submit(req("0/dear/2", tokens=4000), 0.2)
-    r.submit(req("0/cheap/1", tokens=3300, hashes=[*warm, 10_007]), 0.2)
-    r.submit(req("0/mid/2", tokens=3300, hashes=[*warm, 10_008]), 0.2)
+        r.on_first_token(rid, rep, 3.2)  # 3200 tokens at 1 ms: the estimate stays at 1 ms
+        r.on_complete(rid, rep, 3.2, Usage(3200, 4))
+    assert [s.prefill_seconds_per_token for s in r.replicas] == pytest.approx([1e-3] * 3)
+    r.submit(req("0/dear/2", tokens=4000), 3.3)
+    r.submit(req("0/cheap/1", tokens=3300, hashes=[*warm, 10_007]), 3.3)
+    r.submit(req("0/mid/2", tokens=3300, hashes=[*warm, 10_008]), 3.3)
     assert r.replica_ttft(0) == pytest.approx((2000 + 4000 + 3300 + 3300) * 1e-3)  # 12.6 s: hot
-    out = r.poll(0.2)
+    out = r.poll(3.3)
     where = {rid: r._entries[rid].replica for rid in ("0/dear/2", "0/cheap/1", "0/mid/2")}
     # cheap moves first (to r1, where it is 100 tokens), then dear (to r2, idle). r0 is then at
     # (2000 + 3300) ms = 5.3 s, still hot, but mid's move to r2 (4000 + 3300 tokens) would not help.
@@ -298,11 +311,14 @@ def test_requests_wait_for_replicas_and_survive_an_empty_fleet() -> None:
 
 
 def test_a_new_replica_starts_from_the_fleet_estimate() -> None:
-    r = core(2)
-    r.replicas[0].prefill_seconds_per_token = 2e-5
-    r.replicas[1].prefill_seconds_per_token = 4e-5
-    r.on_membership(["r0", "r1", "new"], 1.0)
-    assert r.replicas[2].prefill_seconds_per_token == pytest.approx(3e-5)
+    r = core(2, prefill_seconds_per_token=1e-3, max_unprefilled_requests=1)
+    for k in range(100):
+        r.submit(req(f"0/{k}", tokens=1000), float(k))
+        r.poll(float(k))
+        r.on_first_token(f"0/{k}", "r0", k + 0.02)  # 2e-5 s per token
+    r.on_membership(["r0", "r1", "new"], 200.0)
+    assert r.replicas[2].prefill_seconds_per_token == pytest.approx(r._fleet_estimator.seconds_per_token)
+    assert r.replicas[2].prefill_seconds_per_token < 1e-4
 
 
 # ---- contract errors and options --------------------------------------------------------------------

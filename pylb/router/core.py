@@ -19,7 +19,8 @@ Life of a request
             it in flight at once (not from scraped metrics, which lag), inserts its block hashes
             into the mirror, and calls `policy.on_dispatch`.
   first token  frees its un-prefilled budget; the latency since dispatch, over the tokens that
-            were ahead of it, trains the replica's per-token prefill time (`pylb.router.ttft`).
+            were ahead of it, trains the replica's and the fleet's per-token prefill time
+            (`pylb.router.ttft`; a replica with few observations leans on the fleet's).
   complete  frees its in-flight slot; `policy.on_complete`.
 The driver polls after every event; `next_wakeup` asks for a poll every `dispatch_interval`
 seconds while anything is queued (the timer also drives hotspot detection by waiting time).
@@ -61,7 +62,7 @@ from pylb import native
 
 from .interface import Dispatch, ReplicaId, ReplicaMetrics, Router, RouterOptions, RoutingRequest, Usage
 from .policy import BRANCHES, Choice, Policy, ReplicaState
-from .ttft import PrefillTimeEstimator
+from .ttft import PrefillTimeEstimator, blended
 
 _QUEUED, _DISPATCHED, _PREFILLED, _UNPLACED = 0, 1, 2, 3
 
@@ -128,6 +129,7 @@ class CoreRouter(Router):
         self._match_for: tuple[int, int] | None = None  # (id(request), mirror version) of _match_val
         self._match_val: np.ndarray = np.zeros(0, dtype=np.int64)
         self._match_req: RoutingRequest | None = None  # keeps id() of the memo valid
+        self._fleet_estimator = PrefillTimeEstimator(o.prefill_seconds_per_token, o.prefill_learning_rate)
         self._queued_total = 0
         self._stale = 0
         self.decisions: Counter[str] = Counter()
@@ -214,8 +216,13 @@ class CoreRouter(Router):
         s.unprefilled_tokens -= e.cost
         est = self._queues[e.replica].estimator
         assert est is not None
-        est.observe(now - e.dispatched_at, e.ahead)
-        s.prefill_seconds_per_token = est.seconds_per_token
+        latency = now - e.dispatched_at
+        est.observe(latency, e.ahead)
+        fleet = self._fleet_estimator
+        fleet.observe(latency, e.ahead)
+        for q, rs in zip(self._queues, self.replicas):  # every replica leans on the fleet estimate
+            assert q.estimator is not None
+            rs.prefill_seconds_per_token = blended(q.estimator, fleet)
 
     def on_complete(self, request_id: str, replica: ReplicaId, now: float, usage: Usage | None) -> None:
         """Forget the request; free its in-flight slot (and budget, if it never got a first token)."""
@@ -266,7 +273,7 @@ class CoreRouter(Router):
             return
         for i in reversed(removed):
             self.mirror.remove_replica(i)
-        fleet_rate = self._fleet_rate()
+        fleet_rate = self._fleet_estimator.seconds_per_token
         new_of = {o: k for k, o in enumerate(survivors)}
         states = [self.replicas[i] for i in survivors]
         queues = [self._queues[i] for i in survivors]
@@ -334,10 +341,6 @@ class CoreRouter(Router):
     def _tick(self, now: float) -> None:
         if now > self.now:
             self.now = now
-
-    def _fleet_rate(self) -> float:
-        rates = [s.prefill_seconds_per_token for s in self.replicas]
-        return float(np.mean(rates)) if rates else self.options.prefill_seconds_per_token
 
     def _place(self, e: _Entry) -> None:
         n = len(self.replicas)

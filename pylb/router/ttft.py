@@ -28,6 +28,15 @@ seeded with D = s0 x A0, A = A0 (A0 = `PRIOR_TOKENS`), so that the first estimat
 s0 (`RouterOptions.prefill_seconds_per_token`) and the seed's weight decays as (1 - w)^k after k
 observations (w = `RouterOptions.prefill_learning_rate`, 0.05: ~5 % left after 60). An
 observation with a = 0 (a fully cached prompt) counts as one token, so it still adds its latency.
+Per replica and fleet-wide. The core keeps one estimator per replica and one over every
+observation in the fleet, and gives a replica with n observations of its own
+
+    s_i = (n x own_i + N0 x fleet) / (n + N0)        N0 = `SHRINK_SAMPLES`
+
+so a replica that has served nothing yet (it just joined, or no policy picked it) is predicted
+at the fleet's rate rather than at the seed, which would make it look slower (or faster) than
+every busy replica and keep it out of (or flood it with) the traffic.
+
 Sources: the linear prefill-time model of DualMap's SLO-aware routing (arXiv 2602.06502) and of
 Preble; the decayed ratio estimator is the standard EWMA of rate = time / work.
 """
@@ -36,8 +45,19 @@ from __future__ import annotations
 
 import math
 
-PRIOR_TOKENS = 8192.0
-"""Tokens of evidence the seed stands for (one full chunked-prefill step of vLLM's default)."""
+PRIOR_TOKENS = 2048.0
+"""Tokens of evidence the seed stands for (a small prompt: the seed is soon outweighed)."""
+
+SHRINK_SAMPLES = 16.0
+"""Observations at which a replica's own estimate and the fleet's weigh the same."""
+
+
+def blended(own: PrefillTimeEstimator, fleet: PrefillTimeEstimator) -> float:
+    """A replica's per-token time: its own estimate shrunk towards the fleet's by sample count."""
+    n = own.samples
+    if n == 0:
+        return fleet.seconds_per_token
+    return (n * own.seconds_per_token + SHRINK_SAMPLES * fleet.seconds_per_token) / (n + SHRINK_SAMPLES)
 
 
 class PrefillTimeEstimator:

@@ -26,7 +26,7 @@ from pylb.workload.loaders import SYNTHETIC_PREFIX, load_workload
 from pylb.workload.types import WorkloadRequest
 
 from .cluster import DEFAULT_SCRAPE_INTERVAL, prepare_workload, simulate
-from .profiles import DEFAULT_PROFILE, PROFILES, Profile, ProfileError, load_profile
+from .profiles import DEFAULT_PROFILE, PROFILES, ProfileError, load_profile
 from .report import DEFAULT_SLO_TARGET, DEFAULT_SLO_TTFT, RunMetrics, find_capacity, plot_attainment, summarize
 
 

@@ -1,0 +1,124 @@
+"""Unit tests of the four baseline policies (chwbl, cache-aware, weighted-score, preble-e2).
+
+Literal replica states in a fake RouterView (tests/policy_fakes.py); no router core. Each policy
+gets tests of its own rule with exact thresholds, then all four go through the same contract
+checks: a valid index always, one replica, determinism under a seed, membership changes (state
+of removed replicas dropped, indices remapped by name).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from policy_fakes import Driver, FakeView, metrics, replicas, request, text
+
+from pylb.router import registry
+from pylb.router.interface import RouterOptions, RoutingRequest
+from pylb.router.policies.chwbl import ChwblPolicy, ChwblRing, load_ok, prefix_key
+from pylb.router.policy import Policy
+
+NAMES4 = ["replica-0", "replica-1", "replica-2", "replica-3"]
+NAMES8 = [f"replica-{i}" for i in range(8)]
+
+
+def opts(seed: int = 0, **extra: object) -> RouterOptions:
+    return RouterOptions(seed=seed, extra=dict(extra))
+
+
+# ---- chwbl -----------------------------------------------------------------------------------
+
+
+def test_chwbl_ring_has_256_vnodes_per_replica() -> None:
+    ring = ChwblRing(NAMES4, 256)
+    assert len(ring) == 4 * 256
+    assert sorted(ring.owners.count(n) for n in NAMES4) == [256] * 4
+    assert ring.positions == sorted(ring.positions)
+    assert ChwblPolicy(opts()).replication == 256
+
+
+def test_chwbl_load_bound_arithmetic() -> None:
+    # KubeAI: load + 1 <= (total + 1) / n * 1.25; everything qualifies while nothing is in flight.
+    assert load_ok(0, 0, 4, 1.25)
+    assert load_ok(12, 42, 4, 1.25)  # 13 <= 43 / 4 * 1.25 = 13.4375
+    assert not load_ok(13, 43, 4, 1.25)  # 14 > 44 / 4 * 1.25 = 13.75
+    assert load_ok(4, 15, 4, 1.25)  # 5 <= 16 / 4 * 1.25 = 5.0, the bound itself is allowed
+    assert not load_ok(0, 1, 8, 1.25)  # 1 > 2 / 8 * 1.25: at low load nobody qualifies
+
+
+def test_chwbl_same_prefix_same_replica_when_loads_even() -> None:
+    policy = ChwblPolicy(opts())
+    view = FakeView(replicas(NAMES4, [5, 5, 5, 5]))
+    policy.on_membership(NAMES4)
+    assert policy.ring is not None
+    for k in range(40):
+        req = request(text(f"user{k}", 2) + text(f"tail{k}", 3))
+        owner = policy.ring.walk(prefix_key(req, 2))[0]
+        choice = policy.choose(req, view)
+        assert (view.replicas[choice.replica].name, choice.branch) == (owner, "affinity")
+        # Same first two blocks, different rest: same key, same replica.
+        again = request(text(f"user{k}", 2) + text("other", 5), "r2")
+        assert policy.choose(again, view).replica == choice.replica
+
+
+def test_chwbl_walks_clockwise_past_overloaded_owner() -> None:
+    policy = ChwblPolicy(opts())
+    policy.on_membership(NAMES4)
+    assert policy.ring is not None
+    req = request(text("conversation", 4))
+    order = policy.ring.walk(prefix_key(req, 2))
+    assert sorted(order) == sorted(NAMES4)
+
+    def loads(owner: int, second: int = 10) -> list[int]:
+        by_name = {order[0]: owner, order[1]: second, order[2]: 10, order[3]: 10}
+        return [by_name[n] for n in NAMES4]
+
+    view = FakeView(replicas(NAMES4, loads(12)))  # 13 <= 43/4*1.25 = 13.44: the owner takes it
+    choice = policy.choose(req, view)
+    assert (NAMES4[choice.replica], choice.branch) == (order[0], "affinity")
+    view = FakeView(replicas(NAMES4, loads(13)))  # 14 > 13.75: next clockwise (load 10) takes it
+    choice = policy.choose(req, view)
+    assert (NAMES4[choice.replica], choice.branch) == (order[1], "load")
+    view = FakeView(replicas(NAMES4, loads(15, 15)))  # 16 > 51/4*1.25 = 15.94 for both: the third
+    assert NAMES4[policy.choose(req, view).replica] == order[2]
+
+
+def test_chwbl_falls_back_to_owner_when_nobody_qualifies() -> None:
+    policy = ChwblPolicy(opts())
+    policy.on_membership(NAMES8)
+    assert policy.ring is not None
+    req = request(text("x", 3))
+    owner = policy.ring.walk(prefix_key(req, 2))[0]
+    other = next(n for n in NAMES8 if n != owner)
+    view = FakeView(replicas(NAMES8, [1 if n == other else 0 for n in NAMES8]))
+    choice = policy.choose(req, view)
+    assert (NAMES8[choice.replica], choice.branch) == (owner, "fallback")
+
+
+def test_chwbl_adding_a_replica_moves_about_one_nth_of_keys() -> None:
+    policy = ChwblPolicy(opts())
+    names9 = NAMES8 + ["replica-8"]
+    reqs = [request(text(f"k{k}", 2)) for k in range(3000)]
+    policy.on_membership(NAMES8)
+    view8 = FakeView(replicas(NAMES8))
+    before = [NAMES8[policy.choose(r, view8).replica] for r in reqs]
+    policy.on_membership(names9)
+    view9 = FakeView(replicas(names9))
+    after = [names9[policy.choose(r, view9).replica] for r in reqs]
+    moved = [(b, a) for b, a in zip(before, after) if a != b]
+    assert all(a == "replica-8" for _, a in moved)  # keys only move to the new replica
+    assert 0.07 < len(moved) / len(reqs) < 0.16  # about 1/9 = 0.111
+
+
+def test_chwbl_prefix_blocks_option_and_validation() -> None:
+    one = ChwblPolicy(opts(prefix_blocks=1))
+    a, b = request(text("same", 1) + text("a", 2)), request(text("same", 1) + text("b", 2))
+    assert prefix_key(a, 1) == prefix_key(b, 1) and prefix_key(a, 2) != prefix_key(b, 2)
+    view = FakeView(replicas(NAMES8))
+    assert one.choose(a, view).replica == one.choose(b, view).replica
+    with pytest.raises(ValueError, match="load_factor"):
+        ChwblPolicy(opts(load_factor=0.9))
+    with pytest.raises(ValueError, match="replication"):
+        ChwblPolicy(opts(replication=0))
+
+

@@ -15,6 +15,7 @@ from policy_fakes import Driver, FakeView, metrics, replicas, request, text
 
 from pylb.router import registry
 from pylb.router.interface import RouterOptions, RoutingRequest
+from pylb.router.policies.cache_aware import CacheAwarePolicy
 from pylb.router.policies.chwbl import ChwblPolicy, ChwblRing, load_ok, prefix_key
 from pylb.router.policy import Policy
 
@@ -120,5 +121,115 @@ def test_chwbl_prefix_blocks_option_and_validation() -> None:
         ChwblPolicy(opts(load_factor=0.9))
     with pytest.raises(ValueError, match="replication"):
         ChwblPolicy(opts(replication=0))
+
+
+# ---- cache-aware -----------------------------------------------------------------------------
+
+
+def _cache_aware(names: list[str], **extra: object) -> tuple[CacheAwarePolicy, FakeView]:
+    policy = CacheAwarePolicy(RouterOptions(extra=dict(extra)))
+    policy.on_membership(names)
+    return policy, FakeView(replicas(names))
+
+
+def test_cache_aware_routes_to_longest_match_above_threshold() -> None:
+    policy, view = _cache_aware(NAMES4)
+    policy.tree.insert(request(text("sys", 10)).block_hashes.tolist(), "replica-2", 0.0)
+    policy.tree.insert(request(text("big", 40)).block_hashes.tolist(), "replica-2", 0.0)
+    policy.tree.insert(request(text("sys", 4)).block_hashes.tolist(), "replica-1", 0.0)
+    # 10 of 12 blocks match on replica-2 (4 on replica-1): 0.83 > 0.3, despite replica-2's big tree.
+    choice = policy.choose(request(text("sys", 10) + text("q", 2)), view)
+    assert (choice.replica, choice.branch) == (2, "affinity")
+    # The request was inserted into replica-2's tree.
+    assert policy.tree.match_depth(request(text("sys", 10) + text("q", 2)).block_hashes.tolist(), "replica-2") == 12
+
+
+def test_cache_aware_low_match_goes_to_smallest_tree() -> None:
+    policy, view = _cache_aware(NAMES4)
+    policy.tree.insert(request(text("sys", 3) + text("a", 7)).block_hashes.tolist(), "replica-0", 0.0)
+    policy.tree.insert(request(text("b", 5)).block_hashes.tolist(), "replica-1", 0.0)
+    policy.tree.insert(request(text("c", 2)).block_hashes.tolist(), "replica-2", 0.0)
+    policy.tree.insert(request(text("d", 2)).block_hashes.tolist(), "replica-3", 0.0)
+    # 3 of 10 blocks match replica-0: 0.3 is not > 0.3, so the smallest tree (first of the 2-block
+    # trees, replica-2) gets it.
+    choice = policy.choose(request(text("sys", 3) + text("z", 7)), view)
+    assert (choice.replica, choice.branch) == (2, "fallback")
+    # 4 of 10 (0.4 > 0.3): replica-0.
+    policy, view = _cache_aware(NAMES4)
+    policy.tree.insert(request(text("sys", 4) + text("a", 6)).block_hashes.tolist(), "replica-0", 0.0)
+    choice = policy.choose(request(text("sys", 4) + text("z", 6)), view)
+    assert (choice.replica, choice.branch) == (0, "affinity")
+
+
+def test_cache_aware_low_match_min_load_variant() -> None:
+    policy, view = _cache_aware(NAMES4, low_match="min-load")
+    for r, load in zip(view.replicas, [3, 1, 0, 2]):
+        r.inflight_requests = load
+    policy.tree.insert(request(text("c", 9)).block_hashes.tolist(), "replica-1", 0.0)
+    choice = policy.choose(request(text("new", 4)), view)
+    assert (choice.replica, choice.branch) == (2, "fallback")
+    with pytest.raises(ValueError, match="low_match"):
+        CacheAwarePolicy(opts(low_match="random"))
+
+
+@pytest.mark.parametrize(
+    ("loads", "imbalanced"),
+    [([64, 0], False), ([65, 0], True), ([200, 134], False), ([201, 134], False), ([202, 134], True), ([90, 80], False)],
+)
+def test_cache_aware_imbalance_thresholds(loads: list[int], imbalanced: bool) -> None:
+    # Imbalanced iff max - min > 64 AND max > 1.5 * min.
+    names = ["replica-0", "replica-1"]
+    policy, view = _cache_aware(names)
+    assert policy.is_imbalanced(loads) is imbalanced
+    for r, load in zip(view.replicas, loads):
+        r.inflight_requests = load
+    req = request(text("sys", 8))
+    policy.tree.insert(req.block_hashes.tolist(), "replica-0", 0.0)  # affinity says replica-0
+    choice = policy.choose(req, view)
+    if imbalanced:
+        assert (choice.replica, choice.branch) == (1, "load")
+        assert policy.tree.match_depth(req.block_hashes.tolist(), "replica-1") == 8  # still inserted
+    else:
+        assert (choice.replica, choice.branch) == (0, "affinity")
+
+
+def test_cache_aware_evicts_lru_leaves_after_interval() -> None:
+    # max_tree_size 5 blocks (5 x 64 characters), eviction every 60 s.
+    policy, view = _cache_aware(["replica-0"], max_tree_size=5 * 64, eviction_interval_secs=60)
+    old = request(text("old", 4)).block_hashes.tolist()
+    new = request(text("sys", 2) + text("new", 2)).block_hashes.tolist()
+    tiny = request(b"short")  # no full block: matches and inserts nothing
+    view.now = 0.0
+    policy.choose(tiny, view)  # first call arms the timer: next eviction at t = 60
+    policy.tree.insert(old, "replica-0", 1.0)
+    policy.tree.insert(new, "replica-0", 2.0)
+    assert policy.tree.size("replica-0") == 8
+    view.now = 59.9
+    policy.choose(tiny, view)
+    assert policy.tree.size("replica-0") == 8  # not yet
+    view.now = 60.0
+    policy.choose(tiny, view)
+    # Down to 5 blocks, least recently used leaves first: 3 of "old"'s 4 blocks go (deepest first),
+    # "new" (touched later) stays whole.
+    assert policy.tree.size("replica-0") == 5
+    assert policy.tree.match_depth(old, "replica-0") == 1
+    assert policy.tree.match_depth(new, "replica-0") == 4
+    # The next eviction is at t = 120.
+    policy.tree.insert(old, "replica-0", 61.0)
+    view.now = 119.0
+    policy.choose(tiny, view)
+    assert policy.tree.size("replica-0") == 8
+    view.now = 120.0
+    policy.choose(tiny, view)
+    assert policy.tree.size("replica-0") == 5
+    assert policy.tree.match_depth(new, "replica-0") == 1  # now "new" was the older path
+    assert len(policy.tree.parent) == 5  # edges of evicted blocks are forgotten
+
+
+def test_cache_aware_max_tree_size_defaults_to_2_pow_26_chars() -> None:
+    policy = CacheAwarePolicy(opts())
+    assert policy.max_tree_blocks == 2**26 // 64
+    assert (policy.cache_threshold, policy.balance_abs_threshold, policy.balance_rel_threshold) == (0.3, 64, 1.5)
+    assert policy.eviction_interval == 60
 
 

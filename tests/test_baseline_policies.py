@@ -17,6 +17,7 @@ from pylb.router import registry
 from pylb.router.interface import RouterOptions, RoutingRequest
 from pylb.router.policies.cache_aware import CacheAwarePolicy
 from pylb.router.policies.chwbl import ChwblPolicy, ChwblRing, load_ok, prefix_key
+from pylb.router.policies.weighted_score import WeightedScorePolicy, queue_scores
 from pylb.router.policy import Policy
 
 NAMES4 = ["replica-0", "replica-1", "replica-2", "replica-3"]
@@ -231,5 +232,64 @@ def test_cache_aware_max_tree_size_defaults_to_2_pow_26_chars() -> None:
     assert policy.max_tree_blocks == 2**26 // 64
     assert (policy.cache_threshold, policy.balance_abs_threshold, policy.balance_rel_threshold) == (0.3, 64, 1.5)
     assert policy.eviction_interval == 60
+
+
+# ---- weighted-score --------------------------------------------------------------------------
+
+
+def test_weighted_score_literal_arithmetic() -> None:
+    policy = WeightedScorePolicy(opts())
+    rs = replicas(["a", "b", "c"])
+    # Waiting queue = router queue + scraped vLLM waiting: 0, 2, 4 -> queue scores 1, 0.5, 0.
+    rs[0].metrics = metrics(waiting=0, kv_usage=0.5)
+    rs[1].queued_requests, rs[1].metrics = 1, metrics(waiting=1, kv_usage=0.25)
+    rs[2].queued_requests, rs[2].metrics = 4, metrics(waiting=0, kv_usage=0.0)
+    view = FakeView(rs)
+    policy.on_membership(["a", "b", "c"])
+    req = request(text("p", 4))
+    policy.index.add(req.block_hashes[:2].tolist(), "c", 100)  # c holds 2 of the 4 blocks
+    # a: 2*1 + 2*0.5 + 3*0 = 3.0; b: 2*0.5 + 2*0.75 + 0 = 2.5; c: 0 + 2*1 + 3*0.5 = 3.5
+    assert policy.scores(req, view) == [3.0, 2.5, 3.5]
+    choice = policy.choose(req, view)
+    assert (choice.replica, choice.branch) == (2, "affinity")
+    assert policy.index.run_length(req.block_hashes.tolist(), "c") == 4  # indexed at selection
+    assert queue_scores([3, 3, 3]) == [1.0, 1.0, 1.0]
+    assert queue_scores([0, 4, 8]) == [1.0, 0.5, 0.0]
+
+
+def test_weighted_score_ties_are_seeded_random() -> None:
+    def picks(seed: int) -> list[int]:
+        policy = WeightedScorePolicy(opts(seed=seed))
+        view = FakeView(replicas(NAMES4))
+        policy.on_membership(NAMES4)
+        # Every request is new and nothing changes in the view: all four replicas tie each time.
+        return [policy.choose(request(text(f"u{k}", 2)), view).replica for k in range(40)]
+
+    assert picks(7) == picks(7)
+    assert picks(7) != picks(8)
+    assert set(picks(7)) == {0, 1, 2, 3}
+
+
+def test_weighted_score_prefix_blocks_cap_and_lru_capacity() -> None:
+    policy = WeightedScorePolicy(opts())
+    rs = replicas(["a"])
+    rs[0].metrics = metrics(num_gpu_blocks=4)  # autoTune: the LRU holds 4 blocks
+    view = FakeView(rs)
+    req = request(text("long", 6))
+    policy.choose(req, view)
+    hashes = req.block_hashes.tolist()
+    assert len(policy.index.lrus["a"]) == 4
+    assert policy.index.run_length(hashes, "a") == 4  # tail first: the leading blocks stay
+    rs[0].metrics = metrics(num_gpu_blocks=4, block_size=32)  # 4 x 32 tokens = 8 router blocks
+    assert policy.capacity_of(rs[0]) == 8
+    rs[0].metrics = None
+    assert policy.capacity_of(rs[0]) == 31250
+    # maxPrefixBlocksToMatch = 256: a 300-block prompt scores 256 matched of 256.
+    big = WeightedScorePolicy(opts())
+    long_req = request(text("huge", 300))
+    view = FakeView(replicas(["a", "b"]))
+    big.index.add(long_req.block_hashes.tolist(), "a", 10_000)
+    assert len(big.index.lrus["a"]) == 300
+    assert big.scores(long_req, view) == [2.0 + 2.0 + 3.0, 2.0 + 2.0]
 
 

@@ -17,6 +17,7 @@ from pylb.router import registry
 from pylb.router.interface import RouterOptions, RoutingRequest
 from pylb.router.policies.cache_aware import CacheAwarePolicy
 from pylb.router.policies.chwbl import ChwblPolicy, ChwblRing, load_ok, prefix_key
+from pylb.router.policies.preble_e2 import PrebleE2Policy
 from pylb.router.policies.weighted_score import WeightedScorePolicy, queue_scores
 from pylb.router.policy import Policy
 
@@ -293,3 +294,153 @@ def test_weighted_score_prefix_blocks_cap_and_lru_capacity() -> None:
     assert big.scores(long_req, view) == [2.0 + 2.0 + 3.0, 2.0 + 2.0]
 
 
+# ---- preble-e2 -------------------------------------------------------------------------------
+
+
+def _preble(window: dict[str, int], cached_b: int) -> tuple[PrebleE2Policy, FakeView]:
+    policy = PrebleE2Policy(opts())
+    names = ["A", "B", "C"]
+    policy.on_membership(names)
+    for name, load in window.items():
+        policy.load.add(name, 0.0, load)
+    return policy, FakeView(replicas(names), now=1.0, cached={"A": 0, "B": cached_b, "C": 0})
+
+
+def test_preble_exploit_explore_boundary() -> None:
+    req = request(text("p", 4), prompt_tokens=64)  # 4 blocks of 16 tokens
+    # B caches 2 blocks = 32 tokens = the 32 missed: not longer, so explore: cost L + missed is
+    # A 80+64, B 115+32, C 80+64: A (tie with C broken by index).
+    policy, view = _preble({"A": 80, "B": 115, "C": 80}, cached_b=2)
+    choice = policy.choose(req, view)
+    assert (choice.replica, choice.branch) == (0, "load")
+    assert policy.load.get("A") == 80 + 64
+    # B caches 3 blocks = 48 tokens > 16 missed: exploit B (115 <= 1.5 * 80, no rebalancing).
+    policy, view = _preble({"A": 80, "B": 115, "C": 80}, cached_b=3)
+    choice = policy.choose(req, view)
+    assert (choice.replica, choice.branch) == (1, "affinity")
+    assert policy.load.get("B") == 115 + 16
+
+
+def test_preble_rebalances_off_a_replica_over_1_5x_the_lightest() -> None:
+    req = request(text("p", 4), prompt_tokens=64)
+    policy, view = _preble({"A": 80, "B": 120, "C": 90}, cached_b=3)
+    assert policy.choose(req, view).replica == 1  # 120 = 1.5 * 80: not over, stays on B
+    policy, view = _preble({"A": 80, "B": 121, "C": 90}, cached_b=3)
+    choice = policy.choose(req, view)
+    assert (choice.replica, choice.branch) == (0, "load")  # 121 > 120: redirected to A
+    assert policy.load.get("A") == 80 + 64  # A had nothing cached: 64 tokens of work
+
+
+def test_preble_load_window_expires() -> None:
+    policy, view = _preble({"A": 1000}, cached_b=0)
+    view.now = 180.0
+    policy.choose(request(b"tiny", prompt_tokens=0), view)
+    assert policy.load.get("A") == 1000  # recorded at t=0, still inside [0, 180]
+    view.now = 180.5
+    policy.choose(request(b"tiny", prompt_tokens=0), view)
+    assert policy.load.get("A") == 0
+
+
+# ---- the contract, for all four --------------------------------------------------------------
+
+POLICIES = [ChwblPolicy, CacheAwarePolicy, WeightedScorePolicy, PrebleE2Policy]
+REGISTERED = {"chwbl": ChwblPolicy, "cache-aware": CacheAwarePolicy, "weighted-score": WeightedScorePolicy,
+              "preble-e2": PrebleE2Policy}
+
+
+def _workload(n: int, seed: int) -> list[RoutingRequest]:
+    """Conversations: a few shared system prompts, turns that extend earlier turns."""
+    rng = random.Random(seed)
+    convs: list[bytes] = []
+    out = []
+    for k in range(n):
+        if convs and rng.random() < 0.6:
+            c = rng.randrange(len(convs))
+            convs[c] += text(f"turn{k}", rng.randint(1, 3))
+            data = convs[c]
+        else:
+            data = text(f"sys{rng.randrange(3)}", 4) + text(f"user{k}", rng.randint(1, 6))
+            convs.append(data)
+        out.append(request(data, f"r{k}"))
+    return out
+
+
+def _run(cls: type[Policy], names: list[str], seed: int = 0, n: int = 120) -> list[tuple[int, str]]:
+    driver = Driver(cls(opts(seed=seed)), FakeView(replicas(names)))
+    return [(c.replica, c.branch) for c in (driver.route(r) for r in _workload(n, seed))]
+
+
+@pytest.mark.parametrize(("name", "cls"), sorted(REGISTERED.items()))
+def test_registered_by_name(name: str, cls: type[Policy]) -> None:
+    assert registry._registry[name] is cls
+    assert cls.name == name and cls.migrates is False
+
+
+@pytest.mark.parametrize("cls", POLICIES)
+def test_valid_choices_and_deterministic_under_seed(cls: type[Policy]) -> None:
+    first = _run(cls, NAMES4, seed=3)
+    assert first == _run(cls, NAMES4, seed=3)
+    assert all(0 <= i < 4 for i, _ in first)
+    assert all(branch in ("affinity", "load", "fallback") for _, branch in first)
+    assert len({i for i, _ in first}) > 1  # the workload is spread, not piled on one replica
+
+
+@pytest.mark.parametrize("cls", POLICIES)
+def test_one_replica(cls: type[Policy]) -> None:
+    assert {i for i, _ in _run(cls, ["only"], n=30)} == {0}
+
+
+def _state_names(policy: object) -> set[str]:
+    """The replica names a policy keeps private state for."""
+    if isinstance(policy, ChwblPolicy):
+        assert policy.ring is not None
+        return set(policy.ring.owners)
+    if isinstance(policy, CacheAwarePolicy):
+        return set(policy.tree.tenants)
+    if isinstance(policy, WeightedScorePolicy):
+        return set(policy.index.lrus)
+    assert isinstance(policy, PrebleE2Policy)
+    return set(policy.load.events)
+
+
+@pytest.mark.parametrize("cls", POLICIES)
+def test_membership_changes_drop_state_and_remap_indices(cls: type[Policy]) -> None:
+    driver = Driver(cls(opts(seed=1)), FakeView(replicas(NAMES4)))
+    reqs = _workload(200, 1)
+    for r in reqs[:80]:
+        driver.route(r)
+    held = _state_names(driver.policy)
+    assert held <= set(NAMES4) and held
+    # The first replica with state leaves and replica-4 joins: later indices shift by one.
+    leaving = min(held, key=NAMES4.index)
+    names = [n for n in NAMES4 if n != leaving] + ["replica-4"]
+    driver.set_members(names)
+    assert leaving not in _state_names(driver.policy)
+    for r in reqs[80:140]:
+        choice = driver.route(r)
+        assert 0 <= choice.replica < 4
+    assert _state_names(driver.policy) <= set(names)
+    # Down to two replicas, then back up: still valid.
+    driver.set_members(["replica-3", "replica-4"])
+    assert _state_names(driver.policy) <= {"replica-3", "replica-4"}
+    for r in reqs[140:170]:
+        assert driver.route(r).replica in (0, 1)
+    driver.set_members(["replica-5", "replica-3", "replica-4"])
+    for r in reqs[170:]:
+        assert 0 <= driver.route(r).replica < 3
+
+
+@pytest.mark.parametrize("cls", POLICIES)
+def test_affinity_follows_the_replica_name_when_indices_shift(cls: type[Policy]) -> None:
+    # Conversations settle on replicas; when replica-0 leaves, a conversation's next turn goes to
+    # the same *name* at its new index.
+    names = ["replica-0", "replica-1", "replica-2"]
+    driver = Driver(cls(opts()), FakeView(replicas(names)), max_inflight=0)  # loads stay at 0
+    convs = {tag: text(f"system-{tag}", 6) + text(tag, 2) for tag in (f"conv{k}" for k in range(6))}
+    placed = {tag: names[driver.route(request(data, tag)).replica] for tag, data in convs.items()}
+    moved = [tag for tag, name in placed.items() if name != "replica-0"]
+    assert moved, placed
+    driver.set_members(["replica-1", "replica-2"])
+    for tag in moved:
+        second = driver.route(request(convs[tag] + text(tag + "-2", 1), tag + "-2"), dt=0.0)
+        assert driver.view.replicas[second.replica].name == placed[tag]

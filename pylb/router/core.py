@@ -9,7 +9,11 @@ model, hotspot migration and membership. It is the only writer of `ReplicaState`
 
 Life of a request
   submit    the policy chooses a replica (`Choice`); the request joins that replica's queue,
-            ordered by (priority desc, cached prefix on that replica desc, arrival, submission).
+            ordered by (priority desc, rank, arrival, submission), where rank is set by
+            `RouterOptions.queue_order`: "cheapest" (default) = the request's uncached prompt
+            tokens on that replica, fewest first; "cached" = its cached prefix there, longest
+            first (DESIGN.md §4's order); "fifo" = none. A request that has waited
+            `starvation_s` goes first whatever its rank, oldest first.
   poll      for every replica with a queue, while it has budget, the head of its queue is
             dispatched. Budget: un-prefilled requests in flight < `max_unprefilled_requests` AND
             un-prefilled tokens in flight < `max_unprefilled_tokens` (tokens the mirror thinks
@@ -95,7 +99,7 @@ class _Entry:
 class _Queue:
     """One replica's queue: three heaps over the same entries (lazy deletion) + its estimator."""
 
-    order: list[tuple] = field(default_factory=list)  # (-priority, -cached blocks, arrival, seq, ver, e)
+    order: list[tuple] = field(default_factory=list)  # (-priority, rank, arrival, seq, ver, e)
     aged: list[tuple] = field(default_factory=list)  # (arrival, seq, ver, e): oldest first
     moves: list[tuple] = field(default_factory=list)  # (move cost, seq, ver, e): cheapest first
     estimator: PrefillTimeEstimator | None = None
@@ -191,16 +195,19 @@ class CoreRouter(Router):
         if self.policy.migrates and len(self.replicas) > 1:
             self._migrate(now)
         o = self.options
-        max_req, max_tok = o.max_unprefilled_requests, o.max_unprefilled_tokens
+        max_req, max_tok, starve = o.max_unprefilled_requests, o.max_unprefilled_tokens, o.starvation_s
         for i, q in enumerate(self._queues):
             s = self.replicas[i]
-            heap = q.order
             while s.queued_requests and s.unprefilled_requests < max_req and s.unprefilled_tokens < max_tok:
-                item = heapq.heappop(heap)
-                if not _live(item):
-                    self._stale -= 1
-                    continue
+                if self._oldest_wait(q, now) >= starve:
+                    item = heapq.heappop(q.aged)  # live: _oldest_wait dropped the stale ones
+                else:
+                    item = heapq.heappop(q.order)
+                    if not _live(item):
+                        self._stale -= 1
+                        continue
                 self._dispatch(item[-1], i, now, out)
+                self._stale -= 1  # the popped item
         if self._stale > 2 * self._queued_total + 256:
             self._purge()
         return out
@@ -375,7 +382,9 @@ class CoreRouter(Router):
         self._queued_total += 1
         q = self._queues[r]
         v = e.version
-        heapq.heappush(q.order, (-req.priority, -int(cached[r]), req.arrival, e.seq, v, e))
+        order = self.options.queue_order
+        rank = e.cost if order == "cheapest" else -int(cached[r]) if order == "cached" else 0
+        heapq.heappush(q.order, (-req.priority, rank, req.arrival, e.seq, v, e))
         heapq.heappush(q.aged, (req.arrival, e.seq, v, e))
         if self.policy.migrates:
             alt = e.alternate
@@ -394,7 +403,6 @@ class CoreRouter(Router):
     def _dispatch(self, e: _Entry, r: int, now: float, out: list[Dispatch]) -> None:
         s = self.replicas[r]
         self._dequeue(e)
-        self._stale -= 1  # the order item was popped already
         cached = int(self.cached_blocks(e.req)[r])
         e.cost = self._uncached(e.req, cached)
         e.state = _DISPATCHED

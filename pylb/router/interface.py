@@ -31,6 +31,7 @@ the proxy uses the replica's base URL). Routers are created by name through
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,12 @@ class RoutingRequest:
         model: requested model name ("" when not known).
         stream: whether the client streams the response.
         priority: larger is more urgent (0 by default).
+        prompt_hash: optional 64-bit hash of the whole prompt text
+            (`pylb.native.xxh3_64(prompt_bytes)`), filled by whoever builds the request (the
+            simulator always; the proxy when it has the text). Routers use it only to key a
+            prompt too short to have a single full block (fewer than `block_chars` bytes); it
+            must be a pure function of the prompt (never of the request id), so that every
+            router replica places the same prompt the same way. None when not known.
     """
 
     request_id: str
@@ -74,6 +81,7 @@ class RoutingRequest:
     model: str = ""
     stream: bool = True
     priority: int = 0
+    prompt_hash: int | None = None
 
 
 class Dispatch(NamedTuple):
@@ -133,19 +141,92 @@ class ReplicaMetrics:
 
 @dataclass(slots=True)
 class RouterOptions:
-    """Settings every router factory receives (policies read what they need, ignore the rest).
+    """Settings every router receives: the one place their defaults are written.
+
+    Policies read what they need and ignore the rest; the core router (`pylb.router.core`)
+    reads the dispatch, estimator, mirror and migration settings. Invalid values raise
+    `ValueError` naming the field, the value and the reason when the options are built.
 
     Attributes:
-        slo_ttft: the TTFT target in seconds (DualMap's SLO-aware switch uses it).
+        slo_ttft: the TTFT target in seconds (DualMap's SLO-aware switch uses slo_ttft / 2;
+            hotspot detection uses slo_ttft).
         seed: seed for any randomness, so that runs are reproducible.
         block_chars: bytes per router hash block (what `RoutingRequest.block_hashes` uses).
-        extra: policy-specific settings by name.
+        chars_per_token: bytes of prompt text per token, for converting router blocks to
+            tokens (4: pylb's simulated tokenizer, and about right for English BPE text).
+        key_block_tokens: tokens per key block of the prefix key (DualMap: 512). Must be a
+            whole number of router blocks: key_block_tokens * chars_per_token % block_chars == 0.
+        max_unprefilled_tokens: dispatch budget per replica: a queued request is sent only while
+            the replica's un-prefilled tokens in flight (dispatched, no first token yet) are
+            below this. Chosen by measurement (BENCHMARKS.md, "dispatch limits").
+        max_unprefilled_requests: dispatch budget per replica in requests, as above. A replica
+            with nothing un-prefilled always takes its next queued request, whatever its size.
+        dispatch_interval: seconds between the core's timer polls while requests are queued
+            (the timer re-checks dispatch and hotspots even when no event arrives).
+        hot_wait_s: a replica is hot when its oldest queued request has waited this long
+            (DualMap: 3 s), or when its predicted TTFT exceeds slo_ttft.
+        migration_scan: most queued requests examined per hot replica per poll when migrating
+            (bounds the work of one poll; the cheapest are examined first).
+        prefill_seconds_per_token: seed of the learned per-token prefill time, before any
+            TTFT is observed (1e-4 s: between an 8B model on an H100, ~4e-5, and DualMap's
+            Ascend 910B figure, 1.6e-4).
+        prefill_learning_rate: weight of each new observation in the estimator's decayed sums
+            (0 < rate <= 1; 0.05 forgets the seed after ~60 first tokens).
+        cache_capacity_tokens: the cache mirror's capacity per replica until the replica's
+            `vllm:cache_config_info` is scraped (then block_size * num_gpu_blocks).
+        extra: policy-specific settings by name (each policy documents and validates its own).
     """
 
     slo_ttft: float = 5.0
     seed: int = 0
     block_chars: int = DEFAULT_BLOCK_CHARS
+    chars_per_token: int = 4
+    key_block_tokens: int = 512
+    max_unprefilled_tokens: int = 16_384
+    max_unprefilled_requests: int = 8
+    dispatch_interval: float = 0.05
+    hot_wait_s: float = 3.0
+    migration_scan: int = 16
+    prefill_seconds_per_token: float = 1.0e-4
+    prefill_learning_rate: float = 0.05
+    cache_capacity_tokens: int = 262_144
     extra: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("slo_ttft", "dispatch_interval", "hot_wait_s", "prefill_seconds_per_token"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"RouterOptions.{name} must be a positive number, got {v!r}")
+        for name in ("block_chars", "chars_per_token", "key_block_tokens", "max_unprefilled_tokens",
+                     "max_unprefilled_requests", "migration_scan"):  # fmt: skip
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"RouterOptions.{name} must be a positive integer, got {v!r}")
+        v = self.cache_capacity_tokens
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"RouterOptions.cache_capacity_tokens must be an integer >= 0, got {v!r}")
+        v = self.prefill_learning_rate
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+            raise ValueError(f"RouterOptions.prefill_learning_rate must be in (0, 1], got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"RouterOptions.seed must be an integer, got {self.seed!r}")
+        if (self.key_block_tokens * self.chars_per_token) % self.block_chars:
+            raise ValueError(
+                f"RouterOptions.key_block_tokens must be a whole number of router blocks: {self.key_block_tokens} tokens x "
+                f"{self.chars_per_token} bytes is not a multiple of block_chars={self.block_chars}"
+            )
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"RouterOptions.extra must be a dict, got {type(self.extra).__name__}")
+
+    @property
+    def tokens_per_block(self) -> float:
+        """Tokens per router hash block (block_chars / chars_per_token; 16 by default)."""
+        return self.block_chars / self.chars_per_token
+
+    @property
+    def blocks_per_key_block(self) -> int:
+        """Router blocks per key block of the prefix key (32 by default)."""
+        return self.key_block_tokens * self.chars_per_token // self.block_chars
 
 
 class Router(ABC):

@@ -27,7 +27,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -110,20 +110,79 @@ class Choice:
     branch: str = "affinity"
 
 
+class PolicyOptionError(ValueError):
+    """A policy-specific option is unknown or has a bad value; the message names both."""
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def coerce_option(policy: str, key: str, value: object, default: object) -> object:
+    """`value` converted to the type of `default` (strings from the command line are parsed:
+    booleans as true/false/yes/no/on/off/1/0). Raises PolicyOptionError naming policy, key, value."""
+
+    def bad(why: str) -> PolicyOptionError:
+        return PolicyOptionError(f"policy {policy!r}: option {key}={value!r}: {why}")
+
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise bad("expected true or false")
+    if isinstance(default, int):
+        if isinstance(value, bool):
+            raise bad("expected an integer")
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            raise bad("expected an integer") from None
+    if isinstance(default, float):
+        if isinstance(value, bool):
+            raise bad("expected a number")
+        try:
+            v = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise bad("expected a number") from None
+        if v != v or v in (float("inf"), float("-inf")):
+            raise bad("expected a finite number")
+        return v
+    return str(value)
+
+
 class Policy(ABC):
     """Base class of routing policies. Subclasses set `name` and implement `choose`.
 
     A policy is constructed with the router's `RouterOptions` (policy-specific settings come
     from `options.extra`, documented in each policy's module comment) and must be
     deterministic for a given `options.seed` and call sequence.
+
+    A policy that takes settings declares them in `option_defaults` (name -> default; the
+    default's type is the option's type) and reads them with `self.option(name)`; the registry
+    validates `NAME:key=value,...` policy specs against it (`pylb simulate --policy`).
     """
 
     name: ClassVar[str]
     migrates: ClassVar[bool] = False
     """Whether the core should migrate this policy's queued requests off hot replicas."""
+    option_defaults: ClassVar[dict[str, bool | int | float | str]] = {}
+    """Policy-specific options read from `RouterOptions.extra`, with their defaults."""
 
     def __init__(self, options: RouterOptions) -> None:
         self.options = options
+
+    def option(self, key: str) -> Any:
+        """The value of a declared option: `options.extra[key]` coerced to its default's type,
+        or the default. Raises PolicyOptionError for an undeclared key or a bad value."""
+        if key not in self.option_defaults:
+            raise PolicyOptionError(f"policy {getattr(self, 'name', type(self).__name__)!r} has no option {key!r}")
+        default = self.option_defaults[key]
+        if key not in self.options.extra:
+            return default
+        return coerce_option(getattr(self, "name", type(self).__name__), key, self.options.extra[key], default)
 
     def on_membership(self, replicas: Sequence[ReplicaId]) -> None:
         """The live replicas changed (full ordered list); rebuild rings or tables here."""

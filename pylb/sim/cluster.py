@@ -71,6 +71,7 @@ class SimRequest:
         request_id, arrival_s, prompt_tokens, output_tokens: as in `WorkloadRequest`.
         router_hashes: `block_hashes(text, router_block_bytes)` (64-byte blocks by default).
         engine_hashes: `block_hashes(text, 4 * engine_block_size)`.
+        prompt_hash: `xxh3_64(text)`, the router's key for prompts shorter than one router block.
     """
 
     request_id: str
@@ -79,6 +80,7 @@ class SimRequest:
     output_tokens: int
     router_hashes: np.ndarray
     engine_hashes: np.ndarray
+    prompt_hash: int | None = None
 
 
 def prepare_workload(
@@ -102,9 +104,10 @@ def prepare_workload(
         texts = [r.prompt_text().encode("utf-8") for r in chunk]
         router = native.block_hashes_batch(texts, router_block_bytes)
         engine = router if engine_bytes == router_block_bytes else native.block_hashes_batch(texts, engine_bytes)
+        whole = [native.xxh3_64(t) for t in texts]
         del texts
-        for r, rh, eh in zip(chunk, router, engine):
-            out.append(SimRequest(r.request_id, r.arrival_s, r.prompt_tokens, max(1, r.output_tokens), rh, eh))
+        for r, rh, eh, ph in zip(chunk, router, engine, whole):
+            out.append(SimRequest(r.request_id, r.arrival_s, r.prompt_tokens, max(1, r.output_tokens), rh, eh, ph))
         if progress is not None:
             progress(len(chunk))
     return out
@@ -319,7 +322,10 @@ def simulate(
                 undispatched += 1
                 next_arrival += 1
                 router.submit(
-                    RoutingRequest(req.request_id, req.router_hashes, req.prompt_tokens, req.output_tokens, t), now
+                    RoutingRequest(
+                        req.request_id, req.router_hashes, req.prompt_tokens, req.output_tokens, t, prompt_hash=req.prompt_hash
+                    ),
+                    now,
                 )
             poll(now)
         elif kind == _SCRAPE:

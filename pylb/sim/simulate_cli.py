@@ -1,8 +1,14 @@
 """`pylb simulate`: replay a trace through simulated vLLM replicas, per routing policy.
 
-    pylb simulate --trace PATH --replicas N --profile NAME|FILE --policy NAME[,NAME...]|all
+    pylb simulate --trace PATH --replicas N --profile NAME|FILE --policy SPEC[,SPEC...]|all
                   [--rate-scale X | --sweep] [--slo-ttft S] [--json OUT] [--plot OUT.png]
                   [--limit N] [--scrape-interval S] [--sweep-runs N] [--sweep-start X]
+                  [--router-option FIELD=VALUE ...]
+
+A SPEC is a registered policy name, optionally with policy options: `NAME[:key=value...]`,
+e.g. `dualmap:migration=false` or `dualmap:key_depth=2` (ablations, reported under that label;
+`all` means every registered name, without options). `--router-option` sets a field of
+`RouterOptions` for every policy (e.g. `max_unprefilled_tokens=8192`).
 
 The trace is loaded and every prompt hashed once; then each policy runs at the rate scale
 given, or, with --sweep, at the rate scales `pylb.sim.report.find_capacity` picks to find its
@@ -13,6 +19,7 @@ Bad arguments print a message naming the flag and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -22,6 +29,7 @@ from pathlib import Path
 from pylb.cli_args import UsageError, positive_float, positive_int
 from pylb.router import registry
 from pylb.router.interface import RouterOptions
+from pylb.router.policy import PolicyOptionError
 from pylb.workload.loaders import SYNTHETIC_PREFIX, load_workload
 from pylb.workload.types import WorkloadRequest
 
@@ -48,7 +56,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--policy",
         default="round-robin",
         metavar="NAME[,NAME...]",
-        help="routing policies to compare, comma-separated, or 'all' (default round-robin)",
+        help="routing policies to compare, comma-separated, each NAME or NAME:key=value[:key=value...] "
+        "(policy options, e.g. dualmap:migration=false), or 'all' (default round-robin)",
+    )
+    parser.add_argument(
+        "--router-option",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="set a RouterOptions field for every policy, e.g. max_unprefilled_tokens=8192 (repeatable)",
     )
     load = parser.add_mutually_exclusive_group()
     load.add_argument(
@@ -89,17 +105,49 @@ def load_trace(path: str, limit: int | None) -> list[WorkloadRequest]:
 
 
 def parse_policies(spec: str) -> list[str]:
-    """'all' -> every registered policy; otherwise comma-separated names, each checked."""
+    """'all' -> every registered policy; otherwise comma-separated specs, each checked and
+    returned in canonical form (`NAME[:key=value...]`)."""
     known = registry.names()
     if spec.strip() == "all":
         return known
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    if not names:
+    items = [s.strip() for s in spec.split(",") if s.strip()]
+    if not items:
         raise UsageError(f"argument --policy: no policy named in {spec!r}")
-    for name in names:
+    labels = []
+    for item in items:
+        name = item.split(":", 1)[0].strip()
         if name not in known:
             raise UsageError(f"argument --policy: unknown policy {name!r}: expected one of {', '.join(known)} or all")
-    return list(dict.fromkeys(names))
+        try:
+            labels.append(registry.parse_spec(item).label)
+        except PolicyOptionError as exc:
+            raise UsageError(f"argument --policy: {exc}") from None
+    return list(dict.fromkeys(labels))
+
+
+_ROUTER_FIELDS = {f.name: f for f in dataclasses.fields(RouterOptions) if f.name not in ("extra", "slo_ttft", "seed")}
+
+
+def router_options(args: argparse.Namespace) -> RouterOptions:
+    """RouterOptions from --slo-ttft, --seed and every --router-option FIELD=VALUE."""
+    values: dict[str, object] = {}
+    defaults = RouterOptions()
+    for item in args.router_option:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or key not in _ROUTER_FIELDS:
+            raise UsageError(
+                f"argument --router-option: expected FIELD=VALUE with FIELD one of {', '.join(_ROUTER_FIELDS)}, got {item!r}"
+            )
+        kind = type(getattr(defaults, key))
+        try:
+            values[key] = kind(text.strip())
+        except ValueError:
+            raise UsageError(f"argument --router-option: {key} must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    try:
+        return RouterOptions(slo_ttft=args.slo_ttft, seed=args.seed, **values)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise UsageError(f"argument --router-option: {exc}") from None
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -150,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     policies = parse_policies(args.policy)
+    options = router_options(args)
     try:
         profile = load_profile(args.profile)
     except ProfileError as exc:
@@ -173,7 +222,6 @@ def _run(args: argparse.Namespace) -> int:
         workload = prepare_workload(requests, profile.block_size, progress=bar.update)
     del requests
 
-    options = RouterOptions(slo_ttft=args.slo_ttft, seed=args.seed)
     all_runs: list[RunMetrics] = []
 
     def run_at(policy: str, scale: float) -> RunMetrics:
@@ -219,6 +267,7 @@ def _run(args: argparse.Namespace) -> int:
                 "slo_target": DEFAULT_SLO_TARGET,
                 "scrape_interval": args.scrape_interval,
                 "sweep": bool(args.sweep),
+                "router_options": {k: v for k, v in dataclasses.asdict(options).items() if k != "extra"},
             },
             "runs": [m.to_json() for m in all_runs],
             "capacity": capacity,

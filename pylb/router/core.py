@@ -1,0 +1,477 @@
+"""The queueing router core: runs any `Policy` behind the `Router` interface.
+
+Design (DESIGN.md §4; issue 4 §2)
+---------------------------------
+One synchronous object, no I/O, `now` passed in. It owns everything that is not the policy's
+decision: per-replica queues, dispatch budgets, in-flight accounting, the cache mirror, the TTFT
+model, hotspot migration and membership. It is the only writer of `ReplicaState`, and it is the
+`RouterView` the policy reads in `choose`.
+
+Life of a request
+  submit    the policy chooses a replica (`Choice`); the request joins that replica's queue,
+            ordered by (priority desc, cached prefix on that replica desc, arrival, submission).
+  poll      for every replica with a queue, while it has budget, the head of its queue is
+            dispatched. Budget: un-prefilled requests in flight < `max_unprefilled_requests` AND
+            un-prefilled tokens in flight < `max_unprefilled_tokens` (tokens the mirror thinks
+            the replica must compute). A replica with nothing un-prefilled always has budget,
+            so no replica idles while requests wait for it. Dispatch recomputes the request's
+            mirror match on its replica (the cache may have grown since it was queued), counts
+            it in flight at once (not from scraped metrics, which lag), inserts its block hashes
+            into the mirror, and calls `policy.on_dispatch`.
+  first token  frees its un-prefilled budget; the latency since dispatch, over the tokens that
+            were ahead of it, trains the replica's and the fleet's per-token prefill time
+            (`pylb.router.ttft`; a replica with few observations leans on the fleet's).
+  complete  frees its in-flight slot; `policy.on_complete`.
+The driver polls after every event; `next_wakeup` asks for a poll every `dispatch_interval`
+seconds while anything is queued (the timer also drives hotspot detection by waiting time).
+
+Predicted TTFT of request r on replica i (the `RouterView.predicted_ttft` every policy sees):
+    (queued_tokens_i + unprefilled_tokens_i + uncached_i(r)) x prefill_seconds_per_token_i
+and of replica i itself the same without r.
+
+Hotspot migration (policies with `migrates = True`; DualMap §4.3): on every poll, a replica h
+with queued requests is *hot* when its predicted TTFT exceeds `slo_ttft` or its oldest queued
+request has waited >= `hot_wait_s`. Its queued requests are examined cheapest move first (move
+cost = the extra prompt tokens the request must compute on its alternate, from the mirror match
+taken when it was queued), at most `migration_scan` per poll, and each moves to its `alternate`
+(or, without one, the replica where its predicted TTFT is lowest) when its predicted TTFT there
+is lower than h's, until h is no longer hot. A moved request keeps h as its alternate.
+
+Membership: survivors keep their indices' relative order and new replicas are appended (the
+mirror's index order); `policy.on_membership` rebuilds the policy's rings (the only place it
+is asked to), then the queued requests of removed replicas, and any request that arrived while
+there was no replica, are re-placed with `choose`. In-flight requests of a removed replica are
+still accounted until the driver reports them complete or failed; none is lost.
+
+Cost per request: one `choose` (for DualMap: one prefix key, one ring lookup, one mirror match),
+one more mirror match and one mirror insert at dispatch, O(log queue) heap work. Queues are heaps
+with lazy deletion (entries carry a version; stale ones are skipped and periodically purged).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pylb import native
+
+from .interface import Dispatch, ReplicaId, ReplicaMetrics, Router, RouterOptions, RoutingRequest, Usage
+from .policy import BRANCHES, Choice, Policy, ReplicaState
+from .ttft import PrefillTimeEstimator, blended
+
+_QUEUED, _DISPATCHED, _PREFILLED, _UNPLACED = 0, 1, 2, 3
+
+
+class PolicyContractError(RuntimeError):
+    """A policy answered something the contract forbids (a replica index out of range)."""
+
+
+@dataclass(slots=True, eq=False)
+class _Entry:
+    """A request the core knows: queued, unplaced, or in flight (until it completes)."""
+
+    req: RoutingRequest
+    seq: int
+    state: int = _UNPLACED
+    replica: int = -1  # queue or in-flight replica; -1 when unplaced or its replica left
+    alternate: int | None = None
+    branch: str = ""
+    cached: np.ndarray | None = None  # mirror match per replica when it was (last) queued
+    cost: int = 0  # uncached tokens on `replica`, as counted in queued_tokens / unprefilled_tokens
+    version: int = 0  # bumped whenever it leaves a queue: heap items of older versions are stale
+    dispatched_at: float = math.nan
+    ahead: int = 0  # un-prefilled tokens on the replica at dispatch, its own included
+
+
+@dataclass(slots=True, eq=False)
+class _Queue:
+    """One replica's queue: three heaps over the same entries (lazy deletion) + its estimator."""
+
+    order: list[tuple] = field(default_factory=list)  # (-priority, -cached blocks, arrival, seq, ver, e)
+    aged: list[tuple] = field(default_factory=list)  # (arrival, seq, ver, e): oldest first
+    moves: list[tuple] = field(default_factory=list)  # (move cost, seq, ver, e): cheapest first
+    estimator: PrefillTimeEstimator | None = None
+
+
+def _live(item: tuple) -> bool:
+    e: _Entry = item[-1]
+    return e.state == _QUEUED and e.version == item[-2]
+
+
+class CoreRouter(Router):
+    """The router core around one `Policy` (see the module docstring).
+
+    Args:
+        policy: the placement policy; the core calls its hooks.
+        options: router settings (limits, SLO, estimator seed, mirror size); defaults if None.
+    """
+
+    def __init__(self, policy: Policy, options: RouterOptions | None = None) -> None:
+        self.policy = policy
+        self.options = options if options is not None else policy.options
+        o = self.options
+        self.now = -math.inf
+        self.replicas: list[ReplicaState] = []
+        self._queues: list[_Queue] = []
+        self._index: dict[ReplicaId, int] = {}
+        self._entries: dict[str, _Entry] = {}
+        self._unplaced: list[_Entry] = []
+        self._seq = 0
+        self._tpb = o.tokens_per_block
+        self._default_capacity = int(o.cache_capacity_tokens // self._tpb)
+        self.mirror = native.CacheMirror(0, self._default_capacity)
+        self._mirror_version = 0
+        self._match_for: tuple[int, int] | None = None  # (id(request), mirror version) of _match_val
+        self._match_val: np.ndarray = np.zeros(0, dtype=np.int64)
+        self._match_req: RoutingRequest | None = None  # keeps id() of the memo valid
+        self._fleet_estimator = PrefillTimeEstimator(o.prefill_seconds_per_token, o.prefill_learning_rate)
+        self._queued_total = 0
+        self._stale = 0
+        self.decisions: Counter[str] = Counter()
+        """Decisions by branch (`pylb.router.policy.BRANCHES`), as `pylb_decisions_total` counts them."""
+        self.migrations = 0
+
+    # ---- RouterView -------------------------------------------------------------------------
+
+    def cached_blocks(self, request: RoutingRequest) -> np.ndarray:
+        """Per replica, the request's leading router blocks the mirror believes it holds."""
+        key = (id(request), self._mirror_version)
+        if self._match_for != key or self._match_req is not request:
+            self._match_val = self.mirror.match(request.block_hashes) if self.replicas else np.zeros(0, np.int64)
+            self._match_for = key
+            self._match_req = request
+        return self._match_val
+
+    def uncached_tokens(self, request: RoutingRequest, replica: int) -> int:
+        """Prompt tokens `replica` would compute for the request (mirror estimate, >= 0)."""
+        return self._uncached(request, int(self.cached_blocks(request)[replica]))
+
+    def predicted_ttft(self, request: RoutingRequest, replica: int) -> float:
+        """(queued + un-prefilled + the request's uncached tokens) x learned seconds per token."""
+        s = self.replicas[replica]
+        return (s.queued_tokens + s.unprefilled_tokens + self.uncached_tokens(request, replica)) * s.prefill_seconds_per_token
+
+    def replica_ttft(self, replica: int) -> float:
+        """Predicted TTFT of a request with nothing to compute queued on `replica` now."""
+        s = self.replicas[replica]
+        return (s.queued_tokens + s.unprefilled_tokens) * s.prefill_seconds_per_token
+
+    def _uncached(self, request: RoutingRequest, cached_blocks: int) -> int:
+        return max(0, request.prompt_tokens - int(cached_blocks * self._tpb))
+
+    # ---- Router -----------------------------------------------------------------------------
+
+    def submit(self, request: RoutingRequest, now: float) -> None:
+        """Queue the request where the policy chooses (held unplaced while there is no replica)."""
+        self._tick(now)
+        if request.request_id in self._entries:
+            raise ValueError(f"request {request.request_id!r} was already submitted and is not complete")
+        e = _Entry(request, self._seq)
+        self._seq += 1
+        self._entries[request.request_id] = e
+        if self.replicas:
+            self._place(e)
+        else:
+            self._unplaced.append(e)
+
+    def poll(self, now: float) -> list[Dispatch]:
+        """Migrate off hot replicas (if the policy migrates), then dispatch within budgets."""
+        self._tick(now)
+        out: list[Dispatch] = []
+        if self._queued_total == 0:
+            return out
+        if self.policy.migrates and len(self.replicas) > 1:
+            self._migrate(now)
+        o = self.options
+        max_req, max_tok = o.max_unprefilled_requests, o.max_unprefilled_tokens
+        for i, q in enumerate(self._queues):
+            s = self.replicas[i]
+            heap = q.order
+            while s.queued_requests and s.unprefilled_requests < max_req and s.unprefilled_tokens < max_tok:
+                item = heapq.heappop(heap)
+                if not _live(item):
+                    self._stale -= 1
+                    continue
+                self._dispatch(item[-1], i, now, out)
+        if self._stale > 2 * self._queued_total + 256:
+            self._purge()
+        return out
+
+    def on_first_token(self, request_id: str, replica: ReplicaId, now: float) -> None:
+        """Free the request's un-prefilled budget and learn from its latency."""
+        self._tick(now)
+        e = self._entries.get(request_id)
+        if e is None or e.state != _DISPATCHED:
+            return
+        e.state = _PREFILLED
+        if e.replica < 0:
+            return  # its replica left the membership
+        s = self.replicas[e.replica]
+        s.unprefilled_requests -= 1
+        s.unprefilled_tokens -= e.cost
+        est = self._queues[e.replica].estimator
+        assert est is not None
+        latency = now - e.dispatched_at
+        est.observe(latency, e.ahead)
+        fleet = self._fleet_estimator
+        fleet.observe(latency, e.ahead)
+        for q, rs in zip(self._queues, self.replicas):  # every replica leans on the fleet estimate
+            assert q.estimator is not None
+            rs.prefill_seconds_per_token = blended(q.estimator, fleet)
+
+    def on_complete(self, request_id: str, replica: ReplicaId, now: float, usage: Usage | None) -> None:
+        """Forget the request; free its in-flight slot (and budget, if it never got a first token)."""
+        self._tick(now)
+        e = self._entries.get(request_id)
+        if e is None or e.state not in (_DISPATCHED, _PREFILLED):
+            return
+        del self._entries[request_id]
+        if e.replica < 0:
+            return
+        s = self.replicas[e.replica]
+        if e.state == _DISPATCHED:
+            s.unprefilled_requests -= 1
+            s.unprefilled_tokens -= e.cost
+        s.inflight_requests -= 1
+        e.state = -1
+        self.policy.on_complete(request_id, e.replica, self)
+
+    def on_metrics(self, replica: ReplicaId, metrics: ReplicaMetrics, now: float) -> None:
+        """Keep the scrape for policies; size the replica's mirror from its KV cache."""
+        self._tick(now)
+        i = self._index.get(replica)
+        if i is None:
+            return
+        s = self.replicas[i]
+        s.metrics = metrics
+        s.metrics_at = now
+        if metrics.block_size > 0 and metrics.num_gpu_blocks > 0:
+            cap = int(metrics.block_size * metrics.num_gpu_blocks // self._tpb)
+            if cap != s.cache_capacity_blocks:
+                if cap < self.mirror.size(i):
+                    self._mirror_version += 1
+                self.mirror.resize(i, cap)
+                s.cache_capacity_blocks = cap
+
+    def on_membership(self, replicas: Sequence[ReplicaId], now: float) -> None:
+        """Apply the new replica set: rebuild policy state, re-place orphaned queued requests."""
+        self._tick(now)
+        names = list(replicas)
+        if len(set(names)) != len(names):
+            raise ValueError(f"replica names must be unique, got {names}")
+        keep = set(names)
+        old = [s.name for s in self.replicas]
+        removed = [i for i, n in enumerate(old) if n not in keep]
+        survivors = [i for i, n in enumerate(old) if n in keep]
+        added = [n for n in names if n not in self._index]
+        if not removed and not added:
+            return
+        for i in reversed(removed):
+            self.mirror.remove_replica(i)
+        fleet_rate = self._fleet_estimator.seconds_per_token
+        new_of = {o: k for k, o in enumerate(survivors)}
+        states = [self.replicas[i] for i in survivors]
+        queues = [self._queues[i] for i in survivors]
+        for n in added:
+            self.mirror.add_replica(self._default_capacity)
+            states.append(ReplicaState(n, 0, prefill_seconds_per_token=fleet_rate, cache_capacity_blocks=self._default_capacity))
+            queues.append(_Queue(estimator=PrefillTimeEstimator(fleet_rate, self.options.prefill_learning_rate)))
+        for k, s in enumerate(states):
+            s.index = k
+        self._mirror_version += 1
+        orphans: list[_Entry] = []
+        size = len(states)
+        for e in self._entries.values():
+            if e.state == _UNPLACED:
+                continue
+            if e.replica >= 0 and e.replica not in new_of:  # its replica left
+                if e.state == _QUEUED:  # its queue (heaps included) goes away with the replica
+                    e.version += 1
+                    e.state = _UNPLACED
+                    self._queued_total -= 1
+                    orphans.append(e)
+                e.replica = -1
+                continue
+            if e.replica >= 0:
+                e.replica = new_of[e.replica]
+            e.alternate = new_of.get(e.alternate) if e.alternate is not None else None
+            if e.cached is not None:
+                c = np.zeros(size, dtype=np.int64)
+                c[: len(survivors)] = e.cached[survivors]
+                e.cached = c
+        self.replicas = states
+        self._queues = queues
+        self._index = {s.name: s.index for s in states}
+        self.policy.on_membership([s.name for s in states])
+        pending = sorted(self._unplaced + orphans, key=lambda e: e.seq)
+        self._unplaced = []
+        if not states:
+            self._unplaced = pending
+            return
+        for e in pending:
+            self._place(e)
+
+    def next_wakeup(self, now: float) -> float | None:
+        """`now + dispatch_interval` while requests are queued, else no timer."""
+        return now + self.options.dispatch_interval if self._queued_total else None
+
+    # ---- introspection ----------------------------------------------------------------------
+
+    @property
+    def replica_names(self) -> list[ReplicaId]:
+        """The replicas in index order (the order `replicas` and the mirror use)."""
+        return [s.name for s in self.replicas]
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting in the router (placed or not)."""
+        return self._queued_total + len(self._unplaced)
+
+    def stats(self) -> dict[str, object]:
+        """Counters for metrics and reports: decisions by branch, migrations, queued requests."""
+        return {"decisions": dict(self.decisions), "migrations": self.migrations, "queued": self.queued}
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _tick(self, now: float) -> None:
+        if now > self.now:
+            self.now = now
+
+    def _place(self, e: _Entry) -> None:
+        n = len(self.replicas)
+        choice = self.policy.choose(e.req, self)
+        if not isinstance(choice, Choice) or not 0 <= choice.replica < n:
+            raise PolicyContractError(
+                f"policy {type(self.policy).__name__} chose {choice!r} for {e.req.request_id!r}; "
+                f"expected a Choice with replica in [0, {n})"
+            )
+        r = int(choice.replica)
+        alt = None if choice.alternate is None else int(choice.alternate)
+        if alt is not None and (not 0 <= alt < n or alt == r):
+            alt = None
+        e.alternate = alt
+        branch = choice.branch if choice.branch in BRANCHES else "fallback"
+        self.decisions[branch] += 1
+        self._enqueue(e, r, branch, self.cached_blocks(e.req).copy())
+
+    def _enqueue(self, e: _Entry, r: int, branch: str, cached: np.ndarray) -> None:
+        req = e.req
+        e.state = _QUEUED
+        e.replica = r
+        e.branch = branch
+        e.cached = cached
+        e.cost = self._uncached(req, int(cached[r]))
+        s = self.replicas[r]
+        s.queued_requests += 1
+        s.queued_tokens += e.cost
+        self._queued_total += 1
+        q = self._queues[r]
+        v = e.version
+        heapq.heappush(q.order, (-req.priority, -int(cached[r]), req.arrival, e.seq, v, e))
+        heapq.heappush(q.aged, (req.arrival, e.seq, v, e))
+        if self.policy.migrates:
+            alt = e.alternate
+            move = self._uncached(req, int(cached[alt])) - e.cost if alt is not None else req.prompt_tokens
+            heapq.heappush(q.moves, (move, e.seq, v, e))
+
+    def _dequeue(self, e: _Entry) -> None:
+        """Take a queued entry out of its replica's queue (its heap items become stale)."""
+        s = self.replicas[e.replica]
+        s.queued_requests -= 1
+        s.queued_tokens -= e.cost
+        self._queued_total -= 1
+        e.version += 1
+        self._stale += 3 if self.policy.migrates else 2
+
+    def _dispatch(self, e: _Entry, r: int, now: float, out: list[Dispatch]) -> None:
+        s = self.replicas[r]
+        self._dequeue(e)
+        self._stale -= 1  # the order item was popped already
+        cached = int(self.cached_blocks(e.req)[r])
+        e.cost = self._uncached(e.req, cached)
+        e.state = _DISPATCHED
+        e.dispatched_at = now
+        e.ahead = s.unprefilled_tokens + e.cost
+        s.unprefilled_requests += 1
+        s.unprefilled_tokens += e.cost
+        s.inflight_requests += 1
+        if len(e.req.block_hashes):
+            self.mirror.insert(r, e.req.block_hashes)
+            self._mirror_version += 1
+        e.cached = None
+        self.policy.on_dispatch(e.req, r, self)
+        out.append(Dispatch(e.req.request_id, s.name))
+
+    def _oldest_wait(self, q: _Queue, now: float) -> float:
+        aged = q.aged
+        while aged and not _live(aged[0]):
+            heapq.heappop(aged)
+            self._stale -= 1
+        return now - aged[0][0] if aged else 0.0
+
+    def _hot(self, h: int, now: float) -> bool:
+        return self.replica_ttft(h) > self.options.slo_ttft or self._oldest_wait(self._queues[h], now) >= self.options.hot_wait_s
+
+    def _migrate(self, now: float) -> None:
+        scan = self.options.migration_scan
+        for h, q in enumerate(self._queues):
+            if not self.replicas[h].queued_requests or not self._hot(h, now):
+                continue
+            kept: list[tuple] = []
+            examined = 0
+            while q.moves and examined < scan and self.replicas[h].queued_requests:
+                item = heapq.heappop(q.moves)
+                if not _live(item):
+                    self._stale -= 1
+                    continue
+                examined += 1
+                e: _Entry = item[-1]
+                target = self._target(e, h)
+                if target is None:
+                    kept.append(item)
+                    continue
+                assert e.cached is not None
+                after = (self.replicas[target].queued_tokens + self.replicas[target].unprefilled_tokens
+                         + self._uncached(e.req, int(e.cached[target]))) * self.replicas[target].prefill_seconds_per_token  # fmt: skip
+                if after >= self.replica_ttft(h):
+                    kept.append(item)
+                    continue
+                self._stale -= 1  # the popped moves item
+                self._dequeue(e)
+                e.alternate = h
+                self._enqueue(e, target, "migration", e.cached)
+                self.decisions["migration"] += 1
+                self.migrations += 1
+                if not self._hot(h, now):
+                    break
+            for item in kept:
+                heapq.heappush(q.moves, item)
+
+    def _target(self, e: _Entry, h: int) -> int | None:
+        if e.alternate is not None and e.alternate != h:
+            return e.alternate
+        assert e.cached is not None
+        best, best_t = None, math.inf
+        for i, s in enumerate(self.replicas):
+            if i == h:
+                continue
+            t = (s.queued_tokens + s.unprefilled_tokens + self._uncached(e.req, int(e.cached[i]))) * s.prefill_seconds_per_token
+            if t < best_t:
+                best, best_t = i, t
+        return best
+
+    def _purge(self) -> None:
+        """Drop stale heap items (lazy deletion leftovers) from every queue."""
+        for q in self._queues:
+            q.order = [it for it in q.order if _live(it)]
+            q.aged = [it for it in q.aged if _live(it)]
+            q.moves = [it for it in q.moves if _live(it)]
+            heapq.heapify(q.order)
+            heapq.heapify(q.aged)
+            heapq.heapify(q.moves)
+        self._stale = 0

@@ -1,0 +1,106 @@
+"""Prefix keys: which part of a prompt decides its replicas (DualMap's adaptive key).
+
+Design (DESIGN.md §3-4; DualMap, arXiv 2602.06502)
+-------------------------------------------------
+A request carries chained hashes of its prompt in router blocks of `block_chars` bytes
+(64 B, about 16 tokens): h[j] names the whole prefix up to the end of block j. The prefix key is
+taken at *key-block* granularity (`key_block_tokens`, 512 by default = 2048 bytes = K = 32 router
+blocks), and the hash at the end of key block d (1-based) names the prefix of depth d:
+
+    boundaries = [h[K-1], h[2K-1], ..., h[dK-1]]          d = len(h) // K full key blocks
+               + [h[-1]]     when len(h) % K != 0 and d >= 1 (the trailing partial key block)
+
+The trailing partial block is a boundary too because prompts whose only full key block is a
+universal system prompt would otherwise all get the same key: on the Mooncake conversation
+trace every prompt starts with the same 512-token block and 11 % have no second full one, so
+without it 11 % of the traffic would share two replicas. It is only used when every shallower
+prefix is hot (the key walk stops at the first prefix that is not), so it never splits a
+conversation whose shared prefix is still cold.
+
+A prompt shorter than one key block has no boundary and is keyed by a *short key*: its last
+router block hash h[-1] (which names the whole prompt up to its last full 64-byte block), or,
+with no full router block at all, `RoutingRequest.prompt_hash` (a hash of the whole text), or
+failing that a hash of its token count. Every key is a pure function of the prompt, so all
+router replicas agree.
+
+The key depth is adaptive (`pylb.native.PrefixKeyTable`: start at depth 1, go one key block
+deeper while the prefix holds >= 6.12 % of the last 200 requests, with hysteresis down to 2 %)
+or fixed (`fixed_depth` >= 1: the boundary at min(depth, boundaries), for the ablation).
+Per request: one slice of the hash array and one `key_for` (O(max_depth) hash-table work).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pylb import native
+
+from .interface import RouterOptions, RoutingRequest
+
+_U64 = np.uint64
+
+
+def boundary_hashes(block_hashes: np.ndarray, blocks_per_key: int, max_depth: int | None = None) -> np.ndarray:
+    """The prefix-key boundaries of a prompt (see the module docstring), at most `max_depth`.
+
+    `block_hashes` are the prompt's router block hashes (uint64); `blocks_per_key` is K.
+    Returns a new contiguous uint64 array (empty for a prompt shorter than one key block).
+    """
+    n = len(block_hashes)
+    full = n // blocks_per_key
+    if full == 0:
+        return np.empty(0, dtype=_U64)
+    take = full if max_depth is None else min(full, max_depth)
+    out = np.asarray(block_hashes[blocks_per_key - 1 : take * blocks_per_key : blocks_per_key], dtype=_U64)
+    if n % blocks_per_key and (max_depth is None or take < max_depth):
+        out = np.append(out, _U64(block_hashes[-1]))
+    return np.ascontiguousarray(out)
+
+
+def short_key(request: RoutingRequest) -> int:
+    """The key of a prompt with no full key block: its last router block hash, else its
+    `prompt_hash`, else a hash of its token count (all pure functions of the prompt)."""
+    if len(request.block_hashes):
+        return int(request.block_hashes[-1])
+    if request.prompt_hash is not None:
+        return int(request.prompt_hash) & 0xFFFFFFFFFFFFFFFF
+    return native.xxh3_64(int(request.prompt_tokens).to_bytes(8, "little", signed=True))
+
+
+class PrefixKeyer:
+    """Computes a request's prefix key: adaptive (DualMap's hot-prefix table) or fixed depth.
+
+    Args:
+        options: the router options (`blocks_per_key_block` sets K).
+        fixed_depth: 0 for the adaptive key; d >= 1 keys every prompt at depth min(d, its
+            boundaries).
+        window, expand_share, shrink_share, min_samples, max_depth: the `PrefixKeyTable`
+            parameters (defaults: DualMap's 200 requests, 6.12 %, and the table's own).
+    """
+
+    def __init__(
+        self,
+        options: RouterOptions,
+        *,
+        fixed_depth: int = 0,
+        window: int = 200,
+        expand_share: float = 0.0612,
+        shrink_share: float = 0.02,
+        min_samples: int = 20,
+        max_depth: int = 16,
+    ) -> None:
+        if fixed_depth < 0:
+            raise ValueError(f"fixed_depth must be >= 0 (0 = adaptive), got {fixed_depth}")
+        self.blocks_per_key = options.blocks_per_key_block
+        self.fixed_depth = fixed_depth
+        self.max_depth = max_depth
+        self.table = native.PrefixKeyTable(window, expand_share, shrink_share, min_samples, max_depth)
+
+    def key(self, request: RoutingRequest) -> tuple[int, int]:
+        """(key, depth) of the request; records it in the adaptive table's window."""
+        if self.fixed_depth:
+            b = boundary_hashes(request.block_hashes, self.blocks_per_key, self.fixed_depth)
+            return (int(b[-1]), len(b)) if len(b) else (short_key(request), 0)
+        b = boundary_hashes(request.block_hashes, self.blocks_per_key, self.max_depth)
+        sk = short_key(request) if len(b) == 0 else None
+        return self.table.key_for(b, sk)

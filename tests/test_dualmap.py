@@ -1,0 +1,262 @@
+"""DualMap (pylb.router.policies.dualmap) and its prefix key (pylb.router.prefix): boundaries,
+short keys, the affinity / load / SLO-switch branches, the ablation options, and key deepening
+spreading Mooncake-like traffic."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from fake_fleet import FakeFleet, make_request
+from pylb import native
+from pylb.router import registry
+from pylb.router.core import CoreRouter
+from pylb.router.interface import RouterOptions, RoutingRequest
+from pylb.router.policies.consistent_hash import ConsistentHash
+from pylb.router.policies.dualmap import DualMap
+from pylb.router.policy import ReplicaState
+from pylb.router.prefix import PrefixKeyer, boundary_hashes, short_key
+
+U64 = np.uint64
+
+
+def rr(rid: str, hashes: Sequence[int], tokens: int | None = None, prompt_hash: int | None = None) -> RoutingRequest:
+    h = np.array(hashes, dtype=U64)
+    return RoutingRequest(rid, h, tokens if tokens is not None else 16 * len(h), 8, 0.0, prompt_hash=prompt_hash)
+
+
+# ---- prefix key boundaries -----------------------------------------------------------------------
+
+
+def test_boundaries_are_the_hashes_at_key_block_ends_plus_the_partial_tail() -> None:
+    h = np.arange(1, 101, dtype=U64)  # 100 router blocks, K = 32: 3 full key blocks + 4 blocks
+    assert boundary_hashes(h, 32).tolist() == [32, 64, 96, 100]
+    assert boundary_hashes(h[:96], 32).tolist() == [32, 64, 96]  # ends on a boundary: no tail
+    assert boundary_hashes(h[:40], 32).tolist() == [32, 40]  # one full key block: the tail keys it
+    assert boundary_hashes(h[:31], 32).tolist() == []  # shorter than a key block
+    assert boundary_hashes(h, 32, max_depth=2).tolist() == [32, 64]  # the cap drops the tail too
+    assert boundary_hashes(h, 32, max_depth=4).tolist() == [32, 64, 96, 100]
+    assert boundary_hashes(h, 32).flags.c_contiguous
+
+
+def test_short_keys_are_pure_functions_of_the_prompt() -> None:
+    assert short_key(rr("a", [5, 6, 7])) == 7
+    assert short_key(rr("b", [], tokens=3, prompt_hash=1234)) == 1234
+    k1, k2 = short_key(rr("c", [], tokens=3)), short_key(rr("d", [], tokens=3))
+    assert k1 == k2 != short_key(rr("e", [], tokens=4))  # not the request id
+
+
+def test_keyer_adaptive_and_fixed() -> None:
+    o = RouterOptions()
+    fixed = PrefixKeyer(o, fixed_depth=2)
+    h = np.arange(1, 101, dtype=U64)
+    assert fixed.key(rr("x", h)) == (64, 2)
+    assert fixed.key(rr("x", h[:40])) == (40, 2)  # the tail is the second boundary
+    assert fixed.key(rr("x", h[:20])) == (20, 0)
+    adaptive = PrefixKeyer(o)
+    assert adaptive.key(rr("x", h)) == (32, 1)  # a cold table keys at depth 1
+    assert adaptive.key(rr("y", h[:10])) == (10, 0)
+
+
+def test_key_deepens_under_a_universal_system_prompt() -> None:
+    """Every prompt starts with the same key block; past min_samples it is hot, and keys move to depth 2."""
+    o = RouterOptions()
+    keyer = PrefixKeyer(o)
+    depths = []
+    for i in range(100):
+        h = np.concatenate([np.arange(1, 33, dtype=U64), np.arange(1000 * (i + 1), 1000 * (i + 1) + 40, dtype=U64)])
+        depths.append(keyer.key(rr(f"r{i}", h))[1])
+    assert depths[0] == 1 and depths[-1] == 2
+    assert Counter(depths[30:]) == {2: 70}
+
+
+# ---- the decision ------------------------------------------------------------------------------------
+
+
+@dataclass
+class View:
+    """A literal RouterView: cached blocks and predicted TTFT per replica, as given."""
+
+    cached: list[int]
+    ttft: list[float]
+    queued_tokens: list[int] | None = None
+    inflight: list[int] | None = None
+    options: RouterOptions = field(default_factory=RouterOptions)
+    now: float = 0.0
+
+    @property
+    def replicas(self) -> list[ReplicaState]:
+        n = len(self.cached)
+        q, f = self.queued_tokens or [0] * n, self.inflight or [0] * n
+        return [ReplicaState(f"r{i}", i, queued_tokens=q[i], inflight_requests=f[i], prefill_seconds_per_token=1e-3) for i in range(n)]
+
+    def cached_blocks(self, request: RoutingRequest) -> np.ndarray:
+        return np.array(self.cached, dtype=np.int64)
+
+    def uncached_tokens(self, request: RoutingRequest, replica: int) -> int:
+        return max(0, request.prompt_tokens - 16 * self.cached[replica])
+
+    def predicted_ttft(self, request: RoutingRequest, replica: int) -> float:
+        return self.ttft[replica]
+
+
+def two_replica_dualmap(**extra: object) -> tuple[DualMap, int, int, RoutingRequest]:
+    """A DualMap over two replicas, a request, and its candidates (a, b) on rings 0 and 1."""
+    p = DualMap(RouterOptions(slo_ttft=5.0, extra=dict(extra)))
+    p.on_membership(["r0", "r1"])
+    req = rr("q", np.arange(1, 80, dtype=U64))
+    key = p.keyer.key(req)[0]
+    p.keyer = PrefixKeyer(p.options, fixed_depth=1)  # same key again, without touching the window
+    a, b = p.ring.candidates(key)  # type: ignore[union-attr]
+    assert {a, b} == {0, 1}
+    return p, a, b, req
+
+
+def test_affinity_picks_the_longer_match_within_the_budget() -> None:
+    p, a, b, req = two_replica_dualmap()
+    cached, ttft = [0, 0], [0.0, 0.0]
+    cached[b], ttft[b], ttft[a] = 40, 2.4, 0.1  # b holds more and is slower, but under slo/2 = 2.5
+    c = p.choose(req, View(cached, ttft))
+    assert (c.replica, c.alternate, c.branch) == (b, a, "affinity")
+
+
+def test_slo_switch_when_the_affine_candidate_would_exceed_half_the_slo() -> None:
+    p, a, b, req = two_replica_dualmap()
+    cached, ttft = [0, 0], [0.0, 0.0]
+    cached[b], ttft[b], ttft[a] = 40, 2.6, 1.0
+    c = p.choose(req, View(cached, ttft))
+    assert (c.replica, c.alternate, c.branch) == (a, b, "slo-switch")
+    ttft[a] = 3.0  # the other one is slower still: stay
+    assert p.choose(req, View(cached, ttft)).branch == "affinity"
+    p2, a2, b2, req2 = two_replica_dualmap(slo_switch=False)  # ablation: never switch
+    cached, ttft = [0, 0], [0.0, 0.0]
+    cached[b2], ttft[b2], ttft[a2] = 40, 9.0, 0.0
+    assert p2.choose(req2, View(cached, ttft)).replica == b2
+
+
+def test_a_cache_tie_goes_to_the_candidate_with_less_backlog_then_fewer_requests() -> None:
+    p, a, b, req = two_replica_dualmap()
+    queued, inflight = [0, 0], [0, 0]
+    queued[a], queued[b] = 700, 200
+    c = p.choose(req, View([32, 32], [0.0, 0.0], queued, inflight))
+    assert (c.replica, c.alternate, c.branch) == (b, a, "load")
+    # both idle: the one owing fewer requests (decoding ones count), then ring 0's candidate
+    inflight[a] = 3
+    assert p.choose(req, View([32, 32], [0.9, 0.1], None, inflight)).replica == b
+    assert p.choose(req, View([32, 32], [0.9, 0.1])).replica == a  # not noise in the TTFT estimate
+
+
+def test_the_hot_floor_ignores_a_universal_prefix() -> None:
+    """Depth-2 key: a candidate holding only the first (hot, universal) key block is no better
+    than an empty one; one holding more of the prompt is."""
+    p = DualMap(RouterOptions(slo_ttft=5.0, extra={"key_depth": 2}))
+    p.on_membership(["r0", "r1"])
+    req = rr("q", np.arange(1, 80, dtype=U64))
+    a, b = p.ring.candidates(64)  # type: ignore[union-attr]  # the depth-2 key: boundary h[63] = 64
+    cached = [0, 0]
+    cached[b] = 32
+    assert p.choose(req, View(cached, [0.0, 0.0])).branch == "load"
+    cached[b] = 40
+    c = p.choose(req, View(cached, [0.0, 0.0]))
+    assert (c.replica, c.branch) == (b, "affinity")
+
+
+def test_one_replica_has_no_alternate() -> None:
+    p = DualMap(RouterOptions())
+    p.on_membership(["only"])
+    c = p.choose(rr("q", [1, 2, 3]), View([0], [9.0]))
+    assert (c.replica, c.alternate) == (0, None)
+
+
+def test_ablation_options() -> None:
+    assert DualMap(RouterOptions()).migrates is True
+    assert DualMap(RouterOptions(extra={"migration": False})).migrates is False
+    assert DualMap(RouterOptions(extra={"key_depth": 3})).keyer.fixed_depth == 3
+    assert "dualmap:migration=false" not in registry.names()  # ablations are specs, not policies
+
+
+# ---- spreading Mooncake-like traffic ------------------------------------------------------------------
+
+
+def mooncake_like(n: int, seed: int = 0) -> list[RoutingRequest]:
+    """Every prompt: the same 512-token system block, then one of 400 conversations (Zipf-ish
+    popularity; one holds ~10 % of the traffic), then a unique tail. 11 % have no second full key block."""
+    rng = np.random.default_rng(seed)
+    system = b"<system>".ljust(2048, b"s")
+    weights = 1.0 / np.arange(1, 401) ** 1.1
+    weights /= weights.sum()
+    out = []
+    for i in range(n):
+        tail = f"<turn {i}>".encode().ljust(int(rng.integers(64, 2000)), b"t")
+        if rng.random() < 0.11:
+            text = system + tail[:1000]
+        else:
+            conv = int(rng.choice(400, p=weights))
+            text = system + f"<conv {conv}>".encode().ljust(2048 * int(1 + conv % 3), b"c") + tail
+        out.append(make_request(f"m{i}", text, i * 0.05))
+    return out
+
+
+def candidate_spread(policy: DualMap | ConsistentHash, reqs: list[RoutingRequest]) -> Counter[int]:
+    placed: Counter[int] = Counter()
+    for r in reqs:
+        key = policy.keyer.key(r)[0]
+        assert policy.ring is not None
+        a, b = policy.ring.candidates(key)
+        placed[a] += 1
+        placed[b] += 1
+    return placed
+
+
+def test_key_deepening_spreads_mooncake_like_traffic() -> None:
+    reqs = mooncake_like(2000)
+    names = [f"r{i}" for i in range(8)]
+    adaptive = DualMap(RouterOptions())
+    adaptive.on_membership(names)
+    shallow = DualMap(RouterOptions(extra={"key_depth": 1}))
+    shallow.on_membership(names)
+    spread = candidate_spread(adaptive, reqs)
+    stuck = candidate_spread(shallow, reqs)
+    assert len(stuck) == 2  # depth 1 = the system prompt: everything on the same two replicas
+    assert len(spread) == 8
+    hottest_share = max(spread.values()) / (2 * len(reqs))
+    assert hottest_share < 0.25, spread  # an even spread would be 1/8 = 0.125
+    # the most popular conversation (~10 %) is hot enough to deepen its own key past depth 2
+    assert adaptive.keyer.table.expanded_count >= 2
+
+
+def test_dualmap_keeps_conversations_together_and_balances_in_a_run() -> None:
+    reqs = mooncake_like(600)
+    router = registry.create("dualmap", RouterOptions(slo_ttft=2.0))
+    assert isinstance(router, CoreRouter)
+    fleet = FakeFleet(router, [f"r{i}" for i in range(4)], prefill_tps=60_000.0).run(reqs)
+    assert not fleet.undispatched
+    per_replica = Counter(name for _, _, name in fleet.dispatches)
+    assert max(per_replica.values()) / len(reqs) < 0.4  # 4 replicas: 0.25 is even
+    hit = sum(u.cached_tokens for u in fleet.completed.values() if u) / sum(r.prompt_tokens for r in reqs)
+    rr_fleet = FakeFleet(registry.create("round-robin"), [f"r{i}" for i in range(4)], prefill_tps=60_000.0).run(reqs)
+    rr_hit = sum(u.cached_tokens for u in rr_fleet.completed.values() if u) / sum(r.prompt_tokens for r in reqs)
+    assert hit > rr_hit
+    assert sum(router.decisions.values()) >= len(reqs)
+
+
+@pytest.mark.parametrize("spec", ["dualmap", "dualmap:migration=false", "dualmap:slo_switch=false", "dualmap:key_depth=2"])
+def test_ablations_run(spec: str) -> None:
+    fleet = FakeFleet(registry.create(spec), ["a", "b", "c"], prefill_tps=20_000.0).run(mooncake_like(200, seed=2))
+    assert not fleet.undispatched and not fleet.idle_violations
+    router = fleet.router
+    assert isinstance(router, CoreRouter)
+    if "migration=false" in spec:
+        assert router.migrations == 0
+
+
+def test_native_ring_is_the_candidate_source() -> None:
+    p = DualMap(RouterOptions())
+    p.on_membership(["a", "b", "c"])
+    ring = native.DualRing(["a", "b", "c"])
+    for key in (1, 2**40, 12345):
+        assert p.ring.candidates(key) == ring.candidates(key)  # type: ignore[union-attr]

@@ -1,0 +1,367 @@
+"""The router core (pylb.router.core) on literal small cases: dispatch budgets, re-checks on events,
+the timer, queue order, in-flight accounting, the mirror, the TTFT estimator, hotspot migration and
+membership changes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from fake_fleet import FakeFleet, make_request, prefix_workload
+from pylb.router import registry
+from pylb.router.core import CoreRouter, PolicyContractError
+from pylb.router.interface import Dispatch, ReplicaId, ReplicaMetrics, RouterOptions, RoutingRequest, Usage
+from pylb.router.policy import Choice, Policy, PolicyOptionError, RouterView
+from pylb.router.ttft import PrefillTimeEstimator, blended
+
+
+class Fixed(Policy):
+    """Sends request "<replica>/<name>" to that replica index, with an optional alternate "<r>/<name>/<alt>"."""
+
+    name = "fixed"
+
+    def __init__(self, options: RouterOptions, migrates: bool = False) -> None:
+        super().__init__(options)
+        self.migrates = migrates  # type: ignore[misc]
+        self.memberships: list[list[str]] = []
+        self.dispatched: list[tuple[str, int]] = []
+        self.completed: list[tuple[str, int]] = []
+
+    def on_membership(self, replicas: Sequence[ReplicaId]) -> None:
+        self.memberships.append(list(replicas))
+
+    def choose(self, request: RoutingRequest, view: RouterView) -> Choice:
+        parts = request.request_id.split("/")
+        r = int(parts[0]) % len(view.replicas)
+        alt = int(parts[2]) if len(parts) > 2 else None
+        return Choice(r, alt, branch="affinity")
+
+    def on_dispatch(self, request: RoutingRequest, replica: int, view: RouterView) -> None:
+        self.dispatched.append((request.request_id, replica))
+
+    def on_complete(self, request_id: str, replica: int, view: RouterView) -> None:
+        self.completed.append((request_id, replica))
+
+
+def req(rid: str, tokens: int = 100, arrival: float = 0.0, priority: int = 0, hashes: Sequence[int] = ()) -> RoutingRequest:
+    return RoutingRequest(rid, np.array(hashes, dtype=np.uint64), tokens, 4, arrival, priority=priority)
+
+
+def core(n: int = 2, migrates: bool = False, **opts: object) -> CoreRouter:
+    o = RouterOptions(**opts)  # type: ignore[arg-type]
+    r = CoreRouter(Fixed(o, migrates), o)
+    r.on_membership([f"r{i}" for i in range(n)], 0.0)
+    return r
+
+
+def ids(ds: list[Dispatch]) -> list[str]:
+    return [d.request_id for d in ds]
+
+
+# ---- dispatch budgets and re-checks ------------------------------------------------------------
+
+
+def test_request_budget_gates_dispatch_and_first_token_frees_it() -> None:
+    r = core(max_unprefilled_requests=2)
+    for k in range(3):
+        r.submit(req(f"0/{k}"), 0.0)
+    assert ids(r.poll(0.0)) == ["0/0", "0/1"]
+    assert r.poll(0.1) == []  # budget full
+    s = r.replicas[0]
+    assert (s.queued_requests, s.unprefilled_requests, s.inflight_requests) == (1, 2, 2)
+    r.on_first_token("0/1", "r0", 0.2)
+    assert ids(r.poll(0.2)) == ["0/2"]
+    assert (s.queued_requests, s.unprefilled_requests, s.inflight_requests) == (0, 2, 3)
+
+
+def test_token_budget_gates_dispatch_but_an_empty_replica_takes_any_request() -> None:
+    r = core(max_unprefilled_tokens=1000)
+    r.submit(req("0/huge", tokens=50_000), 0.0)
+    r.submit(req("0/a", tokens=400), 0.0)
+    assert ids(r.poll(0.0)) == ["0/huge"]  # nothing un-prefilled: it goes, whatever its size
+    assert r.replicas[0].unprefilled_tokens == 50_000
+    r.on_first_token("0/huge", "r0", 1.0)
+    r.submit(req("0/b", tokens=700), 1.0)
+    assert ids(r.poll(1.0)) == ["0/a", "0/b"]  # 0 < 1000, then 400 < 1000; then 1100 >= 1000
+    r.submit(req("0/c", tokens=1), 1.0)
+    assert r.poll(1.0) == []
+
+
+def test_completion_without_first_token_frees_the_budget() -> None:
+    r = core(max_unprefilled_requests=1)
+    r.submit(req("1/a"), 0.0)
+    r.submit(req("1/b"), 0.0)
+    assert ids(r.poll(0.0)) == ["1/a"]
+    r.on_complete("1/a", "r1", 0.5, None)  # failed before its first token
+    assert ids(r.poll(0.5)) == ["1/b"]
+    assert r.replicas[1].inflight_requests == 1 and r.replicas[1].unprefilled_tokens == 100
+    assert r.policy.completed == [("1/a", 1)]
+
+
+def test_budgets_are_per_replica() -> None:
+    r = core(max_unprefilled_requests=1)
+    for rid in ("0/a", "0/b", "1/c", "1/d"):
+        r.submit(req(rid), 0.0)
+    assert sorted(ids(r.poll(0.0))) == ["0/a", "1/c"]
+
+
+def test_timer_asks_for_polls_only_while_requests_wait() -> None:
+    r = core(max_unprefilled_requests=1, dispatch_interval=0.05)
+    assert r.next_wakeup(0.0) is None
+    r.submit(req("0/a"), 0.0)
+    r.submit(req("0/b"), 0.0)
+    r.poll(0.0)
+    assert r.next_wakeup(0.0) == pytest.approx(0.05)
+    r.on_first_token("0/a", "r0", 0.3)
+    r.poll(0.3)
+    assert r.next_wakeup(0.3) is None
+
+
+def test_no_replica_idles_while_its_queue_is_not_empty() -> None:
+    """Driven by the fake fleet: after every poll, a replica with queued requests has work."""
+    for limits in ({"max_unprefilled_requests": 1}, {"max_unprefilled_tokens": 1}, {}):
+        router = registry.create("dualmap", RouterOptions(**limits))  # type: ignore[arg-type]
+        fleet = FakeFleet(router, ["a", "b", "c"], prefill_tps=5_000.0).run(prefix_workload(120, gap=0.01))
+        assert not fleet.undispatched
+        assert fleet.idle_violations == []
+        assert max(s.queued_requests for s in router.replicas) == 0
+
+
+# ---- queue order ---------------------------------------------------------------------------------
+
+
+def test_queue_order_priority_then_cached_prefix_then_arrival() -> None:
+    r = core(max_unprefilled_requests=1)
+    r.submit(req("0/warm", hashes=[1, 2, 3]), 0.0)
+    assert ids(r.poll(0.0)) == ["0/warm"]  # the mirror now holds 1, 2, 3 on r0
+    r.submit(req("0/cold-early", arrival=0.1, hashes=[9]), 0.1)
+    r.submit(req("0/two", arrival=0.2, hashes=[1, 2, 7]), 0.2)
+    r.submit(req("0/three", arrival=0.3, hashes=[1, 2, 3, 4]), 0.3)
+    r.submit(req("0/urgent", arrival=0.4, priority=5, hashes=[8]), 0.4)
+    r.submit(req("0/cold-late", arrival=0.5, hashes=[6]), 0.5)
+    order = []
+    for t, done in enumerate(["0/warm", "0/urgent", "0/three", "0/two", "0/cold-early"], start=1):
+        r.on_first_token(done, "r0", float(t))
+        order += ids(r.poll(float(t)))
+    assert order == ["0/urgent", "0/three", "0/two", "0/cold-early", "0/cold-late"]
+
+
+# ---- mirror, accounting, predicted TTFT -------------------------------------------------------------
+
+
+def test_dispatch_inserts_into_the_mirror_and_predicted_ttft_uses_it() -> None:
+    r = core(prefill_seconds_per_token=1e-3, max_unprefilled_requests=1)
+    hashes = list(range(1, 11))  # 10 blocks = 160 tokens
+    r.submit(req("0/a", tokens=170, hashes=hashes), 0.0)
+    r.poll(0.0)
+    probe = req("x", tokens=180, hashes=[*hashes, 99])
+    assert r.cached_blocks(probe).tolist() == [10, 0]
+    assert r.uncached_tokens(probe, 0) == 20 and r.uncached_tokens(probe, 1) == 180
+    # r0: 170 un-prefilled + 20 own; r1: 180 own
+    assert r.predicted_ttft(probe, 0) == pytest.approx(0.190)
+    assert r.predicted_ttft(probe, 1) == pytest.approx(0.180)
+    r.submit(req("0/b", tokens=50), 0.0)  # queued behind 0/a: 50 queued tokens
+    assert r.replicas[0].queued_tokens == 50
+    assert r.predicted_ttft(probe, 0) == pytest.approx(0.240)
+
+
+def test_scraped_cache_size_resizes_the_mirror() -> None:
+    r = core(cache_capacity_tokens=16 * 100)
+    assert r.mirror.capacity(0) == 100 and r.replicas[0].cache_capacity_blocks == 100
+    r.on_metrics("r0", ReplicaMetrics(0, 0, 0.0, 0, 0, block_size=16, num_gpu_blocks=8), 1.0)
+    assert r.mirror.capacity(0) == 8 and r.replicas[0].cache_capacity_blocks == 8
+    assert r.replicas[0].metrics is not None and r.replicas[0].metrics_at == 1.0
+    r.on_metrics("gone", ReplicaMetrics(0, 0, 0.0, 0, 0, 16, 8), 1.0)  # unknown replica: ignored
+
+
+def test_ttft_estimator_converges_to_the_observed_rate() -> None:
+    est = PrefillTimeEstimator(1e-4, 0.05)
+    assert est.seconds_per_token == pytest.approx(1e-4)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        tokens = int(rng.integers(500, 20_000))
+        est.observe(3e-5 * tokens * rng.uniform(0.9, 1.1), tokens)
+    assert est.seconds_per_token == pytest.approx(3e-5, rel=0.05)
+    est.observe(float("nan"), 100)
+    est.observe(-1.0, 100)
+    assert est.samples == 200
+
+
+def test_core_learns_prefill_time_from_first_tokens() -> None:
+    r = core(prefill_seconds_per_token=1e-3, max_unprefilled_requests=1)
+    assert [s.prefill_seconds_per_token for s in r.replicas] == [1e-3, 1e-3]  # the seed
+    t = 0.0
+    for k in range(300):
+        r.submit(req(f"1/{k}", tokens=1000), t)
+        r.poll(t)
+        t += 0.05  # 1000 tokens in 50 ms: 5e-5 s per token
+        r.on_first_token(f"1/{k}", "r1", t)
+        r.on_complete(f"1/{k}", "r1", t, Usage(1000, 4))
+    assert r.replicas[1].prefill_seconds_per_token == pytest.approx(5e-5, rel=0.02)
+    # r0 never served anything: it is predicted at the fleet's rate, not at the stale seed
+    assert r.replicas[0].prefill_seconds_per_token == pytest.approx(5e-5, rel=0.02)
+    assert r.replicas[1].inflight_requests == 0 and r.replicas[1].unprefilled_tokens == 0
+
+
+def test_a_replica_estimate_leans_on_the_fleet_until_it_has_samples() -> None:
+    fleet, own = PrefillTimeEstimator(1e-4), PrefillTimeEstimator(1e-4)
+    for _ in range(100):
+        fleet.observe(2e-5 * 1000, 1000)
+    assert blended(own, fleet) == pytest.approx(fleet.seconds_per_token)
+    for _ in range(16):
+        own.observe(8e-5 * 1000, 1000)
+    assert blended(own, fleet) == pytest.approx((own.seconds_per_token + fleet.seconds_per_token) / 2)
+
+
+# ---- migration ---------------------------------------------------------------------------------------
+
+
+def test_migration_moves_cheapest_first_and_only_while_it_helps() -> None:
+    # 1 ms per token, SLO 5 s. r0 has a 2000-token prompt in flight and three queued behind it:
+    #   cheap (alternate r1, whose cache holds 3200 of its 3300 tokens: the move saves 3200),
+    #   dear  (alternate r2, nothing cached anywhere: the move costs 0 extra tokens),
+    #   mid   (alternate r2, its prefix is on r1 only: moving to r2 costs 0 extra tokens either).
+    r = core(3, migrates=True, max_unprefilled_requests=1, prefill_seconds_per_token=1e-3, slo_ttft=5.0, hot_wait_s=100.0)
+    warm = list(range(1, 201))  # 200 blocks = 3200 tokens
+    r.submit(req("1/warm", tokens=3200, hashes=warm), 0.0)
+    r.submit(req("2/warm2", tokens=3200, hashes=[500 + h for h in warm]), 0.0)
+    r.submit(req("0/busy", tokens=2000), 0.0)
+    r.poll(0.0)
+    for rid, rep in (("1/warm", "r1"), ("2/warm2", "r2")):
+        r.on_first_token(rid, rep, 3.2)  # 3200 tokens at 1 ms: the estimate stays at 1 ms
+        r.on_complete(rid, rep, 3.2, Usage(3200, 4))
+    assert [s.prefill_seconds_per_token for s in r.replicas] == pytest.approx([1e-3] * 3)
+    r.submit(req("0/dear/2", tokens=4000), 3.3)
+    r.submit(req("0/cheap/1", tokens=3300, hashes=[*warm, 10_007]), 3.3)
+    r.submit(req("0/mid/2", tokens=3300, hashes=[*warm, 10_008]), 3.3)
+    assert r.replica_ttft(0) == pytest.approx((2000 + 4000 + 3300 + 3300) * 1e-3)  # 12.6 s: hot
+    out = r.poll(3.3)
+    where = {rid: r._entries[rid].replica for rid in ("0/dear/2", "0/cheap/1", "0/mid/2")}
+    # cheap moves first (to r1, where it is 100 tokens), then dear (to r2, idle). r0 is then at
+    # (2000 + 3300) ms = 5.3 s, still hot, but mid's move to r2 (4000 + 3300 tokens) would not help.
+    assert where == {"0/cheap/1": 1, "0/dear/2": 2, "0/mid/2": 0}
+    assert r.migrations == 2 and r.decisions["migration"] == 2
+    assert sorted(out) == [Dispatch("0/cheap/1", "r1"), Dispatch("0/dear/2", "r2")]
+    assert r.replica_ttft(0) == pytest.approx(5.3)
+    assert r._entries["0/cheap/1"].alternate == 0 and r._entries["0/cheap/1"].branch == "migration"
+
+
+def test_no_migration_when_the_alternate_is_as_loaded() -> None:
+    r = core(2, migrates=True, max_unprefilled_requests=1, prefill_seconds_per_token=1e-3, slo_ttft=1.0)
+    r.submit(req("0/a", tokens=5000), 0.0)
+    r.submit(req("1/b", tokens=5000), 0.0)
+    r.poll(0.0)
+    r.submit(req("0/c/1", tokens=3000), 0.0)
+    r.submit(req("1/d/0", tokens=3000), 0.0)
+    r.poll(0.0)  # both hot (8 s > 1 s) and equally loaded: a move would not lower the TTFT
+    assert r.migrations == 0
+    assert (r._entries["0/c/1"].replica, r._entries["1/d/0"].replica) == (0, 1)
+
+
+def test_long_wait_makes_a_replica_hot() -> None:
+    r = core(2, migrates=True, max_unprefilled_requests=1, prefill_seconds_per_token=1e-6, hot_wait_s=3.0)
+    r.submit(req("0/a", tokens=100), 0.0)
+    r.submit(req("0/b/1", tokens=100), 0.0)
+    r.poll(0.0)
+    r.submit(req("1/c", tokens=50), 0.0)
+    r.poll(0.0)
+    r.on_first_token("1/c", "r1", 1e-4)
+    assert r.poll(1e-4) == []  # r1 is idle, but r0's predicted TTFT is tiny: not hot
+    assert r._entries["0/b/1"].replica == 0
+    assert r.poll(2.9) == [] and r._entries["0/b/1"].replica == 0
+    assert ids(r.poll(3.0)) == ["0/b/1"]  # waited 3 s on r0: moved to r1 (idle) and dispatched
+    assert r.migrations == 1
+
+
+# ---- membership --------------------------------------------------------------------------------
+
+
+def test_queued_requests_of_a_removed_replica_are_re_placed() -> None:
+    r = core(3, max_unprefilled_requests=1)
+    for rid in ("1/a", "1/b", "1/c", "2/d"):
+        r.submit(req(rid), 0.0)
+    assert sorted(ids(r.poll(0.0))) == ["1/a", "2/d"]
+    r.on_membership(["r0", "r2", "r3"], 1.0)  # r1 leaves with 1/a in flight and 1/b, 1/c queued
+    assert r.replica_names == ["r0", "r2", "r3"]
+    assert r.policy.memberships[-1] == ["r0", "r2", "r3"]
+    # re-placed with choose: "1/..." -> index 1 of the new list = r2 (which still has 2/d in flight)
+    assert r.replicas[1].queued_requests == 2 and r.replicas[1].inflight_requests == 1
+    r.on_first_token("2/d", "r2", 1.5)
+    assert ids(r.poll(1.5)) == ["1/b"]
+    r.on_first_token("1/a", "r1", 1.6)  # the removed replica's in-flight request finishes anyway
+    r.on_complete("1/a", "r1", 1.7, Usage(100, 4))
+    assert "1/a" not in r._entries
+    assert r.mirror.num_replicas == 3
+
+
+def test_requests_wait_for_replicas_and_survive_an_empty_fleet() -> None:
+    o = RouterOptions()
+    r = CoreRouter(Fixed(o), o)
+    r.submit(req("0/a"), 0.0)
+    assert r.poll(0.0) == [] and r.queued == 1
+    r.on_membership(["x"], 1.0)
+    r.on_membership([], 1.0)
+    r.submit(req("0/b"), 1.0)
+    assert r.poll(1.0) == [] and r.queued == 2
+    r.on_membership(["y", "z"], 2.0)
+    assert sorted(r.poll(2.0)) == [Dispatch("0/a", "y"), Dispatch("0/b", "y")]
+
+
+def test_a_new_replica_starts_from_the_fleet_estimate() -> None:
+    r = core(2, prefill_seconds_per_token=1e-3, max_unprefilled_requests=1)
+    for k in range(100):
+        r.submit(req(f"0/{k}", tokens=1000), float(k))
+        r.poll(float(k))
+        r.on_first_token(f"0/{k}", "r0", k + 0.02)  # 2e-5 s per token
+    r.on_membership(["r0", "r1", "new"], 200.0)
+    assert r.replicas[2].prefill_seconds_per_token == pytest.approx(r._fleet_estimator.seconds_per_token)
+    assert r.replicas[2].prefill_seconds_per_token < 1e-4
+
+
+# ---- contract errors and options --------------------------------------------------------------------
+
+
+def test_policy_answers_are_checked() -> None:
+    class Bad(Fixed):
+        def choose(self, request: RoutingRequest, view: RouterView) -> Choice:
+            return Choice(7)
+
+    o = RouterOptions()
+    r = CoreRouter(Bad(o), o)
+    r.on_membership(["a"], 0.0)
+    with pytest.raises(PolicyContractError, match="replica in \\[0, 1\\)"):
+        r.submit(req("x"), 0.0)
+    r2 = core(1)
+    r2.submit(req("0/x"), 0.0)
+    with pytest.raises(ValueError, match="already submitted"):
+        r2.submit(req("0/x"), 0.0)
+
+
+def test_router_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="max_unprefilled_tokens must be a positive integer, got 0"):
+        RouterOptions(max_unprefilled_tokens=0)
+    with pytest.raises(ValueError, match="slo_ttft"):
+        RouterOptions(slo_ttft=math.nan)
+    with pytest.raises(ValueError, match="whole number of router blocks"):
+        RouterOptions(key_block_tokens=3)
+    o = RouterOptions()
+    assert (o.tokens_per_block, o.blocks_per_key_block) == (16, 32)
+
+
+def test_policy_specs() -> None:
+    spec = registry.parse_spec("dualmap:migration=false:key_depth=2")
+    assert spec.options == {"migration": False, "key_depth": 2}
+    assert spec.label == "dualmap:migration=false:key_depth=2"
+    router = registry.create("dualmap:slo_switch=no")
+    assert isinstance(router, CoreRouter) and router.policy.slo_switch is False and router.policy.migrates is True
+    with pytest.raises(PolicyOptionError, match="has no option 'nope'"):
+        registry.parse_spec("dualmap:nope=1")
+    with pytest.raises(PolicyOptionError, match="expected true or false"):
+        registry.parse_spec("dualmap:migration=maybe")
+    with pytest.raises(PolicyOptionError, match="round-robin.*has no option"):
+        registry.parse_spec("round-robin:x=1")
+    with pytest.raises(registry.UnknownPolicyError):
+        registry.parse_spec("nope:x=1")

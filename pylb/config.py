@@ -292,7 +292,7 @@ def _convert(spec: FieldSpec, value: Any, source: str, from_text: bool) -> Any:
             return value
         if from_text and isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
-        return bad("expected a boolean (true/false)")
+        raise bad("expected a boolean (true/false)")
     if t is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -301,7 +301,7 @@ def _convert(spec: FieldSpec, value: Any, source: str, from_text: bool) -> Any:
                 return int(value.strip())
             except ValueError:
                 pass
-        return bad("expected an integer")
+        raise bad("expected an integer")
     if t is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             v = float(value)
@@ -318,7 +318,7 @@ def _convert(spec: FieldSpec, value: Any, source: str, from_text: bool) -> Any:
     if t is str:
         if isinstance(value, str):
             return value.strip() if from_text else value
-        return bad("expected a string")
+        raise bad("expected a string")
     if t is list:
         if from_text and isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]

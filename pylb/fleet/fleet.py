@@ -100,8 +100,9 @@ class Fleet:
         """Open the probe session, run one probe round, publish the membership, start the loops."""
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=2, keepalive_timeout=30)
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
-        await self._probe_all()
+        await asyncio.gather(*(self._probe(r) for r in self.replicas.values()))
         self._publish(force=True)
+        await self._scrape_all()  # the baseline of the observed hit rate, and the router's first load signal
         self._tasks = [
             asyncio.create_task(self._loop("health", self.settings.health_interval_s, self._probe_all), name="pylb-health"),
             asyncio.create_task(self._loop("scrape", self.settings.scrape_interval_s, self._scrape_all), name="pylb-scrape"),

@@ -103,11 +103,11 @@ def bench_hashing(t: Table, quick: bool) -> None:
         t.add("hashing", f"chained {block} B blocks, one prompt (block_hashes)", size / single / 1e9, "GB/s",
               "of one-shot", limit / single)
         if python_loop:
-            t.add("hashing", f"  same, speed-up over the Python loop", python_loop / single, "x")
+            t.add("hashing", "  same, speed-up over the Python loop", python_loop / single, "x")
         t.add("hashing", f"chained {block} B blocks, {len(prompts)} prompts (block_hashes_batch)", size / batch / 1e9,
               "GB/s", "of one-shot", limit / batch)
         if python_loop:
-            t.add("hashing", f"  same, speed-up over the Python loop", python_loop / batch, "x")
+            t.add("hashing", "  same, speed-up over the Python loop", python_loop / batch, "x")
 
 
 def bench_ring(t: Table, quick: bool) -> None:
@@ -180,7 +180,7 @@ def bench_similarity(t: Table, quick: bool) -> None:
     ref_idx, ref_sim = numpy_topk()
     assert np.allclose(sim, ref_sim, atol=1e-5), "native similarities disagree with numpy"
     t.add("similarity", f"numpy normalise+matmul+argpartition B={b} N={n} D={d} k={k}", t_np * 1e3, "ms")
-    t.add("similarity", f"topk_similarity CPU, same shapes", t_native * 1e3, "ms", "numpy time", t_native / t_np)
+    t.add("similarity", "topk_similarity CPU, same shapes", t_native * 1e3, "ms", "numpy time", t_native / t_np)
     if native.cuda_available():
         import cupy as cp
 

@@ -13,6 +13,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sim-replicas": ("pylb.sim.replicas_cli", "start fake vLLM replicas (real HTTP, simulated engine)"),
     "replay": ("pylb.workload.replay_cli", "replay a trace against any OpenAI-compatible endpoint"),
     "serve": ("pylb.proxy.serve_cli", "serve: the KV-cache-aware load balancer in front of vLLM replicas"),
+    "demo": ("pylb.demo", "pylb in front of a fake vLLM fleet: dualmap against round-robin, side by side"),
 }
 
 

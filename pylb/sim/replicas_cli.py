@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import signal
 import sys
+
+from pylb.cli_args import UsageError, port, positive_float, positive_int, run_async
 
 from .profiles import DEFAULT_PROFILE, PROFILES, Profile, ProfileError, load_profile
 from .server import BindError, FakeServerConfig, FakeVllmServer, start_replicas
@@ -25,46 +26,17 @@ from .server import BindError, FakeServerConfig, FakeVllmServer, start_replicas
 _DEFAULTS = FakeServerConfig()
 
 
-class UsageError(Exception):
-    """A command-line value is invalid; the message names the flag and the value."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return v
 
-
-def _port(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a TCP port (0..65535), got {text!r}") from None
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a TCP port (0..65535), got {text!r}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return v
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the flags of `pylb sim-replicas` on its subparser."""
-    parser.add_argument("--replicas", type=_positive_int, default=1, metavar="N", help="number of replicas (default 1)")
+    parser.add_argument("--replicas", type=positive_int, default=1, metavar="N", help="number of replicas (default 1)")
     parser.add_argument(
         "--base-port",
-        type=_port,
+        type=port,
         required=True,
         metavar="P",
         help="replica i listens on P+i (0: every replica on a free port, printed at start)",
@@ -77,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--speed",
-        type=_positive_float,
+        type=positive_float,
         default=_DEFAULTS.speed,
         metavar="X",
         help=f"run the engine X times faster than real time (default {_DEFAULTS.speed:g})",
@@ -87,14 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-model-len",
-        type=_positive_int,
+        type=positive_int,
         default=_DEFAULTS.max_model_len,
         metavar="TOKENS",
         help="longest prompt + output (default: the profile's whole KV cache)",
     )
     parser.add_argument(
         "--output-len",
-        type=_positive_int,
+        type=positive_int,
         default=_DEFAULTS.output_len,
         metavar="TOKENS",
         help=f"tokens generated before EOS for requests without ignore_eos (default {_DEFAULTS.output_len})",
@@ -153,14 +125,6 @@ async def serve(profile: Profile, count: int, config: FakeServerConfig, stop: as
             loop.remove_signal_handler(sig)
 
 
-def _run_loop(coro) -> None:  # type: ignore[no-untyped-def]
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(coro)
-        return
-    uvloop.run(coro)
-
 
 def run(args: argparse.Namespace) -> int:
     """Run `pylb sim-replicas`; returns the exit status (0 after SIGINT/SIGTERM, 1 bind failure, 2 bad flags)."""
@@ -170,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"pylb sim-replicas: error: {exc}", file=sys.stderr)
         return 2
     try:
-        _run_loop(serve(profile, args.replicas, config))
+        run_async(serve(profile, args.replicas, config))
     except BindError as exc:
         print(f"pylb sim-replicas: error: {exc.strerror}", file=sys.stderr)
         return 1

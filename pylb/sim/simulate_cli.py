@@ -19,44 +19,25 @@ import os
 import sys
 from pathlib import Path
 
+from pylb.cli_args import UsageError, positive_float, positive_int
 from pylb.router import registry
 from pylb.router.interface import RouterOptions
 from pylb.workload.loaders import SYNTHETIC_PREFIX, load_workload
 from pylb.workload.types import WorkloadRequest
 
 from .cluster import DEFAULT_SCRAPE_INTERVAL, prepare_workload, simulate
-from .profiles import DEFAULT_PROFILE, PROFILES, Profile, ProfileError, load_profile
+from .profiles import DEFAULT_PROFILE, PROFILES, ProfileError, load_profile
 from .report import DEFAULT_SLO_TARGET, DEFAULT_SLO_TTFT, RunMetrics, find_capacity, plot_attainment, summarize
 
 
-class UsageError(Exception):
-    """A command-line value is invalid; the message names the flag and the value."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return v
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the flags of `pylb simulate` on its subparser."""
     parser.add_argument("--trace", required=True, metavar="PATH", help="trace file (Mooncake .jsonl)")
-    parser.add_argument("--replicas", type=_positive_int, default=8, metavar="N", help="simulated vLLM replicas (default 8)")
+    parser.add_argument("--replicas", type=positive_int, default=8, metavar="N", help="simulated vLLM replicas (default 8)")
     parser.add_argument(
         "--profile",
         default=DEFAULT_PROFILE,
@@ -71,27 +52,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     load = parser.add_mutually_exclusive_group()
     load.add_argument(
-        "--rate-scale", type=_positive_float, default=1.0, metavar="X", help="divide arrival times by X (default 1)"
+        "--rate-scale", type=positive_float, default=1.0, metavar="X", help="divide arrival times by X (default 1)"
     )
     load.add_argument(
         "--sweep", action="store_true", help="search each policy's effective request capacity (bisection on the rate scale)"
     )
     parser.add_argument(
-        "--slo-ttft", type=_positive_float, default=DEFAULT_SLO_TTFT, metavar="SECONDS", help="TTFT SLO (default 5)"
+        "--slo-ttft", type=positive_float, default=DEFAULT_SLO_TTFT, metavar="SECONDS", help="TTFT SLO (default 5)"
     )
     parser.add_argument("--json", metavar="OUT", help="write runs and capacities as JSON")
     parser.add_argument("--plot", metavar="OUT.png", help="plot SLO attainment against QPS per policy")
-    parser.add_argument("--limit", type=_positive_int, metavar="N", help="use only the first N requests")
+    parser.add_argument("--limit", type=positive_int, metavar="N", help="use only the first N requests")
     parser.add_argument(
         "--scrape-interval",
-        type=_positive_float,
+        type=positive_float,
         default=DEFAULT_SCRAPE_INTERVAL,
         metavar="SECONDS",
         help=f"metrics scrape interval delivered to the router (default {DEFAULT_SCRAPE_INTERVAL})",
     )
-    parser.add_argument("--sweep-runs", type=_positive_int, default=8, metavar="N", help="most runs per policy in --sweep (default 8)")
+    parser.add_argument("--sweep-runs", type=positive_int, default=8, metavar="N", help="most runs per policy in --sweep (default 8)")
     parser.add_argument(
-        "--sweep-start", type=_positive_float, default=1.0, metavar="X", help="first rate scale of --sweep (default 1)"
+        "--sweep-start", type=positive_float, default=1.0, metavar="X", help="first rate scale of --sweep (default 1)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed passed to the routers (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

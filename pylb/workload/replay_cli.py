@@ -16,40 +16,16 @@ the flag and the value, no traceback), 130 when interrupted.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import math
 import sys
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+
+from pylb.cli_args import int_at_least, positive_float, run_async
 
 from .replay import DEFAULT_SLO_TTFT_S, DEFAULT_TIMEOUT_S, ENDPOINT_PATHS, ReplayError, normalize_url
 
-T = TypeVar("T")
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (0 < value < math.inf):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
-
-
-def _int_at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text!r}")
-        return value
-
-    return parse
 
 
 def _url(text: str) -> str:
@@ -67,19 +43,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "with optional generator parameters, e.g. synthetic:zipf:requests=200,zipf_s=0.8",
     )  # fmt: skip
     parser.add_argument("--url", required=True, type=_url, help="base URL of the endpoint, e.g. http://127.0.0.1:8000")
-    parser.add_argument("--rate-scale", type=_positive_float, default=1.0, metavar="X",
+    parser.add_argument("--rate-scale", type=positive_float, default=1.0, metavar="X",
                         help="arrival-rate multiplier: requests are sent at arrival/X (default 1)")  # fmt: skip
-    parser.add_argument("--duration", type=_positive_float, metavar="S",
+    parser.add_argument("--duration", type=positive_float, metavar="S",
                         help="stop issuing requests after S seconds of scaled time, then wait for those in flight")  # fmt: skip
-    parser.add_argument("--limit", type=_int_at_least(0), metavar="N", help="replay only the first N requests")
+    parser.add_argument("--limit", type=int_at_least(0), metavar="N", help="replay only the first N requests")
     parser.add_argument("--model", help="model name (default: the first one GET /v1/models lists)")
     parser.add_argument("--endpoint", choices=sorted(ENDPOINT_PATHS), default="completions",
                         help="OpenAI API to call (default completions)")  # fmt: skip
-    parser.add_argument("--slo-ttft", type=_positive_float, default=DEFAULT_SLO_TTFT_S, metavar="S",
+    parser.add_argument("--slo-ttft", type=positive_float, default=DEFAULT_SLO_TTFT_S, metavar="S",
                         help=f"TTFT SLO for the attainment figure (default {DEFAULT_SLO_TTFT_S:g} s)")  # fmt: skip
-    parser.add_argument("--concurrency-limit", type=_int_at_least(1), metavar="N",
+    parser.add_argument("--concurrency-limit", type=int_at_least(1), metavar="N",
                         help="at most N requests in flight; later ones are sent late (default unlimited)")  # fmt: skip
-    parser.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S, metavar="S",
+    parser.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT_S, metavar="S",
                         help=f"per-request limit from sending to the end of the stream (default {DEFAULT_TIMEOUT_S:g} s)")  # fmt: skip
     parser.add_argument("--json", metavar="OUT", help="write the summary and per-request records to OUT")
     parser.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
@@ -89,14 +65,6 @@ def _error(message: str) -> int:
     print(f"pylb replay: error: {message}", file=sys.stderr)
     return 2
 
-
-def _run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run `coro` on uvloop when it is installed, else on asyncio's default loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     try:
-        result = _run_async(
+        result = run_async(
             replay(
                 workload, args.url, rate_scale=args.rate_scale, duration_s=args.duration, model=args.model,
                 endpoint=args.endpoint, slo_ttft_s=args.slo_ttft, concurrency_limit=args.concurrency_limit,

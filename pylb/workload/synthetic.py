@@ -80,6 +80,7 @@ vat vet vow wax web wig wit wok yak yam yap yew zap zip
 _WORDS = [w for w in dict.fromkeys(_WORDS) if len(w) == 3][:256]
 assert len(_WORDS) == 256, len(_WORDS)
 _WORD_TABLE = np.frombuffer("".join(" " + w for w in _WORDS).encode("ascii"), dtype=np.uint32)
+assert _WORD_TABLE.itemsize == BYTES_PER_TOKEN  # one word (with its space) per simulated token
 
 
 def token_text(key: str, tokens: int) -> str:

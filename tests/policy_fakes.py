@@ -1,0 +1,155 @@
+"""A fake `RouterView` and request builders for unit tests of routing policies.
+
+`FakeView` holds literal `ReplicaState`s and answers the view's questions the way the router
+core does, from two sources: `cached` (a literal number of leading blocks per replica name, for
+hand-built cases) and `holdings` (block hashes a replica was sent, filled by `Driver`, for
+multi-request runs). `Driver` plays the core's part in a run: it calls `choose`, counts the
+request in flight on the chosen replica, calls `on_dispatch`, and completes requests in FIFO
+order.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pylb.native import block_hashes
+from pylb.router.interface import DEFAULT_BLOCK_CHARS, ReplicaMetrics, RouterOptions, RoutingRequest
+from pylb.router.policy import Choice, Policy, ReplicaState
+
+TOKENS_PER_BLOCK = DEFAULT_BLOCK_CHARS // 4
+"""Tokens the fake view counts per 64-byte router block (4 bytes per token)."""
+
+
+def text(tag: str, n_blocks: int) -> bytes:
+    """`n_blocks` x 64 bytes of text that differ, block by block, for different `tag`s."""
+    out = bytearray()
+    for b in range(n_blocks):
+        out += f"<{tag}:{b}>".encode().ljust(DEFAULT_BLOCK_CHARS, b".")[:DEFAULT_BLOCK_CHARS]
+    return bytes(out)
+
+
+def request(
+    data: bytes, request_id: str = "r", *, prompt_tokens: int | None = None, model: str = "m", arrival: float = 0.0
+) -> RoutingRequest:
+    """A request for prompt text `data` (prompt_tokens defaults to len(data) / 4)."""
+    return RoutingRequest(
+        request_id=request_id,
+        block_hashes=block_hashes(data, DEFAULT_BLOCK_CHARS),
+        prompt_tokens=len(data) // 4 if prompt_tokens is None else prompt_tokens,
+        max_tokens=16,
+        arrival=arrival,
+        model=model,
+    )
+
+
+def replicas(names: Sequence[str], loads: Sequence[int] | None = None) -> list[ReplicaState]:
+    """Replica states named `names`, with `loads[i]` requests in flight (0 by default)."""
+    loads = loads if loads is not None else [0] * len(names)
+    return [ReplicaState(name=n, index=i, inflight_requests=load) for i, (n, load) in enumerate(zip(names, loads))]
+
+
+def metrics(waiting: int = 0, kv_usage: float = 0.0, num_gpu_blocks: int = 0, block_size: int = 16) -> ReplicaMetrics:
+    """A scrape with the fields the policies read."""
+    return ReplicaMetrics(
+        num_requests_running=0,
+        num_requests_waiting=waiting,
+        kv_cache_usage=kv_usage,
+        prefix_cache_queries=0,
+        prefix_cache_hits=0,
+        block_size=block_size,
+        num_gpu_blocks=num_gpu_blocks,
+    )
+
+
+@dataclass
+class FakeView:
+    """A literal `RouterView`."""
+
+    replicas: Sequence[ReplicaState]
+    now: float = 0.0
+    options: RouterOptions = field(default_factory=RouterOptions)
+    cached: dict[str, int] = field(default_factory=dict)
+    holdings: dict[str, set[int]] = field(default_factory=dict)
+
+    def cached_blocks(self, request: RoutingRequest) -> np.ndarray:
+        n = len(request.block_hashes)
+        out = []
+        for r in self.replicas:
+            if r.name in self.cached:
+                out.append(min(self.cached[r.name], n))
+                continue
+            held = self.holdings.get(r.name, set())
+            k = 0
+            for h in request.block_hashes.tolist():
+                if h not in held:
+                    break
+                k += 1
+            out.append(k)
+        return np.asarray(out, dtype=np.int64)
+
+    def uncached_tokens(self, request: RoutingRequest, replica: int) -> int:
+        cached = int(self.cached_blocks(request)[replica]) * TOKENS_PER_BLOCK
+        return max(0, request.prompt_tokens - cached)
+
+    def predicted_ttft(self, request: RoutingRequest, replica: int) -> float:
+        r = self.replicas[replica]
+        backlog = r.queued_tokens + r.unprefilled_tokens + self.uncached_tokens(request, replica)
+        return backlog * r.prefill_seconds_per_token
+
+    def index_of(self, name: str) -> int:
+        return [r.name for r in self.replicas].index(name)
+
+    def set_members(self, names: Sequence[str]) -> None:
+        """Change the replica list (keeping the state of replicas that stay), re-indexed."""
+        old = {r.name: r for r in self.replicas}
+        new = []
+        for i, n in enumerate(names):
+            r = old.get(n) or ReplicaState(name=n, index=i)
+            r.index = i
+            new.append(r)
+        self.replicas = new
+
+
+@dataclass
+class Driver:
+    """Plays the router core around one policy: choose, count in flight, dispatch, complete."""
+
+    policy: Policy
+    view: FakeView
+    max_inflight: int = 6
+    inflight: deque[tuple[str, str]] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        self.policy.on_membership([r.name for r in self.view.replicas])
+
+    def route(self, req: RoutingRequest, dt: float = 0.25) -> Choice:
+        """Advance the clock by `dt`, route `req`, dispatch it, complete the oldest if too many."""
+        self.view.now += dt
+        choice = self.policy.choose(req, self.view)
+        assert 0 <= choice.replica < len(self.view.replicas)
+        r = self.view.replicas[choice.replica]
+        r.inflight_requests += 1
+        self.view.holdings.setdefault(r.name, set()).update(req.block_hashes.tolist())
+        self.policy.on_dispatch(req, choice.replica, self.view)
+        self.inflight.append((req.request_id, r.name))
+        while len(self.inflight) > self.max_inflight:
+            self.complete_oldest()
+        return choice
+
+    def complete_oldest(self) -> None:
+        request_id, name = self.inflight.popleft()
+        names = [r.name for r in self.view.replicas]
+        if name in names:
+            i = names.index(name)
+            self.view.replicas[i].inflight_requests -= 1
+            self.policy.on_complete(request_id, i, self.view)
+
+    def set_members(self, names: Sequence[str]) -> None:
+        """Replicas join or leave: update the view, tell the policy, forget the leavers' requests."""
+        self.view.set_members(names)
+        self.inflight = deque((rid, n) for rid, n in self.inflight if n in set(names))
+        self.policy.on_membership(list(names))

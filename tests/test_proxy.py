@@ -214,3 +214,14 @@ def test_usage_from_sse_tail() -> None:
     two = b'data: {"usage":{"prompt_tokens":5,"completion_tokens":1}}\n\ndata: {"usage":{"prompt_tokens":5,"completion_tokens":2}}\n\n'
     assert usage_from_sse_tail(two) == Usage(5, 2, 0)
     assert json.loads(tail.split(b"\n\n")[1][6:])["usage"]["prompt_tokens"] == 5
+
+
+def test_docs_list_every_series() -> None:
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "serve.md"
+    if not docs.exists():
+        pytest.skip("docs/serve.md not in this checkout")
+    text = docs.read_text()
+    for name, meaning in SERIES.items():
+        assert f"| `{name}` | {meaning} |" in text, f"docs/serve.md: {name} missing or out of date"

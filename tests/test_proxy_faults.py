@@ -168,6 +168,36 @@ async def test_retry_on_5xx_goes_to_another_replica() -> None:
     assert kinds[-2:] == ["first_token", "complete"]
 
 
+class RetryHookRouter(RecordingRouter):
+    """A router with the optional retry hook: re-queues on any replica but the failed one."""
+
+    def retry(self, request, failed_replica: str, now: float) -> None:  # noqa: ANN001
+        self.events.append(("retry", request.request_id, failed_replica, now))
+        self._retry_avoid = failed_replica
+        self._queue.append(request.request_id)
+
+    def poll(self, now: float):  # noqa: ANN201
+        out = super().poll(now)
+        avoid = getattr(self, "_retry_avoid", None)
+        if avoid is not None:
+            others = [r for r in self._replicas if r != avoid]
+            out = [d._replace(replica=others[0]) if d.replica == avoid and others else d for d in out]
+            self._retry_avoid = None
+        return out
+
+
+async def test_retry_hook_of_the_router_is_used_when_present() -> None:
+    router = RetryHookRouter()
+    async with scripted(2) as (bad, good), running_proxy(settings([bad.url, good.url], fleet__eject_5xx=100), router=router) as proxy:
+        bad.mode, bad.status = "status", 502
+        async with aiohttp.ClientSession() as s:
+            status, _, headers = await post(s, proxy.url, {"prompt": "x"})
+        assert status == 200 and headers["x-pylb-replica"] == good.url
+    (ev,) = router.of("retry")
+    assert ev[2] == bad.url
+    assert len(router.of("submit", ev[1])) == 1  # the retry went through the hook, not submit
+
+
 async def test_connection_errors_eject_at_once_and_probes_readmit() -> None:
     async with scripted(2) as (bad, good), running_proxy(settings([bad.url, good.url], fleet__ejection_s=0.3)) as proxy:
         bad.mode = "drop"

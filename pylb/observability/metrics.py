@@ -58,7 +58,7 @@ DECISION_BUCKETS: tuple[float, ...] = (
 """Buckets of the routing-decision latency histogram (seconds)."""
 
 SERIES: dict[str, str] = {
-    "pylb_requests_total": "requests answered, by endpoint and HTTP status (499: the client went away)",
+    "pylb_requests_total": "requests answered, by endpoint and HTTP status (499: the client went away; 502 also counts streams that broke mid-way)",
     "pylb_requests_in_progress": "requests being served now",
     "pylb_decisions_total": "routing decisions by branch (affinity, slo-switch, load, migration, retry, fallback; 'unknown' when the router does not say)",
     "pylb_retries_total": "requests re-sent to another replica before their first byte, by reason",

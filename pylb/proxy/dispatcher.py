@@ -18,6 +18,10 @@ again when it fires (the "short timer" that re-checks dispatch). Each `Dispatch`
 resolves the waiting request's future; polling inline (instead of in a separate task) saves a
 task switch per event on the request path.
 
+A retried request (its attempt failed before the client got a byte) is submitted again with the
+same id; a router with the optional hook `retry(request, failed_replica, now)` gets that instead
+of `submit`, so that it can send the request to its other candidate.
+
 A request that is abandoned while queued (its client went away, or it waited past the queue
 timeout) is withdrawn with the router's optional `cancel(request_id, now)` when the router has
 one; otherwise it stays queued in the router and, when it is dispatched, is completed at once
@@ -98,6 +102,7 @@ class Dispatcher:
         self._recent: deque[str] = deque(maxlen=HOTSPOT_WINDOW)
         self._recent_counts: Counter[str] = Counter()
         self._cancel = getattr(self.router, "cancel", None)
+        self._retry = getattr(self.router, "retry", None)
         self.replicas: list[str] = []
         self.predicted_known = False
         self.closed = False
@@ -132,10 +137,14 @@ class Dispatcher:
 
     # ---- events -----------------------------------------------------------------------------------
 
-    def submit(self, request: RoutingRequest) -> asyncio.Future[Dispatch]:
+    def submit(self, request: RoutingRequest, failed_replica: str | None = None) -> asyncio.Future[Dispatch]:
         """Queue `request` in the router; the future resolves to its Dispatch.
 
-        Raises QueueFull past `max_queued`, RouterFault when the router raises."""
+        `failed_replica` marks a retry: the request's previous attempt failed there (and was
+        completed with usage None). A router with the optional hook `retry(request,
+        failed_replica, now)` gets that call, so it can place the request on its other candidate;
+        other routers get a plain `submit`. Raises QueueFull past `max_queued`, RouterFault when
+        the router raises."""
         if len(self._queued) >= self.max_queued:
             raise QueueFull()
         fut: asyncio.Future[Dispatch] = asyncio.get_running_loop().create_future()
@@ -143,7 +152,10 @@ class Dispatcher:
         self._queued[request.request_id] = _Queued(request, fut, now)
         t0 = time.perf_counter()
         try:
-            self.router.submit(request, now)
+            if failed_replica is not None and self._retry is not None:
+                self._retry(request, failed_replica, now)
+            else:
+                self.router.submit(request, now)
         except Exception as exc:
             del self._queued[request.request_id]
             self.metrics.count_background_error("router")

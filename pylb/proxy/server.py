@@ -52,8 +52,10 @@ when the connection to the replica fails or times out, when the replica answers 
 `upstream.retry_statuses` (502, 503, 504), or when a stream breaks before its first chunk. The
 failed attempt is completed in the router with `usage=None`, the replica is reported to the
 fleet (a connection error ejects it at once by default, 5xx answers after a few), and the same
-`RoutingRequest` (same id, same arrival) is submitted again, so the router places it among the
-replicas still in rotation -- for DualMap, the request's other candidate. At most
+`RoutingRequest` (same id, same arrival) is submitted again -- through the router's optional
+`retry(request, failed_replica, now)` hook when it has one, so that it goes to the request's other
+candidate; otherwise with `submit`, and the router places it among the replicas in rotation (an
+ejected replica is no longer among them). At most
 `upstream.max_retries` retries, none starting later than `upstream.retry_deadline_s` after
 arrival; after that the last answer is forwarded (or 502 when there was none).
 
@@ -62,7 +64,7 @@ Faults. A replica that fails mid-stream ends that stream with vLLM's in-stream e
 away cancels its handler (aiohttp handler cancellation), which closes the upstream connection, so
 vLLM aborts the request and frees its KV blocks; a request abandoned while queued is withdrawn
 from the router. Every request is counted once in `pylb_requests_total` with its final status
-(499 when the client left).
+(499 when the client left, 502 for a stream that broke after its head was sent).
 """
 
 from __future__ import annotations
@@ -390,8 +392,8 @@ class ProxyServer:
         except web.HTTPException as exc:
             self.metrics.count_request("other", exc.status)
             return error_response(exc.status, exc.reason or "error")
-        except asyncio.CancelledError:
-            raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise  # the client went away: nothing to answer
         except Exception:
             self.metrics.count_request("other", 500)
             self.metrics.count_background_error("handler")
@@ -430,7 +432,7 @@ class ProxyServer:
             payload = parse_json_body(body)
             rreq = build_request(kind, payload, rid, self.dispatcher.now(), self.limits)
             resp = await self._route(request, rreq, body, ex)
-            ex.status = resp.status
+            ex.status = ex.status or resp.status
             return resp
         except RequestError as exc:
             ex.status, ex.error = 400, exc.message
@@ -476,10 +478,11 @@ class ProxyServer:
         target = request.raw_path
         deadline = rreq.arrival + us.retry_deadline_s
         retries = 0
+        failed: str | None = None
         while True:
             if not self.fleet.healthy:
                 raise NoReplica("no healthy replica to serve the request; retry later", headers={"Retry-After": self._retry_after})
-            d = await self._wait_dispatch(rreq)
+            d = await self._wait_dispatch(rreq, failed)
             ex.replica = d.replica
             ex.attempts += 1
             try:
@@ -488,6 +491,7 @@ class ProxyServer:
                 ex.error = r.message
                 if retries < us.max_retries and self.dispatcher.now() < deadline and self.fleet.healthy:
                     retries += 1
+                    failed = d.replica
                     self.metrics.count_retry(r.reason)
                     log.info("retrying on another replica", extra={"replica": d.replica, "reason": r.reason, "error": r.message})
                     continue
@@ -497,9 +501,9 @@ class ProxyServer:
                     raise NoReplica(f"no healthy replica left ({r.message})", headers={"Retry-After": self._retry_after}) from None
                 raise UpstreamFailed(f"the replica failed before answering: {r.message}") from None
 
-    async def _wait_dispatch(self, rreq: RoutingRequest) -> Dispatch:
+    async def _wait_dispatch(self, rreq: RoutingRequest, failed_replica: str | None = None) -> Dispatch:
         try:
-            fut = self.dispatcher.submit(rreq)
+            fut = self.dispatcher.submit(rreq, failed_replica)
         except dispatch_mod.QueueFull:
             raise QueueFull(f"pylb's queue is full ({self.settings.router.max_queued} requests waiting); retry later", headers={"Retry-After": "1"}) from None
         except RouterFault as exc:
@@ -623,11 +627,17 @@ class ProxyServer:
                 break
             if chunk is None:
                 break
-            await out.write(chunk)
+            try:
+                await out.write(chunk)
+            except ConnectionResetError:  # the client went away between two chunks
+                ex.status, ex.error = 499, "client closed the connection"
+                disp.complete(rid, replica, None)
+                return out, True  # the caller closes the upstream answer, which aborts it
             events += chunk.count(b"data:")
             c1, c2, c3 = c2, c3, chunk
         if failed is not None:
             self._failed(rid, replica, failed, "mid-stream")
+            ex.status = 502  # counted and logged as failed, though the client saw a 200 head
             ex.error = f"replica failed mid-stream: {type(failed).__name__}: {failed}"
             await out.write(sse_error_event(502, f"the replica serving this stream failed: {type(failed).__name__}: {failed}".rstrip(": ")))
         else:

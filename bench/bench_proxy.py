@@ -16,8 +16,13 @@ the policy and access log noted below), and the client (aiohttp on uvloop, keep-
 2. Streaming throughput. `--streams` concurrent streamed requests, each answered with
    `--events` SSE events written one by one by the backend (one write per event, yielding to its
    loop between events, as a replica emits tokens); the client counts SSE events received per
-   second of wall time, directly and through pylb. Target: >= 50,000 chunks/s through pylb.
-   The direct figure is the ceiling the client and backend allow on the same cores.
+   second of wall time, directly and through pylb (and, to show how much they were coalesced on
+   the way, how many socket reads the client needed). Target: >= 50,000 chunks/s through pylb.
+   The direct figure is the ceiling the client and backend allow on the same cores. Because a
+   saturated stream coalesces many events per socket read, a second, *paced* measurement has
+   `--paced-streams` streams each send one event every `--pace` seconds, so pylb reads and
+   writes (nearly) one event at a time; pylb's CPU time per forwarded event, from /proc, gives
+   the rate one pylb process sustains when every event is its own chunk.
 
 All three processes share this machine's cores, so through-pylb numbers include pylb's CPU
 competing with the client and backend; the direct run has one process fewer. Results go to
@@ -98,18 +103,25 @@ class _Backend(asyncio.Protocol):
         elif method == "GET":
             self.t.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         elif b'"stream": true' in body or b'"stream":true' in body:
-            n = json.loads(body).get("max_tokens", 16)
+            payload = json.loads(body)
+            n = payload.get("max_tokens", 16)
             self.t.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\nTransfer-Encoding: chunked\r\n\r\n")
-            asyncio.get_running_loop().create_task(self.stream(n))
+            asyncio.get_running_loop().create_task(self.stream(n, payload.get("pace_s", 0.0)))
         else:
             self.t.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(_JSON_BODY), _JSON_BODY))
 
-    async def stream(self, n: int) -> None:
+    async def stream(self, n: int, pace: float) -> None:
+        loop = asyncio.get_running_loop()
+        t = loop.time()
         for _ in range(n):
             if self.t.is_closing():
                 return
             self.t.write(_EVENT_CHUNK)
-            await asyncio.sleep(0)
+            if pace:
+                t += pace
+                await asyncio.sleep(max(0.0, t - loop.time()))
+            else:
+                await asyncio.sleep(0)
         self.t.write(_DONE_CHUNK)
 
 
@@ -178,30 +190,45 @@ async def latency(url: str, n: int, concurrency: int) -> list[float]:
     return out
 
 
-async def streaming(url: str, streams: int, events: int, rounds: int) -> tuple[float, int]:
-    """(SSE events per second, events received) of `streams` concurrent streams x `rounds`."""
+async def streaming(url: str, streams: int, events: int, rounds: int, pace: float = 0.0) -> tuple[float, int, float]:
+    """(SSE events per second, events received, client reads per second) of `streams`
+    concurrent streams x `rounds`; with `pace`, the backend sends one event per `pace` seconds
+    per stream."""
     import aiohttp
 
-    body = json.dumps({"model": "bench", "prompt": "hello " * 16, "max_tokens": events, "stream": True}).encode()
+    body = json.dumps({"model": "bench", "prompt": "hello " * 16, "max_tokens": events, "stream": True, "pace_s": pace}).encode()
     headers = {"Content-Type": "application/json"}
     total = 0
     connector = aiohttp.TCPConnector(limit=streams)
     async with aiohttp.ClientSession(connector=connector) as s:
 
+        reads = 0
+
         async def one() -> int:
+            nonlocal reads
             count = 0
             async with s.post(url + "/v1/completions", data=body, headers=headers) as r:
                 assert r.status == 200, r.status
                 async for chunk in r.content.iter_any():
                     count += chunk.count(b"data:")
-            return count - 1  # [DONE]
+                    reads += 1
+            assert count == events + 1, count  # every event arrived, and [DONE]
+            return count - 1
 
         await asyncio.gather(*(one() for _ in range(streams)))  # warm-up
+        reads = 0
         t0 = time.perf_counter()
         for _ in range(rounds):
             total += sum(await asyncio.gather(*(one() for _ in range(streams))))
         dt = time.perf_counter() - t0
-    return total / dt, total
+    return total / dt, total, reads / dt
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -216,6 +243,9 @@ def main() -> int:
     ap.add_argument("--streams", type=int, default=16, help="concurrent streams")
     ap.add_argument("--events", type=int, default=2000, help="SSE events per stream")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of concurrent streams")
+    ap.add_argument("--paced-streams", type=int, default=64, help="streams of the paced measurement")
+    ap.add_argument("--paced-events", type=int, default=1500, help="events per paced stream")
+    ap.add_argument("--pace", type=float, default=0.002, help="seconds between events of a paced stream")
     ap.add_argument("--workers", type=int, default=1, help="pylb worker processes (SO_REUSEPORT)")
     ap.add_argument("--policy", default="round-robin", help="pylb routing policy")
     ap.add_argument("--access-log", action="store_true", help="keep pylb's access log on (to /dev/null)")
@@ -226,7 +256,7 @@ def main() -> int:
         backend_main(args.backend_only)
         return 0
     if args.quick:
-        args.requests, args.events, args.rounds = 300, 200, 1
+        args.requests, args.events, args.rounds, args.paced_events = 300, 200, 1, 200
 
     import uvloop
 
@@ -257,10 +287,23 @@ def main() -> int:
                 print(f"{'latency ' + name + ' c=' + str(conc) + ' (ms)':<34}{dv:>12.3f}{pv:>12.3f}{pv - dv:>12.3f}")
             if conc == 1:
                 results["c1_mean_added_ms"] = (statistics.mean(p) - statistics.mean(d)) * 1e3
-        d_rate, _ = uvloop.run(streaming(direct_url, args.streams, args.events, args.rounds))
-        p_rate, n = uvloop.run(streaming(pylb_url, args.streams, args.events, args.rounds))
+        d_rate, _, d_reads = uvloop.run(streaming(direct_url, args.streams, args.events, args.rounds))
+        p_rate, n, p_reads = uvloop.run(streaming(pylb_url, args.streams, args.events, args.rounds))
         results["stream_events_per_s"] = {"direct": d_rate, "pylb": p_rate, "events": n}
+        results["stream_client_reads_per_s"] = {"direct": d_reads, "pylb": p_reads}
         print(f"{'streamed SSE events/s':<34}{d_rate:>12,.0f}{p_rate:>12,.0f}")
+        print(f"{'  (client socket reads/s)':<34}{d_reads:>12,.0f}{p_reads:>12,.0f}")
+        # paced: events arrive one by one, so pylb forwards (nearly) one event per read and write;
+        # pylb's CPU time per forwarded event gives the rate one pylb process can sustain
+        cpu0 = _cpu_seconds(proxy.pid)
+        rate, n, reads = uvloop.run(streaming(pylb_url, args.paced_streams, args.paced_events, 1, pace=args.pace))
+        cpu = _cpu_seconds(proxy.pid) - cpu0
+        per_event_us = cpu / n * 1e6 if n else float("nan")
+        capacity = n / cpu if cpu > 0 else float("nan")
+        results["paced"] = {"streams": args.paced_streams, "pace_s": args.pace, "events_per_s": rate, "client_reads_per_s": reads,
+                            "pylb_cpu_us_per_event": per_event_us, "pylb_events_per_cpu_s": capacity}
+        print(f"paced: {args.paced_streams} streams x 1 event per {args.pace * 1e3:g} ms: {rate:,.0f} events/s in "
+              f"{reads:,.0f} client reads/s; pylb CPU {per_event_us:.1f} us/event = {capacity:,.0f} events per CPU-second")
         out = REPO / "bench" / "results"
         out.mkdir(parents=True, exist_ok=True)
         (out / "proxy.json").write_text(json.dumps(results, indent=2))

@@ -172,70 +172,9 @@ class _Conn(asyncio.Protocol):
                 else:  # until close
                     self._push(self.buf)
                     self.buf = b""
-            elif st == _CHUNK_SIZE:
-                nl = self.buf.find(b"\r\n")
-                if nl < 0:
-                    if len(self.buf) > 1024:
-                        raise UpstreamError("malformed chunk size line from the replica")
+            elif st in (_CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF):
+                if not self._dechunk():
                     return
-                line = self.buf[:nl].split(b";", 1)[0].strip()
-                try:
-                    size = int(line, 16)
-                except ValueError:
-                    raise UpstreamError(f"malformed chunk size {line[:20]!r} from the replica") from None
-                self.buf = self.buf[nl + 2 :]
-                if size == 0:
-                    self.state = _TRAILERS
-                else:
-                    self.remaining = size
-                    self.state = _CHUNK_DATA
-            elif st == _CHUNK_DATA:
-                # take everything up to the chunk's end in one piece, and any whole chunks that
-                # follow in the buffer, so a burst of SSE events is passed on as one piece
-                out: list[bytes] = []
-                while self.state == _CHUNK_DATA:
-                    n = len(self.buf)
-                    if n <= self.remaining:
-                        out.append(self.buf)
-                        self.remaining -= n
-                        self.buf = b""
-                        if self.remaining == 0:
-                            self.state = _CHUNK_CRLF
-                        break
-                    out.append(self.buf[: self.remaining])
-                    rest = self.buf[self.remaining :]
-                    self.remaining = 0
-                    if rest[:2] != b"\r\n":
-                        if len(rest) < 2:
-                            self.buf = rest
-                            self.state = _CHUNK_CRLF
-                            break
-                        raise UpstreamError("malformed chunk end from the replica")
-                    rest = rest[2:]
-                    nl = rest.find(b"\r\n")
-                    if nl < 0:
-                        self.buf = rest
-                        self.state = _CHUNK_SIZE
-                        break
-                    try:
-                        size = int(rest[:nl].split(b";", 1)[0].strip(), 16)
-                    except ValueError:
-                        raise UpstreamError("malformed chunk size from the replica") from None
-                    self.buf = rest[nl + 2 :]
-                    if size == 0:
-                        self.state = _TRAILERS
-                        break
-                    self.remaining = size
-                piece = out[0] if len(out) == 1 else b"".join(out)
-                if piece:
-                    self._push(piece)
-            elif st == _CHUNK_CRLF:
-                if len(self.buf) < 2:
-                    return
-                if self.buf[:2] != b"\r\n":
-                    raise UpstreamError("malformed chunk end from the replica")
-                self.buf = self.buf[2:]
-                self.state = _CHUNK_SIZE
             elif st == _TRAILERS:
                 nl = self.buf.find(b"\r\n")
                 if nl < 0:
@@ -247,6 +186,66 @@ class _Conn(asyncio.Protocol):
             # bytes after the answer: the replica broke HTTP/1.1 (no pipelining here)
             self.keep_alive = False
             self.buf = b""
+
+    def _dechunk(self) -> bool:
+        """Decode as many chunks as `buf` holds, pushing their data as one piece (a burst of SSE
+        events arrives as one piece). Walks `buf` by position and slices it once at the end.
+        Returns False when it needs more bytes, True when the state moved past the chunks."""
+        buf = self.buf
+        n = len(buf)
+        pos = 0
+        state = self.state
+        remaining = self.remaining
+        out: list[bytes] = []
+        while True:
+            if state == _CHUNK_SIZE:
+                nl = buf.find(b"\r\n", pos)
+                if nl < 0:
+                    if n - pos > 1024:
+                        raise UpstreamError("malformed chunk size line from the replica")
+                    break
+                try:
+                    size = int(buf[pos:nl], 16)
+                except ValueError:
+                    line = buf[pos:nl].split(b";", 1)[0].strip()  # chunk extensions
+                    try:
+                        size = int(line, 16)
+                    except ValueError:
+                        raise UpstreamError(f"malformed chunk size {line[:20]!r} from the replica") from None
+                if size < 0:
+                    raise UpstreamError("malformed chunk size from the replica")
+                pos = nl + 2
+                if size == 0:
+                    state = _TRAILERS
+                    break
+                remaining = size
+                state = _CHUNK_DATA
+            elif state == _CHUNK_DATA:
+                end = pos + remaining
+                if end <= n:
+                    out.append(buf[pos:end])
+                    pos = end
+                    remaining = 0
+                    state = _CHUNK_CRLF
+                else:
+                    if pos < n:
+                        out.append(buf[pos:])
+                        remaining -= n - pos
+                        pos = n
+                    break
+            else:  # _CHUNK_CRLF
+                if n - pos < 2:
+                    break
+                if buf[pos : pos + 2] != b"\r\n":
+                    raise UpstreamError("malformed chunk end from the replica")
+                pos += 2
+                state = _CHUNK_SIZE
+        self.buf = buf[pos:] if pos else buf
+        self.state = state
+        self.remaining = remaining
+        if out:
+            self._push(out[0] if len(out) == 1 else b"".join(out))
+        return state == _TRAILERS
 
     def _on_head(self, head: bytes) -> None:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,7 +17,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from pylb.config import Settings, load_settings
 from pylb.proxy.server import ProxyServer
 from pylb.router.interface import Dispatch, ReplicaMetrics, Router, RoutingRequest, Usage
-from pylb.router.round_robin import RoundRobinRouter
 from pylb.sim.profiles import Profile
 from pylb.sim.server import FakeServerConfig, FakeVllmServer
 
@@ -99,6 +99,30 @@ async def wait_for(cond: Any, timeout: float = 5.0, what: str = "condition") -> 
 
 
 # ---- routers for tests ------------------------------------------------------------------------------
+
+
+class RoundRobinRouter(Router):
+    """The simplest router: dispatch every request at the next poll, to the replicas in turn.
+    (The production policies live in pylb.router.policies; these tests need one whose every
+    decision they can predict and hold back.)"""
+
+    def __init__(self) -> None:
+        self._replicas: list[str] = []
+        self._queue: deque[str] = deque()
+        self._turn = 0
+
+    def submit(self, request: RoutingRequest, now: float) -> None:
+        self._queue.append(request.request_id)
+
+    def poll(self, now: float) -> list[Dispatch]:
+        out = []
+        while self._replicas and self._queue:
+            out.append(Dispatch(self._queue.popleft(), self._replicas[self._turn % len(self._replicas)]))
+            self._turn += 1
+        return out
+
+    def on_membership(self, replicas: Sequence[str], now: float) -> None:
+        self._replicas = list(replicas)
 
 
 class HoldRouter(RoundRobinRouter):

@@ -89,7 +89,9 @@ def _pylb_command(*args: str) -> list[str]:
 def _spawn(args: list[str], stdout: int | None) -> subprocess.Popen[str]:
     """Start a `pylb` subcommand; its stderr (logs) goes to a temporary file read on failure."""
     log = tempfile.TemporaryFile(mode="w+t")
-    proc = subprocess.Popen(_pylb_command(*args), stdout=stdout, stderr=log, text=True)
+    # Run from a neutral folder: from a source checkout, `python -m` would import the checkout's
+    # pylb (which has no compiled core) instead of the installed one.
+    proc = subprocess.Popen(_pylb_command(*args), stdout=stdout, stderr=log, text=True, cwd=tempfile.gettempdir())
     proc.log = log  # type: ignore[attr-defined]
     return proc
 

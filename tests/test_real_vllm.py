@@ -73,11 +73,12 @@ async def wait_healthy(urls: list[str], timeout_s: float) -> None:
 @pytest.fixture(scope="module")
 def vllm_replicas(tmp_path_factory: pytest.TempPathFactory):
     logs = tmp_path_factory.mktemp("vllm")
-    procs, urls = [], []
+    procs, urls, log_files = [], [], []
     for core in (0, 1):
         port = free_port()
         env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=str(core))
         log = open(logs / f"replica-{core}.log", "w")
+        log_files.append(log)
         procs.append(subprocess.Popen(
             ["bash", str(SERVE_SH), VENV, MODEL, str(port), "--num-gpu-blocks-override", "256", "--block-size", "32"],
             stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -94,6 +95,9 @@ def vllm_replicas(tmp_path_factory: pytest.TempPathFactory):
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
+        for log in log_files:
+            log.close()
 
 
 async def hit_rate_through_pylb(backends: list[str], policy: str, tag: str) -> float:

@@ -78,7 +78,7 @@ def test_request_budget_gates_dispatch_and_first_token_frees_it() -> None:
 
 
 def test_token_budget_gates_dispatch_but_an_empty_replica_takes_any_request() -> None:
-    r = core(max_unprefilled_tokens=1000)
+    r = core(max_unprefilled_tokens=1000, queue_order="fifo")
     r.submit(req("0/huge", tokens=50_000), 0.0)
     r.submit(req("0/a", tokens=400), 0.0)
     assert ids(r.poll(0.0)) == ["0/huge"]  # nothing un-prefilled: it goes, whatever its size
@@ -134,7 +134,7 @@ def test_no_replica_idles_while_its_queue_is_not_empty() -> None:
 
 
 def test_queue_order_priority_then_cached_prefix_then_arrival() -> None:
-    r = core(max_unprefilled_requests=1)
+    r = core(max_unprefilled_requests=1, queue_order="cached")
     r.submit(req("0/warm", hashes=[1, 2, 3]), 0.0)
     assert ids(r.poll(0.0)) == ["0/warm"]  # the mirror now holds 1, 2, 3 on r0
     r.submit(req("0/cold-early", arrival=0.1, hashes=[9]), 0.1)
@@ -147,6 +147,48 @@ def test_queue_order_priority_then_cached_prefix_then_arrival() -> None:
         r.on_first_token(done, "r0", float(t))
         order += ids(r.poll(float(t)))
     assert order == ["0/urgent", "0/three", "0/two", "0/cold-early", "0/cold-late"]
+
+
+def drain(r: CoreRouter, first: str, later: int, t0: float = 1.0) -> list[str]:
+    """Complete `first`'s prefill, then each dispatched one's, one poll each; the dispatch order."""
+    order, done, t = [], first, t0
+    for _ in range(later):
+        r.on_first_token(done, "r0", t)
+        got = ids(r.poll(t))
+        order += got
+        done, t = got[0], t + 1.0
+    return order
+
+
+def test_queue_order_cheapest_first_counts_the_cache() -> None:
+    r = core(max_unprefilled_requests=1)  # the default order: fewest uncached tokens first
+    r.submit(req("0/warm", tokens=3 * 16, hashes=[1, 2, 3]), 0.0)
+    r.poll(0.0)
+    r.submit(req("0/big", tokens=5000, arrival=0.1), 0.1)
+    r.submit(req("0/small", tokens=300, arrival=0.2), 0.2)
+    r.submit(req("0/cached-big", tokens=3 * 16 + 100, arrival=0.3, hashes=[1, 2, 3]), 0.3)  # 100 uncached
+    r.submit(req("0/urgent", tokens=9000, arrival=0.4, priority=1), 0.4)
+    assert drain(r, "0/warm", 4) == ["0/urgent", "0/cached-big", "0/small", "0/big"]
+    for order, expected in (("fifo", ["0/b", "0/c", "0/d"]), ("cheapest", ["0/d", "0/c", "0/b"])):
+        r = core(max_unprefilled_requests=1, queue_order=order)
+        for k, (rid, tokens) in enumerate((("0/a", 10), ("0/b", 300), ("0/c", 200), ("0/d", 100))):
+            r.submit(req(rid, tokens=tokens, arrival=0.1 * k), 0.1 * k)
+        r.poll(0.3)
+        assert drain(r, "0/a", 3) == expected, order
+
+
+def test_a_starving_request_goes_first() -> None:
+    r = core(max_unprefilled_requests=1, starvation_s=10.0)
+    r.submit(req("0/a", tokens=10), 0.0)
+    r.submit(req("0/huge", tokens=90_000, arrival=0.0), 0.0)
+    r.poll(0.0)
+    t = 0.0
+    for k in range(12):  # a stream of cheap requests keeps overtaking the huge one...
+        r.submit(req(f"0/s{k}", tokens=50, arrival=t), t)
+    order = drain(r, "0/a", 12, t0=1.0)
+    assert order.index("0/huge") == 9  # ...until it has waited 10 s (the poll at t = 10)
+    with pytest.raises(ValueError, match="queue_order"):
+        RouterOptions(queue_order="random")
 
 
 # ---- mirror, accounting, predicted TTFT -------------------------------------------------------------

@@ -139,6 +139,10 @@ class ReplicaMetrics:
     generation_tokens: int = 0
 
 
+QUEUE_ORDERS = ("cheapest", "cached", "fifo")
+"""The values of `RouterOptions.queue_order`."""
+
+
 @dataclass(slots=True)
 class RouterOptions:
     """Settings every router receives: the one place their defaults are written.
@@ -161,6 +165,13 @@ class RouterOptions:
             below this. Chosen by measurement (BENCHMARKS.md, "dispatch limits").
         max_unprefilled_requests: dispatch budget per replica in requests, as above. A replica
             with nothing un-prefilled always takes its next queued request, whatever its size.
+        queue_order: how a replica's router queue is ordered after priority: "cheapest"
+            (fewest uncached prompt tokens first: shortest prefill first, which a TTFT
+            percentile target rewards), "cached" (longest cached prefix first, DESIGN.md §4's
+            first order) or "fifo" (arrival only). Chosen by measurement (BENCHMARKS.md).
+        starvation_s: a queued request that has waited this long is dispatched next on its
+            replica whatever its rank (oldest first), so no request waits forever behind a
+            stream of cheaper ones.
         dispatch_interval: seconds between the core's timer polls while requests are queued
             (the timer re-checks dispatch and hotspots even when no event arrives).
         hot_wait_s: a replica is hot when its oldest queued request has waited this long
@@ -184,6 +195,8 @@ class RouterOptions:
     key_block_tokens: int = 512
     max_unprefilled_tokens: int = 16_384
     max_unprefilled_requests: int = 8
+    queue_order: str = "cheapest"
+    starvation_s: float = 30.0
     dispatch_interval: float = 0.05
     hot_wait_s: float = 3.0
     migration_scan: int = 16
@@ -193,7 +206,9 @@ class RouterOptions:
     extra: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("slo_ttft", "dispatch_interval", "hot_wait_s", "prefill_seconds_per_token"):
+        if self.queue_order not in QUEUE_ORDERS:
+            raise ValueError(f"RouterOptions.queue_order must be one of {', '.join(QUEUE_ORDERS)}, got {self.queue_order!r}")
+        for name in ("slo_ttft", "dispatch_interval", "hot_wait_s", "prefill_seconds_per_token", "starvation_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"RouterOptions.{name} must be a positive number, got {v!r}")

@@ -40,6 +40,10 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "pylb.router.policies.consistent_hash",
     "pylb.router.policies.min_ttft",
     "pylb.router.policies.dualmap",
+    "pylb.router.policies.chwbl",
+    "pylb.router.policies.cache_aware",
+    "pylb.router.policies.weighted_score",
+    "pylb.router.policies.preble_e2",
 )
 """Modules whose import registers the built-in policies."""
 

@@ -38,10 +38,6 @@ from .profiles import DEFAULT_PROFILE, PROFILES, ProfileError, load_profile
 from .report import DEFAULT_SLO_TARGET, DEFAULT_SLO_TTFT, RunMetrics, find_capacity, plot_attainment, summarize
 
 
-
-
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the flags of `pylb simulate` on its subparser."""
     parser.add_argument("--trace", required=True, metavar="PATH", help="trace file (Mooncake .jsonl)")

@@ -1,0 +1,114 @@
+"""Opt-in end-to-end test against two real vLLM replicas on the CPU (issue 5 §6).
+
+Skipped unless PYLB_VLLM_VENV and PYLB_VLLM_MODEL name a vLLM install and a model made by
+`../shared/vllm/install.sh VENV MODEL` (about 2 minutes and 3.4 GB). Run it with:
+
+    ../shared/vllm/install.sh /tmp/vllm-venv /tmp/tiny-llama
+    PYLB_VLLM_VENV=/tmp/vllm-venv PYLB_VLLM_MODEL=/tmp/tiny-llama .venv/bin/pytest -m real_vllm -s
+
+Two replicas start with small KV caches (256 blocks of 32 tokens, one core each), so a
+replica cannot hold every prefix group at once. The same shared-prefix workload (16 groups,
+each request = a group's ~1,000-token prefix + its own suffix, groups interleaved) goes
+through `pylb serve` once with round-robin and once with dualmap, each time with fresh prefix
+texts so the first run's cache cannot help the second. The hit rate is read from vLLM's own
+counters (`vllm:prefix_cache_hits_total` / `vllm:prefix_cache_queries_total`): with dualmap each
+group stays on one replica and fits; with round-robin both replicas see every group and evict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+from functools import partial
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from pylb.demo import free_port, prefix_cache_counters, pylb_proxy, wait_ready
+from pylb.workload.replay import replay
+from pylb.workload.synthetic import token_text
+from pylb.workload.types import WorkloadRequest
+
+pytestmark = pytest.mark.real_vllm
+
+VENV = os.environ.get("PYLB_VLLM_VENV")
+MODEL = os.environ.get("PYLB_VLLM_MODEL")
+SERVE_SH = Path(os.environ.get("PYLB_VLLM_SERVE", Path(__file__).resolve().parents[1].parent / "shared/vllm/serve.sh"))
+
+if not (VENV and MODEL):
+    pytest.skip("set PYLB_VLLM_VENV and PYLB_VLLM_MODEL (see ../shared/vllm/install.sh) to run", allow_module_level=True)
+
+
+def shared_prefix_workload(tag: str, groups: int = 16, rounds: int = 4) -> list[WorkloadRequest]:
+    """`groups` prefixes of 500 simulated tokens (2,000 bytes; ~500-1,000 tokens of the tiny model), each sent `rounds` times with a fresh suffix, interleaved."""
+    out = []
+    for r in range(rounds):
+        for g in range(groups):
+            prefix, suffix = (f"{tag}-group-{g}", 500), (f"{tag}-group-{g}-round-{r}", 8)
+            text = partial(lambda a, b: token_text(*a) + token_text(*b), prefix, suffix)
+            out.append(WorkloadRequest(f"{tag}-{r}-{g}", arrival_s=0.05 * len(out), prompt_tokens=508,
+                                       output_tokens=4, make_text=text))
+    return out
+
+
+async def wait_healthy(urls: list[str], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        for url in urls:
+            while True:
+                try:
+                    async with session.get(f"{url}/health", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                        if resp.status == 200:
+                            break
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"vLLM at {url} not healthy after {timeout_s} s")
+                await asyncio.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def vllm_replicas(tmp_path_factory: pytest.TempPathFactory):
+    logs = tmp_path_factory.mktemp("vllm")
+    procs, urls = [], []
+    for core in (0, 1):
+        port = free_port()
+        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=str(core))
+        log = open(logs / f"replica-{core}.log", "w")
+        procs.append(subprocess.Popen(
+            ["bash", str(SERVE_SH), VENV, MODEL, str(port), "--num-gpu-blocks-override", "256", "--block-size", "32"],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        ))
+        urls.append(f"http://127.0.0.1:{port}")
+    try:
+        asyncio.run(wait_healthy(urls, timeout_s=240))
+        yield urls
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+async def hit_rate_through_pylb(backends: list[str], policy: str, tag: str) -> float:
+    """Fleet prefix-cache hit rate (vLLM's counters) of the workload sent through `pylb serve`."""
+    with pylb_proxy(backends, policy) as (url, proc):
+        await wait_ready(url, proc)
+        hits0, queries0 = await prefix_cache_counters(backends)
+        result = await replay(shared_prefix_workload(tag), url, concurrency_limit=4, timeout_s=120)
+        assert result.summary.errors == 0, result.summary.errors_by_kind
+        hits1, queries1 = await prefix_cache_counters(backends)
+    return (hits1 - hits0) / (queries1 - queries0)
+
+
+def test_dualmap_beats_round_robin_on_real_vllm_prefix_hits(vllm_replicas: list[str]) -> None:
+    rr = asyncio.run(hit_rate_through_pylb(vllm_replicas, "round-robin", "rr"))
+    dm = asyncio.run(hit_rate_through_pylb(vllm_replicas, "dualmap", "dm"))
+    print(f"\nvLLM prefix-cache hit rate through pylb: round-robin {rr:.1%}, dualmap {dm:.1%}")
+    assert dm > rr

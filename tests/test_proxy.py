@@ -225,3 +225,42 @@ def test_docs_list_every_series() -> None:
     text = docs.read_text()
     for name, meaning in SERIES.items():
         assert f"| `{name}` | {meaning} |" in text, f"docs/serve.md: {name} missing or out of date"
+
+
+async def test_slow_streaming_client_gets_every_byte_with_bounded_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pylb.proxy.upstream import UpstreamResponse
+
+    pauses = []
+    original = UpstreamResponse.pause
+    monkeypatch.setattr(UpstreamResponse, "pause", lambda self: (pauses.append(1), original(self)))
+    async with scripted(1) as (rep,), running_proxy(settings([rep.url])) as proxy:
+        rep.events, rep.pad, rep.event_sleep = 6000, 2000, 0  # 12 MB as fast as the replica can
+        body = {"prompt": "x", "stream": True}
+        async with aiohttp.ClientSession() as s:
+            async with s.post(rep.url + "/v1/completions", json=body) as r:
+                direct = await r.read()
+            async with s.post(proxy.url + "/v1/completions", json=body) as r:
+                parts = []
+                while True:
+                    chunk = await r.content.read(65536)
+                    if not chunk:
+                        break
+                    parts.append(chunk)
+                    await asyncio.sleep(0.001)  # a slow reader
+        assert b"".join(parts) == direct
+    assert pauses  # pylb stopped reading the replica while the client was behind
+
+
+async def test_http_1_0_client_stream_is_not_chunked() -> None:
+    async with scripted(1) as (rep,), running_proxy(settings([rep.url])) as proxy:
+        rep.events = 20
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        body = b'{"prompt": "x", "stream": true}'
+        writer.write(b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)  # HTTP/1.0: the body ends with the connection
+        writer.close()
+        await writer.wait_closed()
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert b" 200 " in head.split(b"\r\n")[0] and b"chunked" not in head.lower()
+        assert payload.count(b"data: ") == 21 and payload.endswith(b"data: [DONE]\n\n")

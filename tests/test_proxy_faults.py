@@ -19,7 +19,7 @@ import pytest
 from pylb.sim.server import GEN_TOKEN_TEXT
 
 from proxy_support import (
-    MODEL, HoldRouter, RecordingRouter, ScriptedReplica, dead_url, fake_fleet, running_proxy, scrape, scripted, settings, value, wait_for,
+    MODEL, HoldRouter, RecordingRouter, ScriptedReplica, dead_url, running_proxy, scrape, scripted, settings, value, wait_for,
 )  # fmt: skip
 
 JSON = {"Content-Type": "application/json"}

@@ -228,6 +228,8 @@ def test_docs_list_every_series() -> None:
 
 
 async def test_slow_streaming_client_gets_every_byte_with_bounded_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
     from pylb.proxy.upstream import UpstreamResponse
 
     pauses = []
@@ -235,20 +237,34 @@ async def test_slow_streaming_client_gets_every_byte_with_bounded_buffers(monkey
     monkeypatch.setattr(UpstreamResponse, "pause", lambda self: (pauses.append(1), original(self)))
     async with scripted(1) as (rep,), running_proxy(settings([rep.url])) as proxy:
         rep.events, rep.pad, rep.event_sleep = 6000, 2000, 0  # 12 MB as fast as the replica can
-        body = {"prompt": "x", "stream": True}
         async with aiohttp.ClientSession() as s:
-            async with s.post(rep.url + "/v1/completions", json=body) as r:
+            async with s.post(rep.url + "/v1/completions", json={"prompt": "x", "stream": True}) as r:
                 direct = await r.read()
-            async with s.post(proxy.url + "/v1/completions", json=body) as r:
-                parts = []
-                while True:
-                    chunk = await r.content.read(65536)
-                    if not chunk:
-                        break
-                    parts.append(chunk)
-                    await asyncio.sleep(0.001)  # a slow reader
-        assert b"".join(parts) == direct
-    assert pauses  # pylb stopped reading the replica while the client was behind
+        # a client with a small receive buffer that stops reading for a while
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.connect(("127.0.0.1", proxy.port))
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        body = b'{"prompt": "x", "stream": true}'
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert b" 200 " in head.split(b"\r\n")[0] and b"transfer-encoding: chunked" in head.lower()
+        await wait_for(lambda: bool(pauses), timeout=10, what="pylb pausing the replica")
+        raw = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        await writer.wait_closed()
+    # de-chunk and compare with what the replica sent directly
+    out, pos = [], 0
+    while True:
+        nl = raw.index(b"\r\n", pos)
+        size = int(raw[pos:nl], 16)
+        if size == 0:
+            break
+        out.append(raw[nl + 2 : nl + 2 + size])
+        pos = nl + 2 + size + 2
+    assert b"".join(out) == direct
 
 
 async def test_http_1_0_client_stream_is_not_chunked() -> None:

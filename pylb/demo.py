@@ -61,10 +61,10 @@ class DemoRow:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the flags of `pylb demo`."""
     parser.add_argument("--replicas", type=positive_int, default=4, metavar="N", help="fake vLLM replicas (default 4)")
-    parser.add_argument("--sessions", type=positive_int, default=48, metavar="N", help="chat sessions in the workload (default 48)")
+    parser.add_argument("--sessions", type=positive_int, default=40, metavar="N", help="chat sessions in the workload (default 40)")
     parser.add_argument("--turns", type=positive_int, default=4, metavar="N", help="turns per session (default 4)")
-    parser.add_argument("--rate-scale", type=positive_float, default=2.0, metavar="X",
-                        help="replay the workload X times faster than its own clock (default 2)")
+    parser.add_argument("--rate-scale", type=positive_float, default=2.5, metavar="X",
+                        help="replay the workload X times faster than its own clock (default 2.5)")
     parser.add_argument("--speed", type=positive_float, default=1.0, metavar="X",
                         help="run the simulated engines X times faster than real time (default 1)")
     parser.add_argument("--slo-ttft", type=positive_float, default=0.5, metavar="SECONDS",
@@ -89,7 +89,9 @@ def _pylb_command(*args: str) -> list[str]:
 def _spawn(args: list[str], stdout: int | None) -> subprocess.Popen[str]:
     """Start a `pylb` subcommand; its stderr (logs) goes to a temporary file read on failure."""
     log = tempfile.TemporaryFile(mode="w+t")
-    proc = subprocess.Popen(_pylb_command(*args), stdout=stdout, stderr=log, text=True)
+    # Run from a neutral folder: from a source checkout, `python -m` would import the checkout's
+    # pylb (which has no compiled core) instead of the installed one.
+    proc = subprocess.Popen(_pylb_command(*args), stdout=stdout, stderr=log, text=True, cwd=tempfile.gettempdir())
     proc.log = log  # type: ignore[attr-defined]
     return proc
 

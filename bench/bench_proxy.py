@@ -4,8 +4,9 @@ How to read it
 --------------
 Three processes on this machine: an *instant* fake backend (a minimal HTTP/1.1 server on
 uvloop that answers every request at once, written here so that its own cost is as small as
-possible), `pylb serve` in front of it (uvloop, the default round-robin-free settings except
-the policy and access log noted below), and the client (aiohttp on uvloop, keep-alive).
+possible), `pylb serve` in front of it (uvloop, default settings except `--policy` (round-robin
+by default here, so that the numbers are the proxy's own cost), `--server-workers` and the access
+log, off unless `--access-log`), and the client (aiohttp on uvloop, keep-alive).
 
 1. Added latency. The same client sends the same small `/v1/completions` request (non-streamed)
    directly to the backend and through pylb, `--requests` times each, one at a time
@@ -28,7 +29,7 @@ All three processes share this machine's cores, so through-pylb numbers include 
 competing with the client and backend; the direct run has one process fewer. Results go to
 stdout and bench/results/proxy.json.
 
-    .venv/bin/python bench/bench_proxy.py                 # full run (~1 minute)
+    .venv/bin/python bench/bench_proxy.py                 # full run (~15 s)
     .venv/bin/python bench/bench_proxy.py --quick         # smoke run (a few seconds)
     .venv/bin/python bench/bench_proxy.py --workers 2     # pylb with 2 worker processes
 """

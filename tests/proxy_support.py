@@ -194,6 +194,8 @@ class ScriptedReplica:
         self.mode = "ok"
         self.status = 503
         self.events = 5
+        self.pad = 0
+        self.event_sleep = 0.001
         self.delay = 0.0
         self.health: int | str = 200
         self.health_calls = 0
@@ -277,9 +279,10 @@ class ScriptedReplica:
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8", **headers})
             await resp.prepare(request)
             for i in range(self.events):
-                chunk = {"id": "cmpl-s", "object": "text_completion", "model": self.model, "choices": [{"index": 0, "text": f" t{i}", "finish_reason": None}]}
+                text = f" t{i}" + "x" * self.pad
+                chunk = {"id": "cmpl-s", "object": "text_completion", "model": self.model, "choices": [{"index": 0, "text": text, "finish_reason": None}]}
                 await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-                await asyncio.sleep(0.001)
+                await asyncio.sleep(self.event_sleep)
             if mode == "die":
                 assert request.transport is not None
                 request.transport.abort()

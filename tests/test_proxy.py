@@ -225,3 +225,58 @@ def test_docs_list_every_series() -> None:
     text = docs.read_text()
     for name, meaning in SERIES.items():
         assert f"| `{name}` | {meaning} |" in text, f"docs/serve.md: {name} missing or out of date"
+
+
+async def test_slow_streaming_client_gets_every_byte_with_bounded_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from pylb.proxy.upstream import UpstreamResponse
+
+    pauses = []
+    original = UpstreamResponse.pause
+    monkeypatch.setattr(UpstreamResponse, "pause", lambda self: (pauses.append(1), original(self)))
+    async with scripted(1) as (rep,), running_proxy(settings([rep.url])) as proxy:
+        rep.events, rep.pad, rep.event_sleep = 6000, 2000, 0  # 12 MB as fast as the replica can
+        async with aiohttp.ClientSession() as s:
+            async with s.post(rep.url + "/v1/completions", json={"prompt": "x", "stream": True}) as r:
+                direct = await r.read()
+        # a client with a small receive buffer that stops reading for a while
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.connect(("127.0.0.1", proxy.port))
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        body = b'{"prompt": "x", "stream": true}'
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert b" 200 " in head.split(b"\r\n")[0] and b"transfer-encoding: chunked" in head.lower()
+        await wait_for(lambda: bool(pauses), timeout=10, what="pylb pausing the replica")
+        raw = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        await writer.wait_closed()
+    # de-chunk and compare with what the replica sent directly
+    out, pos = [], 0
+    while True:
+        nl = raw.index(b"\r\n", pos)
+        size = int(raw[pos:nl], 16)
+        if size == 0:
+            break
+        out.append(raw[nl + 2 : nl + 2 + size])
+        pos = nl + 2 + size + 2
+    assert b"".join(out) == direct
+
+
+async def test_http_1_0_client_stream_is_not_chunked() -> None:
+    async with scripted(1) as (rep,), running_proxy(settings([rep.url])) as proxy:
+        rep.events = 20
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        body = b'{"prompt": "x", "stream": true}'
+        writer.write(b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)  # HTTP/1.0: the body ends with the connection
+        writer.close()
+        await writer.wait_closed()
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert b" 200 " in head.split(b"\r\n")[0] and b"chunked" not in head.lower()
+        assert payload.count(b"data: ") == 21 and payload.endswith(b"data: [DONE]\n\n")

@@ -19,7 +19,7 @@ import pytest
 from pylb.sim.server import GEN_TOKEN_TEXT
 
 from proxy_support import (
-    MODEL, HoldRouter, RecordingRouter, ScriptedReplica, dead_url, fake_fleet, running_proxy, scrape, scripted, settings, value, wait_for,
+    MODEL, HoldRouter, RecordingRouter, ScriptedReplica, dead_url, running_proxy, scrape, scripted, settings, value, wait_for,
 )  # fmt: skip
 
 JSON = {"Content-Type": "application/json"}
@@ -159,6 +159,7 @@ async def test_retry_on_5xx_goes_to_another_replica() -> None:
         assert len(bad.requests) == 4 and len(good.requests) == 4
         m = await scrape(proxy)
         assert value(m, "pylb_retries_total", reason="status") == 4
+        assert value(m, "pylb_decisions_total", branch="retry") == 4 and value(m, "pylb_decisions_total", branch="unknown") == 4
         assert value(m, "pylb_upstream_errors_total", replica=bad.url, kind="status") == 4
     # the failed attempt was completed (usage None) before the same request was submitted again
     (rid,) = [e[1] for e in router.of("complete") if e[4] is None][:1]

@@ -299,3 +299,56 @@ async def test_early_close_aborts_and_does_not_pool(serve, pool: UpstreamPool) -
     assert await r.next_piece() == b"hello"
     r.close()
     assert pool.idle_connections == 0 and not pool._all
+
+
+async def test_pipe_hands_pieces_to_the_sink_and_returns_at_the_end(serve, pool: UpstreamPool) -> None:
+    events = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in [b"data: %d\n\n" % i for i in range(50)])
+    url = await serve(lambda n, c: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + events + b"0\r\n\r\n")
+    r = await pool.request(url, "POST", "/", [], b"x")
+    first = await r.next_piece()
+    got: list[bytes] = []
+    await r.pipe(got.append)
+    assert first + b"".join(got) == b"".join(b"data: %d\n\n" % i for i in range(50))
+    r.close()
+    assert pool.idle_connections == 1  # complete: back to the pool
+
+
+async def test_pipe_raises_when_the_replica_breaks_and_abort_closes(serve, pool: UpstreamPool) -> None:
+    url = await serve(lambda n, c: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    r = await pool.request(url, "POST", "/", [], b"x")
+    got: list[bytes] = []
+
+    async def break_soon() -> None:
+        await asyncio.sleep(0.05)
+        for conn in list(pool._all):
+            conn.transport.abort()  # type: ignore[union-attr]
+
+    task = asyncio.create_task(break_soon())
+    with pytest.raises(UpstreamError):
+        await r.pipe(got.append)
+    await task
+    assert got == [b"hello"]
+    r.close()
+    # abort() from inside a sink ends the pipe at once
+    r = await pool.request(url, "POST", "/", [], b"x")
+    with pytest.raises(UpstreamError, match="aborted"):
+        await r.pipe(lambda piece: r.abort())
+    assert not pool._all
+
+
+async def test_pipe_pause_and_resume(serve, pool: UpstreamPool) -> None:
+    big = 2 * 1024 * 1024
+    url = await serve(lambda n, c: b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % big + b"y" * big)
+    r = await pool.request(url, "GET", "/", [])
+    got = 0
+    loop = asyncio.get_running_loop()
+
+    def sink(piece: bytes) -> None:
+        nonlocal got
+        got += len(piece)
+        r.pause()
+        loop.call_later(0.001, r.resume)
+
+    await r.pipe(sink)
+    assert got == big
+    r.close()

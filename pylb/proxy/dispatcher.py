@@ -30,7 +30,8 @@ with `usage=None` without being sent (so the router's accounting stays exact eit
 The dispatcher also keeps the proxy's own per-replica accounting (in flight, un-prefilled
 requests and tokens, dispatch counts, predicted cached tokens), which pylb's `/metrics` reports,
 and the recent dispatches for the hotspot factor. When a `Dispatch` carries the optional fields
-`branch` and `cached_tokens` (a router may add them), they are counted too.
+`branch` and `cached_tokens` (a router may add them), they are counted too; without a branch, a
+retried request's dispatch counts as "retry" and any other as "unknown".
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class _Queued:
     future: asyncio.Future[Dispatch]
     queued_at: float
     abandoned: bool = False
+    retry: bool = False
 
 
 @dataclass(slots=True)
@@ -149,7 +151,7 @@ class Dispatcher:
             raise QueueFull()
         fut: asyncio.Future[Dispatch] = asyncio.get_running_loop().create_future()
         now = self.now()
-        self._queued[request.request_id] = _Queued(request, fut, now)
+        self._queued[request.request_id] = _Queued(request, fut, now, retry=failed_replica is not None)
         t0 = time.perf_counter()
         try:
             if failed_replica is not None and self._retry is not None:
@@ -282,7 +284,7 @@ class Dispatcher:
                     del self._recent_counts[old]
             self._recent.append(d.replica)
             self._recent_counts[d.replica] += 1
-            self.metrics.count_decision(getattr(d, "branch", None) or "unknown")
+            self.metrics.count_decision(getattr(d, "branch", None) or ("retry" if q.retry else "unknown"))
             self.metrics.queue_wait.observe(now - q.queued_at)
             if q.abandoned or q.future.done():
                 abandoned = True

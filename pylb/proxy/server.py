@@ -25,7 +25,10 @@ with the client's headers minus hop-by-hop ones, and `x-request-id` (the client'
 Responses. Streamed answers (`stream: true`, 200, `text/event-stream`) are passed through chunk by
 chunk as they arrive, without re-encoding. The response head is sent to the client together with
 the first chunk, so until the first byte reaches the client the request can still be retried.
-The first chunk is the request's first-token event (`router.on_first_token`). Other answers
+The first chunk is the request's first-token event (`router.on_first_token`). After it, the
+stream is spliced: each piece read from the replica is written to the client's socket from the
+upstream connection's data callback (`_Splice`), with no task switch per chunk, and the replica
+is paused while the client's socket buffer is full. Other answers
 (non-streamed, or errors) are read whole and sent with their status and headers. Every response
 carries `x-pylb-replica` (the replica's base URL) and `x-request-id`.
 
@@ -109,6 +112,12 @@ _RESPONSE_SKIP = HOP_BY_HOP | {"content-length"}
 
 UPSTREAM_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
 """Exceptions that mean the exchange with a replica failed."""
+
+CLIENT_HIGH_WATER = 256 * 1024
+"""Bytes waiting in a client's socket buffer above which pylb stops reading the replica's stream."""
+
+CLIENT_LOW_WATER = 64 * 1024
+"""... and below which it reads again."""
 
 PREFILL_EWMA_WEIGHT = 0.2
 """Weight of a new observation in the per-replica prefill-time average (non-streamed estimate)."""
@@ -598,9 +607,8 @@ class ProxyServer:
         """Pass an SSE stream through; returns (response, completed-in-router)."""
         rid = rreq.request_id
         disp = self.dispatcher
-        next_piece = up.next_piece
         try:
-            first = await next_piece() or b""
+            first = await up.next_piece() or b""
         except UPSTREAM_ERRORS as exc:
             raise self._failed(rid, replica, exc, "before its first chunk") from None
         now = time.perf_counter()
@@ -613,28 +621,22 @@ class ProxyServer:
             self._prefill_rate[replica] = rate if old is None else old + PREFILL_EWMA_WEIGHT * (rate - old)
         out = web.StreamResponse(status=up.status, headers=self._response_headers(up, rid, replica))
         await out.prepare(request)
-        events = first.count(b"data:")
-        c1 = c2 = b""
-        c3 = first
-        if first:
-            await out.write(first)
+        if not first:  # the stream ended at once
+            disp.complete(rid, replica, Usage(rreq.prompt_tokens, 0, 0))
+            self.fleet.report_success(replica)
+            await out.write_eof()
+            return out, True
+        await out.write(first)  # sends the head with it
+        splice = _Splice(request.transport, up, out.headers.get("Transfer-Encoding", "").lower() == "chunked", first)
         failed: BaseException | None = None
-        while True:
-            try:
-                chunk = await next_piece()
-            except UPSTREAM_ERRORS as exc:
-                failed = exc
-                break
-            if chunk is None:
-                break
-            try:
-                await out.write(chunk)
-            except ConnectionResetError:  # the client went away between two chunks
-                ex.status, ex.error = 499, "client closed the connection"
-                disp.complete(rid, replica, None)
-                return out, True  # the caller closes the upstream answer, which aborts it
-            events += chunk.count(b"data:")
-            c1, c2, c3 = c2, c3, chunk
+        try:
+            await up.pipe(splice)
+        except UPSTREAM_ERRORS as exc:
+            failed = exc
+        if splice.gone:  # the client went away mid-stream
+            ex.status, ex.error = 499, "client closed the connection"
+            disp.complete(rid, replica, None)
+            return out, True  # the caller closes the upstream answer, which aborts it
         if failed is not None:
             self._failed(rid, replica, failed, "mid-stream")
             ex.status = 502  # counted and logged as failed, though the client saw a 200 head
@@ -642,9 +644,9 @@ class ProxyServer:
             await out.write(sse_error_event(502, f"the replica serving this stream failed: {type(failed).__name__}: {failed}".rstrip(": ")))
         else:
             self.fleet.report_success(replica)
-            usage = usage_from_sse_tail(c1 + c2 + c3)
+            usage = usage_from_sse_tail(splice.tail())
             if usage is None:
-                usage = Usage(rreq.prompt_tokens, max(0, events - 1), 0)
+                usage = Usage(rreq.prompt_tokens, max(0, splice.events - 1), 0)
             disp.complete(rid, replica, usage)
         await out.write_eof()
         return out, True
@@ -739,6 +741,53 @@ class ProxyServer:
 
     async def _metrics_page(self, request: web.Request) -> web.StreamResponse:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+class _Splice:
+    """The sink of a streamed answer: writes each piece from the replica straight to the client's
+    transport, from the upstream connection's data callback (`UpstreamResponse.pipe`), in HTTP/1.1
+    chunked framing when the response is chunked (aiohttp wrote the head and the first piece, and
+    writes the last chunk at `write_eof`). This saves a task switch and aiohttp's write path per
+    piece. It counts SSE events, keeps the last pieces (for the final `usage`), pauses the
+    replica while the client's socket buffer is over `CLIENT_HIGH_WATER` and resumes it below
+    `CLIENT_LOW_WATER`, and notes a client that went away (then aborts the upstream answer)."""
+
+    __slots__ = ("transport", "up", "framed", "events", "c1", "c2", "c3", "gone", "_loop")
+
+    def __init__(self, transport: asyncio.Transport | None, up: UpstreamResponse, framed: bool, first: bytes) -> None:
+        self.transport = transport
+        self.up = up
+        self.framed = framed
+        self.events = first.count(b"data:")
+        self.c1 = self.c2 = b""
+        self.c3 = first
+        self.gone = transport is None
+        self._loop = asyncio.get_running_loop()
+
+    def __call__(self, piece: bytes) -> None:
+        t = self.transport
+        if self.gone or t is None or t.is_closing():
+            if not self.gone:
+                self.gone = True
+                self.up.abort()
+            return
+        t.write(b"%x\r\n%s\r\n" % (len(piece), piece) if self.framed else piece)
+        self.events += piece.count(b"data:")
+        self.c1, self.c2, self.c3 = self.c2, self.c3, piece
+        if t.get_write_buffer_size() > CLIENT_HIGH_WATER:
+            self.up.pause()
+            self._loop.call_later(0.005, self._check)
+
+    def _check(self) -> None:
+        t = self.transport
+        if t is None or t.is_closing() or t.get_write_buffer_size() <= CLIENT_LOW_WATER:
+            self.up.resume()
+        else:
+            self._loop.call_later(0.005, self._check)
+
+    def tail(self) -> bytes:
+        """The last three pieces, where a stream's final `usage` event is."""
+        return self.c1 + self.c2 + self.c3
 
 
 def _expire(fut: asyncio.Future[Dispatch]) -> None:

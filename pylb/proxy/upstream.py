@@ -12,11 +12,14 @@ on an asyncio `Protocol` (uvloop's when `pylb serve` runs):
 - `UpstreamPool.request(base_url, method, target, headers, body)` takes an idle connection to
   `base_url` (LIFO, so warm connections are reused) or opens one (TCP_NODELAY, connect timeout),
   writes head and body in one `write`, and returns an `UpstreamResponse` once the status line and
-  headers are in (1xx interim answers are skipped).
+  headers are in (1xx interim answers are skipped). (`target` and header values are written as
+  given: the proxy passes what aiohttp's server parser accepted.)
 - The body is framed by Content-Length, chunked transfer coding (decoded here; trailers are
   dropped), or the connection's end. `UpstreamResponse.read()` returns it whole; iterating the
   response (`async for piece in resp`) yields pieces as they arrive -- for SSE, typically one or a
-  few events each -- so the proxy can pass them through at once.
+  few events each -- so the proxy can pass them through at once. `pipe(sink)` hands the pieces
+  to a callback straight from the connection's data callback instead (no task switch per
+  piece), with `pause()`/`resume()` for the sink's flow control, and `abort()` to give up.
 - Flow control: when more than `HIGH_WATER` bytes are buffered (a slow client), the connection
   stops reading until the consumer catches up, so memory stays bounded and TCP back-pressure
   reaches the replica.
@@ -42,7 +45,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from urllib.parse import urlsplit
 
 HIGH_WATER = 256 * 1024
@@ -96,6 +99,7 @@ class _Conn(asyncio.Protocol):
         self.head_only = False
         self.last_rx = 0.0
         self.watchdog: asyncio.TimerHandle | None = None
+        self.sink: Callable[[bytes], None] | None = None
 
     # ---- protocol callbacks -----------------------------------------------------------------------
 
@@ -308,6 +312,10 @@ class _Conn(asyncio.Protocol):
             fut.set_result((status, reason, headers))
 
     def _push(self, piece: bytes) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink(piece)
+            return
         self.pieces.append(piece)
         self.buffered += len(piece)
         if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
@@ -420,6 +428,58 @@ class UpstreamResponse:
             c.waiter = c.loop.create_future()
             c.arm_watchdog(self._read_timeout)
             await c.waiter
+
+    async def pipe(self, sink: Callable[[bytes], None]) -> None:
+        """Hand every further piece of the body to `sink(piece)` as it arrives, from the
+        connection's data callback (no task switch per piece), and return at the body's end.
+        Raises UpstreamError (or UpstreamTimeout) when the exchange fails first.
+
+        `sink` must not block; to slow the replica down it calls `pause()` and later `resume()`.
+        Pieces already buffered go to `sink` first."""
+        c = self._conn
+        while c.pieces:
+            piece = c.pieces.popleft()
+            c.buffered -= len(piece)
+            sink(piece)
+        if c.paused and c.transport is not None and not c.closed:
+            c.paused = False
+            c.transport.resume_reading()
+        if c.error is not None:
+            raise c.error
+        if c.state == _DONE:
+            return
+        c.sink = sink
+        try:
+            while c.state != _DONE:
+                if c.error is not None:
+                    raise c.error
+                c.waiter = c.loop.create_future()
+                c.arm_watchdog(self._read_timeout)
+                await c.waiter
+        finally:
+            c.sink = None
+
+    def abort(self) -> None:
+        """Abandon the exchange: close the connection (the replica sees the client leave) and
+        make a pending `pipe`/`next_piece` raise UpstreamError."""
+        c = self._conn
+        c._fail(UpstreamError("the exchange was aborted by pylb"))
+        self._released = True
+        self._pool._close_conn(c)
+
+    def pause(self) -> None:
+        """Stop reading from the replica (the consumer is behind)."""
+        c = self._conn
+        if not c.paused and c.transport is not None and not c.closed:
+            c.paused = True
+            c.transport.pause_reading()
+
+    def resume(self) -> None:
+        """Read from the replica again."""
+        c = self._conn
+        if c.paused and c.transport is not None and not c.closed:
+            c.paused = False
+            c.transport.resume_reading()
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._iter()

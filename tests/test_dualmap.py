@@ -260,3 +260,30 @@ def test_native_ring_is_the_candidate_source() -> None:
     ring = native.DualRing(["a", "b", "c"])
     for key in (1, 2**40, 12345):
         assert p.ring.candidates(key) == ring.candidates(key)  # type: ignore[union-attr]
+
+
+def test_keys_spread_the_real_mooncake_trace() -> None:
+    """On the Mooncake conversation trace (every prompt starts with the same 512-token block),
+    the adaptive key spreads the candidate slots over 8 replicas; a depth-1 key would use two."""
+    import os
+    from pathlib import Path
+
+    from pylb.sim.cluster import prepare_workload
+    from pylb.workload.mooncake import load_mooncake
+
+    root = Path(__file__).resolve().parents[1]
+    dirs = [root.parent / "shared" / "traces", root / "shared" / "traces", os.environ.get("PYLB_TRACES")]
+    found = [Path(d) for d in dirs if d and (Path(d) / "mooncake_conversation_trace.jsonl").is_file()]
+    if not found:
+        pytest.skip("Mooncake trace not found (../shared/traces beside the repository, or $PYLB_TRACES)")
+    w = prepare_workload(load_mooncake(found[0] / "mooncake_conversation_trace.jsonl", limit=4000), 16)
+    reqs = [RoutingRequest(r.request_id, r.router_hashes, r.prompt_tokens, r.output_tokens, r.arrival_s) for r in w]
+    names = [f"r{i}" for i in range(8)]
+    adaptive, shallow = DualMap(RouterOptions()), DualMap(RouterOptions(extra={"key_depth": 1}))
+    adaptive.on_membership(names)
+    shallow.on_membership(names)
+    spread, stuck = candidate_spread(adaptive, reqs), candidate_spread(shallow, reqs)
+    assert len(stuck) == 2
+    assert max(spread.values()) / (2 * len(reqs)) < 1.25 / 8, spread
+    depths = adaptive.keyer.table.depth_counts()
+    assert depths[2:].sum() >= 0.8 * depths.sum()  # keys settle past the universal block

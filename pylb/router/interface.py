@@ -162,9 +162,15 @@ class RouterOptions:
             whole number of router blocks: key_block_tokens * chars_per_token % block_chars == 0.
         max_unprefilled_tokens: dispatch budget per replica: a queued request is sent only while
             the replica's un-prefilled tokens in flight (dispatched, no first token yet) are
-            below this. Chosen by measurement (BENCHMARKS.md, "dispatch limits").
-        max_unprefilled_requests: dispatch budget per replica in requests, as above. A replica
-            with nothing un-prefilled always takes its next queued request, whatever its size.
+            below this. 8192 = one full chunked-prefill step of vLLM's default
+            max_num_batched_tokens, so the engine always has a step of prefill to run, while the
+            rest waits in the router where it can be ordered and migrated. Chosen by measurement
+            (BENCHMARKS.md, "Dispatch limits"): 2k-8k tie; 16k and more lose 1-10 points of SLO
+            attainment near capacity on Mooncake.
+        max_unprefilled_requests: dispatch budget per replica in requests, as above (16: lets
+            short prompts batch; a gate of 1, DualMap's own, is the best on Mooncake's long
+            prompts but raises P99 TTFT 7x on the Azure trace's short ones). A replica with
+            nothing un-prefilled always takes its next queued request, whatever its size.
         queue_order: how a replica's router queue is ordered after priority: "cheapest"
             (fewest uncached prompt tokens first: shortest prefill first, which a TTFT
             percentile target rewards), "cached" (longest cached prefix first, DESIGN.md §4's
@@ -193,8 +199,8 @@ class RouterOptions:
     block_chars: int = DEFAULT_BLOCK_CHARS
     chars_per_token: int = 4
     key_block_tokens: int = 512
-    max_unprefilled_tokens: int = 16_384
-    max_unprefilled_requests: int = 8
+    max_unprefilled_tokens: int = 8192
+    max_unprefilled_requests: int = 16
     queue_order: str = "cheapest"
     starvation_s: float = 30.0
     dispatch_interval: float = 0.05

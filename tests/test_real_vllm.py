@@ -6,8 +6,8 @@ Skipped unless PYLB_VLLM_VENV and PYLB_VLLM_MODEL name a vLLM install and a mode
     ../shared/vllm/install.sh /tmp/vllm-venv /tmp/tiny-llama
     PYLB_VLLM_VENV=/tmp/vllm-venv PYLB_VLLM_MODEL=/tmp/tiny-llama .venv/bin/pytest -m real_vllm -s
 
-Two replicas start with small KV caches (128 blocks of 32 tokens = 4,096 tokens, one core each), so a
-replica cannot hold every prefix group at once. The same shared-prefix workload (12 groups,
+Two replicas start with small KV caches (96 blocks of 32 tokens = 3,072 tokens, one core each), so a
+replica cannot hold every prefix group at once. The same shared-prefix workload (8 groups,
 each request = a group's ~500-token prefix + its own suffix, groups interleaved) goes
 through `pylb serve` once with round-robin and once with dualmap, each time with fresh prefix
 texts so the first run's cache cannot help the second. The hit rate is read from vLLM's own
@@ -42,7 +42,7 @@ if not (VENV and MODEL):
     pytest.skip("set PYLB_VLLM_VENV and PYLB_VLLM_MODEL (see ../shared/vllm/install.sh) to run", allow_module_level=True)
 
 
-def shared_prefix_workload(tag: str, groups: int = 12, rounds: int = 4) -> list[WorkloadRequest]:
+def shared_prefix_workload(tag: str, groups: int = 8, rounds: int = 4) -> list[WorkloadRequest]:
     """`groups` prefixes of 500 simulated tokens (2,000 bytes; ~500-1,000 tokens of the tiny model), each sent `rounds` times with a fresh suffix, interleaved."""
     out = []
     for r in range(rounds):
@@ -80,7 +80,7 @@ def vllm_replicas(tmp_path_factory: pytest.TempPathFactory):
         log = open(logs / f"replica-{core}.log", "w")
         log_files.append(log)
         procs.append(subprocess.Popen(
-            ["bash", str(SERVE_SH), VENV, MODEL, str(port), "--num-gpu-blocks-override", "128", "--block-size", "32"],
+            ["bash", str(SERVE_SH), VENV, MODEL, str(port), "--num-gpu-blocks-override", "96", "--block-size", "32"],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         ))
         urls.append(f"http://127.0.0.1:{port}")

@@ -18,7 +18,7 @@ from pylb.router.core import CoreRouter
 from pylb.router.interface import RouterOptions, RoutingRequest
 from pylb.router.policies.consistent_hash import ConsistentHash
 from pylb.router.policies.dualmap import DualMap
-from pylb.router.policy import ReplicaState
+from pylb.router.policy import PolicyOptionError, ReplicaState
 from pylb.router.prefix import PrefixKeyer, boundary_hashes, short_key
 
 U64 = np.uint64
@@ -125,17 +125,25 @@ def test_affinity_picks_the_longer_match_within_the_budget() -> None:
 
 
 def test_slo_switch_when_the_affine_candidate_would_exceed_half_the_slo() -> None:
-    p, a, b, req = two_replica_dualmap()
+    p, a, b, req = two_replica_dualmap()  # the default rule: "rescue"
     cached, ttft = [0, 0], [0.0, 0.0]
     cached[b], ttft[b], ttft[a] = 40, 2.6, 1.0
     c = p.choose(req, View(cached, ttft))
     assert (c.replica, c.alternate, c.branch) == (a, b, "slo-switch")
-    ttft[a] = 3.0  # the other one is slower still: stay
+    ttft[a] = 2.55  # faster, but over slo/2 too: switching would not rescue it; keep the cache
     assert p.choose(req, View(cached, ttft)).branch == "affinity"
-    p2, a2, b2, req2 = two_replica_dualmap(slo_switch=False)  # ablation: never switch
+    paper, pa, pb, preq = two_replica_dualmap(slo_switch="paper")  # the paper's rule switches anyway
     cached, ttft = [0, 0], [0.0, 0.0]
-    cached[b2], ttft[b2], ttft[a2] = 40, 9.0, 0.0
-    assert p2.choose(req2, View(cached, ttft)).replica == b2
+    cached[pb], ttft[pb], ttft[pa] = 40, 2.6, 2.55
+    assert (paper.choose(preq, View(cached, ttft)).replica, paper.choose(preq, View(cached, ttft)).branch) == (pa, "slo-switch")
+    ttft[pa] = 3.0  # the other one is slower still: stay
+    assert paper.choose(preq, View(cached, ttft)).branch == "affinity"
+    off, oa, ob, oreq = two_replica_dualmap(slo_switch="off")  # ablation: never switch
+    cached, ttft = [0, 0], [0.0, 0.0]
+    cached[ob], ttft[ob], ttft[oa] = 40, 9.0, 0.0
+    assert off.choose(oreq, View(cached, ttft)).replica == ob
+    with pytest.raises(PolicyOptionError, match="slo_switch='sometimes'"):
+        DualMap(RouterOptions(extra={"slo_switch": "sometimes"}))
 
 
 def test_a_cache_tie_goes_to_the_candidate_with_less_backlog_then_fewer_requests() -> None:
@@ -244,7 +252,9 @@ def test_dualmap_keeps_conversations_together_and_balances_in_a_run() -> None:
     assert sum(router.decisions.values()) >= len(reqs)
 
 
-@pytest.mark.parametrize("spec", ["dualmap", "dualmap:migration=false", "dualmap:slo_switch=false", "dualmap:key_depth=2"])
+@pytest.mark.parametrize(
+    "spec", ["dualmap", "dualmap:migration=false", "dualmap:slo_switch=paper", "dualmap:slo_switch=off", "dualmap:key_depth=2"]
+)
 def test_ablations_run(spec: str) -> None:
     fleet = FakeFleet(registry.create(spec), ["a", "b", "c"], prefill_tps=20_000.0).run(mooncake_like(200, seed=2))
     assert not fleet.undispatched and not fleet.idle_violations

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from fake_fleet import FakeFleet, make_request, prefix_workload
+from fake_fleet import FakeFleet, prefix_workload
 from pylb.router import registry
 from pylb.router.core import CoreRouter, PolicyContractError
 from pylb.router.interface import Dispatch, ReplicaId, ReplicaMetrics, RouterOptions, RoutingRequest, Usage
@@ -397,8 +397,8 @@ def test_policy_specs() -> None:
     spec = registry.parse_spec("dualmap:migration=false:key_depth=2")
     assert spec.options == {"migration": False, "key_depth": 2}
     assert spec.label == "dualmap:migration=false:key_depth=2"
-    router = registry.create("dualmap:slo_switch=no")
-    assert isinstance(router, CoreRouter) and router.policy.slo_switch is False and router.policy.migrates is True
+    router = registry.create("dualmap:slo_switch=off")
+    assert isinstance(router, CoreRouter) and router.policy.slo_switch == "off" and router.policy.migrates is True
     with pytest.raises(PolicyOptionError, match="has no option 'nope'"):
         registry.parse_spec("dualmap:nope=1")
     with pytest.raises(PolicyOptionError, match="expected true or false"):

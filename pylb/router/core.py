@@ -48,7 +48,9 @@ Membership: survivors keep their indices' relative order and new replicas are ap
 mirror's index order); `policy.on_membership` rebuilds the policy's rings (the only place it
 is asked to), then the queued requests of removed replicas, and any request that arrived while
 there was no replica, are re-placed with `choose`. In-flight requests of a removed replica are
-still accounted until the driver reports them complete or failed; none is lost.
+still tracked until the driver reports them complete or failed (none is lost); their replica's
+counters are gone with it, and the policy's `on_complete` is not called for them (the index
+they had no longer names a replica).
 
 Cost per request: one `choose` (for DualMap: one prefix key, one ring lookup, one mirror match),
 one more mirror match and one mirror insert at dispatch, O(log queue) heap work. Queues are heaps

@@ -22,8 +22,13 @@ Design
    replica to see a universal system prompt would beat every empty candidate and take all traffic
    at low load (measured: hotspot factor 2.05 on Mooncake in a pure-cache run).
 4. SLO switch: if the preferred candidate's predicted TTFT (queued + un-prefilled + own uncached
-   tokens, times the learned per-token time) exceeds slo_ttft / 2, take the candidate with the
-   lower predicted TTFT instead.
+   tokens, times the learned per-token time) exceeds slo_ttft / 2, take the other candidate,
+   but only when its predicted TTFT is within slo_ttft / 2 ("rescue", pylb's default). The
+   paper takes the other whenever it is faster ("paper"): near capacity both candidates are
+   usually over the budget, and moving a request to a replica where it misses the SLO anyway
+   throws away its cached prefix and adds its whole prompt to a saturated fleet's work. Measured
+   on Mooncake (BENCHMARKS.md): at 11.6 qps the rescue rule meets the SLO for 61 % of requests,
+   the paper's for 41 %.
 5. The other candidate is the request's `alternate`: the core migrates still-queued requests to
    it when their replica turns hot (predicted TTFT > SLO, or oldest queued wait >= 3 s), cheapest
    first, while the move lowers the predicted TTFT (`migrates = True`).
@@ -32,7 +37,8 @@ on each ring. Per request: one key_for, one candidates lookup, one mirror match.
 
 Options (`RouterOptions.extra`, or `pylb simulate --policy dualmap:key=value`), for ablations:
     migration  (bool, default true)   hotspot migration on/off
-    slo_switch (bool, default true)   step 4 on/off (always the better-cached candidate)
+    slo_switch (str, default rescue)  step 4: "rescue", "paper" (the paper's rule) or "off"
+                                      (always the better-cached candidate)
     key_depth  (int, default 0)       0 = adaptive key; d >= 1 = key fixed at depth d
 Parameters from the paper: SLO/2 switch threshold, 200-request window, 6.12 % expansion share,
 3 s hotspot wait; 512-token key blocks and 256 virtual nodes are pylb's defaults.
@@ -45,9 +51,13 @@ from collections.abc import Sequence
 from pylb import native
 
 from ..interface import ReplicaId, RouterOptions, RoutingRequest
-from ..policy import Choice, Policy, ReplicaState, RouterView
+from ..policy import Choice, Policy, PolicyOptionError, ReplicaState, RouterView
 from ..prefix import PrefixKeyer
 from ..registry import register
+
+
+SLO_SWITCH_RULES = ("rescue", "paper", "off")
+"""Values of the `slo_switch` option."""
 
 
 def _backlog(s: ReplicaState) -> float:
@@ -60,12 +70,14 @@ class DualMap(Policy):
     """DualMap's dual-mapping scheduler (see the module docstring)."""
 
     migrates = True
-    option_defaults = {"migration": True, "slo_switch": True, "key_depth": 0}
+    option_defaults = {"migration": True, "slo_switch": "rescue", "key_depth": 0}
 
     def __init__(self, options: RouterOptions) -> None:
         super().__init__(options)
         self.migrates = bool(self.option("migration"))  # type: ignore[misc]  # per-instance ablation
-        self.slo_switch = bool(self.option("slo_switch"))
+        self.slo_switch = str(self.option("slo_switch"))
+        if self.slo_switch not in SLO_SWITCH_RULES:
+            raise PolicyOptionError(f"policy 'dualmap': option slo_switch={self.slo_switch!r}: expected one of {', '.join(SLO_SWITCH_RULES)}")
         self.keyer = PrefixKeyer(options, fixed_depth=self.option("key_depth"))
         self.ring: native.DualRing | None = None
         self.switch_budget = options.slo_ttft / 2
@@ -92,6 +104,9 @@ class DualMap(Policy):
         else:
             pick, branch = (a if ca > cb else b), "affinity"
             t_pick, t_other = (ta, tb) if pick == a else (tb, ta)
-            if self.slo_switch and t_pick > self.switch_budget and t_other < t_pick:
+            budget = self.switch_budget
+            if self.slo_switch == "paper" and t_pick > budget and t_other < t_pick:
                 pick, branch = faster, "slo-switch"
+            elif self.slo_switch == "rescue" and t_pick > budget and t_other <= budget:
+                pick, branch = (b if pick == a else a), "slo-switch"
         return Choice(pick, b if pick == a else a, branch=branch)

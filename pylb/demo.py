@@ -33,9 +33,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from pylb.cli_args import positive_float, positive_int, run_async
+from pylb.fleet.scrape import parse_vllm_metrics
 from pylb.workload.replay import replay
 from pylb.workload.synthetic import multi_turn
 
@@ -163,18 +163,15 @@ async def wait_ready(url: str, proc: subprocess.Popen[str], timeout_s: float = 3
 
 
 async def prefix_cache_counters(urls: list[str]) -> tuple[float, float]:
-    """(hits, queries) summed over the replicas' `vllm:prefix_cache_*_total` counters."""
+    """(hits, queries) summed over the replicas' `vllm:prefix_cache_*_total` counters, read
+    with the same parser pylb's fleet scraper uses."""
     hits = queries = 0.0
     async with aiohttp.ClientSession() as session:
         for url in urls:
             async with session.get(f"{url}/metrics") as resp:
-                text = await resp.text()
-            for family in text_string_to_metric_families(text):
-                for sample in family.samples:
-                    if sample.name == "vllm:prefix_cache_hits_total":
-                        hits += sample.value
-                    elif sample.name == "vllm:prefix_cache_queries_total":
-                        queries += sample.value
+                metrics = parse_vllm_metrics(await resp.text())
+            hits += metrics.prefix_cache_hits
+            queries += metrics.prefix_cache_queries
     return hits, queries
 
 

@@ -33,9 +33,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from pylb.cli_args import positive_float, positive_int, run_async
+from pylb.fleet.scrape import parse_vllm_metrics
 from pylb.workload.replay import replay
 from pylb.workload.synthetic import multi_turn
 
@@ -61,10 +61,10 @@ class DemoRow:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the flags of `pylb demo`."""
     parser.add_argument("--replicas", type=positive_int, default=4, metavar="N", help="fake vLLM replicas (default 4)")
-    parser.add_argument("--sessions", type=positive_int, default=48, metavar="N", help="chat sessions in the workload (default 48)")
+    parser.add_argument("--sessions", type=positive_int, default=40, metavar="N", help="chat sessions in the workload (default 40)")
     parser.add_argument("--turns", type=positive_int, default=4, metavar="N", help="turns per session (default 4)")
-    parser.add_argument("--rate-scale", type=positive_float, default=2.0, metavar="X",
-                        help="replay the workload X times faster than its own clock (default 2)")
+    parser.add_argument("--rate-scale", type=positive_float, default=2.5, metavar="X",
+                        help="replay the workload X times faster than its own clock (default 2.5)")
     parser.add_argument("--speed", type=positive_float, default=1.0, metavar="X",
                         help="run the simulated engines X times faster than real time (default 1)")
     parser.add_argument("--slo-ttft", type=positive_float, default=0.5, metavar="SECONDS",
@@ -89,7 +89,9 @@ def _pylb_command(*args: str) -> list[str]:
 def _spawn(args: list[str], stdout: int | None) -> subprocess.Popen[str]:
     """Start a `pylb` subcommand; its stderr (logs) goes to a temporary file read on failure."""
     log = tempfile.TemporaryFile(mode="w+t")
-    proc = subprocess.Popen(_pylb_command(*args), stdout=stdout, stderr=log, text=True)
+    # Run from a neutral folder: from a source checkout, `python -m` would import the checkout's
+    # pylb (which has no compiled core) instead of the installed one.
+    proc = subprocess.Popen(_pylb_command(*args), stdout=stdout, stderr=log, text=True, cwd=tempfile.gettempdir())
     proc.log = log  # type: ignore[attr-defined]
     return proc
 
@@ -161,18 +163,15 @@ async def wait_ready(url: str, proc: subprocess.Popen[str], timeout_s: float = 3
 
 
 async def prefix_cache_counters(urls: list[str]) -> tuple[float, float]:
-    """(hits, queries) summed over the replicas' `vllm:prefix_cache_*_total` counters."""
+    """(hits, queries) summed over the replicas' `vllm:prefix_cache_*_total` counters, read
+    with the same parser pylb's fleet scraper uses."""
     hits = queries = 0.0
     async with aiohttp.ClientSession() as session:
         for url in urls:
             async with session.get(f"{url}/metrics") as resp:
-                text = await resp.text()
-            for family in text_string_to_metric_families(text):
-                for sample in family.samples:
-                    if sample.name == "vllm:prefix_cache_hits_total":
-                        hits += sample.value
-                    elif sample.name == "vllm:prefix_cache_queries_total":
-                        queries += sample.value
+                metrics = parse_vllm_metrics(await resp.text())
+            hits += metrics.prefix_cache_hits
+            queries += metrics.prefix_cache_queries
     return hits, queries
 
 

@@ -123,7 +123,7 @@ class FakeFleet:
             self._push(now + (req.prompt_tokens - cached) / self.prefill_tps, _PREFILL_DONE, (rep.name, rid, cached))
 
     def _poll(self, now: float) -> None:
-        for rid, name in self.router.poll(now):
+        for rid, name, *_ in self.router.poll(now):
             assert name in self.live, f"dispatch of {rid} to {name}, not a live replica ({sorted(self.live)})"
             assert rid in self._submitted and rid not in self._dispatched, f"{rid} dispatched twice or never submitted"
             self._dispatched[rid] = name

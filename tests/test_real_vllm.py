@@ -6,9 +6,9 @@ Skipped unless PYLB_VLLM_VENV and PYLB_VLLM_MODEL name a vLLM install and a mode
     ../shared/vllm/install.sh /tmp/vllm-venv /tmp/tiny-llama
     PYLB_VLLM_VENV=/tmp/vllm-venv PYLB_VLLM_MODEL=/tmp/tiny-llama .venv/bin/pytest -m real_vllm -s
 
-Two replicas start with small KV caches (256 blocks of 32 tokens, one core each), so a
-replica cannot hold every prefix group at once. The same shared-prefix workload (16 groups,
-each request = a group's ~1,000-token prefix + its own suffix, groups interleaved) goes
+Two replicas start with small KV caches (96 blocks of 32 tokens = 3,072 tokens, one core each), so a
+replica cannot hold every prefix group at once. The same shared-prefix workload (8 groups,
+each request = a group's ~500-token prefix + its own suffix, groups interleaved) goes
 through `pylb serve` once with round-robin and once with dualmap, each time with fresh prefix
 texts so the first run's cache cannot help the second. The hit rate is read from vLLM's own
 counters (`vllm:prefix_cache_hits_total` / `vllm:prefix_cache_queries_total`): with dualmap each
@@ -42,7 +42,7 @@ if not (VENV and MODEL):
     pytest.skip("set PYLB_VLLM_VENV and PYLB_VLLM_MODEL (see ../shared/vllm/install.sh) to run", allow_module_level=True)
 
 
-def shared_prefix_workload(tag: str, groups: int = 16, rounds: int = 4) -> list[WorkloadRequest]:
+def shared_prefix_workload(tag: str, groups: int = 8, rounds: int = 4) -> list[WorkloadRequest]:
     """`groups` prefixes of 500 simulated tokens (2,000 bytes; ~500-1,000 tokens of the tiny model), each sent `rounds` times with a fresh suffix, interleaved."""
     out = []
     for r in range(rounds):
@@ -73,13 +73,14 @@ async def wait_healthy(urls: list[str], timeout_s: float) -> None:
 @pytest.fixture(scope="module")
 def vllm_replicas(tmp_path_factory: pytest.TempPathFactory):
     logs = tmp_path_factory.mktemp("vllm")
-    procs, urls = [], []
+    procs, urls, log_files = [], [], []
     for core in (0, 1):
         port = free_port()
         env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=str(core))
         log = open(logs / f"replica-{core}.log", "w")
+        log_files.append(log)
         procs.append(subprocess.Popen(
-            ["bash", str(SERVE_SH), VENV, MODEL, str(port), "--num-gpu-blocks-override", "256", "--block-size", "32"],
+            ["bash", str(SERVE_SH), VENV, MODEL, str(port), "--num-gpu-blocks-override", "96", "--block-size", "32"],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         ))
         urls.append(f"http://127.0.0.1:{port}")
@@ -94,6 +95,9 @@ def vllm_replicas(tmp_path_factory: pytest.TempPathFactory):
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
+        for log in log_files:
+            log.close()
 
 
 async def hit_rate_through_pylb(backends: list[str], policy: str, tag: str) -> float:

@@ -253,6 +253,52 @@ class CoreRouter(Router):
         e.state = -1
         self.policy.on_complete(request_id, e.replica, self)
 
+    def cancel(self, request_id: str, now: float) -> None:
+        """Withdraw a request that was submitted and not yet dispatched (its client left or its
+        queue time ran out). Called by the live proxy; unknown or dispatched ids are ignored."""
+        self._tick(now)
+        e = self._entries.get(request_id)
+        if e is None:
+            return
+        if e.state == _QUEUED:
+            self._dequeue(e)
+        elif e in self._unplaced:
+            self._unplaced.remove(e)
+        else:
+            return  # dispatched: it ends through on_complete
+        del self._entries[request_id]
+        e.state = -1
+
+    def retry(self, request: RoutingRequest, failed_replica: ReplicaId, now: float) -> None:
+        """Submit again a request whose attempt on `failed_replica` failed before any byte
+        reached the client (the driver has already called `on_complete(..., None)` for it).
+        It goes to its other candidate when the policy names one, otherwise to the policy's
+        choice if that is another replica, otherwise to the least-loaded other replica;
+        counted under the "retry" branch."""
+        self._tick(now)
+        if request.request_id in self._entries:
+            raise ValueError(f"request {request.request_id!r} is still known to the router; complete it first")
+        e = _Entry(request, self._seq)
+        self._seq += 1
+        self._entries[request.request_id] = e
+        if not self.replicas:
+            self._unplaced.append(e)
+            return
+        names = [s.name for s in self.replicas]
+        failed = names.index(failed_replica) if failed_replica in names else -1
+        choice = self.policy.choose(request, self)
+        target = int(choice.replica)
+        if target == failed or not 0 <= target < len(names):
+            alt = choice.alternate
+            others = [i for i in range(len(names)) if i != failed]
+            if alt is not None and 0 <= alt < len(names) and alt != failed:
+                target = int(alt)
+            elif others:
+                target = min(others, key=lambda i: (self.replicas[i].load, i))
+        e.alternate = None
+        self.decisions["retry"] += 1
+        self._enqueue(e, target, "retry", self.cached_blocks(request).copy())
+
     def on_metrics(self, replica: ReplicaId, metrics: ReplicaMetrics, now: float) -> None:
         """Keep the scrape for policies; size the replica's mirror from its KV cache."""
         self._tick(now)
@@ -418,7 +464,7 @@ class CoreRouter(Router):
             self._mirror_version += 1
         e.cached = None
         self.policy.on_dispatch(e.req, r, self)
-        out.append(Dispatch(e.req.request_id, s.name))
+        out.append(Dispatch(e.req.request_id, s.name, e.branch, max(0, e.req.prompt_tokens - e.cost)))
 
     def _oldest_wait(self, q: _Queue, now: float) -> float:
         aged = q.aged

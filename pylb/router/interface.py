@@ -85,10 +85,17 @@ class RoutingRequest:
 
 
 class Dispatch(NamedTuple):
-    """A routing decision returned by `Router.poll`: send `request_id` to `replica` now."""
+    """A routing decision returned by `Router.poll`: send `request_id` to `replica` now.
+
+    `branch` says why this replica (`pylb.router.policy.BRANCHES`, "" when the router does not
+    say) and `cached_tokens` how many prompt tokens the router expects the replica to have
+    cached; drivers use both for metrics (decisions by branch, predicted hit rate).
+    """
 
     request_id: str
     replica: ReplicaId
+    branch: str = ""
+    cached_tokens: int = 0
 
 
 @dataclass(slots=True)

@@ -248,7 +248,7 @@ def simulate(
     def poll(now: float) -> None:
         nonlocal done, undispatched, wake_at
         stats["polls"] += 1
-        for rid, rep in router.poll(now):
+        for rid, rep, *_ in router.poll(now):
             e = name_index.get(rep)
             if e is None:
                 raise SimulationError(f"router dispatched {rid!r} to unknown replica {rep!r} (known: {names[0]}..)")

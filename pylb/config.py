@@ -1,0 +1,503 @@
+"""pylb's typed settings: the one place where defaults live.
+
+Design (STYLE.md 6)
+-------------------
+Settings are frozen dataclasses, one per section (`server`, `router`, `fleet`, `upstream`,
+`logging`), gathered in `Settings`. Each field carries its default, a one-line help text, and
+optionally a check; everything else derives from the dataclasses:
+
+    YAML file      section: {field: value}                 e.g.  router: {policy: dualmap}
+    environment    PYLB_<NAME>  (NAME = the flag name in capitals, dashes as underscores)
+                                                           e.g.  PYLB_POLICY=round-robin
+    CLI flags      --<name>                                e.g.  --policy round-robin
+    docs table     `settings_table_markdown()` (docs/serve.md carries it; a test keeps it current)
+
+The flag name of a field is `<section>-<field>` with dashes (`--fleet-health-interval-s`), except
+for the few short ones named in the field (`--host`, `--port`, `--policy`, `--backend`). Lists
+are comma-separated in the environment and repeatable on the command line (`--backend URL
+--backend URL`); mappings (`router.extra`) are YAML mappings, or JSON objects in the environment
+and on the command line. Booleans accept true/false/1/0/yes/no/on/off.
+
+Precedence, highest first: command-line flag > environment variable > YAML file > default.
+The YAML file is named by `--config PATH` or `PYLB_CONFIG`.
+
+Every value is converted and checked when the settings are loaded; a bad one raises
+`ConfigError` naming the setting, the value, where it came from and why it is wrong, so that a
+typo fails at start-up instead of at the first request. Unknown sections and keys in the YAML
+file are errors too (with the known ones listed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+Check = Callable[[Any], "str | None"]
+"""A value check: returns None when the value is fine, else the reason it is not."""
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value. `field` is "section.name", `value` the offending value,
+    `source` where it came from ("default", "YAML file X", "environment PYLB_X", "flag --x"),
+    `reason` why it is wrong."""
+
+    def __init__(self, field: str, value: Any, reason: str, source: str = "") -> None:
+        self.field = field
+        self.value = value
+        self.reason = reason
+        self.source = source
+        where = f" (from {source})" if source else ""
+        super().__init__(f"invalid setting {field} = {value!r}{where}: {reason}")
+
+
+# ---- checks ----------------------------------------------------------------------------------------
+
+
+def positive(v: Any) -> str | None:
+    """> 0 and finite."""
+    return None if v > 0 and math.isfinite(v) else "must be a positive number"
+
+
+def non_negative(v: Any) -> str | None:
+    """>= 0 and finite."""
+    return None if v >= 0 and math.isfinite(v) else "must be zero or a positive number"
+
+
+def at_least(n: int) -> Check:
+    """An integer >= n."""
+
+    def check(v: Any) -> str | None:
+        return None if v >= n else f"must be at least {n}"
+
+    return check
+
+
+def port_number(v: Any) -> str | None:
+    """A TCP port, 0 (any free port) to 65535."""
+    return None if 0 <= v <= 65535 else "must be a TCP port in 0..65535 (0 picks a free one)"
+
+
+def one_of(*choices: str) -> Check:
+    """One of the given strings."""
+
+    def check(v: Any) -> str | None:
+        return None if v in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def http_urls(v: Any) -> str | None:
+    """A list of distinct http(s)://host[:port] base URLs without a path, query or fragment."""
+    from urllib.parse import urlsplit
+
+    seen: set[str] = set()
+    for url in v:
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError as exc:
+            return f"{url!r} is not a valid URL ({exc})"
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return f"{url!r} must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:8001"
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            return f"{url!r} must be a base URL without a path (pylb adds /v1/...)"
+        if url in seen:
+            return f"{url!r} is listed twice"
+        seen.add(url)
+    return None
+
+
+def path_string(v: Any) -> str | None:
+    """An absolute URL path."""
+    return None if v.startswith("/") else "must be a URL path starting with /"
+
+
+def setting(default: Any, help: str, *, check: Check | None = None, flag: str | None = None, env: str | None = None) -> Any:
+    """A dataclass field with its help text, optional check and optional short flag/env name."""
+    meta = {"help": help, "check": check, "flag": flag, "env": env}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ---- the settings ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """pylb's own HTTP server."""
+
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 for all interfaces)", flag="host")
+    port: int = setting(8080, "TCP port to listen on (0 picks a free one)", check=port_number, flag="port")
+    workers: int = setting(
+        1, "worker processes sharing the port (SO_REUSEPORT); each runs its own router, which agree on placement", check=at_least(1)
+    )
+    max_body_bytes: int = setting(32 * 1024 * 1024, "largest request body accepted; larger ones get 413", check=at_least(1024))
+    shutdown_timeout_s: float = setting(10.0, "on SIGTERM/SIGINT, how long in-flight requests may finish", check=non_negative)
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """The routing policy and pylb's router-side queue."""
+
+    policy: str = setting("dualmap", "routing policy (see `pylb simulate --help` for the registered names)", flag="policy")
+    slo_ttft_s: float = setting(5.0, "TTFT target in seconds (DualMap's SLO-aware switch and hotspot detection use it)", check=positive)
+    seed: int = setting(0, "seed for any randomness in the policy")
+    block_chars: int = setting(64, "bytes of prompt text per router hash block (~16 tokens); token-id prompts use block_chars/4 ids", check=at_least(4))
+    extra: dict = setting({}, "policy-specific settings (a mapping; see the policy's module comment)")
+    max_queued: int = setting(4096, "requests waiting in pylb's queues at most; more get 429", check=at_least(1))
+    queue_timeout_s: float = setting(60.0, "longest wait in pylb's queue before a request gets 504", check=positive)
+    completions_default_max_tokens: int = setting(16, "max_tokens assumed for /v1/completions requests that omit it (vLLM's default)", check=at_least(1))
+    chat_default_max_tokens: int = setting(1024, "max_tokens assumed for routing chat requests that omit it (vLLM fills the context)", check=at_least(1))
+    prefill_s_per_token: float = setting(
+        4e-5, "seed of the per-token prefill time used to estimate when a non-streamed request's prefill ends", check=positive
+    )
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """The vLLM replicas: membership, health and metrics scraping."""
+
+    backends: list = setting([], "base URL of a vLLM replica, e.g. http://127.0.0.1:8001 (repeat the flag for more)", check=http_urls, flag="backend", env="PYLB_BACKENDS")
+    health_path: str = setting("/health", "path of the replicas' health endpoint", check=path_string)
+    health_interval_s: float = setting(1.0, "seconds between active health probes of each replica", check=positive)
+    health_timeout_s: float = setting(1.0, "a probe without an answer after this long fails", check=positive)
+    unhealthy_threshold: int = setting(2, "consecutive failed probes that take a healthy replica out", check=at_least(1))
+    healthy_threshold: int = setting(2, "consecutive good probes that bring an unhealthy replica back", check=at_least(1))
+    eject_connect_errors: int = setting(1, "consecutive connection errors on requests that eject a replica at once (passive)", check=at_least(1))
+    eject_5xx: int = setting(3, "consecutive 5xx answers to requests that eject a replica (passive)", check=at_least(1))
+    ejection_s: float = setting(5.0, "a passively ejected replica stays out at least this long before probes may bring it back", check=non_negative)
+    metrics_path: str = setting("/metrics", "path of the replicas' Prometheus metrics", check=path_string)
+    scrape_interval_s: float = setting(0.5, "seconds between scrapes of each replica's metrics", check=positive)
+    scrape_timeout_s: float = setting(1.0, "a scrape without an answer after this long fails", check=positive)
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    """pylb's HTTP client towards the replicas: timeouts, pooling, retries."""
+
+    connect_timeout_s: float = setting(5.0, "time to open a connection to a replica", check=positive)
+    read_timeout_s: float = setting(600.0, "longest silence from a replica while a request is open (0: no limit)", check=non_negative)
+    keepalive_s: float = setting(30.0, "idle pooled connections to replicas are closed after this long", check=positive)
+    max_retries: int = setting(2, "retries of a request on another replica, only before its first byte reached the client", check=at_least(0))
+    retry_deadline_s: float = setting(10.0, "no retry starts later than this after the request arrived", check=non_negative)
+    retry_statuses: list = setting([502, 503, 504], "replica HTTP statuses that are retried (connection errors always are)")
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    """Logs (structured, one JSON object per line on stderr)."""
+
+    level: str = setting("info", "log level", check=one_of("debug", "info", "warning", "error"), flag="log-level")
+    format: str = setting("json", "json (one object per line) or text", check=one_of("json", "text"), flag="log-format")
+    access_log: bool = setting(True, "one log line per proxied request (request id, replica, status, latencies)")
+
+
+SECTIONS: dict[str, type] = {
+    "server": ServerSettings,
+    "router": RouterSettings,
+    "fleet": FleetSettings,
+    "upstream": UpstreamSettings,
+    "logging": LoggingSettings,
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All of pylb serve's settings; `load_settings` builds it from file, environment and flags."""
+
+    server: ServerSettings = field(default_factory=ServerSettings)
+    router: RouterSettings = field(default_factory=RouterSettings)
+    fleet: FleetSettings = field(default_factory=FleetSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The settings as plain data, in the YAML file's shape."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def to_yaml(self) -> str:
+        """The settings as a YAML document that `load_settings` reads back."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---- field descriptions ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One setting: where it lives, how it is spelled in each source, its type, default and check."""
+
+    section: str
+    name: str
+    type: Any
+    default: Any
+    help: str
+    check: Check | None
+    flag: str
+    env: str
+
+    @property
+    def key(self) -> str:
+        """"section.name", as in error messages and the YAML file."""
+        return f"{self.section}.{self.name}"
+
+
+def _specs() -> list[FieldSpec]:
+    out = []
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            flag = meta.get("flag") or f"{section}-{f.name.replace('_', '-')}"
+            env = meta.get("env") or "PYLB_" + flag.upper().replace("-", "_")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            out.append(FieldSpec(section, f.name, hints[f.name], default, meta.get("help", ""), meta.get("check"), flag, env))
+    return out
+
+
+FIELDS: list[FieldSpec] = _specs()
+"""Every setting, in section and declaration order."""
+
+CONFIG_ENV = "PYLB_CONFIG"
+"""Environment variable naming the YAML file (the `--config` flag wins)."""
+
+
+# ---- conversion --------------------------------------------------------------------------------------
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _convert(spec: FieldSpec, value: Any, source: str, from_text: bool) -> Any:
+    """`value` as the field's type. Text (environment, flags) is parsed; YAML values must already
+    have the right type (an int is accepted for a float)."""
+    t = spec.type
+
+    def bad(reason: str) -> ConfigError:
+        return ConfigError(spec.key, value, reason, source)
+
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise bad("expected a boolean (true/false)")
+    if t is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_text and isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise bad("expected an integer")
+    if t is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            v = float(value)
+        elif from_text and isinstance(value, str):
+            try:
+                v = float(value.strip())
+            except ValueError:
+                raise bad("expected a number") from None
+        else:
+            raise bad("expected a number")
+        if math.isnan(v):
+            raise bad("expected a number, not NaN")
+        return v
+    if t is str:
+        if isinstance(value, str):
+            return value.strip() if from_text else value
+        raise bad("expected a string")
+    if t is list:
+        if from_text and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise bad("expected a list")
+        item_type = type(spec.default[0]) if spec.default else str
+        items = []
+        for item in value:
+            if item_type is int:
+                try:
+                    if isinstance(item, bool):
+                        raise ValueError
+                    items.append(int(item))
+                except (TypeError, ValueError):
+                    raise bad(f"expected a list of integers, {item!r} is not one") from None
+            elif not isinstance(item, str):
+                raise bad(f"expected a list of strings, {item!r} is not one")
+            else:
+                items.append(item)
+        return items
+    if t is dict:
+        if from_text and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise bad(f"expected a JSON object ({exc.msg})") from None
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad("expected a mapping with string keys")
+        return dict(value)
+    raise AssertionError(f"unsupported setting type {t!r}")  # pragma: no cover - a bug in this module
+
+
+# ---- loading -----------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("config", str(p), f"cannot read the file ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("config", str(p), f"not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", str(p), f"the file must hold a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}")
+    return data
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_path: str | os.PathLike[str] | None = None,
+) -> Settings:
+    """Build the settings: `flags` > `env` > the YAML file > defaults.
+
+    Args:
+        flags: values given on the command line, by `FieldSpec.key` ("server.port"); strings are
+            parsed like environment values, other values are taken as typed.
+        env: environment variables (`os.environ` when None); PYLB_* names are read.
+        config_path: the YAML file; when None, `PYLB_CONFIG` from `env` names it (optional).
+
+    Raises ConfigError for an unreadable or malformed file, an unknown section or key in it, or
+    any value of the wrong type or out of range.
+    """
+    env = os.environ if env is None else env
+    flags = flags or {}
+    if config_path is None and env.get(CONFIG_ENV):
+        config_path = env[CONFIG_ENV]
+    values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    sources: dict[str, str] = {}
+    by_key = {spec.key: spec for spec in FIELDS}
+
+    if config_path is not None:
+        data = _read_yaml(config_path)
+        src = f"YAML file {config_path}"
+        for section, body in data.items():
+            if section not in SECTIONS:
+                raise ConfigError(str(section), body, f"unknown section; expected one of {', '.join(SECTIONS)}", src)
+            if body is None:
+                continue
+            if not isinstance(body, dict):
+                raise ConfigError(section, body, "a section must be a mapping of settings", src)
+            for name, value in body.items():
+                key = f"{section}.{name}"
+                spec = by_key.get(key)
+                if spec is None:
+                    known = ", ".join(s.name for s in FIELDS if s.section == section)
+                    raise ConfigError(key, value, f"unknown setting; {section} has: {known}", src)
+                values[section][name] = _convert(spec, value, src, from_text=False)
+                sources[key] = src
+
+    for spec in FIELDS:
+        if spec.env in env:
+            src = f"environment {spec.env}"
+            values[spec.section][spec.name] = _convert(spec, env[spec.env], src, from_text=True)
+            sources[spec.key] = src
+
+    for key, value in flags.items():
+        spec = by_key.get(key)
+        if spec is None:
+            raise ConfigError(key, value, "unknown setting")
+        src = f"flag --{spec.flag}"
+        values[spec.section][spec.name] = _convert(spec, value, src, from_text=isinstance(value, str))
+        sources[key] = src
+
+    for spec in FIELDS:
+        if spec.check is None:
+            continue
+        value = values[spec.section].get(spec.name, spec.default)
+        reason = spec.check(value)
+        if reason:
+            raise ConfigError(spec.key, value, reason, sources.get(spec.key, "default"))
+    settings = Settings(**{s: cls(**values[s]) for s, cls in SECTIONS.items()})
+    _check_relations(settings, sources)
+    return settings
+
+
+def _check_relations(s: Settings, sources: Mapping[str, str]) -> None:
+    """Checks that involve two settings."""
+    for code in s.upstream.retry_statuses:
+        if not 500 <= code <= 599:
+            raise ConfigError("upstream.retry_statuses", s.upstream.retry_statuses, f"{code} is not a 5xx status", sources.get("upstream.retry_statuses", "default"))
+
+
+# ---- command line ------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser, sections: Sequence[str] = tuple(SECTIONS)) -> None:
+    """Add `--config` and one flag per setting of `sections` to `parser`.
+
+    Flags default to "not given" (argparse.SUPPRESS), so `flags_from_args` returns only what the
+    user typed and lower-precedence sources keep their say.
+    """
+    parser.add_argument("--config", metavar="PATH", default=None, help=f"YAML settings file (also ${CONFIG_ENV})")
+    for section in sections:
+        group = parser.add_argument_group(f"{section} settings")
+        for spec in FIELDS:
+            if spec.section != section:
+                continue
+            shown = json.dumps(spec.default) if isinstance(spec.default, (list, dict)) else spec.default
+            help_text = f"{spec.help} [default: {shown}; env {spec.env}]".replace("%", "%%")
+            dest = f"cfg:{spec.key}"
+            if spec.type is list:
+                group.add_argument(f"--{spec.flag}", dest=dest, action="append", metavar="VALUE", default=argparse.SUPPRESS, help=help_text)
+            elif spec.type is bool:
+                group.add_argument(
+                    f"--{spec.flag}", dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+                )
+            else:
+                group.add_argument(f"--{spec.flag}", dest=dest, metavar=spec.type.__name__.upper(), default=argparse.SUPPRESS, help=help_text)
+
+
+def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags in `args` (parsed with `add_arguments`), by "section.name".
+
+    A repeated list flag collects its values; each value may itself be comma-separated."""
+    out: dict[str, Any] = {}
+    for dest, value in vars(args).items():
+        if dest.startswith("cfg:"):
+            key = dest[4:]
+            if isinstance(value, list):
+                value = [part.strip() for item in value for part in str(item).split(",") if part.strip()]
+            out[key] = value
+    return out
+
+
+def load_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+    """`load_settings` with the flags and `--config` of parsed command-line arguments."""
+    return load_settings(flags_from_args(args), env=env, config_path=getattr(args, "config", None))
+
+
+def settings_table_markdown() -> str:
+    """A Markdown table of every setting: YAML key, flag, environment variable, default, meaning."""
+    lines = ["| setting (YAML) | flag | environment | default | meaning |", "| --- | --- | --- | --- | --- |"]
+    for spec in FIELDS:
+        default = json.dumps(spec.default) if not isinstance(spec.default, str) else (spec.default or '""')
+        lines.append(f"| `{spec.key}` | `--{spec.flag}` | `{spec.env}` | `{default}` | {spec.help} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""The replicas behind pylb: health (active probes, passive ejection) and metrics scraping."""

@@ -1,0 +1,271 @@
+"""The fleet: which replicas are in rotation, and what their /metrics say.
+
+Design
+------
+`Fleet` owns one `ReplicaState` per configured backend (a static list; discovery can feed the
+same object later) and two background tasks on the proxy's event loop, with their own small
+aiohttp session (two connections per replica, so probes never wait behind data-path traffic):
+
+Health, as a state machine per replica:
+
+    unknown --first probe ok--> healthy          unknown --first probe fails--> unhealthy
+    healthy --`unhealthy_threshold` consecutive failed probes--> unhealthy      (reason "probe")
+    healthy --`eject_connect_errors` consecutive connection errors on requests--> unhealthy ("connect")
+    healthy --`eject_5xx` consecutive 5xx answers to requests--> unhealthy      (reason "5xx")
+    unhealthy --`healthy_threshold` consecutive good probes, and at least `ejection_s` after a
+                passive ejection--> healthy
+
+  A probe is `GET <backend><health_path>`; 200 within `health_timeout_s` is good. Probes run for
+  every replica every `health_interval_s`. The thresholds give hysteresis, so a flapping replica
+  does not flap the membership; the ejection hold keeps a replica that answers /health but fails
+  requests out for a while. Any request that succeeds resets the passive counters.
+
+Membership: whenever the set of healthy replicas changes, `on_membership(list)` is called with
+the healthy replicas in configuration order (the router's `on_membership`). `start()` runs one
+probe round before returning, so the first membership reflects reality.
+
+Scraping: every `scrape_interval_s`, each healthy replica's `/metrics` is fetched and parsed
+(`pylb.fleet.scrape.parse_vllm_metrics`) and delivered to `on_metrics(replica, metrics)`. The
+fleet also keeps the increase of the replica's prefix-cache counters since pylb started (for the
+observed hit rate), handling counter resets (a restarted replica).
+
+Both loops catch, log and count every failure (`pylb_background_errors_total`) and go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import aiohttp
+
+from pylb.config import FleetSettings
+from pylb.observability.metrics import ProxyMetrics
+from pylb.router.interface import ReplicaMetrics
+
+from .scrape import ScrapeError, parse_vllm_metrics
+
+log = logging.getLogger("pylb.fleet")
+
+
+@dataclass(slots=True)
+class ReplicaState:
+    """What the fleet knows about one replica."""
+
+    url: str
+    healthy: bool = False
+    probed: bool = False
+    probe_ok: int = 0
+    probe_fail: int = 0
+    connect_errors: int = 0
+    errors_5xx: int = 0
+    held_until: float = 0.0
+    last_error: str = ""
+    metrics: ReplicaMetrics | None = None
+    metrics_at: float | None = None
+    observed_queries: int = 0
+    observed_hits: int = 0
+    _last_queries: int | None = None
+    _last_hits: int | None = None
+    scrape_failing: bool = False
+
+
+class Fleet:
+    """Health and metrics of the configured replicas (see the module comment)."""
+
+    def __init__(
+        self,
+        settings: FleetSettings,
+        metrics: ProxyMetrics,
+        on_membership: Callable[[list[str]], None],
+        on_metrics: Callable[[str, ReplicaMetrics], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._on_membership = on_membership
+        self._on_metrics = on_metrics
+        self._clock = clock
+        self.replicas: dict[str, ReplicaState] = {url.rstrip("/"): ReplicaState(url.rstrip("/")) for url in settings.backends}
+        self._healthy: list[str] = []
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the probe session, run one probe round, publish the membership, start the loops."""
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=2, keepalive_timeout=30)
+        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+        await asyncio.gather(*(self._probe(r) for r in self.replicas.values()))
+        self._publish(force=True)
+        await self._scrape_all()  # the baseline of the observed hit rate, and the router's first load signal
+        self._tasks = [
+            asyncio.create_task(self._loop("health", self.settings.health_interval_s, self._probe_all), name="pylb-health"),
+            asyncio.create_task(self._loop("scrape", self.settings.scrape_interval_s, self._scrape_all), name="pylb-scrape"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop the loops and close the session."""
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
+        self._tasks = []
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # ---- queries --------------------------------------------------------------------------------
+
+    @property
+    def healthy(self) -> Sequence[str]:
+        """Replicas in rotation, in configuration order."""
+        return self._healthy
+
+    def __contains__(self, url: str) -> bool:
+        return url in self.replicas
+
+    # ---- passive health (called by the proxy) -------------------------------------------------------
+
+    def report_success(self, url: str) -> None:
+        """A request to `url` got an answer below 500: reset its passive counters."""
+        r = self.replicas.get(url)
+        if r is not None and (r.connect_errors or r.errors_5xx):
+            r.connect_errors = r.errors_5xx = 0
+
+    def report_connect_error(self, url: str, error: str) -> None:
+        """A request to `url` failed to connect or lost its connection."""
+        r = self.replicas.get(url)
+        if r is None:
+            return
+        r.connect_errors += 1
+        r.last_error = error
+        if r.healthy and r.connect_errors >= self.settings.eject_connect_errors:
+            self._eject(r, "connect")
+
+    def report_5xx(self, url: str, status: int) -> None:
+        """A request to `url` got a 5xx answer."""
+        r = self.replicas.get(url)
+        if r is None:
+            return
+        r.errors_5xx += 1
+        r.last_error = f"HTTP {status}"
+        if r.healthy and r.errors_5xx >= self.settings.eject_5xx:
+            self._eject(r, "5xx")
+
+    def _eject(self, r: ReplicaState, reason: str) -> None:
+        r.healthy = False
+        r.probe_ok = 0
+        r.connect_errors = r.errors_5xx = 0
+        if reason != "probe":
+            r.held_until = self._clock() + self.settings.ejection_s
+        self.metrics.count_ejection(r.url, reason)
+        log.warning("replica out of rotation", extra={"replica": r.url, "reason": reason, "error": r.last_error})
+        self._publish()
+
+    def _publish(self, force: bool = False) -> None:
+        healthy = [url for url, r in self.replicas.items() if r.healthy]
+        if force or healthy != self._healthy:
+            self._healthy = healthy
+            self._on_membership(list(healthy))
+
+    # ---- active probes ------------------------------------------------------------------------------
+
+    async def _probe_all(self) -> None:
+        await asyncio.gather(*(self._probe(r) for r in self.replicas.values()))
+        self._publish()
+
+    async def _probe(self, r: ReplicaState) -> None:
+        assert self._session is not None
+        s = self.settings
+        ok = False
+        try:
+            timeout = aiohttp.ClientTimeout(total=s.health_timeout_s)
+            async with self._session.get(r.url + s.health_path, timeout=timeout) as resp:
+                await resp.read()
+                ok = resp.status == 200
+                if not ok:
+                    r.last_error = f"health probe: HTTP {resp.status}"
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            r.last_error = f"health probe: {type(exc).__name__}: {exc}"
+        first = not r.probed
+        r.probed = True
+        if ok:
+            r.probe_fail = 0
+            r.probe_ok += 1
+            if not r.healthy and (first or (r.probe_ok >= s.healthy_threshold and self._clock() >= r.held_until)):
+                r.healthy = True
+                r.connect_errors = r.errors_5xx = 0
+                log.info("replica in rotation", extra={"replica": r.url})
+        else:
+            r.probe_ok = 0
+            r.probe_fail += 1
+            if r.healthy and r.probe_fail >= s.unhealthy_threshold:
+                self._eject(r, "probe")
+            elif first:
+                log.warning("replica not healthy at start", extra={"replica": r.url, "error": r.last_error})
+
+    # ---- scraping -----------------------------------------------------------------------------------
+
+    async def _scrape_all(self) -> None:
+        await asyncio.gather(*(self._scrape(self.replicas[url]) for url in self._healthy))
+
+    async def _scrape(self, r: ReplicaState) -> None:
+        assert self._session is not None
+        s = self.settings
+        try:
+            timeout = aiohttp.ClientTimeout(total=s.scrape_timeout_s)
+            async with self._session.get(r.url + s.metrics_path, timeout=timeout) as resp:
+                if resp.status != 200:
+                    raise ScrapeError(f"HTTP {resp.status}")
+                text = await resp.text()
+            m = parse_vllm_metrics(text)
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ScrapeError, UnicodeDecodeError) as exc:
+            self.metrics.count_scrape_error(r.url)
+            if not r.scrape_failing:
+                r.scrape_failing = True
+                log.warning("metrics scrape failed", extra={"replica": r.url, "error": f"{type(exc).__name__}: {exc}"})
+            return
+        r.scrape_failing = False
+        self._update_observed(r, m)
+        r.metrics = m
+        r.metrics_at = self._clock()
+        if r.healthy:  # it may have left rotation while the scrape was in flight
+            self._on_metrics(r.url, m)
+
+    @staticmethod
+    def _update_observed(r: ReplicaState, m: ReplicaMetrics) -> None:
+        """Add the counters' increase since the last scrape (a decrease means a restart: the new
+        value is the increase since then)."""
+        if r._last_queries is not None and r._last_hits is not None:
+            dq = m.prefix_cache_queries - r._last_queries
+            dh = m.prefix_cache_hits - r._last_hits
+            if dq < 0 or dh < 0:
+                dq, dh = m.prefix_cache_queries, m.prefix_cache_hits
+            r.observed_queries += dq
+            r.observed_hits += dh
+        r._last_queries = m.prefix_cache_queries
+        r._last_hits = m.prefix_cache_hits
+
+    # ---- loop ---------------------------------------------------------------------------------------
+
+    async def _loop(self, name: str, interval: float, body: Callable[[], object]) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + interval
+        while True:
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            next_at = max(next_at + interval, loop.time())
+            try:
+                await body()  # type: ignore[misc]
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.metrics.count_background_error(name)
+                log.exception("background task failed; it goes on", extra={"task": name})

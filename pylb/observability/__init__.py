@@ -1,0 +1,1 @@
+"""pylb's own metrics (`pylb_*`, prometheus-client) and structured logging."""

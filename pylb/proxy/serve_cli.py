@@ -1,0 +1,150 @@
+"""`pylb serve`: the load balancer in front of vLLM replicas.
+
+    pylb serve --backend URL [--backend URL ...] [--config pylb.yaml] [--host H] [--port P]
+               [--policy NAME] [any other setting as --<section>-<name> VALUE]
+
+Every setting (`pylb.config`) can also come from the YAML file and from PYLB_* environment
+variables; precedence is flag > environment > file > default. `pylb serve --print-config` prints
+the effective settings as YAML (a starting point for a config file) and exits.
+
+Exit status: 0 after a clean shutdown (SIGINT or SIGTERM: pylb stops accepting, lets in-flight
+requests finish for up to `server.shutdown_timeout_s`, and exits); 2 for a bad setting or no
+backend (the message names the setting, value and reason); 1 when the address cannot be bound.
+
+With `server.workers` N > 1, N worker processes serve the same port (SO_REUSEPORT: the kernel
+spreads connections). Each runs its own router and fleet; placement is a pure function of the
+prompt and the membership, so they agree on where a prefix goes. Each worker's /metrics shows
+its own share of the traffic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import logging
+import multiprocessing
+import signal
+import sys
+from typing import Any
+
+from pylb import config
+from pylb.config import ConfigError, Settings
+
+log = logging.getLogger("pylb.serve")
+
+NO_BACKEND_HELP = """\
+pylb serve: no backend given. Name the vLLM replicas to balance, for example:
+    pylb serve --backend http://127.0.0.1:8001 --backend http://127.0.0.1:8002
+or set PYLB_BACKENDS=http://127.0.0.1:8001,http://127.0.0.1:8002, or list them under
+fleet.backends in a YAML file given with --config. No vLLM at hand? `pylb sim-replicas
+--replicas 4 --base-port 8001` starts simulated ones, and `pylb demo` runs everything locally."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`pylb serve` flags: --config, --print-config, and one flag per setting."""
+    parser.add_argument("--print-config", action="store_true", help="print the effective settings as YAML and exit")
+    config.add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `pylb serve`."""
+    try:
+        settings = config.load_from_args(args)
+        if settings.server.workers > 1 and settings.server.port == 0:
+            raise ConfigError("server.workers", settings.server.workers, "several workers need a fixed port (server.port is 0)")
+    except ConfigError as exc:
+        print(f"pylb serve: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        sys.stdout.write(settings.to_yaml())
+        return 0
+    if not settings.fleet.backends:
+        print(NO_BACKEND_HELP, file=sys.stderr)
+        return 2
+    try:  # an unknown policy fails here, before any worker starts
+        from pylb.router import registry
+
+        registry.get(settings.router.policy)
+    except KeyError:
+        from pylb.router import registry
+
+        print(
+            f"pylb serve: invalid setting router.policy = {settings.router.policy!r}: unknown policy; "
+            f"registered: {', '.join(registry.names())}",
+            file=sys.stderr,
+        )
+        return 2
+    if settings.server.workers == 1:
+        return serve(settings)
+    return _serve_workers(settings)
+
+
+def serve(settings: Settings, reuse_port: bool = False) -> int:
+    """Run one proxy until SIGINT/SIGTERM (uvloop when available). Returns the exit status."""
+    from pylb.observability.logging import configure_logging
+
+    configure_logging(settings.logging.level, settings.logging.format)
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
+        runner = asyncio.run
+    try:
+        return int(runner(_serve(settings, reuse_port)))
+    except KeyboardInterrupt:  # pragma: no cover - a second Ctrl-C during shutdown
+        return 0
+
+
+async def _serve(settings: Settings, reuse_port: bool) -> int:
+    from pylb.proxy.server import ProxyServer
+
+    try:
+        proxy = ProxyServer(settings)
+    except ConfigError as exc:
+        print(f"pylb serve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        await proxy.start(reuse_port=reuse_port)
+    except OSError as exc:
+        print(f"pylb serve: cannot listen on {settings.server.host}:{settings.server.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    gc.freeze()  # start-up objects (modules, settings, tables) leave the collector's generations
+    print(f"pylb serving on {proxy.url} (policy {settings.router.policy}, {len(settings.fleet.backends)} backends)", file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await proxy.stop()
+    return 0
+
+
+def _worker(settings: Settings) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards SIGTERM
+    sys.exit(serve(settings, reuse_port=True))
+
+
+def _serve_workers(settings: Settings) -> int:
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(settings,), name=f"pylb-worker-{i}") for i in range(settings.server.workers)]
+    for p in procs:
+        p.start()
+
+    def forward(signum: int, frame: object) -> None:
+        for p in procs:
+            if p.is_alive() and p.pid is not None:
+                p.terminate()
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    codes = []
+    for p in procs:
+        p.join()
+        codes.append(p.exitcode or 0)
+    bad = [c for c in codes if c not in (0, -signal.SIGTERM)]
+    return bad[0] if bad else 0

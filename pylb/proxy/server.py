@@ -1,0 +1,795 @@
+"""The live proxy: an aiohttp server in front of vLLM replicas, driving the router.
+
+Design (DESIGN.md §5, issue 5 §1-4)
+-----------------------------------
+`ProxyServer` is one aiohttp application (uvloop when `pylb serve` runs it) with one pooled
+aiohttp client session towards the replicas, one `Dispatcher` (the only caller of the router)
+and one `Fleet` (health probes, passive ejection, metrics scraping). aiohttp sets TCP_NODELAY on
+both the server's and the client's sockets, so no streamed chunk waits for Nagle's algorithm.
+
+Routes:
+    POST /v1/completions, /v1/chat/completions   routed by the router (below)
+    GET  /v1/models                              merged from the healthy replicas (by model id)
+    *    /v1/*                                   forwarded to a healthy replica, in turn
+    GET  /health                                 pylb is up (always 200 while serving)
+    GET  /ready                                  200 when at least one replica is healthy, else 503
+    GET  /metrics                                pylb's own `pylb_*` series (Prometheus text)
+    anything else                                404, OpenAI-style JSON error
+
+A routed request: read the body (413 past `server.max_body_bytes`), parse it into a
+`RoutingRequest` (`pylb.router.request`; 400 naming the field), answer 503 with `Retry-After` when
+no replica is healthy, submit it to the router (429 when pylb's queue is full) and wait for its
+dispatch (504 after `router.queue_timeout_s`). Then send the body *as received* to the replica,
+with the client's headers minus hop-by-hop ones, and `x-request-id` (the client's, or a new one).
+
+Responses. Streamed answers (`stream: true`, 200, `text/event-stream`) are passed through chunk by
+chunk as they arrive, without re-encoding. The response head is sent to the client together with
+the first chunk, so until the first byte reaches the client the request can still be retried.
+The first chunk is the request's first-token event (`router.on_first_token`). After it, the
+stream is spliced: each piece read from the replica is written to the client's socket from the
+upstream connection's data callback (`_Splice`), with no task switch per chunk, and the replica
+is paused while the client's socket buffer is full. Other answers
+(non-streamed, or errors) are read whole and sent with their status and headers. Every response
+carries `x-pylb-replica` (the replica's base URL) and `x-request-id`.
+
+Non-streamed requests and prefill. vLLM sends nothing of a non-streamed answer until it is
+complete, so pylb cannot see when its prefill ended. Two ways were possible: turn the request into
+a streamed one upstream and re-assemble the JSON answer, or estimate. pylb estimates: it fires
+the first-token event at dispatch + prompt tokens x the replica's per-token prefill time, a moving
+average learned from the replica's streamed requests (seeded with `router.prefill_s_per_token`),
+or at completion when that comes first. Reasons: the body and the answer stay byte-exact (a
+re-assembled answer would have to reproduce every field vLLM may add -- logprobs, tool calls,
+reasoning content, prompt logprobs, kv_transfer_params -- and follow every vLLM release); the
+event only releases the router's dispatch budget, where an estimate errs by at most the request's
+own prefill; and TTFT matters to streaming clients, whose first token pylb sees exactly. The
+router learns its prefill speed from streamed requests only (a non-streamed client cannot
+observe TTFT anyway).
+
+Usage. `router.on_complete` gets the `usage` object of the answer: the JSON body's, or, for a
+stream, the last `usage` in its final events (clients ask for it with
+`stream_options.include_usage`). When a stream carries none, pylb passes an estimate: the
+request's estimated prompt tokens, one completion token per SSE data event, 0 cached tokens.
+
+Retries. A request is retried on another replica only before its first byte reached the client:
+when the connection to the replica fails or times out, when the replica answers with a status in
+`upstream.retry_statuses` (502, 503, 504), or when a stream breaks before its first chunk. The
+failed attempt is completed in the router with `usage=None`, the replica is reported to the
+fleet (a connection error ejects it at once by default, 5xx answers after a few), and the same
+`RoutingRequest` (same id, same arrival) is submitted again -- through the router's optional
+`retry(request, failed_replica, now)` hook when it has one, so that it goes to the request's other
+candidate; otherwise with `submit`, and the router places it among the replicas in rotation (an
+ejected replica is no longer among them). At most
+`upstream.max_retries` retries, none starting later than `upstream.retry_deadline_s` after
+arrival; after that the last answer is forwarded (or 502 when there was none).
+
+Faults. A replica that fails mid-stream ends that stream with vLLM's in-stream error event
+(`data: {"error": ...}` then `data: [DONE]`); other requests are untouched. A client that goes
+away cancels its handler (aiohttp handler cancellation), which closes the upstream connection, so
+vLLM aborts the request and frees its KV blocks; a request abandoned while queued is withdrawn
+from the router. Every request is counted once in `pylb_requests_total` with its final status
+(499 when the client left, 502 for a stream that broke after its head was sent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from pylb.config import ConfigError, Settings
+from pylb.fleet.fleet import Fleet
+from pylb.observability.logging import ACCESS_LOGGER, request_id_var
+from pylb.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from pylb.observability.metrics import ProxyMetrics, ProxySnapshot, ReplicaSnapshot
+from pylb.router import registry
+from pylb.router.interface import Dispatch, Router, RouterOptions, RoutingRequest, Usage
+from pylb.router.request import CHAT, COMPLETIONS, RequestError, RequestLimits, build_request, parse_json_body
+
+from . import dispatcher as dispatch_mod
+from .dispatcher import Dispatcher, RouterFault
+from .errors import NoReplica, ProxyError, QueueFull, QueueTimeout, UpstreamFailed, error_response, sse_error_event
+from .upstream import UpstreamPool, UpstreamResponse
+
+log = logging.getLogger("pylb.proxy")
+access_log = logging.getLogger(ACCESS_LOGGER)
+
+HOP_BY_HOP = frozenset(
+    ("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te", "trailer", "trailers", "transfer-encoding", "upgrade")
+)
+"""Headers that concern one connection only (RFC 9110 §7.6.1) and are never forwarded."""
+
+_REQUEST_SKIP = HOP_BY_HOP | {"host", "content-length", "expect"}
+_RESPONSE_SKIP = HOP_BY_HOP | {"content-length"}
+
+UPSTREAM_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
+"""Exceptions that mean the exchange with a replica failed."""
+
+CLIENT_HIGH_WATER = 256 * 1024
+"""Bytes waiting in a client's socket buffer above which pylb stops reading the replica's stream."""
+
+CLIENT_LOW_WATER = 64 * 1024
+"""... and below which it reads again."""
+
+PREFILL_EWMA_WEIGHT = 0.2
+"""Weight of a new observation in the per-replica prefill-time average (non-streamed estimate)."""
+
+
+def _strip(headers: CIMultiDictProxy[str] | CIMultiDict[str], skip: frozenset[str] | set[str]) -> CIMultiDict[str]:
+    """A copy of `headers` without `skip` and without the headers the Connection header names."""
+    extra = headers.get("Connection")
+    if extra:
+        skip = set(skip) | {h.strip().lower() for h in extra.split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in headers.items():
+        if k.lower() not in skip:
+            out.add(k, v)
+    return out
+
+
+def _strip_pairs(headers: Any, skip: frozenset[str] | set[str]) -> list[tuple[str, str]]:
+    """(name, value) pairs of `headers` without `skip` and the headers the Connection header names."""
+    pairs = headers.items() if hasattr(headers, "items") else headers
+    out = []
+    extra: set[str] | None = None
+    for k, v in pairs:
+        low = k.lower()
+        if low in skip:
+            if low == "connection":
+                extra = {h.strip().lower() for h in v.split(",")}
+            continue
+        out.append((k, v))
+    if extra:
+        out = [(k, v) for k, v in out if k.lower() not in extra]
+    return out
+
+
+_REQUEST_SKIP_RAW = frozenset(h.encode() for h in _REQUEST_SKIP | {"x-request-id"})
+
+
+def _raw_request_headers(raw: tuple[tuple[bytes, bytes], ...], request_id: str) -> bytes:
+    """The client's headers as an encoded block for the replica: hop-by-hop ones (and those the
+    Connection header names), Host, Content-Length and Expect dropped, X-Request-Id set."""
+    out = []
+    extra: set[bytes] | None = None
+    for k, v in raw:
+        low = k.lower()
+        if low in _REQUEST_SKIP_RAW:
+            if low == b"connection":
+                extra = {h.strip().lower() for h in v.split(b",")}
+            continue
+        out.append(b"%s: %s\r\n" % (k, v))
+    if extra:
+        out = [line for line in out if line.split(b":", 1)[0].lower() not in extra]
+    out.append(b"X-Request-Id: %s\r\n" % request_id.encode("latin-1", "replace"))
+    return b"".join(out)
+
+
+def usage_from_json(obj: Any) -> Usage | None:
+    """`Usage` from an OpenAI `usage` object, None when absent or malformed."""
+    if not isinstance(obj, dict):
+        return None
+    try:
+        details = obj.get("prompt_tokens_details") or {}
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        return Usage(int(obj["prompt_tokens"]), int(obj.get("completion_tokens") or 0), int(cached or 0))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def usage_from_sse_tail(tail: bytes) -> Usage | None:
+    """The last `usage` object in the final SSE events of a stream, None when there is none."""
+    i = tail.rfind(b'"usage"')
+    while i >= 0:
+        start = tail.rfind(b"data:", 0, i)
+        end = tail.find(b"\n", i)
+        if start >= 0:
+            try:
+                obj = json.loads(tail[start + 5 : end if end >= 0 else len(tail)])
+                u = usage_from_json(obj.get("usage")) if isinstance(obj, dict) else None
+                if u is not None:
+                    return u
+            except ValueError:
+                pass
+        i = tail.rfind(b'"usage"', 0, max(start, 0))
+    return None
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """Book-keeping of one request through its attempts."""
+
+    rid: str
+    endpoint: str
+    t_start: float
+    status: int = 0
+    replica: str | None = None
+    attempts: int = 0
+    ttft: float | None = None
+    error: str | None = None
+
+
+class _Retry(Exception):
+    """An attempt failed before the client got a byte: retry if allowed, else answer `response`."""
+
+    def __init__(self, reason: str, message: str, response: web.StreamResponse | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.response = response
+
+
+class ProxyServer:
+    """pylb's HTTP proxy (see the module comment). Use `await start()` / `await stop()`, or
+    `async with ProxyServer(settings) as proxy: ... proxy.url ...`.
+
+    Raises ConfigError from the constructor for an unknown policy."""
+
+    def __init__(self, settings: Settings, router: Router | None = None) -> None:
+        self.settings = settings
+        rs = settings.router
+        if router is None:
+            try:
+                factory = registry.get(rs.policy)
+            except registry.UnknownPolicyError as exc:
+                raise ConfigError("router.policy", rs.policy, f"unknown policy; registered: {', '.join(registry.names())}") from exc
+            router = factory(RouterOptions(slo_ttft=rs.slo_ttft_s, seed=rs.seed, block_chars=rs.block_chars, extra=dict(rs.extra)))
+        self.router = router
+        self.metrics = ProxyMetrics()
+        self.dispatcher = Dispatcher(router, self.metrics, rs.max_queued)
+        self.fleet = Fleet(settings.fleet, self.metrics, self.dispatcher.on_membership, self.dispatcher.on_metrics)
+        self.limits = RequestLimits.from_settings(rs)
+        self._session: aiohttp.ClientSession | None = None
+        self._pool: UpstreamPool | None = None
+        self._runner: web.AppRunner | None = None
+        self._port: int | None = None
+        self._in_progress = 0
+        self._prefill_rate: dict[str, float] = {}
+        self._turn = 0
+        self._ids = 0
+        self._id_prefix = uuid.uuid4().hex[:16]
+        fs = settings.fleet
+        self._retry_after = str(max(1, math.ceil(fs.health_interval_s * fs.healthy_threshold)))
+        self._retry_statuses = frozenset(settings.upstream.retry_statuses)
+        self.metrics.attach(self.snapshot)
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The bound port (after start)."""
+        if self._port is None:
+            raise RuntimeError("proxy not started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """Base URL of the proxy, e.g. http://127.0.0.1:8080 (OpenAI base_url: url + "/v1")."""
+        return f"http://{self.settings.server.host}:{self.port}"
+
+    def make_app(self) -> web.Application:
+        """The aiohttp application."""
+        app = web.Application(middlewares=[self._edge], client_max_size=self.settings.server.max_body_bytes)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_route("*", "/v1/{tail:.*}", self._forward)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/ready", self._ready)
+        app.router.add_get("/metrics", self._metrics_page)
+        return app
+
+    async def start(self, reuse_port: bool = False) -> int:
+        """Open the client session, probe the replicas, bind and serve; returns the port."""
+        if self._runner is not None:
+            raise RuntimeError("proxy already started")
+        us = self.settings.upstream
+        self._pool = UpstreamPool(us.connect_timeout_s, us.read_timeout_s, us.keepalive_s)
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=us.keepalive_s)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=us.connect_timeout_s, sock_read=us.read_timeout_s or None),
+        )
+        try:
+            await self.fleet.start()
+            runner = web.AppRunner(
+                self.make_app(), handler_cancellation=True, access_log=None, shutdown_timeout=self.settings.server.shutdown_timeout_s
+            )
+            await runner.setup()
+            site = web.TCPSite(runner, self.settings.server.host, self.settings.server.port, reuse_port=reuse_port or None)
+            try:
+                await site.start()
+            except BaseException:
+                await runner.cleanup()
+                raise
+        except BaseException:
+            await self.fleet.stop()
+            await self._session.close()
+            await self._pool.close()
+            self._session = None
+            raise
+        self._runner = runner
+        self._port = int(runner.addresses[0][1])
+        log.info("pylb serving", extra={"url": self.url, "policy": self.settings.router.policy, "backends": list(self.fleet.replicas)})
+        return self._port
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to the shutdown timeout), close."""
+        if self._runner is None:
+            return
+        await self._runner.cleanup()
+        self._runner = None
+        await self.fleet.stop()
+        self.dispatcher.close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def __aenter__(self) -> ProxyServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ---- state for /metrics -------------------------------------------------------------------------
+
+    def snapshot(self) -> ProxySnapshot:
+        """The live state behind pylb's state series."""
+        healthy = set(self.fleet.healthy)
+        reps = []
+        for url, r in self.fleet.replicas.items():
+            load = self.dispatcher.loads.get(url) or dispatch_mod.ReplicaLoad()
+            m = r.metrics
+            reps.append(
+                ReplicaSnapshot(
+                    replica=url,
+                    healthy=url in healthy,
+                    inflight=load.inflight,
+                    unprefilled_requests=load.unprefilled_requests,
+                    unprefilled_tokens=load.unprefilled_tokens,
+                    dispatched=load.dispatched,
+                    dispatched_prompt_tokens=load.dispatched_prompt_tokens,
+                    predicted_cached_tokens=load.predicted_cached_tokens,
+                    observed_queries=r.observed_queries,
+                    observed_hits=r.observed_hits,
+                    kv_cache_usage=m.kv_cache_usage if m else None,
+                    running=m.num_requests_running if m else None,
+                    waiting=m.num_requests_waiting if m else None,
+                )
+            )
+        return ProxySnapshot(
+            queue_depth=self.dispatcher.queue_depth,
+            in_progress=self._in_progress,
+            hotspot_factor=self.dispatcher.hotspot_factor(),
+            predicted_known=self.dispatcher.predicted_known,
+            replicas=reps,
+        )
+
+    # ---- the error edge ---------------------------------------------------------------------------
+
+    @web.middleware
+    async def _edge(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """The one place where errors become HTTP answers (routed requests map their own, to log them)."""
+        try:
+            return await handler(request)
+        except ProxyError as exc:
+            self.metrics.count_request("other", exc.status)
+            return error_response(exc.status, exc.message, exc.param, exc.headers)
+        except web.HTTPNotFound:
+            self.metrics.count_request("other", 404)
+            return error_response(404, f"no such path: {request.path}")
+        except web.HTTPMethodNotAllowed as exc:
+            self.metrics.count_request("other", 405)
+            return error_response(405, f"method {request.method} not allowed on {request.path}", headers={"Allow": ", ".join(sorted(exc.allowed_methods))})
+        except web.HTTPRequestEntityTooLarge:
+            self.metrics.count_request("other", 413)
+            return error_response(413, f"request body larger than {self.settings.server.max_body_bytes} bytes", "body")
+        except web.HTTPException as exc:
+            self.metrics.count_request("other", exc.status)
+            return error_response(exc.status, exc.reason or "error")
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise  # the client went away: nothing to answer
+        except Exception:
+            self.metrics.count_request("other", 500)
+            self.metrics.count_background_error("handler")
+            log.exception("unhandled error while serving", extra={"path": request.path})
+            return error_response(500, "internal error in pylb (logged)")
+
+    # ---- routed requests ------------------------------------------------------------------------------
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, COMPLETIONS, "completions")
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, CHAT, "chat")
+
+    def _request_id(self, request: web.Request) -> str:
+        rid = request.headers.get("x-request-id")
+        if not rid or len(rid) > 128 or not rid.isprintable():
+            self._ids += 1
+            rid = f"{self._id_prefix}{self._ids:08x}"
+        if self.dispatcher.known(rid):  # a client reusing an id while the first is in flight
+            self._ids += 1
+            rid = f"{rid}.{self._ids}"
+        return rid
+
+    async def _generate(self, request: web.Request, kind: str, endpoint: str) -> web.StreamResponse:
+        t_start = time.perf_counter()
+        rid = self._request_id(request)
+        token = request_id_var.set(rid)
+        ex = _Exchange(rid, endpoint, t_start)
+        self._in_progress += 1
+        try:
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise ProxyError(f"request body larger than {self.settings.server.max_body_bytes} bytes", param="body", status=413) from None
+            payload = parse_json_body(body)
+            rreq = build_request(kind, payload, rid, self.dispatcher.now(), self.limits)
+            resp = await self._route(request, rreq, body, ex)
+            ex.status = ex.status or resp.status
+            return resp
+        except RequestError as exc:
+            ex.status, ex.error = 400, exc.message
+            return error_response(400, exc.message, exc.field, {"x-request-id": rid})
+        except ProxyError as exc:
+            ex.status, ex.error = exc.status, exc.message
+            return error_response(exc.status, exc.message, exc.param, {**exc.headers, "x-request-id": rid})
+        except asyncio.CancelledError:
+            ex.status, ex.error = 499, "client closed the connection"
+            raise
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            ex.status, ex.error = 499, "client closed the connection"
+            raise
+        except Exception as exc:
+            ex.status, ex.error = 500, f"{type(exc).__name__}: {exc}"
+            self.metrics.count_background_error("handler")
+            log.exception("unhandled error while routing")
+            return error_response(500, "internal error in pylb (logged)", headers={"x-request-id": rid})
+        finally:
+            self._in_progress -= 1
+            e2e = time.perf_counter() - t_start
+            self.metrics.count_request(endpoint, ex.status)
+            self.metrics.observe_e2e(endpoint, e2e)
+            if self.settings.logging.access_log and access_log.isEnabledFor(logging.INFO):
+                access_log.info(
+                    "request",
+                    extra={
+                        "method": request.method,
+                        "path": request.path,
+                        "status": ex.status,
+                        "replica": ex.replica,
+                        "attempts": ex.attempts,
+                        "ttft_ms": round(ex.ttft * 1000, 3) if ex.ttft is not None else None,
+                        "e2e_ms": round(e2e * 1000, 3),
+                        **({"error": ex.error} if ex.error else {}),
+                    },
+                )
+            request_id_var.reset(token)
+
+    async def _route(self, request: web.Request, rreq: RoutingRequest, body: bytes, ex: _Exchange) -> web.StreamResponse:
+        us = self.settings.upstream
+        headers = _raw_request_headers(request.raw_headers, rreq.request_id)
+        target = request.raw_path
+        deadline = rreq.arrival + us.retry_deadline_s
+        retries = 0
+        failed: str | None = None
+        while True:
+            if not self.fleet.healthy:
+                raise NoReplica("no healthy replica to serve the request; retry later", headers={"Retry-After": self._retry_after})
+            d = await self._wait_dispatch(rreq, failed)
+            ex.replica = d.replica
+            ex.attempts += 1
+            try:
+                return await self._attempt(request, rreq, body, headers, d, target, ex)
+            except _Retry as r:
+                ex.error = r.message
+                if retries < us.max_retries and self.dispatcher.now() < deadline and self.fleet.healthy:
+                    retries += 1
+                    failed = d.replica
+                    self.metrics.count_retry(r.reason)
+                    log.info("retrying on another replica", extra={"replica": d.replica, "reason": r.reason, "error": r.message})
+                    continue
+                if r.response is not None:
+                    return r.response
+                if not self.fleet.healthy:
+                    raise NoReplica(f"no healthy replica left ({r.message})", headers={"Retry-After": self._retry_after}) from None
+                raise UpstreamFailed(f"the replica failed before answering: {r.message}") from None
+
+    async def _wait_dispatch(self, rreq: RoutingRequest, failed_replica: str | None = None) -> Dispatch:
+        try:
+            fut = self.dispatcher.submit(rreq, failed_replica)
+        except dispatch_mod.QueueFull:
+            raise QueueFull(f"pylb's queue is full ({self.settings.router.max_queued} requests waiting); retry later", headers={"Retry-After": "1"}) from None
+        except RouterFault as exc:
+            raise ProxyError(str(exc), status=500) from None
+        if fut.done():  # the common case: dispatched by the poll that followed the submit
+            return fut.result()
+        timeout = self.settings.router.queue_timeout_s - (self.dispatcher.now() - rreq.arrival)
+        handle = asyncio.get_running_loop().call_later(max(0.0, timeout), _expire, fut)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self.dispatcher.abandon(rreq.request_id)
+            raise
+        except QueueTimeout:
+            self.dispatcher.abandon(rreq.request_id)
+            raise QueueTimeout(f"the request waited {self.settings.router.queue_timeout_s:g} s in pylb's queue without a replica free") from None
+        except RouterFault as exc:
+            raise ProxyError(str(exc), status=503, headers={"Retry-After": self._retry_after}) from None
+        finally:
+            handle.cancel()
+
+    async def _attempt(
+        self, request: web.Request, rreq: RoutingRequest, body: bytes, headers: bytes, d: Dispatch, target: str, ex: _Exchange
+    ) -> web.StreamResponse:
+        """One attempt on replica `d.replica`; raises _Retry when it failed before the client got a byte."""
+        assert self._pool is not None
+        rid, replica = rreq.request_id, d.replica
+        disp = self.dispatcher
+        loop = asyncio.get_running_loop()
+        est_handle: asyncio.TimerHandle | None = None
+        if not rreq.stream:
+            est = rreq.prompt_tokens * self._prefill_rate.get(replica, self.settings.router.prefill_s_per_token)
+            est_handle = loop.call_later(est, disp.first_token, rid, replica)
+        t_sent = time.perf_counter()
+        done = False
+        up: UpstreamResponse | None = None
+        try:
+            try:
+                up = await self._pool.request(replica, "POST", target, headers, body)
+            except UPSTREAM_ERRORS as exc:
+                done = True
+                raise self._failed(rid, replica, exc, "before the answer") from None
+            status = up.status
+            if rreq.stream and status == 200 and up.content_type == "text/event-stream":
+                resp, done = await self._stream(request, rreq, up, replica, ex, t_sent)
+                return resp
+            try:
+                data = await up.read()
+            except UPSTREAM_ERRORS as exc:
+                done = True
+                raise self._failed(rid, replica, exc, "while reading the answer") from None
+            resp = web.Response(status=status, body=data, headers=self._response_headers(up, rid, replica))
+            if status >= 500:
+                self.fleet.report_5xx(replica, status)
+                self.metrics.count_upstream_error(replica, "status")
+                disp.complete(rid, replica, None)
+                done = True
+                if status in self._retry_statuses:
+                    raise _Retry("status", f"replica {replica} answered HTTP {status}", resp)
+                return resp
+            self.fleet.report_success(replica)
+            if status == 200:
+                disp.first_token(rid, replica)
+                try:
+                    usage = usage_from_json(json.loads(data.decode("utf-8")).get("usage"))
+                except (ValueError, AttributeError):  # not JSON (UnicodeDecodeError is a ValueError)
+                    usage = None
+                disp.complete(rid, replica, usage)
+            else:
+                disp.complete(rid, replica, None)
+            done = True
+            return resp
+        finally:
+            if est_handle is not None:
+                est_handle.cancel()
+            if not done:  # cancelled (the client left) or an unexpected error: the replica's work is abandoned
+                disp.complete(rid, replica, None)
+            if up is not None:
+                up.close()  # a no-op on a fully read answer; aborts an unfinished one upstream
+
+    def _failed(self, rid: str, replica: str, exc: BaseException, when: str) -> _Retry:
+        """Book-keeping of a failed exchange; returns the _Retry to raise."""
+        kind = "timeout" if isinstance(exc, asyncio.TimeoutError) else "connect"
+        self.dispatcher.complete(rid, replica, None)
+        self.fleet.report_connect_error(replica, f"{type(exc).__name__}: {exc}")
+        self.metrics.count_upstream_error(replica, kind)
+        return _Retry(kind, f"replica {replica} failed {when}: {type(exc).__name__}: {exc}".rstrip(": "))
+
+    async def _stream(
+        self, request: web.Request, rreq: RoutingRequest, up: UpstreamResponse, replica: str, ex: _Exchange, t_sent: float
+    ) -> tuple[web.StreamResponse, bool]:
+        """Pass an SSE stream through; returns (response, completed-in-router)."""
+        rid = rreq.request_id
+        disp = self.dispatcher
+        try:
+            first = await up.next_piece() or b""
+        except UPSTREAM_ERRORS as exc:
+            raise self._failed(rid, replica, exc, "before its first chunk") from None
+        now = time.perf_counter()
+        disp.first_token(rid, replica)
+        ex.ttft = now - ex.t_start
+        self.metrics.observe_ttft(ex.endpoint, ex.ttft)
+        if rreq.prompt_tokens > 0:
+            rate = (now - t_sent) / rreq.prompt_tokens
+            old = self._prefill_rate.get(replica)
+            self._prefill_rate[replica] = rate if old is None else old + PREFILL_EWMA_WEIGHT * (rate - old)
+        out = web.StreamResponse(status=up.status, headers=self._response_headers(up, rid, replica))
+        await out.prepare(request)
+        if not first:  # the stream ended at once
+            disp.complete(rid, replica, Usage(rreq.prompt_tokens, 0, 0))
+            self.fleet.report_success(replica)
+            await out.write_eof()
+            return out, True
+        await out.write(first)  # sends the head with it
+        splice = _Splice(request.transport, up, out.headers.get("Transfer-Encoding", "").lower() == "chunked", first)
+        failed: BaseException | None = None
+        try:
+            await up.pipe(splice)
+        except UPSTREAM_ERRORS as exc:
+            failed = exc
+        if splice.gone:  # the client went away mid-stream
+            ex.status, ex.error = 499, "client closed the connection"
+            disp.complete(rid, replica, None)
+            return out, True  # the caller closes the upstream answer, which aborts it
+        if failed is not None:
+            self._failed(rid, replica, failed, "mid-stream")
+            ex.status = 502  # counted and logged as failed, though the client saw a 200 head
+            ex.error = f"replica failed mid-stream: {type(failed).__name__}: {failed}"
+            await out.write(sse_error_event(502, f"the replica serving this stream failed: {type(failed).__name__}: {failed}".rstrip(": ")))
+        else:
+            self.fleet.report_success(replica)
+            usage = usage_from_sse_tail(splice.tail())
+            if usage is None:
+                usage = Usage(rreq.prompt_tokens, max(0, splice.events - 1), 0)
+            disp.complete(rid, replica, usage)
+        await out.write_eof()
+        return out, True
+
+    def _response_headers(self, up: UpstreamResponse | aiohttp.ClientResponse, rid: str, replica: str) -> CIMultiDict[str]:
+        h: CIMultiDict[str] = CIMultiDict(_strip_pairs(up.headers, _RESPONSE_SKIP))
+        h["x-pylb-replica"] = replica
+        h["x-request-id"] = rid
+        return h
+
+    # ---- other paths -----------------------------------------------------------------------------------
+
+    async def _models(self, request: web.Request) -> web.StreamResponse:
+        """The union of the healthy replicas' /v1/models, by model id (first replica wins)."""
+        assert self._session is not None
+        healthy = list(self.fleet.healthy)
+        if not healthy:
+            raise NoReplica("no healthy replica to list models from", headers={"Retry-After": self._retry_after})
+        headers = _strip(request.headers, _REQUEST_SKIP)
+
+        async def get(url: str) -> Any:
+            assert self._session is not None
+            timeout = aiohttp.ClientTimeout(total=self.settings.upstream.connect_timeout_s + self.settings.fleet.health_timeout_s)
+            async with self._session.get(url + "/v1/models", headers=headers, timeout=timeout) as resp:
+                data = await resp.read()
+                if resp.status != 200:
+                    raise ValueError(f"HTTP {resp.status}")
+                return json.loads(data)
+
+        results = await asyncio.gather(*(get(u) for u in healthy), return_exceptions=True)
+        merged: dict[str, Any] = {}
+        ok = 0
+        for url, res in zip(healthy, results):
+            if isinstance(res, BaseException):
+                if isinstance(res, asyncio.CancelledError):
+                    raise res
+                log.warning("listing models failed", extra={"replica": url, "error": f"{type(res).__name__}: {res}"})
+                continue
+            ok += 1
+            for model in res.get("data", []) if isinstance(res, dict) else []:
+                if isinstance(model, dict) and isinstance(model.get("id"), str):
+                    merged.setdefault(model["id"], model)
+        status = 200 if ok else 502
+        self.metrics.count_request("models", status)
+        if not ok:
+            return error_response(502, "no replica answered /v1/models")
+        return web.json_response({"object": "list", "data": list(merged.values())})
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        """Any other /v1/* request: forwarded to the healthy replicas in turn, streamed back."""
+        assert self._session is not None
+        healthy = list(self.fleet.healthy)
+        if not healthy:
+            raise NoReplica("no healthy replica to forward the request to", headers={"Retry-After": self._retry_after})
+        self._turn += 1
+        replica = healthy[self._turn % len(healthy)]
+        rid = self._request_id(request)
+        headers = _strip(request.headers, _REQUEST_SKIP)
+        headers["X-Request-Id"] = rid
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise ProxyError(f"request body larger than {self.settings.server.max_body_bytes} bytes", param="body", status=413) from None
+        try:
+            up = await self._session.request(request.method, replica + request.raw_path, data=body or None, headers=headers)
+        except UPSTREAM_ERRORS as exc:
+            self.fleet.report_connect_error(replica, f"{type(exc).__name__}: {exc}")
+            self.metrics.count_upstream_error(replica, "connect")
+            raise UpstreamFailed(f"replica {replica} failed: {type(exc).__name__}: {exc}") from None
+        try:
+            out = web.StreamResponse(status=up.status, headers=self._response_headers(up, rid, replica))
+            await out.prepare(request)
+            try:
+                async for chunk in up.content.iter_any():
+                    await out.write(chunk)
+            except UPSTREAM_ERRORS as exc:
+                self.metrics.count_upstream_error(replica, "stream")
+                log.warning("forwarded answer broke", extra={"replica": replica, "error": f"{type(exc).__name__}: {exc}"})
+            await out.write_eof()
+            self.metrics.count_request("other", up.status)
+            return out
+        finally:
+            up.close()
+
+    async def _health(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"status": "ok"})
+
+    async def _ready(self, request: web.Request) -> web.StreamResponse:
+        healthy = len(self.fleet.healthy)
+        body = {"ready": healthy > 0, "healthy_replicas": healthy, "replicas": len(self.fleet.replicas)}
+        return web.json_response(body, status=200 if healthy else 503)
+
+    async def _metrics_page(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+class _Splice:
+    """The sink of a streamed answer: writes each piece from the replica straight to the client's
+    transport, from the upstream connection's data callback (`UpstreamResponse.pipe`), in HTTP/1.1
+    chunked framing when the response is chunked (aiohttp wrote the head and the first piece, and
+    writes the last chunk at `write_eof`). This saves a task switch and aiohttp's write path per
+    piece. It counts SSE events, keeps the last pieces (for the final `usage`), pauses the
+    replica while the client's socket buffer is over `CLIENT_HIGH_WATER` and resumes it below
+    `CLIENT_LOW_WATER`, and notes a client that went away (then aborts the upstream answer)."""
+
+    __slots__ = ("transport", "up", "framed", "events", "c1", "c2", "c3", "gone", "_loop")
+
+    def __init__(self, transport: asyncio.Transport | None, up: UpstreamResponse, framed: bool, first: bytes) -> None:
+        self.transport = transport
+        self.up = up
+        self.framed = framed
+        self.events = first.count(b"data:")
+        self.c1 = self.c2 = b""
+        self.c3 = first
+        self.gone = transport is None
+        self._loop = asyncio.get_running_loop()
+
+    def __call__(self, piece: bytes) -> None:
+        t = self.transport
+        if self.gone or t is None or t.is_closing():
+            if not self.gone:
+                self.gone = True
+                self.up.abort()
+            return
+        t.write(b"%x\r\n%s\r\n" % (len(piece), piece) if self.framed else piece)
+        self.events += piece.count(b"data:")
+        self.c1, self.c2, self.c3 = self.c2, self.c3, piece
+        if t.get_write_buffer_size() > CLIENT_HIGH_WATER:
+            self.up.pause()
+            self._loop.call_later(0.005, self._check)
+
+    def _check(self) -> None:
+        t = self.transport
+        if t is None or t.is_closing() or t.get_write_buffer_size() <= CLIENT_LOW_WATER:
+            self.up.resume()
+        else:
+            self._loop.call_later(0.005, self._check)
+
+    def tail(self) -> bytes:
+        """The last three pieces, where a stream's final `usage` event is."""
+        return self.c1 + self.c2 + self.c3
+
+
+def _expire(fut: asyncio.Future[Dispatch]) -> None:
+    if not fut.done():
+        fut.set_exception(QueueTimeout("queue timeout"))

@@ -134,3 +134,28 @@ def test_bad_values_found_after_parsing_exit_2(trace: Path, tmp_path: Path, caps
         for needle in needles:
             assert needle in err, (needle, err)
         assert "Traceback" not in err
+
+
+def test_policy_specs_and_router_options(trace: Path, fast_profile: Path, tmp_path: Path, capsys) -> None:
+    """`NAME:key=value` runs a policy with options under that label; --router-option sets RouterOptions."""
+    out = tmp_path / "ablate.json"
+    rc = main(["simulate", "--trace", str(trace), "--replicas", "2", "--profile", str(fast_profile), "--no-progress",
+               "--policy", "dualmap, dualmap:migration=no:key_depth=2", "--router-option", "max_unprefilled_requests=2",
+               "--router-option", "queue_order=fifo", "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert [r["policy"] for r in doc["runs"]] == ["dualmap", "dualmap:migration=false:key_depth=2"]
+    assert doc["config"]["router_options"]["max_unprefilled_requests"] == 2
+    assert doc["config"]["router_options"]["queue_order"] == "fifo"
+    for args, needles in (
+        (["--policy", "dualmap:wings=2"], ["--policy", "no option 'wings'"]),
+        (["--policy", "dualmap:migration=perhaps"], ["--policy", "migration='perhaps'"]),
+        (["--router-option", "max_unprefilled_tokens=lots"], ["--router-option", "max_unprefilled_tokens", "'lots'"]),
+        (["--router-option", "queue_order=random"], ["--router-option", "queue_order"]),
+        (["--router-option", "nonsense=1"], ["--router-option", "nonsense"]),
+    ):
+        capsys.readouterr()
+        assert main(["simulate", "--trace", str(trace), "--no-progress", *args]) == 2, args
+        err = capsys.readouterr().err
+        for needle in needles:
+            assert needle in err, (needle, err)

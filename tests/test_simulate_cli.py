@@ -79,6 +79,26 @@ def test_sweep_all_policies_with_plot(trace: Path, fast_profile: Path, tmp_path:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_sweep_tolerance_bounds_the_bisection(trace: Path, fast_profile: Path, tmp_path: Path) -> None:
+    def sweep_runs(tolerance: str) -> list[dict]:
+        out = tmp_path / f"sweep-{tolerance}.json"
+        rc = main(["simulate", "--trace", str(trace), "--replicas", "1", "--profile", str(fast_profile), "--policy", "round-robin",
+                   "--sweep", "--sweep-runs", "12", "--sweep-tolerance", tolerance, "--slo-ttft", "1", "--json", str(out), "--no-progress"])  # fmt: skip
+        assert rc == 0
+        doc = json.loads(out.read_text())
+        assert doc["config"]["sweep_tolerance"] == float(tolerance)
+        return doc["runs"]
+
+    coarse, fine = sweep_runs("4"), sweep_runs("0.01")
+    passing = sorted(r["rate_scale"] for r in fine if r["slo_attainment"] >= 0.9)
+    failing = sorted(r["rate_scale"] for r in fine if r["slo_attainment"] < 0.9)
+    assert passing and failing
+    # the coarse search stops once it brackets capacity within a factor 2 (< 1 + 4): no bisection
+    assert len(coarse) < len(fine)
+    if len(fine) < 12:  # the fine one bisected until the bracket was within 1 %
+        assert failing[0] / passing[-1] <= 1.01
+
+
 def test_builtin_profile_and_limit(trace: Path, capsys) -> None:
     rc = main(["simulate", "--trace", str(trace), "--replicas", "1", "--profile", "dualmap-910b", "--limit", "10", "--no-progress"])
     assert rc == 0
@@ -94,6 +114,7 @@ def test_builtin_profile_and_limit(trace: Path, capsys) -> None:
         (["--slo-ttft", "nan"], "--slo-ttft", "'nan'"),
         (["--scrape-interval", "0"], "--scrape-interval", "'0'"),
         (["--limit", "0"], "--limit", "'0'"),
+        (["--sweep", "--sweep-tolerance", "0"], "--sweep-tolerance", "'0'"),
         (["--rate-scale", "2", "--sweep"], "--sweep", "not allowed with argument --rate-scale"),
     ],
 )

@@ -2,7 +2,7 @@
 
     pylb simulate --trace PATH --replicas N --profile NAME|FILE --policy SPEC[,SPEC...]|all
                   [--rate-scale X | --sweep] [--slo-ttft S] [--json OUT] [--plot OUT.png]
-                  [--limit N] [--scrape-interval S] [--sweep-runs N] [--sweep-start X]
+                  [--limit N] [--scrape-interval S] [--sweep-runs N] [--sweep-start X] [--sweep-tolerance R]
                   [--router-option FIELD=VALUE ...]
 
 A SPEC is a registered policy name, optionally with policy options: `NAME[:key=value...]`,
@@ -85,6 +85,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep-runs", type=positive_int, default=8, metavar="N", help="most runs per policy in --sweep (default 8)")
     parser.add_argument(
         "--sweep-start", type=positive_float, default=1.0, metavar="X", help="first rate scale of --sweep (default 1)"
+    )
+    parser.add_argument(
+        "--sweep-tolerance",
+        type=positive_float,
+        default=0.05,
+        metavar="R",
+        help="stop bisecting when the failing and passing rate scales are within a factor 1+R (default 0.05)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed passed to the routers (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -238,7 +245,9 @@ def _run(args: argparse.Namespace) -> int:
     capacity: dict[str, float | None] = {}
     for policy in policies:
         if args.sweep:
-            cap, _ = find_capacity(lambda s, p=policy: run_at(p, s), start=args.sweep_start, max_runs=args.sweep_runs)
+            cap, _ = find_capacity(
+                lambda s, p=policy: run_at(p, s), start=args.sweep_start, max_runs=args.sweep_runs, rel_tol=args.sweep_tolerance
+            )
             capacity[policy] = cap
         else:
             run_at(policy, args.rate_scale)
@@ -263,6 +272,7 @@ def _run(args: argparse.Namespace) -> int:
                 "slo_target": DEFAULT_SLO_TARGET,
                 "scrape_interval": args.scrape_interval,
                 "sweep": bool(args.sweep),
+                "sweep_tolerance": args.sweep_tolerance if args.sweep else None,
                 "router_options": {k: v for k, v in dataclasses.asdict(options).items() if k != "extra"},
             },
             "runs": [m.to_json() for m in all_runs],

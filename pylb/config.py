@@ -4,7 +4,9 @@ Design (STYLE.md 6)
 -------------------
 Settings are frozen dataclasses, one per section (`server`, `router`, `fleet`, `upstream`,
 `logging`), gathered in `Settings`. Each field carries its default, a one-line help text, and
-optionally a check; everything else derives from the dataclasses:
+optionally a check; everything else derives from the dataclasses. (The router section's settings
+that configure the router core take their defaults from `pylb.router.interface.RouterOptions`,
+which the simulator uses too, so that those are written once as well; see `RouterSettings`.)
 
     YAML file      section: {field: value}                 e.g.  router: {policy: dualmap}
     environment    PYLB_<NAME>  (NAME = the flag name in capitals, dashes as underscores)
@@ -41,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from pylb.router.interface import QUEUE_ORDERS, RouterOptions
 
 Check = Callable[[Any], "str | None"]
 """A value check: returns None when the value is fine, else the reason it is not."""
@@ -80,6 +84,11 @@ def at_least(n: int) -> Check:
         return None if v >= n else f"must be at least {n}"
 
     return check
+
+
+def fraction(v: Any) -> str | None:
+    """In (0, 1]."""
+    return None if 0 < v <= 1 else "must be in (0, 1] (greater than 0, at most 1)"
 
 
 def port_number(v: Any) -> str | None:
@@ -146,22 +155,103 @@ class ServerSettings:
     shutdown_timeout_s: float = setting(10.0, "on SIGTERM/SIGINT, how long in-flight requests may finish", check=non_negative)
 
 
+_CORE = RouterOptions()
+"""The router core's defaults: `RouterSettings` takes the defaults of the settings it passes on to
+`RouterOptions` from here, so each is written once (in `pylb/router/interface.py`)."""
+
+ROUTER_OPTION_FIELDS: dict[str, str] = {
+    "slo_ttft_s": "slo_ttft",
+    "seed": "seed",
+    "block_chars": "block_chars",
+    "key_block_tokens": "key_block_tokens",
+    "max_unprefilled_tokens": "max_unprefilled_tokens",
+    "max_unprefilled_requests": "max_unprefilled_requests",
+    "queue_order": "queue_order",
+    "starvation_s": "starvation_s",
+    "dispatch_interval_s": "dispatch_interval",
+    "hot_wait_s": "hot_wait_s",
+    "migration_scan": "migration_scan",
+    "prefill_s_per_token": "prefill_seconds_per_token",
+    "prefill_learning_rate": "prefill_learning_rate",
+    "cache_capacity_tokens": "cache_capacity_tokens",
+}
+"""`RouterSettings` field -> the `RouterOptions` field it sets (`extra` is passed on too, and a
+policy spec's options are merged into it). `RouterOptions.chars_per_token` is not a setting: the
+proxy's request model estimates 4 bytes per token (`pylb.router.request.BYTES_PER_TOKEN`)."""
+
+
 @dataclass(frozen=True)
 class RouterSettings:
-    """The routing policy and pylb's router-side queue."""
+    """The routing policy, pylb's router-side queue and the router core's settings.
 
-    policy: str = setting("dualmap", "routing policy (see `pylb simulate --help` for the registered names)", flag="policy")
-    slo_ttft_s: float = setting(5.0, "TTFT target in seconds (DualMap's SLO-aware switch and hotspot detection use it)", check=positive)
-    seed: int = setting(0, "seed for any randomness in the policy")
-    block_chars: int = setting(64, "bytes of prompt text per router hash block (~16 tokens); token-id prompts use block_chars/4 ids", check=at_least(4))
-    extra: dict = setting({}, "policy-specific settings (a mapping; see the policy's module comment)")
+    The settings named in `ROUTER_OPTION_FIELDS` are the core router's `RouterOptions` (their
+    defaults are its defaults); `router_options()` builds them. `prefill_s_per_token` seeds both
+    estimates of a replica's per-token prefill time: the router's (`RouterOptions.
+    prefill_seconds_per_token`, learned from streamed first tokens; it predicts TTFT) and the
+    proxy's (learned the same way; it says when a non-streamed request's prefill is over). Both
+    are "seconds of prefill per prompt token on one replica", so one value seeds both.
+    """
+
+    policy: str = setting(
+        "dualmap",
+        "routing policy: NAME, or NAME:key=value:... to set the policy's own options (e.g. dualmap:migration=false); "
+        "`pylb simulate --help` lists the names",
+        flag="policy",
+    )
+    slo_ttft_s: float = setting(_CORE.slo_ttft, "TTFT target in seconds (DualMap's SLO-aware switch and hotspot detection use it)", check=positive)
+    seed: int = setting(_CORE.seed, "seed for any randomness in the policy")
+    block_chars: int = setting(_CORE.block_chars, "bytes of prompt text per router hash block (~16 tokens); token-id prompts use block_chars/4 ids", check=at_least(4))
+    key_block_tokens: int = setting(
+        _CORE.key_block_tokens, "tokens per key block of DualMap's prefix key; a whole number of router blocks (x 4 bytes a multiple of block_chars)", check=at_least(1)
+    )
+    extra: dict = setting({}, "policy-specific settings (a mapping; see the policy's module comment); a policy spec's options win")
     max_queued: int = setting(4096, "requests waiting in pylb's queues at most; more get 429", check=at_least(1))
     queue_timeout_s: float = setting(60.0, "longest wait in pylb's queue before a request gets 504", check=positive)
+    queue_order: str = setting(
+        _CORE.queue_order,
+        f"order of a replica's queue after priority: {', '.join(QUEUE_ORDERS)} (fewest uncached tokens, longest cached prefix, or arrival first)",
+        check=one_of(*QUEUE_ORDERS),
+    )
+    max_unprefilled_tokens: int = setting(
+        _CORE.max_unprefilled_tokens, "dispatch budget per replica: prompt tokens sent and not yet prefilled, at most", check=at_least(1)
+    )
+    max_unprefilled_requests: int = setting(
+        _CORE.max_unprefilled_requests, "dispatch budget per replica: requests sent and not yet prefilled, at most", check=at_least(1)
+    )
+    starvation_s: float = setting(_CORE.starvation_s, "a request queued this long goes next on its replica, whatever its rank", check=positive)
+    dispatch_interval_s: float = setting(_CORE.dispatch_interval, "seconds between the router's timer polls while requests are queued", check=positive)
+    hot_wait_s: float = setting(_CORE.hot_wait_s, "a replica is hot (its queue migrates) when its oldest queued request waited this long", check=positive)
+    migration_scan: int = setting(_CORE.migration_scan, "queued requests examined per hot replica per poll when migrating", check=at_least(1))
+    prefill_s_per_token: float = setting(
+        _CORE.prefill_seconds_per_token,
+        "seed of a replica's per-token prefill time (s), until learned: the router's TTFT prediction and the proxy's non-streamed prefill estimate",
+        check=positive,
+    )
+    prefill_learning_rate: float = setting(
+        _CORE.prefill_learning_rate, "weight of each observed first token in the learned per-token prefill time", check=fraction
+    )
+    cache_capacity_tokens: int = setting(
+        _CORE.cache_capacity_tokens, "cache mirror capacity per replica (tokens) until vllm:cache_config_info is scraped", check=at_least(0)
+    )
     completions_default_max_tokens: int = setting(16, "max_tokens assumed for /v1/completions requests that omit it (vLLM's default)", check=at_least(1))
     chat_default_max_tokens: int = setting(1024, "max_tokens assumed for routing chat requests that omit it (vLLM fills the context)", check=at_least(1))
-    prefill_s_per_token: float = setting(
-        4e-5, "seed of the per-token prefill time used to estimate when a non-streamed request's prefill ends", check=positive
-    )
+
+    def router_options(self, source: str = "") -> RouterOptions:
+        """The core router's `RouterOptions` from these settings (see `ROUTER_OPTION_FIELDS`).
+
+        Raises ConfigError naming the setting when `RouterOptions` rejects a value (its checks
+        include relations, e.g. key_block_tokens against block_chars); `source` is where the
+        setting came from, for the message."""
+        values = {opt: getattr(self, name) for name, opt in ROUTER_OPTION_FIELDS.items()}
+        try:
+            return RouterOptions(**values, extra=dict(self.extra))  # type: ignore[arg-type]
+        except ValueError as exc:
+            opt = str(exc).partition("RouterOptions.")[2].partition(" ")[0]
+            name = next((n for n, o in ROUTER_OPTION_FIELDS.items() if o == opt), "extra" if opt == "extra" else None)
+            if name is None:  # pragma: no cover - RouterOptions names its field in every message
+                raise ConfigError("router", dataclasses.asdict(self), str(exc), source) from None
+            reason = str(exc).removeprefix(f"RouterOptions.{opt} ")
+            raise ConfigError(f"router.{name}", getattr(self, name), reason, source) from None
 
 
 @dataclass(frozen=True)
@@ -441,7 +531,15 @@ def load_settings(
 
 
 def _check_relations(s: Settings, sources: Mapping[str, str]) -> None:
-    """Checks that involve two settings."""
+    """Checks that involve two settings (the router core's are `RouterOptions`')."""
+    try:
+        s.router.router_options()
+    except ConfigError as exc:
+        key, value = exc.field, exc.value
+        if key == "router.key_block_tokens" and key not in sources and "router.block_chars" in sources:
+            # the one the user set breaks the pair
+            raise ConfigError("router.block_chars", s.router.block_chars, f"router.key_block_tokens {exc.reason}", sources["router.block_chars"]) from None
+        raise ConfigError(key, value, exc.reason, sources.get(key, "default")) from None
     for code in s.upstream.retry_statuses:
         if not 500 <= code <= 599:
             raise ConfigError("upstream.retry_statuses", s.upstream.retry_statuses, f"{code} is not a 5xx status", sources.get("upstream.retry_statuses", "default"))

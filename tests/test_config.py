@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from pylb import config
-from pylb.config import FIELDS, ConfigError, Settings, load_settings
+from pylb.config import FIELDS, ConfigError, RouterSettings, Settings, load_settings
+from pylb.router.interface import RouterOptions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,6 +110,22 @@ def test_bool_flags() -> None:
         ({"upstream.retry_statuses": ["x"]}, {}, "upstream.retry_statuses", "integers"),
         ({}, {"PYLB_ROUTER_EXTRA": "{not json"}, "router.extra", "JSON object"),
         ({}, {"PYLB_ROUTER_EXTRA": "[1]"}, "router.extra", "mapping"),
+        ({"router.queue_order": "lifo"}, {}, "router.queue_order", "one of cheapest, cached, fifo"),
+        ({}, {"PYLB_ROUTER_QUEUE_ORDER": "Cheapest"}, "router.queue_order", "one of cheapest, cached, fifo"),
+        ({"router.max_unprefilled_tokens": "0"}, {}, "router.max_unprefilled_tokens", "at least 1"),
+        ({}, {"PYLB_ROUTER_MAX_UNPREFILLED_REQUESTS": "1.5"}, "router.max_unprefilled_requests", "expected an integer"),
+        ({"router.starvation_s": "0"}, {}, "router.starvation_s", "positive"),
+        ({}, {"PYLB_ROUTER_HOT_WAIT_S": "inf"}, "router.hot_wait_s", "positive"),
+        ({"router.dispatch_interval_s": "-0.1"}, {}, "router.dispatch_interval_s", "positive"),
+        ({"router.migration_scan": "0"}, {}, "router.migration_scan", "at least 1"),
+        ({}, {"PYLB_ROUTER_PREFILL_LEARNING_RATE": "1.5"}, "router.prefill_learning_rate", "(0, 1]"),
+        ({"router.prefill_learning_rate": "0"}, {}, "router.prefill_learning_rate", "(0, 1]"),
+        ({"router.prefill_s_per_token": "0"}, {}, "router.prefill_s_per_token", "positive"),
+        ({}, {"PYLB_ROUTER_CACHE_CAPACITY_TOKENS": "-1"}, "router.cache_capacity_tokens", "at least 0"),
+        # a relation RouterOptions checks: 100 tokens x 4 bytes is not a whole number of 64-byte blocks
+        ({"router.key_block_tokens": "100"}, {}, "router.key_block_tokens", "whole number of router blocks"),
+        # ... and when only block_chars was set, block_chars is the one named
+        ({}, {"PYLB_ROUTER_BLOCK_CHARS": "48"}, "router.block_chars", "whole number of router blocks"),
     ],
 )
 def test_bad_values_name_field_value_source_and_reason(flags: dict, env: dict, field: str, reason: str) -> None:
@@ -161,3 +179,40 @@ def test_docs_table_is_current() -> None:
     if not docs.exists():
         pytest.skip("docs/serve.md not in this checkout")
     assert config.settings_table_markdown() in docs.read_text(), "regenerate the settings table: python -c 'from pylb.config import settings_table_markdown as t; print(t())'"
+
+
+def test_router_core_defaults_are_router_options_defaults() -> None:
+    rs = RouterSettings()
+    core = RouterOptions()
+    assert set(config.ROUTER_OPTION_FIELDS.values()) == {f.name for f in dataclasses.fields(RouterOptions)} - {"chars_per_token", "extra"}
+    for name, opt in config.ROUTER_OPTION_FIELDS.items():
+        assert getattr(rs, name) == getattr(core, opt), name
+    assert rs.router_options() == core
+
+
+def test_router_core_settings_from_yaml_env_and_flags(tmp_path: Path) -> None:
+    f = tmp_path / "pylb.yaml"
+    f.write_text(
+        "router:\n  queue_order: fifo\n  max_unprefilled_tokens: 2048\n  starvation_s: 7\n  key_block_tokens: 256\n"
+        "  cache_capacity_tokens: 0\n  prefill_s_per_token: 3.0e-5\n"
+    )
+    env = {"PYLB_ROUTER_MAX_UNPREFILLED_REQUESTS": "3", "PYLB_ROUTER_HOT_WAIT_S": "1.5", "PYLB_ROUTER_QUEUE_ORDER": "cached"}
+    args = parse(["--config", str(f), "--router-dispatch-interval-s", "0.01", "--router-migration-scan", "4", "--router-prefill-learning-rate", "0.5"])
+    o = config.load_from_args(args, env=env).router.router_options()
+    assert o.queue_order == "cached"  # env > YAML
+    assert (o.max_unprefilled_tokens, o.starvation_s, o.key_block_tokens, o.cache_capacity_tokens) == (2048, 7.0, 256, 0)
+    assert o.prefill_seconds_per_token == 3e-5
+    assert (o.max_unprefilled_requests, o.hot_wait_s) == (3, 1.5)
+    assert (o.dispatch_interval, o.migration_scan, o.prefill_learning_rate) == (0.01, 4, 0.5)
+    assert (o.slo_ttft, o.seed, o.block_chars, o.chars_per_token) == (5.0, 0, 64, 4)
+
+
+def test_router_options_errors_name_the_setting() -> None:
+    # settings built by hand (not through load_settings) still fail as ConfigError, not ValueError
+    with pytest.raises(ConfigError) as info:
+        RouterSettings(queue_order="lifo").router_options()
+    assert info.value.field == "router.queue_order" and info.value.value == "lifo"
+    assert "router.queue_order" in str(info.value) and "'lifo'" in str(info.value) and "cheapest" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        RouterSettings(dispatch_interval_s=0.0).router_options()
+    assert info.value.field == "router.dispatch_interval_s" and "positive" in info.value.reason

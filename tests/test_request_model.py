@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pylb import native
+from pylb.router.prefix import short_key
 from pylb.router.request import CHAT, COMPLETIONS, RequestError, RequestLimits, build_request, parse_json_body, render_chat
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 8  # 360 bytes: 5 full 64-byte blocks
@@ -77,6 +78,49 @@ def test_chat_rendering_extends_turn_by_turn() -> None:
     h = [req(CHAT, {"messages": t, "tools": tools}).block_hashes for t in (turn1, turn2, turn3)]
     for a, b in zip(h, h[1:]):
         np.testing.assert_array_equal(b[: len(a)], a)
+
+
+def test_prompt_hash_is_xxh3_of_the_hashed_prompt() -> None:
+    # text: the UTF-8 bytes, whatever the block size
+    r = req(COMPLETIONS, {"prompt": PROMPT})
+    assert r.prompt_hash == native.xxh3_64(PROMPT.encode())
+    assert req(COMPLETIONS, {"prompt": PROMPT}, block_chars=128).prompt_hash == r.prompt_hash
+    # token ids: the uint32 ids' bytes (what block_hashes reads)
+    ids = list(range(1000, 1040))
+    r = req(COMPLETIONS, {"prompt": ids})
+    assert r.prompt_hash == native.xxh3_64(np.asarray(ids, dtype=np.uint32).tobytes())
+    # a batch: the first prompt's, like its block hashes
+    assert req(COMPLETIONS, {"prompt": ["short one", PROMPT]}).prompt_hash == native.xxh3_64(b"short one")
+    assert req(COMPLETIONS, {"prompt": [[7, 8, 9], [1]]}).prompt_hash == native.xxh3_64(np.asarray([7, 8, 9], dtype=np.uint32))
+    # chat: the canonical rendering
+    msgs = [{"role": "user", "content": "hi"}]
+    assert req(CHAT, {"messages": msgs}).prompt_hash == native.xxh3_64(render_chat(msgs).encode())
+    # surrogates are hashed as the bytes that were block-hashed
+    assert req(COMPLETIONS, {"prompt": "a\ud800b"}).prompt_hash == native.xxh3_64("a\ud800b".encode("utf-8", "surrogatepass"))
+
+
+def test_short_prompts_that_differ_get_different_keys() -> None:
+    # shorter than one 64-byte block: no block hash, so the prompt hash is the router's key
+    a = req(COMPLETIONS, {"prompt": "What is the capital of France?"})
+    b = req(COMPLETIONS, {"prompt": "What is the capital of Norway?"})  # same length, same token estimate
+    assert len(a.block_hashes) == len(b.block_hashes) == 0 and a.prompt_tokens == b.prompt_tokens
+    assert a.prompt_hash is not None and b.prompt_hash is not None and a.prompt_hash != b.prompt_hash
+    assert short_key(a) != short_key(b)
+    assert short_key(a) == short_key(req(COMPLETIONS, {"prompt": "What is the capital of France?"}))
+    c = req(CHAT, {"messages": [{"role": "user", "content": "hi"}]})
+    d = req(CHAT, {"messages": [{"role": "user", "content": "yo"}]})
+    assert c.prompt_hash != d.prompt_hash and short_key(c) != short_key(d)
+    assert req(COMPLETIONS, {"prompt": [1, 2, 3]}).prompt_hash != req(COMPLETIONS, {"prompt": [1, 2, 4]}).prompt_hash
+
+
+def test_chat_turns_still_extend_with_prompt_hash() -> None:
+    turn1 = [{"role": "system", "content": "You are terse. " * 10}, {"role": "user", "content": "Weather in Paris?"}]
+    turn2 = [*turn1, {"role": "assistant", "content": "Sunny."}, {"role": "user", "content": "And tomorrow?"}]
+    r1, r2 = (req(CHAT, {"messages": t}) for t in (turn1, turn2))
+    assert len(r1.block_hashes) >= 2
+    np.testing.assert_array_equal(r2.block_hashes[: len(r1.block_hashes)], r1.block_hashes)
+    assert r1.prompt_hash == native.xxh3_64(render_chat(turn1).encode())
+    assert r2.prompt_hash == native.xxh3_64(render_chat(turn2).encode()) != r1.prompt_hash
 
 
 def test_chat_render_exact() -> None:

@@ -1,7 +1,12 @@
 """`pylb serve`: the load balancer in front of vLLM replicas.
 
     pylb serve --backend URL [--backend URL ...] [--config pylb.yaml] [--host H] [--port P]
-               [--policy NAME] [any other setting as --<section>-<name> VALUE]
+               [--policy NAME[:key=value...]] [any other setting as --<section>-<name> VALUE]
+
+`--policy` takes a policy spec as `pylb simulate --policy` does: a registered name, optionally
+with the policy's own options (`--policy dualmap:migration=false`). The router core's settings
+(dispatch budgets, queue order, migration, the prefill-time estimator, the cache mirror's size)
+are `router.*` settings, e.g. `--router-max-unprefilled-tokens 4096`.
 
 Every setting (`pylb.config`) can also come from the YAML file and from PYLB_* environment
 variables; precedence is flag > environment > file > default. `pylb serve --print-config` prints
@@ -9,7 +14,8 @@ the effective settings as YAML (a starting point for a config file) and exits.
 
 Exit status: 0 after a clean shutdown (SIGINT or SIGTERM: pylb stops accepting, lets in-flight
 requests finish for up to `server.shutdown_timeout_s`, and exits); 2 for a bad setting or no
-backend (the message names the setting, value and reason); 1 when the address cannot be bound.
+backend (the message names the setting, value and reason: an unknown policy or policy option
+is a bad `router.policy`); 1 when the address cannot be bound.
 
 With `server.workers` N > 1, N worker processes serve the same port (SO_REUSEPORT: the kernel
 spreads connections). Each runs its own router and fleet; placement is a pure function of the
@@ -62,18 +68,12 @@ def run(args: argparse.Namespace) -> int:
     if not settings.fleet.backends:
         print(NO_BACKEND_HELP, file=sys.stderr)
         return 2
-    try:  # an unknown policy fails here, before any worker starts
-        from pylb.router import registry
+    try:  # an unknown policy or a bad policy option fails here, before any worker starts
+        from pylb.proxy.server import create_router
 
-        registry.get(settings.router.policy)
-    except KeyError:
-        from pylb.router import registry
-
-        print(
-            f"pylb serve: invalid setting router.policy = {settings.router.policy!r}: unknown policy; "
-            f"registered: {', '.join(registry.names())}",
-            file=sys.stderr,
-        )
+        create_router(settings.router)
+    except ConfigError as exc:
+        print(f"pylb serve: {exc}", file=sys.stderr)
         return 2
     if settings.server.workers == 1:
         return serve(settings)

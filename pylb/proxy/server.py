@@ -36,7 +36,8 @@ Non-streamed requests and prefill. vLLM sends nothing of a non-streamed answer u
 complete, so pylb cannot see when its prefill ended. Two ways were possible: turn the request into
 a streamed one upstream and re-assemble the JSON answer, or estimate. pylb estimates: it fires
 the first-token event at dispatch + prompt tokens x the replica's per-token prefill time, a moving
-average learned from the replica's streamed requests (seeded with `router.prefill_s_per_token`),
+average learned from the replica's streamed requests (seeded with `router.prefill_s_per_token`,
+which also seeds the router's own per-token prefill time),
 or at completion when that comes first. Reasons: the body and the answer stay byte-exact (a
 re-assembled answer would have to reproduce every field vLLM may add -- logprobs, tool calls,
 reasoning content, prompt logprobs, kv_transfer_params -- and follow every vLLM release); the
@@ -85,13 +86,14 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from pylb.config import ConfigError, Settings
+from pylb.config import ConfigError, RouterSettings, Settings
 from pylb.fleet.fleet import Fleet
 from pylb.observability.logging import ACCESS_LOGGER, request_id_var
 from pylb.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pylb.observability.metrics import ProxyMetrics, ProxySnapshot, ReplicaSnapshot
 from pylb.router import registry
-from pylb.router.interface import Dispatch, Router, RouterOptions, RoutingRequest, Usage
+from pylb.router.interface import Dispatch, Router, RoutingRequest, Usage
+from pylb.router.policy import PolicyOptionError
 from pylb.router.request import CHAT, COMPLETIONS, RequestError, RequestLimits, build_request, parse_json_body
 
 from . import dispatcher as dispatch_mod
@@ -227,21 +229,38 @@ class _Retry(Exception):
         self.response = response
 
 
+def create_router(rs: RouterSettings) -> Router:
+    """The router of the settings: the policy spec `rs.policy` (`NAME[:key=value...]`, as
+    `pylb simulate --policy` takes it) around a core with `rs.router_options()`.
+
+    Raises ConfigError naming the setting and its value: `router.policy` for an unknown policy
+    or a bad spec option, the setting for a value `RouterOptions` rejects, `router.extra` for a
+    policy option from there that the policy rejects."""
+    options = rs.router_options()
+    try:
+        spec = registry.parse_spec(rs.policy)
+    except (registry.UnknownPolicyError, PolicyOptionError) as exc:
+        raise ConfigError("router.policy", rs.policy, str(exc)) from None
+    try:
+        return registry.create(rs.policy, options)
+    except ValueError as exc:  # a policy rejecting an option's value (PolicyOptionError is one)
+        if rs.extra and not spec.options:
+            raise ConfigError("router.extra", rs.extra, str(exc)) from None
+        raise ConfigError("router.policy", rs.policy, str(exc)) from None
+
+
 class ProxyServer:
     """pylb's HTTP proxy (see the module comment). Use `await start()` / `await stop()`, or
     `async with ProxyServer(settings) as proxy: ... proxy.url ...`.
 
-    Raises ConfigError from the constructor for an unknown policy."""
+    Without `router`, the router is `create_router(settings.router)`: the constructor raises
+    ConfigError for an unknown policy, a bad policy option or router setting."""
 
     def __init__(self, settings: Settings, router: Router | None = None) -> None:
         self.settings = settings
         rs = settings.router
         if router is None:
-            try:
-                factory = registry.get(rs.policy)
-            except registry.UnknownPolicyError as exc:
-                raise ConfigError("router.policy", rs.policy, f"unknown policy; registered: {', '.join(registry.names())}") from exc
-            router = factory(RouterOptions(slo_ttft=rs.slo_ttft_s, seed=rs.seed, block_chars=rs.block_chars, extra=dict(rs.extra)))
+            router = create_router(rs)
         self.router = router
         self.metrics = ProxyMetrics()
         self.dispatcher = Dispatcher(router, self.metrics, rs.max_queued)

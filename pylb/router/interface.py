@@ -67,10 +67,11 @@ class RoutingRequest:
         priority: larger is more urgent (0 by default).
         prompt_hash: optional 64-bit hash of the whole prompt text
             (`pylb.native.xxh3_64(prompt_bytes)`), filled by whoever builds the request (the
-            simulator always; the proxy when it has the text). Routers use it only to key a
-            prompt too short to have a single full block (fewer than `block_chars` bytes); it
-            must be a pure function of the prompt (never of the request id), so that every
-            router replica places the same prompt the same way. None when not known.
+            simulator, and the proxy's request model `pylb.router.request`, always). Routers
+            use it only to key a prompt too short to have a single full block (fewer than
+            `block_chars` bytes); it must be a pure function of the prompt (never of the
+            request id), so that every router replica places the same prompt the same way.
+            None when not known.
     """
 
     request_id: str

@@ -12,6 +12,16 @@ Prompt text -> hashes. Text is UTF-8 encoded and hashed in blocks of `block_char
 default, about 16 tokens) with `pylb.native.block_hashes`; the estimated prompt length is
 ceil(bytes / 4) tokens. No tokenizer runs on the hot path.
 
+Whole-prompt hash. `RoutingRequest.prompt_hash` is `pylb.native.xxh3_64` of exactly the buffer
+whose blocks were hashed: the UTF-8 text (for chat, its canonical rendering), or the uint32
+token ids' bytes (the array `block_hashes` reads, native byte order as there); for a batch, the
+first prompt's, like its hashes. The router keys a prompt shorter than one router block by it
+(`pylb.router.prefix.short_key`), so short prompts that differ get different keys instead of
+one key per token count; the simulator fills it the same way (`pylb.sim.cluster`), so a
+prompt is placed alike live and in simulation. It costs one more XXH3 pass over the prompt
+bytes; it is filled for every prompt, long ones too, so that it is a function of the prompt
+alone and not of `block_chars`.
+
 /v1/completions `prompt`:
   - a string: hashed as text.
   - token ids (a list of ints): hashed as uint32 values, `block_chars // 4` ids per block (16 by
@@ -20,11 +30,11 @@ ceil(bytes / 4) tokens. No tokenizer runs on the hot path.
   - a batch (a list of strings, or a list of lists of ids): vLLM runs each prompt as its own
     sequence, on one replica, and answers with one choice per prompt. pylb cannot split one HTTP
     request over several replicas without re-encoding the response, so the whole batch is
-    routed as one request: its hashes are the *first* prompt's (batched prompts usually share a
-    few-shot or system prefix, and the first is the one whose cached prefix the other prompts
-    are most likely to share; concatenating them would produce hashes no replica ever caches),
-    its prompt tokens and max tokens are the sums over the batch, so that load accounting sees
-    the whole batch.
+    routed as one request: its hashes and prompt_hash are the *first* prompt's (batched prompts
+    usually share a few-shot or system prefix, and the first is the one whose cached prefix the
+    other prompts are most likely to share; concatenating them would produce hashes no replica
+    ever caches), its prompt tokens and max tokens are the sums over the batch, so that load
+    accounting sees the whole batch.
   - `max_tokens` (default: `completions_default_max_tokens`, vLLM's 16), times `n`.
 
 /v1/chat/completions `messages` (and `tools`) are rendered to one canonical text, in order:
@@ -126,12 +136,13 @@ def build_request(
     Raises RequestError naming the field when a field routing needs is missing or malformed.
     """
     if kind == COMPLETIONS:
-        hashes, prompt_tokens, batch = _completion_prompt(body.get("prompt"), limits.block_chars)
+        hashes, prompt_hash, prompt_tokens, batch = _completion_prompt(body.get("prompt"), limits.block_chars)
         max_tokens = _int(body, "max_tokens", 1, limits.completions_default_max_tokens) * batch
     elif kind == CHAT:
         text = render_chat(body.get("messages"), body.get("tools"))
         data = text.encode("utf-8", "surrogatepass")
         hashes = native.block_hashes(data, limits.block_chars)
+        prompt_hash = native.xxh3_64(data)
         prompt_tokens = max(1, -(-len(data) // BYTES_PER_TOKEN))
         mct = _int(body, "max_completion_tokens", 1, None)
         max_tokens = mct if mct is not None else _int(body, "max_tokens", 1, limits.chat_default_max_tokens)
@@ -158,19 +169,20 @@ def build_request(
         model=model,
         stream=stream,
         priority=-priority,
+        prompt_hash=prompt_hash,
     )
 
 
 # ---- completions ----------------------------------------------------------------------------------------
 
 
-def _completion_prompt(prompt: Any, block_chars: int) -> tuple[np.ndarray, int, int]:
-    """(hashes, prompt tokens, batch size) of a completions `prompt`."""
+def _completion_prompt(prompt: Any, block_chars: int) -> tuple[np.ndarray, int, int, int]:
+    """(hashes, whole-prompt hash, prompt tokens, batch size) of a completions `prompt`."""
     if isinstance(prompt, str):
         data = prompt.encode("utf-8", "surrogatepass")
         if not data:
             raise RequestError("prompt", "prompt must not be empty")
-        return native.block_hashes(data, block_chars), -(-len(data) // BYTES_PER_TOKEN), 1
+        return native.block_hashes(data, block_chars), native.xxh3_64(data), -(-len(data) // BYTES_PER_TOKEN), 1
     if prompt is None:
         raise RequestError("prompt", "prompt is required: a string, a list of strings, or token ids")
     if not isinstance(prompt, list):
@@ -180,9 +192,10 @@ def _completion_prompt(prompt: Any, block_chars: int) -> tuple[np.ndarray, int, 
     first = prompt[0]
     if isinstance(first, int) and not isinstance(first, bool):
         ids = _token_ids(prompt, "prompt")
-        return native.block_hashes(ids, max(1, block_chars // BYTES_PER_TOKEN)), len(ids), 1
-    # a batch: strings, or lists of token ids
+        return native.block_hashes(ids, max(1, block_chars // BYTES_PER_TOKEN)), native.xxh3_64(ids), len(ids), 1
+    # a batch: strings, or lists of token ids; routed by the first prompt's hashes
     hashes: np.ndarray | None = None
+    whole = 0
     tokens = 0
     for i, item in enumerate(prompt):
         where = f"prompt[{i}]"
@@ -192,18 +205,18 @@ def _completion_prompt(prompt: Any, block_chars: int) -> tuple[np.ndarray, int, 
                 raise RequestError("prompt", f"{where} must not be empty")
             tokens += -(-len(data) // BYTES_PER_TOKEN)
             if hashes is None:
-                hashes = native.block_hashes(data, block_chars)
+                hashes, whole = native.block_hashes(data, block_chars), native.xxh3_64(data)
         elif isinstance(item, list):
             if not item:
                 raise RequestError("prompt", f"{where} must not be empty")
             ids = _token_ids(item, where)
             tokens += len(ids)
             if hashes is None:
-                hashes = native.block_hashes(ids, max(1, block_chars // BYTES_PER_TOKEN))
+                hashes, whole = native.block_hashes(ids, max(1, block_chars // BYTES_PER_TOKEN)), native.xxh3_64(ids)
         else:
             raise RequestError("prompt", f"{where} must be a string or a list of token ids, got {_tname(item)}")
     assert hashes is not None
-    return hashes, tokens, len(prompt)
+    return hashes, whole, tokens, len(prompt)
 
 
 def _token_ids(values: list[Any], where: str) -> np.ndarray:

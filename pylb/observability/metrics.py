@@ -91,17 +91,24 @@ SERIES: dict[str, str] = {
 
 
 @dataclass(slots=True)
-class ReplicaSnapshot:
-    """State of one replica at scrape time, as the proxy knows it."""
+class ReplicaLoad:
+    """The proxy's own accounting of one replica, kept by the dispatcher at dispatch time."""
 
-    replica: str
-    healthy: bool
     inflight: int = 0
     unprefilled_requests: int = 0
     unprefilled_tokens: int = 0
     dispatched: int = 0
     dispatched_prompt_tokens: int = 0
     predicted_cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class ReplicaSnapshot:
+    """State of one replica at scrape time, as the proxy knows it."""
+
+    replica: str
+    healthy: bool
+    load: ReplicaLoad = field(default_factory=ReplicaLoad)
     observed_queries: int = 0
     observed_hits: int = 0
     kv_cache_usage: float | None = None
@@ -159,17 +166,17 @@ class _StateCollector(Collector):
         for r in s.replicas:
             lab = [r.replica]
             healthy.add_metric(lab, 1.0 if r.healthy else 0.0)
-            inflight.add_metric(lab, r.inflight)
-            unpre.add_metric(lab, r.unprefilled_requests)
-            unpre_tok.add_metric(lab, r.unprefilled_tokens)
-            dispatched.add_metric(lab, r.dispatched)
-            disp_tok.add_metric(lab, r.dispatched_prompt_tokens)
+            inflight.add_metric(lab, r.load.inflight)
+            unpre.add_metric(lab, r.load.unprefilled_requests)
+            unpre_tok.add_metric(lab, r.load.unprefilled_tokens)
+            dispatched.add_metric(lab, r.load.dispatched)
+            disp_tok.add_metric(lab, r.load.dispatched_prompt_tokens)
             queries.add_metric(lab, r.observed_queries)
             hits.add_metric(lab, r.observed_hits)
             observed.add_metric(lab, _ratio(r.observed_hits, r.observed_queries))
             if s.predicted_known:
-                pred_tok.add_metric(lab, r.predicted_cached_tokens)
-                predicted.add_metric(lab, _ratio(r.predicted_cached_tokens, r.dispatched_prompt_tokens))
+                pred_tok.add_metric(lab, r.load.predicted_cached_tokens)
+                predicted.add_metric(lab, _ratio(r.load.predicted_cached_tokens, r.load.dispatched_prompt_tokens))
             if r.kv_cache_usage is not None:
                 kv.add_metric(lab, r.kv_cache_usage)
             if r.running is not None:
@@ -178,8 +185,8 @@ class _StateCollector(Collector):
                 waiting.add_metric(lab, r.waiting)
             tq += r.observed_queries
             th += r.observed_hits
-            tp += r.dispatched_prompt_tokens
-            tc += r.predicted_cached_tokens
+            tp += r.load.dispatched_prompt_tokens
+            tc += r.load.predicted_cached_tokens
         observed.add_metric(["fleet"], _ratio(th, tq))
         if s.predicted_known:
             predicted.add_metric(["fleet"], _ratio(tc, tp))

@@ -43,7 +43,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from pylb.observability.metrics import HOTSPOT_WINDOW, ProxyMetrics
+from pylb.observability.metrics import HOTSPOT_WINDOW, ProxyMetrics, ReplicaLoad
 from pylb.router.interface import Dispatch, ReplicaMetrics, Router, RoutingRequest, Usage
 
 log = logging.getLogger("pylb.dispatcher")
@@ -55,18 +55,6 @@ class QueueFull(Exception):
 
 class RouterFault(RuntimeError):
     """The router raised or broke the interface contract; the request cannot be routed."""
-
-
-@dataclass(slots=True)
-class ReplicaLoad:
-    """The proxy's accounting of one replica."""
-
-    inflight: int = 0
-    unprefilled_requests: int = 0
-    unprefilled_tokens: int = 0
-    dispatched: int = 0
-    dispatched_prompt_tokens: int = 0
-    predicted_cached_tokens: int = 0
 
 
 @dataclass(slots=True)

@@ -79,7 +79,7 @@ import logging
 import math
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
@@ -90,7 +90,7 @@ from pylb.config import ConfigError, RouterSettings, Settings
 from pylb.fleet.fleet import Fleet
 from pylb.observability.logging import ACCESS_LOGGER, request_id_var
 from pylb.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from pylb.observability.metrics import ProxyMetrics, ProxySnapshot, ReplicaSnapshot
+from pylb.observability.metrics import ProxyMetrics, ProxySnapshot, ReplicaLoad, ReplicaSnapshot
 from pylb.router import registry
 from pylb.router.interface import Dispatch, Router, RoutingRequest, Usage
 from pylb.router.policy import PolicyOptionError
@@ -371,18 +371,13 @@ class ProxyServer:
         healthy = set(self.fleet.healthy)
         reps = []
         for url, r in self.fleet.replicas.items():
-            load = self.dispatcher.loads.get(url) or dispatch_mod.ReplicaLoad()
+            load = self.dispatcher.loads.get(url)
             m = r.metrics
             reps.append(
                 ReplicaSnapshot(
                     replica=url,
                     healthy=url in healthy,
-                    inflight=load.inflight,
-                    unprefilled_requests=load.unprefilled_requests,
-                    unprefilled_tokens=load.unprefilled_tokens,
-                    dispatched=load.dispatched,
-                    dispatched_prompt_tokens=load.dispatched_prompt_tokens,
-                    predicted_cached_tokens=load.predicted_cached_tokens,
+                    load=replace(load) if load is not None else ReplicaLoad(),
                     observed_queries=r.observed_queries,
                     observed_hits=r.observed_hits,
                     kv_cache_usage=m.kv_cache_usage if m else None,

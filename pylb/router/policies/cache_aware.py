@@ -40,9 +40,10 @@ worker's map is prefix-closed (insert adds whole paths, eviction removes leaves)
 match depth on a path is found by binary search. Sizes and `max_tree_size` are counted in
 blocks: `max_tree_size` characters / `block_chars` (2**26 / 64 = 2**20 blocks).
 
-Parameters (`RouterOptions.extra`, SGLang names)
------------------------------------------------
-- `cache_threshold` (0..1, default 0.3)
+Parameters (policy options, SGLang names: `RouterOptions.extra`, or
+`pylb simulate --policy cache-aware:key=value`)
+-------------------------------------------------------------------------
+- `cache_threshold` (float in [0, 1], default 0.3)
 - `balance_abs_threshold` (int >= 0, default 64)
 - `balance_rel_threshold` (float >= 1, default 1.5)
 - `eviction_interval_secs` (float >= 0, default 60; 0 disables eviction)
@@ -50,6 +51,8 @@ Parameters (`RouterOptions.extra`, SGLang names)
 - `low_match` ("smallest-tree" | "min-load", default "smallest-tree"): where a low-match request
   goes. sgl-router routed it to the smallest tree; the later sgl-model-gateway routes it to the
   least-loaded worker. Both are offered; the default is the router DESIGN.md names.
+Declared in `CacheAwarePolicy.option_defaults` / `option_limits`; a value out of range is a
+`PolicyOptionError` (a ValueError) naming the policy, option and value.
 
 Deviations from SGLang, and why
 -------------------------------
@@ -76,10 +79,10 @@ from __future__ import annotations
 import heapq
 import random
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 
 from pylb.router.interface import ReplicaId, RouterOptions, RoutingRequest
-from pylb.router.policy import Choice, Policy, RouterView
+from pylb.router.policy import Choice, OptionLimits, Policy, RouterView
 from pylb.router.registry import register
 
 DEFAULT_CACHE_THRESHOLD = 0.3
@@ -91,17 +94,6 @@ LOW_MATCH_CHOICES = ("smallest-tree", "min-load")
 
 _ROOT = -1
 """Parent of a first block (block hashes are unsigned, so -1 is never a block)."""
-
-
-def _number(extra: Mapping[str, object], name: str, default: float, lo: float, hi: float | None = None) -> float:
-    value = extra.get(name, default)
-    bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-    error = ValueError(f"cache-aware option {name}={value!r}: expected a number {bound}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise error
-    if not (lo <= value and (hi is None or value <= hi)):
-        raise error
-    return float(value)
 
 
 class ApproxTree:
@@ -206,21 +198,31 @@ class CacheAwarePolicy(Policy):
 
     name = "cache-aware"
     migrates = False
+    option_defaults = {
+        "cache_threshold": DEFAULT_CACHE_THRESHOLD,
+        "balance_abs_threshold": DEFAULT_BALANCE_ABS_THRESHOLD,
+        "balance_rel_threshold": DEFAULT_BALANCE_REL_THRESHOLD,
+        "eviction_interval_secs": DEFAULT_EVICTION_INTERVAL_SECS,
+        "max_tree_size": DEFAULT_MAX_TREE_SIZE_CHARS,
+        "low_match": LOW_MATCH_CHOICES[0],
+    }
+    option_limits = {
+        "cache_threshold": OptionLimits(min=0.0, max=1.0),
+        "balance_abs_threshold": OptionLimits(min=0),
+        "balance_rel_threshold": OptionLimits(min=1.0),
+        "eviction_interval_secs": OptionLimits(min=0.0),
+        "max_tree_size": OptionLimits(min=0),
+        "low_match": OptionLimits(choices=LOW_MATCH_CHOICES),
+    }
 
     def __init__(self, options: RouterOptions) -> None:
         super().__init__(options)
-        extra = options.extra
-        self.cache_threshold = _number(extra, "cache_threshold", DEFAULT_CACHE_THRESHOLD, 0.0, 1.0)
-        abs_threshold = _number(extra, "balance_abs_threshold", DEFAULT_BALANCE_ABS_THRESHOLD, 0.0)
-        self.balance_abs_threshold = abs_threshold
-        self.balance_rel_threshold = _number(extra, "balance_rel_threshold", DEFAULT_BALANCE_REL_THRESHOLD, 1.0)
-        self.eviction_interval = _number(extra, "eviction_interval_secs", DEFAULT_EVICTION_INTERVAL_SECS, 0.0)
-        max_chars = _number(extra, "max_tree_size", DEFAULT_MAX_TREE_SIZE_CHARS, 0.0)
-        self.max_tree_blocks = int(max_chars) // max(1, options.block_chars)
-        low_match = extra.get("low_match", "smallest-tree")
-        if low_match not in LOW_MATCH_CHOICES:
-            raise ValueError(f"cache-aware option low_match={low_match!r}: expected one of {LOW_MATCH_CHOICES}")
-        self.low_match = str(low_match)
+        self.cache_threshold: float = self.option("cache_threshold")
+        self.balance_abs_threshold: int = self.option("balance_abs_threshold")
+        self.balance_rel_threshold: float = self.option("balance_rel_threshold")
+        self.eviction_interval: float = self.option("eviction_interval_secs")
+        self.max_tree_blocks = self.option("max_tree_size") // max(1, options.block_chars)
+        self.low_match: str = self.option("low_match")
         self.tree = ApproxTree()
         self._rng = random.Random(options.seed)
         self._members: frozenset[ReplicaId] = frozenset()

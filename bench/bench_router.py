@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
             for k, r in enumerate(reqs):
                 now = float(k)
                 router.submit(r, now)
-                for rid, rep in router.poll(now):
-                    router.on_first_token(rid, rep, now + 0.1)
-                    router.on_complete(rid, rep, now + 0.2, Usage(r.prompt_tokens, 1))
+                for d in router.poll(now):
+                    router.on_first_token(d.request_id, d.replica, now + 0.1)
+                    router.on_complete(d.request_id, d.replica, now + 0.2, Usage(r.prompt_tokens, 1))
             samples.append((time.perf_counter() - t0) / len(reqs) * 1e6)
         print(f"{policy:18} {statistics.median(samples):8.1f}", flush=True)
     return 0

@@ -180,3 +180,30 @@ def test_policy_specs_and_router_options(trace: Path, fast_profile: Path, tmp_pa
         err = capsys.readouterr().err
         for needle in needles:
             assert needle in err, (needle, err)
+
+
+def test_baseline_policy_options_from_the_command_line(trace: Path, fast_profile: Path, tmp_path: Path, capsys) -> None:
+    """The baselines' published parameters are policy options: `--policy cache-aware:cache_threshold=0.5`
+    runs under that label, and an out-of-range value is a usage error naming policy, option and value."""
+    out = tmp_path / "baselines.json"
+    rc = main(["simulate", "--trace", str(trace), "--replicas", "2", "--profile", str(fast_profile), "--no-progress",
+               "--policy", "cache-aware:cache_threshold=0.5,chwbl:load_factor=1.5,weighted-score:prefix_weight=1",
+               "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert [r["policy"] for r in doc["runs"]] == ["cache-aware:cache_threshold=0.5", "chwbl:load_factor=1.5",
+                                                  "weighted-score:prefix_weight=1.0"]  # fmt: skip
+    assert all(r["completed"] == 60 for r in doc["runs"])
+    for spec, needles in (
+        ("cache-aware:cache_threshold=2", ["--policy", "'cache-aware'", "cache_threshold='2'", "in [0, 1]"]),
+        ("chwbl:load_factor=0.5", ["--policy", "'chwbl'", "load_factor='0.5'", ">= 1"]),
+        ("weighted-score:queue_weight=-1", ["--policy", "'weighted-score'", "queue_weight='-1'", ">= 0"]),
+        ("preble-e2:rebalance_ratio=fast", ["--policy", "'preble-e2'", "rebalance_ratio='fast'", "a number"]),
+    ):
+        capsys.readouterr()
+        assert main(["simulate", "--trace", str(trace), "--no-progress", "--policy", spec]) == 2, spec
+        err = capsys.readouterr().err
+        assert err.startswith("pylb simulate: error: argument --policy: "), err
+        for needle in needles:
+            assert needle in err, (needle, err)
+        assert "Traceback" not in err

@@ -153,6 +153,41 @@ def coerce_option(policy: str, key: str, value: object, default: object) -> obje
     return str(value)
 
 
+@dataclass(frozen=True, slots=True)
+class OptionLimits:
+    """The values a policy option allows (`Policy.option_limits`): a numeric range (`min`,
+    `max`, inclusive unless `min_open`) or, for a string option, a fixed set of `choices`."""
+
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False
+    choices: tuple[str, ...] = ()
+
+    def describe(self, value: object) -> str:
+        """What is expected, e.g. "a number >= 1", "an integer >= 0", "a number in [0, 1]"."""
+        if self.choices:
+            return f"one of {', '.join(self.choices)}"
+        kind = "an integer" if isinstance(value, int) else "a number"
+        lo = "(" if self.min_open else "["
+        if self.min is not None and self.max is not None:
+            return f"{kind} in {lo}{self.min:g}, {self.max:g}]"
+        if self.min is not None:
+            return f"{kind} {'>' if self.min_open else '>='} {self.min:g}"
+        if self.max is not None:
+            return f"{kind} <= {self.max:g}"
+        return kind
+
+    def allows(self, value: object) -> bool:
+        """Whether `value` (already of the option's type) is within the limits."""
+        if self.choices:
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return True  # limits apply to numbers and choices only
+        if self.min is not None and (value < self.min or (self.min_open and value == self.min)):
+            return False
+        return self.max is None or value <= self.max
+
+
 class Policy(ABC):
     """Base class of routing policies. Subclasses set `name` and implement `choose`.
 
@@ -161,8 +196,12 @@ class Policy(ABC):
     deterministic for a given `options.seed` and call sequence.
 
     A policy that takes settings declares them in `option_defaults` (name -> default; the
-    default's type is the option's type) and reads them with `self.option(name)`; the registry
-    validates `NAME:key=value,...` policy specs against it (`pylb simulate --policy`).
+    default's type is the option's type), optionally bounds them in `option_limits`, and reads
+    them with `self.option(name)`, which converts and checks the value. The registry checks
+    `NAME:key=value,...` policy specs (`pylb simulate --policy`) with the same `check_option`,
+    so a bad value is refused when the spec is parsed and again when the policy is built from
+    `RouterOptions.extra` (`pylb serve`'s `router.extra`). This is the one way policies take
+    options: no policy parses `options.extra` itself.
     """
 
     name: ClassVar[str]
@@ -170,19 +209,34 @@ class Policy(ABC):
     """Whether the core should migrate this policy's queued requests off hot replicas."""
     option_defaults: ClassVar[dict[str, bool | int | float | str]] = {}
     """Policy-specific options read from `RouterOptions.extra`, with their defaults."""
+    option_limits: ClassVar[dict[str, OptionLimits]] = {}
+    """Allowed values of (some of) the declared options; an option without limits takes any
+    value of its type."""
 
     def __init__(self, options: RouterOptions) -> None:
         self.options = options
 
+    @classmethod
+    def check_option(cls, key: str, value: object) -> Any:
+        """`value` for the declared option `key`, converted to its default's type and checked
+        against its limits. Raises PolicyOptionError naming the policy, the option and the value."""
+        policy = getattr(cls, "name", cls.__name__)
+        if key not in cls.option_defaults:
+            known = ", ".join(sorted(cls.option_defaults)) or "none"
+            raise PolicyOptionError(f"policy {policy!r} has no option {key!r} (its options: {known})")
+        v = coerce_option(policy, key, value, cls.option_defaults[key])
+        limits = cls.option_limits.get(key)
+        if limits is not None and not limits.allows(v):
+            raise PolicyOptionError(f"policy {policy!r}: option {key}={value!r}: expected {limits.describe(v)}")
+        return v
+
     def option(self, key: str) -> Any:
-        """The value of a declared option: `options.extra[key]` coerced to its default's type,
-        or the default. Raises PolicyOptionError for an undeclared key or a bad value."""
-        if key not in self.option_defaults:
-            raise PolicyOptionError(f"policy {getattr(self, 'name', type(self).__name__)!r} has no option {key!r}")
-        default = self.option_defaults[key]
-        if key not in self.options.extra:
-            return default
-        return coerce_option(getattr(self, "name", type(self).__name__), key, self.options.extra[key], default)
+        """The value of a declared option: `options.extra[key]` converted and checked
+        (`check_option`), or the default. Raises PolicyOptionError for an undeclared key or a
+        bad value."""
+        if key not in self.options.extra and key in self.option_defaults:
+            return self.option_defaults[key]
+        return self.check_option(key, self.options.extra.get(key))  # raises for an undeclared key
 
     def on_membership(self, replicas: Sequence[ReplicaId]) -> None:
         """The live replicas changed (full ordered list); rebuild rings or tables here."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from .interface import Router, RouterOptions
-from .policy import Policy, PolicyOptionError, coerce_option
+from .policy import Policy, PolicyOptionError
 
 RouterFactory = Callable[[RouterOptions], Router]
 F = TypeVar("F")
@@ -151,7 +151,8 @@ def _fmt(v: object) -> str:
 
 def parse_spec(spec: str) -> PolicySpec:
     """Parse and check `NAME[:key=value...]`: the name must be registered and every key one of
-    its declared options (values are converted to the option's type).
+    its declared options (values are converted to the option's type and checked against its
+    limits by `Policy.check_option`, the check the policy makes again when it is built).
 
     Raises UnknownPolicyError for the name, PolicyOptionError for an option.
     """
@@ -163,11 +164,9 @@ def parse_spec(spec: str) -> PolicySpec:
         key = key.strip()
         if not eq or not key:
             raise PolicyOptionError(f"policy {name!r}: option {pair!r} must be key=value")
-        declared = cls.option_defaults if cls is not None else {}
-        if key not in declared:
-            known = ", ".join(sorted(declared)) or "none"
-            raise PolicyOptionError(f"policy {name!r} has no option {key!r} (its options: {known})")
-        opts[key] = coerce_option(name, key, value.strip(), declared[key])
+        if cls is None:
+            raise PolicyOptionError(f"policy {name!r} has no option {key!r} (its options: none)")
+        opts[key] = cls.check_option(key, value.strip())
     return PolicySpec(name, opts)
 
 

@@ -6,8 +6,9 @@
                   [--router-option FIELD=VALUE ...]
 
 A SPEC is a registered policy name, optionally with policy options: `NAME[:key=value...]`,
-e.g. `dualmap:migration=false` or `dualmap:key_depth=2` (ablations, reported under that label;
-`all` means every registered name, without options). `--router-option` sets a field of
+e.g. `dualmap:migration=false`, `dualmap:key_depth=2` or `cache-aware:cache_threshold=0.5`
+(ablations and the baselines' published parameters, reported under that label; each policy's
+module comment lists its options; `all` means every registered name, without options). `--router-option` sets a field of
 `RouterOptions` for every policy (e.g. `max_unprefilled_tokens=8192`).
 
 The trace is loaded and every prompt hashed once; then each policy runs at the rate scale

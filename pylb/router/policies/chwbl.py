@@ -25,13 +25,15 @@ Algorithm
   an idle replica needs 1 <= 2/8 * 1.25), the request goes to the key's ring owner, as KubeAI's
   `defaultEndpoint`.
 
-Parameters (`RouterOptions.extra`)
-----------------------------------
+Parameters (policy options: `RouterOptions.extra`, or `pylb simulate --policy chwbl:key=value`)
+---------------------------------------------------------------------------------------------
 - `replication` (int >= 1, default 256): vnodes per replica (KubeAI `replication`, default 256).
 - `load_factor` (float >= 1.0, default 1.25): KubeAI `meanLoadPercentage` 125 / 100.
 - `prefix_blocks` (int >= 1, default 2): router blocks hashed into the key. KubeAI hashes the
   first `prefixCharLength` = 100 characters; pylb's blocks are 64 bytes, so 2 blocks (128 bytes)
   is the nearest whole-block prefix.
+Declared in `ChwblPolicy.option_defaults` / `option_limits`; a value out of range (e.g.
+`load_factor=0.9`) is a `PolicyOptionError` (a ValueError) naming the policy, option and value.
 
 Deviations from KubeAI, and why
 -------------------------------
@@ -58,11 +60,11 @@ Deviations from KubeAI, and why
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from pylb.native import xxh3_64
 from pylb.router.interface import ReplicaId, RouterOptions, RoutingRequest
-from pylb.router.policy import Choice, Policy, RouterView
+from pylb.router.policy import Choice, OptionLimits, Policy, RouterView
 from pylb.router.registry import register
 
 DEFAULT_REPLICATION = 256
@@ -71,20 +73,6 @@ DEFAULT_LOAD_FACTOR = 1.25
 """KubeAI `PrefixHash.meanLoadPercentage` default 125, as a factor."""
 DEFAULT_PREFIX_BLOCKS = 2
 """Router blocks in the key: 2 x 64 bytes, the nearest to KubeAI's `prefixCharLength` = 100."""
-
-
-def _int_option(extra: Mapping[str, object], name: str, default: int, minimum: int) -> int:
-    value = extra.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"chwbl option {name}={value!r}: expected an integer >= {minimum}")
-    return value
-
-
-def _float_option(extra: Mapping[str, object], name: str, default: float, minimum: float) -> float:
-    value = extra.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
-        raise ValueError(f"chwbl option {name}={value!r}: expected a number >= {minimum}")
-    return float(value)
 
 
 def load_ok(load: int, total_load: int, n: int, load_factor: float) -> bool:
@@ -156,13 +144,22 @@ class ChwblPolicy(Policy):
 
     name = "chwbl"
     migrates = False
+    option_defaults = {
+        "replication": DEFAULT_REPLICATION,
+        "load_factor": DEFAULT_LOAD_FACTOR,
+        "prefix_blocks": DEFAULT_PREFIX_BLOCKS,
+    }
+    option_limits = {
+        "replication": OptionLimits(min=1),
+        "load_factor": OptionLimits(min=1.0),
+        "prefix_blocks": OptionLimits(min=1),
+    }
 
     def __init__(self, options: RouterOptions) -> None:
         super().__init__(options)
-        extra = options.extra
-        self.replication = _int_option(extra, "replication", DEFAULT_REPLICATION, 1)
-        self.load_factor = _float_option(extra, "load_factor", DEFAULT_LOAD_FACTOR, 1.0)
-        self.prefix_blocks = _int_option(extra, "prefix_blocks", DEFAULT_PREFIX_BLOCKS, 1)
+        self.replication: int = self.option("replication")
+        self.load_factor: float = self.option("load_factor")
+        self.prefix_blocks: int = self.option("prefix_blocks")
         self._ring: ChwblRing | None = None
 
     def on_membership(self, replicas: Sequence[ReplicaId]) -> None:

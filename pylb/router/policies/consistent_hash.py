@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pylb import native
 
 from ..interface import ReplicaId, RouterOptions, RoutingRequest
-from ..policy import Choice, Policy, RouterView
+from ..policy import Choice, OptionLimits, Policy, RouterView
 from ..prefix import PrefixKeyer
 from ..registry import register
 
@@ -29,6 +29,7 @@ class ConsistentHash(Policy):
     """Owner of the prefix key on one consistent-hash ring."""
 
     option_defaults = {"key_depth": 0}
+    option_limits = {"key_depth": OptionLimits(min=0)}
 
     def __init__(self, options: RouterOptions) -> None:
         super().__init__(options)

@@ -51,7 +51,7 @@ from collections.abc import Sequence
 from pylb import native
 
 from ..interface import ReplicaId, RouterOptions, RoutingRequest
-from ..policy import Choice, Policy, PolicyOptionError, ReplicaState, RouterView
+from ..policy import Choice, OptionLimits, Policy, ReplicaState, RouterView
 from ..prefix import PrefixKeyer
 from ..registry import register
 
@@ -71,13 +71,12 @@ class DualMap(Policy):
 
     migrates = True
     option_defaults = {"migration": True, "slo_switch": "rescue", "key_depth": 0}
+    option_limits = {"slo_switch": OptionLimits(choices=SLO_SWITCH_RULES), "key_depth": OptionLimits(min=0)}
 
     def __init__(self, options: RouterOptions) -> None:
         super().__init__(options)
         self.migrates = bool(self.option("migration"))  # type: ignore[misc]  # per-instance ablation
         self.slo_switch = str(self.option("slo_switch"))
-        if self.slo_switch not in SLO_SWITCH_RULES:
-            raise PolicyOptionError(f"policy 'dualmap': option slo_switch={self.slo_switch!r}: expected one of {', '.join(SLO_SWITCH_RULES)}")
         self.keyer = PrefixKeyer(options, fixed_depth=self.option("key_depth"))
         self.ring: native.DualRing | None = None
         self.switch_budget = options.slo_ttft / 2

@@ -27,12 +27,14 @@ prompt tokens) of the requests assigned to it during the last `window_s` seconds
 4. The request's missed tokens on the replica it finally goes to are added to that replica's L
    at `view.now`; they leave L `window_s` later.
 
-Parameters (`RouterOptions.extra`)
-----------------------------------
+Parameters (policy options: `RouterOptions.extra`, or `pylb simulate --policy preble-e2:key=value`)
+-------------------------------------------------------------------------------------------------
 - `window_s` (float > 0, default 180): Preble's load window H (3 minutes in its code).
 - `rebalance_ratio` (float >= 1, default 1.5): Preble's `HIGH_LOAD_THRESHOLD`.
 - `chars_per_token` (float > 0, default 4): converts router blocks (`block_chars` = 64 bytes) to
   tokens: one block = 64 / 4 = 16 tokens.
+Declared in `PrebleE2Policy.option_defaults` / `option_limits`; a value out of range is a
+`PolicyOptionError` (a ValueError) naming the policy, option and value.
 
 Deviations from Preble, and why
 -------------------------------
@@ -58,12 +60,12 @@ Deviations from Preble, and why
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from pylb.router.interface import ReplicaId, RouterOptions, RoutingRequest
-from pylb.router.policy import Choice, Policy, RouterView
+from pylb.router.policy import Choice, OptionLimits, Policy, RouterView
 from pylb.router.registry import register
 
 DEFAULT_WINDOW_S = 180.0
@@ -72,16 +74,6 @@ DEFAULT_REBALANCE_RATIO = 1.5
 """Preble's HIGH_LOAD_THRESHOLD: rebalance when the heaviest load exceeds 1.5x the lightest."""
 DEFAULT_CHARS_PER_TOKEN = 4.0
 """Bytes of prompt text per token assumed by the router (64-byte blocks = 16 tokens)."""
-
-
-def _number(extra: Mapping[str, object], name: str, default: float, minimum: float, strict: bool) -> float:
-    value = extra.get(name, default)
-    error = ValueError(f"preble-e2 option {name}={value!r}: expected a number {'>' if strict else '>='} {minimum}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise error
-    if not (value > minimum or (not strict and value == minimum)):
-        raise error
-    return float(value)
 
 
 class WindowLoad:
@@ -123,13 +115,22 @@ class PrebleE2Policy(Policy):
 
     name = "preble-e2"
     migrates = False
+    option_defaults = {
+        "window_s": DEFAULT_WINDOW_S,
+        "rebalance_ratio": DEFAULT_REBALANCE_RATIO,
+        "chars_per_token": DEFAULT_CHARS_PER_TOKEN,
+    }
+    option_limits = {
+        "window_s": OptionLimits(min=0.0, min_open=True),
+        "rebalance_ratio": OptionLimits(min=1.0),
+        "chars_per_token": OptionLimits(min=0.0, min_open=True),
+    }
 
     def __init__(self, options: RouterOptions) -> None:
         super().__init__(options)
-        extra = options.extra
-        self.window_s = _number(extra, "window_s", DEFAULT_WINDOW_S, 0.0, strict=True)
-        self.rebalance_ratio = _number(extra, "rebalance_ratio", DEFAULT_REBALANCE_RATIO, 1.0, strict=False)
-        chars_per_token = _number(extra, "chars_per_token", DEFAULT_CHARS_PER_TOKEN, 0.0, strict=True)
+        self.window_s: float = self.option("window_s")
+        self.rebalance_ratio: float = self.option("rebalance_ratio")
+        chars_per_token: float = self.option("chars_per_token")
         self.tokens_per_block = options.block_chars / chars_per_token
         self.load = WindowLoad(self.window_s)
 

@@ -30,14 +30,18 @@ For every replica i (all replicas are candidates; the default profile has no fil
 - max-score picker: the highest score wins; exact ties are broken uniformly at random (GIE
   shuffles the candidates, then sorts stably by score).
 
-Parameters (`RouterOptions.extra`)
-----------------------------------
-- `queue_weight` (default 2), `kv_cache_weight` (default 2), `prefix_weight` (default 3): >= 0.
+Parameters (policy options: `RouterOptions.extra`, or
+`pylb simulate --policy weighted-score:key=value`)
+-------------------------------------------------------------------------------------------
+- `queue_weight` (default 2), `kv_cache_weight` (default 2), `prefix_weight` (default 3):
+  floats >= 0, the scorer weights of the default profile.
 - `max_prefix_blocks` (int >= 1, default 256): GIE `maxPrefixBlocksToMatch`.
 - `lru_capacity_per_server` (int >= 1, default 31250): GIE `lruCapacityPerServer`, in blocks.
-- `auto_tune` (bool, default True): size each LRU from the replica's scraped KV capacity
+- `auto_tune` (bool, default true): size each LRU from the replica's scraped KV capacity
   (`num_gpu_blocks` x `block_size` tokens; at 4 characters per token and 64-byte router blocks,
   one 16-token vLLM block is one router block).
+Declared in `WeightedScorePolicy.option_defaults` / `option_limits`; a value out of range (e.g.
+a negative weight) is a `PolicyOptionError` (a ValueError) naming the policy, option and value.
 
 Deviations from llm-d / GIE, and why
 ------------------------------------
@@ -62,10 +66,10 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from pylb.router.interface import ReplicaId, RouterOptions, RoutingRequest
-from pylb.router.policy import Choice, Policy, ReplicaState, RouterView
+from pylb.router.policy import Choice, OptionLimits, Policy, ReplicaState, RouterView
 from pylb.router.registry import register
 
 DEFAULT_QUEUE_WEIGHT = 2.0
@@ -77,20 +81,6 @@ DEFAULT_BLOCK_SIZE_TOKENS = 16
 """GIE `DefaultBlockSizeTokens` (vLLM's default KV block size)."""
 CHARS_PER_TOKEN = 4
 """GIE `averageCharactersPerToken`: 16-token blocks are 64 characters, pylb's router block size."""
-
-
-def _number(extra: Mapping[str, object], name: str, default: float, minimum: float) -> float:
-    value = extra.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
-        raise ValueError(f"weighted-score option {name}={value!r}: expected a number >= {minimum}")
-    return float(value)
-
-
-def _integer(extra: Mapping[str, object], name: str, default: int, minimum: int) -> int:
-    value = extra.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"weighted-score option {name}={value!r}: expected an integer >= {minimum}")
-    return value
 
 
 class PrefixIndex:
@@ -164,19 +154,30 @@ class WeightedScorePolicy(Policy):
 
     name = "weighted-score"
     migrates = False
+    option_defaults = {
+        "queue_weight": DEFAULT_QUEUE_WEIGHT,
+        "kv_cache_weight": DEFAULT_KV_CACHE_WEIGHT,
+        "prefix_weight": DEFAULT_PREFIX_WEIGHT,
+        "max_prefix_blocks": DEFAULT_MAX_PREFIX_BLOCKS,
+        "lru_capacity_per_server": DEFAULT_LRU_CAPACITY_PER_SERVER,
+        "auto_tune": True,
+    }
+    option_limits = {
+        "queue_weight": OptionLimits(min=0.0),
+        "kv_cache_weight": OptionLimits(min=0.0),
+        "prefix_weight": OptionLimits(min=0.0),
+        "max_prefix_blocks": OptionLimits(min=1),
+        "lru_capacity_per_server": OptionLimits(min=1),
+    }
 
     def __init__(self, options: RouterOptions) -> None:
         super().__init__(options)
-        extra = options.extra
-        self.queue_weight = _number(extra, "queue_weight", DEFAULT_QUEUE_WEIGHT, 0.0)
-        self.kv_cache_weight = _number(extra, "kv_cache_weight", DEFAULT_KV_CACHE_WEIGHT, 0.0)
-        self.prefix_weight = _number(extra, "prefix_weight", DEFAULT_PREFIX_WEIGHT, 0.0)
-        self.max_prefix_blocks = _integer(extra, "max_prefix_blocks", DEFAULT_MAX_PREFIX_BLOCKS, 1)
-        self.lru_capacity = _integer(extra, "lru_capacity_per_server", DEFAULT_LRU_CAPACITY_PER_SERVER, 1)
-        auto_tune = extra.get("auto_tune", True)
-        if not isinstance(auto_tune, bool):
-            raise ValueError(f"weighted-score option auto_tune={auto_tune!r}: expected true or false")
-        self.auto_tune = auto_tune
+        self.queue_weight: float = self.option("queue_weight")
+        self.kv_cache_weight: float = self.option("kv_cache_weight")
+        self.prefix_weight: float = self.option("prefix_weight")
+        self.max_prefix_blocks: int = self.option("max_prefix_blocks")
+        self.lru_capacity: int = self.option("lru_capacity_per_server")
+        self.auto_tune: bool = self.option("auto_tune")
         self.index = PrefixIndex(self.lru_capacity)
         self._rng = random.Random(options.seed)
 

@@ -124,6 +124,49 @@ def test_affinity_picks_the_longer_match_within_the_budget() -> None:
     assert (c.replica, c.alternate, c.branch) == (b, a, "affinity")
 
 
+def four_replica_dualmap(**extra: object) -> tuple[DualMap, int, int, int, RoutingRequest]:
+    """A DualMap over four replicas, a request, its candidates (a, b), and a replica c off both rings."""
+    p = DualMap(RouterOptions(slo_ttft=5.0, extra=dict(extra)))
+    p.on_membership(["r0", "r1", "r2", "r3"])
+    p.keyer = PrefixKeyer(p.options, fixed_depth=1)
+    req = rr("q", np.arange(1, 80, dtype=U64))
+    a, b = p.ring.candidates(p.keyer.key(req)[0])  # type: ignore[union-attr]
+    c = min({0, 1, 2, 3} - {a, b})
+    return p, a, b, c, req
+
+
+def test_follow_cache_takes_a_replica_off_the_rings_that_holds_more() -> None:
+    p, a, b, c, req = four_replica_dualmap()
+    cached, ttft = [0] * 4, [1.0] * 4
+    cached[a], cached[c] = 10, 40  # a spill or migration left the conversation on c
+    choice = p.choose(req, View(cached, ttft))
+    assert (choice.replica, choice.branch) == (c, "affinity")
+    assert choice.alternate == a  # c replaced b, the worse-matched candidate
+    off, oa, ob, oc, oreq = four_replica_dualmap(follow_cache=False)
+    cached, ttft = [0] * 4, [1.0] * 4
+    cached[oa], cached[oc] = 10, 40
+    assert off.choose(oreq, View(cached, ttft)).replica == oa
+
+
+def test_spill_only_when_both_candidates_would_miss_the_slo() -> None:
+    p, a, b, c, req = four_replica_dualmap()
+    cached, ttft = [0] * 4, [0.5] * 4
+    cached[a], ttft[a], ttft[b], ttft[c] = 40, 6.0, 5.5, 0.2
+    choice = p.choose(req, View(cached, ttft))
+    assert (choice.replica, choice.alternate, choice.branch) == (c, a, "spill")
+    ttft[b] = 4.9  # b would meet the SLO: no spill (and b is over slo/2, so no rescue either)
+    assert p.choose(req, View(cached, ttft)).replica == a
+    ttft[b] = 5.5
+    ttft = [6.0 if i != c else 5.2 for i in range(4)]  # nowhere within the SLO: keep the cache
+    assert p.choose(req, View(cached, ttft)).replica == a
+    off, oa, ob, oc, oreq = four_replica_dualmap(spill="off")
+    cached, ttft = [0] * 4, [0.5] * 4
+    cached[oa], ttft[oa], ttft[ob], ttft[oc] = 40, 6.0, 5.5, 0.2
+    assert off.choose(oreq, View(cached, ttft)).replica == oa
+    with pytest.raises(PolicyOptionError, match="spill='everywhere'"):
+        registry.create("dualmap:spill=everywhere", RouterOptions())
+
+
 def test_slo_switch_when_the_affine_candidate_would_exceed_half_the_slo() -> None:
     p, a, b, req = two_replica_dualmap()  # the default rule: "rescue"
     cached, ttft = [0, 0], [0.0, 0.0]

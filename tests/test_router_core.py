@@ -23,9 +23,10 @@ class Fixed(Policy):
 
     name = "fixed"
 
-    def __init__(self, options: RouterOptions, migrates: bool = False) -> None:
+    def __init__(self, options: RouterOptions, migrates: bool = False, neighbours: bool = True) -> None:
         super().__init__(options)
         self.migrates = migrates  # type: ignore[misc]
+        self.migrates_to_neighbours = neighbours  # type: ignore[misc]
         self.memberships: list[list[str]] = []
         self.dispatched: list[tuple[str, int]] = []
         self.completed: list[tuple[str, int]] = []
@@ -50,9 +51,9 @@ def req(rid: str, tokens: int = 100, arrival: float = 0.0, priority: int = 0, ha
     return RoutingRequest(rid, np.array(hashes, dtype=np.uint64), tokens, 4, arrival, priority=priority)
 
 
-def core(n: int = 2, migrates: bool = False, **opts: object) -> CoreRouter:
+def core(n: int = 2, migrates: bool = False, neighbours: bool = True, **opts: object) -> CoreRouter:
     o = RouterOptions(**opts)  # type: ignore[arg-type]
-    r = CoreRouter(Fixed(o, migrates), o)
+    r = CoreRouter(Fixed(o, migrates, neighbours), o)
     r.on_membership([f"r{i}" for i in range(n)], 0.0)
     return r
 
@@ -261,12 +262,13 @@ def test_a_replica_estimate_leans_on_the_fleet_until_it_has_samples() -> None:
 # ---- migration ---------------------------------------------------------------------------------------
 
 
-def test_migration_moves_cheapest_first_and_only_while_it_helps() -> None:
+@pytest.mark.parametrize("neighbours", [False, True])
+def test_migration_moves_cheapest_first_and_only_while_it_helps(neighbours: bool) -> None:
     # 1 ms per token, SLO 5 s. r0 has a 2000-token prompt in flight and three queued behind it:
     #   cheap (alternate r1, whose cache holds 3200 of its 3300 tokens: the move saves 3200),
     #   dear  (alternate r2, nothing cached anywhere: the move costs 0 extra tokens),
     #   mid   (alternate r2, its prefix is on r1 only: moving to r2 costs 0 extra tokens either).
-    r = core(3, migrates=True, max_unprefilled_requests=1, prefill_seconds_per_token=1e-3, slo_ttft=5.0, hot_wait_s=100.0)
+    r = core(3, migrates=True, neighbours=neighbours, max_unprefilled_requests=1, prefill_seconds_per_token=1e-3, slo_ttft=5.0, hot_wait_s=100.0)
     warm = list(range(1, 201))  # 200 blocks = 3200 tokens
     r.submit(req("1/warm", tokens=3200, hashes=warm), 0.0)
     r.submit(req("2/warm2", tokens=3200, hashes=[500 + h for h in warm]), 0.0)
@@ -283,11 +285,13 @@ def test_migration_moves_cheapest_first_and_only_while_it_helps() -> None:
     out = r.poll(3.3)
     where = {rid: r._entries[rid].replica for rid in ("0/dear/2", "0/cheap/1", "0/mid/2")}
     # cheap moves first (to r1, where it is 100 tokens), then dear (to r2, idle). r0 is then at
-    # (2000 + 3300) ms = 5.3 s, still hot, but mid's move to r2 (4000 + 3300 tokens) would not help.
-    assert where == {"0/cheap/1": 1, "0/dear/2": 2, "0/mid/2": 0}
-    assert r.migrations == 2 and r.decisions["migration"] == 2
+    # (2000 + 3300) ms = 5.3 s, still hot, but mid's move to its alternate r2 (4000 + 3300
+    # tokens) would not help. With neighbours, mid goes to r1 instead, where its prefix is:
+    # (100 queued + its own 100) ms = 0.2 s.
+    assert r.migrations == 2 + neighbours and r.decisions["migration"] == 2 + neighbours
+    assert where == {"0/cheap/1": 1, "0/dear/2": 2, "0/mid/2": 1 if neighbours else 0}
     assert sorted(d[:2] for d in out) == [("0/cheap/1", "r1"), ("0/dear/2", "r2")]
-    assert r.replica_ttft(0) == pytest.approx(5.3)
+    assert r.replica_ttft(0) == pytest.approx(2.0 if neighbours else 5.3)
     assert r._entries["0/cheap/1"].alternate == 0 and r._entries["0/cheap/1"].branch == "migration"
 
 

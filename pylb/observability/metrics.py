@@ -60,7 +60,7 @@ DECISION_BUCKETS: tuple[float, ...] = (
 SERIES: dict[str, str] = {
     "pylb_requests_total": "requests answered, by endpoint and HTTP status (499: the client went away; 502 also counts streams that broke mid-way)",
     "pylb_requests_in_progress": "requests being served now",
-    "pylb_decisions_total": "routing decisions by branch (affinity, slo-switch, load, migration, retry, fallback; 'unknown' when the router does not say)",
+    "pylb_decisions_total": "routing decisions by branch (affinity, slo-switch, spill, load, migration, retry, fallback; 'unknown' when the router does not say)",
     "pylb_retries_total": "requests re-sent to another replica before their first byte, by reason",
     "pylb_ejections_total": "replicas taken out of rotation, by replica and reason (probe, connect, 5xx)",
     "pylb_upstream_errors_total": "failed exchanges with replicas, by replica and kind (connect, timeout, status, stream)",

@@ -33,7 +33,7 @@ import numpy as np
 
 from .interface import ReplicaId, ReplicaMetrics, RouterOptions, RoutingRequest
 
-BRANCHES = ("affinity", "slo-switch", "load", "migration", "retry", "fallback")
+BRANCHES = ("affinity", "slo-switch", "spill", "load", "migration", "retry", "fallback")
 """Decision branches, as counted in `pylb_decisions_total{branch}`."""
 
 
@@ -207,6 +207,9 @@ class Policy(ABC):
     name: ClassVar[str]
     migrates: ClassVar[bool] = False
     """Whether the core should migrate this policy's queued requests off hot replicas."""
+    migrates_to_neighbours: ClassVar[bool] = True
+    """When migrating: whether a request whose alternate cannot take it may move to a neighbour
+    (the replica where its predicted TTFT is lowest), not only to its alternate."""
     option_defaults: ClassVar[dict[str, bool | int | float | str]] = {}
     """Policy-specific options read from `RouterOptions.extra`, with their defaults."""
     option_limits: ClassVar[dict[str, OptionLimits]] = {}

@@ -31,7 +31,22 @@ Design
    the paper's for 41 %.
 5. The other candidate is the request's `alternate`: the core migrates still-queued requests to
    it when their replica turns hot (predicted TTFT > SLO, or oldest queued wait >= 3 s), cheapest
-   first, while the move lowers the predicted TTFT (`migrates = True`).
+   first, while the move lowers the predicted TTFT (`migrates = True`); when the alternate is as
+   hot, to a neighbour, the replica where the request's predicted TTFT is lowest
+   (`migrates_to_neighbours`, option `neighbours`).
+6. Follow the cache (pylb; option `follow_cache`): when a replica off the two rings holds a
+   longer match above the hot floor than both candidates (a conversation that an earlier spill
+   or migration moved there), it replaces the worse-matched candidate, so the next turn goes where
+   its prefix is rather than back to the ring owners, which hold less of it.
+7. Spill (pylb; option `spill`): when both candidates predict a TTFT over the SLO, the request
+   goes to the fleet's replica with the lowest predicted TTFT, if that one predicts it within the
+   SLO. With two choices, a long prompt whose two owners are busy would otherwise miss its SLO
+   while another replica idles. The thresholds are the SLO itself (not SLO/2): below it, the
+   request keeps its affinity.
+   Measured (BENCHMARKS.md, "DualMap ablations"): on the DualMap paper's profile (Ascend 910B,
+   where a 5 s SLO is tight against prefill times) steps 5-7 raised dualmap's capacity from 2.63
+   to 3.3 req/s, above min-ttft's 2.9; on the compute-bound H100 profile they are neutral
+   (within one 2 % sweep step).
 Rings are rebuilt only in `on_membership`; adding one of N replicas moves about 1/N of the keys
 on each ring. Per request: one key_for, one candidates lookup, one mirror match.
 
@@ -40,6 +55,9 @@ Options (`RouterOptions.extra`, or `pylb simulate --policy dualmap:key=value`), 
     slo_switch (str, default rescue)  step 4: "rescue", "paper" (the paper's rule) or "off"
                                       (always the better-cached candidate)
     key_depth  (int, default 0)       0 = adaptive key; d >= 1 = key fixed at depth d
+    neighbours (bool, default true)   step 5: migrate to a neighbour when the alternate is hot
+    follow_cache (bool, default true) step 6 on/off
+    spill      (str, default fleet)   step 7: "fleet" or "off"
 Parameters from the paper: SLO/2 switch threshold, 200-request window, 6.12 % expansion share,
 3 s hotspot wait; 512-token key blocks and 256 virtual nodes are pylb's defaults.
 """
@@ -47,6 +65,8 @@ Parameters from the paper: SLO/2 switch threshold, 200-request window, 6.12 % ex
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import numpy as np
 
 from pylb import native
 
@@ -59,6 +79,9 @@ from ..registry import register
 SLO_SWITCH_RULES = ("rescue", "paper", "off")
 """Values of the `slo_switch` option."""
 
+SPILL_RULES = ("fleet", "off")
+"""Values of the `spill` option."""
+
 
 def _backlog(s: ReplicaState) -> float:
     """Seconds of prefill queued and in flight on a replica (the wait part of predicted TTFT)."""
@@ -70,13 +93,28 @@ class DualMap(Policy):
     """DualMap's dual-mapping scheduler (see the module docstring)."""
 
     migrates = True
-    option_defaults = {"migration": True, "slo_switch": "rescue", "key_depth": 0}
-    option_limits = {"slo_switch": OptionLimits(choices=SLO_SWITCH_RULES), "key_depth": OptionLimits(min=0)}
+    option_defaults = {
+        "migration": True,
+        "slo_switch": "rescue",
+        "key_depth": 0,
+        "neighbours": True,
+        "follow_cache": True,
+        "spill": "fleet",
+    }
+    option_limits = {
+        "slo_switch": OptionLimits(choices=SLO_SWITCH_RULES),
+        "key_depth": OptionLimits(min=0),
+        "spill": OptionLimits(choices=SPILL_RULES),
+    }
 
     def __init__(self, options: RouterOptions) -> None:
         super().__init__(options)
         self.migrates = bool(self.option("migration"))  # type: ignore[misc]  # per-instance ablation
+        self.migrates_to_neighbours = bool(self.option("neighbours"))  # type: ignore[misc]
         self.slo_switch = str(self.option("slo_switch"))
+        self.follow_cache = bool(self.option("follow_cache"))
+        self.spill = str(self.option("spill")) == "fleet"
+        self.slo = options.slo_ttft
         self.keyer = PrefixKeyer(options, fixed_depth=self.option("key_depth"))
         self.ring: native.DualRing | None = None
         self.switch_budget = options.slo_ttft / 2
@@ -87,7 +125,8 @@ class DualMap(Policy):
         self.ring = native.DualRing(list(replicas)) if replicas else None
 
     def choose(self, request: RoutingRequest, view: RouterView) -> Choice:
-        """Better-cached candidate, unless its predicted TTFT > slo/2 (then the faster one)."""
+        """Better-cached candidate, unless its predicted TTFT > slo/2 (then the other, if it is
+        within slo/2); the fleet's fastest replica when both candidates would miss the SLO."""
         assert self.ring is not None, "on_membership must come before choose"
         key, depth = self.keyer.key(request)
         a, b = self.ring.candidates(key)
@@ -96,6 +135,14 @@ class DualMap(Policy):
         cached = view.cached_blocks(request)
         floor = max(0, depth - 1) * self.blocks_per_key
         ca, cb = max(0, int(cached[a]) - floor), max(0, int(cached[b]) - floor)
+        if self.follow_cache:
+            c = int(np.argmax(cached))
+            cc = max(0, int(cached[c]) - floor)
+            if cc > max(ca, cb):  # held off the rings (spilled or migrated there): replaces the worse candidate
+                if ca <= cb:
+                    a, ca = c, cc
+                else:
+                    b, cb = c, cc
         ta, tb = view.predicted_ttft(request, a), view.predicted_ttft(request, b)
         faster = a if ta <= tb else b
         if ca == cb:
@@ -108,4 +155,8 @@ class DualMap(Policy):
                 pick, branch = faster, "slo-switch"
             elif self.slo_switch == "rescue" and t_pick > budget and t_other <= budget:
                 pick, branch = (b if pick == a else a), "slo-switch"
+        if self.spill and min(ta, tb) > self.slo:
+            best = min(range(len(view.replicas)), key=lambda i: (view.predicted_ttft(request, i), i))
+            if view.predicted_ttft(request, best) <= self.slo:
+                return Choice(best, pick, branch="spill")
         return Choice(pick, b if pick == a else a, branch=branch)

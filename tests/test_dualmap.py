@@ -149,7 +149,7 @@ def test_follow_cache_takes_a_replica_off_the_rings_that_holds_more() -> None:
 
 
 def test_spill_only_when_both_candidates_would_miss_the_slo() -> None:
-    p, a, b, c, req = four_replica_dualmap()
+    p, a, b, c, req = four_replica_dualmap(spill="fleet")
     cached, ttft = [0] * 4, [0.5] * 4
     cached[a], ttft[a], ttft[b], ttft[c] = 40, 6.0, 5.5, 0.2
     choice = p.choose(req, View(cached, ttft))
@@ -159,7 +159,7 @@ def test_spill_only_when_both_candidates_would_miss_the_slo() -> None:
     ttft[b] = 5.5
     ttft = [6.0 if i != c else 5.2 for i in range(4)]  # nowhere within the SLO: keep the cache
     assert p.choose(req, View(cached, ttft)).replica == a
-    off, oa, ob, oc, oreq = four_replica_dualmap(spill="off")
+    off, oa, ob, oc, oreq = four_replica_dualmap()  # the default: no spill
     cached, ttft = [0] * 4, [0.5] * 4
     cached[oa], ttft[oa], ttft[ob], ttft[oc] = 40, 6.0, 5.5, 0.2
     assert off.choose(oreq, View(cached, ttft)).replica == oa

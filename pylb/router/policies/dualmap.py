@@ -38,15 +38,15 @@ Design
    longer match above the hot floor than both candidates (a conversation that an earlier spill
    or migration moved there), it replaces the worse-matched candidate, so the next turn goes where
    its prefix is rather than back to the ring owners, which hold less of it.
-7. Spill (pylb; option `spill`): when both candidates predict a TTFT over the SLO, the request
-   goes to the fleet's replica with the lowest predicted TTFT, if that one predicts it within the
-   SLO. With two choices, a long prompt whose two owners are busy would otherwise miss its SLO
-   while another replica idles. The thresholds are the SLO itself (not SLO/2): below it, the
-   request keeps its affinity.
-   Measured (BENCHMARKS.md, "DualMap ablations"): on the DualMap paper's profile (Ascend 910B,
-   where a 5 s SLO is tight against prefill times) steps 5-7 raised dualmap's capacity from 2.63
-   to 3.3 req/s, above min-ttft's 2.9; on the compute-bound H100 profile they are neutral
-   (within one 2 % sweep step).
+7. Spill (pylb; option `spill`, off by default): when both candidates predict a TTFT over the
+   SLO, the request goes to the fleet's replica with the lowest predicted TTFT, if that one
+   predicts it within the SLO (the admission-time twin of step 5's neighbours).
+   Measured (BENCHMARKS.md, "DualMap ablations"), on the DualMap paper's profile (Ascend 910B,
+   where a 5 s SLO is tight against prefill times): neighbours took dualmap's capacity from 3.20
+   to 3.53 req/s, above min-ttft's 2.87; spill alone was worth 2.63 -> 3.20, but with
+   neighbours it adds nothing (3.57 without it, 3.53 with it) and on the compute-bound H100
+   profile it costs a sweep step (11.13 -> 11.01), so it is off. Follow-the-cache is neutral on
+   capacity and adds 1.4 points of hit rate on 910B.
 Rings are rebuilt only in `on_membership`; adding one of N replicas moves about 1/N of the keys
 on each ring. Per request: one key_for, one candidates lookup, one mirror match.
 
@@ -57,7 +57,7 @@ Options (`RouterOptions.extra`, or `pylb simulate --policy dualmap:key=value`), 
     key_depth  (int, default 0)       0 = adaptive key; d >= 1 = key fixed at depth d
     neighbours (bool, default true)   step 5: migrate to a neighbour when the alternate is hot
     follow_cache (bool, default true) step 6 on/off
-    spill      (str, default fleet)   step 7: "fleet" or "off"
+    spill      (str, default off)     step 7: "fleet" or "off"
 Parameters from the paper: SLO/2 switch threshold, 200-request window, 6.12 % expansion share,
 3 s hotspot wait; 512-token key blocks and 256 virtual nodes are pylb's defaults.
 """
@@ -79,7 +79,7 @@ from ..registry import register
 SLO_SWITCH_RULES = ("rescue", "paper", "off")
 """Values of the `slo_switch` option."""
 
-SPILL_RULES = ("fleet", "off")
+SPILL_RULES = ("off", "fleet")
 """Values of the `spill` option."""
 
 
@@ -99,7 +99,7 @@ class DualMap(Policy):
         "key_depth": 0,
         "neighbours": True,
         "follow_cache": True,
-        "spill": "fleet",
+        "spill": "off",
     }
     option_limits = {
         "slo_switch": OptionLimits(choices=SLO_SWITCH_RULES),

@@ -45,7 +45,7 @@ those tests (it is as hot as h: both candidates of a busy prefix group), the req
 a *neighbour* instead, the replica where its predicted TTFT is lowest, under the same tests
 (policies with `migrates_to_neighbours`; the issue's "other candidate (or a neighbour)"). On
 the DualMap profile, where TTFTs are bound by the SLO rather than by compute, this raised
-dualmap's SLO attainment at 3.84 qps from 86.0 % to 87.2 % (BENCHMARKS.md). A moved request
+dualmap's capacity on Mooncake from 3.20 to 3.53 req/s (BENCHMARKS.md, "DualMap ablations"). A moved request
 keeps h as its alternate. (Without the "not hot" test, requests bounce between two hot
 replicas: measured on Mooncake at 11.4 qps, six migrations per request.)
 

@@ -126,7 +126,9 @@ class DualMap(Policy):
 
     def choose(self, request: RoutingRequest, view: RouterView) -> Choice:
         """Better-cached candidate, unless its predicted TTFT > slo/2 (then the other, if it is
-        within slo/2); the fleet's fastest replica when both candidates would miss the SLO."""
+        within slo/2); with `spill=fleet`, the fleet's fastest replica when both candidates would
+        miss the SLO. A replica off the rings holding more of the prompt stands in for the
+        worse-matched candidate (`follow_cache`)."""
         assert self.ring is not None, "on_membership must come before choose"
         key, depth = self.keyer.key(request)
         a, b = self.ring.candidates(key)

@@ -100,7 +100,6 @@ BAD = [
     ("weighted-score", "auto_tune", "maybe", "true or false"),
     ("preble-e2", "window_s", "0", "a number > 0"),
     ("preble-e2", "rebalance_ratio", "0.5", "a number >= 1"),
-    ("preble-e2", "chars_per_token", "-4", "a number > 0"),
 ]
 
 
@@ -290,8 +289,10 @@ def test_weighted_score_lru_capacity_and_auto_tune() -> None:
 # ---- preble-e2 -------------------------------------------------------------------------------
 
 
-def _preble(spec: str, window: dict[str, int], cached_b: int) -> tuple[PrebleE2Policy, FakeView]:
-    policy = policy_of(spec)
+def _preble(spec: str, window: dict[str, int], cached_b: int, **options: object) -> tuple[PrebleE2Policy, FakeView]:
+    router = registry.create(spec, RouterOptions(**options))  # type: ignore[arg-type]
+    assert isinstance(router, CoreRouter)
+    policy = router.policy
     assert isinstance(policy, PrebleE2Policy)
     policy.on_membership(["A", "B", "C"])
     for name, load in window.items():
@@ -320,6 +321,6 @@ def test_preble_chars_per_token() -> None:
     # 4 chars per token: B's 3 cached blocks are 48 tokens > 16 missed: exploit B.
     policy, view = _preble("preble-e2", {"A": 0, "B": 0, "C": 0}, cached_b=3)
     assert policy.choose(req, view).branch == "affinity"
-    # 8 chars per token: 3 blocks are 24 tokens < 40 missed: explore.
-    policy, view = _preble("preble-e2:chars_per_token=8", {"A": 0, "B": 0, "C": 0}, cached_b=3)
+    # 8 chars per token (the router-wide RouterOptions.chars_per_token): 3 blocks are 24 tokens < 40 missed: explore.
+    policy, view = _preble("preble-e2", {"A": 0, "B": 0, "C": 0}, cached_b=3, chars_per_token=8, key_block_tokens=512)
     assert policy.choose(req, view).branch == "load"

@@ -167,13 +167,25 @@ class CoreRouter(Router):
 
     def predicted_ttft(self, request: RoutingRequest, replica: int) -> float:
         """(queued + un-prefilled + the request's uncached tokens) x learned seconds per token."""
-        s = self.replicas[replica]
-        return (s.queued_tokens + s.unprefilled_tokens + self.uncached_tokens(request, replica)) * s.prefill_seconds_per_token
+        return self._ttft_with(replica, self.uncached_tokens(request, replica))
 
     def replica_ttft(self, replica: int) -> float:
         """Predicted TTFT of a request with nothing to compute queued on `replica` now."""
+        return self._ttft_with(replica, 0)
+
+    def _ttft_with(self, replica: int, own_tokens: int) -> float:
+        """The predicted-TTFT formula: (queued + un-prefilled + own_tokens) x seconds per token."""
         s = self.replicas[replica]
-        return (s.queued_tokens + s.unprefilled_tokens) * s.prefill_seconds_per_token
+        return (s.queued_tokens + s.unprefilled_tokens + own_tokens) * s.prefill_seconds_per_token
+
+    def _new_entry(self, request: RoutingRequest, known_message: str) -> _Entry:
+        """Track a request (ValueError naming it, with `known_message`, if it is tracked already)."""
+        if request.request_id in self._entries:
+            raise ValueError(f"request {request.request_id!r} {known_message}")
+        e = _Entry(request, self._seq)
+        self._seq += 1
+        self._entries[request.request_id] = e
+        return e
 
     def _uncached(self, request: RoutingRequest, cached_blocks: int) -> int:
         return max(0, request.prompt_tokens - int(cached_blocks * self._tpb))
@@ -183,11 +195,7 @@ class CoreRouter(Router):
     def submit(self, request: RoutingRequest, now: float) -> None:
         """Queue the request where the policy chooses (held unplaced while there is no replica)."""
         self._tick(now)
-        if request.request_id in self._entries:
-            raise ValueError(f"request {request.request_id!r} was already submitted and is not complete")
-        e = _Entry(request, self._seq)
-        self._seq += 1
-        self._entries[request.request_id] = e
+        e = self._new_entry(request, "was already submitted and is not complete")
         if self.replicas:
             self._place(e)
         else:
@@ -281,11 +289,7 @@ class CoreRouter(Router):
         choice if that is another replica, otherwise to the least-loaded other replica;
         counted under the "retry" branch."""
         self._tick(now)
-        if request.request_id in self._entries:
-            raise ValueError(f"request {request.request_id!r} is still known to the router; complete it first")
-        e = _Entry(request, self._seq)
-        self._seq += 1
-        self._entries[request.request_id] = e
+        e = self._new_entry(request, "is still known to the router; complete it first")
         if not self.replicas:
             self._unplaced.append(e)
             return
@@ -533,18 +537,17 @@ class CoreRouter(Router):
     def _helps(self, e: _Entry, h: int, target: int, now: float) -> bool:
         """Moving e from h to target lowers its predicted TTFT and does not make target hot."""
         assert e.cached is not None
-        s = self.replicas[target]
-        after = (s.queued_tokens + s.unprefilled_tokens + self._uncached(e.req, int(e.cached[target]))) * s.prefill_seconds_per_token
+        after = self._ttft_with(target, self._uncached(e.req, int(e.cached[target])))
         return after < self.replica_ttft(h) and after <= self.options.slo_ttft and not self._waited_too_long(target, now)
 
     def _lowest_ttft(self, e: _Entry, h: int) -> int | None:
         """The replica other than h where e's predicted TTFT is lowest."""
         assert e.cached is not None
         best, best_t = None, math.inf
-        for i, s in enumerate(self.replicas):
+        for i in range(len(self.replicas)):
             if i == h:
                 continue
-            t = (s.queued_tokens + s.unprefilled_tokens + self._uncached(e.req, int(e.cached[i]))) * s.prefill_seconds_per_token
+            t = self._ttft_with(i, self._uncached(e.req, int(e.cached[i])))
             if t < best_t:
                 best, best_t = i, t
         return best

@@ -31,8 +31,6 @@ Parameters (policy options: `RouterOptions.extra`, or `pylb simulate --policy pr
 -------------------------------------------------------------------------------------------------
 - `window_s` (float > 0, default 180): Preble's load window H (3 minutes in its code).
 - `rebalance_ratio` (float >= 1, default 1.5): Preble's `HIGH_LOAD_THRESHOLD`.
-- `chars_per_token` (float > 0, default 4): converts router blocks (`block_chars` = 64 bytes) to
-  tokens: one block = 64 / 4 = 16 tokens.
 Declared in `PrebleE2Policy.option_defaults` / `option_limits`; a value out of range is a
 `PolicyOptionError` (a ValueError) naming the policy, option and value.
 
@@ -72,8 +70,6 @@ DEFAULT_WINDOW_S = 180.0
 """Preble's load window (3 minutes)."""
 DEFAULT_REBALANCE_RATIO = 1.5
 """Preble's HIGH_LOAD_THRESHOLD: rebalance when the heaviest load exceeds 1.5x the lightest."""
-DEFAULT_CHARS_PER_TOKEN = 4.0
-"""Bytes of prompt text per token assumed by the router (64-byte blocks = 16 tokens)."""
 
 
 class WindowLoad:
@@ -118,20 +114,17 @@ class PrebleE2Policy(Policy):
     option_defaults = {
         "window_s": DEFAULT_WINDOW_S,
         "rebalance_ratio": DEFAULT_REBALANCE_RATIO,
-        "chars_per_token": DEFAULT_CHARS_PER_TOKEN,
     }
     option_limits = {
         "window_s": OptionLimits(min=0.0, min_open=True),
         "rebalance_ratio": OptionLimits(min=1.0),
-        "chars_per_token": OptionLimits(min=0.0, min_open=True),
     }
 
     def __init__(self, options: RouterOptions) -> None:
         super().__init__(options)
         self.window_s: float = self.option("window_s")
         self.rebalance_ratio: float = self.option("rebalance_ratio")
-        chars_per_token: float = self.option("chars_per_token")
-        self.tokens_per_block = options.block_chars / chars_per_token
+        self.tokens_per_block = options.tokens_per_block  # router blocks -> tokens (RouterOptions.chars_per_token)
         self.load = WindowLoad(self.window_s)
 
     def on_membership(self, replicas: Sequence[ReplicaId]) -> None:

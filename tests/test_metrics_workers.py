@@ -138,6 +138,10 @@ async def test_two_workers_every_scrape_counts_every_request(tmp_path: Path) -> 
             assert await asyncio.to_thread(proc.wait, 30) == 0
         finally:
             if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+                proc.terminate()  # the parent forwards it to the workers
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()  # the workers notice within a second that their parent is gone
+                    proc.wait()
     assert list(tmp.iterdir()) == []  # the workers' shared folder is gone

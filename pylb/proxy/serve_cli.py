@@ -122,7 +122,7 @@ async def _serve(settings: Settings, reuse_port: bool) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    publisher = asyncio.create_task(_publish_metrics(proxy)) if proxy.metrics.workers is not None else None
+    publisher = asyncio.create_task(_worker_duties(proxy, stop)) if proxy.metrics.workers is not None else None
     try:
         await stop.wait()
     finally:
@@ -136,16 +136,22 @@ async def _serve(settings: Settings, reuse_port: bool) -> int:
     return 0
 
 
-async def _publish_metrics(proxy: Any) -> None:
-    """With several workers: publish this worker's state series every PUBLISH_INTERVAL_S."""
+async def _worker_duties(proxy: Any, stop: asyncio.Event) -> None:
+    """With several workers, every PUBLISH_INTERVAL_S: publish this worker's state series, and
+    stop when the parent is gone (killed without the chance to forward SIGTERM)."""
     from pylb.observability.metrics import PUBLISH_INTERVAL_S
 
+    parent = os.getppid()
     while True:
         try:
             proxy.metrics.publish()
         except Exception:  # a full disk must not stop the worker: log, count, go on
             log.exception("publishing metrics for the other workers failed")
             proxy.metrics.count_background_error("publish_metrics")
+        if os.getppid() != parent:
+            log.warning("the parent pylb process exited; stopping this worker")
+            stop.set()
+            return
         await asyncio.sleep(PUBLISH_INTERVAL_S)
 
 

@@ -207,3 +207,85 @@ def test_baseline_policy_options_from_the_command_line(trace: Path, fast_profile
         for needle in needles:
             assert needle in err, (needle, err)
         assert "Traceback" not in err
+
+
+def test_help_lists_policy_names_and_trace_forms(capsys) -> None:
+    """`simulate --help` names every registered policy and every form `--trace` accepts."""
+    from pylb.workload.synthetic import GENERATORS
+
+    with pytest.raises(SystemExit) as exc:
+        main(["simulate", "--help"])
+    assert exc.value.code == 0
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, even at hyphens
+    for name in registry.names():
+        assert name in text, name
+    for needle in (".jsonl", "Mooncake", ".csv", "Azure", "synthetic:NAME", *GENERATORS):
+        assert needle in text, needle
+
+
+def test_json_names_the_trace_by_path_and_hash(trace: Path, fast_profile: Path, tmp_path: Path, monkeypatch) -> None:
+    """The trace is recorded as {"name": relative path as given, "sha256": of its bytes}; a
+    synthetic spec has no file, so no hash; a finished command says "complete"."""
+    import hashlib
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out.json"
+    base = ["simulate", "--replicas", "2", "--profile", str(fast_profile), "--no-progress", "--json", str(out)]
+    assert main([*base, "--trace", str(trace)]) == 0  # absolute path: recorded relative to the current folder
+    doc = json.loads(out.read_text())
+    assert doc["status"] == "complete"
+    assert doc["config"]["trace"] == {"name": "small.jsonl", "sha256": hashlib.sha256(trace.read_bytes()).hexdigest()}
+    spec = "synthetic:zipf:requests=50,seed=1"
+    assert main([*base, "--trace", spec]) == 0
+    assert json.loads(out.read_text())["config"]["trace"] == {"name": spec, "sha256": None}
+
+
+def test_sigint_mid_sweep_keeps_finished_policies(tmp_path: Path) -> None:
+    """A real `pylb simulate --sweep` process gets SIGINT after its first policy's capacity is
+    printed: it stops with one line on stderr and status 130, no traceback, and the JSON keeps
+    that policy's runs and capacity (status "interrupted"). Rows appear as runs finish."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sweep.json"
+    policies = ["round-robin", "least-load", "consistent-hash", "dualmap", "min-ttft"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pylb.cli", "simulate", "--trace", "synthetic:zipf:requests=2000,seed=1", "--replicas", "2",
+         "--policy", ",".join(policies), "--sweep", "--sweep-runs", "6", "--no-progress", "--json", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        seen = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "pylb simulate ended before its first policy's capacity was printed"
+            seen.append(line)
+            if line.startswith("round-robin: effective request capacity"):
+                break
+        # the rows came one by one, before the command ended: the first policy's rows are there
+        assert sum(1 for s in seen if s.startswith("round-robin ")) >= 2
+        first = json.loads(out.read_text())  # written after every run
+        assert first["status"] == "running" and {r["policy"] for r in first["runs"]} == {"round-robin"}
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    notes = [s for s in err.splitlines() if "interrupted" in s]
+    assert len(notes) == 1 and str(out.name) in notes[0], err
+    assert "estimate" in err  # the time estimate came up front
+    doc = json.loads(out.read_text())
+    assert doc["status"] == "interrupted"
+    assert "round-robin" in doc["capacity"] and len(doc["capacity"]) < len(policies)
+    assert list(doc["capacity"]) == policies[: len(doc["capacity"])]
+    rr = [r for r in doc["runs"] if r["policy"] == "round-robin"]
+    assert len(rr) >= 2 and doc["capacity"]["round-robin"] == max(r["qps"] for r in rr if r["slo_attainment"] >= 0.9)
+    # the finished policies' capacities are printed too
+    assert "effective request capacity (qps): round-robin" in rest

@@ -23,17 +23,45 @@ Hit rates: *observed* = increase of `vllm:prefix_cache_hits_total` / increase of
 `vllm:prefix_cache_queries_total` over pylb's lifetime (token-weighted, from the replicas' own
 counters, counter resets handled); *predicted* = the prompt tokens the router expected cached
 at dispatch (`Dispatch.cached_tokens`, when the router reports it) / prompt tokens dispatched.
-Both are also exported as raw counters so that dashboards can take windowed ratios.
+Both are also exported as raw counters so that dashboards can take windowed ratios. A ratio
+whose denominator is still 0 (an idle replica, a fresh proxy) is not exported at all, never as
+NaN: the series appears with the first query or dispatch.
 Hotspot factor = replicas x the busiest replica's share of the last `HOTSPOT_WINDOW` dispatches
 (1.0 is a perfect spread; N means one replica got everything).
+
+Several workers (`pylb serve --server-workers N`, docs/serve.md "Several workers"): each worker
+process has its own proxy, and the kernel hands a scrape to any one of them, so every worker
+must answer for all. `share_with_workers(folder, worker)` turns that on in a worker before its
+proxy is made:
+
+* Event series use prometheus-client's multiprocess mode: the parent sets
+  PROMETHEUS_MULTIPROC_DIR before it starts the workers; each `Counts`/`Hist` update is also
+  written to this process's memory-mapped file, and `MultiProcessCollector` sums every
+  worker's files at scrape time. Exact at every scrape, and monotone: a worker that exits
+  leaves its file, so its counts stay in the sums.
+* State series are not events but the state of each worker's router and fleet, and some of
+  them cannot be summed (a hit rate is a ratio; every worker scrapes the same replica
+  counters, so summing `observed` would count each token N times). Each worker publishes its
+  `ProxySnapshot` as JSON in the folder every `PUBLISH_INTERVAL_S` and whenever it answers a
+  scrape; the answering worker merges its fresh snapshot with the others' (`merge_snapshots`:
+  queue depth, in-flight and un-prefilled work summed over live workers; dispatch counters
+  summed over all workers, exited ones included; observed cache counters the largest any
+  worker saw; a replica healthy only when every live worker has it in rotation; scraped
+  replica gauges from the freshest worker; hotspot factor the worst live worker's), and
+  exports the merge under the same names and labels as one worker would, ratios recomputed
+  from the merged counters. Other workers' state is up to `PUBLISH_INTERVAL_S` old.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
+import json
+import os
+import tempfile
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, exposition, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -127,8 +155,11 @@ class ProxySnapshot:
     replicas: Sequence[ReplicaSnapshot] = field(default_factory=list)
 
 
-def _ratio(num: float, den: float) -> float:
-    return num / den if den > 0 else math.nan
+def _add_ratio(family: GaugeMetricFamily, labels: list[str], num: float, den: float) -> None:
+    """Add num / den to `family`, or nothing while den is 0: a hit rate over zero tokens is
+    undefined, and a missing sample says so where a NaN would break sums and alerts."""
+    if den > 0:
+        family.add_metric(labels, num / den)
 
 
 class _StateCollector(Collector):
@@ -173,10 +204,10 @@ class _StateCollector(Collector):
             disp_tok.add_metric(lab, r.load.dispatched_prompt_tokens)
             queries.add_metric(lab, r.observed_queries)
             hits.add_metric(lab, r.observed_hits)
-            observed.add_metric(lab, _ratio(r.observed_hits, r.observed_queries))
+            _add_ratio(observed, lab, r.observed_hits, r.observed_queries)
             if s.predicted_known:
                 pred_tok.add_metric(lab, r.load.predicted_cached_tokens)
-                predicted.add_metric(lab, _ratio(r.load.predicted_cached_tokens, r.load.dispatched_prompt_tokens))
+                _add_ratio(predicted, lab, r.load.predicted_cached_tokens, r.load.dispatched_prompt_tokens)
             if r.kv_cache_usage is not None:
                 kv.add_metric(lab, r.kv_cache_usage)
             if r.running is not None:
@@ -187,26 +218,35 @@ class _StateCollector(Collector):
             th += r.observed_hits
             tp += r.load.dispatched_prompt_tokens
             tc += r.load.predicted_cached_tokens
-        observed.add_metric(["fleet"], _ratio(th, tq))
+        _add_ratio(observed, ["fleet"], th, tq)
         if s.predicted_known:
-            predicted.add_metric(["fleet"], _ratio(tc, tp))
+            _add_ratio(predicted, ["fleet"], tc, tp)
         yield from (healthy, inflight, unpre, unpre_tok, kv, running, waiting, dispatched, disp_tok, pred_tok, queries, hits, observed, predicted)
 
 
 class Counts:
     """A counter family kept as plain integers by label values (no lock: the proxy is one thread)."""
 
-    __slots__ = ("name", "help", "labels", "values")
+    __slots__ = ("name", "help", "labels", "values", "shared")
 
     def __init__(self, name: str, help: str, labels: Sequence[str]) -> None:
         self.name = name
         self.help = help
         self.labels = list(labels)
         self.values: dict[tuple[str, ...], float] = {}
+        self.shared: Any = None  # prometheus_client.Counter writing to the workers' folder, when shared
+
+    def share(self) -> None:
+        """Also write every update to prometheus-client's multiprocess files (several workers)."""
+        from prometheus_client import Counter
+
+        self.shared = Counter(self.name, self.help, self.labels, registry=None)
 
     def inc(self, *labels: str, amount: float = 1) -> None:
         """Add `amount` to the series of `labels`."""
         self.values[labels] = self.values.get(labels, 0) + amount
+        if self.shared is not None:
+            (self.shared.labels(*labels) if labels else self.shared).inc(amount)
 
     def get(self, *labels: str) -> float:
         """The value of the series of `labels` (0 when never counted)."""
@@ -223,7 +263,7 @@ class Counts:
 class Hist:
     """A histogram family kept as plain lists by label values (bucket found by bisection)."""
 
-    __slots__ = ("name", "help", "labels", "bounds", "series")
+    __slots__ = ("name", "help", "labels", "bounds", "series", "shared")
 
     def __init__(self, name: str, help: str, labels: Sequence[str], buckets: Sequence[float]) -> None:
         self.name = name
@@ -231,6 +271,13 @@ class Hist:
         self.labels = list(labels)
         self.bounds = list(buckets)
         self.series: dict[tuple[str, ...], list[float]] = {}  # bucket counts..., count, sum
+        self.shared: Any = None  # prometheus_client.Histogram writing to the workers' folder, when shared
+
+    def share(self) -> None:
+        """Also write every observation to prometheus-client's multiprocess files (several workers)."""
+        from prometheus_client import Histogram
+
+        self.shared = Histogram(self.name, self.help, self.labels, registry=None, buckets=self.bounds)
 
     def observe(self, value: float, *labels: str) -> None:
         """Record one observation in the series of `labels`."""
@@ -240,6 +287,8 @@ class Hist:
         s[bisect_left(self.bounds, value)] += 1
         s[-2] += 1
         s[-1] += value
+        if self.shared is not None:
+            (self.shared.labels(*labels) if labels else self.shared).observe(value)
 
     def count(self, *labels: str) -> float:
         """Observations recorded in the series of `labels`."""
@@ -285,10 +334,21 @@ class ProxyMetrics:
             self.background_errors, self.ttft, self.e2e, self.queue_wait, self.decision_seconds,
         ]  # fmt: skip
         self.registry.register(_EventCollector(self._event_families))
+        self._snapshot: Callable[[], ProxySnapshot] | None = None
+        self.workers = _worker_share
+        if self.workers is not None:
+            for f in self._event_families:
+                f.share()
 
     def attach(self, snapshot: Callable[[], ProxySnapshot]) -> None:
         """Register the state series, read from `snapshot()` at every scrape."""
+        self._snapshot = snapshot
         self.registry.register(_StateCollector(snapshot))
+
+    def publish(self) -> None:
+        """With several workers: write this worker's state for the others' scrapes (no-op otherwise)."""
+        if self.workers is not None and self._snapshot is not None:
+            self.workers.publish(self._snapshot())
 
     def count_request(self, endpoint: str, code: int) -> None:
         """One request answered (every accepted request is counted exactly once)."""
@@ -327,8 +387,18 @@ class ProxyMetrics:
         self.e2e.observe(seconds, endpoint)
 
     def render(self) -> bytes:
-        """The `/metrics` page."""
-        return generate_latest(self.registry)
+        """The `/metrics` page (with several workers: all workers' series, see the module comment)."""
+        if self.workers is None or self._snapshot is None:
+            return generate_latest(self.registry)
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        own = self._snapshot()
+        self.workers.publish(own)
+        merged = merge_snapshots([(own, True), *self.workers.others()])
+        registry = CollectorRegistry(auto_describe=False)
+        MultiProcessCollector(registry, self.workers.folder)
+        registry.register(_StateCollector(lambda: merged))
+        return generate_latest(registry)
 
 
 class _EventCollector(Collector):
@@ -338,3 +408,119 @@ class _EventCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         for f in self._families:
             yield f.family()
+
+
+# ---- several workers (see the module comment) ----------------------------------------------------
+
+PUBLISH_INTERVAL_S = 1.0
+"""How often each worker of `pylb serve --server-workers N` publishes its state series."""
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""prometheus-client's multiprocess folder; set by the parent before the workers start."""
+
+
+class WorkerShare:
+    """One worker's view of the folder the workers share: its own state file, the others'."""
+
+    def __init__(self, folder: str, worker: int) -> None:
+        self.folder = folder
+        self.worker = worker
+
+    def _path(self, worker: int | str) -> str:
+        return os.path.join(self.folder, f"state-{worker}.json")
+
+    def publish(self, snapshot: ProxySnapshot) -> None:
+        """Write this worker's snapshot (temporary file, then rename: readers see whole files)."""
+        doc = {"pid": os.getpid(), "snapshot": asdict(snapshot)}
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".state-{self.worker}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(doc, fh)
+            os.replace(tmp, self._path(self.worker))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def others(self) -> list[tuple[ProxySnapshot, bool]]:
+        """The other workers' last snapshots, each with whether its process is still running."""
+        out = []
+        for name in sorted(os.listdir(self.folder)):
+            if not (name.startswith("state-") and name.endswith(".json")) or name == f"state-{self.worker}.json":
+                continue
+            try:
+                with open(os.path.join(self.folder, name), encoding="utf-8") as fh:
+                    doc = json.load(fh)
+            except FileNotFoundError:
+                continue
+            out.append((snapshot_from_dict(doc["snapshot"]), _alive(int(doc["pid"]))))
+        return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - a process of another user took the pid
+        return True
+    return True
+
+
+def snapshot_from_dict(d: dict[str, Any]) -> ProxySnapshot:
+    """The ProxySnapshot of `dataclasses.asdict(snapshot)`."""
+    replicas = [ReplicaSnapshot(**{**r, "load": ReplicaLoad(**r["load"])}) for r in d["replicas"]]
+    return ProxySnapshot(**{**d, "replicas": replicas})
+
+
+def merge_snapshots(parts: Sequence[tuple[ProxySnapshot, bool]]) -> ProxySnapshot:
+    """One snapshot for several workers' (snapshot, still running) pairs, freshest first; the
+    rule for each field is in the module comment."""
+    live = [snap for snap, alive in parts if alive]
+    replicas: dict[str, ReplicaSnapshot] = {}
+    listed_live: dict[str, int] = {}
+    for snap, alive in parts:
+        for r in snap.replicas:
+            m = replicas.get(r.replica)
+            if m is None:
+                m = replicas[r.replica] = ReplicaSnapshot(r.replica, healthy=True)
+            load = m.load
+            if alive:
+                listed_live[r.replica] = listed_live.get(r.replica, 0) + 1
+                m.healthy = m.healthy and r.healthy
+                load.inflight += r.load.inflight
+                load.unprefilled_requests += r.load.unprefilled_requests
+                load.unprefilled_tokens += r.load.unprefilled_tokens
+                if m.kv_cache_usage is None:
+                    m.kv_cache_usage = r.kv_cache_usage
+                if m.running is None:
+                    m.running = r.running
+                if m.waiting is None:
+                    m.waiting = r.waiting
+            load.dispatched += r.load.dispatched
+            load.dispatched_prompt_tokens += r.load.dispatched_prompt_tokens
+            load.predicted_cached_tokens += r.load.predicted_cached_tokens
+            m.observed_queries = max(m.observed_queries, r.observed_queries)
+            m.observed_hits = max(m.observed_hits, r.observed_hits)
+    for url, m in replicas.items():
+        m.healthy = m.healthy and listed_live.get(url, 0) > 0
+    return ProxySnapshot(
+        queue_depth=sum(s.queue_depth for s in live),
+        in_progress=sum(s.in_progress for s in live),
+        hotspot_factor=max((s.hotspot_factor for s in live), default=0.0),
+        predicted_known=any(snap.predicted_known for snap, _ in parts),
+        replicas=list(replicas.values()),
+    )
+
+
+_worker_share: WorkerShare | None = None
+
+
+def share_with_workers(folder: str, worker: int) -> None:
+    """Make the proxies created from now on in this process answer /metrics for all workers
+    sharing `folder` (call once in each worker, before its proxy is made). The parent must have
+    set PROMETHEUS_MULTIPROC_DIR to `folder` before starting this process."""
+    global _worker_share
+    if os.environ.get(MULTIPROC_ENV) != folder:
+        raise RuntimeError(f"{MULTIPROC_ENV} must be {folder!r} before the worker starts")
+    _worker_share = WorkerShare(folder, worker)

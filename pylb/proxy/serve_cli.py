@@ -19,8 +19,10 @@ is a bad `router.policy`); 1 when the address cannot be bound.
 
 With `server.workers` N > 1, N worker processes serve the same port (SO_REUSEPORT: the kernel
 spreads connections). Each runs its own router and fleet; placement is a pure function of the
-prompt and the membership, so they agree on where a prefix goes. Each worker's /metrics shows
-its own share of the traffic.
+prompt and the membership, so they agree on where a prefix goes. Whichever worker answers a
+/metrics scrape answers for all of them: the workers share a temporary folder (prometheus-client's
+PROMETHEUS_MULTIPROC_DIR, removed when pylb exits) where event counters are summed exactly and
+state series are merged (`pylb.observability.metrics`, "Several workers").
 """
 
 from __future__ import annotations
@@ -29,9 +31,13 @@ import argparse
 import asyncio
 import gc
 import logging
+import contextlib
 import multiprocessing
+import os
+import shutil
 import signal
 import sys
+import tempfile
 from typing import Any
 
 from pylb import config
@@ -116,22 +122,63 @@ async def _serve(settings: Settings, reuse_port: bool) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    publisher = asyncio.create_task(_worker_duties(proxy, stop)) if proxy.metrics.workers is not None else None
     try:
         await stop.wait()
     finally:
         log.info("shutting down")
+        if publisher is not None:
+            publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publisher
         await proxy.stop()
+        proxy.metrics.publish()  # the final state: its dispatch counters stay in the other workers' sums
     return 0
 
 
-def _worker(settings: Settings) -> None:
+async def _worker_duties(proxy: Any, stop: asyncio.Event) -> None:
+    """With several workers, every PUBLISH_INTERVAL_S: publish this worker's state series, and
+    stop when the parent is gone (killed without the chance to forward SIGTERM)."""
+    from pylb.observability.metrics import PUBLISH_INTERVAL_S
+
+    parent = os.getppid()
+    while True:
+        try:
+            proxy.metrics.publish()
+        except Exception:  # a full disk must not stop the worker: log, count, go on
+            log.exception("publishing metrics for the other workers failed")
+            proxy.metrics.count_background_error("publish_metrics")
+        if os.getppid() != parent:
+            log.warning("the parent pylb process exited; stopping this worker")
+            stop.set()
+            return
+        await asyncio.sleep(PUBLISH_INTERVAL_S)
+
+
+def _worker(settings: Settings, index: int, metrics_folder: str) -> None:
+    from pylb.observability.metrics import share_with_workers
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards SIGTERM
+    share_with_workers(metrics_folder, index)
     sys.exit(serve(settings, reuse_port=True))
 
 
 def _serve_workers(settings: Settings) -> int:
+    from pylb.observability.metrics import MULTIPROC_ENV
+
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(settings,), name=f"pylb-worker-{i}") for i in range(settings.server.workers)]
+    folder = tempfile.mkdtemp(prefix="pylb-metrics-")
+    os.environ[MULTIPROC_ENV] = folder  # read by prometheus-client when each worker imports it
+    try:
+        return _run_workers(ctx, settings, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run_workers(ctx: Any, settings: Settings, folder: str) -> int:
+    procs = [
+        ctx.Process(target=_worker, args=(settings, i, folder), name=f"pylb-worker-{i}") for i in range(settings.server.workers)
+    ]
     for p in procs:
         p.start()
 

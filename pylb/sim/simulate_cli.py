@@ -13,18 +13,29 @@ module comment lists its options; `all` means every registered name, without opt
 
 The trace is loaded and every prompt hashed once; then each policy runs at the rate scale
 given, or, with --sweep, at the rate scales `pylb.sim.report.find_capacity` picks to find its
-effective request capacity. A table of the runs goes to stdout, progress bars to stderr.
-Bad arguments print a message naming the flag and exit with status 2.
+effective request capacity. Each run's row goes to stdout as soon as it finishes (and, with
+--sweep, each policy's capacity once found); progress bars and notes go to stderr: the plan up
+front, an estimate of the total time from the first run's wall time, then the time left at the
+pace of the finished policies (estimates: runs at a higher load take longer). `--json OUT` is
+rewritten atomically after every run (`"status": "running"`, then `"complete"`), so a stopped
+command leaves its finished runs behind. Ctrl-C stops cleanly: one line on stderr, the finished
+runs kept in OUT (`"status": "interrupted"`, capacities of the finished policies only), exit
+status 130. Bad arguments print a message naming the flag and exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import sys
+import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pylb.cli_args import UsageError, positive_float, positive_int
@@ -32,6 +43,7 @@ from pylb.router import registry
 from pylb.router.interface import RouterOptions
 from pylb.router.policy import PolicyOptionError
 from pylb.workload.loaders import SYNTHETIC_PREFIX, load_workload
+from pylb.workload.synthetic import GENERATORS
 from pylb.workload.types import WorkloadRequest
 
 from .cluster import DEFAULT_SCRAPE_INTERVAL, prepare_workload, simulate
@@ -41,7 +53,14 @@ from .report import DEFAULT_SLO_TARGET, DEFAULT_SLO_TTFT, RunMetrics, find_capac
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the flags of `pylb simulate` on its subparser."""
-    parser.add_argument("--trace", required=True, metavar="PATH", help="trace file (Mooncake .jsonl)")
+    parser.add_argument(
+        "--trace",
+        required=True,
+        metavar="PATH|SPEC",
+        help="a Mooncake trace (.jsonl), an Azure LLM inference trace (.csv), or a synthetic workload "
+        f"{SYNTHETIC_PREFIX}NAME[:key=value,...] with NAME one of {', '.join(sorted(GENERATORS))} "
+        f"(e.g. {SYNTHETIC_PREFIX}zipf:requests=500,seed=3; keys are the generator's parameters)",
+    )
     parser.add_argument("--replicas", type=positive_int, default=8, metavar="N", help="simulated vLLM replicas (default 8)")
     parser.add_argument(
         "--profile",
@@ -54,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="round-robin",
         metavar="NAME[,NAME...]",
         help="routing policies to compare, comma-separated, each NAME or NAME:key=value[:key=value...] "
-        "(policy options, e.g. dualmap:migration=false), or 'all' (default round-robin)",
+        f"(policy options, e.g. dualmap:migration=false), or 'all'; NAME is one of {', '.join(registry.names())} "
+        "(default round-robin)",
     )
     parser.add_argument(
         "--router-option",
@@ -154,17 +174,42 @@ def router_options(args: argparse.Namespace) -> RouterOptions:
         raise UsageError(f"argument --router-option: {exc}") from None
 
 
+def trace_record(path: str) -> dict[str, str | None]:
+    """How results JSON names the trace: {"name": path as given (made relative to the current
+    folder when absolute), "sha256": hex digest of the file's bytes, or None for a synthetic spec}."""
+    if path.startswith(SYNTHETIC_PREFIX):
+        return {"name": path, "sha256": None}
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    name = os.path.relpath(path) if os.path.isabs(path) else path
+    return {"name": name, "sha256": digest.hexdigest()}
+
+
 def _fmt(v: float | None, spec: str) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
     return format(v, spec)
 
 
-def format_table(runs: list[RunMetrics], slo_ttft: float) -> str:
-    """The runs as a fixed-width text table."""
-    head = ["policy", "scale", "qps", "requests", "done", "p50 s", "p90 s", "p99 s", f"ttft<={slo_ttft:g}s", "hit", "hotspot", "wall s"]
-    rows = [
-        [
+class RunTable:
+    """The fixed-width table of runs, printable one row at a time as runs finish.
+
+    Column widths come from the header, a minimum for numbers and the policy labels known up
+    front, so rows printed minutes apart line up under one header."""
+
+    NUMBER_WIDTH = 8
+
+    def __init__(self, policies: list[str], slo_ttft: float) -> None:
+        self.head = ["policy", "scale", "qps", "requests", "done", "p50 s", "p90 s", "p99 s", f"ttft<={slo_ttft:g}s", "hit", "hotspot", "wall s"]
+        self.widths = [max(len(h), self.NUMBER_WIDTH) for h in self.head]
+        self.widths[0] = max([len(self.head[0]), *(len(p) for p in policies)])
+
+    @staticmethod
+    def cells(m: RunMetrics) -> list[str]:
+        """One run's cells, in header order."""
+        return [
             m.policy,
             _fmt(m.rate_scale, ".3g"),
             _fmt(m.qps, ".2f"),
@@ -178,11 +223,104 @@ def format_table(runs: list[RunMetrics], slo_ttft: float) -> str:
             _fmt(m.hotspot_factor, ".2f"),
             _fmt(m.wall_s, ".1f"),
         ]
-        for m in runs
-    ]
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [head, *rows]]
-    return "\n".join(lines)
+
+    def _line(self, cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, self.widths)))
+
+    def header(self) -> str:
+        """The header line."""
+        return self._line(self.head)
+
+    def row(self, m: RunMetrics) -> str:
+        """One run's line."""
+        return self._line(self.cells(m))
+
+
+def format_table(runs: list[RunMetrics], slo_ttft: float) -> str:
+    """The runs as a fixed-width text table (header and one line per run)."""
+    table = RunTable(sorted({m.policy for m in runs}), slo_ttft)
+    return "\n".join([table.header(), *(table.row(m) for m in runs)])
+
+
+def format_duration(seconds: float) -> str:
+    """A rough human duration: '40 s', '12 min', '1 h 05 min'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def expected_sweep_runs(max_runs: int, rel_tol: float) -> int:
+    """Runs a typical capacity sweep makes: two to bracket the capacity within a factor 2, then
+    the bisection steps that narrow a factor-2 bracket to 1+rel_tol; at most `max_runs`."""
+    steps = math.ceil(math.log2(math.log(2) / math.log1p(rel_tol))) if rel_tol < 1 else 0
+    return min(max_runs, 2 + max(steps, 0))
+
+
+class Estimate:
+    """How long the whole command will take, as far as one can tell: from the first run's wall
+    time while nothing else is known, then from the pace of the finished policies. Runs differ
+    (a higher load takes longer, a sweep stops early or late), so every figure is an estimate."""
+
+    def __init__(self, policies: int, runs_per_policy: int, max_runs_per_policy: int) -> None:
+        self.policies = policies
+        self.runs_per_policy = runs_per_policy
+        self.max_runs_per_policy = max_runs_per_policy
+        self.started = time.monotonic()
+
+    def plan(self, requests: int) -> str:
+        """The line printed before the first run."""
+        runs = (
+            f"about {self.runs_per_policy} runs each (at most {self.max_runs_per_policy}, --sweep-runs)"
+            if self.max_runs_per_policy > 1
+            else "one run each"
+        )
+        policies = f"{self.policies} {'policy' if self.policies == 1 else 'policies'}"
+        return f"{policies}, {runs}, {requests} requests per run; the first run's time will give an estimate of the total"
+
+    def after_first_run(self, wall_s: float) -> str | None:
+        """The estimate from the first run (None when that run was the only one)."""
+        total_runs = self.policies * self.runs_per_policy
+        if total_runs <= 1 and self.max_runs_per_policy <= 1:
+            return None
+        most = self.policies * self.max_runs_per_policy
+        line = f"first run took {format_duration(wall_s)}; estimated total about {format_duration(wall_s * total_runs)} ({total_runs} runs"
+        if most > total_runs:
+            line += f", up to {format_duration(wall_s * most)} if every sweep makes all {self.max_runs_per_policy}"
+        return line + "; runs at higher load take longer)"
+
+    def after_policy(self, done: int) -> str | None:
+        """The time left at the pace of the `done` finished policies (None when all are done)."""
+        if done >= self.policies:
+            return None
+        elapsed = time.monotonic() - self.started
+        left = elapsed / done * (self.policies - done)
+        return f"{done}/{self.policies} policies done in {format_duration(elapsed)}; about {format_duration(left)} left (estimate)"
+
+
+class ResultsFile:
+    """`--json OUT`, rewritten after every run so that a stopped command leaves its finished
+    runs behind. Each write goes to a temporary file in OUT's folder, renamed over OUT, so OUT
+    is always a whole JSON document. `status` is "running", "complete" or "interrupted"."""
+
+    def __init__(self, path: str, config: dict[str, object]) -> None:
+        self.path = path
+        self.config = config
+
+    def write(self, runs: list[RunMetrics], capacity: dict[str, float | None], status: str) -> None:
+        """Write the document atomically."""
+        doc = {"status": status, "config": self.config, "runs": [m.to_json() for m in runs], "capacity": capacity}
+        folder = os.path.dirname(os.path.abspath(self.path))
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(self.path)}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(doc, fh, indent=2)
+                fh.write("\n")
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):  # -> tqdm-like object
@@ -191,22 +329,24 @@ def _progress_bar(total: int, desc: str, enabled: bool):  # -> tqdm-like object
     return tqdm(total=total, desc=desc, unit="req", leave=False, file=sys.stderr, disable=not enabled, dynamic_ncols=True)
 
 
+def _note(line: str) -> None:
+    """A progress line for the person watching (stderr, so stdout stays the results)."""
+    print(f"pylb simulate: {line}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run `pylb simulate`; returns the exit status (2 for bad arguments)."""
+    """Run `pylb simulate`; returns the exit status (2 for bad arguments, 130 when interrupted)."""
     try:
         return _run(args)
     except UsageError as exc:
         print(f"pylb simulate: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before any run finished: nothing to keep
+        _note("interrupted before the first run finished; nothing written")
+        return 130
 
 
-def _run(args: argparse.Namespace) -> int:
-    policies = parse_policies(args.policy)
-    options = router_options(args)
-    try:
-        profile = load_profile(args.profile)
-    except ProfileError as exc:
-        raise UsageError(f"argument --profile: {exc}") from None
+def _check_outputs(args: argparse.Namespace) -> None:
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -217,6 +357,16 @@ def _run(args: argparse.Namespace) -> int:
             parent = os.path.dirname(os.path.abspath(value))
             if not os.path.isdir(parent):
                 raise UsageError(f"argument {flag}: directory does not exist: {parent!r}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    policies = parse_policies(args.policy)
+    options = router_options(args)
+    try:
+        profile = load_profile(args.profile)
+    except ProfileError as exc:
+        raise UsageError(f"argument --profile: {exc}") from None
+    _check_outputs(args)
     show = not args.no_progress
 
     requests = load_trace(args.trace, args.limit)
@@ -226,7 +376,21 @@ def _run(args: argparse.Namespace) -> int:
         workload = prepare_workload(requests, profile.block_size, progress=bar.update)
     del requests
 
-    all_runs: list[RunMetrics] = []
+    results = None
+    if args.json:
+        config = {
+            "trace": trace_record(args.trace),
+            "limit": args.limit,
+            "replicas": args.replicas,
+            "profile": profile.to_dict(),
+            "slo_ttft": args.slo_ttft,
+            "slo_target": DEFAULT_SLO_TARGET,
+            "scrape_interval": args.scrape_interval,
+            "sweep": bool(args.sweep),
+            "sweep_tolerance": args.sweep_tolerance if args.sweep else None,
+            "router_options": {k: v for k, v in dataclasses.asdict(options).items() if k != "extra"},
+        }
+        results = ResultsFile(args.json, config)
 
     def run_at(policy: str, scale: float) -> RunMetrics:
         with _progress_bar(len(workload), f"{policy} x{scale:.3g}", show) as bar:
@@ -239,49 +403,20 @@ def _run(args: argparse.Namespace) -> int:
                 scrape_interval=args.scrape_interval,
                 progress=bar.update,
             )
-        m = summarize(result, policy, args.slo_ttft)
-        all_runs.append(m)
-        return m
-
-    capacity: dict[str, float | None] = {}
-    for policy in policies:
-        if args.sweep:
-            cap, _ = find_capacity(
-                lambda s, p=policy: run_at(p, s), start=args.sweep_start, max_runs=args.sweep_runs, rel_tol=args.sweep_tolerance
-            )
-            capacity[policy] = cap
-        else:
-            run_at(policy, args.rate_scale)
-            capacity[policy] = None
+        return summarize(result, policy, args.slo_ttft)
 
     print(
         f"trace {args.trace}: {len(workload)} requests; {args.replicas} replicas of {profile.name}; "
-        f"SLO: TTFT <= {args.slo_ttft:g} s for {DEFAULT_SLO_TARGET:.0%} of requests"
+        f"SLO: TTFT <= {args.slo_ttft:g} s for {DEFAULT_SLO_TARGET:.0%} of requests",
+        flush=True,
     )
-    print(format_table(all_runs, args.slo_ttft))
-    if args.sweep:
-        print("effective request capacity (qps): " + ", ".join(f"{p} {c:.2f}" for p, c in capacity.items()))
-
-    if args.json:
-        doc = {
-            "config": {
-                "trace": args.trace,
-                "limit": args.limit,
-                "replicas": args.replicas,
-                "profile": profile.to_dict(),
-                "slo_ttft": args.slo_ttft,
-                "slo_target": DEFAULT_SLO_TARGET,
-                "scrape_interval": args.scrape_interval,
-                "sweep": bool(args.sweep),
-                "sweep_tolerance": args.sweep_tolerance if args.sweep else None,
-                "router_options": {k: v for k, v in dataclasses.asdict(options).items() if k != "extra"},
-            },
-            "runs": [m.to_json() for m in all_runs],
-            "capacity": capacity,
-        }
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=2)
-            fh.write("\n")
+    all_runs, capacity, interrupted = run_policies(args, policies, len(workload), run_at, results)
+    if args.sweep and capacity:
+        print("effective request capacity (qps): " + ", ".join(f"{p} {_fmt(c, '.2f')}" for p, c in capacity.items()), flush=True)
+    if interrupted:
+        where = f"; kept in {args.json}" if args.json else ""
+        _note(f"interrupted: {len(capacity)} of {len(policies)} policies finished, {len(all_runs)} runs{where}")
+        return 130
     if args.plot:
         plot_attainment(
             all_runs,
@@ -291,3 +426,55 @@ def _run(args: argparse.Namespace) -> int:
         )
     return 0
 
+
+def run_policies(
+    args: argparse.Namespace,
+    policies: list[str],
+    requests: int,
+    run_at: Callable[[str, float], RunMetrics],
+    results: ResultsFile | None,
+) -> tuple[list[RunMetrics], dict[str, float | None], bool]:
+    """Run every policy (once, or its capacity sweep), printing each run as it finishes and
+    rewriting `results` after each. Ctrl-C stops between or inside runs: returns what finished
+    (runs, capacity of the finished policies) and True for interrupted."""
+    sweep_runs = expected_sweep_runs(args.sweep_runs, args.sweep_tolerance) if args.sweep else 1
+    estimate = Estimate(len(policies), sweep_runs, args.sweep_runs if args.sweep else 1)
+    _note(estimate.plan(requests))
+    table = RunTable(policies, args.slo_ttft)
+    print(table.header(), flush=True)
+    all_runs: list[RunMetrics] = []
+    capacity: dict[str, float | None] = {}
+
+    def timed_run(policy: str, scale: float) -> RunMetrics:
+        m = run_at(policy, scale)
+        all_runs.append(m)
+        print(table.row(m), flush=True)
+        if len(all_runs) == 1:
+            line = estimate.after_first_run(m.wall_s)
+            if line:
+                _note(line)
+        if results is not None:
+            results.write(all_runs, capacity, "running")
+        return m
+
+    try:
+        for done, policy in enumerate(policies, 1):
+            if args.sweep:
+                cap, runs = find_capacity(
+                    lambda s, p=policy: timed_run(p, s), start=args.sweep_start, max_runs=args.sweep_runs, rel_tol=args.sweep_tolerance
+                )
+                capacity[policy] = cap
+                print(f"{policy}: effective request capacity {cap:.2f} qps ({len(runs)} runs)", flush=True)
+            else:
+                timed_run(policy, args.rate_scale)
+                capacity[policy] = None
+            line = estimate.after_policy(done)
+            if line:
+                _note(line)
+    except KeyboardInterrupt:
+        if results is not None:
+            results.write(all_runs, capacity, "interrupted")
+        return all_runs, capacity, True
+    if results is not None:
+        results.write(all_runs, capacity, "complete")
+    return all_runs, capacity, False

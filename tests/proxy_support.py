@@ -184,8 +184,9 @@ class ScriptedReplica:
     `mode` for generation requests: "ok" (JSON answer, or `events` SSE events when streamed),
     "status" (answer `status` with a vLLM-style error), "hang" (never answer), "drop" (close the
     connection without answering), "die" (start a stream, send `events` events, then reset the
-    connection), "slow" (answer after `delay` seconds). `health` is the /health status (or
-    "hang"). Every generation request is recorded in `requests` (headers, body); handlers
+    connection), "slow" (answer after `delay` seconds). A stream ends `done_delay` seconds after
+    its `data: [DONE]` event (vLLM ends its streams in a later write). `health` is the /health
+    status (or "hang"). Every generation request is recorded in `requests` (headers, body); handlers
     cancelled by a client going away are counted in `aborted`.
     """
 
@@ -197,6 +198,7 @@ class ScriptedReplica:
         self.pad = 0
         self.event_sleep = 0.001
         self.delay = 0.0
+        self.done_delay = 0.0
         self.health: int | str = 200
         self.health_calls = 0
         self.requests: list[tuple[dict[str, str], bytes]] = []
@@ -292,6 +294,8 @@ class ScriptedReplica:
                 usage = {"prompt_tokens": 11, "completion_tokens": self.events, "total_tokens": 11 + self.events, "prompt_tokens_details": {"cached_tokens": 4}}
                 await resp.write(b"data: " + json.dumps({"id": "cmpl-s", "choices": [], "usage": usage}).encode() + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
+            if self.done_delay:
+                await asyncio.sleep(self.done_delay)
             await resp.write_eof()
             return resp
         answer = {

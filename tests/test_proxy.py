@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import aiohttp
 import openai
@@ -202,6 +203,39 @@ async def test_client_disconnect_during_prefill_aborts_too() -> None:
                 await task
         await wait_for(lambda: rep.aborted == 1, what="abort on the replica")
         await wait_for(lambda: proxy.dispatcher.loads[rep.url].inflight == 0, what="pylb accounting")
+
+
+async def stream_until_done(port: int, body: bytes) -> bytes:
+    """A client that reads a streamed answer until its `data: [DONE]` event and closes the
+    connection at once (as SSE clients do), without waiting for the chunked body's last chunk."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    got = b""
+    while b"data: [DONE]" not in got:
+        piece = await asyncio.wait_for(reader.read(65536), 10)
+        assert piece, got
+        got += piece
+    writer.close()
+    await writer.wait_closed()
+    return got
+
+
+async def test_client_closing_right_after_done_is_a_success(caplog: pytest.LogCaptureFixture) -> None:
+    router = RecordingRouter()
+    async with scripted(1) as (rep,), running_proxy(settings([rep.url]), router=router) as proxy:
+        body = json.dumps({"prompt": "x", "stream": True, "stream_options": {"include_usage": True}}).encode()
+        delays = [0.05, 0.0, 0.001] * 4  # the replica ends its stream after, with, just after [DONE]
+        for delay in delays:
+            rep.done_delay = delay
+            got = await stream_until_done(proxy.port, body)
+            assert b" 200 " in got.split(b"\r\n")[0]
+        await wait_for(lambda: proxy._in_progress == 0 and len(router.of("complete")) == len(delays), what="handlers done")
+        m = await scrape(proxy)
+    # the client received every event: a success, counted and completed as one, nothing logged
+    assert value(m, "pylb_requests_total", endpoint="completions", code="499") == 0
+    assert value(m, "pylb_requests_total", endpoint="completions", code="200") == len(delays)
+    assert [e[4] for e in router.of("complete")] == [Usage(11, 5, 4)] * len(delays)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_usage_from_sse_tail() -> None:

@@ -217,6 +217,7 @@ class _Exchange:
     attempts: int = 0
     ttft: float | None = None
     error: str | None = None
+    delivered: bool = False  # the client received the whole answer (it may close before its end)
 
 
 class _Retry(Exception):
@@ -464,11 +465,13 @@ class ProxyServer:
             ex.status, ex.error = exc.status, exc.message
             return error_response(exc.status, exc.message, exc.param, {**exc.headers, "x-request-id": rid})
         except asyncio.CancelledError:
-            ex.status, ex.error = 499, "client closed the connection"
+            if not ex.delivered:
+                ex.status, ex.error = 499, "client closed the connection"
             raise
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        except ConnectionResetError:  # aiohttp's ClientConnectionResetError is one
+            # the client went away while pylb wrote to it: nothing to answer, nothing to log
             ex.status, ex.error = 499, "client closed the connection"
-            raise
+            return web.Response(status=499)
         except Exception as exc:
             ex.status, ex.error = 500, f"{type(exc).__name__}: {exc}"
             self.metrics.count_background_error("handler")
@@ -647,23 +650,41 @@ class ProxyServer:
             await up.pipe(splice)
         except UPSTREAM_ERRORS as exc:
             failed = exc
-        if splice.gone:  # the client went away mid-stream
+        except asyncio.CancelledError:  # the client closed its connection (aiohttp cancels the handler)
+            if splice.delivered:  # ... after the stream's last event: it has the whole answer
+                self._stream_succeeded(rreq, replica, splice, ex)
+            raise
+        # the client has the whole answer when the replica's answer ended and every piece of it
+        # reached the client's socket, or when its `data: [DONE]` event did
+        whole = splice.delivered or (failed is None and not splice.gone)
+        if not whole and splice.gone:  # the client went away mid-stream
             ex.status, ex.error = 499, "client closed the connection"
             disp.complete(rid, replica, None)
             return out, True  # the caller closes the upstream answer, which aborts it
-        if failed is not None:
+        if whole:
+            self._stream_succeeded(rreq, replica, splice, ex)
+        else:
+            assert failed is not None
             self._failed(rid, replica, failed, "mid-stream")
             ex.status = 502  # counted and logged as failed, though the client saw a 200 head
             ex.error = f"replica failed mid-stream: {type(failed).__name__}: {failed}"
             await out.write(sse_error_event(502, f"the replica serving this stream failed: {type(failed).__name__}: {failed}".rstrip(": ")))
-        else:
-            self.fleet.report_success(replica)
-            usage = usage_from_sse_tail(splice.tail())
-            if usage is None:
-                usage = Usage(rreq.prompt_tokens, max(0, splice.events - 1), 0)
-            disp.complete(rid, replica, usage)
-        await out.write_eof()
+        try:
+            await out.write_eof()
+        except ConnectionResetError:  # the client left before the body's last chunk
+            if not whole:
+                ex.status, ex.error = 499, "client closed the connection"
         return out, True
+
+    def _stream_succeeded(self, rreq: RoutingRequest, replica: str, splice: _Splice, ex: _Exchange) -> None:
+        """Book-keeping of a stream the client received whole: the replica answered well, the
+        router completes the request with the stream's usage (or an estimate), status 200."""
+        self.fleet.report_success(replica)
+        usage = usage_from_sse_tail(splice.tail())
+        if usage is None:
+            usage = Usage(rreq.prompt_tokens, max(0, splice.events - 1), 0)
+        self.dispatcher.complete(rreq.request_id, replica, usage)
+        ex.status, ex.delivered = 200, True
 
     def _response_headers(self, up: UpstreamResponse | aiohttp.ClientResponse, rid: str, replica: str) -> CIMultiDict[str]:
         h: CIMultiDict[str] = CIMultiDict(_strip_pairs(up.headers, _RESPONSE_SKIP))
@@ -802,6 +823,11 @@ class _Splice:
     def tail(self) -> bytes:
         """The last three pieces, where a stream's final `usage` event is."""
         return self.c1 + self.c2 + self.c3
+
+    @property
+    def delivered(self) -> bool:
+        """Whether the stream's last event, `data: [DONE]`, was written to the client."""
+        return self.tail().rstrip().endswith(b"data: [DONE]")
 
 
 def _expire(fut: asyncio.Future[Dispatch]) -> None:

@@ -185,8 +185,11 @@ class ScriptedReplica:
     "status" (answer `status` with a vLLM-style error), "hang" (never answer), "drop" (close the
     connection without answering), "die" (start a stream, send `events` events, then reset the
     connection), "slow" (answer after `delay` seconds). A stream ends `done_delay` seconds after
-    its `data: [DONE]` event (vLLM ends its streams in a later write). `health` is the /health
-    status (or "hang"). Every generation request is recorded in `requests` (headers, body); handlers
+    its `data: [DONE]` event (vLLM ends its streams in a later write). With `stale_after` set, a
+    connection idle that long is closed, unanswered, when its next request arrives (a server that
+    closes idle keep-alive connections, as uvicorn does after 5 s, at the worst moment: just as
+    the client reuses one); those are counted in `stale_closed`. `health` is the /health status
+    (or "hang"). Every generation request is recorded in `requests` (headers, body); handlers
     cancelled by a client going away are counted in `aborted`.
     """
 
@@ -199,6 +202,9 @@ class ScriptedReplica:
         self.event_sleep = 0.001
         self.delay = 0.0
         self.done_delay = 0.0
+        self.stale_after: float | None = None
+        self.stale_closed = 0
+        self._idle_since: dict[object, float] = {}
         self.health: int | str = 200
         self.health_calls = 0
         self.requests: list[tuple[dict[str, str], bytes]] = []
@@ -252,6 +258,20 @@ class ScriptedReplica:
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
+        now = asyncio.get_running_loop().time()
+        idle_since = self._idle_since.pop(request.transport, None)
+        if self.stale_after is not None and idle_since is not None and now - idle_since >= self.stale_after:
+            assert request.transport is not None
+            self.stale_closed += 1
+            request.transport.close()
+            await asyncio.sleep(0.05)
+            return web.Response(status=500)
+        try:
+            return await self._generate_answer(request, body)
+        finally:
+            self._idle_since[request.transport] = asyncio.get_running_loop().time()
+
+    async def _generate_answer(self, request: web.Request, body: bytes) -> web.StreamResponse:
         self.requests.append(({k: v for k, v in request.headers.items()}, body))
         self.active += 1
         try:

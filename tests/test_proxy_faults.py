@@ -217,6 +217,32 @@ async def test_connection_errors_eject_at_once_and_probes_readmit() -> None:
             assert seen == {bad.url, good.url}
 
 
+async def test_stale_keep_alive_connections_are_no_evidence_against_a_replica() -> None:
+    # replicas that close idle keep-alive connections (vLLM's uvicorn does after 5 s): every
+    # connection pylb pooled goes stale while the clients pause
+    async with scripted(2) as reps, running_proxy(settings([r.url for r in reps])) as proxy, aiohttp.ClientSession() as s:
+        for r in reps:
+            r.stale_after = 0.15
+        for burst in range(3):
+            # four at once: two pooled connections to each replica; then one at a time, after
+            # the pause, on a pool of stale connections
+            answers = await asyncio.gather(*(post(s, proxy.url, {"prompt": f"b{burst}-{i}"}) for i in range(4)))
+            assert [a[0] for a in answers] == [200] * 4
+            await asyncio.sleep(0.25)
+            for i in range(4):
+                status, got, headers = await post(s, proxy.url, {"prompt": f"s{burst}-{i}"})
+                assert status == 200, got
+            await asyncio.sleep(0.25)
+        assert sum(r.stale_closed for r in reps) >= 6  # the test did send on stale connections
+        m = await scrape(proxy)
+        assert list(proxy.fleet.healthy) == [r.url for r in reps]
+        for r in reps:
+            assert value(m, "pylb_ejections_total", replica=r.url, reason="connect") == 0
+            assert value(m, "pylb_upstream_errors_total", replica=r.url, kind="connect") == 0
+        assert value(m, "pylb_retries_total", reason="connect") == 0
+        assert value(m, "pylb_requests_total", endpoint="completions", code="200") == 24
+
+
 async def test_retries_are_bounded_then_the_last_answer_is_forwarded() -> None:
     async with scripted(2) as reps, running_proxy(settings([r.url for r in reps], upstream__max_retries=3, fleet__eject_5xx=100)) as proxy:
         for r in reps:

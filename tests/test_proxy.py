@@ -238,6 +238,40 @@ async def test_client_closing_right_after_done_is_a_success(caplog: pytest.LogCa
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
+def shared_prompt_requests(n: int, system_chars: int) -> list[str]:
+    """`n` distinct prompts behind one system prompt of `system_chars` characters (key blocks are
+    2048 characters: 2048 is a system prompt that ends on a key-block boundary, 5000 one that
+    does not), each with its own question of about 1,000 characters."""
+    system = "".join(f"System rule {i}: answer briefly and cite sources. " for i in range(200))[:system_chars]
+    return [system + f" Question {i}: " + f"tell me about topic {i} " * 40 for i in range(n)]
+
+
+@pytest.mark.parametrize("system_chars", [2048, 5000])
+@pytest.mark.parametrize("replicas", [2, 4])
+async def test_a_fresh_dualmap_spreads_distinct_prompts_from_the_first_second(replicas: int, system_chars: int) -> None:
+    # distinct conversations behind one system prompt, all in pylb's first second: no history, so
+    # nothing ties any of them to a replica, and they spread over the fleet from the first one
+    prompts = shared_prompt_requests(40, system_chars)
+    async with fake_fleet(replicas) as servers, running_proxy(settings([x.url for x in servers], router__policy="dualmap")) as proxy:
+        async with aiohttp.ClientSession() as s:
+
+            async def send(i: int, prompt: str) -> str:
+                await asyncio.sleep(i * 0.02)
+                async with s.post(proxy.url + "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 4}) as r:
+                    assert r.status == 200
+                    await r.read()
+                    return r.headers["x-pylb-replica"]
+
+            placed = await asyncio.gather(*(send(i, p) for i, p in enumerate(prompts)))
+    # (it used to send all of them to the replica that served the first.) The keys hash onto rings
+    # built over random ports, so the spread is binomial around 1/replicas: these bounds hold but
+    # for a chance under 1e-3
+    counts = [placed.count(x.url) for x in servers]
+    assert min(counts) >= len(prompts) / replicas / 4, counts
+    assert max(counts) <= len(prompts) * (1 / replicas + 0.25), counts
+    assert len(set(placed[:20])) >= 2, placed[:20]
+
+
 def test_usage_from_sse_tail() -> None:
     tail = b'data: {"choices":[{"text":"a"}]}\n\ndata: {"id":"x","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":3}}}\n\ndata: [DONE]\n\n'
     assert usage_from_sse_tail(tail) == Usage(5, 2, 3)

@@ -189,7 +189,8 @@ class ScriptedReplica:
     connection idle that long is closed, unanswered, when its next request arrives (a server that
     closes idle keep-alive connections, as uvicorn does after 5 s, at the worst moment: just as
     the client reuses one); those are counted in `stale_closed`. `health` is the /health status
-    (or "hang"). Every generation request is recorded in `requests` (headers, body); handlers
+    (or "hang"); `/metrics` answers after `metrics_delay` seconds (calls counted in
+    `metrics_calls`). Every generation request is recorded in `requests` (headers, body); handlers
     cancelled by a client going away are counted in `aborted`.
     """
 
@@ -207,6 +208,8 @@ class ScriptedReplica:
         self._idle_since: dict[object, float] = {}
         self.health: int | str = 200
         self.health_calls = 0
+        self.metrics_delay = 0.0
+        self.metrics_calls = 0
         self.requests: list[tuple[dict[str, str], bytes]] = []
         self.aborted = 0
         self.active = 0
@@ -247,6 +250,9 @@ class ScriptedReplica:
         return web.Response(status=int(self.health))
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        self.metrics_calls += 1
+        if self.metrics_delay:
+            await asyncio.sleep(self.metrics_delay)
         return web.Response(text=METRICS_PAGE)
 
     async def _models(self, request: web.Request) -> web.StreamResponse:

@@ -189,7 +189,7 @@ class ScriptedReplica:
     connection idle that long is closed, unanswered, when its next request arrives (a server that
     closes idle keep-alive connections, as uvicorn does after 5 s, at the worst moment: just as
     the client reuses one); those are counted in `stale_closed`. `health` is the /health status
-    (or "hang"); `/metrics` answers after `metrics_delay` seconds (calls counted in
+    (or "hang", or "flap": 200 and 500 by turns); `/metrics` answers after `metrics_delay` seconds (calls counted in
     `metrics_calls`). Every generation request is recorded in `requests` (headers, body); handlers
     cancelled by a client going away are counted in `aborted`.
     """
@@ -217,7 +217,7 @@ class ScriptedReplica:
         self.url = ""
 
     async def start(self) -> str:
-        app = web.Application()
+        app = web.Application(middlewares=[self._keep_alive])
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/v1/models", self._models)
@@ -247,6 +247,8 @@ class ScriptedReplica:
         self.health_calls += 1
         if self.health == "hang":
             await asyncio.sleep(3600)
+        if self.health == "flap":  # good and bad by turns, whatever the timing of the probes
+            return web.Response(status=200 if self.health_calls % 2 else 500)
         return web.Response(status=int(self.health))
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
@@ -262,10 +264,14 @@ class ScriptedReplica:
         body = await request.read()
         return web.json_response({"method": request.method, "path": request.path_qs, "body": body.decode(), "replica": self.url})
 
-    async def _generate(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        now = asyncio.get_running_loop().time()
+    @web.middleware
+    async def _keep_alive(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """`stale_after` for the API's requests (/v1/...)."""
+        if not request.path.startswith("/v1/"):
+            return await handler(request)
+        await request.read()
         idle_since = self._idle_since.pop(request.transport, None)
+        now = asyncio.get_running_loop().time()
         if self.stale_after is not None and idle_since is not None and now - idle_since >= self.stale_after:
             assert request.transport is not None
             self.stale_closed += 1
@@ -273,11 +279,12 @@ class ScriptedReplica:
             await asyncio.sleep(0.05)
             return web.Response(status=500)
         try:
-            return await self._generate_answer(request, body)
+            return await handler(request)
         finally:
             self._idle_since[request.transport] = asyncio.get_running_loop().time()
 
-    async def _generate_answer(self, request: web.Request, body: bytes) -> web.StreamResponse:
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
         self.requests.append(({k: v for k, v in request.headers.items()}, body))
         self.active += 1
         try:

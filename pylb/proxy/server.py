@@ -2,9 +2,10 @@
 
 Design (DESIGN.md §5, issue 5 §1-4)
 -----------------------------------
-`ProxyServer` is one aiohttp application (uvloop when `pylb serve` runs it) with one pooled
-aiohttp client session towards the replicas, one `Dispatcher` (the only caller of the router)
-and one `Fleet` (health probes, passive ejection, metrics scraping). aiohttp sets TCP_NODELAY on
+`ProxyServer` is one aiohttp application (uvloop when `pylb serve` runs it) with one pool of
+keep-alive connections towards the replicas (`pylb.proxy.upstream`, for routed and forwarded
+requests; an aiohttp client session only gathers /v1/models), one `Dispatcher` (the only caller
+of the router) and one `Fleet` (health probes, passive ejection, metrics scraping). aiohttp sets TCP_NODELAY on
 both the server's and the client's sockets, so no streamed chunk waits for Nagle's algorithm.
 
 Routes:
@@ -68,7 +69,10 @@ Faults. A replica that fails mid-stream ends that stream with vLLM's in-stream e
 away cancels its handler (aiohttp handler cancellation), which closes the upstream connection, so
 vLLM aborts the request and frees its KV blocks; a request abandoned while queued is withdrawn
 from the router. Every request is counted once in `pylb_requests_total` with its final status
-(499 when the client left, 502 for a stream that broke after its head was sent).
+(499 when the client left, 502 for a stream that broke after its head was sent). A client that
+closes once it has a stream's `data: [DONE]` event (or every byte of the replica's answer), before
+pylb wrote the chunked body's last chunk, left with the whole answer: a 200, completed in the
+router with the stream's usage.
 """
 
 from __future__ import annotations
@@ -731,22 +735,22 @@ class ProxyServer:
         return web.json_response({"object": "list", "data": list(merged.values())})
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
-        """Any other /v1/* request: forwarded to the healthy replicas in turn, streamed back."""
-        assert self._session is not None
+        """Any other /v1/* request: forwarded to the healthy replicas in turn, streamed back, on
+        the routed requests' connection pool (so with its resend of a stale connection)."""
+        assert self._pool is not None
         healthy = list(self.fleet.healthy)
         if not healthy:
             raise NoReplica("no healthy replica to forward the request to", headers={"Retry-After": self._retry_after})
         self._turn += 1
         replica = healthy[self._turn % len(healthy)]
         rid = self._request_id(request)
-        headers = _strip(request.headers, _REQUEST_SKIP)
-        headers["X-Request-Id"] = rid
+        headers = _raw_request_headers(request.raw_headers, rid)
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise ProxyError(f"request body larger than {self.settings.server.max_body_bytes} bytes", param="body", status=413) from None
         try:
-            up = await self._session.request(request.method, replica + request.raw_path, data=body or None, headers=headers)
+            up = await self._pool.request(replica, request.method, request.raw_path, headers, body)
         except UPSTREAM_ERRORS as exc:
             self.fleet.report_connect_error(replica, f"{type(exc).__name__}: {exc}")
             self.metrics.count_upstream_error(replica, "connect")
@@ -755,7 +759,7 @@ class ProxyServer:
             out = web.StreamResponse(status=up.status, headers=self._response_headers(up, rid, replica))
             await out.prepare(request)
             try:
-                async for chunk in up.content.iter_any():
+                async for chunk in up:
                     await out.write(chunk)
             except UPSTREAM_ERRORS as exc:
                 self.metrics.count_upstream_error(replica, "stream")

@@ -230,11 +230,11 @@ async def test_stale_keep_alive_connections_are_no_evidence_against_a_replica() 
             assert [a[0] for a in answers] == [200] * 4
             await asyncio.sleep(0.25)
             for i in range(4):
-                status, got, headers = await post(s, proxy.url, {"prompt": f"s{burst}-{i}"})
+                status, got, _ = await post(s, proxy.url, {"prompt": f"s{burst}-{i}"})
                 assert status == 200, got
             await asyncio.sleep(0.25)
             for i in range(4):  # other /v1/ paths are forwarded on the same kind of pool
-                status, got, headers = await post(s, proxy.url, {"echo": i}, path="/v1/echo")
+                status, got, _ = await post(s, proxy.url, {"echo": i}, path="/v1/echo")
                 assert status == 200 and got["body"] == json.dumps({"echo": i}), got
             await asyncio.sleep(0.25)
         assert sum(r.stale_closed for r in reps) >= 12  # the test did send on stale connections
@@ -321,14 +321,13 @@ async def test_flapping_health_does_not_flap_membership() -> None:
     router = RecordingRouter()
     rep_flap = ScriptedReplica()
     rep_flap.health = "flap"  # good and bad probes by turns (by call, so whatever the machine's load)
-    async with scripted(1) as (steady,), rep_flap:
-        async with running_proxy(settings([rep_flap.url, steady.url], fleet__health_interval_s=0.05), router=router) as proxy:
-            await asyncio.sleep(1.0)
-            assert rep_flap.health_calls > 10
-            memberships = [e[1] for e in router.of("membership")]
-            # the first probe decides, then it never has two in a row: no change (never an oscillation)
-            assert memberships == [[rep_flap.url, steady.url]], memberships
-            assert value(await scrape(proxy), "pylb_ejections_total", replica=rep_flap.url, reason="probe") == 0
+    async with scripted(1) as (steady,), rep_flap, running_proxy(settings([rep_flap.url, steady.url], fleet__health_interval_s=0.05), router=router) as proxy:
+        await asyncio.sleep(1.0)
+        assert rep_flap.health_calls > 10
+        memberships = [e[1] for e in router.of("membership")]
+        # the first probe decides, then it never has two in a row: no change (never an oscillation)
+        assert memberships == [[rep_flap.url, steady.url]], memberships
+        assert value(await scrape(proxy), "pylb_ejections_total", replica=rep_flap.url, reason="probe") == 0
 
 
 async def test_unhealthy_replica_leaves_and_returns_with_hysteresis() -> None:

@@ -269,7 +269,7 @@ class FleetSettings:
     ejection_s: float = setting(5.0, "a passively ejected replica stays out at least this long before probes may bring it back", check=non_negative)
     metrics_path: str = setting("/metrics", "path of the replicas' Prometheus metrics", check=path_string)
     scrape_interval_s: float = setting(0.5, "seconds between scrapes of each replica's metrics", check=positive)
-    scrape_timeout_s: float = setting(1.0, "a scrape without an answer after this long fails", check=positive)
+    scrape_timeout_s: float = setting(5.0, "a scrape without a whole answer after this long fails (a slow one delays only that replica's next scrape)", check=positive)
 
 
 @dataclass(frozen=True)

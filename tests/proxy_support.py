@@ -184,8 +184,13 @@ class ScriptedReplica:
     `mode` for generation requests: "ok" (JSON answer, or `events` SSE events when streamed),
     "status" (answer `status` with a vLLM-style error), "hang" (never answer), "drop" (close the
     connection without answering), "die" (start a stream, send `events` events, then reset the
-    connection), "slow" (answer after `delay` seconds). `health` is the /health status (or
-    "hang"). Every generation request is recorded in `requests` (headers, body); handlers
+    connection), "slow" (answer after `delay` seconds). A stream ends `done_delay` seconds after
+    its `data: [DONE]` event (vLLM ends its streams in a later write). With `stale_after` set, a
+    connection idle that long is closed, unanswered, when its next request arrives (a server that
+    closes idle keep-alive connections, as uvicorn does after 5 s, at the worst moment: just as
+    the client reuses one); those are counted in `stale_closed`. `health` is the /health status
+    (or "hang", or "flap": 200 and 500 by turns); `/metrics` answers after `metrics_delay` seconds (calls counted in
+    `metrics_calls`). Every generation request is recorded in `requests` (headers, body); handlers
     cancelled by a client going away are counted in `aborted`.
     """
 
@@ -197,8 +202,14 @@ class ScriptedReplica:
         self.pad = 0
         self.event_sleep = 0.001
         self.delay = 0.0
+        self.done_delay = 0.0
+        self.stale_after: float | None = None
+        self.stale_closed = 0
+        self._idle_since: dict[object, float] = {}
         self.health: int | str = 200
         self.health_calls = 0
+        self.metrics_delay = 0.0
+        self.metrics_calls = 0
         self.requests: list[tuple[dict[str, str], bytes]] = []
         self.aborted = 0
         self.active = 0
@@ -206,7 +217,7 @@ class ScriptedReplica:
         self.url = ""
 
     async def start(self) -> str:
-        app = web.Application()
+        app = web.Application(middlewares=[self._keep_alive])
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/v1/models", self._models)
@@ -236,9 +247,14 @@ class ScriptedReplica:
         self.health_calls += 1
         if self.health == "hang":
             await asyncio.sleep(3600)
+        if self.health == "flap":  # good and bad by turns, whatever the timing of the probes
+            return web.Response(status=200 if self.health_calls % 2 else 500)
         return web.Response(status=int(self.health))
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        self.metrics_calls += 1
+        if self.metrics_delay:
+            await asyncio.sleep(self.metrics_delay)
         return web.Response(text=METRICS_PAGE)
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
@@ -247,6 +263,25 @@ class ScriptedReplica:
     async def _echo(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         return web.json_response({"method": request.method, "path": request.path_qs, "body": body.decode(), "replica": self.url})
+
+    @web.middleware
+    async def _keep_alive(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """`stale_after` for the API's requests (/v1/...)."""
+        if not request.path.startswith("/v1/"):
+            return await handler(request)
+        await request.read()
+        idle_since = self._idle_since.pop(request.transport, None)
+        now = asyncio.get_running_loop().time()
+        if self.stale_after is not None and idle_since is not None and now - idle_since >= self.stale_after:
+            assert request.transport is not None
+            self.stale_closed += 1
+            request.transport.close()
+            await asyncio.sleep(0.05)
+            return web.Response(status=500)
+        try:
+            return await handler(request)
+        finally:
+            self._idle_since[request.transport] = asyncio.get_running_loop().time()
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -292,6 +327,8 @@ class ScriptedReplica:
                 usage = {"prompt_tokens": 11, "completion_tokens": self.events, "total_tokens": 11 + self.events, "prompt_tokens_details": {"cached_tokens": 4}}
                 await resp.write(b"data: " + json.dumps({"id": "cmpl-s", "choices": [], "usage": usage}).encode() + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
+            if self.done_delay:
+                await asyncio.sleep(self.done_delay)
             await resp.write_eof()
             return resp
         answer = {

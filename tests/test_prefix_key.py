@@ -61,12 +61,13 @@ def test_universal_first_block_deepens_to_depth_2_and_spreads() -> None:
     stream = universal_first_block_stream(1000, seed=1)
     results = [t.key_for(h) for h in stream]
     depths = [d for _, d in results]
-    # Until min_samples requests are in the window nothing expands: keys are the universal block.
-    assert depths[:19] == [1] * 19
-    assert {k for k, _ in results[:19]} == {int(stream[0][0])}
-    # From then on block 0 holds 100 % of the window, so every key is at least 2 deep; with the
-    # window full no second-level prefix (1 in 500) is hot, so keys stay at depth 2.
-    assert min(depths[19:]) >= 2
+    # Shares are judged against at least min_samples (20) requests: the first request alone is
+    # 5 %, not hot, and keyed by the universal block; from the second on, block 0 holds 2 of 20
+    # and more, so every key is at least 2 deep (a hard min_samples gate kept the first 19 on
+    # the universal block, i.e. on the same two candidates); with the window full no
+    # second-level prefix (1 in 500) is hot, so keys stay at depth 2.
+    assert depths[0] == 1 and results[0][0] == int(stream[0][0])
+    assert min(depths[1:]) >= 2
     assert set(depths[200:]) == {2}
     assert t.is_expanded(int(stream[0][0]))
     assert t.depth_counts()[2] == 200
@@ -126,34 +127,40 @@ def test_hot_prefix_shrinks_once_below_shrink_share() -> None:
 
 def test_hysteresis_keeps_the_state_between_thresholds() -> None:
     # Window 100: expand at >= 10 %, shrink below 5 %. A prefix at 7 % keeps whatever state it had.
-    def stream_with(share_pct: int, n: int) -> list[np.ndarray]:
-        return [chain([1, 2, i]) if i % 100 < share_pct else chain([1, 1000 + i, i]) for i in range(n)]
+    # (One request in `every` holds it, from the start of the stream: about 7 % for 14, 20 % for 5.)
+    def stream_with(every: int, n: int) -> list[np.ndarray]:
+        return [chain([1, 2, i]) if i % every == every - 1 else chain([1, 1000 + i, i]) for i in range(n)]
 
     mid = int(chain([1, 2])[1])
     t = PrefixKeyTable(window=100, expand_share=0.10, shrink_share=0.05, min_samples=10)
-    for h in stream_with(7, 300):  # never reached 10 %: not expanded
+    for h in stream_with(14, 300):  # never reached 10 %: not expanded
         t.key_for(h)
     assert not t.is_expanded(mid)
     assert t.peek(chain([1, 2, 3]))[1] == 2
 
     t = PrefixKeyTable(window=100, expand_share=0.10, shrink_share=0.05, min_samples=10)
-    for h in stream_with(20, 200):  # 20 %: expanded
+    for h in stream_with(5, 200):  # 20 %: expanded
         t.key_for(h)
     assert t.is_expanded(mid)
-    for h in stream_with(7, 300):  # drops to 7 %: still expanded
+    for h in stream_with(14, 300):  # drops to 7 %: still expanded
         t.key_for(h)
         assert t.is_expanded(mid)
     assert t.count(mid) == 7
     assert t.peek(chain([1, 2, 3]))[1] == 3
 
 
-def test_min_samples_gates_expansion() -> None:
+def test_min_samples_floors_the_share_while_the_window_fills() -> None:
     t = PrefixKeyTable(window=200, min_samples=50)
     h = chain([1, 2, 3])
     depths = [t.key_for(h)[1] for _ in range(60)]
-    assert depths[:49] == [1] * 49
-    assert depths[49:] == [3] * 11  # every prefix holds 100 %: as deep as the prompt allows
+    # shares count against 50 requests until 50 are in: 6.12 % of 50 is 3.06, so the 4th expands
+    assert depths[:3] == [1] * 3
+    assert depths[3:] == [3] * 57  # every prefix holds them all: as deep as the prompt allows
     assert t.expanded_count >= 2
+    # a prefix seen once never expands on that alone, however empty the window
+    t = PrefixKeyTable(window=200, min_samples=20)
+    assert [t.key_for(chain([9, i, 3]))[1] for i in range(30)] == [1] + [2] * 29  # [9] twice: hot
+    assert not any(t.is_expanded(int(chain([9, i])[1])) for i in range(30))
 
 
 def test_max_depth_caps_the_key() -> None:

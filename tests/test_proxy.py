@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import aiohttp
 import openai
@@ -202,6 +203,73 @@ async def test_client_disconnect_during_prefill_aborts_too() -> None:
                 await task
         await wait_for(lambda: rep.aborted == 1, what="abort on the replica")
         await wait_for(lambda: proxy.dispatcher.loads[rep.url].inflight == 0, what="pylb accounting")
+
+
+async def stream_until_done(port: int, body: bytes) -> bytes:
+    """A client that reads a streamed answer until its `data: [DONE]` event and closes the
+    connection at once (as SSE clients do), without waiting for the chunked body's last chunk."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    got = b""
+    while b"data: [DONE]" not in got:
+        piece = await asyncio.wait_for(reader.read(65536), 10)
+        assert piece, got
+        got += piece
+    writer.close()
+    await writer.wait_closed()
+    return got
+
+
+async def test_client_closing_right_after_done_is_a_success(caplog: pytest.LogCaptureFixture) -> None:
+    router = RecordingRouter()
+    async with scripted(1) as (rep,), running_proxy(settings([rep.url]), router=router) as proxy:
+        body = json.dumps({"prompt": "x", "stream": True, "stream_options": {"include_usage": True}}).encode()
+        delays = [0.05, 0.0, 0.001] * 4  # the replica ends its stream after, with, just after [DONE]
+        for delay in delays:
+            rep.done_delay = delay
+            got = await stream_until_done(proxy.port, body)
+            assert b" 200 " in got.split(b"\r\n")[0]
+        await wait_for(lambda: proxy._in_progress == 0 and len(router.of("complete")) == len(delays), what="handlers done")
+        m = await scrape(proxy)
+    # the client received every event: a success, counted and completed as one, nothing logged
+    assert value(m, "pylb_requests_total", endpoint="completions", code="499") == 0
+    assert value(m, "pylb_requests_total", endpoint="completions", code="200") == len(delays)
+    assert [e[4] for e in router.of("complete")] == [Usage(11, 5, 4)] * len(delays)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def shared_prompt_requests(n: int, system_chars: int) -> list[str]:
+    """`n` distinct prompts behind one system prompt of `system_chars` characters (key blocks are
+    2048 characters: 2048 is a system prompt that ends on a key-block boundary, 5000 one that
+    does not), each with its own question of about 1,000 characters."""
+    system = "".join(f"System rule {i}: answer briefly and cite sources. " for i in range(200))[:system_chars]
+    return [system + f" Question {i}: " + f"tell me about topic {i} " * 40 for i in range(n)]
+
+
+@pytest.mark.parametrize("system_chars", [2048, 5000])
+@pytest.mark.parametrize("replicas", [2, 4])
+async def test_a_fresh_dualmap_spreads_distinct_prompts_from_the_first_second(replicas: int, system_chars: int) -> None:
+    # distinct conversations behind one system prompt, all in pylb's first second: no history, so
+    # nothing ties any of them to a replica, and they spread over the fleet from the first one
+    prompts = shared_prompt_requests(40, system_chars)
+    async with fake_fleet(replicas) as servers, running_proxy(settings([x.url for x in servers], router__policy="dualmap")) as proxy:
+        async with aiohttp.ClientSession() as s:
+
+            async def send(i: int, prompt: str) -> str:
+                await asyncio.sleep(i * 0.02)
+                async with s.post(proxy.url + "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 4}) as r:
+                    assert r.status == 200
+                    await r.read()
+                    return r.headers["x-pylb-replica"]
+
+            placed = await asyncio.gather(*(send(i, p) for i, p in enumerate(prompts)))
+    # (it used to send all of them to the replica that served the first.) The keys hash onto rings
+    # built over random ports, so the spread is binomial around 1/replicas: these bounds hold but
+    # for a chance under 1e-3
+    counts = [placed.count(x.url) for x in servers]
+    assert min(counts) >= len(prompts) / replicas / 4, counts
+    assert max(counts) <= len(prompts) * (1 / replicas + 0.25), counts
+    assert len(set(placed[:20])) >= 2, placed[:20]
 
 
 def test_usage_from_sse_tail() -> None:

@@ -207,6 +207,21 @@ async def test_stale_keep_alive_connection_is_resent_once(serve, pool: UpstreamP
     assert Script.connections == 2
 
 
+async def test_resend_after_a_stale_connection_opens_a_new_one(serve, pool: UpstreamPool) -> None:
+    # every connection answers its first request and closes on the next, unanswered: two pooled
+    # connections that went idle together are both stale, and the resend must not take the other
+    url = await serve(lambda n, c: LENGTH if n == 1 else None)
+    first = await asyncio.gather(*(pool.request(url, "POST", "/", [], b"x") for _ in range(2)))
+    for r in first:
+        assert await r.read() == b"hello world"
+        r.close()
+    assert pool.idle_connections == 2
+    r = await pool.request(url, "POST", "/", [], b"x")
+    assert await r.read() == b"hello world"
+    r.close()
+    assert Script.connections == 3  # the stale one, then a new one; the other stale one untouched
+
+
 async def test_fresh_connection_closed_before_answer_is_an_error(serve, pool: UpstreamPool) -> None:
     url = await serve(lambda n, c: None)
     with pytest.raises(UpstreamError, match="before answering"):

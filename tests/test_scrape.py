@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from pylb.config import load_settings
+from pylb.fleet.fleet import Fleet
 from pylb.fleet.scrape import ScrapeError, filter_lines, parse_vllm_metrics
+from pylb.observability.metrics import ProxyMetrics
 from pylb.sim.profiles import Profile
 from pylb.sim.server import FakeServerConfig, FakeVllmServer
 
@@ -101,3 +105,26 @@ async def test_fake_server_page() -> None:
     assert m.prefix_cache_hits == 36  # the second request hits all but the last block's worth
     assert m.generation_tokens == 4 and m.prompt_tokens == 80
     assert (m.num_requests_running, m.num_requests_waiting) == (0, 0)
+
+
+async def test_a_slow_metrics_page_is_late_not_failed_and_delays_no_other_replica() -> None:
+    # an idle vLLM replica on a busy CPU host answered /metrics past 1 s about once in 5 minutes
+    from proxy_support import scripted
+
+    async with scripted(2) as (slow, fast):
+        settings = load_settings({"fleet.backends": [slow.url, fast.url], "fleet.scrape_interval_s": 0.05}, env={})
+        metrics = ProxyMetrics()
+        seen: list[str] = []
+        fleet = Fleet(settings.fleet, metrics, lambda replicas: None, lambda replica, m: seen.append(replica))
+        await fleet.start()
+        try:
+            slow.metrics_delay = 1.3
+            seen.clear()
+            await asyncio.sleep(2.0)
+        finally:
+            await fleet.stop()
+    # the slow replica's scrapes succeed, late, one at a time; the fast one is scraped every tick
+    assert metrics.scrape_errors.get(slow.url) == 0 and not fleet.replicas[slow.url].scrape_failing
+    assert 1 <= seen.count(slow.url) <= 2
+    assert seen.count(fast.url) >= 20
+    assert slow.metrics_calls <= 1 + 2  # the baseline, then never a scrape on top of one in flight

@@ -86,8 +86,9 @@ many key blocks (512 tokens each by default) of a prompt form its routing key.
 
 The key starts at depth 1 and goes one block deeper while the prefix at the current depth holds at
 least `expand_share` of the window's requests; an expanded prefix shrinks back only once its share
-falls below `shrink_share` (hysteresis). No prefix expands before the window holds `min_samples`
-requests, and keys never go deeper than `max_depth` blocks.
+falls below `shrink_share` (hysteresis). Shares are judged against at least `min_samples`
+requests (while the window fills, 2 requests of a prefix expand it), and keys never go deeper than
+`max_depth` blocks.
 
 `boundary_hashes` are the chained hashes at key-block boundaries (pylb.native.block_hashes with the
 key block size), so boundary_hashes[d-1] names the whole prefix of depth d and is the key at depth

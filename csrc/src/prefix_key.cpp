@@ -47,9 +47,10 @@ PrefixKeyTable::PrefixKeyTable(const PrefixKeyParams& params) : params_(params) 
 
 bool PrefixKeyTable::hot(const FlatU64Map::Slot* s) const noexcept {
   if (s == nullptr || fill_ == 0) return false;
-  const double share = static_cast<double>(s->value) / static_cast<double>(fill_);
+  // shares of a window still filling are judged against min_samples requests (the header says why)
+  const double share = static_cast<double>(s->value) / static_cast<double>(std::max(fill_, params_.min_samples));
   if (s->extra != 0) return share >= params_.shrink_share;  // expanded: stays until below the floor
-  return fill_ >= params_.min_samples && share >= params_.expand_share;
+  return share >= params_.expand_share;
 }
 
 void PrefixKeyTable::update_flag(FlatU64Map::Slot* s) noexcept {

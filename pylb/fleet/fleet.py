@@ -25,9 +25,14 @@ the healthy replicas in configuration order (the router's `on_membership`). `sta
 probe round before returning, so the first membership reflects reality.
 
 Scraping: every `scrape_interval_s`, each healthy replica's `/metrics` is fetched and parsed
-(`pylb.fleet.scrape.parse_vllm_metrics`) and delivered to `on_metrics(replica, metrics)`. The
-fleet also keeps the increase of the replica's prefix-cache counters since pylb started (for the
-observed hit rate), handling counter resets (a restarted replica).
+(`pylb.fleet.scrape.parse_vllm_metrics`) and delivered to `on_metrics(replica, metrics)`. Each
+replica is scraped on its own: a tick starts a scrape of every healthy replica whose previous
+scrape has finished and does not wait for them, so a slow page delays only that replica's next
+scrape, never the others', and never piles up. The timeout (`scrape_timeout_s`, 5 s) is
+therefore generous: an idle vLLM replica on a busy CPU host measured here answered in 7 ms at the
+median, 300 ms at p99, and past the old 1 s limit about once in 5 minutes -- a scrape that slow is
+late, not failed. The fleet also keeps the increase of the replica's prefix-cache counters since
+pylb started (for the observed hit rate), handling counter resets (a restarted replica).
 
 Both loops catch, log and count every failure (`pylb_background_errors_total`) and go on.
 """
@@ -93,6 +98,7 @@ class Fleet:
         self._healthy: list[str] = []
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._scrapes: dict[str, asyncio.Task[None]] = {}  # replica -> its scrape in flight
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -102,22 +108,25 @@ class Fleet:
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
         await asyncio.gather(*(self._probe(r) for r in self.replicas.values()))
         self._publish(force=True)
-        await self._scrape_all()  # the baseline of the observed hit rate, and the router's first load signal
+        # the baseline of the observed hit rate, and the router's first load signal
+        await asyncio.gather(*(self._scrape(self.replicas[url]) for url in self._healthy))
         self._tasks = [
             asyncio.create_task(self._loop("health", self.settings.health_interval_s, self._probe_all), name="pylb-health"),
-            asyncio.create_task(self._loop("scrape", self.settings.scrape_interval_s, self._scrape_all), name="pylb-scrape"),
+            asyncio.create_task(self._loop("scrape", self.settings.scrape_interval_s, self._start_scrapes), name="pylb-scrape"),
         ]
 
     async def stop(self) -> None:
         """Stop the loops and close the session."""
-        for t in self._tasks:
+        tasks = [*self._tasks, *self._scrapes.values()]
+        for t in tasks:
             t.cancel()
-        for t in self._tasks:
+        for t in tasks:
             try:
                 await t
             except asyncio.CancelledError:
                 pass
         self._tasks = []
+        self._scrapes = {}
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -214,8 +223,19 @@ class Fleet:
 
     # ---- scraping -----------------------------------------------------------------------------------
 
-    async def _scrape_all(self) -> None:
-        await asyncio.gather(*(self._scrape(self.replicas[url]) for url in self._healthy))
+    def _start_scrapes(self) -> None:
+        """Start a scrape of every healthy replica whose previous scrape has finished."""
+        for url in self._healthy:
+            running = self._scrapes.get(url)
+            if running is None or running.done():
+                self._scrapes[url] = asyncio.create_task(self._scrape_guarded(self.replicas[url]), name=f"pylb-scrape {url}")
+
+    async def _scrape_guarded(self, r: ReplicaState) -> None:
+        try:
+            await self._scrape(r)
+        except Exception:  # a bug, not a failed scrape (those are handled in _scrape)
+            self.metrics.count_background_error("scrape")
+            log.exception("background task failed; it goes on", extra={"task": "scrape", "replica": r.url})
 
     async def _scrape(self, r: ReplicaState) -> None:
         assert self._session is not None
@@ -263,7 +283,9 @@ class Fleet:
             await asyncio.sleep(max(0.0, next_at - loop.time()))
             next_at = max(next_at + interval, loop.time())
             try:
-                await body()  # type: ignore[misc]
+                result = body()
+                if asyncio.iscoroutine(result):
+                    await result
             except asyncio.CancelledError:
                 raise
             except Exception:

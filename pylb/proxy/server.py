@@ -2,9 +2,10 @@
 
 Design (DESIGN.md §5, issue 5 §1-4)
 -----------------------------------
-`ProxyServer` is one aiohttp application (uvloop when `pylb serve` runs it) with one pooled
-aiohttp client session towards the replicas, one `Dispatcher` (the only caller of the router)
-and one `Fleet` (health probes, passive ejection, metrics scraping). aiohttp sets TCP_NODELAY on
+`ProxyServer` is one aiohttp application (uvloop when `pylb serve` runs it) with one pool of
+keep-alive connections towards the replicas (`pylb.proxy.upstream`, for routed and forwarded
+requests; an aiohttp client session only gathers /v1/models), one `Dispatcher` (the only caller
+of the router) and one `Fleet` (health probes, passive ejection, metrics scraping). aiohttp sets TCP_NODELAY on
 both the server's and the client's sockets, so no streamed chunk waits for Nagle's algorithm.
 
 Routes:
@@ -68,7 +69,10 @@ Faults. A replica that fails mid-stream ends that stream with vLLM's in-stream e
 away cancels its handler (aiohttp handler cancellation), which closes the upstream connection, so
 vLLM aborts the request and frees its KV blocks; a request abandoned while queued is withdrawn
 from the router. Every request is counted once in `pylb_requests_total` with its final status
-(499 when the client left, 502 for a stream that broke after its head was sent).
+(499 when the client left, 502 for a stream that broke after its head was sent). A client that
+closes once it has a stream's `data: [DONE]` event (or every byte of the replica's answer), before
+pylb wrote the chunked body's last chunk, left with the whole answer: a 200, completed in the
+router with the stream's usage.
 """
 
 from __future__ import annotations
@@ -217,6 +221,7 @@ class _Exchange:
     attempts: int = 0
     ttft: float | None = None
     error: str | None = None
+    delivered: bool = False  # the client received the whole answer (it may close before its end)
 
 
 class _Retry(Exception):
@@ -464,11 +469,13 @@ class ProxyServer:
             ex.status, ex.error = exc.status, exc.message
             return error_response(exc.status, exc.message, exc.param, {**exc.headers, "x-request-id": rid})
         except asyncio.CancelledError:
-            ex.status, ex.error = 499, "client closed the connection"
+            if not ex.delivered:
+                ex.status, ex.error = 499, "client closed the connection"
             raise
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        except ConnectionResetError:  # aiohttp's ClientConnectionResetError is one
+            # the client went away while pylb wrote to it: nothing to answer, nothing to log
             ex.status, ex.error = 499, "client closed the connection"
-            raise
+            return web.Response(status=499)
         except Exception as exc:
             ex.status, ex.error = 500, f"{type(exc).__name__}: {exc}"
             self.metrics.count_background_error("handler")
@@ -647,23 +654,41 @@ class ProxyServer:
             await up.pipe(splice)
         except UPSTREAM_ERRORS as exc:
             failed = exc
-        if splice.gone:  # the client went away mid-stream
+        except asyncio.CancelledError:  # the client closed its connection (aiohttp cancels the handler)
+            if splice.delivered:  # ... after the stream's last event: it has the whole answer
+                self._stream_succeeded(rreq, replica, splice, ex)
+            raise
+        # the client has the whole answer when the replica's answer ended and every piece of it
+        # reached the client's socket, or when its `data: [DONE]` event did
+        whole = splice.delivered or (failed is None and not splice.gone)
+        if not whole and splice.gone:  # the client went away mid-stream
             ex.status, ex.error = 499, "client closed the connection"
             disp.complete(rid, replica, None)
             return out, True  # the caller closes the upstream answer, which aborts it
-        if failed is not None:
+        if whole:
+            self._stream_succeeded(rreq, replica, splice, ex)
+        else:
+            assert failed is not None
             self._failed(rid, replica, failed, "mid-stream")
             ex.status = 502  # counted and logged as failed, though the client saw a 200 head
             ex.error = f"replica failed mid-stream: {type(failed).__name__}: {failed}"
             await out.write(sse_error_event(502, f"the replica serving this stream failed: {type(failed).__name__}: {failed}".rstrip(": ")))
-        else:
-            self.fleet.report_success(replica)
-            usage = usage_from_sse_tail(splice.tail())
-            if usage is None:
-                usage = Usage(rreq.prompt_tokens, max(0, splice.events - 1), 0)
-            disp.complete(rid, replica, usage)
-        await out.write_eof()
+        try:
+            await out.write_eof()
+        except ConnectionResetError:  # the client left before the body's last chunk
+            if not whole:
+                ex.status, ex.error = 499, "client closed the connection"
         return out, True
+
+    def _stream_succeeded(self, rreq: RoutingRequest, replica: str, splice: _Splice, ex: _Exchange) -> None:
+        """Book-keeping of a stream the client received whole: the replica answered well, the
+        router completes the request with the stream's usage (or an estimate), status 200."""
+        self.fleet.report_success(replica)
+        usage = usage_from_sse_tail(splice.tail())
+        if usage is None:
+            usage = Usage(rreq.prompt_tokens, max(0, splice.events - 1), 0)
+        self.dispatcher.complete(rreq.request_id, replica, usage)
+        ex.status, ex.delivered = 200, True
 
     def _response_headers(self, up: UpstreamResponse | aiohttp.ClientResponse, rid: str, replica: str) -> CIMultiDict[str]:
         h: CIMultiDict[str] = CIMultiDict(_strip_pairs(up.headers, _RESPONSE_SKIP))
@@ -710,22 +735,22 @@ class ProxyServer:
         return web.json_response({"object": "list", "data": list(merged.values())})
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
-        """Any other /v1/* request: forwarded to the healthy replicas in turn, streamed back."""
-        assert self._session is not None
+        """Any other /v1/* request: forwarded to the healthy replicas in turn, streamed back, on
+        the routed requests' connection pool (so with its resend of a stale connection)."""
+        assert self._pool is not None
         healthy = list(self.fleet.healthy)
         if not healthy:
             raise NoReplica("no healthy replica to forward the request to", headers={"Retry-After": self._retry_after})
         self._turn += 1
         replica = healthy[self._turn % len(healthy)]
         rid = self._request_id(request)
-        headers = _strip(request.headers, _REQUEST_SKIP)
-        headers["X-Request-Id"] = rid
+        headers = _raw_request_headers(request.raw_headers, rid)
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise ProxyError(f"request body larger than {self.settings.server.max_body_bytes} bytes", param="body", status=413) from None
         try:
-            up = await self._session.request(request.method, replica + request.raw_path, data=body or None, headers=headers)
+            up = await self._pool.request(replica, request.method, request.raw_path, headers, body)
         except UPSTREAM_ERRORS as exc:
             self.fleet.report_connect_error(replica, f"{type(exc).__name__}: {exc}")
             self.metrics.count_upstream_error(replica, "connect")
@@ -734,7 +759,7 @@ class ProxyServer:
             out = web.StreamResponse(status=up.status, headers=self._response_headers(up, rid, replica))
             await out.prepare(request)
             try:
-                async for chunk in up.content.iter_any():
+                async for chunk in up:
                     await out.write(chunk)
             except UPSTREAM_ERRORS as exc:
                 self.metrics.count_upstream_error(replica, "stream")
@@ -802,6 +827,11 @@ class _Splice:
     def tail(self) -> bytes:
         """The last three pieces, where a stream's final `usage` event is."""
         return self.c1 + self.c2 + self.c3
+
+    @property
+    def delivered(self) -> bool:
+        """Whether the stream's last event, `data: [DONE]`, was written to the client."""
+        return self.tail().rstrip().endswith(b"data: [DONE]")
 
 
 def _expire(fut: asyncio.Future[Dispatch]) -> None:

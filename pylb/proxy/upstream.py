@@ -28,13 +28,15 @@ on an asyncio `Protocol` (uvloop's when `pylb serve` runs):
 - Errors are `UpstreamError` (a `ConnectionError`): refused, reset, closed mid-answer,
   malformed answer; `UpstreamTimeout` (also an `asyncio.TimeoutError`) for timeouts. A request on
   a *reused* connection that fails before any byte of the answer came back is re-sent once on a
-  fresh connection: the replica closed an idle keep-alive connection (uvicorn does after 5 s)
-  just as it was reused, and never saw the request.
+  new connection (never another pooled one, which went idle as long ago): the replica closed an
+  idle keep-alive connection (uvicorn, so vLLM, does after 5 s) just as it was reused, and never
+  saw the request. Only a failure of that new connection reaches the caller, so a stale
+  connection is never counted against the replica.
 - A connection goes back to the pool when its answer was read to the end and neither side said
   `Connection: close`; `UpstreamResponse.close()` before the end closes the connection, which is
   how a client disconnect aborts the request on the replica. Idle connections older than
   `keepalive` seconds are closed when next looked at; a connection the replica closes while idle
-  leaves the pool at once.
+  leaves the pool at once (one whose close is under way is never taken).
 
 Only what the proxy needs: no TLS (replicas are reached over plain HTTP), no proxies, no
 redirects, no cookies, no compression handling (bytes pass through as they are).
@@ -558,7 +560,7 @@ class UpstreamPool:
         now = asyncio.get_running_loop().time()
         while idle:
             c = idle.pop()
-            if not c.closed and now - c.idle_since < self.keepalive:
+            if not c.closed and now - c.idle_since < self.keepalive and c.transport is not None and not c.transport.is_closing():
                 return c
             self._close_conn(c)
         return None
@@ -580,7 +582,9 @@ class UpstreamPool:
         head = f"{method} {target} HTTP/1.1\r\nHost: {host_header}\r\n".encode("latin-1", "replace") + headers + length.encode() + b"\r\n"
         payload = head + body if len(body) < 65536 else None
         for attempt in (0, 1):
-            conn = self._take_idle(base_url)
+            # the resend after a stale connection opens a new one: the other idle connections to
+            # the replica went idle as long ago and are as likely to be closed as that one was
+            conn = self._take_idle(base_url) if attempt == 0 else None
             reused = conn is not None
             if conn is None:
                 conn = await self._connect(base_url)

@@ -13,10 +13,10 @@
 // State:
 //   - a sliding window (ring buffer) of the last `window` requests; each slot remembers the prefix
 //     hashes that request counted, b[0..min(n, max_depth)), and the depth of the key it got;
-//   - count[p]: how many requests in the window hold prefix p; share(p) = count[p] / fill, where
-//     fill = requests in the window (= window once it has filled);
+//   - count[p]: how many requests in the window hold prefix p; share(p) = count[p] /
+//     max(fill, min_samples), where fill = requests in the window (= window once it has filled);
 //   - an "expanded" flag per prefix, with hysteresis. A prefix that is not expanded becomes
-//     expanded when fill >= min_samples and share(p) >= expand_share; an expanded prefix stays
+//     expanded when share(p) >= expand_share; an expanded prefix stays
 //     expanded until share(p) < shrink_share (and is forgotten when its count reaches 0). The flag
 //     is re-evaluated whenever the prefix's count changes and whenever a key walk passes it, so
 //     key walks always see the rule applied to the current window.
@@ -31,8 +31,14 @@
 // Parameters (defaults from the DualMap paper unless said otherwise):
 //   window = 200 requests; expand_share = 0.0612 (6.12 %); shrink_share = 0.02 (2 %, the
 //   hysteresis floor, so a prefix near the threshold does not flap between depths);
-//   min_samples = 20 (no prefix expands on the evidence of fewer requests: the first request
-//   would otherwise hold 100 % of a 1-request window);
+//   min_samples = 20 (shares are judged against at least this many requests, so the first
+//   request does not hold 100 % of a 1-request window: while the window fills, a prefix expands
+//   once ceil(expand_share * min_samples) = 2 requests hold it, which is what its share would be
+//   in a window of min_samples requests. A hard gate instead -- nothing expands before
+//   min_samples requests -- keys every request of a fresh router by its first block alone, so
+//   requests that share only a universal system prompt all get the same two candidates, and the
+//   cache mirror then sends them to the one that saw the first: one replica takes all of a new
+//   fleet's first min_samples requests);
 //   max_depth = 16 key blocks (8192 tokens at 512 tokens per block). Each request counts up to
 //   max_depth prefixes and a key walk visits up to max_depth of them, so the cap bounds the work
 //   per request (a few hundred ns) and the window's memory (window * max_depth hashes). 16 blocks

@@ -20,7 +20,13 @@ Design
    by construction a hot prefix shared by many groups (a universal system prompt) and are on
    most replicas, so holding only them says nothing about the group; without the floor, the first
    replica to see a universal system prompt would beat every empty candidate and take all traffic
-   at low load (measured: hotspot factor 2.05 on Mooncake in a pure-cache run).
+   at low load (measured: hotspot factor 2.05 on Mooncake in a pure-cache run). A hot prefix
+   rarely ends on a key-block boundary (a system prompt of any length), so the floor also covers
+   the part of the key's own block that the hot prefix's other groups share: the shortest common
+   prefix seen between two requests with different keys under the same hot prefix (remembered
+   for the last 1024 hot prefixes). Without that, the replica that served a new system prompt
+   first holds a few blocks more of every later prompt than the others, and steps 3 and 6 send
+   it all of them until it is hot (seen at start-up: every request on one replica for seconds).
 4. SLO switch: if the preferred candidate's predicted TTFT (queued + un-prefilled + own uncached
    tokens, times the learned per-token time) exceeds slo_ttft / 2, take the other candidate,
    but only when its predicted TTFT is within slo_ttft / 2 ("rescue", pylb's default). The
@@ -82,6 +88,9 @@ SLO_SWITCH_RULES = ("rescue", "paper", "off")
 SPILL_RULES = ("off", "fleet")
 """Values of the `spill` option."""
 
+HOT_TAILS_KEPT = 1024
+"""Hot prefixes whose shared tail (step 3's floor) DualMap remembers; the oldest is forgotten."""
+
 
 def _backlog(s: ReplicaState) -> float:
     """Seconds of prefill queued and in flight on a replica (the wait part of predicted TTFT)."""
@@ -119,6 +128,9 @@ class DualMap(Policy):
         self.ring: native.DualRing | None = None
         self.switch_budget = options.slo_ttft / 2
         self.blocks_per_key = options.blocks_per_key_block
+        # hot prefix (its boundary hash) -> (key, block hashes) of its last request, and the
+        # shortest common prefix seen between two of its requests with different keys (or None)
+        self._hot_tails: dict[int, tuple[int, np.ndarray, int | None]] = {}
 
     def on_membership(self, replicas: Sequence[ReplicaId]) -> None:
         """Rebuild both rings over the new replicas (off the request path)."""
@@ -135,7 +147,7 @@ class DualMap(Policy):
         if a == b:
             return Choice(a, branch="affinity")
         cached = view.cached_blocks(request)
-        floor = max(0, depth - 1) * self.blocks_per_key
+        floor = self._hot_floor(request, key, depth)
         ca, cb = max(0, int(cached[a]) - floor), max(0, int(cached[b]) - floor)
         if self.follow_cache:
             c = int(np.argmax(cached))
@@ -162,3 +174,27 @@ class DualMap(Policy):
             if view.predicted_ttft(request, best) <= self.slo:
                 return Choice(best, pick, branch="spill")
         return Choice(pick, b if pick == a else a, branch=branch)
+
+    def _hot_floor(self, request: RoutingRequest, key: int, depth: int) -> int:
+        """Router blocks at the start of the prompt that a hot prefix shared by many groups covers
+        (step 3): the (depth - 1) key blocks above the key's own block, and the part of the key's
+        own block that other groups under the same hot prefix share too, measured as the shortest
+        common prefix of two requests with different keys under it. Remembers this request."""
+        floor = max(0, depth - 1) * self.blocks_per_key
+        if floor == 0:
+            return 0
+        hashes = request.block_hashes
+        parent = int(hashes[floor - 1])  # the hot prefix: the key at depth - 1
+        seen = self._hot_tails.pop(parent, None)
+        shared = None
+        if seen is not None:
+            last_key, last_hashes, shared = seen
+            if last_key != key:  # another group: what the two share is the hot prefix's
+                n = min(len(hashes), len(last_hashes))
+                same = hashes[:n] == last_hashes[:n]  # chained hashes: equal up to the first difference
+                common = n if same.all() else int(same.argmin())
+                shared = common if shared is None else min(shared, common)
+        self._hot_tails[parent] = (key, hashes, shared)
+        if len(self._hot_tails) > HOT_TAILS_KEPT:
+            del self._hot_tails[next(iter(self._hot_tails))]
+        return floor if shared is None else max(floor, shared)

@@ -26,7 +26,7 @@ from pylb import native
 
 try:
     import xxhash
-except ImportError:  # pragma: no cover - the bench extra installs it
+except ImportError:  # pragma: no cover - the test extras install it; its comparison rows are skipped without it
     xxhash = None
 
 

@@ -201,12 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["hashing", "ring", "mirror", "similarity"], action="append")
     args = parser.parse_args(argv)
     table = Table()
+    load_start = os.getloadavg()
+    print(f"load average (1/5/15 min) at the start: {' '.join(f'{x:.2f}' for x in load_start)}", file=sys.stderr, flush=True)
     for name, fn in (("hashing", bench_hashing), ("ring", bench_ring), ("mirror", bench_mirror), ("similarity", bench_similarity)):
         if args.only and name not in args.only:
             continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
         fn(table, args.quick)
     table.print()
+    load_end = os.getloadavg()
+    print(f"load average (1/5/15 min): {' '.join(f'{x:.2f}' for x in load_start)} at the start, "
+          f"{' '.join(f'{x:.2f}' for x in load_end)} at the end; {os.cpu_count()} CPUs")
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
@@ -214,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                 "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
                 "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "load_average": {"start": load_start, "end": load_end},
                 "rows": table.rows,
             }, f, indent=2)
         print(f"wrote {args.json}", file=sys.stderr)

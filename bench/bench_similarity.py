@@ -4,7 +4,9 @@ How to read it: each line is the median wall time of --reps runs after one warm-
 pylb's time over numpy's (the target is <= 2.0 on the CPU). numpy's reference is what a Python
 semantic cache would do: normalise keys and queries, one matmul, argpartition then sort the k.
 `check` compares pylb's result with numpy's: similarities within 1e-5, indices equal except at
-near-ties (|difference| < 1e-6). Keys are random normal float32, not real embeddings.
+near-ties (|difference| < 1e-6). Keys are random normal float32, not real embeddings. The load
+average is printed before and after: on a shared machine both sides slow down with it, and the
+ratio with them (BENCHMARKS.md gives figures at several loads).
 
     python bench/bench_similarity.py                 # B=64, N=100000, D=384, k=10
     python bench/bench_similarity.py --cuda          # also the GPU (needs PYLB_CUDA=ON + CuPy)
@@ -13,6 +15,7 @@ near-ties (|difference| < 1e-6). Keys are random normal float32, not real embedd
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -29,6 +32,12 @@ def numpy_topk(q: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
     ps = np.take_along_axis(s, part, 1)
     order = np.argsort(-ps, axis=1, kind="stable")
     return np.take_along_axis(part, order, 1), np.take_along_axis(ps, order, 1)
+
+
+def loadavg() -> str:
+    """The machine's load average (1, 5 and 15 minutes), as printed beside every result."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f}"
 
 
 def timed(fn, reps: int) -> float:
@@ -63,7 +72,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     q = rng.standard_normal((a.B, a.D), dtype=np.float32)
     x = rng.standard_normal((a.N, a.D), dtype=np.float32)
-    print(f"B={a.B} N={a.N} D={a.D} k={a.k}, median of {a.reps}")
+    print(f"B={a.B} N={a.N} D={a.D} k={a.k}, median of {a.reps}; {os.cpu_count()} CPUs; {loadavg()}")
 
     ref = numpy_topk(q, x, a.k)
     t_np = timed(lambda: numpy_topk(q, x, a.k), a.reps)
@@ -71,6 +80,7 @@ def main() -> None:
     print(f"numpy (normalise + matmul + argpartition + sort): {t_np * 1e3:8.2f} ms")
     print(f"pylb cpu:                                         {t_cpu * 1e3:8.2f} ms   ratio {t_cpu / t_np:.2f}")
     print(check("pylb cpu vs numpy", native.topk_similarity(q, x, a.k, device="cpu"), ref))
+    print(f"after the CPU runs: {loadavg()}")
 
     if a.cuda:
         import cupy as cp

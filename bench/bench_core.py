@@ -26,7 +26,7 @@ from pylb import native
 
 try:
     import xxhash
-except ImportError:  # pragma: no cover - the bench extra installs it
+except ImportError:  # pragma: no cover - the test extras install it; its comparison rows are skipped without it
     xxhash = None
 
 
@@ -159,28 +159,21 @@ def bench_mirror(t: Table, quick: bool) -> None:
 
 
 def bench_similarity(t: Table, quick: bool) -> None:
+    from bench_similarity import numpy_topk, timed_pairs  # bench/ is sys.path[0] when run as a script
+
     rng = np.random.default_rng(3)
     b, n, d, k = 64, (100_000 if not quick else 20_000), 384, 10
     queries = rng.standard_normal((b, d), dtype=np.float32)
     keys = rng.standard_normal((n, d), dtype=np.float32)
 
-    def numpy_topk() -> tuple[np.ndarray, np.ndarray]:
-        qn = queries / np.linalg.norm(queries, axis=1, keepdims=True)
-        kn = keys / np.linalg.norm(keys, axis=1, keepdims=True)
-        scores = qn @ kn.T
-        part = np.argpartition(-scores, k, axis=1)[:, :k]
-        top = np.take_along_axis(scores, part, axis=1)
-        order = np.argsort(-top, axis=1, kind="stable")
-        return np.take_along_axis(part, order, axis=1), np.take_along_axis(top, order, axis=1)
-
     reps = 3 if quick else 5
-    t_np = timed(numpy_topk, reps)
-    t_native = timed(lambda: native.topk_similarity(queries, keys, k), reps)
+    # alternately, so that both sides of each pair see the same load on a shared machine
+    t_np, t_native, ratios = timed_pairs(lambda: numpy_topk(queries, keys, k), lambda: native.topk_similarity(queries, keys, k), reps)
     idx, sim = native.topk_similarity(queries, keys, k)
-    ref_idx, ref_sim = numpy_topk()
+    ref_idx, ref_sim = numpy_topk(queries, keys, k)
     assert np.allclose(sim, ref_sim, atol=1e-5), "native similarities disagree with numpy"
     t.add("similarity", f"numpy normalise+matmul+argpartition B={b} N={n} D={d} k={k}", t_np * 1e3, "ms")
-    t.add("similarity", "topk_similarity CPU, same shapes", t_native * 1e3, "ms", "numpy time", t_native / t_np)
+    t.add("similarity", "topk_similarity CPU, same shapes", t_native * 1e3, "ms", "numpy time", statistics.median(ratios))
     if native.cuda_available():
         import cupy as cp
 
@@ -201,12 +194,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["hashing", "ring", "mirror", "similarity"], action="append")
     args = parser.parse_args(argv)
     table = Table()
+    load_start = os.getloadavg()
+    print(f"load average (1/5/15 min) at the start: {' '.join(f'{x:.2f}' for x in load_start)}", file=sys.stderr, flush=True)
     for name, fn in (("hashing", bench_hashing), ("ring", bench_ring), ("mirror", bench_mirror), ("similarity", bench_similarity)):
         if args.only and name not in args.only:
             continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
         fn(table, args.quick)
     table.print()
+    load_end = os.getloadavg()
+    print(f"load average (1/5/15 min): {' '.join(f'{x:.2f}' for x in load_start)} at the start, "
+          f"{' '.join(f'{x:.2f}' for x in load_end)} at the end; {os.cpu_count()} CPUs")
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
@@ -214,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
                 "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "load_average": {"start": load_start, "end": load_end},
                 "rows": table.rows,
             }, f, indent=2)
         print(f"wrote {args.json}", file=sys.stderr)

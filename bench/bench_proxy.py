@@ -26,8 +26,9 @@ log, off unless `--access-log`), and the client (aiohttp on uvloop, keep-alive).
    the rate one pylb process sustains when every event is its own chunk.
 
 All three processes share this machine's cores, so through-pylb numbers include pylb's CPU
-competing with the client and backend; the direct run has one process fewer. Results go to
-stdout and bench/results/proxy.json.
+competing with the client and backend; the direct run has one process fewer, and other work on
+the machine slows pylb's path more than the direct one: the load average (1/5/15 min) is printed
+at the start and the end and kept in the JSON. Results go to stdout and bench/results/proxy.json.
 
     .venv/bin/python bench/bench_proxy.py                 # full run (~15 s)
     .venv/bin/python bench/bench_proxy.py --quick         # smoke run (a few seconds)
@@ -277,7 +278,9 @@ def main() -> int:
         proxy = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         uvloop.run(_wait_ready(pylb_url + "/ready"))
         results: dict[str, object] = {"workers": args.workers, "policy": args.policy, "access_log": args.access_log, "cpus": os.cpu_count()}
-        print(f"pylb bench: {os.cpu_count()} CPUs, pylb workers={args.workers}, policy={args.policy}, access log {'on' if args.access_log else 'off'}")
+        results["load_average_start"] = os.getloadavg()
+        print(f"pylb bench: {os.cpu_count()} CPUs, pylb workers={args.workers}, policy={args.policy}, access log {'on' if args.access_log else 'off'}; "
+              f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print(f"{'measurement':<34}{'direct':>12}{'via pylb':>12}{'added':>12}")
         for conc in (1, 16):
             d = uvloop.run(latency(direct_url, args.requests, conc))
@@ -305,6 +308,8 @@ def main() -> int:
                             "pylb_cpu_us_per_event": per_event_us, "pylb_events_per_cpu_s": capacity}
         print(f"paced: {args.paced_streams} streams x 1 event per {args.pace * 1e3:g} ms: {rate:,.0f} events/s in "
               f"{reads:,.0f} client reads/s; pylb CPU {per_event_us:.1f} us/event = {capacity:,.0f} events per CPU-second")
+        results["load_average_end"] = os.getloadavg()
+        print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         out = REPO / "bench" / "results"
         out.mkdir(parents=True, exist_ok=True)
         (out / "proxy.json").write_text(json.dumps(results, indent=2))

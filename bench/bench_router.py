@@ -7,7 +7,7 @@ of the decision path (key, candidates, mirror match and insert, heaps, estimator
 queueing. `us/req` is the median over repeats of total time / N on this shared machine;
 compare rows of one run.
 
-Run:  .venv/bin/python bench/bench_router.py --trace /work/shared/traces/mooncake_conversation_trace.jsonl
+Run:  .venv/bin/python bench/bench_router.py --trace ../shared/traces/mooncake_conversation_trace.jsonl
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ token-weighted prefix-cache hit rate, `hot` the hotspot factor. Rows of one run 
 prepared workload and the machine, so compare rows, not runs.
 
 Run (the dispatch-limit sweep of BENCHMARKS.md):
-    .venv/bin/python bench/router_grid.py --trace /work/shared/traces/mooncake_conversation_trace.jsonl \
+    .venv/bin/python bench/router_grid.py --trace ../shared/traces/mooncake_conversation_trace.jsonl \
         --policy dualmap,least-load --scale 3.08,3.22 \
         --grid max_unprefilled_tokens=2048,8192,16384,65536 --grid max_unprefilled_requests=1,2,8 \
         --json bench/results/limits.json
@@ -27,7 +27,7 @@ from pylb.router.interface import RouterOptions
 from pylb.sim.cluster import prepare_workload, simulate
 from pylb.sim.profiles import load_profile
 from pylb.sim.report import summarize
-from pylb.workload.loaders import load_workload
+from pylb.workload.loaders import describe_workload, load_workload
 
 
 def parse_grid(items: list[str]) -> list[dict[str, object]]:
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({**m.to_json(), "options": overrides, "migrations": migrations, "preemptions": res.stats.get("preemptions", 0)})
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"trace": args.trace, "profile": profile.name, "replicas": args.replicas, "rows": rows}, fh, indent=2)
+            json.dump({"trace": describe_workload(args.trace), "profile": profile.name, "replicas": args.replicas, "rows": rows}, fh, indent=2)
     return 0
 
 

@@ -7,6 +7,8 @@ import argparse
 import importlib
 import sys
 
+from pylb import __version__
+
 # name -> (module, one-line help). Modules are imported only when their subcommand runs.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("pylb.sim.simulate_cli", "replay a trace through simulated vLLM replicas and report per policy"),
@@ -19,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pylb", description="KV-cache-aware load balancer for vLLM replicas")
+    parser.add_argument("--version", action="version", version=f"pylb {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         try:

@@ -7,11 +7,25 @@ change in one place. Each section below re-exports one area of ``csrc/`` with it
 from __future__ import annotations
 
 import operator
+from importlib.machinery import EXTENSION_SUFFIXES
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import _core
+try:
+    from . import _core
+except ImportError as exc:
+    _here = Path(__file__).parent
+    if any((_here / f"_core{suffix}").exists() for suffix in EXTENSION_SUFFIXES):
+        raise  # the core is built but cannot load (e.g. a shared library is missing): that error says why
+    raise ImportError(
+        f"pylb's native core (pylb._core) is not built in {_here}: this is pylb's source folder (or an "
+        "install for another Python). Install pylb first: `pip install .` (or `bash .ci/run`, which sets "
+        "up .venv), then use the installed package: tests with `.venv/bin/pytest` (or `python -P -m "
+        "pytest`, so that the source folder is not first on sys.path), commands with `.venv/bin/pylb`.",
+        name="pylb._core",
+    ) from None
 
 # ---- block hashing (csrc/src/block_hash.cpp) ----------------------------------------------------
 block_hashes = _core.block_hashes

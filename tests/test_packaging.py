@@ -1,8 +1,11 @@
-"""The wheel: `pip wheel .` builds one that installs and imports in a fresh virtual environment,
-with the type stubs and py.typed inside. Slow (it compiles the core once more): ~1 minute."""
+"""Packaging: the wheel (`pip wheel .` builds one that installs and imports in a fresh virtual
+environment, with the type stubs, py.typed and LICENSE inside; slow: it compiles the core once
+more, ~1 minute), the license, the message when pylb is imported from its source folder, and
+the README's set-up commands and lists that must match the code."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import venv
@@ -12,6 +15,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+source_checkout = pytest.mark.skipif(not (REPO / "pyproject.toml").exists(), reason="not running from a source checkout")
+
+
+def readme_block(after: str) -> str:
+    """The first fenced code block of README.md after the line `after`."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    rest = text[text.index(after) :]
+    return rest.split("```\n", 2)[1]
 
 
 @pytest.mark.slow
@@ -29,6 +40,7 @@ def test_wheel_builds_installs_and_imports_in_a_fresh_venv(tmp_path: Path) -> No
     names = zipfile.ZipFile(wheels[0]).namelist()
     assert "pylb/_core.pyi" in names and "pylb/py.typed" in names and "pylb/native.py" in names
     assert any(n.startswith("pylb/_core.") and n.endswith(".so") for n in names)
+    assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in names), names
 
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
@@ -46,3 +58,45 @@ def test_wheel_builds_installs_and_imports_in_a_fresh_venv(tmp_path: Path) -> No
     )
     run = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+
+
+@source_checkout
+def test_license_file_is_apache_2_as_pyproject_says() -> None:
+    assert 'license = { text = "Apache-2.0" }' in (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    text = (REPO / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text and "END OF TERMS AND CONDITIONS" in text
+
+
+@source_checkout
+def test_import_from_the_source_folder_says_to_install_first() -> None:
+    if any((REPO / "pylb").glob("_core*.so")):
+        pytest.skip("a compiled core lies in the source folder")
+    run = subprocess.run([sys.executable, "-c", "import pylb.native"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert run.returncode == 1
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: pylb's native core (pylb._core) is not built in")
+    assert "pip install ." in last and "bash .ci/run" in last and ".venv/bin/pytest" in last
+
+
+@source_checkout
+def test_faster_rebuilds_first_installs_the_build_requirements() -> None:
+    """--no-build-isolation builds with what the venv has: the README's command installs pyproject's
+    build requirements (and CMake/Ninja, which a fresh machine lacks) before it."""
+    block = readme_block("### Faster rebuilds while developing")
+    first, second = block.strip().splitlines()[:2]
+    assert first.startswith(".venv/bin/pip install") and second.startswith(".venv/bin/pip install --no-build-isolation")
+    pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    requires = re.search(r"(?ms)^\[build-system\]\s*requires = \[(.*?)\]", pyproject)
+    assert requires
+    names = [re.split(r"[<>=!~ ;\[]", r.strip().strip('"'))[0] for r in requires.group(1).split(",") if r.strip()]
+    assert names and all(name in first.split() for name in names + ["cmake", "ninja"]), (names, first)
+
+
+@source_checkout
+def test_readme_lists_every_pylb_metric() -> None:
+    from pylb.observability.metrics import SERIES
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    paragraph = text[text.index("pylb's own `/metrics`") :].split("\n\n", 1)[0]
+    assert set(re.findall(r"`(pylb_\w+)`", paragraph)) == set(SERIES)

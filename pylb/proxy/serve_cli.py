@@ -117,7 +117,8 @@ async def _serve(settings: Settings, reuse_port: bool) -> int:
         print(f"pylb serve: cannot listen on {settings.server.host}:{settings.server.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     gc.freeze()  # start-up objects (modules, settings, tables) leave the collector's generations
-    print(f"pylb serving on {proxy.url} (policy {settings.router.policy}, {len(settings.fleet.backends)} backends)", file=sys.stderr, flush=True)
+    n = len(settings.fleet.backends)
+    print(f"pylb serving on {proxy.url} (policy {settings.router.policy}, {n} backend{'' if n == 1 else 's'})", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

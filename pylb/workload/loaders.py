@@ -15,10 +15,17 @@ The part after the second colon sets the generator's keyword arguments (`key=val
 separated); each value is converted to the type of that parameter's default, so the defaults
 and the set of valid keys are written once, in the generators' signatures
 (`pylb.workload.synthetic`).
+
+`describe_workload(spec)` is how results name the workload they came from:
+`{"name": ..., "sha256": ...}`, the trace path relative to the current directory (commands run
+from the repository root, so `../shared/traces/x.jsonl`, never one machine's absolute path) and
+the SHA-256 of the file's bytes, so that a reader can tell whether their copy is the same; a
+synthetic spec is its own name (its generator is deterministic) and has no hash.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 from pathlib import Path
@@ -96,4 +103,20 @@ def load_workload(spec: str | os.PathLike[str], limit: int | None = None) -> lis
     return load_trace(spec, limit=limit)
 
 
-__all__ = ["SYNTHETIC_PREFIX", "load_trace", "load_workload", "parse_synthetic"]
+def describe_workload(spec: str | os.PathLike[str]) -> dict[str, str | None]:
+    """`{"name": ..., "sha256": ...}` of a trace path or synthetic spec, for results files.
+
+    A path is named relative to the current directory (a relative path as given, normalised) with
+    the hex SHA-256 of its bytes; a `synthetic:` spec is named as written, with `sha256` None.
+    Raises FileNotFoundError for a missing file.
+    """
+    if isinstance(spec, str) and spec.startswith(SYNTHETIC_PREFIX):
+        return {"name": spec, "sha256": None}
+    digest = hashlib.sha256()
+    with open(spec, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"name": os.path.relpath(spec), "sha256": digest.hexdigest()}
+
+
+__all__ = ["SYNTHETIC_PREFIX", "describe_workload", "load_trace", "load_workload", "parse_synthetic"]

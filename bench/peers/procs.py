@@ -3,7 +3,8 @@
 Design
 ------
 Everything runs on 127.0.0.1 on ports picked free, as a subprocess in its own process group
-(`start_new_session`), with stdout and stderr in a log file of the run's log folder. `Procs`
+(`start_new_session`), with stdout and stderr in a log file of the run's log folder (and its PID
+in `pids.txt` there). `Procs`
 remembers every process it started and stops them by PID, newest first: SIGTERM to the process,
 SIGKILL to its process group after a grace period (vLLM's API server has an engine-core child),
 and SIGKILL to what is left of the group in any case. The harness calls `stop_all()` in a
@@ -76,6 +77,8 @@ class Procs:
                                     env=env, cwd=tempfile.gettempdir(), start_new_session=True)  # fmt: skip
         self.started.append(proc)
         self.logs[proc.pid] = path
+        with open(self.log_dir / "pids.txt", "a") as fh:  # what was started, for whoever cleans up
+            fh.write(f"{proc.pid} {name}\n")
         return proc
 
     def tail(self, proc: subprocess.Popen[bytes], chars: int = 3000) -> str:

@@ -63,12 +63,15 @@ class Procs:
     """The processes one harness run started, with their logs; `stop_all()` stops them by PID."""
 
     log_dir: Path
+    nice: int = 0  # niceness of every process started (negative: higher priority; needs root)
     started: list[subprocess.Popen[bytes]] = field(default_factory=list)
     logs: dict[int, Path] = field(default_factory=dict)
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """Start `argv` in its own process group, output to LOG_DIR/NAME.log (appended)."""
         path = self.log_dir / f"{name}.log"
+        if self.nice:
+            argv = ["nice", "-n", str(self.nice), *argv]
         with open(path, "ab") as log:
             log.write(f"\n$ {shlex.join(argv)}\n".encode())
             log.flush()

@@ -20,7 +20,8 @@ C B A, ...):
    second of wall time), errors by kind, and the machine's load average (1-minute value at the
    start and end of the run, and the mean and max of 1-second samples during it).
 
-With `--lock FILE`, each measured run (and the replicas' start-up) holds an exclusive `flock`
+On a shared machine, `--nice -10` runs the replicas, the router and the client ahead of other
+work (recorded in the results). With `--lock FILE`, each measured run (and the replicas' start-up) holds an exclusive `flock`
 on FILE, so others who take the same lock do not run on the shared cores at the same time; the
 lock is released between runs. Everything the harness started is stopped by PID on exit,
 Ctrl-C and errors included. Results: JSON with the exact command, the workload's description
@@ -36,7 +37,12 @@ Usage (from the repository root; paths are examples):
         --target 'pylb=pylb' --target 'sglang-ca=sglang --policy cache_aware' \\
         --target 'vllmr-p2=vllm-router --policy power_of_two' --reps 3 --out bench/results/peers.json
 
-Locations can also come from the environment: PYLB_VLLM_VENV, PYLB_VLLM_MODEL, PYLB_VLLM_SERVE,
+The peer routers, each in its own virtual environment (any folders; pass them as below):
+
+    python3 -m venv SGLANG_VENV && SGLANG_VENV/bin/pip install sglang-router==0.3.2
+    python3 -m venv VLLM_ROUTER_VENV && VLLM_ROUTER_VENV/bin/pip install vllm-router==0.1.17
+
+and real vLLM with `../shared/vllm/install.sh VENV MODEL_DIR`. Locations can also come from the environment: PYLB_VLLM_VENV, PYLB_VLLM_MODEL, PYLB_VLLM_SERVE,
 PYLB_SGLANG_ROUTER_VENV, PYLB_VLLM_ROUTER_VENV, PYLB_PEERS_LOCK. `--replicas-kind fake` uses `pylb sim-replicas`
 instead of vLLM (no vLLM needed; the smoke test does that).
 """
@@ -301,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-scale", type=float, default=1.0, help="arrival times divided by this (default 1)")
     p.add_argument("--request-timeout", type=float, default=120.0, help="per-request timeout, seconds (default 120)")
     p.add_argument("--lock", metavar="FILE", default=env("PYLB_PEERS_LOCK"), help="flock FILE around each measured run ($PYLB_PEERS_LOCK)")
+    p.add_argument("--nice", type=int, default=0, help="niceness of the replicas, routers and the replay client "
+                   "(negative: ahead of other work on a shared machine; needs root; default 0)")
     p.add_argument("--out", metavar="JSON", help="write the results here")
     p.add_argument("--log-dir", help="folder for the processes' logs (default: a new temporary folder)")
     p.add_argument("--keep-requests", action="store_true", help="also store every request's record in the JSON")
@@ -351,6 +359,7 @@ async def main_async(args: argparse.Namespace, targets: list[Target], procs: Pro
         "replicas": {"kind": args.replicas_kind, "count": args.replicas,
                      "args": args.vllm_args if args.replicas_kind == "vllm" else args.fake_args,
                      "cache_reset": fleet.reset_method, "cache_reset_check": reset_check, "model": model},  # fmt: skip
+        "nice": args.nice,
         "slo_ttft_s": args.slo_ttft,
         "endpoint": args.endpoint,
         "rate_scale": args.rate_scale,
@@ -379,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="pylb-peers-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     print(f"logs in {log_dir}", file=sys.stderr)
-    procs = Procs(log_dir)
+    procs = Procs(log_dir, nice=args.nice)
+    if args.nice:
+        os.nice(args.nice)  # the replay client measures TTFT: it must not wait for the CPU either
     signal.signal(signal.SIGTERM, _terminate)
     try:
         results = asyncio.run(main_async(args, targets, procs, command))

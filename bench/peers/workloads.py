@@ -32,6 +32,8 @@ Token counts are pylb's simulated tokens (4 bytes of text each). The tiny vLLM m
 (`../shared/vllm/make_tiny_model.py`, byte-level BPE) needs about 1.9 of its tokens per word
 token, so 896 simulated tokens are about 1,700 real ones and a prompt plus its answer fits 2,048.
 
+`python bench/peers/workloads.py SPEC` prints a description (size, rate, ideal hit rate, digest).
+
 Ideal hit rate (`ideal_hit_rate`): replay the prompts in arrival order through one cache that
 never forgets, in blocks of `block_tokens` simulated tokens (chained hashes of the text, as vLLM
 hashes token blocks); a request hits its longest run of leading blocks seen before, capped at
@@ -178,3 +180,10 @@ def describe(spec: str, requests: list[WorkloadRequest]) -> dict[str, object]:
         "ideal_hit_rate": ideal_hit_rate(requests),
         "sha256": digest.hexdigest(),
     }
+
+
+if __name__ == "__main__":  # python bench/peers/workloads.py SPEC...: describe workloads without running them
+    import sys
+
+    for arg in sys.argv[1:]:
+        print(json.dumps(describe(arg, load(arg)), indent=1))

@@ -70,14 +70,19 @@ class Procs:
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """Start `argv` in its own process group, output to LOG_DIR/NAME.log (appended)."""
         path = self.log_dir / f"{name}.log"
-        if self.nice:
-            argv = ["nice", "-n", str(self.nice), *argv]
+        if self.nice != os.nice(0):  # `nice -n` adds to the caller's niceness: start at `self.nice` exactly
+            argv = ["nice", "-n", str(self.nice - os.nice(0)), *argv]
         with open(path, "ab") as log:
             log.write(f"\n$ {shlex.join(argv)}\n".encode())
             log.flush()
             # cwd: a neutral folder, so `python -m pylb.cli` imports the installed pylb, not a checkout's.
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     env=env, cwd=tempfile.gettempdir(), start_new_session=True)  # fmt: skip
+        if self.nice:
+            # Linux schedules each session (autogroup) fairly against the others whatever the
+            # niceness inside it; a new session's priority is its autogroup's niceness.
+            with contextlib.suppress(OSError), open(f"/proc/{proc.pid}/autogroup", "w") as fh:
+                fh.write(str(self.nice))
         self.started.append(proc)
         self.logs[proc.pid] = path
         with open(self.log_dir / "pids.txt", "a") as fh:  # what was started, for whoever cleans up

@@ -21,7 +21,9 @@ C B A, ...):
    start and end of the run, and the mean and max of 1-second samples during it).
 
 On a shared machine, `--nice -10` runs the replicas, the router and the client ahead of other
-work (recorded in the results). With `--lock FILE`, each measured run (and the replicas' start-up) holds an exclusive `flock`
+work (recorded in the results): their niceness and, because Linux shares the CPU fairly between
+sessions whatever the niceness inside them, their sessions' autogroup niceness (run the harness
+itself under `setsid` so that its own session holds nothing else). With `--lock FILE`, each measured run (and the replicas' start-up) holds an exclusive `flock`
 on FILE, so others who take the same lock do not run on the shared cores at the same time; the
 lock is released between runs. Everything the harness started is stopped by PID on exit,
 Ctrl-C and errors included. Results: JSON with the exact command, the workload's description
@@ -389,8 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     print(f"logs in {log_dir}", file=sys.stderr)
     procs = Procs(log_dir, nice=args.nice)
-    if args.nice:
-        os.nice(args.nice)  # the replay client measures TTFT: it must not wait for the CPU either
+    if args.nice:  # the replay client measures TTFT: it must not wait for the CPU either (see procs.py)
+        os.nice(args.nice)
+        with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as fh:
+            fh.write(str(args.nice))
     signal.signal(signal.SIGTERM, _terminate)
     try:
         results = asyncio.run(main_async(args, targets, procs, command))

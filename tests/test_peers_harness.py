@@ -119,6 +119,7 @@ def test_smoke_run_with_fake_replicas_and_pylb(tmp_path: Path) -> None:
     res = json.loads(out.read_text())
     assert res["command"].startswith("python bench/peers/run.py --replicas-kind fake")
     assert res["workload"]["requests"] == 12 and 0 < res["workload"]["ideal_hit_rate"] < 1
+    assert res["workload"]["offered_rate"] == pytest.approx(res["workload"]["arrival_rate"])  # rate scale 1
     assert res["replicas"]["cache_reset"] == "restart"
     for check in res["replicas"]["cache_reset_check"]:
         assert check["hits_repeat"] > 0 and check["hits_after_reset"] == 0

@@ -323,7 +323,9 @@ async def main_async(args: argparse.Namespace, targets: list[Target], procs: Pro
     if not workload:
         raise ValueError(f"--workload {args.workload!r} has no requests")
     info = describe(args.workload, workload)
-    print(f"workload: {info['requests']} requests, {info['arrival_rate'] or 0:.2f} req/s over {info['arrival_span_s']:.1f} s, "
+    if info["arrival_rate"]:
+        info["offered_rate"] = info["arrival_rate"] * args.rate_scale  # what the replicas are offered
+    print(f"workload: {info['requests']} requests, {info.get('offered_rate', 0):.2f} req/s over {info['arrival_span_s'] / args.rate_scale:.1f} s, "
           f"ideal hit rate (one unbounded cache) {info['ideal_hit_rate'] * 100:.1f} %", file=sys.stderr)  # fmt: skip
     paths = RouterPaths(args.sglang_venv, args.vllm_router_venv)
     if args.replicas_kind == "vllm":

@@ -96,6 +96,34 @@ def test_multi_turn_arrival_rate() -> None:
     assert len({(r.session_id, r.arrival_s) for r in z}) == 3  # no think time: a session's turns arrive together
 
 
+def test_multi_turn_groups_default_is_unchanged() -> None:
+    # Digest of this workload as generated before `groups` existed (commit 8b9f67b).
+    import hashlib
+
+    w = synthetic.multi_turn(sessions=6, turns=3, system_tokens=40, user_tokens=8, answer_tokens=4, rate=2.0, think_time_s=1.0, seed=3)
+    h = hashlib.sha256()
+    for r in w:
+        h.update(f"{r.request_id}|{r.arrival_s!r}|{r.prompt_tokens}|{r.output_tokens}|{r.session_id}|{r.prompt_text()}\n".encode())
+    assert h.hexdigest() == "f1cfd224aa94a8e1d93ec8b42a6d3a07be8df9a8814255ff48eb6f325afe9589"
+
+
+def test_multi_turn_groups_share_one_system_prompt_each() -> None:
+    kw = dict(sessions=12, turns=2, system_tokens=32, user_tokens=8, answer_tokens=4, seed=4)
+    one, three = synthetic.multi_turn(**kw), synthetic.multi_turn(groups=3, **kw)
+    assert [(r.request_id, r.arrival_s) for r in one] == [(r.request_id, r.arrival_s) for r in three]  # same arrivals
+    assert_well_formed(three)
+    system = {r.session_id: r.prompt_text()[: 32 * BYTES_PER_TOKEN] for r in three}
+    for sid, text in system.items():
+        s = int(sid.removeprefix("mt-s"))
+        assert text == system[f"mt-s{s % 3}"]  # session s uses prompt s mod 3
+    assert len(set(system.values())) == 3
+    assert len({r.prompt_text()[: 32 * BYTES_PER_TOKEN] for r in one}) == 1
+    with pytest.raises(ValueError, match="groups"):
+        synthetic.multi_turn(groups=0)
+    assert loaders.load_workload("synthetic:multi-turn:groups=3,sessions=12,turns=2,system_tokens=32,"
+                                 "user_tokens=8,answer_tokens=4,seed=4")[5].prompt_text() == three[5].prompt_text()  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"sessions": 0}, {"turns": 0}, {"rate": 0}, {"rate": -1.0}, {"user_tokens": 0}, {"think_time_s": -1.0},

@@ -12,8 +12,8 @@ pylb's simulated replicas count as T tokens; for a real BPE tokenizer a space-pr
 English word is about one token too, so lengths stay close on a real vLLM. Prompts are
 concatenations of segments, so shared prefixes are shared text byte for byte.
 
-Multi-turn sessions (`multi_turn`): S sessions of T turns each, all under one shared system
-prompt. Turn 1's prompt is `system + user_1`; turn n+1's prompt is turn n's prompt + the
+Multi-turn sessions (`multi_turn`): S sessions of T turns each, under G shared system prompts
+(session s uses system prompt s mod G; G = 1, the default, is one prompt shared by all). Turn 1's prompt is `system + user_1`; turn n+1's prompt is turn n's prompt + the
 previous answer (`answer_tokens` of synthetic text standing for what the model said) + a new
 user message, so each turn's text extends the previous turn's text and a replica that served
 turn n holds all of turn n+1's prompt except the last answer and user message. Tokens of turn n:
@@ -25,7 +25,8 @@ open-loop trace cannot know when the answer finished). The workload is sorted by
     parameter       default  meaning
     sessions        100      number of sessions S (>= 1)
     turns           5        turns per session T (>= 1)
-    system_tokens   1024     shared system prompt length (>= 0)
+    system_tokens   1024     length of each shared system prompt (>= 0)
+    groups          1        number of distinct system prompts G (>= 1); session s uses s mod G
     user_tokens     128      length of each new user message (>= 1)
     answer_tokens   256      length of each answer: max_tokens of every turn, and the length of
                              the answer text carried into the next turn's prompt (>= 1)
@@ -120,8 +121,9 @@ def multi_turn(
     rate: float = 1.0,
     think_time_s: float = 10.0,
     seed: int = 0,
+    groups: int = 1,
 ) -> list[WorkloadRequest]:
-    """Multi-turn chat sessions under one shared system prompt (see the module comment).
+    """Multi-turn chat sessions under `groups` shared system prompts (see the module comment).
 
     Returns `sessions * turns` requests in arrival order; request ids are `mt-s{S}-t{N}` (turn
     numbers from 1) and `session_id` is `mt-s{S}`. Turn N+1's text starts with turn N's text.
@@ -133,14 +135,16 @@ def multi_turn(
     _check("answer_tokens", answer_tokens, 1)
     _check("rate", rate, 0, strict=True)
     _check("think_time_s", think_time_s, 0)
+    _check("groups", groups, 1)
     rng = np.random.default_rng(seed)
     starts = np.cumsum(rng.exponential(1.0 / rate, size=sessions))
     starts -= starts[0]  # the first session starts at 0
     thinks = rng.exponential(think_time_s, size=(sessions, max(turns - 1, 1))) if think_time_s > 0 else None
     out: list[WorkloadRequest] = []
-    system = ((f"mt:{seed}:system", system_tokens),) if system_tokens else ()
+    # One group keeps the original key, so groups=1 gives the same text as before groups existed.
+    system_keys = [f"mt:{seed}:system"] if groups == 1 else [f"mt:{seed}:system:g{g}" for g in range(groups)]
     for s in range(sessions):
-        segments = system
+        segments = ((system_keys[s % groups], system_tokens),) if system_tokens else ()
         t = float(starts[s])
         for n in range(1, turns + 1):
             if n > 1:

@@ -1,0 +1,419 @@
+"""Side-by-side harness: real vLLM replicas (or fake ones), one router at a time, one workload.
+
+Design
+------
+For one workload and a list of targets (routers with their settings), the harness starts N
+replicas once, then for every repetition and every target, in alternating order (A B C, then
+C B A, ...):
+
+1. empties every replica's prefix cache (`POST /reset_prefix_cache`, verified once at start-up:
+   a prompt that hit before the reset must miss after it; or a restart of the replicas);
+2. waits for the replicas to be idle, starts the router in front of them and waits until ready;
+3. reads each replica's `/metrics`, replays the workload through the router with pylb's open-loop
+   replay client (`pylb.workload.replay`: TTFT from the client's clock, errors recorded), reads
+   `/metrics` again once the replicas are idle, and stops the router;
+4. records, from the outside only: SLO share (TTFT <= SLO over requests sent; errors are misses),
+   TTFT percentiles, the prefix-cache hit rate from the replicas' own counters
+   (delta `vllm:prefix_cache_hits_total` / delta `vllm:prefix_cache_queries_total`, summed),
+   requests per replica (delta of `vllm:request_success_total`, every finish reason), the hotspot
+   factor (busiest replica's requests / the mean), the achieved rate (completed requests per
+   second of wall time), errors by kind, and the machine's load average (1-minute value at the
+   start and end of the run, and the mean and max of 1-second samples during it).
+
+On a shared machine, `--nice -10` runs the replicas, the router and the client ahead of other
+work (recorded in the results): their niceness and, because Linux shares the CPU fairly between
+sessions whatever the niceness inside them, their sessions' autogroup niceness (run the harness
+itself under `setsid` so that its own session holds nothing else). With `--lock FILE`, each measured run (and the replicas' start-up) holds an exclusive `flock`
+on FILE, so others who take the same lock do not run on the shared cores at the same time; the
+lock is released between runs. Everything the harness started is stopped by PID on exit,
+Ctrl-C and errors included. Results: JSON with the exact command, the workload's description
+(ideal hit rate of one unbounded cache included), every run and, per target, the mean and
+min-max of each measure; a Markdown table on stdout.
+
+Usage (from the repository root; paths are examples):
+
+    python bench/peers/run.py --replicas-kind vllm --replicas 2 \\
+        --vllm-venv VENV --vllm-model MODEL_DIR [--serve-sh ../shared/vllm/serve.sh] \\
+        --sglang-venv SGLANG_VENV --vllm-router-venv VLLM_ROUTER_VENV \\
+        --workload 'synthetic:multi-turn:groups=8,sessions=96,turns=4,...' --slo-ttft 0.5 \\
+        --target 'pylb=pylb' --target 'sglang-ca=sglang --policy cache_aware' \\
+        --target 'vllmr-p2=vllm-router --policy power_of_two' --reps 3 --out bench/results/peers.json
+
+The peer routers, each in its own virtual environment (any folders; pass them as below):
+
+    python3 -m venv SGLANG_VENV && SGLANG_VENV/bin/pip install sglang-router==0.3.2
+    python3 -m venv VLLM_ROUTER_VENV && VLLM_ROUTER_VENV/bin/pip install vllm-router==0.1.17
+
+and real vLLM with `../shared/vllm/install.sh VENV MODEL_DIR`. Locations can also come from the environment: PYLB_VLLM_VENV, PYLB_VLLM_MODEL, PYLB_VLLM_SERVE,
+PYLB_SGLANG_ROUTER_VENV, PYLB_VLLM_ROUTER_VENV, PYLB_PEERS_LOCK. `--replicas-kind fake` uses `pylb sim-replicas`
+instead of vLLM (no vLLM needed; the smoke test does that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import platform
+import shlex
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from pylb.fleet.scrape import parse_vllm_metrics
+from pylb.workload.replay import fetch_model, replay
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procs import FakeFleet, Fleet, Procs, RouterPaths, Target, VllmConfig, VllmFleet, start_router  # noqa: E402
+from workloads import describe, load  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_VLLM_ARGS = "--num-gpu-blocks-override 256 --block-size 32"
+MEASURES = ("slo_attainment", "hit_rate", "ttft_p50", "ttft_p90", "ttft_p99", "hotspot", "request_throughput",
+            "errors", "load_avg_mean")  # fmt: skip
+
+
+# ---- replicas' counters ---------------------------------------------------------------------------
+
+
+async def replica_counters(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    """One replica's cumulative counters and current queue from its /metrics page."""
+    async with session.get(f"{url}/metrics", timeout=aiohttp.ClientTimeout(total=10)) as resp:
+        text = await resp.text()
+    m = parse_vllm_metrics(text)
+    requests = 0.0
+    for family in text_string_to_metric_families(
+        "\n".join(line for line in text.splitlines() if line.startswith("vllm:request_success_total")) + "\n"
+    ):
+        requests += sum(s.value for s in family.samples if s.name == "vllm:request_success_total")
+    return {
+        "hits": m.prefix_cache_hits,
+        "queries": m.prefix_cache_queries,
+        "prompt_tokens": m.prompt_tokens,
+        "requests": requests,
+        "busy": m.num_requests_running + m.num_requests_waiting,
+    }
+
+
+async def snapshot(urls: list[str]) -> list[dict[str, float]]:
+    async with aiohttp.ClientSession() as session:
+        return [await replica_counters(session, url) for url in urls]
+
+
+async def wait_idle(urls: list[str], timeout_s: float = 120.0) -> list[dict[str, float]]:
+    """Poll until no replica has a request running or waiting; the last snapshot."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        snap = await snapshot(urls)
+        if all(s["busy"] == 0 for s in snap) or time.monotonic() > deadline:
+            return snap
+        await asyncio.sleep(0.5)
+
+
+async def _probe(session: aiohttp.ClientSession, url: str, model: str, prompt: str) -> float:
+    """Send one 1-token completion; the replica's prefix-cache hits it caused (tokens)."""
+    before = (await replica_counters(session, url))["hits"]
+    body = {"model": model, "prompt": prompt, "max_tokens": 1}
+    async with session.post(f"{url}/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=120)) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"probe to {url} answered {resp.status}: {(await resp.text())[:300]}")
+        await resp.read()
+    return (await replica_counters(session, url))["hits"] - before
+
+
+async def verify_reset(fleet: Fleet, model: str) -> list[dict[str, float]]:
+    """Check on every replica that a cache reset really empties the cache (and warm it up)."""
+    from pylb.workload.synthetic import token_text
+
+    out = []
+    async with aiohttp.ClientSession() as session:
+        for i in range(len(fleet.urls)):
+            url = fleet.urls[i]
+            prompt = token_text(f"peers-reset-probe-{i}-{time.time_ns()}", 300)
+            first = await _probe(session, url, model, prompt)
+            again = await _probe(session, url, model, prompt)
+            await fleet.reset_caches()
+            url = fleet.urls[i]  # a restart may move the replica
+            after = await _probe(session, url, model, prompt)
+            if again <= 0 or after > 0:
+                raise RuntimeError(f"cache reset does not empty replica {i}'s cache: hits {first:g}, {again:g}, after reset {after:g}")
+            out.append({"hits_first": first, "hits_repeat": again, "hits_after_reset": after})
+    await fleet.reset_caches()
+    return out
+
+
+# ---- load average and lock ------------------------------------------------------------------------
+
+
+class LoadSampler:
+    """1-minute load average sampled every second while a run lasts."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _loop(self) -> None:
+        while True:
+            self.samples.append(os.getloadavg()[0])
+            await asyncio.sleep(1.0)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+@contextlib.contextmanager
+def locked(path: str | None) -> Iterator[float]:
+    """Hold an exclusive flock on `path` (when given); yields the seconds spent waiting for it."""
+    if not path:
+        yield 0.0
+        return
+    t0 = time.monotonic()
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield time.monotonic() - t0
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# ---- one run --------------------------------------------------------------------------------------
+
+
+async def run_one(target: Target, rep: int, args: argparse.Namespace, fleet: Fleet, procs: Procs,
+                  paths: RouterPaths, workload: list, model: str) -> dict[str, Any]:  # fmt: skip
+    """One target, one repetition, on fresh caches; the run's record."""
+    with locked(args.lock) as lock_wait_s:
+        await wait_idle(fleet.urls)
+        await fleet.reset_caches()
+        url, proc = await start_router(target, fleet.urls, procs, paths)
+        try:
+            before = await wait_idle(fleet.urls)
+            sampler = LoadSampler()
+            load_start = os.getloadavg()[0]
+            sampler.start()
+            started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            result = await replay(workload, url, model=model, endpoint=args.endpoint, rate_scale=args.rate_scale,
+                                  slo_ttft_s=args.slo_ttft, timeout_s=args.request_timeout, progress=not args.no_progress)  # fmt: skip
+            await sampler.stop()
+            load_end = os.getloadavg()[0]
+            after = await wait_idle(fleet.urls)
+        finally:
+            procs.stop(proc)
+    per_replica = [{k: a[k] - b[k] for k in ("hits", "queries", "prompt_tokens", "requests")} for a, b in zip(after, before)]
+    hits = sum(r["hits"] for r in per_replica)
+    queries = sum(r["queries"] for r in per_replica)
+    reqs = [r["requests"] for r in per_replica]
+    mean_reqs = sum(reqs) / len(reqs)
+    s = result.summary
+    record = {
+        "target": target.name,
+        "rep": rep,
+        "started": started,
+        "slo_attainment": s.slo_attainment,
+        "hit_rate": hits / queries if queries else None,
+        "ttft_p50": s.ttft_p50,
+        "ttft_p90": s.ttft_p90,
+        "ttft_p99": s.ttft_p99,
+        "hotspot": max(reqs) / mean_reqs if mean_reqs else None,
+        "request_throughput": s.request_throughput,
+        "errors": s.errors,
+        "errors_by_kind": s.errors_by_kind,
+        "load_avg_start": load_start,
+        "load_avg_end": load_end,
+        "load_avg_mean": statistics.fmean(sampler.samples) if sampler.samples else load_end,
+        "load_avg_max": max(sampler.samples, default=load_end),
+        "lock_wait_s": lock_wait_s,
+        "per_replica": per_replica,
+        "summary": asdict(s),
+    }
+    if args.keep_requests:
+        record["requests"] = [asdict(r) for r in result.records]
+    return record
+
+
+def aggregate(runs: list[dict[str, Any]], targets: list[Target]) -> dict[str, dict[str, Any]]:
+    """Per target and measure: mean, min and max over its repetitions (None values left out)."""
+    out: dict[str, dict[str, Any]] = {}
+    for t in targets:
+        mine = [r for r in runs if r["target"] == t.name]
+        stats: dict[str, Any] = {"spec": t.spec, "reps": len(mine)}
+        for key in MEASURES:
+            vals = [r[key] for r in mine if r[key] is not None]
+            stats[key] = {"mean": statistics.fmean(vals), "min": min(vals), "max": max(vals)} if vals else None
+        out[t.name] = stats
+    return out
+
+
+def markdown_table(agg: dict[str, dict[str, Any]], slo_ttft: float) -> str:
+    """The side-by-side table: mean (min-max) per target."""
+
+    def cell(stat: dict[str, float] | None, scale: float, fmt: str) -> str:
+        if stat is None:
+            return "-"
+        m, lo, hi = (stat[k] * scale for k in ("mean", "min", "max"))
+        return f"{m:{fmt}} ({lo:{fmt}}-{hi:{fmt}})"
+
+    head = (f"| target | reps | within SLO (TTFT <= {slo_ttft * 1000:g} ms) | prefix-cache hit (vLLM counters) | "
+            "TTFT p50 ms | TTFT p99 ms | hotspot | achieved req/s | errors | load avg |")  # fmt: skip
+    lines = [head, "| " + " | ".join(["---"] * 10) + " |"]
+    for name, s in agg.items():
+        lines.append(
+            f"| {name} | {s['reps']} | {cell(s['slo_attainment'], 100, '.1f')} % | {cell(s['hit_rate'], 100, '.1f')} % | "
+            f"{cell(s['ttft_p50'], 1000, '.0f')} | {cell(s['ttft_p99'], 1000, '.0f')} | {cell(s['hotspot'], 1, '.2f')} | "
+            f"{cell(s['request_throughput'], 1, '.2f')} | {cell(s['errors'], 1, '.0f')} | {cell(s['load_avg_mean'], 1, '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+# ---- main -----------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", required=True, metavar="SPEC", help="synthetic:NAME:k=v,..., mooncake-scaled:PATH:k=v,... or a trace path (see workloads.py)")
+    p.add_argument("--target", action="append", required=True, metavar="NAME=KIND [ARGS]", help="a router: KIND pylb, sglang or vllm-router, then its flags; repeat")
+    p.add_argument("--reps", type=int, default=1, help="repetitions; the target order alternates (default 1)")
+    p.add_argument("--replicas", type=int, default=2, help="number of replicas (default 2)")
+    p.add_argument("--replicas-kind", choices=("vllm", "fake"), default="vllm")
+    p.add_argument("--vllm-venv", default=env("PYLB_VLLM_VENV"), help="vLLM's virtual environment ($PYLB_VLLM_VENV)")
+    p.add_argument("--vllm-model", default=env("PYLB_VLLM_MODEL"), help="model folder ($PYLB_VLLM_MODEL)")
+    p.add_argument("--serve-sh", default=env("PYLB_VLLM_SERVE", str(REPO.parent / "shared/vllm/serve.sh")),
+                   help="replica start script ($PYLB_VLLM_SERVE; default ../shared/vllm/serve.sh beside the repository)")
+    p.add_argument("--vllm-args", default=DEFAULT_VLLM_ARGS, help=f"extra vLLM flags per replica (default {DEFAULT_VLLM_ARGS!r})")
+    p.add_argument("--restart-replicas", action="store_true", help="empty caches by restarting the replicas instead of POST /reset_prefix_cache")
+    p.add_argument("--fake-args", default="", help="extra `pylb sim-replicas` flags (fake replicas)")
+    p.add_argument("--sglang-venv", default=env("PYLB_SGLANG_ROUTER_VENV"), help="sglang-router's virtual environment ($PYLB_SGLANG_ROUTER_VENV)")
+    p.add_argument("--vllm-router-venv", default=env("PYLB_VLLM_ROUTER_VENV"), help="vllm-router's virtual environment ($PYLB_VLLM_ROUTER_VENV)")
+    p.add_argument("--slo-ttft", type=float, default=0.5, help="TTFT SLO in seconds (default 0.5)")
+    p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    p.add_argument("--rate-scale", type=float, default=1.0, help="arrival times divided by this (default 1)")
+    p.add_argument("--request-timeout", type=float, default=120.0, help="per-request timeout, seconds (default 120)")
+    p.add_argument("--lock", metavar="FILE", default=env("PYLB_PEERS_LOCK"), help="flock FILE around each measured run ($PYLB_PEERS_LOCK)")
+    p.add_argument("--nice", type=int, default=0, help="niceness of the replicas, routers and the replay client "
+                   "(negative: ahead of other work on a shared machine; needs root; default 0)")
+    p.add_argument("--out", metavar="JSON", help="write the results here")
+    p.add_argument("--log-dir", help="folder for the processes' logs (default: a new temporary folder)")
+    p.add_argument("--keep-requests", action="store_true", help="also store every request's record in the JSON")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+async def main_async(args: argparse.Namespace, targets: list[Target], procs: Procs, command: str) -> dict[str, Any]:
+    workload = load(args.workload)
+    if not workload:
+        raise ValueError(f"--workload {args.workload!r} has no requests")
+    info = describe(args.workload, workload)
+    if info["arrival_rate"]:
+        info["offered_rate"] = info["arrival_rate"] * args.rate_scale  # what the replicas are offered
+    print(f"workload: {info['requests']} requests, {info.get('offered_rate', 0):.2f} req/s over {info['arrival_span_s'] / args.rate_scale:.1f} s, "
+          f"ideal hit rate (one unbounded cache) {info['ideal_hit_rate'] * 100:.1f} %", file=sys.stderr)  # fmt: skip
+    paths = RouterPaths(args.sglang_venv, args.vllm_router_venv)
+    if args.replicas_kind == "vllm":
+        missing = [f for f, v in (("--vllm-venv", args.vllm_venv), ("--vllm-model", args.vllm_model)) if not v]
+        if missing:
+            raise ValueError(f"real vLLM replicas need {' and '.join(missing)} (or $PYLB_VLLM_VENV / $PYLB_VLLM_MODEL)")
+        config = VllmConfig(args.vllm_venv, args.vllm_model, args.serve_sh, shlex.split(args.vllm_args))
+        fleet: Fleet = VllmFleet(procs, args.replicas, config, restart=args.restart_replicas)
+    else:
+        fleet = FakeFleet(procs, args.replicas, shlex.split(args.fake_args))
+    t0 = time.monotonic()
+    with locked(args.lock):
+        await fleet.start()
+        async with aiohttp.ClientSession() as session:
+            model = await fetch_model(session, fleet.urls[0], 30.0)
+        reset_check = await verify_reset(fleet, model)
+    print(f"{args.replicas} {args.replicas_kind} replicas up in {time.monotonic() - t0:.0f} s; cache reset "
+          f"({fleet.reset_method}) verified", file=sys.stderr)  # fmt: skip
+    runs = []
+    for rep in range(args.reps):
+        order = targets if rep % 2 == 0 else targets[::-1]
+        for target in order:
+            print(f"rep {rep + 1}/{args.reps}: {target.spec}", file=sys.stderr)
+            run = await run_one(target, rep, args, fleet, procs, paths, workload, model)
+            runs.append(run)
+            print(f"  within SLO {run['slo_attainment'] * 100:.1f} %, hit {(run['hit_rate'] or 0) * 100:.1f} %, "
+                  f"TTFT p50 {(run['ttft_p50'] or 0) * 1000:.0f} ms, hotspot {run['hotspot'] or 0:.2f}, "
+                  f"errors {run['errors']}, load {run['load_avg_mean']:.1f}", file=sys.stderr)  # fmt: skip
+    agg = aggregate(runs, targets)
+    return {
+        "command": command,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "workload": info,
+        "replicas": {"kind": args.replicas_kind, "count": args.replicas,
+                     "args": args.vllm_args if args.replicas_kind == "vllm" else args.fake_args,
+                     "cache_reset": fleet.reset_method, "cache_reset_check": reset_check, "model": model},  # fmt: skip
+        "nice": args.nice,
+        "slo_ttft_s": args.slo_ttft,
+        "endpoint": args.endpoint,
+        "rate_scale": args.rate_scale,
+        "targets": agg,
+        "runs": runs,
+        "table": markdown_table(agg, args.slo_ttft),
+    }
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # run the finally blocks that stop every process
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        targets = [Target.parse(t) for t in args.target]
+    except ValueError as exc:
+        parser.error(str(exc))
+    if len({t.name for t in targets}) != len(targets):
+        parser.error("--target names must be distinct")
+    if args.reps < 1 or args.replicas < 1:
+        parser.error("--reps and --replicas must be >= 1")
+    command = shlex.join(["python", "bench/peers/run.py", *(argv if argv is not None else sys.argv[1:])])
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="pylb-peers-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    print(f"logs in {log_dir}", file=sys.stderr)
+    procs = Procs(log_dir, nice=args.nice)
+    if args.nice:  # the replay client measures TTFT: it must not wait for the CPU either (see procs.py)
+        os.nice(args.nice)
+        with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as fh:
+            fh.write(str(args.nice))
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        results = asyncio.run(main_async(args, targets, procs, command))
+    except KeyboardInterrupt:
+        print("interrupted: stopping everything started", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        procs.stop_all()
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    print(results["table"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

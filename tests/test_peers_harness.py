@@ -1,0 +1,162 @@
+"""The side-by-side harness (bench/peers): its workloads, and a smoke run against fake replicas.
+
+The smoke run starts `pylb sim-replicas` (simulated engines behind vLLM's real HTTP API and
+metric names) and `pylb serve` as the router, exactly as `bench/peers/run.py` does with real vLLM,
+so the harness cannot rot unnoticed. Real vLLM and the peer routers are bench usage (see
+BENCHMARKS.md, "Side by side on real vLLM").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HARNESS = REPO / "bench" / "peers" / "run.py"
+sys.path.insert(0, str(HARNESS.parent))
+import procs  # noqa: E402
+import workloads  # noqa: E402
+
+SMALL_CHAT = "synthetic:multi-turn:groups=2,sessions=6,turns=2,system_tokens=64,user_tokens=16,answer_tokens=8,rate=20,think_time_s=0.2"
+
+
+def harness(*args: str) -> list[str]:
+    return [sys.executable, str(HARNESS), "--replicas-kind", "fake", "--fake-args", "--speed 10", "--no-progress", *args]
+
+
+def write_trace(path: Path, lines: list[dict]) -> str:
+    path.write_text("".join(json.dumps(d) + "\n" for d in lines))
+    return str(path)
+
+
+# ---- workloads ------------------------------------------------------------------------------------
+
+
+def test_ideal_hit_rate_counts_leading_blocks_seen_before() -> None:
+    chat = workloads.load("synthetic:multi-turn:sessions=2,turns=2,system_tokens=64,user_tokens=16,answer_tokens=16,rate=1,think_time_s=100")
+    # Turn 1 of session 0: nothing seen. Turn 1 of session 1: the 64-token system prompt (4 blocks of 16).
+    # Turn 2 of each session: its turn 1 (80 tokens = 5 blocks) of 112. Prompts: 80, 80, 112, 112.
+    assert workloads.ideal_hit_rate(chat, block_tokens=16) == pytest.approx((0 + 64 + 80 + 80) / (80 + 80 + 112 + 112))
+    # A prompt seen whole hits all but its last token (as vLLM does), never more.
+    twice = workloads.load("synthetic:zipf:requests=2,prefixes=1,prefix_tokens=32,suffix_tokens=16,rate=1")
+    twice[1].make_text = twice[0].make_text
+    assert workloads.ideal_hit_rate(twice, block_tokens=16) == pytest.approx((48 - 1) / 96)
+
+
+def test_mooncake_scaled_keeps_prefix_structure(tmp_path: Path) -> None:
+    trace = write_trace(tmp_path / "t.jsonl", [
+        {"timestamp": 0, "input_length": 1024, "output_length": 320, "hash_ids": [1, 2]},
+        {"timestamp": 2000, "input_length": 1500, "output_length": 3, "hash_ids": [1, 2, 3]},
+        {"timestamp": 4000, "input_length": 600, "output_length": 2000, "hash_ids": [1, 9]},
+        {"timestamp": 6000, "input_length": 9000, "output_length": 16, "hash_ids": list(range(100, 118))},
+    ])  # fmt: skip
+    w = workloads.load(f"mooncake-scaled:{trace}:scale=16,time_scale=2,max_prompt_tokens=256,max_output_tokens=64")
+    assert [r.arrival_s for r in w] == [0.0, 1.0, 2.0, 3.0]
+    assert [r.prompt_tokens for r in w] == [64, 94, 38, 256]  # ceil(input / 16), cut to 256
+    assert [r.output_tokens for r in w] == [20, 1, 64, 1]  # output / 16, at least 1, at most 64
+    texts = [r.prompt_text() for r in w]
+    assert all(len(t) == 4 * r.prompt_tokens for t, r in zip(texts, w))
+    block = 32 * 4  # one hash id = 512 / 16 = 32 word tokens of 4 bytes
+    assert texts[1].startswith(texts[0])  # ids [1, 2] then [1, 2, 3]
+    assert texts[2][:block] == texts[0][:block] and texts[2][block : 2 * block] != texts[0][block : 2 * block]
+    assert texts[3][:block] != texts[0][:block]
+    assert workloads.load(f"mooncake-scaled:{trace}:requests=2")[1].prompt_text() == workloads.mooncake_scaled(trace, requests=2)[1].prompt_text()
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("mooncake-scaled:", "expected mooncake-scaled:PATH"),
+        ("mooncake-scaled:{trace}:scale=5", "scale must divide 512"),
+        ("mooncake-scaled:{trace}:speed=2", "key one of requests, scale"),
+        ("mooncake-scaled:{trace}:requests=many", "requests must be int"),
+        ("synthetic:multi-turn:groups=0", "groups must be"),
+    ],
+)
+def test_bad_workload_specs_name_the_field(tmp_path: Path, spec: str, message: str) -> None:
+    trace = write_trace(tmp_path / "t.jsonl", [{"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": [1]}])
+    with pytest.raises(ValueError, match=message):
+        workloads.load(spec.format(trace=trace))
+
+
+def test_target_specs() -> None:
+    t = procs.Target.parse("sg=sglang --policy cache_aware")
+    assert (t.name, t.kind, t.args) == ("sg", "sglang", ["--policy", "cache_aware"])
+    argv = procs.router_argv(t, ["http://127.0.0.1:1", "http://127.0.0.1:2"], 9000, procs.RouterPaths("/venv/sg", None))
+    assert argv[:3] == ["/venv/sg/bin/python", "-m", "sglang_router.launch_router"]
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--prometheus-host") + 1] == "127.0.0.1"
+    assert argv[-2:] == ["--policy", "cache_aware"]
+    with pytest.raises(ValueError, match="--vllm-router-venv"):
+        procs.router_argv(procs.Target.parse("v=vllm-router"), ["http://127.0.0.1:1"], 9000, procs.RouterPaths(None, None))
+    for bad in ("pylb", "x=nginx", "=pylb", "x="):
+        with pytest.raises(ValueError, match="NAME=KIND"):
+            procs.Target.parse(bad)
+
+
+def test_cli_rejects_bad_targets() -> None:
+    proc = subprocess.run(harness("--workload", SMALL_CHAT, "--target", "a=haproxy"), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "KIND one of pylb, sglang, vllm-router" in proc.stderr
+
+
+# ---- smoke run ------------------------------------------------------------------------------------
+
+
+def test_smoke_run_with_fake_replicas_and_pylb(tmp_path: Path) -> None:
+    out = tmp_path / "peers.json"
+    proc = subprocess.run(
+        harness("--replicas", "2", "--workload", SMALL_CHAT, "--target", "dm=pylb", "--target", "rr=pylb --policy round-robin",
+                "--reps", "2", "--slo-ttft", "5", "--out", str(out), "--log-dir", str(tmp_path / "logs")),  # fmt: skip
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["command"].startswith("python bench/peers/run.py --replicas-kind fake")
+    assert res["workload"]["requests"] == 12 and 0 < res["workload"]["ideal_hit_rate"] < 1
+    assert res["workload"]["offered_rate"] == pytest.approx(res["workload"]["arrival_rate"])  # rate scale 1
+    assert res["replicas"]["cache_reset"] == "restart"
+    for check in res["replicas"]["cache_reset_check"]:
+        assert check["hits_repeat"] > 0 and check["hits_after_reset"] == 0
+    assert [(r["target"], r["rep"]) for r in res["runs"]] == [("dm", 0), ("rr", 0), ("rr", 1), ("dm", 1)]  # A B B A
+    ideal = res["workload"]["ideal_hit_rate"]
+    for run in res["runs"]:
+        assert run["errors"] == 0 and run["slo_attainment"] == 1.0
+        assert sum(r["requests"] for r in run["per_replica"]) == 12  # every request seen by the replicas' counters
+        assert 0 < run["hit_rate"] <= ideal + 1e-9  # caches start empty: never above one unbounded cache
+        assert 1.0 <= run["hotspot"] <= 2.0 and run["request_throughput"] > 0 and run["load_avg_mean"] >= 0
+    rr = [r for r in res["runs"] if r["target"] == "rr"]
+    assert all(r["hotspot"] == 1.0 for r in rr)  # round-robin alternates: 6 requests each
+    stats = res["targets"]["dm"]["hit_rate"]
+    assert stats["min"] <= stats["mean"] <= stats["max"]
+    assert "| dm | 2 |" in proc.stdout and "| rr | 2 |" in proc.stdout
+    assert "router-dm" in (tmp_path / "logs" / "pids.txt").read_text()
+
+
+def test_interrupt_stops_everything_it_started(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    slow = "synthetic:multi-turn:sessions=200,turns=2,system_tokens=64,user_tokens=16,answer_tokens=8,rate=2"
+    proc = subprocess.Popen(harness("--workload", slow, "--target", "dm=pylb", "--log-dir", str(logs)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        pids = logs / "pids.txt"
+        while not (pids.exists() and "router-dm" in pids.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.2)
+        time.sleep(2.0)  # the replay is running
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    for line in pids.read_text().splitlines():
+        pid = int(line.split()[0])
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

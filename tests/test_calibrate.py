@@ -33,20 +33,22 @@ from pylb.sim.calibrate import (
     fit_bytes_per_token,
     fit_constants,
 )
-from pylb.sim.profiles import Profile, load_profile
+from pylb.sim.profiles import Profile, load_profile, prefill_pairs
 
-# The replica the calibration must recover: steps of 15-60 ms, so that timer overshoot on a loaded
-# machine (about 0.1-1 ms per step, one-sided) stays a few per cent of every measured time.
+# The replica the calibration must recover: steps of 20-210 ms, so that scheduling delays on a
+# loaded machine (a few ms, one-sided) stay a few per cent of every measured time. Prefill is
+# curved like vLLM's on a CPU: a 1,500-token prompt's attention pairs cost 112 of its 208 ms.
 KNOWN = Profile(
     name="known",
     block_size=16,
     num_blocks=1024,
     max_num_seqs=64,
     max_num_batched_tokens=4096,
-    c0=0.015,
-    c_prefill=4e-5,
+    c0=0.02,
+    c_prefill=5e-5,
     c_decode=1e-3,
     c_attn=1e-6,
+    c_prefill_attn=1e-7,
 )
 REPLICA_LINE = re.compile(r"replica \d+: (http://\S+)")
 
@@ -82,7 +84,7 @@ def replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def _calibrate(url: str, out: Path, *extra: str) -> int:
     return main(
         ["calibrate", "--url", url, "--out", str(out), "--max-num-seqs", "64", "--max-num-batched-tokens", "4096",
-         "--max-prompt-tokens", "2000", "--repeats", "2", "--decode-tokens", "16", *extra]
+         "--max-prompt-tokens", "1500", "--repeats", "5", "--decode-tokens", "12", *extra]
     )  # fmt: skip
 
 
@@ -90,7 +92,7 @@ def test_recovers_the_known_profile_over_http(replica: str, tmp_path: Path, caps
     out = tmp_path / "fitted.yaml"
     assert _calibrate(replica, out, "--note", "fake replica of KNOWN") == 0
     err = capsys.readouterr().err
-    assert "prefill 1/12:" in err and "decode 8/8: batch 8" in err and "rms relative residual" in err
+    assert "prefill 1/30:" in err and "decode 8/8: batch 8" in err and "rms relative residual" in err
     text = out.read_text()
     assert "# Note: fake replica of KNOWN" in text and "# Command: pylb calibrate --url" in text
     assert "4.000 bytes of probe text per replica token" in text  # the fake server's 4-byte tokens
@@ -99,16 +101,22 @@ def test_recovers_the_known_profile_over_http(replica: str, tmp_path: Path, caps
     assert fitted.name == "fitted"
     # Geometry is read, not fitted: exact. With 4 bytes per token the simulator units are the replica's.
     assert (fitted.block_size, fitted.num_blocks, fitted.max_num_seqs, fitted.max_num_batched_tokens) == (16, 1024, 64, 4096)
-    # Constants: a one-sided timer overshoot of up to ~1 ms per step lands mostly in c0 (+7 % of
-    # 15 ms); c_decode and c_attn are slopes over 7 ms and ~13 ms of spread, measured as medians
-    # of 15-100 gaps, so a 1-2 ms error in one probe moves them by well under a quarter.
+    # Decode constants come from medians of 10-90 inter-token gaps: a one-sided delay of ~1 ms per
+    # step lands mostly in c0 (+5 % of 20 ms); c_decode and c_attn are slopes over 7 ms and ~13 ms
+    # of spread, so a 1-2 ms error in one probe moves them by well under a third. (Seen at load
+    # average 9-19 on 2 cores: c0 within 2 %, c_decode and c_attn within 11 %.)
     assert fitted.c0 == pytest.approx(KNOWN.c0, rel=0.15)
-    assert fitted.c_prefill == pytest.approx(KNOWN.c_prefill, rel=0.15)
     assert fitted.c_decode == pytest.approx(KNOWN.c_decode, rel=0.3)
     assert fitted.c_attn == pytest.approx(KNOWN.c_attn, rel=0.3)
-    # What matters to the simulator: step times over the probed range agree within 10 %.
-    for prefill, decode, context in ((2000, 0, 2000), (100, 0, 100), (0, 1, 50), (0, 8, 12000), (500, 7, 4000)):
-        assert fitted.step_time(prefill, decode, context) == pytest.approx(KNOWN.step_time(prefill, decode, context), rel=0.1)
+    # Prefill constants come from 6 TTFT medians of single requests, a few per cent noisy each;
+    # the linear and the quadratic term trade off along the curve (seen: curvature 0.6-1.2x), so
+    # the check is the curve itself, and that the curvature is found at all.
+    assert 0.4 * KNOWN.c_prefill_attn < fitted.c_prefill_attn < 2.5 * KNOWN.c_prefill_attn
+    for n in (100, 750, 1500):
+        pairs = prefill_pairs(n, 0)
+        assert fitted.step_time(n, 0, n, pairs) == pytest.approx(KNOWN.step_time(n, 0, n, pairs), rel=0.15), n
+    for decode, context in ((1, 50), (8, 12000), (4, 4000)):
+        assert fitted.step_time(0, decode, context) == pytest.approx(KNOWN.step_time(0, decode, context), rel=0.1)
 
 
 def test_refuses_a_busy_replica(replica: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -174,7 +182,7 @@ def test_error_paths_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def _samples(p: Profile, overhead: float) -> tuple[list[PrefillSample], list[DecodeSample]]:
-    prefill = [PrefillSample(4 * n, n, overhead + p.step_time(n, 0, n)) for n in (100, 400, 1000, 2000)]
+    prefill = [PrefillSample(4 * n, n, overhead + p.step_time(n, 0, n, prefill_pairs(n, 0))) for n in (100, 400, 1000, 2000)]
     decode = [DecodeSample(b, c // b, c, p.step_time(0, b, c), 10) for b, c in ((1, 50), (1, 2000), (4, 200), (8, 12000))]
     return prefill, decode
 
@@ -182,12 +190,12 @@ def _samples(p: Profile, overhead: float) -> tuple[list[PrefillSample], list[Dec
 def test_fit_is_exact_on_model_data_and_pins_negative_terms() -> None:
     prefill, decode = _samples(KNOWN, overhead=0.002)
     fit = fit_constants(prefill, decode)
-    for name in ("c0", "c_prefill", "c_decode", "c_attn"):
+    for name in ("c0", "c_prefill", "c_decode", "c_attn", "c_prefill_attn"):
         assert getattr(fit, name) == pytest.approx(getattr(KNOWN, name), rel=1e-6), name
     assert fit.overhead == pytest.approx(0.002, rel=1e-6)
     assert fit.rms("prefill") < 1e-9 and fit.rms("decode") < 1e-9
     # A replica whose decode steps do not grow with the batch: c_decode is 0, never negative.
-    flat = Profile("flat", 16, 1024, 64, 4096, 0.01, 4e-5, 0.0, 1e-6)
+    flat = Profile("flat", 16, 1024, 64, 4096, 0.01, 4e-5, 0.0, 1e-6, c_prefill_attn=1e-9)
     prefill, decode = _samples(flat, overhead=0.0)
     decode = [DecodeSample(d.batch, d.prompt_tokens, d.context_tokens, d.step_s - 1e-4 * d.batch, 10) for d in decode]
     fit = fit_constants(prefill, decode)
@@ -210,7 +218,7 @@ def test_bytes_per_token_ignores_a_bos_token() -> None:
 
 
 def test_simulator_units_keep_bytes_and_costs_per_byte() -> None:
-    fit = Fit(c0=0.01, c_prefill=1e-4, c_decode=1e-3, c_attn=1e-6, overhead=0.003)
+    fit = Fit(c0=0.01, c_prefill=1e-4, c_decode=1e-3, c_attn=1e-6, c_prefill_attn=1e-7, overhead=0.003)
     cal = Calibration(
         url="http://r:8000", model="m", block_size=32, num_blocks=256, max_model_len=2048, max_num_seqs=128,
         max_num_batched_tokens=2048, bytes_per_token=2.0, prefill=_samples(KNOWN, 0)[0], decode=_samples(KNOWN, 0)[1],
@@ -218,7 +226,9 @@ def test_simulator_units_keep_bytes_and_costs_per_byte() -> None:
     )  # fmt: skip
     sim = cal.profile("s", "simulator")  # a simulated token (4 bytes) is 2 replica tokens here
     assert (sim.block_size, sim.num_blocks, sim.max_num_batched_tokens, sim.max_num_seqs) == (16, 256, 1024, 128)
-    assert (sim.c0, sim.c_prefill, sim.c_decode, sim.c_attn) == (0.01, 2e-4, 1e-3, 2e-6)
+    assert (sim.c0, sim.c_prefill, sim.c_decode, sim.c_attn, sim.c_prefill_attn) == (0.01, 2e-4, 1e-3, 2e-6, 4e-7)
     assert "2.000 bytes of pylb word text per replica token" in sim.description
     raw = cal.profile("r", "replica")
-    assert (raw.block_size, raw.num_blocks, raw.max_num_batched_tokens, raw.c_prefill, raw.c_attn) == (32, 256, 2048, 1e-4, 1e-6)
+    assert (raw.block_size, raw.num_blocks, raw.max_num_batched_tokens, raw.c_prefill, raw.c_attn, raw.c_prefill_attn) == (
+        32, 256, 2048, 1e-4, 1e-6, 1e-7
+    )

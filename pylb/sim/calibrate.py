@@ -11,6 +11,7 @@ The engine model (`pylb.sim.engine`, `pylb.sim.profiles`) prices one step as
 
     t = c0 + c_prefill * prefill_tokens + c_decode * decode_seqs + c_attn * context_tokens
 
+(+ c_prefill_attn * prefill_pairs, the causal attention pairs among the prompt tokens computed)
 and a replica's geometry as block_size x num_blocks KV blocks, max_num_seqs, max_num_batched_tokens.
 Calibration fills both in from the outside, with the replica otherwise idle:
 
@@ -26,7 +27,8 @@ and the text is the kind pylb's workloads send):
   prefill   one request of N prompt tokens and max_tokens 1, N from 5 % to 95 % of the longest
             prompt one step can compute; its TTFT (client clock, request sent to first chunk) is
             one step of N prefill tokens over N context tokens plus a fixed request overhead
-            (HTTP, tokenization, scheduling): TTFT = overhead + c0 + (c_prefill + c_attn) * N.
+            (HTTP, tokenization, scheduling): TTFT = overhead + c0 + (c_prefill + c_attn) * N
+            + c_prefill_attn * N(N+1)/2.
   decode    B concurrent streams of P-token prompts generating G tokens each, B in 1, 2, 4, ...
             up to --max-batch, P short and long; in the window where all B streams are decoding
             (after the last first token, up to the first stream's last token) every gap between
@@ -38,7 +40,9 @@ Token counts are the replica's own (`usage.prompt_tokens`, its real tokenizer). 
 token of the probe text are fitted from (bytes, prompt_tokens) over all probes (slope of a line,
 so a BOS token does not bias it).
 
-Fit. Weighted least squares (numpy) for (c0, c_prefill, c_decode, c_attn, overhead) over all
+Fit. One prefill observation per length: the median of its repeats (a burst of load on a shared
+machine moves one repeat, not the median). Weighted least squares (numpy) for (c0, c_prefill, c_decode, c_attn, c_prefill_attn,
+overhead) over all
 observations at once, each row divided by its measured time so every probe counts by its relative
 error; a coefficient that comes out negative is pinned to 0 and the rest refitted (non-negative
 least squares by active set). The residuals (relative, per probe) are printed and written into
@@ -49,7 +53,7 @@ a real tokenizer something else (about 2.2 bytes per token for the CPU test mode
 text). With `--units simulator` (the default) the profile is written in simulator tokens, so that a
 workload replayed through `pylb simulate` meets the same capacity and costs per byte of text as
 on the replica: with r = 4 / bytes_per_token real tokens per simulated token, c_prefill and c_attn
-are multiplied by r, block_size divided by r (rounded), num_blocks chosen so the cache holds the
+are multiplied by r, c_prefill_attn by r^2 (pairs of tokens), block_size divided by r (rounded), num_blocks chosen so the cache holds the
 same bytes, max_num_batched_tokens divided by r; c0, c_decode and max_num_seqs are per step or per
 sequence and stay. (Generated tokens stay one token each: a simulated one stands for one real one.)
 `--units replica` writes the fitted values as measured, in the replica's tokens.
@@ -87,7 +91,7 @@ from pylb.workload.replay import ReplayError, fetch_model, normalize_url
 from pylb.workload.synthetic import token_text
 from pylb.workload.types import BYTES_PER_TOKEN
 
-from .profiles import Profile, ProfileError, profile_from_dict
+from .profiles import Profile, ProfileError, prefill_pairs, profile_from_dict
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -167,7 +171,7 @@ class DecodeSample:
     gaps: int
 
 
-FIT_TERMS = ("c0", "c_prefill", "c_decode", "c_attn", "overhead")
+FIT_TERMS = ("c0", "c_prefill", "c_decode", "c_attn", "c_prefill_attn", "overhead")
 """Unknowns of the fit, in column order."""
 
 
@@ -179,6 +183,7 @@ class Fit:
     c_prefill: float
     c_decode: float
     c_attn: float
+    c_prefill_attn: float
     overhead: float
     residuals: list[tuple[str, float, float]] = field(default_factory=list)  # (probe label, measured s, fitted s)
 
@@ -188,14 +193,26 @@ class Fit:
         return math.sqrt(sum(r * r for r in rel) / len(rel)) if rel else float("nan")
 
 
+def prefill_medians(prefill: Sequence[PrefillSample]) -> list[PrefillSample]:
+    """One sample per probe text length: the median prompt tokens and TTFT of its repeats."""
+    groups: dict[int, list[PrefillSample]] = {}
+    for s in prefill:
+        groups.setdefault(s.prompt_bytes, []).append(s)
+    return [
+        PrefillSample(b, round(float(np.median([s.prompt_tokens for s in g]))), float(np.median([s.ttft_s for s in g])))
+        for b, g in sorted(groups.items())
+    ]
+
+
 def _design(prefill: Sequence[PrefillSample], decode: Sequence[DecodeSample]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     rows, ys, labels = [], [], []
-    for s in prefill:
-        rows.append([1.0, s.prompt_tokens, 0.0, s.prompt_tokens, 1.0])
+    for s in prefill_medians(prefill):
+        n = s.prompt_tokens
+        rows.append([1.0, n, 0.0, n, prefill_pairs(n, 0), 1.0])
         ys.append(s.ttft_s)
         labels.append(f"prefill N={s.prompt_tokens}")
     for s in decode:
-        rows.append([1.0, 0.0, s.batch, s.context_tokens, 0.0])
+        rows.append([1.0, 0.0, s.batch, s.context_tokens, 0.0, 0.0])
         ys.append(s.step_s)
         labels.append(f"decode B={s.batch} P={s.prompt_tokens} C={s.context_tokens:.0f}")
     return np.asarray(rows, dtype=float), np.asarray(ys, dtype=float), labels
@@ -206,8 +223,8 @@ def fit_constants(prefill: Sequence[PrefillSample], decode: Sequence[DecodeSampl
 
     Needs at least two prefill lengths and two decode batch sizes; raises CalibrationError otherwise.
     """
-    if len({s.prompt_tokens for s in prefill}) < 2:
-        raise CalibrationError("need prefill probes of at least two prompt lengths to fit c_prefill")
+    if len({s.prompt_tokens for s in prefill}) < 3:
+        raise CalibrationError("need prefill probes of at least three prompt lengths to fit c_prefill and c_prefill_attn")
     if len({s.batch for s in decode}) < 2:
         raise CalibrationError("need decode probes of at least two batch sizes to fit c_decode")
     a, y, labels = _design(prefill, decode)
@@ -416,7 +433,8 @@ class Calibration:
             how += (
                 f"; written in simulator tokens of {BYTES_PER_TOKEN} bytes (x{r:.3f} replica tokens): "
                 f"replica block_size {self.block_size} x {self.num_blocks} blocks, c_prefill "
-                f"{f.c_prefill:.4g} and c_attn {f.c_attn:.4g} s per replica token"
+                f"{f.c_prefill:.4g} and c_attn {f.c_attn:.4g} s per replica token, c_prefill_attn "
+                f"{f.c_prefill_attn:.4g} s per pair"
             )
         else:
             how += "; in the replica's own tokens"
@@ -425,13 +443,14 @@ class Calibration:
             "name": name,
             "description": how,
             "block_size": block_size,
-            "num_blocks": max(1, int(capacity // block_size)),
+            "num_blocks": max(1, math.floor(capacity / block_size * (1 + 1e-9))),  # no 1023.9999 -> 1023
             "max_num_seqs": self.max_num_seqs,
             "max_num_batched_tokens": max(1, round(self.max_num_batched_tokens / r)),
             "c0": _sig(f.c0),
             "c_prefill": _sig(f.c_prefill * r),
             "c_decode": _sig(f.c_decode),
             "c_attn": _sig(f.c_attn * r),
+            "c_prefill_attn": _sig(f.c_prefill_attn * r * r),
         }
         return profile_from_dict(data, name=name, source="calibrated profile")
 
@@ -521,6 +540,7 @@ async def calibrate(config: CalibrateConfig, progress: Progress = lambda _: None
             progress(f"prefill {i}/{len(order)}: {s.prompt_tokens} prompt tokens -> TTFT {s.ttft_s * 1e3:.1f} ms")
 
         # Decode: B concurrent streams, short and long prompts, KV cache and step budget permitting.
+        bpt0 = fit_bytes_per_token(size_samples)  # now from every prefill probe
         g = config.decode_tokens
         batches = [b for b in (1, 2, 4, 8, 16, 32, 64) if b <= min(config.max_batch, config.max_num_seqs)]
         if config.max_batch not in batches and config.max_batch <= config.max_num_seqs:
@@ -528,8 +548,8 @@ async def calibrate(config: CalibrateConfig, progress: Progress = lambda _: None
         plan: list[tuple[int, int]] = []
         for b in batches:
             long_p = min(limit, int(0.8 * nb * bs / b) - g - bs)
-            if max_len is not None:
-                long_p = min(long_p, max_len - g - 2)
+            if max_len is not None:  # 5 % below: the tokenizer's bytes per token vary from text to text
+                long_p = min(long_p, int(0.95 * (max_len - g - 2)))
             for p in sorted({32, max(32, long_p)}):
                 plan.append((b, p))
         decode: list[DecodeSample] = []
@@ -729,7 +749,8 @@ def run(args: argparse.Namespace) -> int:
     out.write_text(profile_yaml(profile, header_lines(cal, command, config.units, args.note)), encoding="utf-8")
     _say(
         f"wrote {out}: block_size {profile.block_size}, num_blocks {profile.num_blocks}, c0 {profile.c0:.4g} s, "
-        f"c_prefill {profile.c_prefill:.4g} s, c_decode {profile.c_decode:.4g} s, c_attn {profile.c_attn:.4g} s "
+        f"c_prefill {profile.c_prefill:.4g} s, c_decode {profile.c_decode:.4g} s, c_attn {profile.c_attn:.4g} s, "
+        f"c_prefill_attn {profile.c_prefill_attn:.4g} s "
         f"({config.units} tokens; overhead {cal.fit.overhead * 1e3:.1f} ms not in the profile)"
     )
     return 0

@@ -232,3 +232,24 @@ def test_simulator_units_keep_bytes_and_costs_per_byte() -> None:
     assert (raw.block_size, raw.num_blocks, raw.max_num_batched_tokens, raw.c_prefill, raw.c_attn, raw.c_prefill_attn) == (
         32, 256, 2048, 1e-4, 1e-6, 1e-7
     )
+
+
+# ---- the engine's prefill attention term ---------------------------------------------------------
+
+
+def test_engine_prices_prefill_attention_pairs_and_a_cached_prefix_saves_them() -> None:
+    from pylb.sim.engine import Engine
+
+    p = Profile("pairs", block_size=4, num_blocks=64, max_num_seqs=8, max_num_batched_tokens=64,
+                c0=0.0, c_prefill=0.0, c_decode=0.0, c_attn=0.0, c_prefill_attn=1e-3)  # fmt: skip
+    e = Engine(p)
+    shared = b"abcd" * 8  # 8 tokens = 2 full blocks
+    e.add_prompt("a", shared + b"wxyz" * 2, 1, 0.0)  # 10 tokens, cold: 10 * 11 / 2 = 55 pairs
+    r = e.step(0.0)
+    assert (r.prefill_tokens, r.prefill_pairs) == (10, 55)
+    assert r.duration == pytest.approx(55e-3)
+    e.add_prompt("b", shared + b"stuv" * 4, 1, r.end)  # 12 tokens, 8 cached: 4 * 8 + 4 * 5 / 2 = 42 pairs
+    r = e.step(r.end)
+    assert (r.prefill_tokens, r.prefill_pairs) == (4, 42)
+    assert r.duration == pytest.approx(42e-3)
+    assert p.step_time(4, 0, 12, prefill_pairs(4, 8)) == pytest.approx(42e-3)

@@ -253,3 +253,12 @@ def test_engine_prices_prefill_attention_pairs_and_a_cached_prefix_saves_them() 
     assert (r.prefill_tokens, r.prefill_pairs) == (4, 42)
     assert r.duration == pytest.approx(42e-3)
     assert p.step_time(4, 0, 12, prefill_pairs(4, 8)) == pytest.approx(42e-3)
+
+
+def test_the_shipped_calibrated_profile_loads_by_name() -> None:
+    p = load_profile("cpu-small-llama")  # pylb/sim/profile_data/cpu-small-llama.yaml
+    assert p.name == "cpu-small-llama" and p.c_prefill_attn > 0
+    # The measured replica: 256 blocks of 32 tokens; in 4-byte simulator tokens the cache holds
+    # the same bytes of text (about 2.2 bytes per replica token).
+    assert 256 * 32 * 2.0 < p.num_blocks * p.block_size * 4 < 256 * 32 * 2.4
+    assert "bytes of pylb word text per replica token" in p.description

@@ -40,8 +40,10 @@ Token counts are the replica's own (`usage.prompt_tokens`, its real tokenizer). 
 token of the probe text are fitted from (bytes, prompt_tokens) over all probes (slope of a line,
 so a BOS token does not bias it).
 
-Fit. One prefill observation per length: the median of its repeats (a burst of load on a shared
-machine moves one repeat, not the median). Weighted least squares (numpy) for (c0, c_prefill, c_decode, c_attn, c_prefill_attn,
+Fit. One prefill observation per length: the least TTFT of its repeats. On a shared machine the
+noise is one-sided (a replica or client that waits for a core only ever adds time: seen here, 2-3x
+on single repeats at load average 15), so the minimum is the estimate of the undisturbed step; the
+decode gaps are many per probe and their median is already undisturbed. Weighted least squares (numpy) for (c0, c_prefill, c_decode, c_attn, c_prefill_attn,
 overhead) over all
 observations at once, each row divided by its measured time so every probe counts by its relative
 error; a coefficient that comes out negative is pinned to 0 and the rest refitted (non-negative
@@ -193,20 +195,20 @@ class Fit:
         return math.sqrt(sum(r * r for r in rel) / len(rel)) if rel else float("nan")
 
 
-def prefill_medians(prefill: Sequence[PrefillSample]) -> list[PrefillSample]:
-    """One sample per probe text length: the median prompt tokens and TTFT of its repeats."""
+def prefill_minima(prefill: Sequence[PrefillSample]) -> list[PrefillSample]:
+    """One sample per probe text length: the median prompt tokens and the least TTFT of its repeats."""
     groups: dict[int, list[PrefillSample]] = {}
     for s in prefill:
         groups.setdefault(s.prompt_bytes, []).append(s)
     return [
-        PrefillSample(b, round(float(np.median([s.prompt_tokens for s in g]))), float(np.median([s.ttft_s for s in g])))
+        PrefillSample(b, round(float(np.median([s.prompt_tokens for s in g]))), min(s.ttft_s for s in g))
         for b, g in sorted(groups.items())
     ]
 
 
 def _design(prefill: Sequence[PrefillSample], decode: Sequence[DecodeSample]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     rows, ys, labels = [], [], []
-    for s in prefill_medians(prefill):
+    for s in prefill_minima(prefill):
         n = s.prompt_tokens
         rows.append([1.0, n, 0.0, n, prefill_pairs(n, 0), 1.0])
         ys.append(s.ttft_s)

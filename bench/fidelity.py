@@ -126,6 +126,17 @@ class Row:
         return abs(self.sim_slo - self.real_slo) * 100 <= SLO_POINTS
 
 
+def real_context(results_path: Path) -> dict[str, Any]:
+    """What the harness recorded about its real runs: command, workload, load average per target."""
+    doc = json.loads(results_path.read_text())
+    return {
+        "real_command": doc.get("command"),
+        "workload": doc.get("workload", {}).get("spec"),
+        "rate_scale": doc.get("rate_scale", 1.0),
+        "real_load_avg_mean": {n: (t.get("load_avg_mean") or {}).get("mean") for n, t in doc["targets"].items()},
+    }
+
+
 def compare(results_path: Path, profile: Profile, workloads: Any) -> list[Row]:
     """Simulate every target of one harness results file; one Row each."""
     doc = json.loads(results_path.read_text())
@@ -186,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     profile = load_profile(args.profile)
     workloads = _workloads_module()
-    doc: dict[str, Any] = {"command": "python bench/fidelity.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    command = [a if not os.path.isabs(a) else os.path.basename(a) for a in sys.argv[1:]]  # results by name
+    doc: dict[str, Any] = {"command": "python bench/fidelity.py " + " ".join(shlex.quote(a) for a in command),
                            "profile": profile.to_dict(), "load_avg": os.getloadavg(), "files": []}  # fmt: skip
     all_rows: list[Row] = []
     for path in map(Path, args.results):
@@ -195,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         pylb_rows = [r for r in rows if r.kind == "pylb"]
         real_rank, sim_rank = ranking(pylb_rows, True), ranking(pylb_rows, False)
         all_real, all_sim = ranking(rows, True), ranking(rows, False)
-        doc["files"].append({"results": str(path), "pylb_ranking_real": real_rank, "pylb_ranking_sim": sim_rank,
-                             "ranking_real": all_real, "ranking_sim": all_sim})  # fmt: skip
+        doc["files"].append({"results": path.name, **real_context(path), "pylb_ranking_real": real_rank,
+                             "pylb_ranking_sim": sim_rank, "ranking_real": all_real, "ranking_sim": all_sim})  # fmt: skip
         print(f"{path.name}: pylb targets ranked (SLO share, then p50): real {real_rank}, simulated {sim_rank}"
               f" -> {'same' if real_rank == sim_rank else 'DIFFERENT'}; all targets: real {all_real}, simulated {all_sim}")  # fmt: skip
     print(table(all_rows))

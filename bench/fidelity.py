@@ -39,8 +39,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pylb.router.interface import RouterOptions, Router
 from pylb.router import registry
+from pylb.router.interface import Router, RouterOptions
 from pylb.sim.cluster import DEFAULT_SCRAPE_INTERVAL, prepare_workload, simulate
 from pylb.sim.profiles import Profile, load_profile
 from pylb.sim.report import summarize
@@ -158,10 +158,18 @@ def compare(results_path: Path, profile: Profile, workloads: Any) -> list[Row]:
         m = summarize(res, name, slo)
         rows.append(
             Row(
-                results=results_path.name, target=name, kind=kind, simulated_as=described, reps=int(t["reps"]),
-                real_hit=t["hit_rate"]["mean"], sim_hit=m.hit_rate, real_p50=t["ttft_p50"]["mean"],
-                sim_p50=m.ttft_p50 or float("nan"), real_slo=t["slo_attainment"]["mean"], sim_slo=m.slo_attainment,
-            )  # fmt: skip
+                results=results_path.name,
+                target=name,
+                kind=kind,
+                simulated_as=described,
+                reps=int(t["reps"]),
+                real_hit=t["hit_rate"]["mean"],
+                sim_hit=m.hit_rate,
+                real_p50=t["ttft_p50"]["mean"],
+                sim_p50=m.ttft_p50 or float("nan"),
+                real_slo=t["slo_attainment"]["mean"],
+                sim_slo=m.slo_attainment,
+            )
         )
     return rows
 

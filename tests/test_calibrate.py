@@ -11,7 +11,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -141,7 +140,7 @@ def test_refuses_a_busy_replica(replica: str, tmp_path: Path, capsys: pytest.Cap
 
 
 class _NotVllm(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         data = b"# HELP up 1\nup 1\n"
         self.send_response(200)
         self.send_header("Content-Length", str(len(data)))

@@ -613,8 +613,10 @@ def header_lines(cal: Calibration, command: str, units: str, notes: Sequence[str
         *(f"Note: {n}" for n in notes),
         f"Load average at the end (1/5/15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
         f"Units: {units} tokens; {cal.bytes_per_token:.3f} bytes of probe text per replica token.",
-        f"Replica: {cal.num_blocks} KV blocks x {cal.block_size} tokens, max_model_len {cal.max_model_len}, "
-        f"max_num_seqs {cal.max_num_seqs}, max_num_batched_tokens {cal.max_num_batched_tokens} (the last two from flags).",
+        (
+            f"Replica: {cal.num_blocks} KV blocks x {cal.block_size} tokens, max_model_len {cal.max_model_len}, "
+            f"max_num_seqs {cal.max_num_seqs}, max_num_batched_tokens {cal.max_num_batched_tokens} (the last two from flags)."
+        ),
         "Fit in replica tokens: "
         + ", ".join(f"{k} {getattr(f, k):.4g}" for k in FIT_TERMS)
         + " (seconds; overhead = TTFT minus the prefill step, not part of the engine model).",

@@ -13,6 +13,7 @@ from pylb import __version__
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("pylb.sim.simulate_cli", "replay a trace through simulated vLLM replicas and report per policy"),
     "sim-replicas": ("pylb.sim.replicas_cli", "start fake vLLM replicas (real HTTP, simulated engine)"),
+    "calibrate": ("pylb.sim.calibrate", "measure an idle vLLM replica and write a simulator profile for it"),
     "replay": ("pylb.workload.replay_cli", "replay a trace against any OpenAI-compatible endpoint"),
     "serve": ("pylb.proxy.serve_cli", "serve: the KV-cache-aware load balancer in front of vLLM replicas"),
     "demo": ("pylb.demo", "pylb in front of a fake vLLM fleet: dualmap against round-robin, side by side"),

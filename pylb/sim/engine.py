@@ -44,9 +44,11 @@ Scheduler (vLLM V1 `Scheduler.schedule`, FCFS):
     `usage.cached_tokens` is the hit at the first admission.
 
 Step time (DESIGN.md §6): t = c0 + c_prefill * prefill_tokens + c_decode * decode_seqs
-+ c_attn * context_tokens, where prefill_tokens are prompt (or recompute) tokens computed in the
-step, decode_seqs the requests decoding one token, and context_tokens the sum over scheduled
-requests of their KV length after the step. A profile with all costs zero gives zero-time
++ c_attn * context_tokens + c_prefill_attn * prefill_pairs, where prefill_tokens are prompt (or
+recompute) tokens computed in the step, decode_seqs the requests decoding one token,
+context_tokens the sum over scheduled requests of their KV length after the step, and
+prefill_pairs the causal attention pairs of the prefill chunks (n*h + n*(n+1)/2 for n tokens
+computed after h already computed or cached; `pylb.sim.profiles.prefill_pairs`). A profile with all costs zero gives zero-time
 steps: each step still computes tokens, so a driver that loops on `step` always terminates.
 
 Fused decode steps (simulator speed-up): `step(now, max_steps=K)` with K > 1 may return one
@@ -142,7 +144,8 @@ class StepResult:
         duration: seconds the step (or the fused steps) takes.
         num_steps: engine iterations this result stands for (1, or more for fused decode
             steps; 0 when there was nothing to do).
-        prefill_tokens, decode_seqs, context_tokens: the step-time inputs of the first iteration.
+        prefill_tokens, decode_seqs, context_tokens, prefill_pairs: the step-time inputs of the
+            first iteration.
         sampled: ids of the requests that got new tokens: one each, or `num_steps` each for
             a fused result (streaming servers send one chunk per id).
         first_tokens: ids whose first token this step produced (TTFT ends at the step's end).
@@ -155,6 +158,7 @@ class StepResult:
     prefill_tokens: int = 0
     decode_seqs: int = 0
     context_tokens: int = 0
+    prefill_pairs: int = 0
     sampled: list[str] = field(default_factory=list)
     first_tokens: list[str] = field(default_factory=list)
     finished: list[FinishedRequest] = field(default_factory=list)
@@ -591,7 +595,7 @@ class Engine:
             return StepResult(start=now, duration=0.0, num_steps=0)
 
         # 3. Apply the step: compute tokens, sample, finish.
-        prefill = decode = context = 0
+        prefill = decode = context = pairs = 0
         sampled: list[str] = []
         first: list[str] = []
         finished: list[FinishedRequest] = []
@@ -601,6 +605,7 @@ class Engine:
                 decode += 1
             else:
                 prefill += n_new
+                pairs += n_new * req.computed + n_new * (n_new + 1) // 2  # profiles.prefill_pairs, inlined
             req.computed += n_new
             context += req.computed
             if req.computed == num_tokens:
@@ -624,8 +629,8 @@ class Engine:
             self._running = [r for r in running if r.running]
         self.steps_total += 1
         p = self.profile
-        duration = p.c0 + p.c_prefill * prefill + p.c_decode * decode + p.c_attn * context
-        return StepResult(now, duration, 1, prefill, decode, context, sampled, first, finished)
+        duration = p.c0 + p.c_prefill * prefill + p.c_decode * decode + p.c_attn * context + p.c_prefill_attn * pairs
+        return StepResult(now, duration, 1, prefill, decode, context, pairs, sampled, first, finished)
 
     # ---- fused decode runs -----------------------------------------------------------------
 
@@ -677,7 +682,7 @@ class Engine:
         run = _Run(now, k, a, p.c_attn * n)
         self._run = run
         self._busy_until = run.end
-        return StepResult(now, run.end - now, k, 0, n, context, [r.rid for r in running], [], [])
+        return StepResult(now, run.end - now, k, 0, n, context, 0, [r.rid for r in running], [], [])
 
     def _blocks_needed(self, k: int) -> int:
         """New blocks the running (decoding) requests need for k more decode steps."""

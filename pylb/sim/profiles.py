@@ -7,17 +7,26 @@ One simulated vLLM replica (`pylb.sim.engine.Engine`) is described by a `Profile
     KV cache      num_blocks blocks of block_size tokens (automatic prefix caching over them)
     batching      at most max_num_seqs running requests and max_num_batched_tokens per step
     step time     t = c0 + c_prefill * prefill_tokens + c_decode * decode_seqs + c_attn * context_tokens
+                        + c_prefill_attn * prefill_pairs
 
 `c0` is the fixed cost of one forward pass (reading the weights once, launch overhead),
 `c_prefill` the cost of one prompt token computed in the step, `c_decode` the extra cost of one
 sequence decoding one token, `c_attn` the cost of one token of KV context attended in the step
-(memory traffic of reading the KV cache). All costs are in seconds. A profile whose four costs
-are all zero is a pure cache model (infinite compute): every step takes no time.
+(memory traffic of reading the KV cache). `c_prefill_attn` is the cost of one (query, key) pair of
+causal attention among the prompt tokens a step computes: a chunk of n tokens after h tokens
+already in the cache has n*h + n*(n+1)/2 of them, so a cold prompt of N tokens costs N^2/2 of them
+and a cached prefix saves its share. It is optional (0 by default) and matters where attention
+compute is not hidden behind the weights: measured on vLLM's CPU backend, a 2,000-token prompt
+takes 2.5x as long per token as a 100-token one (`pylb calibrate` fits it). All costs are in
+seconds. A profile whose costs are all zero is a pure cache model (infinite compute): every
+step takes no time.
 
 Profiles come by name from `PROFILES`, or from a YAML file with exactly the fields
 `block_size, num_blocks, max_num_seqs, max_num_batched_tokens, c0, c_prefill, c_decode, c_attn`
-(and optionally `name`, `description`); `load_profile(name_or_path)` accepts either and raises
-`ProfileError` naming the field, the value and the reason for anything else.
+(and optionally `c_prefill_attn`, `name`, `description`); `load_profile(name_or_path)` accepts either and raises
+`ProfileError` naming the field, the value and the reason for anything else. Measured profiles
+ship as such files in `profile_data/` (written by `pylb calibrate`, their header comment says
+how) and join `PROFILES` under their file name.
 
 The constants of the built-in profiles are approximations derived from well-known public
 figures (model configs, accelerator datasheets, vLLM defaults, the DualMap paper); each one
@@ -54,6 +63,7 @@ class Profile:
         c_decode: seconds per sequence decoding one token in the step.
         c_attn: seconds per token of KV context attended in the step.
         description: where the numbers come from.
+        c_prefill_attn: seconds per causal attention pair among the prompt tokens computed in the step.
     """
 
     name: str
@@ -66,11 +76,12 @@ class Profile:
     c_decode: float
     c_attn: float
     description: str = ""
+    c_prefill_attn: float = 0.0
 
     def __post_init__(self) -> None:
         for f in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens"):
             _check_int(f, getattr(self, f))
-        for f in ("c0", "c_prefill", "c_decode", "c_attn"):
+        for f in COST_FIELDS:
             _check_cost(f, getattr(self, f))
 
     @property
@@ -81,15 +92,30 @@ class Profile:
     @property
     def zero_cost(self) -> bool:
         """True when every step takes no time (a pure cache model)."""
-        return self.c0 == 0 and self.c_prefill == 0 and self.c_decode == 0 and self.c_attn == 0
+        return all(getattr(self, f) == 0 for f in COST_FIELDS)
 
-    def step_time(self, prefill_tokens: int, decode_seqs: int, context_tokens: int) -> float:
-        """Seconds of one engine step: c0 + c_prefill*prefill + c_decode*decode + c_attn*context."""
-        return self.c0 + self.c_prefill * prefill_tokens + self.c_decode * decode_seqs + self.c_attn * context_tokens
+    def step_time(self, prefill_tokens: int, decode_seqs: int, context_tokens: int, prefill_pairs: int = 0) -> float:
+        """Seconds of one engine step (the formula of the module comment)."""
+        return (
+            self.c0
+            + self.c_prefill * prefill_tokens
+            + self.c_decode * decode_seqs
+            + self.c_attn * context_tokens
+            + self.c_prefill_attn * prefill_pairs
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The profile as plain data (the YAML fields plus name and description)."""
         return asdict(self)
+
+
+COST_FIELDS = ("c0", "c_prefill", "c_decode", "c_attn", "c_prefill_attn")
+"""The step-time constants, in seconds."""
+
+
+def prefill_pairs(new_tokens: int, cached_tokens: int) -> int:
+    """Causal attention pairs of a prefill chunk of `new_tokens` after `cached_tokens`: n*h + n*(n+1)/2."""
+    return new_tokens * cached_tokens + new_tokens * (new_tokens + 1) // 2
 
 
 def _check_int(field: str, value: Any) -> None:
@@ -172,8 +198,11 @@ DUALMAP_910B = Profile(
     description="Huawei Ascend 910B 64GB, Qwen2.5-7B fp16, as in the DualMap paper (0.16 ms/prefill token; others approximate)",
 )
 
+PROFILE_DATA_DIR = Path(__file__).with_name("profile_data")
+"""Measured profiles shipped with pylb (YAML files written by `pylb calibrate`)."""
+
 PROFILES: dict[str, Profile] = {p.name: p for p in (H100_LLAMA31_8B, DUALMAP_910B)}
-"""Built-in profiles by name."""
+"""Built-in profiles by name: the ones above, then one per file in `PROFILE_DATA_DIR` (filled below)."""
 
 DEFAULT_PROFILE = H100_LLAMA31_8B.name
 """The profile `pylb simulate` uses when none is given."""
@@ -190,7 +219,7 @@ YAML_FIELDS: tuple[str, ...] = (
 )
 """Fields a YAML profile must have (times in seconds)."""
 
-_OPTIONAL_YAML_FIELDS = ("name", "description")
+_OPTIONAL_YAML_FIELDS = ("name", "description", "c_prefill_attn")
 
 
 def profile_from_dict(data: Any, *, name: str = "custom", source: str = "profile") -> Profile:
@@ -210,6 +239,8 @@ def profile_from_dict(data: Any, *, name: str = "custom", source: str = "profile
     if missing:
         raise ProfileError(f"{source}: missing profile field(s) {', '.join(missing)}")
     kwargs = {f: data[f] for f in YAML_FIELDS}
+    if "c_prefill_attn" in data:
+        kwargs["c_prefill_attn"] = data["c_prefill_attn"]
     label = data.get("name", name)
     desc = data.get("description", "")
     if not isinstance(label, str) or not label:
@@ -249,3 +280,17 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> Profile:
     if os.path.exists(key) or key.endswith((".yaml", ".yml")):
         return load_profile_file(key)
     raise ProfileError(f"unknown profile {key!r}: expected one of {', '.join(PROFILES)} or a YAML file path")
+
+
+def _shipped_profiles() -> dict[str, Profile]:
+    """The profiles of `PROFILE_DATA_DIR`, by file name (their `name` field must agree)."""
+    out: dict[str, Profile] = {}
+    for path in sorted(PROFILE_DATA_DIR.glob("*.yaml")):
+        profile = load_profile_file(path)
+        if profile.name != path.stem:
+            raise ProfileError(f"{path}: profile field name {profile.name!r} differs from the file name {path.stem!r}")
+        out[path.stem] = profile
+    return out
+
+
+PROFILES.update(_shipped_profiles())

@@ -1,0 +1,231 @@
+"""Fidelity of the simulator: the side-by-side harness's real runs against `pylb simulate`'s.
+
+How to read it
+--------------
+For each results file of `bench/peers/run.py` (real vLLM replicas behind pylb and other routers),
+this replays the very same workload (`bench/peers/workloads.load(spec)`: the same requests, the
+same text) through `pylb.sim.cluster.simulate` with a calibrated profile (`pylb calibrate`), the
+same number of replicas, rate scale and SLO, once per target, and prints per target:
+
+    hit rate      real (vLLM's counters) vs simulated (engine counters), difference in points
+    TTFT p50      real (client clock) vs simulated, ratio sim / real
+    within SLO    share of requests with TTFT <= SLO, difference in points
+    pass          hit within 3 points, p50 within 25 %, SLO share within 5 points (issue 9 §2)
+
+and whether the simulator ranks pylb's targets in the same order as the real runs did (by SLO
+share, then TTFT p50). Real values are the harness's means over its repetitions (min-max in the
+JSON). Targets map to simulated routers so:
+
+    pylb ARGS                  the router `pylb serve ARGS` builds (`pylb.proxy.server.create_router`)
+    sglang / vllm-router       pylb's analog of their policy, dispatching at once as they do
+      --policy cache_aware       -> cache-aware        (SGLang's algorithm, `pylb/router/policies/cache_aware.py`)
+      --policy power_of_two      -> least-load         (with two replicas, the less loaded of both)
+      --policy round_robin       -> round-robin
+
+Usage (from the repository root; needs `bench/peers/` from the harness):
+
+    python bench/fidelity.py --results docs/results/peers_chat.json [--results ...] \\
+        --profile cpu-small-llama [--json docs/results/fidelity.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pylb.router import registry
+from pylb.router.interface import Router, RouterOptions
+from pylb.sim.cluster import DEFAULT_SCRAPE_INTERVAL, prepare_workload, simulate
+from pylb.sim.profiles import Profile, load_profile
+from pylb.sim.report import summarize
+
+REPO = Path(__file__).resolve().parents[1]
+
+HIT_POINTS = 3.0
+P50_RATIO = 0.25
+SLO_POINTS = 5.0
+
+ANALOGS: dict[str, str] = {"cache_aware": "cache-aware", "power_of_two": "least-load", "round_robin": "round-robin"}
+"""Peer router policy -> the pylb policy that stands for it in the simulator."""
+
+DEFAULT_PEER_POLICY = {"sglang": "cache_aware", "vllm-router": "round_robin"}
+"""What each peer router runs without --policy."""
+
+_AT_ONCE = RouterOptions(max_unprefilled_tokens=1_000_000_000, max_unprefilled_requests=1_000_000_000)
+
+
+def _workloads_module() -> Any:
+    peers = REPO / "bench" / "peers"
+    if not (peers / "workloads.py").is_file():
+        raise SystemExit(f"fidelity: {peers}/workloads.py not found: the side-by-side harness (bench/peers) is needed")
+    sys.path.insert(0, str(peers))
+    import workloads  # type: ignore[import-not-found]
+
+    return workloads
+
+
+def sim_router(spec: str, slo_ttft: float) -> tuple[str, Router]:
+    """(description, router) standing for a harness target spec `NAME=KIND ARGS`."""
+    _, _, rest = spec.partition("=")
+    words = shlex.split(rest)
+    kind, args = words[0], words[1:]
+    if kind == "pylb":
+        from pylb import config
+        from pylb.proxy.server import create_router
+
+        parser = argparse.ArgumentParser()
+        config.add_arguments(parser)
+        settings = config.load_from_args(parser.parse_args([*args, "--backend", "http://127.0.0.1:1"]), env={})
+        return f"pylb {settings.router.policy}" + (f" {' '.join(args)}" if args else ""), create_router(settings.router)
+    policy = DEFAULT_PEER_POLICY.get(kind, "")
+    if "--policy" in args:
+        policy = args[args.index("--policy") + 1]
+    analog = ANALOGS.get(policy)
+    if analog is None:
+        raise ValueError(f"no simulated analog for {kind} --policy {policy!r} (known: {', '.join(ANALOGS)})")
+    options = RouterOptions(
+        slo_ttft=slo_ttft,
+        max_unprefilled_tokens=_AT_ONCE.max_unprefilled_tokens,
+        max_unprefilled_requests=_AT_ONCE.max_unprefilled_requests,
+    )
+    return f"{analog} (analog of {kind} {policy}, at once)", registry.create(analog, options)
+
+
+@dataclass
+class Row:
+    """One target: real (harness mean) and simulated measures."""
+
+    results: str
+    target: str
+    kind: str
+    simulated_as: str
+    reps: int
+    real_hit: float
+    sim_hit: float
+    real_p50: float
+    sim_p50: float
+    real_slo: float
+    sim_slo: float
+
+    @property
+    def hit_ok(self) -> bool:
+        return abs(self.sim_hit - self.real_hit) * 100 <= HIT_POINTS
+
+    @property
+    def p50_ok(self) -> bool:
+        return abs(self.sim_p50 / self.real_p50 - 1) <= P50_RATIO
+
+    @property
+    def slo_ok(self) -> bool:
+        return abs(self.sim_slo - self.real_slo) * 100 <= SLO_POINTS
+
+
+def real_context(results_path: Path) -> dict[str, Any]:
+    """What the harness recorded about its real runs: command, workload, load average per target."""
+    doc = json.loads(results_path.read_text())
+    return {
+        "real_command": doc.get("command"),
+        "workload": doc.get("workload", {}).get("spec"),
+        "rate_scale": doc.get("rate_scale", 1.0),
+        "real_load_avg_mean": {n: (t.get("load_avg_mean") or {}).get("mean") for n, t in doc["targets"].items()},
+    }
+
+
+def compare(results_path: Path, profile: Profile, workloads: Any) -> list[Row]:
+    """Simulate every target of one harness results file; one Row each."""
+    doc = json.loads(results_path.read_text())
+    spec = doc["workload"]["spec"]
+    replicas = int(doc["replicas"]["count"])
+    slo = float(doc["slo_ttft_s"])
+    scale = float(doc.get("rate_scale", 1.0))
+    requests = workloads.load(spec)
+    prepared = prepare_workload(requests, profile.block_size)
+    rows = []
+    for name, t in doc["targets"].items():
+        kind = shlex.split(t["spec"].partition("=")[2])[0]
+        try:
+            described, router = sim_router(t["spec"], slo)
+        except ValueError as exc:
+            print(f"fidelity: {results_path.name} target {name}: skipped: {exc}", file=sys.stderr)
+            continue
+        res = simulate(prepared, profile, replicas, router, rate_scale=scale, scrape_interval=DEFAULT_SCRAPE_INTERVAL)
+        m = summarize(res, name, slo)
+        rows.append(
+            Row(
+                results=results_path.name,
+                target=name,
+                kind=kind,
+                simulated_as=described,
+                reps=int(t["reps"]),
+                real_hit=t["hit_rate"]["mean"],
+                sim_hit=m.hit_rate,
+                real_p50=t["ttft_p50"]["mean"],
+                sim_p50=m.ttft_p50 or float("nan"),
+                real_slo=t["slo_attainment"]["mean"],
+                sim_slo=m.slo_attainment,
+            )
+        )
+    return rows
+
+
+def ranking(rows: list[Row], real: bool) -> list[str]:
+    """Targets best first: higher SLO share, then lower TTFT p50."""
+    key = (lambda r: (-r.real_slo, r.real_p50)) if real else (lambda r: (-r.sim_slo, r.sim_p50))
+    return [r.target for r in sorted(rows, key=key)]
+
+
+def table(rows: list[Row]) -> str:
+    """Markdown table of the rows."""
+    out = [
+        "| results | target | simulated as | hit real / sim (pts) | TTFT p50 real / sim (ratio) | within SLO real / sim (pts) | pass |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        ok = "".join("y" if x else "n" for x in (r.hit_ok, r.p50_ok, r.slo_ok))
+        out.append(
+            f"| {r.results} | {r.target} | {r.simulated_as} | {100 * r.real_hit:.1f} / {100 * r.sim_hit:.1f} "
+            f"({100 * (r.sim_hit - r.real_hit):+.1f}) | {1e3 * r.real_p50:.0f} / {1e3 * r.sim_p50:.0f} ms "
+            f"({r.sim_p50 / r.real_p50:.2f}x) | {100 * r.real_slo:.1f} / {100 * r.sim_slo:.1f} "
+            f"({100 * (r.sim_slo - r.real_slo):+.1f}) | {ok} |"
+        )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", action="append", required=True, metavar="FILE", help="bench/peers/run.py results JSON (repeatable)")
+    parser.add_argument("--profile", default="cpu-small-llama", metavar="NAME|FILE", help="calibrated profile (default cpu-small-llama)")
+    parser.add_argument("--json", metavar="OUT", help="write the rows and the rankings as JSON")
+    args = parser.parse_args(argv)
+    profile = load_profile(args.profile)
+    workloads = _workloads_module()
+    command = [a if not os.path.isabs(a) else os.path.basename(a) for a in sys.argv[1:]]  # results by name
+    doc: dict[str, Any] = {"command": "python bench/fidelity.py " + " ".join(shlex.quote(a) for a in command),
+                           "profile": profile.to_dict(), "load_avg": os.getloadavg(), "files": []}  # fmt: skip
+    all_rows: list[Row] = []
+    for path in map(Path, args.results):
+        rows = compare(path, profile, workloads)
+        all_rows += rows
+        pylb_rows = [r for r in rows if r.kind == "pylb"]
+        real_rank, sim_rank = ranking(pylb_rows, True), ranking(pylb_rows, False)
+        all_real, all_sim = ranking(rows, True), ranking(rows, False)
+        doc["files"].append({"results": path.name, **real_context(path), "pylb_ranking_real": real_rank,
+                             "pylb_ranking_sim": sim_rank, "ranking_real": all_real, "ranking_sim": all_sim})  # fmt: skip
+        print(f"{path.name}: pylb targets ranked (SLO share, then p50): real {real_rank}, simulated {sim_rank}"
+              f" -> {'same' if real_rank == sim_rank else 'DIFFERENT'}; all targets: real {all_real}, simulated {all_sim}")  # fmt: skip
+    print(table(all_rows))
+    print(f"load average {os.getloadavg()[0]:.2f}; profile {profile.name}")
+    if args.json:
+        doc["rows"] = [asdict(r) | {"hit_ok": r.hit_ok, "p50_ok": r.p50_ok, "slo_ok": r.slo_ok} for r in all_rows]
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -53,8 +53,8 @@ CASES: list[tuple[str, str, int | None, str, int, float, str, dict[str, object]]
     ("mt-chwbl-h100", "synthetic:multi-turn:sessions=400", None, "h100-llama3.1-8b", 2, 8.0, "chwbl", {}),
     ("mt-dualmap-h100", "synthetic:multi-turn:sessions=400", None, "h100-llama3.1-8b", 2, 8.0, "dualmap", {}),
     ("mt-least-load-910b", "synthetic:multi-turn:sessions=400", None, "dualmap-910b", 2, 2.0, "least-load", {}),
-    # block_chars=128: before the block-size fix the simulator hashed in 64-byte blocks whatever
-    # the router's block_chars; this case's hash changes with that fix (and only with it)
+    # block_chars=128 through the Python API, which always hashed with the router's block size
+    # (only `pylb simulate` did not: tests/test_block_hashing.py)
     ("mt-dualmap-bc128", "synthetic:multi-turn:sessions=400", None, "h100-llama3.1-8b", 2, 8.0, "dualmap", {"block_chars": 128}),
 ]
 

@@ -137,6 +137,7 @@ class CoreRouter(Router):
         self._unplaced: list[_Entry] = []
         self._seq = 0
         self._tpb = o.tokens_per_block
+        self._hashings = (o.hashing(), o.hashing(token_ids=True))  # what `_new_entry` accepts
         self._default_capacity = int(o.cache_capacity_tokens // self._tpb)
         self.mirror = native.CacheMirror(0, self._default_capacity)
         self._mirror_version = 0
@@ -179,7 +180,10 @@ class CoreRouter(Router):
         return (s.queued_tokens + s.unprefilled_tokens + own_tokens) * s.prefill_seconds_per_token
 
     def _new_entry(self, request: RoutingRequest, known_message: str) -> _Entry:
-        """Track a request (ValueError naming it, with `known_message`, if it is tracked already)."""
+        """Track a request (ValueError naming it, with `known_message`, if it is tracked already,
+        or when its block hashes were made with other hashing parameters than the router's)."""
+        if request.hashing not in self._hashings:
+            self.options.check_hashing(request)  # raises, naming both
         if request.request_id in self._entries:
             raise ValueError(f"request {request.request_id!r} {known_message}")
         e = _Entry(request, self._seq)

@@ -43,10 +43,51 @@ ReplicaId = str
 """A replica's name: "replica-3" in the simulator, its base URL in the live proxy."""
 
 DEFAULT_BLOCK_CHARS = 64
-"""Bytes of prompt text per router hash block (about 16 tokens at 4 bytes per token).
+"""Bytes of prompt text per router hash block (about 16 tokens at 4 bytes per token): the default
+of `RouterOptions.block_chars`, the block size the router expects `RoutingRequest.block_hashes`
+to use."""
 
-The router hashes the prompt text with `pylb.native.block_hashes(text_bytes, block_chars)`.
-(To move to pylb/config.py, the one home of defaults, when that module exists.)"""
+TOKEN_ID_BYTES = 4
+"""Bytes of one token id when a token-id prompt is hashed (ids are hashed as uint32 values), so
+a token-id prompt is hashed `block_chars // TOKEN_ID_BYTES` ids per block: the same bytes per
+block as text."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlockHashing:
+    """How a request's block hashes were made: `pylb.native.block_hashes(prompt, block_size, seed)`
+    over the prompt's UTF-8 bytes (`unit` "bytes") or over its token ids as uint32 values (`unit`
+    "tokens"). Hashes made with other parameters name other blocks, so a router refuses a request
+    whose hashing is not the one its `RouterOptions.block_chars` implies (`RouterOptions.hashing`).
+
+    Attributes:
+        block_size: bytes (unit "bytes") or token ids (unit "tokens") per block.
+        unit: "bytes" or "tokens".
+        seed: the hash seed (pylb always hashes with 0).
+    """
+
+    block_size: int = DEFAULT_BLOCK_CHARS
+    unit: str = "bytes"
+    seed: int = 0
+
+    @classmethod
+    def text(cls, block_chars: int) -> BlockHashing:
+        """The hashing of a text prompt in blocks of `block_chars` bytes."""
+        return cls(block_chars, "bytes")
+
+    @classmethod
+    def token_ids(cls, block_chars: int) -> BlockHashing:
+        """The hashing of a token-id prompt for a router of `block_chars`-byte blocks."""
+        return cls(max(1, block_chars // TOKEN_ID_BYTES), "tokens")
+
+    def describe(self) -> str:
+        """E.g. "64-byte blocks" or "16-token-id blocks", with the seed when it is not 0."""
+        what = f"{self.block_size}-byte blocks" if self.unit == "bytes" else f"{self.block_size}-token-id blocks"
+        return what if self.seed == 0 else f"{what}, seed {self.seed}"
+
+
+TEXT_HASHING = BlockHashing()
+"""The default hashing: text in `DEFAULT_BLOCK_CHARS`-byte blocks, seed 0."""
 
 
 @dataclass(slots=True)
@@ -55,10 +96,10 @@ class RoutingRequest:
 
     Attributes:
         request_id: unique among requests in flight.
-        block_hashes: chained hashes of the prompt text in blocks of `DEFAULT_BLOCK_CHARS` bytes
-            (`pylb.native.block_hashes(prompt_bytes, 64)`, numpy uint64, one per full block).
-            Two requests share their first k hashes exactly when their texts share the first k
-            blocks.
+        block_hashes: chained hashes of the prompt in blocks (`hashing` says how they were made:
+            by default `pylb.native.block_hashes(prompt_bytes, 64)`), numpy uint64, one per full
+            block. Two requests share their first k hashes exactly when their texts share the
+            first k blocks.
         prompt_tokens: (estimated) prompt length in tokens.
         max_tokens: tokens the client asked for at most.
         arrival: time the request reached the router (driver clock, seconds).
@@ -72,6 +113,8 @@ class RoutingRequest:
             `block_chars` bytes); it must be a pure function of the prompt (never of the
             request id), so that every router replica places the same prompt the same way.
             None when not known.
+        hashing: the block size, unit and seed `block_hashes` were made with; the router refuses
+            a request whose hashing differs from its own (`RouterOptions.hashing`).
     """
 
     request_id: str
@@ -83,6 +126,7 @@ class RoutingRequest:
     stream: bool = True
     priority: int = 0
     prompt_hash: int | None = None
+    hashing: BlockHashing = TEXT_HASHING
 
 
 class Dispatch(NamedTuple):
@@ -251,6 +295,20 @@ class RouterOptions:
     def tokens_per_block(self) -> float:
         """Tokens per router hash block (block_chars / chars_per_token; 16 by default)."""
         return self.block_chars / self.chars_per_token
+
+    def hashing(self, token_ids: bool = False) -> BlockHashing:
+        """The hashing the router expects of a text prompt (of a token-id prompt: `token_ids`)."""
+        return BlockHashing.token_ids(self.block_chars) if token_ids else BlockHashing.text(self.block_chars)
+
+    def check_hashing(self, request: RoutingRequest) -> None:
+        """Raise ValueError when `request.hashing` is not what these options expect."""
+        h = request.hashing
+        if h != self.hashing(h.unit == "tokens"):
+            raise ValueError(
+                f"request {request.request_id!r} was hashed in {h.describe()}, but this router works in "
+                f"{self.hashing(h.unit == 'tokens').describe()} (RouterOptions.block_chars={self.block_chars}): "
+                "hash the prompt with the router's block size"
+            )
 
     @property
     def blocks_per_key_block(self) -> int:

@@ -223,7 +223,7 @@ def _run(args: argparse.Namespace) -> int:
     if not requests:
         raise UsageError(f"argument --trace: no requests in {args.trace!r}")
     with _progress_bar(len(requests), "hashing prompts", show) as bar:
-        workload = prepare_workload(requests, profile.block_size, progress=bar.update)
+        workload = prepare_workload(requests, profile.block_size, router_block_bytes=options.block_chars, progress=bar.update)
     del requests
 
     all_runs: list[RunMetrics] = []

@@ -3,9 +3,10 @@
 `FakeView` holds literal `ReplicaState`s and answers the view's questions the way the router
 core does, from two sources: `cached` (a literal number of leading blocks per replica name, for
 hand-built cases) and `holdings` (block hashes a replica was sent, filled by `Driver`, for
-multi-request runs). `Driver` plays the core's part in a run: it calls `choose`, counts the
-request in flight on the chosen replica, calls `on_dispatch`, and completes requests in FIFO
-order.
+multi-request runs). `Driver` plays the core's part in a run: it calls `advance`, `choose` and
+`on_choice`, counts the request in flight on the chosen replica, calls `on_dispatch`, and
+completes requests in FIFO order. `ReplicaState` is read-only to policies; `write` changes a
+literal one the way the core does (tests play the core, its one writer).
 """
 
 from __future__ import annotations
@@ -50,6 +51,23 @@ def replicas(names: Sequence[str], loads: Sequence[int] | None = None) -> list[R
     """Replica states named `names`, with `loads[i]` requests in flight (0 by default)."""
     loads = loads if loads is not None else [0] * len(names)
     return [ReplicaState(name=n, index=i, inflight_requests=load) for i, (n, load) in enumerate(zip(names, loads))]
+
+
+def write(state: ReplicaState, **values: object) -> ReplicaState:
+    """Set fields of a literal replica state (as the router core, their one writer, does)."""
+    for name, value in values.items():
+        if not hasattr(state, name):
+            raise AttributeError(f"ReplicaState has no field {name!r}")
+        setattr(state, "_" + name, value)
+    return state
+
+
+def choose(policy: Policy, req: RoutingRequest, view: object) -> Choice:
+    """What the core does to place a request: advance the policy to `view.now`, choose, record."""
+    policy.advance(view.now)  # type: ignore[attr-defined]
+    choice = policy.choose(req, view)  # type: ignore[arg-type]
+    policy.on_choice(req, choice, view)  # type: ignore[arg-type]
+    return choice
 
 
 def metrics(waiting: int = 0, kv_usage: float = 0.0, num_gpu_blocks: int = 0, block_size: int = 16) -> ReplicaMetrics:
@@ -100,6 +118,13 @@ class FakeView:
         backlog = r.queued_tokens + r.unprefilled_tokens + self.uncached_tokens(request, replica)
         return backlog * r.prefill_seconds_per_token
 
+    def replica_ttft(self, replica: int) -> float:
+        r = self.replicas[replica]
+        return (r.queued_tokens + r.unprefilled_tokens) * r.prefill_seconds_per_token
+
+    def replica(self, name: str) -> ReplicaState | None:
+        return next((r for r in self.replicas if r.name == name), None)
+
     def index_of(self, name: str) -> int:
         return [r.name for r in self.replicas].index(name)
 
@@ -108,9 +133,7 @@ class FakeView:
         old = {r.name: r for r in self.replicas}
         new = []
         for i, n in enumerate(names):
-            r = old.get(n) or ReplicaState(name=n, index=i)
-            r.index = i
-            new.append(r)
+            new.append(write(old.get(n) or ReplicaState(name=n, index=i), index=i))
         self.replicas = new
 
 
@@ -129,10 +152,10 @@ class Driver:
     def route(self, req: RoutingRequest, dt: float = 0.25) -> Choice:
         """Advance the clock by `dt`, route `req`, dispatch it, complete the oldest if too many."""
         self.view.now += dt
-        choice = self.policy.choose(req, self.view)
+        choice = choose(self.policy, req, self.view)
         assert 0 <= choice.replica < len(self.view.replicas)
         r = self.view.replicas[choice.replica]
-        r.inflight_requests += 1
+        write(r, inflight_requests=r.inflight_requests + 1)
         self.view.holdings.setdefault(r.name, set()).update(req.block_hashes.tolist())
         self.policy.on_dispatch(req, choice.replica, self.view)
         self.inflight.append((req.request_id, r.name))
@@ -145,7 +168,8 @@ class Driver:
         names = [r.name for r in self.view.replicas]
         if name in names:
             i = names.index(name)
-            self.view.replicas[i].inflight_requests -= 1
+            r = self.view.replicas[i]
+            write(r, inflight_requests=r.inflight_requests - 1)
             self.policy.on_complete(request_id, i, self.view)
 
     def set_members(self, names: Sequence[str]) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from policy_fakes import FakeView
 from pylb import native
 from pylb.router import registry
 from pylb.router.interface import Dispatch, ReplicaMetrics, Router, RouterOptions, RoutingRequest, Usage
@@ -157,6 +158,10 @@ class TimerRouter(Router):
     def __init__(self, options: RouterOptions | None = None) -> None:
         self.queue: list[tuple[float, str]] = []
         self.replicas: list[str] = []
+
+    @property
+    def view(self) -> FakeView:
+        return FakeView([])  # the simulator reads nothing from it
 
     def submit(self, request: RoutingRequest, now: float) -> None:
         self.queue.append((now + 1.0, request.request_id))

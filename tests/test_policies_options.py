@@ -9,7 +9,7 @@ both from a spec and from `RouterOptions.extra` (how `pylb serve` passes `router
 from __future__ import annotations
 
 import pytest
-from policy_fakes import FakeView, metrics, replicas, request, text
+from policy_fakes import FakeView, choose, metrics, replicas, request, text, write
 
 from pylb.router import registry
 from pylb.router.core import CoreRouter
@@ -139,7 +139,7 @@ def test_chwbl_load_factor_changes_when_the_owner_is_full() -> None:
         req = request(text("conversation", 4))
         order = policy.ring.walk(prefix_key(req, 2))
         by_name = {order[0]: 13, order[1]: 10, order[2]: 10, order[3]: 10}
-        choice = policy.choose(req, FakeView(replicas(NAMES4, [by_name[n] for n in NAMES4])))
+        choice = choose(policy, req, FakeView(replicas(NAMES4, [by_name[n] for n in NAMES4])))
         return NAMES4[choice.replica], choice.branch
 
     policy = policy_of("chwbl")
@@ -162,10 +162,12 @@ def test_chwbl_prefix_blocks_sets_the_key_length() -> None:
     a, b = request(text("same", 1) + text("a", 2), "a"), request(text("same", 1) + text("b", 2), "b")
     view = FakeView(replicas([f"replica-{i}" for i in range(16)]))
     one = policy_of("chwbl:prefix_blocks=1")
-    assert one.choose(a, view).replica == one.choose(b, view).replica  # one shared block: one key
+    one.on_membership([r.name for r in view.replicas])
+    assert choose(one, a, view).replica == choose(one, b, view).replica  # one shared block: one key
     two = policy_of("chwbl")
+    two.on_membership([r.name for r in view.replicas])
     # With two-block keys the two prompts have different keys (and, for these, different owners).
-    assert two.choose(a, view).replica != two.choose(b, view).replica
+    assert choose(two, a, view).replica != choose(two, b, view).replica
 
 
 # ---- cache-aware -----------------------------------------------------------------------------
@@ -185,7 +187,7 @@ def test_cache_aware_cache_threshold(spec: str, expected: tuple[int, str]) -> No
     policy.tree.insert(request(text("sys", 3) + text("a", 7)).block_hashes.tolist(), "replica-0", 0.0)
     policy.tree.insert(request(text("b", 5)).block_hashes.tolist(), "replica-1", 0.0)
     # 3 of 10 blocks match replica-0: 0.3 is not > 0.3, but it is > 0.25.
-    choice = policy.choose(request(text("sys", 3) + text("z", 7)), view)
+    choice = choose(policy, request(text("sys", 3) + text("z", 7)), view)
     assert (choice.replica, choice.branch) == expected
 
 
@@ -201,10 +203,10 @@ def test_cache_aware_cache_threshold(spec: str, expected: tuple[int, str]) -> No
 def test_cache_aware_balance_thresholds(spec: str, loads: list[int], branch: str) -> None:
     policy, view = _cache_aware(spec, ["replica-0", "replica-1"])
     for r, load in zip(view.replicas, loads):
-        r.inflight_requests = load
+        write(r, inflight_requests=load)
     req = request(text("sys", 8))
     policy.tree.insert(req.block_hashes.tolist(), "replica-0", 0.0)
-    assert policy.choose(req, view).branch == branch
+    assert choose(policy, req, view).branch == branch
 
 
 @pytest.mark.parametrize(("spec", "size_after"), [
@@ -216,26 +218,26 @@ def test_cache_aware_balance_thresholds(spec: str, loads: list[int], branch: str
 def test_cache_aware_eviction_options(spec: str, size_after: int) -> None:
     policy, view = _cache_aware(spec, ["replica-0"])
     tiny = request(b"short")
-    policy.choose(tiny, view)  # arms the eviction timer at t = 0
+    choose(policy, tiny, view)  # arms the eviction timer at t = 0
     policy.tree.insert(request(text("old", 4)).block_hashes.tolist(), "replica-0", 1.0)
     policy.tree.insert(request(text("new", 4)).block_hashes.tolist(), "replica-0", 2.0)
     view.now = 60.0
-    policy.choose(tiny, view)
+    choose(policy, tiny, view)
     assert policy.tree.size("replica-0") == size_after
 
 
 def test_cache_aware_low_match_option() -> None:
     policy, view = _cache_aware("cache-aware:low_match=min-load", NAMES4)
     for r, load in zip(view.replicas, [3, 1, 0, 2]):
-        r.inflight_requests = load
+        write(r, inflight_requests=load)
     policy.tree.insert(request(text("c", 9)).block_hashes.tolist(), "replica-1", 0.0)
     policy.tree.insert(request(text("d", 9)).block_hashes.tolist(), "replica-2", 0.0)
     # smallest-tree would pick replica-0 (empty tree); min-load picks replica-2 (load 0).
-    assert policy.choose(request(text("new", 4)), view).replica == 2
+    assert choose(policy, request(text("new", 4)), view).replica == 2
     policy, view = _cache_aware("cache-aware", NAMES4)
     policy.tree.insert(request(text("c", 9)).block_hashes.tolist(), "replica-1", 0.0)
     policy.tree.insert(request(text("d", 9)).block_hashes.tolist(), "replica-2", 0.0)
-    assert policy.choose(request(text("new", 4)), view).replica == 0
+    assert choose(policy, request(text("new", 4)), view).replica == 0
 
 
 # ---- weighted-score --------------------------------------------------------------------------
@@ -247,9 +249,9 @@ def _scored(spec: str) -> list[float]:
     policy = policy_of(spec)
     assert isinstance(policy, WeightedScorePolicy)
     rs = replicas(["a", "b", "c"])
-    rs[0].metrics = metrics(waiting=0, kv_usage=0.5)
-    rs[1].queued_requests, rs[1].metrics = 1, metrics(waiting=1, kv_usage=0.25)
-    rs[2].queued_requests, rs[2].metrics = 4, metrics(waiting=0, kv_usage=0.0)
+    write(rs[0], metrics=metrics(waiting=0, kv_usage=0.5))
+    write(rs[1], queued_requests=1, metrics=metrics(waiting=1, kv_usage=0.25))
+    write(rs[2], queued_requests=4, metrics=metrics(waiting=0, kv_usage=0.0))
     policy.on_membership(["a", "b", "c"])
     req = request(text("p", 4))
     policy.index.add(req.block_hashes[:2].tolist(), "c", 100)
@@ -276,13 +278,13 @@ def test_weighted_score_max_prefix_blocks() -> None:
 
 def test_weighted_score_lru_capacity_and_auto_tune() -> None:
     rs = replicas(["a"])
-    rs[0].metrics = metrics(num_gpu_blocks=4)  # autoTune: 4 blocks
+    write(rs[0], metrics=metrics(num_gpu_blocks=4))  # autoTune: 4 blocks
     req = request(text("long", 6))
     for spec, held in (("weighted-score", 4), ("weighted-score:auto_tune=false", 6),
                        ("weighted-score:auto_tune=false:lru_capacity_per_server=3", 3)):  # fmt: skip
         policy = policy_of(spec)
         assert isinstance(policy, WeightedScorePolicy)
-        policy.choose(req, FakeView(rs))
+        choose(policy, req, FakeView(rs))
         assert len(policy.index.lrus["a"]) == held, spec
 
 
@@ -303,16 +305,16 @@ def _preble(spec: str, window: dict[str, int], cached_b: int, **options: object)
 def test_preble_rebalance_ratio() -> None:
     req = request(text("p", 4), prompt_tokens=64)
     policy, view = _preble("preble-e2", {"A": 80, "B": 121, "C": 90}, cached_b=3)
-    assert policy.choose(req, view).replica == 0  # 121 > 1.5 x 80: off B
+    assert choose(policy, req, view).replica == 0  # 121 > 1.5 x 80: off B
     policy, view = _preble("preble-e2:rebalance_ratio=2", {"A": 80, "B": 121, "C": 90}, cached_b=3)
-    assert policy.choose(req, view).replica == 1  # 121 <= 2 x 80: B keeps it
+    assert choose(policy, req, view).replica == 1  # 121 <= 2 x 80: B keeps it
 
 
 def test_preble_window_s() -> None:
     for spec, load_at_11 in (("preble-e2", 1000), ("preble-e2:window_s=10", 0)):
         policy, view = _preble(spec, {"A": 1000}, cached_b=0)
         view.now = 11.0
-        policy.choose(request(b"tiny", prompt_tokens=0), view)
+        choose(policy, request(b"tiny", prompt_tokens=0), view)
         assert policy.load.get("A") == load_at_11, spec
 
 
@@ -320,7 +322,7 @@ def test_preble_chars_per_token() -> None:
     req = request(text("p", 4), prompt_tokens=64)
     # 4 chars per token: B's 3 cached blocks are 48 tokens > 16 missed: exploit B.
     policy, view = _preble("preble-e2", {"A": 0, "B": 0, "C": 0}, cached_b=3)
-    assert policy.choose(req, view).branch == "affinity"
+    assert choose(policy, req, view).branch == "affinity"
     # 8 chars per token (the router-wide RouterOptions.chars_per_token): 3 blocks are 24 tokens < 40 missed: explore.
     policy, view = _preble("preble-e2", {"A": 0, "B": 0, "C": 0}, cached_b=3, chars_per_token=8, key_block_tokens=512)
-    assert policy.choose(req, view).branch == "load"
+    assert choose(policy, req, view).branch == "load"

@@ -60,6 +60,14 @@ py::tuple peek(const PrefixKeyTable& t, const py::handle& boundary_hashes, const
   return py::make_tuple(k.key, k.depth);
 }
 
+py::tuple key_if_recorded(const PrefixKeyTable& t, const py::handle& boundary_hashes, const std::optional<std::uint64_t>& short_key) {
+  const HashArray h = as_hashes(boundary_hashes, "boundary_hashes");
+  const auto n = static_cast<std::size_t>(h.size());
+  const std::uint64_t sk = short_key_or_raise(n, short_key);
+  const PrefixKey k = t.key_if_recorded(h.data(), n, sk);
+  return py::make_tuple(k.key, k.depth);
+}
+
 py::array_t<std::int64_t> depth_counts(const PrefixKeyTable& t) {
   const auto& hist = t.depth_counts();
   py::array_t<std::int64_t> out(static_cast<py::ssize_t>(hist.size()));
@@ -109,6 +117,10 @@ and omitting it with an empty boundary_hashes raises ValueError.)doc")
       .def("peek", &peek, py::arg("boundary_hashes"), py::arg("short_key") = py::none(),
            "The (key, depth) key_for would return with the window as it stands, without recording the "
            "request (its own count is not included). For what-if queries.")
+      .def("key_if_recorded", &key_if_recorded, py::arg("boundary_hashes"), py::arg("short_key") = py::none(),
+           "Exactly the (key, depth) key_for would return now, without recording the request: a router "
+           "chooses with it and records with key_for once the choice stands (so choosing has no side "
+           "effect, and a request chosen twice is counted once).")
       .def("count", &PrefixKeyTable::count, py::arg("prefix"),
            "Number of requests in the window that hold `prefix` (a boundary hash) at depth <= max_depth.")
       .def("is_expanded", &PrefixKeyTable::is_expanded, py::arg("prefix"),

@@ -17,11 +17,21 @@ The life of a request, as the driver sees it:
                                       at the time next_wakeup(now) asks for
     on_first_token(id, replica, now)  the replica produced the request's first token
     on_complete(id, replica, now, u)  the request finished (u: usage), or failed (u is None)
+    retry(req, failed_replica, now)   its attempt failed before the client got a byte: place it
+                                      again (after on_complete(..., None) for the attempt)
+    cancel(id, now) -> bool           the client left while it was queued: withdraw it (False:
+                                      the router cannot, and the driver completes it with usage
+                                      None when it is dispatched)
 
 and, independently of requests:
 
     on_metrics(replica, m, now)       a scrape of the replica's /metrics (every scrape interval)
     on_membership(replicas, now)      the set of replicas changed (first call: the initial set)
+
+and, to read, never to write: `view`, the router's `RouterView` (per replica: requests queued,
+in flight and un-prefilled, the learned per-token prefill time, the last scrape; per request:
+the predicted TTFT and the cache match). Policies get the same view, and nothing else of the
+router.
 
 A driver never calls two methods at once (no locking needed) and never passes a `now` smaller
 than the previous call's. Replicas are named by strings (the simulator uses "replica-0", ...;
@@ -35,7 +45,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -316,13 +326,129 @@ class RouterOptions:
         return self.key_block_tokens * self.chars_per_token // self.block_chars
 
 
+class ReplicaState:
+    """What the router knows about one replica, read-only: written only by the router core.
+
+    Policies read it in `RouterView.replicas`, drivers through `Router.view` (the live proxy's
+    in-flight gauges and prefill estimate). The core writes the underscore fields; nothing else
+    does, so there is one copy of each number.
+
+    Attributes:
+        name: the replica's id (simulator "replica-3"; proxy: base URL).
+        index: position in `RouterView.replicas` (and in the cache mirror).
+        queued_requests: requests waiting in the router's queue for this replica.
+        queued_tokens: uncached prompt tokens of those (what they will cost to prefill).
+        inflight_requests: dispatched to the replica and not yet complete.
+        unprefilled_requests: dispatched, first token not yet seen.
+        unprefilled_tokens: uncached prompt tokens of those.
+        metrics: the last scrape of the replica's /metrics (None before the first).
+        metrics_at: when that scrape was delivered (driver clock).
+        prefill_seconds_per_token: the core's learned per-token prefill time on this replica.
+        cache_capacity_blocks: the mirror's capacity for it, in router blocks.
+    """
+
+    __slots__ = ("_name", "_index", "_queued_requests", "_queued_tokens", "_inflight_requests", "_unprefilled_requests",
+                 "_unprefilled_tokens", "_metrics", "_metrics_at", "_prefill_seconds_per_token", "_cache_capacity_blocks")  # fmt: skip
+
+    def __init__(
+        self,
+        name: ReplicaId,
+        index: int,
+        queued_requests: int = 0,
+        queued_tokens: int = 0,
+        inflight_requests: int = 0,
+        unprefilled_requests: int = 0,
+        unprefilled_tokens: int = 0,
+        metrics: ReplicaMetrics | None = None,
+        metrics_at: float | None = None,
+        prefill_seconds_per_token: float = 0.0,
+        cache_capacity_blocks: int = 0,
+    ) -> None:
+        self._name = name
+        self._index = index
+        self._queued_requests = queued_requests
+        self._queued_tokens = queued_tokens
+        self._inflight_requests = inflight_requests
+        self._unprefilled_requests = unprefilled_requests
+        self._unprefilled_tokens = unprefilled_tokens
+        self._metrics = metrics
+        self._metrics_at = metrics_at
+        self._prefill_seconds_per_token = prefill_seconds_per_token
+        self._cache_capacity_blocks = cache_capacity_blocks
+
+    name = property(lambda self: self._name, doc="The replica's id.")
+    index = property(lambda self: self._index, doc="Position in `RouterView.replicas` and the mirror.")
+    queued_requests = property(lambda self: self._queued_requests, doc="Requests in the router's queue for it.")
+    queued_tokens = property(lambda self: self._queued_tokens, doc="Uncached prompt tokens of those.")
+    inflight_requests = property(lambda self: self._inflight_requests, doc="Dispatched and not yet complete.")
+    unprefilled_requests = property(lambda self: self._unprefilled_requests, doc="Dispatched, no first token yet.")
+    unprefilled_tokens = property(lambda self: self._unprefilled_tokens, doc="Uncached prompt tokens of those.")
+    metrics = property(lambda self: self._metrics, doc="The last scrape (None before the first).")
+    metrics_at = property(lambda self: self._metrics_at, doc="When that scrape was delivered.")
+    prefill_seconds_per_token = property(lambda self: self._prefill_seconds_per_token, doc="Learned per-token prefill time.")
+    cache_capacity_blocks = property(lambda self: self._cache_capacity_blocks, doc="The mirror's capacity, in router blocks.")
+
+    @property
+    def load(self) -> int:
+        """Requests the replica owes: queued in the router plus in flight on it."""
+        return self._queued_requests + self._inflight_requests
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Last scraped `vllm:kv_cache_usage_perc` (fraction), 0.0 before the first scrape."""
+        return self._metrics.kv_cache_usage if self._metrics is not None else 0.0
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{f[1:]}={getattr(self, f)!r}" for f in self.__slots__)
+        return f"ReplicaState({fields})"
+
+
+class RouterView(Protocol):
+    """The read-only view of a router's state: what policies read in `choose`, and drivers
+    through `Router.view`. Nothing in it changes the router."""
+
+    @property
+    def now(self) -> float:
+        """The latest `now` the router was given."""
+
+    @property
+    def options(self) -> RouterOptions:
+        """The router's settings."""
+
+    @property
+    def replicas(self) -> Sequence[ReplicaState]:
+        """The replicas in index order (the order of `cached_blocks` and of the mirror)."""
+
+    def replica(self, name: ReplicaId) -> ReplicaState | None:
+        """The replica named `name`, or None when it is not a member."""
+
+    def cached_blocks(self, request: RoutingRequest) -> np.ndarray:
+        """Per replica (by index), how many of the request's leading router blocks the cache
+        mirror believes the replica holds (int64 array, len == len(replicas))."""
+
+    def uncached_tokens(self, request: RoutingRequest, replica: int) -> int:
+        """Prompt tokens the replica would have to prefill for this request (mirror estimate)."""
+
+    def predicted_ttft(self, request: RoutingRequest, replica: int) -> float:
+        """Predicted TTFT in seconds if the request were queued on `replica` now:
+        (queued + un-prefilled + this request's uncached tokens) x learned per-token time."""
+
+    def replica_ttft(self, replica: int) -> float:
+        """Predicted TTFT on `replica` of a request with nothing to compute."""
+
+
 class Router(ABC):
     """The router contract (see the module docstring for the call sequence).
 
-    Subclasses implement `submit` and `poll`; the event hooks default to doing nothing, and
-    `next_wakeup` to "no timer". Every method is synchronous, does no I/O, and uses `now` as
-    the only clock.
+    Subclasses implement `submit`, `poll` and `view`; the event hooks default to doing
+    nothing, `retry` to a plain `submit`, `cancel` to "cannot withdraw" and `next_wakeup` to "no
+    timer". Every method is synchronous, does no I/O, and uses `now` as the only clock.
     """
+
+    @property
+    @abstractmethod
+    def view(self) -> RouterView:
+        """The router's read-only state (see `RouterView`); the same object for the router's life."""
 
     @abstractmethod
     def submit(self, request: RoutingRequest, now: float) -> None:
@@ -330,8 +456,27 @@ class Router(ABC):
 
         Called by the driver once per request, when it arrives (simulator: at the request's
         scaled arrival time; proxy: when the HTTP request has been parsed). The router queues
-        it; it is sent only when a later `poll` returns a `Dispatch` for it.
+        it; it is sent only when a later `poll` returns a `Dispatch` for it. Raises ValueError
+        for a request it cannot take (an id it still tracks; hashes made with other parameters
+        than its own, `RouterOptions.check_hashing`).
         """
+
+    def retry(self, request: RoutingRequest, failed_replica: ReplicaId, now: float) -> None:
+        """Place again a request whose attempt on `failed_replica` failed before any byte reached
+        the client; the driver has called `on_complete(..., None)` for that attempt first.
+
+        Called by the live proxy (same request id). A router may send it elsewhere than
+        `failed_replica`; this default submits it again. Policies do not count a retried
+        request a second time (it is the same request).
+        """
+        self.submit(request, now)
+
+    def cancel(self, request_id: str, now: float) -> bool:
+        """Withdraw a request that was submitted and not yet dispatched (its client left or its
+        queue time ran out). Returns True when it was withdrawn; False when the router cannot
+        withdraw it (this default) or does not hold it queued, and then the driver completes it
+        with usage None, unsent, if it is dispatched later."""
+        return False
 
     @abstractmethod
     def poll(self, now: float) -> list[Dispatch]:

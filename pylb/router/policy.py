@@ -6,16 +6,24 @@ A policy is a small synchronous object with no I/O that answers one question: *w
 should this request go to?* Everything else -- per-replica queues, dispatch budgets, in-flight
 accounting, the cache mirror, the TTFT model, hotspot migration, membership -- belongs to the
 router core (`pylb.router.core`), which is the one writer of per-replica state. Policies only
-*read* that state through a `RouterView` and keep whatever private state their algorithm needs
-(a ring, a prefix tree, a counter).
+*read* that state through a read-only `RouterView` (never the core itself) and keep whatever
+private state their algorithm needs (a ring, a prefix tree, a counter).
 
 Call sequence, made by the router core (never by drivers):
 
-    policy.on_membership(replicas)            before the first choose, and on every change
-    policy.choose(request, view) -> Choice    once per request, when it is submitted (and again
-                                              when its replica leaves and it must be re-placed)
+    policy.on_membership(replicas)            before the first choose, and on every change (the
+                                              only place a policy syncs its rings and tables)
+    policy.advance(now)                       before every choose: time-driven upkeep (expire a
+                                              window, evict a tree); idempotent for one `now`
+    policy.choose(request, view) -> Choice    pure: reads, decides, changes nothing
+    policy.on_choice(request, choice, view)   the core queued the request where `choice` says:
+                                              the policy records it (a key window, a tree)
     policy.on_dispatch(request, i, view)      when the core actually sends it to replica i
     policy.on_complete(request_id, i, view)   when it finished or failed on replica i
+
+`choose` runs once per placement (submission, and re-placement when its replica left) followed
+by `on_choice`; a retried request (`Router.retry`) gets a `choose` without `on_choice`, because
+the policy has counted it already, so a retry is never counted twice.
 
 `Choice.replica` is where the request is queued. `Choice.alternate`, when a policy names one, is
 the request's second candidate: the core may migrate the still-queued request there when its
@@ -24,77 +32,20 @@ replica turns hot (DualMap) or retry there. `Choice.branch` says why (metrics la
 
 from __future__ import annotations
 
+import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, TypeVar
 
-import numpy as np
+from .interface import ReplicaId, ReplicaState, RouterOptions, RouterView, RoutingRequest
 
-from .interface import ReplicaId, ReplicaMetrics, RouterOptions, RoutingRequest
+__all__ = ["BRANCHES", "Choice", "OptionLimits", "Policy", "PolicyOptionError", "ReplicaState", "RouterView", "coerce_option", "peek_choice"]
+
+T = TypeVar("T")
 
 BRANCHES = ("affinity", "slo-switch", "spill", "load", "migration", "retry", "fallback")
 """Decision branches, as counted in `pylb_decisions_total{branch}`."""
-
-
-@dataclass(slots=True)
-class ReplicaState:
-    """What a policy may read about one replica. Written only by the router core.
-
-    Attributes:
-        name: the replica's id (simulator "replica-3"; proxy: base URL).
-        index: position in `RouterView.replicas` (and in the cache mirror).
-        queued_requests: requests waiting in the router's queue for this replica.
-        queued_tokens: uncached prompt tokens of those (what they will cost to prefill).
-        inflight_requests: dispatched to the replica and not yet complete.
-        unprefilled_requests: dispatched, first token not yet seen.
-        unprefilled_tokens: uncached prompt tokens of those.
-        metrics: the last scrape of the replica's /metrics (None before the first).
-        metrics_at: when that scrape was delivered (driver clock).
-        prefill_seconds_per_token: the core's learned per-token prefill time on this replica.
-        cache_capacity_blocks: the mirror's capacity for it, in router blocks.
-    """
-
-    name: ReplicaId
-    index: int
-    queued_requests: int = 0
-    queued_tokens: int = 0
-    inflight_requests: int = 0
-    unprefilled_requests: int = 0
-    unprefilled_tokens: int = 0
-    metrics: ReplicaMetrics | None = None
-    metrics_at: float | None = None
-    prefill_seconds_per_token: float = 0.0
-    cache_capacity_blocks: int = 0
-
-    @property
-    def load(self) -> int:
-        """Requests the replica owes: queued in the router plus in flight on it."""
-        return self.queued_requests + self.inflight_requests
-
-    @property
-    def kv_cache_usage(self) -> float:
-        """Last scraped `vllm:kv_cache_usage_perc` (fraction), 0.0 before the first scrape."""
-        return self.metrics.kv_cache_usage if self.metrics is not None else 0.0
-
-
-class RouterView(Protocol):
-    """The read-only view of the fleet a policy gets in `choose`."""
-
-    now: float
-    options: RouterOptions
-    replicas: Sequence[ReplicaState]
-
-    def cached_blocks(self, request: RoutingRequest) -> np.ndarray:
-        """Per replica (by index), how many of the request's leading router blocks the cache
-        mirror believes the replica holds (int64 array, len == len(replicas))."""
-
-    def uncached_tokens(self, request: RoutingRequest, replica: int) -> int:
-        """Prompt tokens the replica would have to prefill for this request (mirror estimate)."""
-
-    def predicted_ttft(self, request: RoutingRequest, replica: int) -> float:
-        """Predicted TTFT in seconds if the request were queued on `replica` now:
-        (queued + un-prefilled + this request's uncached tokens) x learned per-token time."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,12 +53,28 @@ class Choice:
     """A policy's answer: queue on `replica` (an index into `view.replicas`).
 
     `alternate` is the request's other candidate (for migration and retries), or None.
-    `branch` names the reason, one of `BRANCHES`.
+    `branch` names the reason, one of `BRANCHES`. `note` is the policy's own, for its
+    `on_choice` (what `choose` computed and `on_choice` records, e.g. the prefix key); the core
+    never reads it.
     """
 
     replica: int
     alternate: int | None = None
     branch: str = "affinity"
+    note: Any = None
+
+
+def peek_choice(rng: random.Random, items: Sequence[T]) -> T:
+    """What `rng.choice(items)` would give, without advancing `rng`.
+
+    For a pure `choose` that breaks ties at random: it peeks, and its `on_choice` then draws
+    `rng.choice(range(len(items)))`, which advances the generator exactly as the peeked draw
+    would have, so the sequence of draws is the one a single `rng.choice` per placement makes."""
+    state = rng.getstate()
+    try:
+        return rng.choice(items)
+    finally:
+        rng.setstate(state)
 
 
 class PolicyOptionError(ValueError):
@@ -244,9 +211,18 @@ class Policy(ABC):
     def on_membership(self, replicas: Sequence[ReplicaId]) -> None:
         """The live replicas changed (full ordered list); rebuild rings or tables here."""
 
+    def advance(self, now: float) -> None:
+        """Bring time-driven private state up to `now` (called before every `choose`; calling it
+        twice with the same `now` changes nothing the second time)."""
+
     @abstractmethod
     def choose(self, request: RoutingRequest, view: RouterView) -> Choice:
-        """Pick the replica for `request`. `view.replicas` is never empty when this is called."""
+        """Pick the replica for `request`, changing nothing (the core may ask again for the same
+        request). `view.replicas` is never empty when this is called."""
+
+    def on_choice(self, request: RoutingRequest, choice: Choice, view: RouterView) -> None:
+        """The core queued `request` on `choice.replica`, as `choose` answered: record it in the
+        policy's private state here (once per placement; not for a retry)."""
 
     def on_dispatch(self, request: RoutingRequest, replica: int, view: RouterView) -> None:
         """The core sent `request` to `view.replicas[replica]` (update private state here)."""

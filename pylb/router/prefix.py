@@ -98,9 +98,23 @@ class PrefixKeyer:
 
     def key(self, request: RoutingRequest) -> tuple[int, int]:
         """(key, depth) of the request; records it in the adaptive table's window."""
+        key, depth, pending = self.peek(request)
+        self.record(pending)
+        return key, depth
+
+    def peek(self, request: RoutingRequest) -> tuple[int, int, tuple[np.ndarray, int | None] | None]:
+        """(key, depth, pending): exactly the key `key` gives, without recording the request.
+        `pending` is what `record` needs to record it (None for a fixed-depth keyer, which has
+        no window); a policy peeks in `choose` and records in `on_choice`."""
         if self.fixed_depth:
             b = boundary_hashes(request.block_hashes, self.blocks_per_key, self.fixed_depth)
-            return (int(b[-1]), len(b)) if len(b) else (short_key(request), 0)
+            return (int(b[-1]), len(b), None) if len(b) else (short_key(request), 0, None)
         b = boundary_hashes(request.block_hashes, self.blocks_per_key, self.max_depth)
         sk = short_key(request) if len(b) == 0 else None
-        return self.table.key_for(b, sk)
+        key, depth = self.table.key_if_recorded(b, sk)
+        return key, depth, (b, sk)
+
+    def record(self, pending: tuple[np.ndarray, int | None] | None) -> None:
+        """Record a peeked request in the adaptive window (`pending` from `peek`)."""
+        if pending is not None:
+            self.table.key_for(*pending)

@@ -25,7 +25,7 @@ Algorithm (per request, in `choose`)
    Insert the request into the chosen worker's tree.
 3. Matching touches the matched worker's path (LRU time = now); inserting touches the chosen
    worker's whole path.
-4. Every `eviction_interval_secs` (checked in `choose` against `view.now`, as SGLang's background
+4. Every `eviction_interval_secs` (checked in `advance` against the core's `now`, as SGLang's background
    thread would fire), each worker whose tree holds more than `max_tree_size` characters loses
    its least recently used leaves until it fits (`Tree::evict_tenant_by_size`): leaves by last
    access time, a parent becomes a candidate once its last child of that worker is gone.
@@ -74,11 +74,12 @@ Deviations from SGLang, and why
   per-worker in-flight counter (pylb's router may queue before dispatch; SGLang sends at once).
 - Timing of the tree update: SGLang inserts when it selects (selection and send are one step
   there). pylb's core may hold the request in its queue before dispatch, but these baselines
-  never move a queued request, so the tree is updated in `choose`, at selection, as in SGLang;
+  never move a queued request, so the tree is updated at selection (`on_choice`), as in SGLang;
   `on_dispatch` does nothing. (Inserting at dispatch instead would let a burst of requests with
   one new prefix all see an empty tree and spread over the smallest trees.)
-- Time is `view.now` (driver clock), not the wall clock, and eviction runs inside `choose`
-  instead of on a thread.
+- Time is `view.now` (driver clock), not the wall clock, and eviction runs in `advance`, which
+  the router core calls before each choice, instead of on a thread. The tree is read in
+  `choose` and written in `on_choice` (the touch and the insert SGLang makes at selection).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from pylb.router.interface import ReplicaId, RouterOptions, RoutingRequest
-from pylb.router.policy import Choice, OptionLimits, Policy, RouterView
+from pylb.router.policy import Choice, OptionLimits, Policy, RouterView, peek_choice
 from pylb.router.registry import register
 
 DEFAULT_CACHE_THRESHOLD = 0.3
@@ -243,8 +244,19 @@ class ApproxTree:
     ) -> tuple[int, ReplicaId | None]:
         """Depth of the deepest node on the path and one worker holding it (None at depth 0).
 
-        Touches the picked worker's matched path, as SGLang's `prefix_match` does.
-        """
+        Touches the picked worker's matched path, as SGLang's `prefix_match` does (`match`, the
+        draw, then `touch`)."""
+        depth, name, tied = self.match(hashes, rng)
+        if name is not None:
+            if tied > 1:
+                rng.choice(range(tied))  # the draw `match` peeked
+            self.touch(hashes, name, now)
+        return depth, name
+
+    def match(self, hashes: np.ndarray | Sequence[int], rng: random.Random) -> tuple[int, ReplicaId | None, int]:
+        """(depth, worker, tied): the deepest node's depth on the request's path, the worker
+        holding it that `rng.choice` picks among the `tied` holders (in name order), without
+        changing the tree or advancing `rng`; (0, None, 0) when no worker holds any of it."""
         path = self._walk(_as_hashes(hashes))
         depths: dict[ReplicaId, int] = {}
         pos = 0
@@ -253,15 +265,18 @@ class ApproxTree:
             for name in node.times:  # a worker holding a node holds the path above it
                 depths[name] = pos
         if not depths:
-            return 0, None
+            return 0, None, 0
         best = pos  # the last node on the path is held by someone
         holders = sorted(name for name, d in depths.items() if d == best)
-        name = holders[0] if len(holders) == 1 else rng.choice(holders)
-        for parent, node, m in path:
+        name = holders[0] if len(holders) == 1 else peek_choice(rng, holders)
+        return best, name, len(holders)
+
+    def touch(self, hashes: np.ndarray | Sequence[int], name: ReplicaId, now: float) -> None:
+        """Set the worker's last access time to `now` along the request's matched path."""
+        for parent, node, m in self._walk(_as_hashes(hashes)):
             if m < len(node.key):
                 node = self._split(parent, node, m)
             node.times[name] = now
-        return best, name
 
     def evict(self, max_size: int) -> None:
         """Shrink every worker's tree to `max_size` blocks, least recently used leaves first."""
@@ -366,15 +381,15 @@ class CacheAwarePolicy(Policy):
         self.low_match: str = self.option("low_match")
         self.tree = ApproxTree()
         self._rng = random.Random(options.seed)
-        self._members: frozenset[ReplicaId] = frozenset()
         self._next_eviction: float | None = None
 
     def on_membership(self, replicas: Sequence[ReplicaId]) -> None:
         """Give new workers empty trees and drop the trees of workers that left."""
-        self._members = frozenset(replicas)
-        self.tree.sync(self._members)
+        self.tree.sync(replicas)
 
-    def _maybe_evict(self, now: float) -> None:
+    def advance(self, now: float) -> None:
+        """Every `eviction_interval_secs`, shrink each worker's tree to `max_tree_size` (SGLang's
+        eviction thread, run on the driver's clock before a choice)."""
         if self.eviction_interval <= 0:
             return
         if self._next_eviction is None:
@@ -391,19 +406,14 @@ class CacheAwarePolicy(Policy):
         return hi - lo > self.balance_abs_threshold and float(hi) > float(lo) * self.balance_rel_threshold
 
     def choose(self, request: RoutingRequest, view: RouterView) -> Choice:
-        """Least load when imbalanced; else longest match above the threshold, else most room."""
+        """Least load when imbalanced; else longest match above the threshold, else most room.
+        (`on_choice` touches the matched path and inserts the request into the chosen tree.)"""
         names = [r.name for r in view.replicas]
-        if self._members != frozenset(names):
-            self.on_membership(names)
-        now = view.now
-        self._maybe_evict(now)
         hashes = _as_hashes(request.block_hashes)
         loads = [r.load for r in view.replicas]
         if self.is_imbalanced(loads):
-            i = loads.index(min(loads))
-            self.tree.insert(hashes, names[i], now)
-            return Choice(i, None, "load")
-        depth, holder = self.tree.prefix_match(hashes, now, self._rng)
+            return Choice(loads.index(min(loads)), None, "load", note=(hashes, None, 0))
+        depth, holder, tied = self.tree.match(hashes, self._rng)
         match_rate = depth / len(hashes) if len(hashes) else 0.0
         if holder is not None and match_rate > self.cache_threshold:
             i, branch = names.index(holder), "affinity"
@@ -412,5 +422,15 @@ class CacheAwarePolicy(Policy):
         else:
             sizes = [self.tree.size(name) for name in names]
             i, branch = sizes.index(min(sizes)), "fallback"
-        self.tree.insert(hashes, names[i], now)
-        return Choice(i, None, branch)
+        return Choice(i, None, branch, note=(hashes, holder, tied))
+
+    def on_choice(self, request: RoutingRequest, choice: Choice, view: RouterView) -> None:
+        """As SGLang at selection: the match touches its holder's path (taking the tie-break
+        draw `choose` peeked), then the request goes into the chosen worker's tree."""
+        hashes, holder, tied = choice.note
+        now = view.now
+        if holder is not None:
+            if tied > 1:
+                self._rng.choice(range(tied))
+            self.tree.touch(hashes, holder, now)
+        self.tree.insert(hashes, view.replicas[choice.replica].name, now)

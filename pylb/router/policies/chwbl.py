@@ -175,11 +175,7 @@ class ChwblPolicy(Policy):
         """Walk clockwise from the prefix key to the first replica within the load bound."""
         names = [r.name for r in view.replicas]
         ring = self._ring
-        if ring is None or ring.replicas != frozenset(names):
-            # Membership not announced yet or out of step with the view: rebuild from the view.
-            self.on_membership(names)
-            ring = self._ring
-            assert ring is not None
+        assert ring is not None, "on_membership must come before choose"
         index = {name: i for i, name in enumerate(names)}
         loads = [r.load for r in view.replicas]
         total = sum(loads)

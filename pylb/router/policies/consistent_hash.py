@@ -43,5 +43,9 @@ class ConsistentHash(Policy):
     def choose(self, request: RoutingRequest, view: RouterView) -> Choice:
         """The ring-0 owner of the request's prefix key."""
         assert self.ring is not None, "on_membership must come before choose"
-        key, _ = self.keyer.key(request)
-        return Choice(self.ring.owner(key, 0), branch="affinity")
+        key, _, pending = self.keyer.peek(request)
+        return Choice(self.ring.owner(key, 0), branch="affinity", note=pending)
+
+    def on_choice(self, request: RoutingRequest, choice: Choice, view: RouterView) -> None:
+        """Count the request in the adaptive key's window."""
+        self.keyer.record(choice.note)

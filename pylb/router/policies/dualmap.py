@@ -130,10 +130,10 @@ class DualMap(Policy):
         miss the SLO. A replica off the rings holding more of the prompt stands in for the
         worse-matched candidate (`follow_cache`)."""
         assert self.ring is not None, "on_membership must come before choose"
-        key, depth = self.keyer.key(request)
+        key, depth, pending = self.keyer.peek(request)
         a, b = self.ring.candidates(key)
         if a == b:
-            return Choice(a, branch="affinity")
+            return Choice(a, branch="affinity", note=pending)
         cached = view.cached_blocks(request)
         floor = max(0, depth - 1) * self.blocks_per_key
         ca, cb = max(0, int(cached[a]) - floor), max(0, int(cached[b]) - floor)
@@ -160,5 +160,9 @@ class DualMap(Policy):
         if self.spill and min(ta, tb) > self.slo:
             best = min(range(len(view.replicas)), key=lambda i: (view.predicted_ttft(request, i), i))
             if view.predicted_ttft(request, best) <= self.slo:
-                return Choice(best, pick, branch="spill")
-        return Choice(pick, b if pick == a else a, branch=branch)
+                return Choice(best, pick, branch="spill", note=pending)
+        return Choice(pick, b if pick == a else a, branch=branch, note=pending)
+
+    def on_choice(self, request: RoutingRequest, choice: Choice, view: RouterView) -> None:
+        """Count the request in the adaptive key's window (once per placement, never for a retry)."""
+        self.keyer.record(choice.note)

@@ -138,12 +138,9 @@ class PrebleE2Policy(Policy):
         return [prompt - min(int(b * self.tokens_per_block), prompt) for b in blocks.tolist()]
 
     def choose(self, request: RoutingRequest, view: RouterView) -> Choice:
-        """Exploit / explore, then the 1.5x rebalancing check; record the assignment's load."""
+        """Exploit / explore, then the 1.5x rebalancing check (`on_choice` records the load)."""
         replicas = view.replicas
         names = [r.name for r in replicas]
-        if not self.load.events.keys() <= set(names):
-            self.on_membership(names)
-        self.load.expire(view.now)
         loads = [self.load.get(name) for name in names]
         missed = self.missed_tokens(request, view)
         prompt = max(0, request.prompt_tokens)
@@ -157,5 +154,12 @@ class PrebleE2Policy(Policy):
         heaviest, lightest = max(loads), min(loads)
         if loads[target] == heaviest and heaviest > self.rebalance_ratio * lightest:
             target, branch = loads.index(lightest), "load"
-        self.load.add(names[target], view.now, missed[target])
-        return Choice(target, None, branch)
+        return Choice(target, None, branch, note=missed[target])
+
+    def advance(self, now: float) -> None:
+        """Forget the loads recorded before the window."""
+        self.load.expire(now)
+
+    def on_choice(self, request: RoutingRequest, choice: Choice, view: RouterView) -> None:
+        """Record the assignment's load: its missed tokens, on the chosen replica, now."""
+        self.load.add(view.replicas[choice.replica].name, view.now, choice.note)

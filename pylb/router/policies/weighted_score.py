@@ -69,7 +69,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from pylb.router.interface import ReplicaId, RouterOptions, RoutingRequest
-from pylb.router.policy import Choice, OptionLimits, Policy, ReplicaState, RouterView
+from pylb.router.policy import Choice, OptionLimits, Policy, ReplicaState, RouterView, peek_choice
 from pylb.router.registry import register
 
 DEFAULT_QUEUE_WEIGHT = 2.0
@@ -209,16 +209,20 @@ class WeightedScorePolicy(Policy):
         return out
 
     def choose(self, request: RoutingRequest, view: RouterView) -> Choice:
-        """Highest weighted score (seeded random among exact ties); index the request there."""
+        """Highest weighted score (seeded random among exact ties; `on_choice` indexes the request)."""
         replicas = view.replicas
-        names = [r.name for r in replicas]
-        if not self.index.lrus.keys() <= set(names):
-            self.on_membership(names)
         scores = self.scores(request, view)
         best = max(scores)
         tied = [i for i, s in enumerate(scores) if s == best]
-        i = tied[0] if len(tied) == 1 else self._rng.choice(tied)
+        i = tied[0] if len(tied) == 1 else peek_choice(self._rng, tied)
         hashes: list[int] = request.block_hashes[: self.max_prefix_blocks].tolist()
         matched = self.index.run_length(hashes, replicas[i].name)
-        self.index.add(hashes, replicas[i].name, self.capacity_of(replicas[i]))
-        return Choice(i, None, "affinity" if matched > 0 else "load")
+        return Choice(i, None, "affinity" if matched > 0 else "load", note=(len(tied), hashes))
+
+    def on_choice(self, request: RoutingRequest, choice: Choice, view: RouterView) -> None:
+        """Take the tie-break draw `choose` peeked, and index the request's blocks on its replica."""
+        tied, hashes = choice.note
+        if tied > 1:
+            self._rng.choice(range(tied))  # advances the generator exactly as the draw in choose
+        r = view.replicas[choice.replica]
+        self.index.add(hashes, r.name, self.capacity_of(r))

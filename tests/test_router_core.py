@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fake_fleet import FakeFleet, prefix_workload
+from pylb.fields import SettingError
 from pylb.router import registry
 from pylb.router.core import CoreRouter, PolicyContractError
 from pylb.router.interface import Dispatch, ReplicaId, ReplicaMetrics, RouterOptions, RoutingRequest, Usage
@@ -387,8 +388,13 @@ def test_policy_answers_are_checked() -> None:
 
 
 def test_router_options_are_validated() -> None:
-    with pytest.raises(ValueError, match="max_unprefilled_tokens must be a positive integer, got 0"):
+    with pytest.raises(SettingError, match="RouterOptions.max_unprefilled_tokens must be at least 1, got 0") as info:
         RouterOptions(max_unprefilled_tokens=0)
+    assert (info.value.field, info.value.value) == ("RouterOptions.max_unprefilled_tokens", 0)
+    with pytest.raises(SettingError, match="RouterOptions.seed expected an integer, got 1.5"):
+        RouterOptions(seed=1.5)  # type: ignore[arg-type]
+    with pytest.raises(SettingError, match="RouterOptions.queue_order must be one of cheapest, cached, fifo"):
+        RouterOptions(queue_order="lifo")
     with pytest.raises(ValueError, match="slo_ttft"):
         RouterOptions(slo_ttft=math.nan)
     with pytest.raises(ValueError, match="whole number of router blocks"):
@@ -405,7 +411,7 @@ def test_policy_specs() -> None:
     assert isinstance(router, CoreRouter) and router.policy.slo_switch == "off" and router.policy.migrates is True
     with pytest.raises(PolicyOptionError, match="has no option 'nope'"):
         registry.parse_spec("dualmap:nope=1")
-    with pytest.raises(PolicyOptionError, match="expected true or false"):
+    with pytest.raises(PolicyOptionError, match="expected a boolean \\(true/false\\)"):
         registry.parse_spec("dualmap:migration=maybe")
     with pytest.raises(PolicyOptionError, match="round-robin.*has no option"):
         registry.parse_spec("round-robin:x=1")

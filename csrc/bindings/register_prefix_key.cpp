@@ -88,6 +88,16 @@ std::string repr(const PrefixKeyTable& t) {
 }  // namespace
 
 void register_prefix_key(py::module_& m) {
+  // The parameters' defaults are written once, in PrefixKeyParams; Python reads them from here.
+  const PrefixKeyParams d{};
+  py::dict defaults;
+  defaults["window"] = d.window;
+  defaults["expand_share"] = d.expand_share;
+  defaults["shrink_share"] = d.shrink_share;
+  defaults["min_samples"] = d.min_samples;
+  defaults["max_depth"] = d.max_depth;
+  m.attr("PREFIX_KEY_DEFAULTS") = defaults;
+
   py::class_<PrefixKeyTable>(m, "PrefixKeyTable", R"doc(
 DualMap's adaptive prefix key (arXiv 2602.06502): a sliding window of recent requests decides how
 many key blocks (512 tokens each by default) of a prompt form its routing key.
@@ -101,8 +111,8 @@ requests, and keys never go deeper than `max_depth` blocks.
 key block size), so boundary_hashes[d-1] names the whole prefix of depth d and is the key at depth
 d. Not thread-safe: one router owns one table.
 )doc")
-      .def(py::init(&make_table), py::arg("window") = 200, py::arg("expand_share") = 0.0612,
-           py::arg("shrink_share") = 0.02, py::arg("min_samples") = 20, py::arg("max_depth") = 16,
+      .def(py::init(&make_table), py::arg("window") = d.window, py::arg("expand_share") = d.expand_share,
+           py::arg("shrink_share") = d.shrink_share, py::arg("min_samples") = d.min_samples, py::arg("max_depth") = d.max_depth,
            "Raises ValueError naming the field unless window >= 1, 0 < shrink_share <= expand_share <= 1, "
            "min_samples >= 1, max_depth >= 1 and window * max_depth <= 2**24.")
       .def("key_for", &key_for, py::arg("boundary_hashes"), py::arg("short_key") = py::none(),

@@ -41,13 +41,14 @@ the proxy uses the replica's base URL). Routers are created by name through
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 import numpy as np
+
+from pylb.fields import SettingError, at_least, check_fields, fraction, one_of, positive, setting
 
 ReplicaId = str
 """A replica's name: "replica-3" in the simulator, its base URL in the live proxy."""
@@ -56,6 +57,14 @@ DEFAULT_BLOCK_CHARS = 64
 """Bytes of prompt text per router hash block (about 16 tokens at 4 bytes per token): the default
 of `RouterOptions.block_chars`, the block size the router expects `RoutingRequest.block_hashes`
 to use."""
+
+DEFAULT_SLO_TTFT = 5.0
+"""The TTFT target in seconds (`RouterOptions.slo_ttft`; the simulator's reports use it too)."""
+
+BYTES_PER_TOKEN = 4
+"""Bytes of UTF-8 prompt text per estimated token: the router's tokenizer-free estimate
+(`RouterOptions.chars_per_token`, the proxy's request model), and pylb's simulated tokenizer
+(`pylb.workload.types`)."""
 
 TOKEN_ID_BYTES = 4
 """Bytes of one token id when a token-id prompt is hashed (ids are hashed as uint32 values), so
@@ -210,96 +219,53 @@ class RouterOptions:
     """Settings every router receives: the one place their defaults are written.
 
     Policies read what they need and ignore the rest; the core router (`pylb.router.core`)
-    reads the dispatch, estimator, mirror and migration settings. Invalid values raise
-    `ValueError` naming the field, the value and the reason when the options are built.
+    reads the dispatch, estimator, mirror and migration settings. Each field is declared with
+    `pylb.fields.setting` (default, help, check), and `pylb.config` derives pylb serve's router
+    settings from these declarations. Invalid values raise `pylb.fields.SettingError` (a
+    ValueError) naming the field ("RouterOptions.NAME" in `field`), the value and the reason
+    when the options are built.
 
-    Attributes:
-        slo_ttft: the TTFT target in seconds (DualMap's SLO-aware switch uses slo_ttft / 2;
-            hotspot detection uses slo_ttft).
-        seed: seed for any randomness, so that runs are reproducible.
-        block_chars: bytes per router hash block (what `RoutingRequest.block_hashes` uses).
-        chars_per_token: bytes of prompt text per token, for converting router blocks to
-            tokens (4: pylb's simulated tokenizer, and about right for English BPE text).
-        key_block_tokens: tokens per key block of the prefix key (DualMap: 512). Must be a
-            whole number of router blocks: key_block_tokens * chars_per_token % block_chars == 0.
-        max_unprefilled_tokens: dispatch budget per replica: a queued request is sent only while
-            the replica's un-prefilled tokens in flight (dispatched, no first token yet) are
-            below this. 8192 = one full chunked-prefill step of vLLM's default
-            max_num_batched_tokens, so the engine always has a step of prefill to run, while the
-            rest waits in the router where it can be ordered and migrated. Chosen by measurement
-            (BENCHMARKS.md, "Dispatch limits"): 2k-8k tie; 16k and more lose 1-10 points of SLO
-            attainment near capacity on Mooncake.
-        max_unprefilled_requests: dispatch budget per replica in requests, as above (16: lets
-            short prompts batch; a gate of 1, DualMap's own, is the best on Mooncake's long
-            prompts but raises P99 TTFT 7x on the Azure trace's short ones). A replica with
-            nothing un-prefilled always takes its next queued request, whatever its size.
-        queue_order: how a replica's router queue is ordered after priority: "cheapest"
-            (fewest uncached prompt tokens first: shortest prefill first, which a TTFT
-            percentile target rewards), "cached" (longest cached prefix first, DESIGN.md §4's
-            first order) or "fifo" (arrival only). Chosen by measurement (BENCHMARKS.md).
-        starvation_s: a queued request that has waited this long is dispatched next on its
-            replica whatever its rank (oldest first), so no request waits forever behind a
-            stream of cheaper ones.
-        dispatch_interval: seconds between the core's timer polls while requests are queued
-            (the timer re-checks dispatch and hotspots even when no event arrives).
-        hot_wait_s: a replica is hot when its oldest queued request has waited this long
-            (DualMap: 3 s), or when its predicted TTFT exceeds slo_ttft.
-        migration_scan: most queued requests examined per hot replica per poll when migrating
-            (bounds the work of one poll; the cheapest are examined first).
-        prefill_seconds_per_token: seed of the learned per-token prefill time, before any
-            TTFT is observed (1e-4 s: between an 8B model on an H100, ~4e-5, and DualMap's
-            Ascend 910B figure, 1.6e-4).
-        prefill_learning_rate: weight of each new observation in the estimator's decayed sums
-            (0 < rate <= 1; 0.05 forgets the seed after ~60 first tokens).
-        cache_capacity_tokens: the cache mirror's capacity per replica until the replica's
-            `vllm:cache_config_info` is scraped (then block_size * num_gpu_blocks).
-        extra: policy-specific settings by name (each policy documents and validates its own).
+    Why these defaults:
+        max_unprefilled_tokens: 8192 = one full chunked-prefill step of vLLM's default
+            max_num_batched_tokens, so the engine always has a step of prefill to run while the
+            rest waits in the router, where it can be ordered and migrated; chosen by measurement
+            (BENCHMARKS.md, "Dispatch limits").
+        max_unprefilled_requests: 16 lets short prompts batch; a gate of 1 (DualMap's own) suits
+            long prompts and hurts short ones (BENCHMARKS.md).
+        queue_order: "cheapest" (fewest uncached prompt tokens first: shortest prefill first,
+            which a TTFT percentile target rewards), "cached" (longest cached prefix first,
+            DESIGN.md §4's first order) or "fifo"; chosen by measurement (BENCHMARKS.md).
+        prefill_seconds_per_token: 1e-4 s lies between an 8B model on an H100 and DualMap's
+            Ascend 910B figure; prefill_learning_rate 0.05 forgets the seed after ~60 first tokens.
+        extra: policy-specific settings by name (each policy declares and checks its own).
     """
 
-    slo_ttft: float = 5.0
-    seed: int = 0
-    block_chars: int = DEFAULT_BLOCK_CHARS
-    chars_per_token: int = 4
-    key_block_tokens: int = 512
-    max_unprefilled_tokens: int = 8192
-    max_unprefilled_requests: int = 16
-    queue_order: str = "cheapest"
-    starvation_s: float = 30.0
-    dispatch_interval: float = 0.05
-    hot_wait_s: float = 3.0
-    migration_scan: int = 16
-    prefill_seconds_per_token: float = 1.0e-4
-    prefill_learning_rate: float = 0.05
-    cache_capacity_tokens: int = 262_144
-    extra: dict[str, object] = field(default_factory=dict)
+    slo_ttft: float = setting(DEFAULT_SLO_TTFT, "TTFT target in seconds (DualMap's SLO-aware switch and hotspot detection use it)", check=positive)
+    seed: int = setting(0, "seed for any randomness in the policy")
+    block_chars: int = setting(DEFAULT_BLOCK_CHARS, "bytes of prompt text per router hash block (~16 tokens); token-id prompts use block_chars/4 ids", check=at_least(TOKEN_ID_BYTES))
+    chars_per_token: int = setting(BYTES_PER_TOKEN, "bytes of prompt text per token, for converting router blocks to tokens", check=at_least(1))
+    key_block_tokens: int = setting(512, "tokens per key block of DualMap's prefix key; a whole number of router blocks (x 4 bytes a multiple of block_chars)", check=at_least(1))
+    max_unprefilled_tokens: int = setting(8192, "dispatch budget per replica: prompt tokens sent and not yet prefilled, at most", check=at_least(1))
+    max_unprefilled_requests: int = setting(16, "dispatch budget per replica: requests sent and not yet prefilled, at most", check=at_least(1))
+    queue_order: str = setting("cheapest", f"order of a replica's queue after priority: {', '.join(QUEUE_ORDERS)} (fewest uncached tokens, longest cached prefix, or arrival first)", check=one_of(*QUEUE_ORDERS))
+    starvation_s: float = setting(30.0, "a request queued this long goes next on its replica, whatever its rank", check=positive)
+    dispatch_interval: float = setting(0.05, "seconds between the router's timer polls while requests are queued", check=positive)
+    hot_wait_s: float = setting(3.0, "a replica is hot (its queue migrates) when its oldest queued request waited this long", check=positive)
+    migration_scan: int = setting(16, "queued requests examined per hot replica per poll when migrating", check=at_least(1))
+    prefill_seconds_per_token: float = setting(1.0e-4, "seed of a replica's per-token prefill time (s), until learned: the router's TTFT prediction and the proxy's non-streamed prefill estimate", check=positive)
+    prefill_learning_rate: float = setting(0.05, "weight of each observed first token in the learned per-token prefill time", check=fraction)
+    cache_capacity_tokens: int = setting(262_144, "cache mirror capacity per replica (tokens) until vllm:cache_config_info is scraped", check=at_least(0))
+    extra: dict[str, object] = setting({}, "policy-specific settings (a mapping; see the policy's module comment)")
 
     def __post_init__(self) -> None:
-        if self.queue_order not in QUEUE_ORDERS:
-            raise ValueError(f"RouterOptions.queue_order must be one of {', '.join(QUEUE_ORDERS)}, got {self.queue_order!r}")
-        for name in ("slo_ttft", "dispatch_interval", "hot_wait_s", "prefill_seconds_per_token", "starvation_s"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
-                raise ValueError(f"RouterOptions.{name} must be a positive number, got {v!r}")
-        for name in ("block_chars", "chars_per_token", "key_block_tokens", "max_unprefilled_tokens",
-                     "max_unprefilled_requests", "migration_scan"):  # fmt: skip
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"RouterOptions.{name} must be a positive integer, got {v!r}")
-        v = self.cache_capacity_tokens
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"RouterOptions.cache_capacity_tokens must be an integer >= 0, got {v!r}")
-        v = self.prefill_learning_rate
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
-            raise ValueError(f"RouterOptions.prefill_learning_rate must be in (0, 1], got {v!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"RouterOptions.seed must be an integer, got {self.seed!r}")
+        check_fields(self, "RouterOptions")
         if (self.key_block_tokens * self.chars_per_token) % self.block_chars:
-            raise ValueError(
-                f"RouterOptions.key_block_tokens must be a whole number of router blocks: {self.key_block_tokens} tokens x "
-                f"{self.chars_per_token} bytes is not a multiple of block_chars={self.block_chars}"
+            raise SettingError(
+                "RouterOptions.key_block_tokens",
+                self.key_block_tokens,
+                f"must be a whole number of router blocks: {self.key_block_tokens} tokens x {self.chars_per_token} bytes "
+                f"is not a multiple of block_chars={self.block_chars}",
             )
-        if not isinstance(self.extra, dict):
-            raise ValueError(f"RouterOptions.extra must be a dict, got {type(self.extra).__name__}")
 
     @property
     def tokens_per_block(self) -> float:

@@ -32,15 +32,19 @@ replica turns hot (DualMap) or retry there. `Choice.branch` says why (metrics la
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+from pylb.fields import SettingError, check_value, default_of, field_types
+
 from .interface import ReplicaId, ReplicaState, RouterOptions, RouterView, RoutingRequest
 
-__all__ = ["BRANCHES", "Choice", "OptionLimits", "Policy", "PolicyOptionError", "ReplicaState", "RouterView", "coerce_option", "peek_choice"]
+__all__ = ["BRANCHES", "Choice", "Policy", "PolicyOptionError", "ReplicaState", "RouterView", "peek_choice"]
 
 T = TypeVar("T")
 
@@ -81,80 +85,6 @@ class PolicyOptionError(ValueError):
     """A policy-specific option is unknown or has a bad value; the message names both."""
 
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def coerce_option(policy: str, key: str, value: object, default: object) -> object:
-    """`value` converted to the type of `default` (strings from the command line are parsed:
-    booleans as true/false/yes/no/on/off/1/0). Raises PolicyOptionError naming policy, key, value."""
-
-    def bad(why: str) -> PolicyOptionError:
-        return PolicyOptionError(f"policy {policy!r}: option {key}={value!r}: {why}")
-
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        raise bad("expected true or false")
-    if isinstance(default, int):
-        if isinstance(value, bool):
-            raise bad("expected an integer")
-        if isinstance(value, int):
-            return value
-        try:
-            return int(str(value).strip())
-        except ValueError:
-            raise bad("expected an integer") from None
-    if isinstance(default, float):
-        if isinstance(value, bool):
-            raise bad("expected a number")
-        try:
-            v = float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise bad("expected a number") from None
-        if v != v or v in (float("inf"), float("-inf")):
-            raise bad("expected a finite number")
-        return v
-    return str(value)
-
-
-@dataclass(frozen=True, slots=True)
-class OptionLimits:
-    """The values a policy option allows (`Policy.option_limits`): a numeric range (`min`,
-    `max`, inclusive unless `min_open`) or, for a string option, a fixed set of `choices`."""
-
-    min: float | None = None
-    max: float | None = None
-    min_open: bool = False
-    choices: tuple[str, ...] = ()
-
-    def describe(self, value: object) -> str:
-        """What is expected, e.g. "a number >= 1", "an integer >= 0", "a number in [0, 1]"."""
-        if self.choices:
-            return f"one of {', '.join(self.choices)}"
-        kind = "an integer" if isinstance(value, int) else "a number"
-        lo = "(" if self.min_open else "["
-        if self.min is not None and self.max is not None:
-            return f"{kind} in {lo}{self.min:g}, {self.max:g}]"
-        if self.min is not None:
-            return f"{kind} {'>' if self.min_open else '>='} {self.min:g}"
-        if self.max is not None:
-            return f"{kind} <= {self.max:g}"
-        return kind
-
-    def allows(self, value: object) -> bool:
-        """Whether `value` (already of the option's type) is within the limits."""
-        if self.choices:
-            return value in self.choices
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return True  # limits apply to numbers and choices only
-        if self.min is not None and (value < self.min or (self.min_open and value == self.min)):
-            return False
-        return self.max is None or value <= self.max
-
-
 class Policy(ABC):
     """Base class of routing policies. Subclasses set `name` and implement `choose`.
 
@@ -162,9 +92,10 @@ class Policy(ABC):
     from `options.extra`, documented in each policy's module comment) and must be
     deterministic for a given `options.seed` and call sequence.
 
-    A policy that takes settings declares them in `option_defaults` (name -> default; the
-    default's type is the option's type), optionally bounds them in `option_limits`, and reads
-    them with `self.option(name)`, which converts and checks the value. The registry checks
+    A policy that takes settings declares them as a dataclass `Options` of
+    `pylb.fields.setting` fields (default, help, check: the way every pylb setting is declared),
+    and reads them with `self.option(name)`, which converts and checks the value.
+    `option_defaults` (name -> default) is derived from it. The registry checks
     `NAME:key=value,...` policy specs (`pylb simulate --policy`) with the same `check_option`,
     so a bad value is refused when the spec is parsed and again when the policy is built from
     `RouterOptions.extra` (`pylb serve`'s `router.extra`). This is the one way policies take
@@ -177,27 +108,35 @@ class Policy(ABC):
     migrates_to_neighbours: ClassVar[bool] = True
     """When migrating: whether a request whose alternate cannot take it may move to a neighbour
     (the replica where its predicted TTFT is lowest), not only to its alternate."""
-    option_defaults: ClassVar[dict[str, bool | int | float | str]] = {}
-    """Policy-specific options read from `RouterOptions.extra`, with their defaults."""
-    option_limits: ClassVar[dict[str, OptionLimits]] = {}
-    """Allowed values of (some of) the declared options; an option without limits takes any
-    value of its type."""
+    Options: ClassVar[type | None] = None
+    """The policy's options (read from `RouterOptions.extra`): a dataclass of `setting` fields."""
+    option_defaults: ClassVar[dict[str, Any]] = {}
+    """Option name -> default, derived from `Options` (never written by hand)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "Options" in vars(cls) and cls.Options is not None:
+            cls.option_defaults = {f.name: default_of(f) for f in dataclasses.fields(cls.Options)}
 
     def __init__(self, options: RouterOptions) -> None:
         self.options = options
 
     @classmethod
     def check_option(cls, key: str, value: object) -> Any:
-        """`value` for the declared option `key`, converted to its default's type and checked
-        against its limits. Raises PolicyOptionError naming the policy, the option and the value."""
+        """`value` for the declared option `key`: converted to the option's type (text parsed)
+        and checked (`pylb.fields.check_value`; numbers must be finite). Raises
+        PolicyOptionError naming the policy, the option and the value."""
         policy = getattr(cls, "name", cls.__name__)
-        if key not in cls.option_defaults:
+        if cls.Options is None or key not in cls.option_defaults:
             known = ", ".join(sorted(cls.option_defaults)) or "none"
             raise PolicyOptionError(f"policy {policy!r} has no option {key!r} (its options: {known})")
-        v = coerce_option(policy, key, value, cls.option_defaults[key])
-        limits = cls.option_limits.get(key)
-        if limits is not None and not limits.allows(v):
-            raise PolicyOptionError(f"policy {policy!r}: option {key}={value!r}: expected {limits.describe(v)}")
+        f = next(f for f in dataclasses.fields(cls.Options) if f.name == key)
+        try:
+            v = check_value(f, field_types(cls.Options)[key], value, from_text=isinstance(value, str), name=key)
+        except SettingError as exc:
+            raise PolicyOptionError(f"policy {policy!r}: option {key}={value!r}: {exc.reason}") from None
+        if isinstance(v, float) and not math.isfinite(v):
+            raise PolicyOptionError(f"policy {policy!r}: option {key}={value!r}: expected a finite number")
         return v
 
     def option(self, key: str) -> Any:

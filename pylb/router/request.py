@@ -69,14 +69,14 @@ from typing import Any
 import numpy as np
 
 from pylb import native
-from pylb.config import RouterSettings
 
-from .interface import BlockHashing, RoutingRequest
+from .interface import BYTES_PER_TOKEN, DEFAULT_BLOCK_CHARS, BlockHashing, RoutingRequest
 
-BYTES_PER_TOKEN = 4
-"""Bytes of UTF-8 text per estimated token (the router's tokenizer-free estimate)."""
+DEFAULT_COMPLETIONS_MAX_TOKENS = 16
+"""max_tokens of a /v1/completions request that omits it (vLLM's default)."""
 
-_DEFAULTS = RouterSettings()
+DEFAULT_CHAT_MAX_TOKENS = 1024
+"""max_tokens assumed for routing a chat request that omits it (vLLM fills the context)."""
 
 COMPLETIONS = "completions"
 CHAT = "chat"
@@ -94,15 +94,18 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class RequestLimits:
-    """What the request model needs from the settings (see `pylb.config.RouterSettings`)."""
+    """What the request model needs from the settings. The defaults are written here (and in
+    `pylb.router.interface`); `pylb.config.RouterSettings` reads them from here."""
 
-    block_chars: int = _DEFAULTS.block_chars
-    completions_default_max_tokens: int = _DEFAULTS.completions_default_max_tokens
-    chat_default_max_tokens: int = _DEFAULTS.chat_default_max_tokens
+    block_chars: int = DEFAULT_BLOCK_CHARS
+    completions_default_max_tokens: int = DEFAULT_COMPLETIONS_MAX_TOKENS
+    chat_default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS
 
     @classmethod
-    def from_settings(cls, s: RouterSettings) -> RequestLimits:
-        """The limits of the router settings `s`."""
+    def from_settings(cls, s: Any) -> RequestLimits:
+        """The limits of router settings `s`: anything with `block_chars`,
+        `completions_default_max_tokens` and `chat_default_max_tokens` (`pylb.config.RouterSettings`;
+        the router does not import the settings layer)."""
         return cls(s.block_chars, s.completions_default_max_tokens, s.chat_default_max_tokens)
 
 

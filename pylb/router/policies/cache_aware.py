@@ -58,7 +58,7 @@ Parameters (policy options, SGLang names: `RouterOptions.extra`, or
 - `low_match` ("smallest-tree" | "min-load", default "smallest-tree"): where a low-match request
   goes. sgl-router routed it to the smallest tree; the later sgl-model-gateway routes it to the
   least-loaded worker. Both are offered; the default is the router DESIGN.md names.
-Declared in `CacheAwarePolicy.option_defaults` / `option_limits`; a value out of range is a
+Declared in `CacheAwarePolicy.Options`; a value out of range is a
 `PolicyOptionError` (a ValueError) naming the policy, option and value.
 
 Deviations from SGLang, and why
@@ -88,11 +88,13 @@ import heapq
 import itertools
 import random
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
+from pylb.fields import at_least, in_range, non_negative, one_of, setting
 from pylb.router.interface import ReplicaId, RouterOptions, RoutingRequest
-from pylb.router.policy import Choice, OptionLimits, Policy, RouterView, peek_choice
+from pylb.router.policy import Choice, Policy, RouterView, peek_choice
 from pylb.router.registry import register
 
 DEFAULT_CACHE_THRESHOLD = 0.3
@@ -354,22 +356,16 @@ class CacheAwarePolicy(Policy):
 
     name = "cache-aware"
     migrates = False
-    option_defaults = {
-        "cache_threshold": DEFAULT_CACHE_THRESHOLD,
-        "balance_abs_threshold": DEFAULT_BALANCE_ABS_THRESHOLD,
-        "balance_rel_threshold": DEFAULT_BALANCE_REL_THRESHOLD,
-        "eviction_interval_secs": DEFAULT_EVICTION_INTERVAL_SECS,
-        "max_tree_size": DEFAULT_MAX_TREE_SIZE_CHARS,
-        "low_match": LOW_MATCH_CHOICES[0],
-    }
-    option_limits = {
-        "cache_threshold": OptionLimits(min=0.0, max=1.0),
-        "balance_abs_threshold": OptionLimits(min=0),
-        "balance_rel_threshold": OptionLimits(min=1.0),
-        "eviction_interval_secs": OptionLimits(min=0.0),
-        "max_tree_size": OptionLimits(min=0),
-        "low_match": OptionLimits(choices=LOW_MATCH_CHOICES),
-    }
+    @dataclass(frozen=True)
+    class Options:
+        """SGLang's cache-aware parameters, under their SGLang names (see the module docstring)."""
+
+        cache_threshold: float = setting(DEFAULT_CACHE_THRESHOLD, "match rate above which the matched worker is taken", check=in_range(0.0, 1.0))
+        balance_abs_threshold: int = setting(DEFAULT_BALANCE_ABS_THRESHOLD, "imbalance test: max - min load above this", check=at_least(0))
+        balance_rel_threshold: float = setting(DEFAULT_BALANCE_REL_THRESHOLD, "imbalance test: max load above this x min load", check=at_least(1.0))
+        eviction_interval_secs: float = setting(DEFAULT_EVICTION_INTERVAL_SECS, "seconds between tree evictions (0: never)", check=non_negative)
+        max_tree_size: int = setting(DEFAULT_MAX_TREE_SIZE_CHARS, "characters a worker's tree keeps at most", check=at_least(0))
+        low_match: str = setting(LOW_MATCH_CHOICES[0], "where a low-match request goes: smallest-tree or min-load", check=one_of(*LOW_MATCH_CHOICES))
 
     def __init__(self, options: RouterOptions) -> None:
         super().__init__(options)

@@ -65,13 +65,15 @@ Parameters from the paper: SLO/2 switch threshold, 200-request window, 6.12 % ex
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from pylb import native
+from pylb.fields import at_least, one_of, setting
 
 from ..interface import ReplicaId, RouterOptions, RoutingRequest
-from ..policy import Choice, OptionLimits, Policy, ReplicaState, RouterView
+from ..policy import Choice, Policy, ReplicaState, RouterView
 from ..prefix import PrefixKeyer
 from ..registry import register
 
@@ -93,19 +95,16 @@ class DualMap(Policy):
     """DualMap's dual-mapping scheduler (see the module docstring)."""
 
     migrates = True
-    option_defaults = {
-        "migration": True,
-        "slo_switch": "rescue",
-        "key_depth": 0,
-        "neighbours": True,
-        "follow_cache": True,
-        "spill": "off",
-    }
-    option_limits = {
-        "slo_switch": OptionLimits(choices=SLO_SWITCH_RULES),
-        "key_depth": OptionLimits(min=0),
-        "spill": OptionLimits(choices=SPILL_RULES),
-    }
+    @dataclass(frozen=True)
+    class Options:
+        """DualMap's options (see the module docstring)."""
+
+        migration: bool = setting(True, "hotspot migration on/off")
+        slo_switch: str = setting("rescue", "step 4: rescue, paper (the paper's rule) or off", check=one_of(*SLO_SWITCH_RULES))
+        key_depth: int = setting(0, "0 = adaptive prefix key; d >= 1 = key fixed at depth d", check=at_least(0))
+        neighbours: bool = setting(True, "step 5: migrate to a neighbour when the alternate is hot")
+        follow_cache: bool = setting(True, "step 6 on/off")
+        spill: str = setting("off", "step 7: fleet or off", check=one_of(*SPILL_RULES))
 
     def __init__(self, options: RouterOptions) -> None:
         super().__init__(options)

@@ -20,7 +20,8 @@ import pytest
 from policy_fakes import FakeView, choose, replicas, request, text, write
 
 from pylb.router.interface import ReplicaId, RouterOptions, RoutingRequest
-from pylb.router.policies.cache_aware import ApproxTree, CacheAwarePolicy, _Node
+from pylb.router.policies.cache_aware import CacheAwarePolicy
+from pylb.router.radix_tree import ApproxTree, _Node
 from pylb.router.policy import Choice, RouterView
 
 _ROOT = -1

@@ -48,8 +48,8 @@ from pylb.router.interface import Dispatch, ReplicaMetrics, Router, RoutingReque
 log = logging.getLogger("pylb.dispatcher")
 
 
-class QueueFull(Exception):
-    """pylb's queue holds `max_queued` requests already."""
+class QueueLimitReached(Exception):
+    """pylb's queue holds `max_queued` requests already (the proxy answers 429, `errors.QueueFull`)."""
 
 
 class RouterFault(RuntimeError):
@@ -146,10 +146,10 @@ class Dispatcher:
 
         `failed_replica` marks a retry: the request's previous attempt failed there (and was
         completed with usage None); the router gets `retry(request, failed_replica, now)`, so it
-        can place the request on its other candidate. Raises QueueFull past `max_queued`,
+        can place the request on its other candidate. Raises QueueLimitReached past `max_queued`,
         RouterFault when the router raises."""
         if len(self._queued) >= self.max_queued:
-            raise QueueFull()
+            raise QueueLimitReached()
         fut: asyncio.Future[Dispatch] = asyncio.get_running_loop().create_future()
         now = self.now()
         self._queued[request.request_id] = _Queued(request, fut, now, retry=failed_replica is not None)

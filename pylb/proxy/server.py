@@ -520,7 +520,7 @@ class ProxyServer:
     async def _wait_dispatch(self, rreq: RoutingRequest, failed_replica: str | None = None) -> Dispatch:
         try:
             fut = self.dispatcher.submit(rreq, failed_replica)
-        except dispatch_mod.QueueFull:
+        except dispatch_mod.QueueLimitReached:
             raise QueueFull(f"pylb's queue is full ({self.settings.router.max_queued} requests waiting); retry later", headers={"Retry-After": "1"}) from None
         except RouterFault as exc:
             raise ProxyError(str(exc), status=500) from None

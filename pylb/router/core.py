@@ -447,10 +447,6 @@ class CoreRouter(Router):
         """Requests waiting in the router (placed or not)."""
         return self._queued_total + len(self._unplaced)
 
-    def stats(self) -> dict[str, object]:
-        """Counters for metrics and reports: decisions by branch, migrations, queued requests."""
-        return {"decisions": dict(self.decisions), "migrations": self.migrations, "queued": self.queued}
-
     # ---- internals --------------------------------------------------------------------------
 
     def _tick(self, now: float) -> None:

@@ -142,7 +142,7 @@ def build_request(
         hashes, prompt_hash, prompt_tokens, batch, hashing = _completion_prompt(body.get("prompt"), limits.block_chars)
         max_tokens = _int(body, "max_tokens", 1, limits.completions_default_max_tokens) * batch
     elif kind == CHAT:
-        text = render_chat(body.get("messages"), body.get("tools"))
+        text = canonical_chat_text(body.get("messages"), body.get("tools"))
         data = text.encode("utf-8", "surrogatepass")
         hashing = BlockHashing.text(limits.block_chars)
         hashes = native.block_hashes(data, hashing.block_size)
@@ -242,7 +242,7 @@ def _compact(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def render_chat(messages: Any, tools: Any = None) -> str:
+def canonical_chat_text(messages: Any, tools: Any = None) -> str:
     """The canonical text of a chat request (see the module comment for the template).
 
     Raises RequestError("messages" or "tools", ...) for a malformed list, message or part.

@@ -5,8 +5,9 @@ core does, from two sources: `cached` (a literal number of leading blocks per re
 hand-built cases) and `holdings` (block hashes a replica was sent, filled by `Driver`, for
 multi-request runs). `Driver` plays the core's part in a run: it calls `advance`, `choose` and
 `on_choice`, counts the request in flight on the chosen replica, calls `on_dispatch`, and
-completes requests in FIFO order. `ReplicaState` is read-only to policies; `write` changes a
-literal one the way the core does (tests play the core, its one writer).
+completes requests in FIFO order. `Fixed` is a policy whose every choice a test names in the
+request id, and `core` the router core around it. `ReplicaState` is read-only to policies;
+`write` changes a literal one the way the core does (tests play the core, its one writer).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pylb.native import block_hashes
-from pylb.router.interface import DEFAULT_BLOCK_CHARS, ReplicaMetrics, RouterOptions, RoutingRequest
-from pylb.router.policy import Choice, Policy, ReplicaState
+from pylb.router.core import CoreRouter
+from pylb.router.interface import DEFAULT_BLOCK_CHARS, Dispatch, ReplicaId, ReplicaMetrics, RouterOptions, RoutingRequest
+from pylb.router.policy import Choice, Policy, ReplicaState, RouterView
 
 TOKENS_PER_BLOCK = DEFAULT_BLOCK_CHARS // 4
 """Tokens the fake view counts per 64-byte router block (4 bytes per token)."""
@@ -177,3 +179,50 @@ class Driver:
         self.view.set_members(names)
         self.inflight = deque((rid, n) for rid, n in self.inflight if n in set(names))
         self.policy.on_membership(list(names))
+
+
+# ---- the router core around a scripted policy (tests/test_router_core.py, test_router_hooks.py) ----
+
+
+class Fixed(Policy):
+    """Sends request "<replica>/<name>" to that replica index, with an optional alternate "<r>/<name>/<alt>"."""
+
+    name = "fixed"
+
+    def __init__(self, options: RouterOptions, migrates: bool = False, neighbours: bool = True) -> None:
+        super().__init__(options)
+        self.migrates = migrates  # type: ignore[misc]
+        self.migrates_to_neighbours = neighbours  # type: ignore[misc]
+        self.memberships: list[list[str]] = []
+        self.dispatched: list[tuple[str, int]] = []
+        self.completed: list[tuple[str, int]] = []
+
+    def on_membership(self, replicas: Sequence[ReplicaId]) -> None:
+        self.memberships.append(list(replicas))
+
+    def choose(self, request: RoutingRequest, view: RouterView) -> Choice:
+        parts = request.request_id.split("/")
+        r = int(parts[0]) % len(view.replicas)
+        alt = int(parts[2]) if len(parts) > 2 else None
+        return Choice(r, alt, branch="affinity")
+
+    def on_dispatch(self, request: RoutingRequest, replica: int, view: RouterView) -> None:
+        self.dispatched.append((request.request_id, replica))
+
+    def on_complete(self, request_id: str, replica: int, view: RouterView) -> None:
+        self.completed.append((request_id, replica))
+
+
+def req(rid: str, tokens: int = 100, arrival: float = 0.0, priority: int = 0, hashes: Sequence[int] = ()) -> RoutingRequest:
+    return RoutingRequest(rid, np.array(hashes, dtype=np.uint64), tokens, 4, arrival, priority=priority)
+
+
+def core(n: int = 2, migrates: bool = False, neighbours: bool = True, **opts: object) -> CoreRouter:
+    o = RouterOptions(**opts)  # type: ignore[arg-type]
+    r = CoreRouter(Fixed(o, migrates, neighbours), o)
+    r.on_membership([f"r{i}" for i in range(n)], 0.0)
+    return r
+
+
+def ids(ds: list[Dispatch]) -> list[str]:
+    return [d.request_id for d in ds]

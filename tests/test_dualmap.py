@@ -316,21 +316,13 @@ def test_native_ring_is_the_candidate_source() -> None:
         assert p.ring.candidates(key) == ring.candidates(key)  # type: ignore[union-attr]
 
 
-def test_keys_spread_the_real_mooncake_trace() -> None:
+def test_keys_spread_the_real_mooncake_trace(mooncake_trace) -> None:  # noqa: ANN001
     """On the Mooncake conversation trace (every prompt starts with the same 512-token block),
     the adaptive key spreads the candidate slots over 8 replicas; a depth-1 key would use two."""
-    import os
-    from pathlib import Path
-
     from pylb.sim.cluster import prepare_workload
     from pylb.workload.mooncake import load_mooncake
 
-    root = Path(__file__).resolve().parents[1]
-    dirs = [root.parent / "shared" / "traces", root / "shared" / "traces", os.environ.get("PYLB_TRACES")]
-    found = [Path(d) for d in dirs if d and (Path(d) / "mooncake_conversation_trace.jsonl").is_file()]
-    if not found:
-        pytest.skip("Mooncake trace not found (../shared/traces beside the repository, or $PYLB_TRACES)")
-    w = prepare_workload(load_mooncake(found[0] / "mooncake_conversation_trace.jsonl", limit=4000), 16)
+    w = prepare_workload(load_mooncake(mooncake_trace, limit=4000), 16)
     reqs = [RoutingRequest(r.request_id, r.router_hashes, r.prompt_tokens, r.output_tokens, r.arrival_s) for r in w]
     names = [f"r{i}" for i in range(8)]
     adaptive, shallow = DualMap(RouterOptions()), DualMap(RouterOptions(extra={"key_depth": 1}))

@@ -13,7 +13,6 @@ import pytest
 from pylb.native import DualRing, PrefixKeyTable
 
 MASK64 = (1 << 64) - 1
-TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
 
 
 def chain(ids: list[int]) -> np.ndarray:
@@ -301,10 +300,8 @@ def test_counts_match_a_python_model_under_random_streams() -> None:
             assert counts[int(h[depth - 1])] / len(recent) < 0.2
 
 
-@pytest.mark.skipif(not (TRACES / "mooncake_conversation_trace.jsonl").exists(),
-                    reason="../shared/traces/mooncake_conversation_trace.jsonl not present")
-def test_mooncake_trace_keys_leave_the_universal_block() -> None:
-    with open(TRACES / "mooncake_conversation_trace.jsonl") as f:
+def test_mooncake_trace_keys_leave_the_universal_block(mooncake_trace: Path) -> None:
+    with open(mooncake_trace) as f:
         trace = [json.loads(line) for line in f]
     # hash_ids are prefix ids of 512-token blocks (the key block size); the last one is partial.
     t = PrefixKeyTable()

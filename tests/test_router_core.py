@@ -5,62 +5,18 @@ membership changes."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import numpy as np
 import pytest
 
 from fake_fleet import FakeFleet, prefix_workload
+from policy_fakes import Fixed, core, ids, req
 from pylb.fields import SettingError
 from pylb.router import registry
 from pylb.router.core import CoreRouter, PolicyContractError
-from pylb.router.interface import Dispatch, ReplicaId, ReplicaMetrics, RouterOptions, RoutingRequest, Usage
-from pylb.router.policy import Choice, Policy, PolicyOptionError, RouterView
+from pylb.router.interface import ReplicaMetrics, RouterOptions, RoutingRequest, Usage
+from pylb.router.policy import Choice, PolicyOptionError, RouterView
 from pylb.router.ttft import PrefillTimeEstimator, blended
-
-
-class Fixed(Policy):
-    """Sends request "<replica>/<name>" to that replica index, with an optional alternate "<r>/<name>/<alt>"."""
-
-    name = "fixed"
-
-    def __init__(self, options: RouterOptions, migrates: bool = False, neighbours: bool = True) -> None:
-        super().__init__(options)
-        self.migrates = migrates  # type: ignore[misc]
-        self.migrates_to_neighbours = neighbours  # type: ignore[misc]
-        self.memberships: list[list[str]] = []
-        self.dispatched: list[tuple[str, int]] = []
-        self.completed: list[tuple[str, int]] = []
-
-    def on_membership(self, replicas: Sequence[ReplicaId]) -> None:
-        self.memberships.append(list(replicas))
-
-    def choose(self, request: RoutingRequest, view: RouterView) -> Choice:
-        parts = request.request_id.split("/")
-        r = int(parts[0]) % len(view.replicas)
-        alt = int(parts[2]) if len(parts) > 2 else None
-        return Choice(r, alt, branch="affinity")
-
-    def on_dispatch(self, request: RoutingRequest, replica: int, view: RouterView) -> None:
-        self.dispatched.append((request.request_id, replica))
-
-    def on_complete(self, request_id: str, replica: int, view: RouterView) -> None:
-        self.completed.append((request_id, replica))
-
-
-def req(rid: str, tokens: int = 100, arrival: float = 0.0, priority: int = 0, hashes: Sequence[int] = ()) -> RoutingRequest:
-    return RoutingRequest(rid, np.array(hashes, dtype=np.uint64), tokens, 4, arrival, priority=priority)
-
-
-def core(n: int = 2, migrates: bool = False, neighbours: bool = True, **opts: object) -> CoreRouter:
-    o = RouterOptions(**opts)  # type: ignore[arg-type]
-    r = CoreRouter(Fixed(o, migrates, neighbours), o)
-    r.on_membership([f"r{i}" for i in range(n)], 0.0)
-    return r
-
-
-def ids(ds: list[Dispatch]) -> list[str]:
-    return [d.request_id for d in ds]
 
 
 # ---- dispatch budgets and re-checks ------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Cluster simulator, router registry and run metrics; the issue-3 validation on the Mooncake trace."""
+"""Cluster simulator, router registry and run metrics; validation on the Mooncake trace."""
 
 from __future__ import annotations
 
@@ -306,7 +306,7 @@ def test_find_capacity_brackets_then_bisects() -> None:
     assert cap == 0.0 and [r.rate_scale for r in runs] == [1.0, 0.5]
 
 
-# ---- validation on the real trace (issue 3, section 6) -----------------------------------------
+# ---- validation on the real trace -----------------------------------------------------------------
 
 
 def mooncake_workload(path: Path, block_size: int) -> list:

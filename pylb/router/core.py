@@ -1,6 +1,6 @@
 """The queueing router core: runs any `Policy` behind the `Router` interface.
 
-Design (DESIGN.md §4; issue 4 §2)
+Design (DESIGN.md §4)
 ---------------------------------
 One synchronous object, no I/O, `now` passed in. It owns everything that is not the policy's
 decision: per-replica queues, dispatch budgets, in-flight accounting, the cache mirror, the TTFT
@@ -44,11 +44,10 @@ is lower than h's and the target does not turn hot by it (predicted TTFT there <
 no request there waiting >= hot_wait_s), until h is no longer hot. When the alternate fails
 those tests (it is as hot as h: both candidates of a busy prefix group), the request may move to
 a *neighbour* instead, the replica where its predicted TTFT is lowest, under the same tests
-(policies with `migrates_to_neighbours`; the issue's "other candidate (or a neighbour)"). On
-the DualMap profile, where TTFTs are bound by the SLO rather than by compute, this raised
-dualmap's capacity on Mooncake from 3.20 to 3.53 req/s (BENCHMARKS.md, "DualMap ablations"). A moved request
-keeps h as its alternate. (Without the "not hot" test, requests bounce between two hot
-replicas: measured on Mooncake at 11.4 qps, six migrations per request.)
+(policies with `migrates_to_neighbours`). On the DualMap profile, where TTFTs are bound by the
+SLO rather than by compute, this raises dualmap's capacity (BENCHMARKS.md, "DualMap
+ablations"). A moved request keeps h as its alternate. (Without the "not hot" test, requests
+bounce between two hot replicas, several migrations per request.)
 
 Membership: survivors keep their indices' relative order and new replicas are appended (the
 mirror's index order); `policy.on_membership` rebuilds the policy's rings (the only place it

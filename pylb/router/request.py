@@ -1,4 +1,4 @@
-"""The request model: OpenAI request bodies -> `RoutingRequest` (issue 4 §1, DESIGN.md §4).
+"""The request model: OpenAI request bodies -> `RoutingRequest` (DESIGN.md §4).
 
 Design
 ------

@@ -20,15 +20,14 @@ Design
    by construction a hot prefix shared by many groups (a universal system prompt) and are on
    most replicas, so holding only them says nothing about the group; without the floor, the first
    replica to see a universal system prompt would beat every empty candidate and take all traffic
-   at low load (measured: hotspot factor 2.05 on Mooncake in a pure-cache run).
+   at low load (measured on Mooncake in a pure-cache run: BENCHMARKS.md).
 4. SLO switch: if the preferred candidate's predicted TTFT (queued + un-prefilled + own uncached
    tokens, times the learned per-token time) exceeds slo_ttft / 2, take the other candidate,
    but only when its predicted TTFT is within slo_ttft / 2 ("rescue", pylb's default). The
    paper takes the other whenever it is faster ("paper"): near capacity both candidates are
    usually over the budget, and moving a request to a replica where it misses the SLO anyway
-   throws away its cached prefix and adds its whole prompt to a saturated fleet's work. Measured
-   on Mooncake (BENCHMARKS.md): at 11.6 qps the rescue rule meets the SLO for 61 % of requests,
-   the paper's for 41 %.
+   throws away its cached prefix and adds its whole prompt to a saturated fleet's work; near
+   capacity on Mooncake the rescue rule meets the SLO for clearly more requests (BENCHMARKS.md).
 5. The other candidate is the request's `alternate`: the core migrates still-queued requests to
    it when their replica turns hot (predicted TTFT > SLO, or oldest queued wait >= 3 s), cheapest
    first, while the move lowers the predicted TTFT (`migrates = True`); when the alternate is as
@@ -42,13 +41,13 @@ Design
    SLO, the request goes to the fleet's replica with the lowest predicted TTFT, if that one
    predicts it within the SLO (the admission-time twin of step 5's neighbours).
    Measured (BENCHMARKS.md, "DualMap ablations"), on the DualMap paper's profile (Ascend 910B,
-   where a 5 s SLO is tight against prefill times): neighbours took dualmap's capacity from 3.20
-   to 3.53 req/s, above min-ttft's 2.87; spill alone was worth 2.63 -> 3.20, but with
-   neighbours it adds nothing (3.57 without it, 3.53 with it) and on the compute-bound H100
-   profile it costs a sweep step (11.13 -> 11.01), so it is off. Follow-the-cache is neutral on
-   capacity and adds 1.4 points of hit rate on 910B.
+   where a 5 s SLO is tight against prefill times): neighbours raise dualmap's capacity above
+   min-ttft's; spill alone helps, but with neighbours it adds nothing and on the compute-bound
+   H100 profile it costs a sweep step, so it is off. Follow-the-cache is neutral on capacity
+   and adds hit rate on 910B.
 Rings are rebuilt only in `on_membership`; adding one of N replicas moves about 1/N of the keys
-on each ring. Per request: one key_for, one candidates lookup, one mirror match.
+on each ring. Per request: one key_if_recorded (and one key_for in on_choice), one candidates
+lookup, one mirror match.
 
 Options (`RouterOptions.extra`, or `pylb simulate --policy dualmap:key=value`), for ablations:
     migration  (bool, default true)   hotspot migration on/off

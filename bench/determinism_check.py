@@ -22,7 +22,6 @@ Run (from the repository root; about a minute on an idle core):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import subprocess

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fake_fleet import FakeFleet, make_request
-from policy_fakes import choose, write
+from policy_fakes import choose
 from pylb import native
 from pylb.router import registry
 from pylb.router.core import CoreRouter

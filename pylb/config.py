@@ -34,20 +34,33 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pylb.router.interface import QUEUE_ORDERS, RouterOptions
+from pylb.fields import (
+    Check,
+    SettingError,
+    at_least,
+    convert,
+    default_of,
+    fraction,
+    non_negative,
+    one_of,
+    port_number,
+    positive,
+    setting,
+)
+from pylb.router.interface import RouterOptions
+from pylb.router.request import DEFAULT_CHAT_MAX_TOKENS, DEFAULT_COMPLETIONS_MAX_TOKENS
 
-Check = Callable[[Any], "str | None"]
-"""A value check: returns None when the value is fine, else the reason it is not."""
+__all__ = ["Check", "ConfigError", "FIELDS", "Settings", "at_least", "fraction", "load_settings", "non_negative", "one_of",
+           "port_number", "positive", "setting"]  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -64,45 +77,7 @@ class ConfigError(ValueError):
         super().__init__(f"invalid setting {field} = {value!r}{where}: {reason}")
 
 
-# ---- checks ----------------------------------------------------------------------------------------
-
-
-def positive(v: Any) -> str | None:
-    """> 0 and finite."""
-    return None if v > 0 and math.isfinite(v) else "must be a positive number"
-
-
-def non_negative(v: Any) -> str | None:
-    """>= 0 and finite."""
-    return None if v >= 0 and math.isfinite(v) else "must be zero or a positive number"
-
-
-def at_least(n: int) -> Check:
-    """An integer >= n."""
-
-    def check(v: Any) -> str | None:
-        return None if v >= n else f"must be at least {n}"
-
-    return check
-
-
-def fraction(v: Any) -> str | None:
-    """In (0, 1]."""
-    return None if 0 < v <= 1 else "must be in (0, 1] (greater than 0, at most 1)"
-
-
-def port_number(v: Any) -> str | None:
-    """A TCP port, 0 (any free port) to 65535."""
-    return None if 0 <= v <= 65535 else "must be a TCP port in 0..65535 (0 picks a free one)"
-
-
-def one_of(*choices: str) -> Check:
-    """One of the given strings."""
-
-    def check(v: Any) -> str | None:
-        return None if v in choices else f"must be one of {', '.join(choices)}"
-
-    return check
+# ---- checks (the generic ones, and `setting`, are `pylb.fields`') --------------------------------
 
 
 def http_urls(v: Any) -> str | None:
@@ -131,14 +106,6 @@ def path_string(v: Any) -> str | None:
     return None if v.startswith("/") else "must be a URL path starting with /"
 
 
-def setting(default: Any, help: str, *, check: Check | None = None, flag: str | None = None, env: str | None = None) -> Any:
-    """A dataclass field with its help text, optional check and optional short flag/env name."""
-    meta = {"help": help, "check": check, "flag": flag, "env": env}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
 # ---- the settings ------------------------------------------------------------------------------------
 
 
@@ -155,9 +122,15 @@ class ServerSettings:
     shutdown_timeout_s: float = setting(10.0, "on SIGTERM/SIGINT, how long in-flight requests may finish", check=non_negative)
 
 
-_CORE = RouterOptions()
-"""The router core's defaults: `RouterSettings` takes the defaults of the settings it passes on to
-`RouterOptions` from here, so each is written once (in `pylb/router/interface.py`)."""
+_CORE_FIELDS = {f.name: f for f in dataclasses.fields(RouterOptions)}
+
+
+def _core(option: str) -> Any:
+    """A `RouterSettings` field that sets `RouterOptions.<option>`: its default, help and check
+    are the ones declared there (written once, in `pylb/router/interface.py`)."""
+    f = _CORE_FIELDS[option]
+    return setting(default_of(f), f.metadata["help"], check=f.metadata["check"])
+
 
 ROUTER_OPTION_FIELDS: dict[str, str] = {
     "slo_ttft_s": "slo_ttft",
@@ -177,19 +150,16 @@ ROUTER_OPTION_FIELDS: dict[str, str] = {
 }
 """`RouterSettings` field -> the `RouterOptions` field it sets (`extra` is passed on too, and a
 policy spec's options are merged into it). `RouterOptions.chars_per_token` is not a setting: the
-proxy's request model estimates 4 bytes per token (`pylb.router.request.BYTES_PER_TOKEN`)."""
+proxy's request model estimates `pylb.router.interface.BYTES_PER_TOKEN` bytes per token."""
 
 
 @dataclass(frozen=True)
 class RouterSettings:
     """The routing policy, pylb's router-side queue and the router core's settings.
 
-    The settings named in `ROUTER_OPTION_FIELDS` are the core router's `RouterOptions` (their
-    defaults are its defaults); `router_options()` builds them. `prefill_s_per_token` seeds both
-    estimates of a replica's per-token prefill time: the router's (`RouterOptions.
-    prefill_seconds_per_token`, learned from streamed first tokens; it predicts TTFT) and the
-    proxy's (learned the same way; it says when a non-streamed request's prefill is over). Both
-    are "seconds of prefill per prompt token on one replica", so one value seeds both.
+    The settings named in `ROUTER_OPTION_FIELDS` are the core router's `RouterOptions`: their
+    defaults, help and checks are declared there and read here (`_core`); `router_options()`
+    builds them. The request model's defaults are `pylb.router.request`'s.
     """
 
     policy: str = setting(
@@ -198,43 +168,29 @@ class RouterSettings:
         "`pylb simulate --help` lists the names",
         flag="policy",
     )
-    slo_ttft_s: float = setting(_CORE.slo_ttft, "TTFT target in seconds (DualMap's SLO-aware switch and hotspot detection use it)", check=positive)
-    seed: int = setting(_CORE.seed, "seed for any randomness in the policy")
-    block_chars: int = setting(_CORE.block_chars, "bytes of prompt text per router hash block (~16 tokens); token-id prompts use block_chars/4 ids", check=at_least(4))
-    key_block_tokens: int = setting(
-        _CORE.key_block_tokens, "tokens per key block of DualMap's prefix key; a whole number of router blocks (x 4 bytes a multiple of block_chars)", check=at_least(1)
-    )
+    slo_ttft_s: float = _core("slo_ttft")
+    seed: int = _core("seed")
+    block_chars: int = _core("block_chars")
+    key_block_tokens: int = _core("key_block_tokens")
     extra: dict = setting({}, "policy-specific settings (a mapping; see the policy's module comment); a policy spec's options win")
     max_queued: int = setting(4096, "requests waiting in pylb's queues at most; more get 429", check=at_least(1))
     queue_timeout_s: float = setting(60.0, "longest wait in pylb's queue before a request gets 504", check=positive)
-    queue_order: str = setting(
-        _CORE.queue_order,
-        f"order of a replica's queue after priority: {', '.join(QUEUE_ORDERS)} (fewest uncached tokens, longest cached prefix, or arrival first)",
-        check=one_of(*QUEUE_ORDERS),
+    queue_order: str = _core("queue_order")
+    max_unprefilled_tokens: int = _core("max_unprefilled_tokens")
+    max_unprefilled_requests: int = _core("max_unprefilled_requests")
+    starvation_s: float = _core("starvation_s")
+    dispatch_interval_s: float = _core("dispatch_interval")
+    hot_wait_s: float = _core("hot_wait_s")
+    migration_scan: int = _core("migration_scan")
+    prefill_s_per_token: float = _core("prefill_seconds_per_token")
+    prefill_learning_rate: float = _core("prefill_learning_rate")
+    cache_capacity_tokens: int = _core("cache_capacity_tokens")
+    completions_default_max_tokens: int = setting(
+        DEFAULT_COMPLETIONS_MAX_TOKENS, "max_tokens assumed for /v1/completions requests that omit it (vLLM's default)", check=at_least(1)
     )
-    max_unprefilled_tokens: int = setting(
-        _CORE.max_unprefilled_tokens, "dispatch budget per replica: prompt tokens sent and not yet prefilled, at most", check=at_least(1)
+    chat_default_max_tokens: int = setting(
+        DEFAULT_CHAT_MAX_TOKENS, "max_tokens assumed for routing chat requests that omit it (vLLM fills the context)", check=at_least(1)
     )
-    max_unprefilled_requests: int = setting(
-        _CORE.max_unprefilled_requests, "dispatch budget per replica: requests sent and not yet prefilled, at most", check=at_least(1)
-    )
-    starvation_s: float = setting(_CORE.starvation_s, "a request queued this long goes next on its replica, whatever its rank", check=positive)
-    dispatch_interval_s: float = setting(_CORE.dispatch_interval, "seconds between the router's timer polls while requests are queued", check=positive)
-    hot_wait_s: float = setting(_CORE.hot_wait_s, "a replica is hot (its queue migrates) when its oldest queued request waited this long", check=positive)
-    migration_scan: int = setting(_CORE.migration_scan, "queued requests examined per hot replica per poll when migrating", check=at_least(1))
-    prefill_s_per_token: float = setting(
-        _CORE.prefill_seconds_per_token,
-        "seed of a replica's per-token prefill time (s), until learned: the router's TTFT prediction and the proxy's non-streamed prefill estimate",
-        check=positive,
-    )
-    prefill_learning_rate: float = setting(
-        _CORE.prefill_learning_rate, "weight of each observed first token in the learned per-token prefill time", check=fraction
-    )
-    cache_capacity_tokens: int = setting(
-        _CORE.cache_capacity_tokens, "cache mirror capacity per replica (tokens) until vllm:cache_config_info is scraped", check=at_least(0)
-    )
-    completions_default_max_tokens: int = setting(16, "max_tokens assumed for /v1/completions requests that omit it (vLLM's default)", check=at_least(1))
-    chat_default_max_tokens: int = setting(1024, "max_tokens assumed for routing chat requests that omit it (vLLM fills the context)", check=at_least(1))
 
     def router_options(self, source: str = "") -> RouterOptions:
         """The core router's `RouterOptions` from these settings (see `ROUTER_OPTION_FIELDS`).
@@ -245,13 +201,10 @@ class RouterSettings:
         values = {opt: getattr(self, name) for name, opt in ROUTER_OPTION_FIELDS.items()}
         try:
             return RouterOptions(**values, extra=dict(self.extra))  # type: ignore[arg-type]
-        except ValueError as exc:
-            opt = str(exc).partition("RouterOptions.")[2].partition(" ")[0]
-            name = next((n for n, o in ROUTER_OPTION_FIELDS.items() if o == opt), "extra" if opt == "extra" else None)
-            if name is None:  # pragma: no cover - RouterOptions names its field in every message
-                raise ConfigError("router", dataclasses.asdict(self), str(exc), source) from None
-            reason = str(exc).removeprefix(f"RouterOptions.{opt} ")
-            raise ConfigError(f"router.{name}", getattr(self, name), reason, source) from None
+        except SettingError as exc:
+            opt = exc.field.removeprefix("RouterOptions.")
+            name = next((n for n, o in ROUTER_OPTION_FIELDS.items() if o == opt), opt)
+            raise ConfigError(f"router.{name}", exc.value, exc.reason, source) from None
 
 
 @dataclass(frozen=True)
@@ -351,7 +304,7 @@ def _specs() -> list[FieldSpec]:
             meta = f.metadata
             flag = meta.get("flag") or f"{section}-{f.name.replace('_', '-')}"
             env = meta.get("env") or "PYLB_" + flag.upper().replace("-", "_")
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = default_of(f)
             out.append(FieldSpec(section, f.name, hints[f.name], default, meta.get("help", ""), meta.get("check"), flag, env))
     return out
 
@@ -365,80 +318,14 @@ CONFIG_ENV = "PYLB_CONFIG"
 
 # ---- conversion --------------------------------------------------------------------------------------
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
 
 def _convert(spec: FieldSpec, value: Any, source: str, from_text: bool) -> Any:
-    """`value` as the field's type. Text (environment, flags) is parsed; YAML values must already
-    have the right type (an int is accepted for a float)."""
-    t = spec.type
-
-    def bad(reason: str) -> ConfigError:
-        return ConfigError(spec.key, value, reason, source)
-
-    if t is bool:
-        if isinstance(value, bool):
-            return value
-        if from_text and isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        raise bad("expected a boolean (true/false)")
-    if t is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if from_text and isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise bad("expected an integer")
-    if t is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            v = float(value)
-        elif from_text and isinstance(value, str):
-            try:
-                v = float(value.strip())
-            except ValueError:
-                raise bad("expected a number") from None
-        else:
-            raise bad("expected a number")
-        if math.isnan(v):
-            raise bad("expected a number, not NaN")
-        return v
-    if t is str:
-        if isinstance(value, str):
-            return value.strip() if from_text else value
-        raise bad("expected a string")
-    if t is list:
-        if from_text and isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise bad("expected a list")
-        item_type = type(spec.default[0]) if spec.default else str
-        items = []
-        for item in value:
-            if item_type is int:
-                try:
-                    if isinstance(item, bool):
-                        raise ValueError
-                    items.append(int(item))
-                except (TypeError, ValueError):
-                    raise bad(f"expected a list of integers, {item!r} is not one") from None
-            elif not isinstance(item, str):
-                raise bad(f"expected a list of strings, {item!r} is not one")
-            else:
-                items.append(item)
-        return items
-    if t is dict:
-        if from_text and isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise bad(f"expected a JSON object ({exc.msg})") from None
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise bad("expected a mapping with string keys")
-        return dict(value)
-    raise AssertionError(f"unsupported setting type {t!r}")  # pragma: no cover - a bug in this module
+    """`value` as the field's type (`pylb.fields.convert`); ConfigError naming the setting."""
+    item_type = type(spec.default[0]) if spec.type is list and spec.default else str
+    try:
+        return convert(spec.type, value, from_text=from_text, name=spec.key, item_type=item_type)
+    except SettingError as exc:
+        raise ConfigError(spec.key, value, exc.reason, source) from None
 
 
 # ---- loading -----------------------------------------------------------------------------------------

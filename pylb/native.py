@@ -37,6 +37,9 @@ DualRing = _core.DualRing
 
 # ---- adaptive prefix key (csrc/src/prefix_key.cpp) ---------------------------------------------
 PrefixKeyTable = _core.PrefixKeyTable
+PREFIX_KEY_DEFAULTS: dict[str, float] = dict(_core.PREFIX_KEY_DEFAULTS)
+"""The table's parameter defaults (window, expand_share, shrink_share, min_samples, max_depth),
+written once in the C++ core (`PrefixKeyParams`)."""
 
 # ---- cache mirror (csrc/src/cache_mirror.cpp) --------------------------------------------------
 CacheMirror = _core.CacheMirror

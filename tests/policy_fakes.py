@@ -3,9 +3,11 @@
 `FakeView` holds literal `ReplicaState`s and answers the view's questions the way the router
 core does, from two sources: `cached` (a literal number of leading blocks per replica name, for
 hand-built cases) and `holdings` (block hashes a replica was sent, filled by `Driver`, for
-multi-request runs). `Driver` plays the core's part in a run: it calls `choose`, counts the
-request in flight on the chosen replica, calls `on_dispatch`, and completes requests in FIFO
-order.
+multi-request runs). `Driver` plays the core's part in a run: it calls `advance`, `choose` and
+`on_choice`, counts the request in flight on the chosen replica, calls `on_dispatch`, and
+completes requests in FIFO order. `Fixed` is a policy whose every choice a test names in the
+request id, and `core` the router core around it. `ReplicaState` is read-only to policies;
+`write` changes a literal one the way the core does (tests play the core, its one writer).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pylb.native import block_hashes
-from pylb.router.interface import DEFAULT_BLOCK_CHARS, ReplicaMetrics, RouterOptions, RoutingRequest
-from pylb.router.policy import Choice, Policy, ReplicaState
+from pylb.router.core import CoreRouter
+from pylb.router.interface import DEFAULT_BLOCK_CHARS, Dispatch, ReplicaId, ReplicaMetrics, RouterOptions, RoutingRequest
+from pylb.router.policy import Choice, Policy, ReplicaState, RouterView
 
 TOKENS_PER_BLOCK = DEFAULT_BLOCK_CHARS // 4
 """Tokens the fake view counts per 64-byte router block (4 bytes per token)."""
@@ -50,6 +53,23 @@ def replicas(names: Sequence[str], loads: Sequence[int] | None = None) -> list[R
     """Replica states named `names`, with `loads[i]` requests in flight (0 by default)."""
     loads = loads if loads is not None else [0] * len(names)
     return [ReplicaState(name=n, index=i, inflight_requests=load) for i, (n, load) in enumerate(zip(names, loads))]
+
+
+def write(state: ReplicaState, **values: object) -> ReplicaState:
+    """Set fields of a literal replica state (as the router core, their one writer, does)."""
+    for name, value in values.items():
+        if not hasattr(state, name):
+            raise AttributeError(f"ReplicaState has no field {name!r}")
+        setattr(state, "_" + name, value)
+    return state
+
+
+def choose(policy: Policy, req: RoutingRequest, view: object) -> Choice:
+    """What the core does to place a request: advance the policy to `view.now`, choose, record."""
+    policy.advance(view.now)  # type: ignore[attr-defined]
+    choice = policy.choose(req, view)  # type: ignore[arg-type]
+    policy.on_choice(req, choice, view)  # type: ignore[arg-type]
+    return choice
 
 
 def metrics(waiting: int = 0, kv_usage: float = 0.0, num_gpu_blocks: int = 0, block_size: int = 16) -> ReplicaMetrics:
@@ -100,6 +120,13 @@ class FakeView:
         backlog = r.queued_tokens + r.unprefilled_tokens + self.uncached_tokens(request, replica)
         return backlog * r.prefill_seconds_per_token
 
+    def replica_ttft(self, replica: int) -> float:
+        r = self.replicas[replica]
+        return (r.queued_tokens + r.unprefilled_tokens) * r.prefill_seconds_per_token
+
+    def replica(self, name: str) -> ReplicaState | None:
+        return next((r for r in self.replicas if r.name == name), None)
+
     def index_of(self, name: str) -> int:
         return [r.name for r in self.replicas].index(name)
 
@@ -108,9 +135,7 @@ class FakeView:
         old = {r.name: r for r in self.replicas}
         new = []
         for i, n in enumerate(names):
-            r = old.get(n) or ReplicaState(name=n, index=i)
-            r.index = i
-            new.append(r)
+            new.append(write(old.get(n) or ReplicaState(name=n, index=i), index=i))
         self.replicas = new
 
 
@@ -129,10 +154,10 @@ class Driver:
     def route(self, req: RoutingRequest, dt: float = 0.25) -> Choice:
         """Advance the clock by `dt`, route `req`, dispatch it, complete the oldest if too many."""
         self.view.now += dt
-        choice = self.policy.choose(req, self.view)
+        choice = choose(self.policy, req, self.view)
         assert 0 <= choice.replica < len(self.view.replicas)
         r = self.view.replicas[choice.replica]
-        r.inflight_requests += 1
+        write(r, inflight_requests=r.inflight_requests + 1)
         self.view.holdings.setdefault(r.name, set()).update(req.block_hashes.tolist())
         self.policy.on_dispatch(req, choice.replica, self.view)
         self.inflight.append((req.request_id, r.name))
@@ -145,7 +170,8 @@ class Driver:
         names = [r.name for r in self.view.replicas]
         if name in names:
             i = names.index(name)
-            self.view.replicas[i].inflight_requests -= 1
+            r = self.view.replicas[i]
+            write(r, inflight_requests=r.inflight_requests - 1)
             self.policy.on_complete(request_id, i, self.view)
 
     def set_members(self, names: Sequence[str]) -> None:
@@ -153,3 +179,50 @@ class Driver:
         self.view.set_members(names)
         self.inflight = deque((rid, n) for rid, n in self.inflight if n in set(names))
         self.policy.on_membership(list(names))
+
+
+# ---- the router core around a scripted policy (tests/test_router_core.py, test_router_hooks.py) ----
+
+
+class Fixed(Policy):
+    """Sends request "<replica>/<name>" to that replica index, with an optional alternate "<r>/<name>/<alt>"."""
+
+    name = "fixed"
+
+    def __init__(self, options: RouterOptions, migrates: bool = False, neighbours: bool = True) -> None:
+        super().__init__(options)
+        self.migrates = migrates  # type: ignore[misc]
+        self.migrates_to_neighbours = neighbours  # type: ignore[misc]
+        self.memberships: list[list[str]] = []
+        self.dispatched: list[tuple[str, int]] = []
+        self.completed: list[tuple[str, int]] = []
+
+    def on_membership(self, replicas: Sequence[ReplicaId]) -> None:
+        self.memberships.append(list(replicas))
+
+    def choose(self, request: RoutingRequest, view: RouterView) -> Choice:
+        parts = request.request_id.split("/")
+        r = int(parts[0]) % len(view.replicas)
+        alt = int(parts[2]) if len(parts) > 2 else None
+        return Choice(r, alt, branch="affinity")
+
+    def on_dispatch(self, request: RoutingRequest, replica: int, view: RouterView) -> None:
+        self.dispatched.append((request.request_id, replica))
+
+    def on_complete(self, request_id: str, replica: int, view: RouterView) -> None:
+        self.completed.append((request_id, replica))
+
+
+def req(rid: str, tokens: int = 100, arrival: float = 0.0, priority: int = 0, hashes: Sequence[int] = ()) -> RoutingRequest:
+    return RoutingRequest(rid, np.array(hashes, dtype=np.uint64), tokens, 4, arrival, priority=priority)
+
+
+def core(n: int = 2, migrates: bool = False, neighbours: bool = True, **opts: object) -> CoreRouter:
+    o = RouterOptions(**opts)  # type: ignore[arg-type]
+    r = CoreRouter(Fixed(o, migrates, neighbours), o)
+    r.on_membership([f"r{i}" for i in range(n)], 0.0)
+    return r
+
+
+def ids(ds: list[Dispatch]) -> list[str]:
+    return [d.request_id for d in ds]

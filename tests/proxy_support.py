@@ -16,7 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pylb.config import Settings, load_settings
 from pylb.proxy.server import ProxyServer
-from pylb.router.interface import Dispatch, ReplicaMetrics, Router, RoutingRequest, Usage
+from policy_fakes import FakeView, write
+from pylb.router.interface import Dispatch, ReplicaMetrics, ReplicaState, Router, RoutingRequest, Usage
 from pylb.sim.profiles import Profile
 from pylb.sim.server import FakeServerConfig, FakeVllmServer
 
@@ -104,12 +105,19 @@ async def wait_for(cond: Any, timeout: float = 5.0, what: str = "condition") -> 
 class RoundRobinRouter(Router):
     """The simplest router: dispatch every request at the next poll, to the replicas in turn.
     (The production policies live in pylb.router.policies; these tests need one whose every
-    decision they can predict and hold back.)"""
+    decision they can predict and hold back.) It counts requests in flight and un-prefilled per
+    replica in its `view`, as every router does, since the proxy reads its load from there."""
 
     def __init__(self) -> None:
         self._replicas: list[str] = []
         self._queue: deque[str] = deque()
         self._turn = 0
+        self._view = FakeView([])
+        self._sent: dict[str, tuple[str, bool]] = {}  # request id -> (replica, prefilled)
+
+    @property
+    def view(self) -> FakeView:
+        return self._view
 
     def submit(self, request: RoutingRequest, now: float) -> None:
         self._queue.append(request.request_id)
@@ -117,12 +125,33 @@ class RoundRobinRouter(Router):
     def poll(self, now: float) -> list[Dispatch]:
         out = []
         while self._replicas and self._queue:
-            out.append(Dispatch(self._queue.popleft(), self._replicas[self._turn % len(self._replicas)]))
+            d = Dispatch(self._queue.popleft(), self._replicas[self._turn % len(self._replicas)])
             self._turn += 1
+            self._sent[d.request_id] = (d.replica, False)
+            self._count(d.replica, inflight=1, unprefilled=1)
+            out.append(d)
         return out
+
+    def on_first_token(self, request_id: str, replica: str, now: float) -> None:
+        sent = self._sent.get(request_id)
+        if sent is not None and not sent[1]:
+            self._sent[request_id] = (sent[0], True)
+            self._count(sent[0], unprefilled=-1)
+
+    def on_complete(self, request_id: str, replica: str, now: float, usage: Usage | None) -> None:
+        sent = self._sent.pop(request_id, None)
+        if sent is not None:
+            self._count(sent[0], inflight=-1, unprefilled=0 if sent[1] else -1)
 
     def on_membership(self, replicas: Sequence[str], now: float) -> None:
         self._replicas = list(replicas)
+        old = {r.name: r for r in self._view.replicas}
+        self._view.replicas = [write(old.get(n) or ReplicaState(n, i), index=i) for i, n in enumerate(replicas)]
+
+    def _count(self, replica: str, inflight: int = 0, unprefilled: int = 0) -> None:
+        s = self._view.replica(replica)
+        if s is not None:
+            write(s, inflight_requests=s.inflight_requests + inflight, unprefilled_requests=s.unprefilled_requests + unprefilled)
 
 
 class HoldRouter(RoundRobinRouter):
@@ -131,16 +160,20 @@ class HoldRouter(RoundRobinRouter):
     def __init__(self, with_cancel: bool = False) -> None:
         super().__init__()
         self.open = False
+        self.with_cancel = with_cancel
         self.cancelled: list[str] = []
-        if with_cancel:
-            self.cancel = self._cancel  # type: ignore[method-assign]
 
     def poll(self, now: float) -> list[Dispatch]:
         return super().poll(now) if self.open else []
 
-    def _cancel(self, request_id: str, now: float) -> None:
+    def cancel(self, request_id: str, now: float) -> bool:
+        """Withdraws only `with_cancel` (else: the router cannot, and the proxy drops the
+        request unsent when it is dispatched)."""
+        if not self.with_cancel or request_id not in self._queue:
+            return False
         self.cancelled.append(request_id)
         self._queue.remove(request_id)
+        return True
 
 
 class RecordingRouter(RoundRobinRouter):
@@ -158,9 +191,11 @@ class RecordingRouter(RoundRobinRouter):
 
     def on_first_token(self, request_id: str, replica: str, now: float) -> None:
         self.events.append(("first_token", request_id, replica, now))
+        super().on_first_token(request_id, replica, now)
 
     def on_complete(self, request_id: str, replica: str, now: float, usage: Usage | None) -> None:
         self.events.append(("complete", request_id, replica, now, usage))
+        super().on_complete(request_id, replica, now, usage)
 
     def on_metrics(self, replica: str, metrics: ReplicaMetrics, now: float) -> None:
         self.events.append(("metrics", replica, metrics, now))

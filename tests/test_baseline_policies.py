@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from policy_fakes import Driver, FakeView, metrics, replicas, request, text
+from policy_fakes import Driver, FakeView, choose, metrics, replicas, request, text, write
 
 from pylb.router import registry
 from pylb.router.interface import RouterOptions, RoutingRequest
@@ -57,11 +57,11 @@ def test_chwbl_same_prefix_same_replica_when_loads_even() -> None:
     for k in range(40):
         req = request(text(f"user{k}", 2) + text(f"tail{k}", 3))
         owner = policy.ring.walk(prefix_key(req, 2))[0]
-        choice = policy.choose(req, view)
+        choice = choose(policy, req, view)
         assert (view.replicas[choice.replica].name, choice.branch) == (owner, "affinity")
         # Same first two blocks, different rest: same key, same replica.
         again = request(text(f"user{k}", 2) + text("other", 5), "r2")
-        assert policy.choose(again, view).replica == choice.replica
+        assert choose(policy, again, view).replica == choice.replica
 
 
 def test_chwbl_walks_clockwise_past_overloaded_owner() -> None:
@@ -77,13 +77,13 @@ def test_chwbl_walks_clockwise_past_overloaded_owner() -> None:
         return [by_name[n] for n in NAMES4]
 
     view = FakeView(replicas(NAMES4, loads(12)))  # 13 <= 43/4*1.25 = 13.44: the owner takes it
-    choice = policy.choose(req, view)
+    choice = choose(policy, req, view)
     assert (NAMES4[choice.replica], choice.branch) == (order[0], "affinity")
     view = FakeView(replicas(NAMES4, loads(13)))  # 14 > 13.75: next clockwise (load 10) takes it
-    choice = policy.choose(req, view)
+    choice = choose(policy, req, view)
     assert (NAMES4[choice.replica], choice.branch) == (order[1], "load")
     view = FakeView(replicas(NAMES4, loads(15, 15)))  # 16 > 51/4*1.25 = 15.94 for both: the third
-    assert NAMES4[policy.choose(req, view).replica] == order[2]
+    assert NAMES4[choose(policy, req, view).replica] == order[2]
 
 
 def test_chwbl_falls_back_to_owner_when_nobody_qualifies() -> None:
@@ -94,7 +94,7 @@ def test_chwbl_falls_back_to_owner_when_nobody_qualifies() -> None:
     owner = policy.ring.walk(prefix_key(req, 2))[0]
     other = next(n for n in NAMES8 if n != owner)
     view = FakeView(replicas(NAMES8, [1 if n == other else 0 for n in NAMES8]))
-    choice = policy.choose(req, view)
+    choice = choose(policy, req, view)
     assert (NAMES8[choice.replica], choice.branch) == (owner, "fallback")
 
 
@@ -104,10 +104,10 @@ def test_chwbl_adding_a_replica_moves_about_one_nth_of_keys() -> None:
     reqs = [request(text(f"k{k}", 2)) for k in range(3000)]
     policy.on_membership(NAMES8)
     view8 = FakeView(replicas(NAMES8))
-    before = [NAMES8[policy.choose(r, view8).replica] for r in reqs]
+    before = [NAMES8[choose(policy, r, view8).replica] for r in reqs]
     policy.on_membership(names9)
     view9 = FakeView(replicas(names9))
-    after = [names9[policy.choose(r, view9).replica] for r in reqs]
+    after = [names9[choose(policy, r, view9).replica] for r in reqs]
     moved = [(b, a) for b, a in zip(before, after) if a != b]
     assert all(a == "replica-8" for _, a in moved)  # keys only move to the new replica
     assert 0.07 < len(moved) / len(reqs) < 0.16  # about 1/9 = 0.111
@@ -118,7 +118,8 @@ def test_chwbl_prefix_blocks_option_and_validation() -> None:
     a, b = request(text("same", 1) + text("a", 2)), request(text("same", 1) + text("b", 2))
     assert prefix_key(a, 1) == prefix_key(b, 1) and prefix_key(a, 2) != prefix_key(b, 2)
     view = FakeView(replicas(NAMES8))
-    assert one.choose(a, view).replica == one.choose(b, view).replica
+    one.on_membership(NAMES8)
+    assert choose(one, a, view).replica == choose(one, b, view).replica
     with pytest.raises(ValueError, match="load_factor"):
         ChwblPolicy(opts(load_factor=0.9))
     with pytest.raises(ValueError, match="replication"):
@@ -140,7 +141,7 @@ def test_cache_aware_routes_to_longest_match_above_threshold() -> None:
     policy.tree.insert(request(text("big", 40)).block_hashes.tolist(), "replica-2", 0.0)
     policy.tree.insert(request(text("sys", 4)).block_hashes.tolist(), "replica-1", 0.0)
     # 10 of 12 blocks match on replica-2 (4 on replica-1): 0.83 > 0.3, despite replica-2's big tree.
-    choice = policy.choose(request(text("sys", 10) + text("q", 2)), view)
+    choice = choose(policy, request(text("sys", 10) + text("q", 2)), view)
     assert (choice.replica, choice.branch) == (2, "affinity")
     # The request was inserted into replica-2's tree.
     assert policy.tree.match_depth(request(text("sys", 10) + text("q", 2)).block_hashes.tolist(), "replica-2") == 12
@@ -154,21 +155,21 @@ def test_cache_aware_low_match_goes_to_smallest_tree() -> None:
     policy.tree.insert(request(text("d", 2)).block_hashes.tolist(), "replica-3", 0.0)
     # 3 of 10 blocks match replica-0: 0.3 is not > 0.3, so the smallest tree (first of the 2-block
     # trees, replica-2) gets it.
-    choice = policy.choose(request(text("sys", 3) + text("z", 7)), view)
+    choice = choose(policy, request(text("sys", 3) + text("z", 7)), view)
     assert (choice.replica, choice.branch) == (2, "fallback")
     # 4 of 10 (0.4 > 0.3): replica-0.
     policy, view = _cache_aware(NAMES4)
     policy.tree.insert(request(text("sys", 4) + text("a", 6)).block_hashes.tolist(), "replica-0", 0.0)
-    choice = policy.choose(request(text("sys", 4) + text("z", 6)), view)
+    choice = choose(policy, request(text("sys", 4) + text("z", 6)), view)
     assert (choice.replica, choice.branch) == (0, "affinity")
 
 
 def test_cache_aware_low_match_min_load_variant() -> None:
     policy, view = _cache_aware(NAMES4, low_match="min-load")
     for r, load in zip(view.replicas, [3, 1, 0, 2]):
-        r.inflight_requests = load
+        write(r, inflight_requests=load)
     policy.tree.insert(request(text("c", 9)).block_hashes.tolist(), "replica-1", 0.0)
-    choice = policy.choose(request(text("new", 4)), view)
+    choice = choose(policy, request(text("new", 4)), view)
     assert (choice.replica, choice.branch) == (2, "fallback")
     with pytest.raises(ValueError, match="low_match"):
         CacheAwarePolicy(opts(low_match="random"))
@@ -184,10 +185,10 @@ def test_cache_aware_imbalance_thresholds(loads: list[int], imbalanced: bool) ->
     policy, view = _cache_aware(names)
     assert policy.is_imbalanced(loads) is imbalanced
     for r, load in zip(view.replicas, loads):
-        r.inflight_requests = load
+        write(r, inflight_requests=load)
     req = request(text("sys", 8))
     policy.tree.insert(req.block_hashes.tolist(), "replica-0", 0.0)  # affinity says replica-0
-    choice = policy.choose(req, view)
+    choice = choose(policy, req, view)
     if imbalanced:
         assert (choice.replica, choice.branch) == (1, "load")
         assert policy.tree.match_depth(req.block_hashes.tolist(), "replica-1") == 8  # still inserted
@@ -202,15 +203,15 @@ def test_cache_aware_evicts_lru_leaves_after_interval() -> None:
     new = request(text("sys", 2) + text("new", 2)).block_hashes.tolist()
     tiny = request(b"short")  # no full block: matches and inserts nothing
     view.now = 0.0
-    policy.choose(tiny, view)  # first call arms the timer: next eviction at t = 60
+    choose(policy, tiny, view)  # first call arms the timer: next eviction at t = 60
     policy.tree.insert(old, "replica-0", 1.0)
     policy.tree.insert(new, "replica-0", 2.0)
     assert policy.tree.size("replica-0") == 8
     view.now = 59.9
-    policy.choose(tiny, view)
+    choose(policy, tiny, view)
     assert policy.tree.size("replica-0") == 8  # not yet
     view.now = 60.0
-    policy.choose(tiny, view)
+    choose(policy, tiny, view)
     # Down to 5 blocks, least recently used leaves first: 3 of "old"'s 4 blocks go (deepest first),
     # "new" (touched later) stays whole.
     assert policy.tree.size("replica-0") == 5
@@ -219,10 +220,10 @@ def test_cache_aware_evicts_lru_leaves_after_interval() -> None:
     # The next eviction is at t = 120.
     policy.tree.insert(old, "replica-0", 61.0)
     view.now = 119.0
-    policy.choose(tiny, view)
+    choose(policy, tiny, view)
     assert policy.tree.size("replica-0") == 8
     view.now = 120.0
-    policy.choose(tiny, view)
+    choose(policy, tiny, view)
     assert policy.tree.size("replica-0") == 5
     assert policy.tree.match_depth(new, "replica-0") == 1  # now "new" was the older path
     assert policy.tree.block_count() == 5  # evicted blocks leave the tree
@@ -242,16 +243,16 @@ def test_weighted_score_literal_arithmetic() -> None:
     policy = WeightedScorePolicy(opts())
     rs = replicas(["a", "b", "c"])
     # Waiting queue = router queue + scraped vLLM waiting: 0, 2, 4 -> queue scores 1, 0.5, 0.
-    rs[0].metrics = metrics(waiting=0, kv_usage=0.5)
-    rs[1].queued_requests, rs[1].metrics = 1, metrics(waiting=1, kv_usage=0.25)
-    rs[2].queued_requests, rs[2].metrics = 4, metrics(waiting=0, kv_usage=0.0)
+    write(rs[0], metrics=metrics(waiting=0, kv_usage=0.5))
+    write(rs[1], queued_requests=1, metrics=metrics(waiting=1, kv_usage=0.25))
+    write(rs[2], queued_requests=4, metrics=metrics(waiting=0, kv_usage=0.0))
     view = FakeView(rs)
     policy.on_membership(["a", "b", "c"])
     req = request(text("p", 4))
     policy.index.add(req.block_hashes[:2].tolist(), "c", 100)  # c holds 2 of the 4 blocks
     # a: 2*1 + 2*0.5 + 3*0 = 3.0; b: 2*0.5 + 2*0.75 + 0 = 2.5; c: 0 + 2*1 + 3*0.5 = 3.5
     assert policy.scores(req, view) == [3.0, 2.5, 3.5]
-    choice = policy.choose(req, view)
+    choice = choose(policy, req, view)
     assert (choice.replica, choice.branch) == (2, "affinity")
     assert policy.index.run_length(req.block_hashes.tolist(), "c") == 4  # indexed at selection
     assert queue_scores([3, 3, 3]) == [1.0, 1.0, 1.0]
@@ -264,7 +265,7 @@ def test_weighted_score_ties_are_seeded_random() -> None:
         view = FakeView(replicas(NAMES4))
         policy.on_membership(NAMES4)
         # Every request is new and nothing changes in the view: all four replicas tie each time.
-        return [policy.choose(request(text(f"u{k}", 2)), view).replica for k in range(40)]
+        return [choose(policy, request(text(f"u{k}", 2)), view).replica for k in range(40)]
 
     assert picks(7) == picks(7)
     assert picks(7) != picks(8)
@@ -274,16 +275,16 @@ def test_weighted_score_ties_are_seeded_random() -> None:
 def test_weighted_score_prefix_blocks_cap_and_lru_capacity() -> None:
     policy = WeightedScorePolicy(opts())
     rs = replicas(["a"])
-    rs[0].metrics = metrics(num_gpu_blocks=4)  # autoTune: the LRU holds 4 blocks
+    write(rs[0], metrics=metrics(num_gpu_blocks=4))  # autoTune: the LRU holds 4 blocks
     view = FakeView(rs)
     req = request(text("long", 6))
-    policy.choose(req, view)
+    choose(policy, req, view)
     hashes = req.block_hashes.tolist()
     assert len(policy.index.lrus["a"]) == 4
     assert policy.index.run_length(hashes, "a") == 4  # tail first: the leading blocks stay
-    rs[0].metrics = metrics(num_gpu_blocks=4, block_size=32)  # 4 x 32 tokens = 8 router blocks
+    write(rs[0], metrics=metrics(num_gpu_blocks=4, block_size=32))  # 4 x 32 tokens = 8 router blocks
     assert policy.capacity_of(rs[0]) == 8
-    rs[0].metrics = None
+    write(rs[0], metrics=None)
     assert policy.capacity_of(rs[0]) == 31250
     # maxPrefixBlocksToMatch = 256: a 300-block prompt scores 256 matched of 256.
     big = WeightedScorePolicy(opts())
@@ -311,12 +312,12 @@ def test_preble_exploit_explore_boundary() -> None:
     # B caches 2 blocks = 32 tokens = the 32 missed: not longer, so explore: cost L + missed is
     # A 80+64, B 115+32, C 80+64: A (tie with C broken by index).
     policy, view = _preble({"A": 80, "B": 115, "C": 80}, cached_b=2)
-    choice = policy.choose(req, view)
+    choice = choose(policy, req, view)
     assert (choice.replica, choice.branch) == (0, "load")
     assert policy.load.get("A") == 80 + 64
     # B caches 3 blocks = 48 tokens > 16 missed: exploit B (115 <= 1.5 * 80, no rebalancing).
     policy, view = _preble({"A": 80, "B": 115, "C": 80}, cached_b=3)
-    choice = policy.choose(req, view)
+    choice = choose(policy, req, view)
     assert (choice.replica, choice.branch) == (1, "affinity")
     assert policy.load.get("B") == 115 + 16
 
@@ -324,9 +325,9 @@ def test_preble_exploit_explore_boundary() -> None:
 def test_preble_rebalances_off_a_replica_over_1_5x_the_lightest() -> None:
     req = request(text("p", 4), prompt_tokens=64)
     policy, view = _preble({"A": 80, "B": 120, "C": 90}, cached_b=3)
-    assert policy.choose(req, view).replica == 1  # 120 = 1.5 * 80: not over, stays on B
+    assert choose(policy, req, view).replica == 1  # 120 = 1.5 * 80: not over, stays on B
     policy, view = _preble({"A": 80, "B": 121, "C": 90}, cached_b=3)
-    choice = policy.choose(req, view)
+    choice = choose(policy, req, view)
     assert (choice.replica, choice.branch) == (0, "load")  # 121 > 120: redirected to A
     assert policy.load.get("A") == 80 + 64  # A had nothing cached: 64 tokens of work
 
@@ -334,10 +335,10 @@ def test_preble_rebalances_off_a_replica_over_1_5x_the_lightest() -> None:
 def test_preble_load_window_expires() -> None:
     policy, view = _preble({"A": 1000}, cached_b=0)
     view.now = 180.0
-    policy.choose(request(b"tiny", prompt_tokens=0), view)
+    choose(policy, request(b"tiny", prompt_tokens=0), view)
     assert policy.load.get("A") == 1000  # recorded at t=0, still inside [0, 180]
     view.now = 180.5
-    policy.choose(request(b"tiny", prompt_tokens=0), view)
+    choose(policy, request(b"tiny", prompt_tokens=0), view)
     assert policy.load.get("A") == 0
 
 

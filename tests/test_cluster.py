@@ -1,8 +1,7 @@
-"""Cluster simulator, router registry and run metrics; the issue-3 validation on the Mooncake trace."""
+"""Cluster simulator, router registry and run metrics; validation on the Mooncake trace."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from policy_fakes import FakeView
 from pylb import native
 from pylb.router import registry
 from pylb.router.interface import Dispatch, ReplicaMetrics, Router, RouterOptions, RoutingRequest, Usage
@@ -158,6 +158,10 @@ class TimerRouter(Router):
         self.queue: list[tuple[float, str]] = []
         self.replicas: list[str] = []
 
+    @property
+    def view(self) -> FakeView:
+        return FakeView([])  # the simulator reads nothing from it
+
     def submit(self, request: RoutingRequest, now: float) -> None:
         self.queue.append((now + 1.0, request.request_id))
 
@@ -302,28 +306,16 @@ def test_find_capacity_brackets_then_bisects() -> None:
     assert cap == 0.0 and [r.rate_scale for r in runs] == [1.0, 0.5]
 
 
-# ---- validation on the real trace (issue 3, section 6) -----------------------------------------
+# ---- validation on the real trace -----------------------------------------------------------------
 
 
-def traces_dir() -> Path | None:
-    """../shared/traces beside the repository (CI's layout), shared/traces inside it, or $PYLB_TRACES."""
-    root = Path(__file__).resolve().parents[1]
-    for d in (root.parent / "shared" / "traces", root / "shared" / "traces", os.environ.get("PYLB_TRACES")):
-        if d and (Path(d) / "mooncake_conversation_trace.jsonl").is_file():
-            return Path(d)
-    return None
-
-
-def mooncake_workload(block_size: int) -> list:
-    d = traces_dir()
-    if d is None:
-        pytest.skip("Mooncake trace not found (../shared/traces beside the repository, or $PYLB_TRACES)")
+def mooncake_workload(path: Path, block_size: int) -> list:
     from pylb.workload.mooncake import load_mooncake
 
-    return prepare_workload(load_mooncake(d / "mooncake_conversation_trace.jsonl"), block_size)
+    return prepare_workload(load_mooncake(path), block_size)
 
 
-def test_single_lru_hit_rate_matches_the_trace_statistics(tmp_path: Path) -> None:
+def test_single_lru_hit_rate_matches_the_trace_statistics(tmp_path: Path, mooncake_trace: Path) -> None:
     """One replica, 16,384 blocks of 512 tokens, zero costs: the hit rate of one LRU cache of
     8M tokens, which ../shared/traces/README.md gives as 26.6 % of blocks."""
     f = tmp_path / "lru16k.yaml"
@@ -332,7 +324,7 @@ def test_single_lru_hit_rate_matches_the_trace_statistics(tmp_path: Path) -> Non
         "c0: 0\nc_prefill: 0\nc_decode: 0\nc_attn: 0\n"
     )
     profile = load_profile(str(f))
-    w = mooncake_workload(profile.block_size)
+    w = mooncake_workload(mooncake_trace, profile.block_size)
     res = simulate(w, profile, 1, registry.create("round-robin"))
     m = summarize(res, "round-robin")
     assert m.completed == len(w) == 12031
@@ -343,10 +335,10 @@ def test_single_lru_hit_rate_matches_the_trace_statistics(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_whole_trace_over_8_replicas_runs_in_under_30_s() -> None:
+def test_whole_trace_over_8_replicas_runs_in_under_30_s(mooncake_trace: Path) -> None:
     profile = PROFILES["h100-llama3.1-8b"]
     start = time.perf_counter()
-    w = mooncake_workload(profile.block_size)
+    w = mooncake_workload(mooncake_trace, profile.block_size)
     res = simulate(w, profile, 8, registry.create("round-robin"))
     elapsed = time.perf_counter() - start
     print(f"\nwhole Mooncake trace, 8 x {profile.name}: {elapsed:.1f} s (simulation {res.wall_s:.1f} s)")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fake_fleet import FakeFleet, make_request
+from policy_fakes import choose
 from pylb import native
 from pylb.router import registry
 from pylb.router.core import CoreRouter
@@ -120,7 +121,7 @@ def test_affinity_picks_the_longer_match_within_the_budget() -> None:
     p, a, b, req = two_replica_dualmap()
     cached, ttft = [0, 0], [0.0, 0.0]
     cached[b], ttft[b], ttft[a] = 40, 2.4, 0.1  # b holds more and is slower, but under slo/2 = 2.5
-    c = p.choose(req, View(cached, ttft))
+    c = choose(p, req, View(cached, ttft))
     assert (c.replica, c.alternate, c.branch) == (b, a, "affinity")
 
 
@@ -139,30 +140,30 @@ def test_follow_cache_takes_a_replica_off_the_rings_that_holds_more() -> None:
     p, a, b, c, req = four_replica_dualmap()
     cached, ttft = [0] * 4, [1.0] * 4
     cached[a], cached[c] = 10, 40  # a spill or migration left the conversation on c
-    choice = p.choose(req, View(cached, ttft))
+    choice = choose(p, req, View(cached, ttft))
     assert (choice.replica, choice.branch) == (c, "affinity")
     assert choice.alternate == a  # c replaced b, the worse-matched candidate
     off, oa, ob, oc, oreq = four_replica_dualmap(follow_cache=False)
     cached, ttft = [0] * 4, [1.0] * 4
     cached[oa], cached[oc] = 10, 40
-    assert off.choose(oreq, View(cached, ttft)).replica == oa
+    assert choose(off, oreq, View(cached, ttft)).replica == oa
 
 
 def test_spill_only_when_both_candidates_would_miss_the_slo() -> None:
     p, a, b, c, req = four_replica_dualmap(spill="fleet")
     cached, ttft = [0] * 4, [0.5] * 4
     cached[a], ttft[a], ttft[b], ttft[c] = 40, 6.0, 5.5, 0.2
-    choice = p.choose(req, View(cached, ttft))
+    choice = choose(p, req, View(cached, ttft))
     assert (choice.replica, choice.alternate, choice.branch) == (c, a, "spill")
     ttft[b] = 4.9  # b would meet the SLO: no spill (and b is over slo/2, so no rescue either)
-    assert p.choose(req, View(cached, ttft)).replica == a
+    assert choose(p, req, View(cached, ttft)).replica == a
     ttft[b] = 5.5
     ttft = [6.0 if i != c else 5.2 for i in range(4)]  # nowhere within the SLO: keep the cache
-    assert p.choose(req, View(cached, ttft)).replica == a
+    assert choose(p, req, View(cached, ttft)).replica == a
     off, oa, ob, oc, oreq = four_replica_dualmap()  # the default: no spill
     cached, ttft = [0] * 4, [0.5] * 4
     cached[oa], ttft[oa], ttft[ob], ttft[oc] = 40, 6.0, 5.5, 0.2
-    assert off.choose(oreq, View(cached, ttft)).replica == oa
+    assert choose(off, oreq, View(cached, ttft)).replica == oa
     with pytest.raises(PolicyOptionError, match="spill='everywhere'"):
         registry.create("dualmap:spill=everywhere", RouterOptions())
 
@@ -171,20 +172,20 @@ def test_slo_switch_when_the_affine_candidate_would_exceed_half_the_slo() -> Non
     p, a, b, req = two_replica_dualmap()  # the default rule: "rescue"
     cached, ttft = [0, 0], [0.0, 0.0]
     cached[b], ttft[b], ttft[a] = 40, 2.6, 1.0
-    c = p.choose(req, View(cached, ttft))
+    c = choose(p, req, View(cached, ttft))
     assert (c.replica, c.alternate, c.branch) == (a, b, "slo-switch")
     ttft[a] = 2.55  # faster, but over slo/2 too: switching would not rescue it; keep the cache
-    assert p.choose(req, View(cached, ttft)).branch == "affinity"
+    assert choose(p, req, View(cached, ttft)).branch == "affinity"
     paper, pa, pb, preq = two_replica_dualmap(slo_switch="paper")  # the paper's rule switches anyway
     cached, ttft = [0, 0], [0.0, 0.0]
     cached[pb], ttft[pb], ttft[pa] = 40, 2.6, 2.55
-    assert (paper.choose(preq, View(cached, ttft)).replica, paper.choose(preq, View(cached, ttft)).branch) == (pa, "slo-switch")
+    assert (choose(paper, preq, View(cached, ttft)).replica, choose(paper, preq, View(cached, ttft)).branch) == (pa, "slo-switch")
     ttft[pa] = 3.0  # the other one is slower still: stay
-    assert paper.choose(preq, View(cached, ttft)).branch == "affinity"
+    assert choose(paper, preq, View(cached, ttft)).branch == "affinity"
     off, oa, ob, oreq = two_replica_dualmap(slo_switch="off")  # ablation: never switch
     cached, ttft = [0, 0], [0.0, 0.0]
     cached[ob], ttft[ob], ttft[oa] = 40, 9.0, 0.0
-    assert off.choose(oreq, View(cached, ttft)).replica == ob
+    assert choose(off, oreq, View(cached, ttft)).replica == ob
     with pytest.raises(PolicyOptionError, match="slo_switch='sometimes'"):
         DualMap(RouterOptions(extra={"slo_switch": "sometimes"}))
 
@@ -193,12 +194,12 @@ def test_a_cache_tie_goes_to_the_candidate_with_less_backlog_then_fewer_requests
     p, a, b, req = two_replica_dualmap()
     queued, inflight = [0, 0], [0, 0]
     queued[a], queued[b] = 700, 200
-    c = p.choose(req, View([32, 32], [0.0, 0.0], queued, inflight))
+    c = choose(p, req, View([32, 32], [0.0, 0.0], queued, inflight))
     assert (c.replica, c.alternate, c.branch) == (b, a, "load")
     # both idle: the one owing fewer requests (decoding ones count), then ring 0's candidate
     inflight[a] = 3
-    assert p.choose(req, View([32, 32], [0.9, 0.1], None, inflight)).replica == b
-    assert p.choose(req, View([32, 32], [0.9, 0.1])).replica == a  # not noise in the TTFT estimate
+    assert choose(p, req, View([32, 32], [0.9, 0.1], None, inflight)).replica == b
+    assert choose(p, req, View([32, 32], [0.9, 0.1])).replica == a  # not noise in the TTFT estimate
 
 
 def test_the_hot_floor_ignores_a_universal_prefix() -> None:
@@ -210,16 +211,16 @@ def test_the_hot_floor_ignores_a_universal_prefix() -> None:
     a, b = p.ring.candidates(64)  # type: ignore[union-attr]  # the depth-2 key: boundary h[63] = 64
     cached = [0, 0]
     cached[b] = 32
-    assert p.choose(req, View(cached, [0.0, 0.0])).branch == "load"
+    assert choose(p, req, View(cached, [0.0, 0.0])).branch == "load"
     cached[b] = 40
-    c = p.choose(req, View(cached, [0.0, 0.0]))
+    c = choose(p, req, View(cached, [0.0, 0.0]))
     assert (c.replica, c.branch) == (b, "affinity")
 
 
 def test_one_replica_has_no_alternate() -> None:
     p = DualMap(RouterOptions())
     p.on_membership(["only"])
-    c = p.choose(rr("q", [1, 2, 3]), View([0], [9.0]))
+    c = choose(p, rr("q", [1, 2, 3]), View([0], [9.0]))
     assert (c.replica, c.alternate) == (0, None)
 
 
@@ -315,21 +316,13 @@ def test_native_ring_is_the_candidate_source() -> None:
         assert p.ring.candidates(key) == ring.candidates(key)  # type: ignore[union-attr]
 
 
-def test_keys_spread_the_real_mooncake_trace() -> None:
+def test_keys_spread_the_real_mooncake_trace(mooncake_trace) -> None:  # noqa: ANN001
     """On the Mooncake conversation trace (every prompt starts with the same 512-token block),
     the adaptive key spreads the candidate slots over 8 replicas; a depth-1 key would use two."""
-    import os
-    from pathlib import Path
-
     from pylb.sim.cluster import prepare_workload
     from pylb.workload.mooncake import load_mooncake
 
-    root = Path(__file__).resolve().parents[1]
-    dirs = [root.parent / "shared" / "traces", root / "shared" / "traces", os.environ.get("PYLB_TRACES")]
-    found = [Path(d) for d in dirs if d and (Path(d) / "mooncake_conversation_trace.jsonl").is_file()]
-    if not found:
-        pytest.skip("Mooncake trace not found (../shared/traces beside the repository, or $PYLB_TRACES)")
-    w = prepare_workload(load_mooncake(found[0] / "mooncake_conversation_trace.jsonl", limit=4000), 16)
+    w = prepare_workload(load_mooncake(mooncake_trace, limit=4000), 16)
     reqs = [RoutingRequest(r.request_id, r.router_hashes, r.prompt_tokens, r.output_tokens, r.arrival_s) for r in w]
     names = [f"r{i}" for i in range(8)]
     adaptive, shallow = DualMap(RouterOptions()), DualMap(RouterOptions(extra={"key_depth": 1}))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -88,18 +87,8 @@ def test_missing_file() -> None:
         load_mooncake("/nonexistent/trace.jsonl")
 
 
-def _trace() -> Path | None:
-    root = Path(__file__).resolve().parents[1]
-    for d in (root.parent / "shared" / "traces", root / "shared" / "traces", os.environ.get("PYLB_TRACES")):
-        if d and (Path(d) / "mooncake_conversation_trace.jsonl").is_file():
-            return Path(d) / "mooncake_conversation_trace.jsonl"
-    return None
-
-
-def test_real_trace_head() -> None:
-    path = _trace()
-    if path is None:
-        pytest.skip("Mooncake trace not found (../shared/traces or $PYLB_TRACES)")
+def test_real_trace_head(mooncake_trace: Path) -> None:
+    path = mooncake_trace
     reqs = load_mooncake(path, limit=50)
     assert len(reqs) == 50
     texts = [r.prompt_text().encode() for r in reqs]

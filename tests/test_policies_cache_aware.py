@@ -17,10 +17,11 @@ from collections.abc import Iterable
 
 import numpy as np
 import pytest
-from policy_fakes import FakeView, replicas, request, text
+from policy_fakes import FakeView, choose, replicas, request, text, write
 
 from pylb.router.interface import ReplicaId, RouterOptions, RoutingRequest
-from pylb.router.policies.cache_aware import ApproxTree, CacheAwarePolicy, _Node
+from pylb.router.policies.cache_aware import CacheAwarePolicy
+from pylb.router.radix_tree import ApproxTree, _Node
 from pylb.router.policy import Choice, RouterView
 
 _ROOT = -1
@@ -92,18 +93,23 @@ class ReferenceTree:
 
 
 class ReferencePolicy(CacheAwarePolicy):
-    """The policy's decision rule written plainly over the reference tree."""
+    """The policy's decision rule written plainly over the reference tree, in one step: evict,
+    match, insert, all in `choose` (the policy splits this into advance / choose / on_choice)."""
 
     def __init__(self, options: RouterOptions) -> None:
         super().__init__(options)
         self.tree = ReferenceTree()  # type: ignore[assignment]
 
+    def advance(self, now: float) -> None:
+        pass  # done in choose
+
+    def on_choice(self, request: RoutingRequest, choice: Choice, view: RouterView) -> None:
+        pass  # done in choose
+
     def choose(self, request: RoutingRequest, view: RouterView) -> Choice:
         names = [r.name for r in view.replicas]
-        if self._members != frozenset(names):
-            self.on_membership(names)
         now = view.now
-        self._maybe_evict(now)
+        CacheAwarePolicy.advance(self, now)
         hashes: list[int] = request.block_hashes.tolist()
         loads = [r.load for r in view.replicas]
         if self.is_imbalanced(loads):
@@ -230,11 +236,11 @@ def _drive(policy: CacheAwarePolicy, reqs: list[RoutingRequest], seed: int) -> l
     for k, req in enumerate(reqs):
         view.now += rng.choice((0.0, 0.2, 0.5, 3.0))
         for r in view.replicas:
-            r.inflight_requests = rng.choice((0, 0, 1, 2, 4, 9))
+            write(r, inflight_requests=rng.choice((0, 0, 1, 2, 4, 9)))
         if k == len(reqs) // 2:  # membership change: replica-1 leaves, replica-4 joins
             view.set_members(["replica-0", "replica-2", "replica-3", "replica-4"])
             policy.on_membership([r.name for r in view.replicas])
-        choice = policy.choose(req, view)
+        choice = choose(policy, req, view)
         out.append((view.replicas[choice.replica].name, choice.branch))
     return out
 

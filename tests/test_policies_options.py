@@ -8,8 +8,10 @@ both from a spec and from `RouterOptions.extra` (how `pylb serve` passes `router
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
-from policy_fakes import FakeView, metrics, replicas, request, text
+from policy_fakes import FakeView, choose, metrics, replicas, request, text, write
 
 from pylb.router import registry
 from pylb.router.core import CoreRouter
@@ -18,7 +20,7 @@ from pylb.router.policies.cache_aware import CacheAwarePolicy
 from pylb.router.policies.chwbl import ChwblPolicy, prefix_key
 from pylb.router.policies.preble_e2 import PrebleE2Policy
 from pylb.router.policies.weighted_score import WeightedScorePolicy
-from pylb.router.policy import OptionLimits, Policy, PolicyOptionError
+from pylb.router.policy import Policy, PolicyOptionError
 
 NAMES4 = ["replica-0", "replica-1", "replica-2", "replica-3"]
 BASELINES = {"chwbl": ChwblPolicy, "cache-aware": CacheAwarePolicy, "weighted-score": WeightedScorePolicy,
@@ -55,7 +57,7 @@ def test_baselines_declare_their_published_parameters(name: str) -> None:
 def test_defaults_are_within_their_limits(name: str) -> None:
     cls = registry.policy_class(name)
     assert cls is not None
-    assert set(cls.option_limits) <= set(cls.option_defaults)
+    assert cls.Options is None or set(cls.option_defaults) == {f.name for f in dataclasses.fields(cls.Options)}
     for key, default in cls.option_defaults.items():
         assert cls.check_option(key, default) == default
         assert cls.check_option(key, str(default).lower()) == default  # the spec's text form
@@ -71,41 +73,44 @@ def test_policy_modules_document_every_option(name: str) -> None:
         assert f"`{key}`" in doc, key
 
 
-def test_option_limits_describe_themselves() -> None:
-    assert OptionLimits(min=1.0).describe(0.5) == "a number >= 1"
-    assert OptionLimits(min=0).describe(-1) == "an integer >= 0"
-    assert OptionLimits(min=0.0, min_open=True).describe(0.0) == "a number > 0"
-    assert OptionLimits(min=0.0, max=1.0).describe(2.0) == "a number in [0, 1]"
-    assert OptionLimits(choices=("a", "b")).describe("c") == "one of a, b"
-    assert OptionLimits(min=0.0, min_open=True).allows(0.1) and not OptionLimits(min=0.0, min_open=True).allows(0.0)
+def test_options_are_declared_like_every_setting() -> None:
+    """Each option is a `pylb.fields.setting`: a default, a help line, and its check."""
+    for name in registry.names():
+        cls = registry.policy_class(name)
+        if cls is None or cls.Options is None:
+            continue
+        for f in dataclasses.fields(cls.Options):
+            assert f.metadata.get("help"), f"{name}: option {f.name} has no help"
 
 
 # ---- bad values ------------------------------------------------------------------------------
 
 BAD = [
-    ("chwbl", "load_factor", "0.9", "a number >= 1"),
-    ("chwbl", "replication", "0", "an integer >= 1"),
-    ("chwbl", "prefix_blocks", "1.5", "an integer"),
-    ("cache-aware", "cache_threshold", "1.5", "a number in [0, 1]"),
-    ("cache-aware", "balance_abs_threshold", "-1", "an integer >= 0"),
-    ("cache-aware", "balance_rel_threshold", "0.5", "a number >= 1"),
-    ("cache-aware", "eviction_interval_secs", "-60", "a number >= 0"),
-    ("cache-aware", "max_tree_size", "lots", "an integer"),
-    ("cache-aware", "low_match", "random", "one of smallest-tree, min-load"),
-    ("weighted-score", "queue_weight", "-2", "a number >= 0"),
-    ("weighted-score", "kv_cache_weight", "-0.5", "a number >= 0"),
-    ("weighted-score", "prefix_weight", "nan", "a finite number"),
-    ("weighted-score", "max_prefix_blocks", "0", "an integer >= 1"),
-    ("weighted-score", "lru_capacity_per_server", "0", "an integer >= 1"),
-    ("weighted-score", "auto_tune", "maybe", "true or false"),
-    ("preble-e2", "window_s", "0", "a number > 0"),
-    ("preble-e2", "rebalance_ratio", "0.5", "a number >= 1"),
+    ("chwbl", "load_factor", "0.9", "must be at least 1"),
+    ("chwbl", "replication", "0", "must be at least 1"),
+    ("chwbl", "load_factor", "inf", "expected a finite number"),
+    ("chwbl", "prefix_blocks", "1.5", "expected an integer"),
+    ("cache-aware", "cache_threshold", "1.5", "must be in [0, 1]"),
+    ("cache-aware", "balance_abs_threshold", "-1", "must be at least 0"),
+    ("cache-aware", "balance_rel_threshold", "0.5", "must be at least 1"),
+    ("cache-aware", "eviction_interval_secs", "-60", "must be zero or a positive number"),
+    ("cache-aware", "max_tree_size", "lots", "expected an integer"),
+    ("cache-aware", "low_match", "random", "must be one of smallest-tree, min-load"),
+    ("weighted-score", "queue_weight", "-2", "must be zero or a positive number"),
+    ("weighted-score", "kv_cache_weight", "-0.5", "must be zero or a positive number"),
+    ("weighted-score", "prefix_weight", "nan", "expected a number, not NaN"),
+    ("weighted-score", "prefix_weight", "inf", "must be zero or a positive number"),
+    ("weighted-score", "max_prefix_blocks", "0", "must be at least 1"),
+    ("weighted-score", "lru_capacity_per_server", "0", "must be at least 1"),
+    ("weighted-score", "auto_tune", "maybe", "expected a boolean (true/false)"),
+    ("preble-e2", "window_s", "0", "must be a positive number"),
+    ("preble-e2", "rebalance_ratio", "0.5", "must be at least 1"),
 ]
 
 
 @pytest.mark.parametrize(("name", "key", "value", "expected"), BAD)
 def test_bad_values_name_policy_option_and_value(name: str, key: str, value: str, expected: str) -> None:
-    message = f"policy {name!r}: option {key}={value!r}: expected {expected}"
+    message = f"policy {name!r}: option {key}={value!r}: {expected}"
     with pytest.raises(PolicyOptionError) as spec_error:
         registry.create(f"{name}:{key}={value}", RouterOptions())
     assert str(spec_error.value) == message
@@ -117,9 +122,9 @@ def test_bad_values_name_policy_option_and_value(name: str, key: str, value: str
 
 
 def test_typed_values_in_extra_are_checked_too() -> None:
-    with pytest.raises(ValueError, match=r"policy 'chwbl': option load_factor=0.5: expected a number >= 1"):
+    with pytest.raises(ValueError, match=r"policy 'chwbl': option load_factor=0.5: must be at least 1"):
         ChwblPolicy(RouterOptions(extra={"load_factor": 0.5}))
-    with pytest.raises(ValueError, match=r"policy 'weighted-score': option prefix_weight=-3: expected a number >= 0"):
+    with pytest.raises(ValueError, match=r"policy 'weighted-score': option prefix_weight=-3: must be zero or a positive number"):
         WeightedScorePolicy(RouterOptions(extra={"prefix_weight": -3}))
     with pytest.raises(ValueError, match=r"policy 'cache-aware': option max_tree_size=True: expected an integer"):
         CacheAwarePolicy(RouterOptions(extra={"max_tree_size": True}))
@@ -139,7 +144,7 @@ def test_chwbl_load_factor_changes_when_the_owner_is_full() -> None:
         req = request(text("conversation", 4))
         order = policy.ring.walk(prefix_key(req, 2))
         by_name = {order[0]: 13, order[1]: 10, order[2]: 10, order[3]: 10}
-        choice = policy.choose(req, FakeView(replicas(NAMES4, [by_name[n] for n in NAMES4])))
+        choice = choose(policy, req, FakeView(replicas(NAMES4, [by_name[n] for n in NAMES4])))
         return NAMES4[choice.replica], choice.branch
 
     policy = policy_of("chwbl")
@@ -162,10 +167,12 @@ def test_chwbl_prefix_blocks_sets_the_key_length() -> None:
     a, b = request(text("same", 1) + text("a", 2), "a"), request(text("same", 1) + text("b", 2), "b")
     view = FakeView(replicas([f"replica-{i}" for i in range(16)]))
     one = policy_of("chwbl:prefix_blocks=1")
-    assert one.choose(a, view).replica == one.choose(b, view).replica  # one shared block: one key
+    one.on_membership([r.name for r in view.replicas])
+    assert choose(one, a, view).replica == choose(one, b, view).replica  # one shared block: one key
     two = policy_of("chwbl")
+    two.on_membership([r.name for r in view.replicas])
     # With two-block keys the two prompts have different keys (and, for these, different owners).
-    assert two.choose(a, view).replica != two.choose(b, view).replica
+    assert choose(two, a, view).replica != choose(two, b, view).replica
 
 
 # ---- cache-aware -----------------------------------------------------------------------------
@@ -185,7 +192,7 @@ def test_cache_aware_cache_threshold(spec: str, expected: tuple[int, str]) -> No
     policy.tree.insert(request(text("sys", 3) + text("a", 7)).block_hashes.tolist(), "replica-0", 0.0)
     policy.tree.insert(request(text("b", 5)).block_hashes.tolist(), "replica-1", 0.0)
     # 3 of 10 blocks match replica-0: 0.3 is not > 0.3, but it is > 0.25.
-    choice = policy.choose(request(text("sys", 3) + text("z", 7)), view)
+    choice = choose(policy, request(text("sys", 3) + text("z", 7)), view)
     assert (choice.replica, choice.branch) == expected
 
 
@@ -201,10 +208,10 @@ def test_cache_aware_cache_threshold(spec: str, expected: tuple[int, str]) -> No
 def test_cache_aware_balance_thresholds(spec: str, loads: list[int], branch: str) -> None:
     policy, view = _cache_aware(spec, ["replica-0", "replica-1"])
     for r, load in zip(view.replicas, loads):
-        r.inflight_requests = load
+        write(r, inflight_requests=load)
     req = request(text("sys", 8))
     policy.tree.insert(req.block_hashes.tolist(), "replica-0", 0.0)
-    assert policy.choose(req, view).branch == branch
+    assert choose(policy, req, view).branch == branch
 
 
 @pytest.mark.parametrize(("spec", "size_after"), [
@@ -216,26 +223,26 @@ def test_cache_aware_balance_thresholds(spec: str, loads: list[int], branch: str
 def test_cache_aware_eviction_options(spec: str, size_after: int) -> None:
     policy, view = _cache_aware(spec, ["replica-0"])
     tiny = request(b"short")
-    policy.choose(tiny, view)  # arms the eviction timer at t = 0
+    choose(policy, tiny, view)  # arms the eviction timer at t = 0
     policy.tree.insert(request(text("old", 4)).block_hashes.tolist(), "replica-0", 1.0)
     policy.tree.insert(request(text("new", 4)).block_hashes.tolist(), "replica-0", 2.0)
     view.now = 60.0
-    policy.choose(tiny, view)
+    choose(policy, tiny, view)
     assert policy.tree.size("replica-0") == size_after
 
 
 def test_cache_aware_low_match_option() -> None:
     policy, view = _cache_aware("cache-aware:low_match=min-load", NAMES4)
     for r, load in zip(view.replicas, [3, 1, 0, 2]):
-        r.inflight_requests = load
+        write(r, inflight_requests=load)
     policy.tree.insert(request(text("c", 9)).block_hashes.tolist(), "replica-1", 0.0)
     policy.tree.insert(request(text("d", 9)).block_hashes.tolist(), "replica-2", 0.0)
     # smallest-tree would pick replica-0 (empty tree); min-load picks replica-2 (load 0).
-    assert policy.choose(request(text("new", 4)), view).replica == 2
+    assert choose(policy, request(text("new", 4)), view).replica == 2
     policy, view = _cache_aware("cache-aware", NAMES4)
     policy.tree.insert(request(text("c", 9)).block_hashes.tolist(), "replica-1", 0.0)
     policy.tree.insert(request(text("d", 9)).block_hashes.tolist(), "replica-2", 0.0)
-    assert policy.choose(request(text("new", 4)), view).replica == 0
+    assert choose(policy, request(text("new", 4)), view).replica == 0
 
 
 # ---- weighted-score --------------------------------------------------------------------------
@@ -247,9 +254,9 @@ def _scored(spec: str) -> list[float]:
     policy = policy_of(spec)
     assert isinstance(policy, WeightedScorePolicy)
     rs = replicas(["a", "b", "c"])
-    rs[0].metrics = metrics(waiting=0, kv_usage=0.5)
-    rs[1].queued_requests, rs[1].metrics = 1, metrics(waiting=1, kv_usage=0.25)
-    rs[2].queued_requests, rs[2].metrics = 4, metrics(waiting=0, kv_usage=0.0)
+    write(rs[0], metrics=metrics(waiting=0, kv_usage=0.5))
+    write(rs[1], queued_requests=1, metrics=metrics(waiting=1, kv_usage=0.25))
+    write(rs[2], queued_requests=4, metrics=metrics(waiting=0, kv_usage=0.0))
     policy.on_membership(["a", "b", "c"])
     req = request(text("p", 4))
     policy.index.add(req.block_hashes[:2].tolist(), "c", 100)
@@ -276,13 +283,13 @@ def test_weighted_score_max_prefix_blocks() -> None:
 
 def test_weighted_score_lru_capacity_and_auto_tune() -> None:
     rs = replicas(["a"])
-    rs[0].metrics = metrics(num_gpu_blocks=4)  # autoTune: 4 blocks
+    write(rs[0], metrics=metrics(num_gpu_blocks=4))  # autoTune: 4 blocks
     req = request(text("long", 6))
     for spec, held in (("weighted-score", 4), ("weighted-score:auto_tune=false", 6),
                        ("weighted-score:auto_tune=false:lru_capacity_per_server=3", 3)):  # fmt: skip
         policy = policy_of(spec)
         assert isinstance(policy, WeightedScorePolicy)
-        policy.choose(req, FakeView(rs))
+        choose(policy, req, FakeView(rs))
         assert len(policy.index.lrus["a"]) == held, spec
 
 
@@ -303,16 +310,16 @@ def _preble(spec: str, window: dict[str, int], cached_b: int, **options: object)
 def test_preble_rebalance_ratio() -> None:
     req = request(text("p", 4), prompt_tokens=64)
     policy, view = _preble("preble-e2", {"A": 80, "B": 121, "C": 90}, cached_b=3)
-    assert policy.choose(req, view).replica == 0  # 121 > 1.5 x 80: off B
+    assert choose(policy, req, view).replica == 0  # 121 > 1.5 x 80: off B
     policy, view = _preble("preble-e2:rebalance_ratio=2", {"A": 80, "B": 121, "C": 90}, cached_b=3)
-    assert policy.choose(req, view).replica == 1  # 121 <= 2 x 80: B keeps it
+    assert choose(policy, req, view).replica == 1  # 121 <= 2 x 80: B keeps it
 
 
 def test_preble_window_s() -> None:
     for spec, load_at_11 in (("preble-e2", 1000), ("preble-e2:window_s=10", 0)):
         policy, view = _preble(spec, {"A": 1000}, cached_b=0)
         view.now = 11.0
-        policy.choose(request(b"tiny", prompt_tokens=0), view)
+        choose(policy, request(b"tiny", prompt_tokens=0), view)
         assert policy.load.get("A") == load_at_11, spec
 
 
@@ -320,7 +327,7 @@ def test_preble_chars_per_token() -> None:
     req = request(text("p", 4), prompt_tokens=64)
     # 4 chars per token: B's 3 cached blocks are 48 tokens > 16 missed: exploit B.
     policy, view = _preble("preble-e2", {"A": 0, "B": 0, "C": 0}, cached_b=3)
-    assert policy.choose(req, view).branch == "affinity"
+    assert choose(policy, req, view).branch == "affinity"
     # 8 chars per token (the router-wide RouterOptions.chars_per_token): 3 blocks are 24 tokens < 40 missed: explore.
     policy, view = _preble("preble-e2", {"A": 0, "B": 0, "C": 0}, cached_b=3, chars_per_token=8, key_block_tokens=512)
-    assert policy.choose(req, view).branch == "load"
+    assert choose(policy, req, view).branch == "load"

@@ -13,7 +13,6 @@ import pytest
 from pylb.native import DualRing, PrefixKeyTable
 
 MASK64 = (1 << 64) - 1
-TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
 
 
 def chain(ids: list[int]) -> np.ndarray:
@@ -211,6 +210,28 @@ def test_peek_does_not_record() -> None:
     assert t.fill == 1 and t.count(int(h[0])) == 1
 
 
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("window,min_samples,max_depth", [(8, 2, 4), (25, 5, 6), (200, 20, 16)])
+def test_key_if_recorded_is_exactly_what_key_for_returns(seed: int, window: int, min_samples: int, max_depth: int) -> None:
+    # A stream with a few hot prefixes of several depths, so that windows fill and evict, prefixes
+    # cross both thresholds both ways and entries are counted down to zero.
+    rng = random.Random(seed)
+    t = PrefixKeyTable(window=window, expand_share=0.2, shrink_share=0.1, min_samples=min_samples, max_depth=max_depth)
+    depths = Counter()
+    for _ in range(3000):
+        trunk = rng.choice([[1], [1, 2], [1, 2, 3], [4], [4, 5], [rng.randrange(10, 10**6)]])
+        ids = trunk + [rng.randrange(10**6, 10**9) for _ in range(rng.randrange(0, 4))]
+        h = chain(ids)
+        short = rng.randrange(1, 2**63) if not len(h) else None
+        fill, expanded = t.fill, t.expanded_count
+        predicted = t.key_if_recorded(h, short)
+        assert (t.fill, t.expanded_count) == (fill, expanded)  # it changed nothing
+        got = t.key_for(h, short)
+        assert predicted == got
+        depths[got[1]] += 1
+    assert len(depths) >= 3  # the stream did deepen keys
+
+
 def test_accepts_sequences_and_integer_arrays() -> None:
     t = PrefixKeyTable(min_samples=1)
     h = chain([1, 2])
@@ -286,10 +307,8 @@ def test_counts_match_a_python_model_under_random_streams() -> None:
             assert counts[int(h[depth - 1])] / len(recent) < 0.2
 
 
-@pytest.mark.skipif(not (TRACES / "mooncake_conversation_trace.jsonl").exists(),
-                    reason="../shared/traces/mooncake_conversation_trace.jsonl not present")
-def test_mooncake_trace_keys_leave_the_universal_block() -> None:
-    with open(TRACES / "mooncake_conversation_trace.jsonl") as f:
+def test_mooncake_trace_keys_leave_the_universal_block(mooncake_trace: Path) -> None:
+    with open(mooncake_trace) as f:
         trace = [json.loads(line) for line in f]
     # hash_ids are prefix ids of 512-token blocks (the key block size); the last one is partial.
     t = PrefixKeyTable()

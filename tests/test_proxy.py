@@ -187,7 +187,7 @@ async def test_client_disconnect_aborts_the_request_on_the_replica() -> None:
                 assert srv.engine.num_running == 1
         # the client went away: pylb closes the upstream connection, the replica aborts
         await wait_for(lambda: srv.engine.num_running == 0 and not srv._pending, what="abort on the replica")
-        await wait_for(lambda: proxy.dispatcher.loads[srv.url].inflight == 0, what="pylb accounting")
+        await wait_for(lambda: proxy.dispatcher.load(srv.url).inflight == 0, what="pylb accounting")
         m = await scrape(proxy)
         assert value(m, "pylb_requests_total", endpoint="completions", code="499") == 1
 
@@ -202,7 +202,7 @@ async def test_client_disconnect_during_prefill_aborts_too() -> None:
             with pytest.raises(asyncio.CancelledError):
                 await task
         await wait_for(lambda: rep.aborted == 1, what="abort on the replica")
-        await wait_for(lambda: proxy.dispatcher.loads[rep.url].inflight == 0, what="pylb accounting")
+        await wait_for(lambda: proxy.dispatcher.load(rep.url).inflight == 0, what="pylb accounting")
 
 
 async def stream_until_done(port: int, body: bytes) -> bytes:

@@ -109,7 +109,7 @@ async def test_429_when_the_queue_is_full_and_504_on_queue_timeout() -> None:
         router.open = True
         proxy.dispatcher._poll(proxy.dispatcher.now())
         assert proxy.dispatcher.queue_depth == 0 and rep.requests == []
-        assert all(load.inflight == 0 for load in proxy.dispatcher.loads.values())
+        assert proxy.dispatcher.load(rep.url).inflight == 0
         m = await scrape(proxy)
         assert value(m, "pylb_requests_total", endpoint="completions", code="429") == 1
         assert value(m, "pylb_requests_total", endpoint="completions", code="504") == 2
@@ -396,7 +396,7 @@ async def test_a_killed_replica_process_mid_run(tmp_path) -> None:  # noqa: ANN0
                     return r.headers["x-pylb-replica"], await r.read()
 
             tasks = [asyncio.create_task(stream()) for _ in range(6)]
-            await wait_for(lambda: proxy.dispatcher.loads.get(victim_url) and proxy.dispatcher.loads[victim_url].inflight > 0, what="streams")
+            await wait_for(lambda: proxy.dispatcher.load(victim_url).inflight > 0, what="streams")
             await asyncio.sleep(0.3)
             procs[0].send_signal(signal.SIGKILL)
             results = await asyncio.gather(*tasks)

@@ -9,7 +9,7 @@ import pytest
 
 from pylb import native
 from pylb.router.prefix import short_key
-from pylb.router.request import CHAT, COMPLETIONS, RequestError, RequestLimits, build_request, parse_json_body, render_chat
+from pylb.router.request import CHAT, COMPLETIONS, RequestError, RequestLimits, build_request, parse_json_body, canonical_chat_text
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 8  # 360 bytes: 5 full 64-byte blocks
 
@@ -69,7 +69,7 @@ def test_chat_rendering_extends_turn_by_turn() -> None:
     reply = {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]}
     turn2 = [*turn1, reply, {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
     turn3 = [*turn2, {"role": "assistant", "content": "Sunny."}, {"role": "user", "content": [{"type": "text", "text": "And "}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]
-    texts = [render_chat(t, tools) for t in (turn1, turn2, turn3)]
+    texts = [canonical_chat_text(t, tools) for t in (turn1, turn2, turn3)]
     assert texts[1].startswith(texts[0]) and texts[2].startswith(texts[1])
     assert texts[0].startswith("<|tools|>\n")  # tool definitions first
     assert '<|tool_call|>get_weather({"city":"Paris"})' in texts[1]
@@ -94,7 +94,7 @@ def test_prompt_hash_is_xxh3_of_the_hashed_prompt() -> None:
     assert req(COMPLETIONS, {"prompt": [[7, 8, 9], [1]]}).prompt_hash == native.xxh3_64(np.asarray([7, 8, 9], dtype=np.uint32))
     # chat: the canonical rendering
     msgs = [{"role": "user", "content": "hi"}]
-    assert req(CHAT, {"messages": msgs}).prompt_hash == native.xxh3_64(render_chat(msgs).encode())
+    assert req(CHAT, {"messages": msgs}).prompt_hash == native.xxh3_64(canonical_chat_text(msgs).encode())
     # surrogates are hashed as the bytes that were block-hashed
     assert req(COMPLETIONS, {"prompt": "a\ud800b"}).prompt_hash == native.xxh3_64("a\ud800b".encode("utf-8", "surrogatepass"))
 
@@ -119,29 +119,29 @@ def test_chat_turns_still_extend_with_prompt_hash() -> None:
     r1, r2 = (req(CHAT, {"messages": t}) for t in (turn1, turn2))
     assert len(r1.block_hashes) >= 2
     np.testing.assert_array_equal(r2.block_hashes[: len(r1.block_hashes)], r1.block_hashes)
-    assert r1.prompt_hash == native.xxh3_64(render_chat(turn1).encode())
-    assert r2.prompt_hash == native.xxh3_64(render_chat(turn2).encode()) != r1.prompt_hash
+    assert r1.prompt_hash == native.xxh3_64(canonical_chat_text(turn1).encode())
+    assert r2.prompt_hash == native.xxh3_64(canonical_chat_text(turn2).encode()) != r1.prompt_hash
 
 
 def test_chat_render_exact() -> None:
     msgs = [{"role": "user", "name": "ann", "content": "hi"}, {"role": "assistant", "content": "yo"}]
-    assert render_chat(msgs) == "<|user:ann|>\nhi\n<|assistant|>\nyo\n"
+    assert canonical_chat_text(msgs) == "<|user:ann|>\nhi\n<|assistant|>\nyo\n"
     # tool definitions are canonical JSON: key order does not matter
     t1 = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     t2 = [{"function": {"parameters": {}, "name": "f"}, "type": "function"}]
-    assert render_chat(msgs, t1) == render_chat(msgs, t2)
+    assert canonical_chat_text(msgs, t1) == canonical_chat_text(msgs, t2)
 
 
 def test_chat_tokens_and_max_tokens() -> None:
     body = {"messages": [{"role": "user", "content": "x" * 100}]}
     r = req(CHAT, body)
-    assert r.prompt_tokens == -(-len(render_chat(body["messages"]).encode()) // 4)
+    assert r.prompt_tokens == -(-len(canonical_chat_text(body["messages"]).encode()) // 4)
     assert r.max_tokens == 1024  # chat_default_max_tokens
     assert req(CHAT, {**body, "max_tokens": 9}).max_tokens == 9
     assert req(CHAT, {**body, "max_tokens": 9, "max_completion_tokens": 3}).max_tokens == 3
     assert req(CHAT, {**body, "max_tokens": 9, "n": 3}).max_tokens == 27
     uni = req(CHAT, {"messages": [{"role": "user", "content": "é" * 10}]})
-    assert uni.prompt_tokens == -(-len(render_chat([{"role": "user", "content": "é" * 10}]).encode()) // 4)
+    assert uni.prompt_tokens == -(-len(canonical_chat_text([{"role": "user", "content": "é" * 10}]).encode()) // 4)
 
 
 @pytest.mark.parametrize(

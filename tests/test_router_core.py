@@ -5,61 +5,18 @@ membership changes."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import numpy as np
 import pytest
 
 from fake_fleet import FakeFleet, prefix_workload
+from policy_fakes import Fixed, core, ids, req
+from pylb.fields import SettingError
 from pylb.router import registry
 from pylb.router.core import CoreRouter, PolicyContractError
-from pylb.router.interface import Dispatch, ReplicaId, ReplicaMetrics, RouterOptions, RoutingRequest, Usage
-from pylb.router.policy import Choice, Policy, PolicyOptionError, RouterView
+from pylb.router.interface import ReplicaMetrics, RouterOptions, RoutingRequest, Usage
+from pylb.router.policy import Choice, PolicyOptionError, RouterView
 from pylb.router.ttft import PrefillTimeEstimator, blended
-
-
-class Fixed(Policy):
-    """Sends request "<replica>/<name>" to that replica index, with an optional alternate "<r>/<name>/<alt>"."""
-
-    name = "fixed"
-
-    def __init__(self, options: RouterOptions, migrates: bool = False, neighbours: bool = True) -> None:
-        super().__init__(options)
-        self.migrates = migrates  # type: ignore[misc]
-        self.migrates_to_neighbours = neighbours  # type: ignore[misc]
-        self.memberships: list[list[str]] = []
-        self.dispatched: list[tuple[str, int]] = []
-        self.completed: list[tuple[str, int]] = []
-
-    def on_membership(self, replicas: Sequence[ReplicaId]) -> None:
-        self.memberships.append(list(replicas))
-
-    def choose(self, request: RoutingRequest, view: RouterView) -> Choice:
-        parts = request.request_id.split("/")
-        r = int(parts[0]) % len(view.replicas)
-        alt = int(parts[2]) if len(parts) > 2 else None
-        return Choice(r, alt, branch="affinity")
-
-    def on_dispatch(self, request: RoutingRequest, replica: int, view: RouterView) -> None:
-        self.dispatched.append((request.request_id, replica))
-
-    def on_complete(self, request_id: str, replica: int, view: RouterView) -> None:
-        self.completed.append((request_id, replica))
-
-
-def req(rid: str, tokens: int = 100, arrival: float = 0.0, priority: int = 0, hashes: Sequence[int] = ()) -> RoutingRequest:
-    return RoutingRequest(rid, np.array(hashes, dtype=np.uint64), tokens, 4, arrival, priority=priority)
-
-
-def core(n: int = 2, migrates: bool = False, neighbours: bool = True, **opts: object) -> CoreRouter:
-    o = RouterOptions(**opts)  # type: ignore[arg-type]
-    r = CoreRouter(Fixed(o, migrates, neighbours), o)
-    r.on_membership([f"r{i}" for i in range(n)], 0.0)
-    return r
-
-
-def ids(ds: list[Dispatch]) -> list[str]:
-    return [d.request_id for d in ds]
 
 
 # ---- dispatch budgets and re-checks ------------------------------------------------------------
@@ -387,8 +344,13 @@ def test_policy_answers_are_checked() -> None:
 
 
 def test_router_options_are_validated() -> None:
-    with pytest.raises(ValueError, match="max_unprefilled_tokens must be a positive integer, got 0"):
+    with pytest.raises(SettingError, match="RouterOptions.max_unprefilled_tokens must be at least 1, got 0") as info:
         RouterOptions(max_unprefilled_tokens=0)
+    assert (info.value.field, info.value.value) == ("RouterOptions.max_unprefilled_tokens", 0)
+    with pytest.raises(SettingError, match="RouterOptions.seed expected an integer, got 1.5"):
+        RouterOptions(seed=1.5)  # type: ignore[arg-type]
+    with pytest.raises(SettingError, match="RouterOptions.queue_order must be one of cheapest, cached, fifo"):
+        RouterOptions(queue_order="lifo")
     with pytest.raises(ValueError, match="slo_ttft"):
         RouterOptions(slo_ttft=math.nan)
     with pytest.raises(ValueError, match="whole number of router blocks"):
@@ -405,7 +367,7 @@ def test_policy_specs() -> None:
     assert isinstance(router, CoreRouter) and router.policy.slo_switch == "off" and router.policy.migrates is True
     with pytest.raises(PolicyOptionError, match="has no option 'nope'"):
         registry.parse_spec("dualmap:nope=1")
-    with pytest.raises(PolicyOptionError, match="expected true or false"):
+    with pytest.raises(PolicyOptionError, match="expected a boolean \\(true/false\\)"):
         registry.parse_spec("dualmap:migration=maybe")
     with pytest.raises(PolicyOptionError, match="round-robin.*has no option"):
         registry.parse_spec("round-robin:x=1")

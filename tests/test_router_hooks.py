@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from test_router_core import core, ids, req
+from policy_fakes import core, ids, req
 
 from pylb.router import registry
 from pylb.router.interface import RouterOptions

@@ -196,8 +196,8 @@ def test_baseline_policy_options_from_the_command_line(trace: Path, fast_profile
     assert all(r["completed"] == 60 for r in doc["runs"])
     for spec, needles in (
         ("cache-aware:cache_threshold=2", ["--policy", "'cache-aware'", "cache_threshold='2'", "in [0, 1]"]),
-        ("chwbl:load_factor=0.5", ["--policy", "'chwbl'", "load_factor='0.5'", ">= 1"]),
-        ("weighted-score:queue_weight=-1", ["--policy", "'weighted-score'", "queue_weight='-1'", ">= 0"]),
+        ("chwbl:load_factor=0.5", ["--policy", "'chwbl'", "load_factor='0.5'", "must be at least 1"]),
+        ("weighted-score:queue_weight=-1", ["--policy", "'weighted-score'", "queue_weight='-1'", "must be zero or a positive number"]),
         ("preble-e2:rebalance_ratio=fast", ["--policy", "'preble-e2'", "rebalance_ratio='fast'", "a number"]),
     ):
         capsys.readouterr()

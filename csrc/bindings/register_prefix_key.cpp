@@ -60,6 +60,14 @@ py::tuple peek(const PrefixKeyTable& t, const py::handle& boundary_hashes, const
   return py::make_tuple(k.key, k.depth);
 }
 
+py::tuple key_if_recorded(const PrefixKeyTable& t, const py::handle& boundary_hashes, const std::optional<std::uint64_t>& short_key) {
+  const HashArray h = as_hashes(boundary_hashes, "boundary_hashes");
+  const auto n = static_cast<std::size_t>(h.size());
+  const std::uint64_t sk = short_key_or_raise(n, short_key);
+  const PrefixKey k = t.key_if_recorded(h.data(), n, sk);
+  return py::make_tuple(k.key, k.depth);
+}
+
 py::array_t<std::int64_t> depth_counts(const PrefixKeyTable& t) {
   const auto& hist = t.depth_counts();
   py::array_t<std::int64_t> out(static_cast<py::ssize_t>(hist.size()));
@@ -80,6 +88,16 @@ std::string repr(const PrefixKeyTable& t) {
 }  // namespace
 
 void register_prefix_key(py::module_& m) {
+  // The parameters' defaults are written once, in PrefixKeyParams; Python reads them from here.
+  const PrefixKeyParams d{};
+  py::dict defaults;
+  defaults["window"] = d.window;
+  defaults["expand_share"] = d.expand_share;
+  defaults["shrink_share"] = d.shrink_share;
+  defaults["min_samples"] = d.min_samples;
+  defaults["max_depth"] = d.max_depth;
+  m.attr("PREFIX_KEY_DEFAULTS") = defaults;
+
   py::class_<PrefixKeyTable>(m, "PrefixKeyTable", R"doc(
 DualMap's adaptive prefix key (arXiv 2602.06502): a sliding window of recent requests decides how
 many key blocks (512 tokens each by default) of a prompt form its routing key.
@@ -94,8 +112,8 @@ requests (while the window fills, 2 requests of a prefix expand it), and keys ne
 key block size), so boundary_hashes[d-1] names the whole prefix of depth d and is the key at depth
 d. Not thread-safe: one router owns one table.
 )doc")
-      .def(py::init(&make_table), py::arg("window") = 200, py::arg("expand_share") = 0.0612,
-           py::arg("shrink_share") = 0.02, py::arg("min_samples") = 20, py::arg("max_depth") = 16,
+      .def(py::init(&make_table), py::arg("window") = d.window, py::arg("expand_share") = d.expand_share,
+           py::arg("shrink_share") = d.shrink_share, py::arg("min_samples") = d.min_samples, py::arg("max_depth") = d.max_depth,
            "Raises ValueError naming the field unless window >= 1, 0 < shrink_share <= expand_share <= 1, "
            "min_samples >= 1, max_depth >= 1 and window * max_depth <= 2**24.")
       .def("key_for", &key_for, py::arg("boundary_hashes"), py::arg("short_key") = py::none(),
@@ -110,6 +128,10 @@ and omitting it with an empty boundary_hashes raises ValueError.)doc")
       .def("peek", &peek, py::arg("boundary_hashes"), py::arg("short_key") = py::none(),
            "The (key, depth) key_for would return with the window as it stands, without recording the "
            "request (its own count is not included). For what-if queries.")
+      .def("key_if_recorded", &key_if_recorded, py::arg("boundary_hashes"), py::arg("short_key") = py::none(),
+           "Exactly the (key, depth) key_for would return now, without recording the request: a router "
+           "chooses with it and records with key_for once the choice stands (so choosing has no side "
+           "effect, and a request chosen twice is counted once).")
       .def("count", &PrefixKeyTable::count, py::arg("prefix"),
            "Number of requests in the window that hold `prefix` (a boundary hash) at depth <= max_depth.")
       .def("is_expanded", &PrefixKeyTable::is_expanded, py::arg("prefix"),

@@ -45,12 +45,16 @@ PrefixKeyTable::PrefixKeyTable(const PrefixKeyParams& params) : params_(params) 
   counts_.reserve(std::min<std::size_t>(p.window * p.max_depth, 4096));
 }
 
-bool PrefixKeyTable::hot(const FlatU64Map::Slot* s) const noexcept {
-  if (s == nullptr || fill_ == 0) return false;
+bool PrefixKeyTable::hot_rule(std::size_t count, bool expanded, std::size_t fill) const noexcept {
+  if (fill == 0) return false;
   // shares of a window still filling are judged against min_samples requests (the header says why)
-  const double share = static_cast<double>(s->value) / static_cast<double>(std::max(fill_, params_.min_samples));
-  if (s->extra != 0) return share >= params_.shrink_share;  // expanded: stays until below the floor
+  const double share = static_cast<double>(count) / static_cast<double>(std::max(fill, params_.min_samples));
+  if (expanded) return share >= params_.shrink_share;  // expanded: stays until below the floor
   return share >= params_.expand_share;
+}
+
+bool PrefixKeyTable::hot(const FlatU64Map::Slot* s) const noexcept {
+  return s != nullptr && hot_rule(s->value, s->extra != 0, fill_);
 }
 
 void PrefixKeyTable::update_flag(FlatU64Map::Slot* s) noexcept {
@@ -124,6 +128,33 @@ PrefixKey PrefixKeyTable::peek(const std::uint64_t* hashes, std::size_t n, std::
   if (n == 0) return PrefixKey{short_key, 0};
   std::size_t d = 1;
   while (d < n && d < params_.max_depth && hot(counts_.find(hashes[d - 1]))) ++d;
+  return PrefixKey{hashes[d - 1], d};
+}
+
+PrefixKey PrefixKeyTable::key_if_recorded(const std::uint64_t* hashes, std::size_t n, std::uint64_t short_key) const {
+  if (n == 0) return PrefixKey{short_key, 0};
+  // key_for's steps, replayed for each prefix the walk visits (every one is among the request's
+  // counted prefixes): the eviction of the oldest slot of a full window, then the request's own
+  // count, each followed by the flag update key_for makes; the walk's own update repeats the last
+  // one and changes nothing.
+  const bool full = fill_ == params_.window;
+  const std::size_t fill_after = full ? fill_ : fill_ + 1;
+  const std::uint64_t* evicted = full ? &slot_prefixes_[next_ * params_.max_depth] : nullptr;
+  const std::uint32_t evicted_len = full ? slot_len_[next_] : 0;
+  std::size_t d = 1;
+  while (d < n && d < params_.max_depth) {
+    const std::uint64_t p = hashes[d - 1];
+    const FlatU64Map::Slot* s = counts_.find(p);
+    std::size_t c = s == nullptr ? 0 : s->value;
+    bool expanded = s != nullptr && s->extra != 0;
+    if (c > 0 && std::find(evicted, evicted + evicted_len, p) != evicted + evicted_len) {
+      --c;
+      expanded = c == 0 ? false : hot_rule(c, expanded, fill_);  // an entry counted to 0 is erased
+    }
+    expanded = hot_rule(c + 1, expanded, fill_after);
+    if (!expanded) break;
+    ++d;
+  }
   return PrefixKey{hashes[d - 1], d};
 }
 

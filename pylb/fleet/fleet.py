@@ -2,7 +2,7 @@
 
 Design
 ------
-`Fleet` owns one `ReplicaState` per configured backend (a static list; discovery can feed the
+`Fleet` owns one `FleetReplica` per configured backend (a static list; discovery can feed the
 same object later) and two background tasks on the proxy's event loop, with their own small
 aiohttp session (two connections per replica, so probes never wait behind data-path traffic):
 
@@ -57,7 +57,7 @@ log = logging.getLogger("pylb.fleet")
 
 
 @dataclass(slots=True)
-class ReplicaState:
+class FleetReplica:
     """What the fleet knows about one replica."""
 
     url: str
@@ -94,7 +94,7 @@ class Fleet:
         self._on_membership = on_membership
         self._on_metrics = on_metrics
         self._clock = clock
-        self.replicas: dict[str, ReplicaState] = {url.rstrip("/"): ReplicaState(url.rstrip("/")) for url in settings.backends}
+        self.replicas: dict[str, FleetReplica] = {url.rstrip("/"): FleetReplica(url.rstrip("/")) for url in settings.backends}
         self._healthy: list[str] = []
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -169,7 +169,7 @@ class Fleet:
         if r.healthy and r.errors_5xx >= self.settings.eject_5xx:
             self._eject(r, "5xx")
 
-    def _eject(self, r: ReplicaState, reason: str) -> None:
+    def _eject(self, r: FleetReplica, reason: str) -> None:
         r.healthy = False
         r.probe_ok = 0
         r.connect_errors = r.errors_5xx = 0
@@ -191,7 +191,7 @@ class Fleet:
         await asyncio.gather(*(self._probe(r) for r in self.replicas.values()))
         self._publish()
 
-    async def _probe(self, r: ReplicaState) -> None:
+    async def _probe(self, r: FleetReplica) -> None:
         assert self._session is not None
         s = self.settings
         ok = False
@@ -237,7 +237,7 @@ class Fleet:
             self.metrics.count_background_error("scrape")
             log.exception("background task failed; it goes on", extra={"task": "scrape", "replica": r.url})
 
-    async def _scrape(self, r: ReplicaState) -> None:
+    async def _scrape(self, r: FleetReplica) -> None:
         assert self._session is not None
         s = self.settings
         try:
@@ -261,7 +261,7 @@ class Fleet:
             self._on_metrics(r.url, m)
 
     @staticmethod
-    def _update_observed(r: ReplicaState, m: ReplicaMetrics) -> None:
+    def _update_observed(r: FleetReplica, m: ReplicaMetrics) -> None:
         """Add the counters' increase since the last scrape (a decrease means a restart: the new
         value is the increase since then)."""
         if r._last_queries is not None and r._last_hits is not None:

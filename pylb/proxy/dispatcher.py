@@ -18,20 +18,19 @@ again when it fires (the "short timer" that re-checks dispatch). Each `Dispatch`
 resolves the waiting request's future; polling inline (instead of in a separate task) saves a
 task switch per event on the request path.
 
-A retried request (its attempt failed before the client got a byte) is submitted again with the
-same id; a router with the optional hook `retry(request, failed_replica, now)` gets that instead
-of `submit`, so that it can send the request to its other candidate.
+A retried request (its attempt failed before the client got a byte) goes to `router.retry`
+with the same id, so that the router can send it to its other candidate.
 
 A request that is abandoned while queued (its client went away, or it waited past the queue
-timeout) is withdrawn with the router's optional `cancel(request_id, now)` when the router has
-one; otherwise it stays queued in the router and, when it is dispatched, is completed at once
-with `usage=None` without being sent (so the router's accounting stays exact either way).
+timeout) is withdrawn with `router.cancel`; when the router cannot withdraw it (cancel answers
+False), it stays queued in the router and, when it is dispatched, is completed at once with
+`usage=None` without being sent (so the router's accounting stays exact either way).
 
-The dispatcher also keeps the proxy's own per-replica accounting (in flight, un-prefilled
-requests and tokens, dispatch counts, predicted cached tokens), which pylb's `/metrics` reports,
-and the recent dispatches for the hotspot factor. When a `Dispatch` carries the optional fields
-`branch` and `cached_tokens` (a router may add them), they are counted too; without a branch, a
-retried request's dispatch counts as "retry" and any other as "unknown".
+Per-replica load (in flight, un-prefilled requests and tokens) and the per-token prefill time
+are the router's: the dispatcher reads them from `router.view` and keeps no copy. It counts only
+what the router does not: dispatches, their prompt tokens and the cached tokens the router
+predicted for them (pylb's `/metrics`), and the recent dispatches for the hotspot factor. A
+dispatch without a branch counts as "retry" for a retried request and as "unknown" otherwise.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pylb.observability.metrics import HOTSPOT_WINDOW, ProxyMetrics, ReplicaLoad
 from pylb.router.interface import Dispatch, ReplicaMetrics, Router, RoutingRequest, Usage
@@ -49,8 +48,8 @@ from pylb.router.interface import Dispatch, ReplicaMetrics, Router, RoutingReque
 log = logging.getLogger("pylb.dispatcher")
 
 
-class QueueFull(Exception):
-    """pylb's queue holds `max_queued` requests already."""
+class QueueLimitReached(Exception):
+    """pylb's queue holds `max_queued` requests already (the proxy answers 429, `errors.QueueFull`)."""
 
 
 class RouterFault(RuntimeError):
@@ -67,10 +66,9 @@ class _Queued:
 
 
 @dataclass(slots=True)
-class _Active:
+class _Sent:
     replica: str
-    unprefilled_tokens: int
-    prefilled: bool = False
+    prefilled: bool = False  # the router got its first token (it gets it at most once)
 
 
 @dataclass
@@ -81,18 +79,18 @@ class Dispatcher:
     metrics: ProxyMetrics
     max_queued: int
     clock: Callable[[], float] = time.monotonic
-    loads: dict[str, ReplicaLoad] = field(default_factory=dict)
+    dispatched: dict[str, ReplicaLoad] = field(default_factory=dict)
+    """Per replica, the dispatch counters (`dispatched`, `dispatched_prompt_tokens`,
+    `predicted_cached_tokens`); `load` adds the router's in-flight numbers."""
 
     def __post_init__(self) -> None:
         self._last = 0.0
         self._queued: dict[str, _Queued] = {}
-        self._active: dict[str, _Active] = {}
+        self._active: dict[str, _Sent] = {}  # dispatched and not complete
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._recent: deque[str] = deque(maxlen=HOTSPOT_WINDOW)
         self._recent_counts: Counter[str] = Counter()
-        self._cancel = getattr(self.router, "cancel", None)
-        self._retry = getattr(self.router, "retry", None)
         self.replicas: list[str] = []
         self.predicted_known = False
         self.closed = False
@@ -118,6 +116,22 @@ class Dispatcher:
         """Whether `request_id` is queued or in flight."""
         return request_id in self._queued or request_id in self._active
 
+    def load(self, replica: str) -> ReplicaLoad:
+        """The replica's load as pylb's `/metrics` reports it: in flight and un-prefilled from the
+        router's view (zero for a replica that is not a member), dispatch counters from here."""
+        out = replace(self.dispatched[replica]) if replica in self.dispatched else ReplicaLoad()
+        s = self.router.view.replica(replica)
+        if s is not None:
+            out.inflight = s.inflight_requests
+            out.unprefilled_requests = s.unprefilled_requests
+            out.unprefilled_tokens = s.unprefilled_tokens
+        return out
+
+    def prefill_seconds_per_token(self, replica: str) -> float | None:
+        """The router's learned per-token prefill time on `replica` (None when not a member)."""
+        s = self.router.view.replica(replica)
+        return None if s is None else s.prefill_seconds_per_token
+
     def hotspot_factor(self) -> float:
         """Replicas x the busiest replica's share of the recent dispatches (0 before any)."""
         n = len(self._recent)
@@ -131,19 +145,18 @@ class Dispatcher:
         """Queue `request` in the router; the future resolves to its Dispatch.
 
         `failed_replica` marks a retry: the request's previous attempt failed there (and was
-        completed with usage None). A router with the optional hook `retry(request,
-        failed_replica, now)` gets that call, so it can place the request on its other candidate;
-        other routers get a plain `submit`. Raises QueueFull past `max_queued`, RouterFault when
-        the router raises."""
+        completed with usage None); the router gets `retry(request, failed_replica, now)`, so it
+        can place the request on its other candidate. Raises QueueLimitReached past `max_queued`,
+        RouterFault when the router raises."""
         if len(self._queued) >= self.max_queued:
-            raise QueueFull()
+            raise QueueLimitReached()
         fut: asyncio.Future[Dispatch] = asyncio.get_running_loop().create_future()
         now = self.now()
         self._queued[request.request_id] = _Queued(request, fut, now, retry=failed_replica is not None)
         t0 = time.perf_counter()
         try:
-            if failed_replica is not None and self._retry is not None:
-                self._retry(request, failed_replica, now)
+            if failed_replica is not None:
+                self.router.retry(request, failed_replica, now)
             else:
                 self.router.submit(request, now)
         except Exception as exc:
@@ -161,39 +174,29 @@ class Dispatcher:
             return
         if not q.future.done():
             q.future.cancel()
-        if self._cancel is not None:
-            try:
-                self._cancel(request_id, self.now())
+        try:
+            if self.router.cancel(request_id, self.now()):
                 del self._queued[request_id]
                 return
-            except Exception:
-                self.metrics.count_background_error("router")
-                log.exception("router.cancel failed; the request will be dropped at dispatch")
+        except Exception:
+            self.metrics.count_background_error("router")
+            log.exception("router.cancel failed; the request will be dropped at dispatch")
         q.abandoned = True
 
     def first_token(self, request_id: str, replica: str) -> None:
         """The request's first token arrived (or its prefill is estimated done)."""
-        a = self._active.get(request_id)
-        if a is None or a.prefilled:
+        sent = self._active.get(request_id)
+        if sent is None or sent.prefilled:
             return
-        a.prefilled = True
-        load = self.loads[a.replica]
-        load.unprefilled_requests -= 1
-        load.unprefilled_tokens -= a.unprefilled_tokens
+        sent.prefilled = True
         now = self.now()
         self._call(self.router.on_first_token, request_id, replica, now)
         self._poll(now)
 
     def complete(self, request_id: str, replica: str, usage: Usage | None) -> None:
         """The request left the replica (usage None: it failed or was aborted)."""
-        a = self._active.pop(request_id, None)
-        if a is None:
+        if self._active.pop(request_id, None) is None:
             return
-        load = self.loads[a.replica]
-        load.inflight -= 1
-        if not a.prefilled:
-            load.unprefilled_requests -= 1
-            load.unprefilled_tokens -= a.unprefilled_tokens
         now = self.now()
         self._call(self.router.on_complete, request_id, replica, now, usage)
         self._poll(now)
@@ -207,8 +210,6 @@ class Dispatcher:
     def on_membership(self, replicas: Sequence[str]) -> None:
         """The healthy replicas changed."""
         self.replicas = list(replicas)
-        for r in replicas:
-            self.loads.setdefault(r, ReplicaLoad())
         now = self.now()
         self._call(self.router.on_membership, list(replicas), now)
         self._poll(now)
@@ -250,21 +251,14 @@ class Dispatcher:
                 log.error("router dispatched an unknown request", extra={"dispatch_id": d.request_id, "replica": d.replica})
                 continue
             req = q.request
-            cached = getattr(d, "cached_tokens", None)
-            if cached is not None:
-                self.predicted_known = True
-            cached = min(int(cached or 0), req.prompt_tokens)
-            load = self.loads.get(d.replica)
-            if load is None:
-                load = self.loads[d.replica] = ReplicaLoad()
-            unpre = req.prompt_tokens - cached
-            load.inflight += 1
-            load.unprefilled_requests += 1
-            load.unprefilled_tokens += unpre
-            load.dispatched += 1
-            load.dispatched_prompt_tokens += req.prompt_tokens
-            load.predicted_cached_tokens += cached
-            self._active[d.request_id] = _Active(d.replica, unpre)
+            self.predicted_known = True
+            counts = self.dispatched.get(d.replica)
+            if counts is None:
+                counts = self.dispatched[d.replica] = ReplicaLoad()
+            counts.dispatched += 1
+            counts.dispatched_prompt_tokens += req.prompt_tokens
+            counts.predicted_cached_tokens += min(d.cached_tokens, req.prompt_tokens)
+            self._active[d.request_id] = _Sent(d.replica)
             if len(self._recent) == self._recent.maxlen:
                 old = self._recent[0]
                 self._recent_counts[old] -= 1
@@ -272,14 +266,11 @@ class Dispatcher:
                     del self._recent_counts[old]
             self._recent.append(d.replica)
             self._recent_counts[d.replica] += 1
-            self.metrics.count_decision(getattr(d, "branch", None) or ("retry" if q.retry else "unknown"))
+            self.metrics.count_decision(d.branch or ("retry" if q.retry else "unknown"))
             self.metrics.queue_wait.observe(now - q.queued_at)
             if q.abandoned or q.future.done():
                 abandoned = True
-                a = self._active.pop(d.request_id)
-                load.inflight -= 1
-                load.unprefilled_requests -= 1
-                load.unprefilled_tokens -= a.unprefilled_tokens
+                del self._active[d.request_id]
                 self._call(self.router.on_complete, d.request_id, d.replica, now, None)
             else:
                 q.future.set_result(d)

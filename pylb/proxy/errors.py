@@ -46,18 +46,6 @@ class ProxyError(Exception):
             self.status = status
 
 
-class BadRequest(ProxyError):
-    """400: the request cannot be routed as sent."""
-
-    status = 400
-
-
-class NotFound(ProxyError):
-    """404: no such path."""
-
-    status = 404
-
-
 class QueueFull(ProxyError):
     """429: pylb's router-side queue is full."""
 

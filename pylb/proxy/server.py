@@ -36,9 +36,8 @@ carries `x-pylb-replica` (the replica's base URL) and `x-request-id`.
 Non-streamed requests and prefill. vLLM sends nothing of a non-streamed answer until it is
 complete, so pylb cannot see when its prefill ended. Two ways were possible: turn the request into
 a streamed one upstream and re-assemble the JSON answer, or estimate. pylb estimates: it fires
-the first-token event at dispatch + prompt tokens x the replica's per-token prefill time, a moving
-average learned from the replica's streamed requests (seeded with `router.prefill_s_per_token`,
-which also seeds the router's own per-token prefill time),
+the first-token event at dispatch + prompt tokens x the replica's per-token prefill time, the one
+the router learns from first tokens (`pylb.router.ttft`, seeded with `router.prefill_s_per_token`),
 or at completion when that comes first. Reasons: the body and the answer stay byte-exact (a
 re-assembled answer would have to reproduce every field vLLM may add -- logprobs, tool calls,
 reasoning content, prompt logprobs, kv_transfer_params -- and follow every vLLM release); the
@@ -83,7 +82,7 @@ import logging
 import math
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -94,7 +93,7 @@ from pylb.config import ConfigError, RouterSettings, Settings
 from pylb.fleet.fleet import Fleet
 from pylb.observability.logging import ACCESS_LOGGER, request_id_var
 from pylb.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from pylb.observability.metrics import ProxyMetrics, ProxySnapshot, ReplicaLoad, ReplicaSnapshot
+from pylb.observability.metrics import ProxyMetrics, ProxySnapshot, ReplicaSnapshot
 from pylb.router import registry
 from pylb.router.interface import Dispatch, Router, RoutingRequest, Usage
 from pylb.router.policy import PolicyOptionError
@@ -124,10 +123,6 @@ CLIENT_HIGH_WATER = 256 * 1024
 
 CLIENT_LOW_WATER = 64 * 1024
 """... and below which it reads again."""
-
-PREFILL_EWMA_WEIGHT = 0.2
-"""Weight of a new observation in the per-replica prefill-time average (non-streamed estimate)."""
-
 
 def _strip(headers: CIMultiDictProxy[str] | CIMultiDict[str], skip: frozenset[str] | set[str]) -> CIMultiDict[str]:
     """A copy of `headers` without `skip` and without the headers the Connection header names."""
@@ -276,7 +271,6 @@ class ProxyServer:
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
         self._in_progress = 0
-        self._prefill_rate: dict[str, float] = {}
         self._turn = 0
         self._ids = 0
         self._id_prefix = uuid.uuid4().hex[:16]
@@ -376,13 +370,12 @@ class ProxyServer:
         healthy = set(self.fleet.healthy)
         reps = []
         for url, r in self.fleet.replicas.items():
-            load = self.dispatcher.loads.get(url)
             m = r.metrics
             reps.append(
                 ReplicaSnapshot(
                     replica=url,
                     healthy=url in healthy,
-                    load=replace(load) if load is not None else ReplicaLoad(),
+                    load=self.dispatcher.load(url),
                     observed_queries=r.observed_queries,
                     observed_hits=r.observed_hits,
                     kv_cache_usage=m.kv_cache_usage if m else None,
@@ -534,7 +527,7 @@ class ProxyServer:
     async def _wait_dispatch(self, rreq: RoutingRequest, failed_replica: str | None = None) -> Dispatch:
         try:
             fut = self.dispatcher.submit(rreq, failed_replica)
-        except dispatch_mod.QueueFull:
+        except dispatch_mod.QueueLimitReached:
             raise QueueFull(f"pylb's queue is full ({self.settings.router.max_queued} requests waiting); retry later", headers={"Retry-After": "1"}) from None
         except RouterFault as exc:
             raise ProxyError(str(exc), status=500) from None
@@ -565,7 +558,8 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         est_handle: asyncio.TimerHandle | None = None
         if not rreq.stream:
-            est = rreq.prompt_tokens * self._prefill_rate.get(replica, self.settings.router.prefill_s_per_token)
+            rate = disp.prefill_seconds_per_token(replica)
+            est = rreq.prompt_tokens * (rate if rate is not None else self.settings.router.prefill_s_per_token)
             est_handle = loop.call_later(est, disp.first_token, rid, replica)
         t_sent = time.perf_counter()
         done = False
@@ -636,10 +630,6 @@ class ProxyServer:
         disp.first_token(rid, replica)
         ex.ttft = now - ex.t_start
         self.metrics.observe_ttft(ex.endpoint, ex.ttft)
-        if rreq.prompt_tokens > 0:
-            rate = (now - t_sent) / rreq.prompt_tokens
-            old = self._prefill_rate.get(replica)
-            self._prefill_rate[replica] = rate if old is None else old + PREFILL_EWMA_WEIGHT * (rate - old)
         out = web.StreamResponse(status=up.status, headers=self._response_headers(up, rid, replica))
         await out.prepare(request)
         if not first:  # the stream ended at once

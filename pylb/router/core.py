@@ -1,14 +1,15 @@
 """The queueing router core: runs any `Policy` behind the `Router` interface.
 
-Design (DESIGN.md §4; issue 4 §2)
+Design (DESIGN.md §4)
 ---------------------------------
 One synchronous object, no I/O, `now` passed in. It owns everything that is not the policy's
 decision: per-replica queues, dispatch budgets, in-flight accounting, the cache mirror, the TTFT
-model, hotspot migration and membership. It is the only writer of `ReplicaState`, and it is the
-`RouterView` the policy reads in `choose`.
+model, hotspot migration and membership. It is the only writer of `ReplicaState`; policies and
+drivers read its state through `CoreView` (`view`), which has no method that changes anything.
 
 Life of a request
-  submit    the policy chooses a replica (`Choice`); the request joins that replica's queue,
+  submit    the policy chooses a replica (`advance(now)`, then the pure `choose`); the request
+            joins that replica's queue and the policy records the choice (`on_choice`); queues are
             ordered by (priority desc, rank, arrival, submission), where rank is set by
             `RouterOptions.queue_order`: "cheapest" (default) = the request's uncached prompt
             tokens on that replica, fewest first; "cached" = its cached prefix there, longest
@@ -43,11 +44,10 @@ is lower than h's and the target does not turn hot by it (predicted TTFT there <
 no request there waiting >= hot_wait_s), until h is no longer hot. When the alternate fails
 those tests (it is as hot as h: both candidates of a busy prefix group), the request may move to
 a *neighbour* instead, the replica where its predicted TTFT is lowest, under the same tests
-(policies with `migrates_to_neighbours`; the issue's "other candidate (or a neighbour)"). On
-the DualMap profile, where TTFTs are bound by the SLO rather than by compute, this raised
-dualmap's capacity on Mooncake from 3.20 to 3.53 req/s (BENCHMARKS.md, "DualMap ablations"). A moved request
-keeps h as its alternate. (Without the "not hot" test, requests bounce between two hot
-replicas: measured on Mooncake at 11.4 qps, six migrations per request.)
+(policies with `migrates_to_neighbours`). On the DualMap profile, where TTFTs are bound by the
+SLO rather than by compute, this raises dualmap's capacity (BENCHMARKS.md, "DualMap
+ablations"). A moved request keeps h as its alternate. (Without the "not hot" test, requests
+bounce between two hot replicas, several migrations per request.)
 
 Membership: survivors keep their indices' relative order and new replicas are appended (the
 mirror's index order); `policy.on_membership` rebuilds the policy's rings (the only place it
@@ -74,8 +74,8 @@ import numpy as np
 
 from pylb import native
 
-from .interface import Dispatch, ReplicaId, ReplicaMetrics, Router, RouterOptions, RoutingRequest, Usage
-from .policy import BRANCHES, Choice, Policy, ReplicaState
+from .interface import Dispatch, ReplicaId, ReplicaMetrics, ReplicaState, Router, RouterOptions, RoutingRequest, Usage
+from .policy import BRANCHES, Choice, Policy
 from .ttft import PrefillTimeEstimator, blended
 
 _QUEUED, _DISPATCHED, _PREFILLED, _UNPLACED = 0, 1, 2, 3
@@ -117,6 +117,33 @@ def _live(item: tuple) -> bool:
     return e.state == _QUEUED and e.version == item[-2]
 
 
+class CoreView:
+    """The read-only `RouterView` of a `CoreRouter`: what policies get in their hooks, and what
+    drivers read through `Router.view`. It exposes the core's reading methods and nothing that
+    changes it."""
+
+    __slots__ = ("_core", "options", "replica", "cached_blocks", "uncached_tokens", "predicted_ttft", "replica_ttft")
+
+    def __init__(self, core: CoreRouter) -> None:
+        self._core = core
+        self.options = core.options
+        self.replica = core.replica
+        self.cached_blocks = core.cached_blocks
+        self.uncached_tokens = core.uncached_tokens
+        self.predicted_ttft = core.predicted_ttft
+        self.replica_ttft = core.replica_ttft
+
+    @property
+    def now(self) -> float:
+        """The latest `now` the router was given."""
+        return self._core.now
+
+    @property
+    def replicas(self) -> tuple[ReplicaState, ...]:
+        """The replicas in index order (read-only states)."""
+        return self._core.replicas
+
+
 class CoreRouter(Router):
     """The router core around one `Policy` (see the module docstring).
 
@@ -130,13 +157,15 @@ class CoreRouter(Router):
         self.options = options if options is not None else policy.options
         o = self.options
         self.now = -math.inf
-        self.replicas: list[ReplicaState] = []
+        self.replicas: tuple[ReplicaState, ...] = ()
+        """The replicas in index order; the core is their one writer."""
         self._queues: list[_Queue] = []
         self._index: dict[ReplicaId, int] = {}
         self._entries: dict[str, _Entry] = {}
         self._unplaced: list[_Entry] = []
         self._seq = 0
         self._tpb = o.tokens_per_block
+        self._hashings = (o.hashing(), o.hashing(token_ids=True))  # what `_new_entry` accepts
         self._default_capacity = int(o.cache_capacity_tokens // self._tpb)
         self.mirror = native.CacheMirror(0, self._default_capacity)
         self._mirror_version = 0
@@ -146,11 +175,22 @@ class CoreRouter(Router):
         self._fleet_estimator = PrefillTimeEstimator(o.prefill_seconds_per_token, o.prefill_learning_rate)
         self._queued_total = 0
         self._stale = 0
+        self._view = CoreView(self)
         self.decisions: Counter[str] = Counter()
         """Decisions by branch (`pylb.router.policy.BRANCHES`), as `pylb_decisions_total` counts them."""
         self.migrations = 0
 
-    # ---- RouterView -------------------------------------------------------------------------
+    # ---- RouterView (the read-only part; `view` hands out only this) -----------------------
+
+    @property
+    def view(self) -> CoreView:
+        """The read-only view of this router that policies and drivers get."""
+        return self._view
+
+    def replica(self, name: ReplicaId) -> ReplicaState | None:
+        """The replica named `name`, or None when it is not a member."""
+        i = self._index.get(name)
+        return None if i is None else self.replicas[i]
 
     def cached_blocks(self, request: RoutingRequest) -> np.ndarray:
         """Per replica, the request's leading router blocks the mirror believes it holds."""
@@ -179,7 +219,10 @@ class CoreRouter(Router):
         return (s.queued_tokens + s.unprefilled_tokens + own_tokens) * s.prefill_seconds_per_token
 
     def _new_entry(self, request: RoutingRequest, known_message: str) -> _Entry:
-        """Track a request (ValueError naming it, with `known_message`, if it is tracked already)."""
+        """Track a request (ValueError naming it, with `known_message`, if it is tracked already,
+        or when its block hashes were made with other hashing parameters than the router's)."""
+        if request.hashing not in self._hashings:
+            self.options.check_hashing(request)  # raises, naming both
         if request.request_id in self._entries:
             raise ValueError(f"request {request.request_id!r} {known_message}")
         e = _Entry(request, self._seq)
@@ -237,8 +280,8 @@ class CoreRouter(Router):
         if e.replica < 0:
             return  # its replica left the membership
         s = self.replicas[e.replica]
-        s.unprefilled_requests -= 1
-        s.unprefilled_tokens -= e.cost
+        s._unprefilled_requests -= 1
+        s._unprefilled_tokens -= e.cost
         est = self._queues[e.replica].estimator
         assert est is not None
         latency = now - e.dispatched_at
@@ -247,7 +290,7 @@ class CoreRouter(Router):
         fleet.observe(latency, e.ahead)
         for q, rs in zip(self._queues, self.replicas):  # every replica leans on the fleet estimate
             assert q.estimator is not None
-            rs.prefill_seconds_per_token = blended(q.estimator, fleet)
+            rs._prefill_seconds_per_token = blended(q.estimator, fleet)
 
     def on_complete(self, request_id: str, replica: ReplicaId, now: float, usage: Usage | None) -> None:
         """Forget the request; free its in-flight slot (and budget, if it never got a first token)."""
@@ -260,34 +303,37 @@ class CoreRouter(Router):
             return
         s = self.replicas[e.replica]
         if e.state == _DISPATCHED:
-            s.unprefilled_requests -= 1
-            s.unprefilled_tokens -= e.cost
-        s.inflight_requests -= 1
+            s._unprefilled_requests -= 1
+            s._unprefilled_tokens -= e.cost
+        s._inflight_requests -= 1
         e.state = -1
-        self.policy.on_complete(request_id, e.replica, self)
+        self.policy.on_complete(request_id, e.replica, self._view)
 
-    def cancel(self, request_id: str, now: float) -> None:
+    def cancel(self, request_id: str, now: float) -> bool:
         """Withdraw a request that was submitted and not yet dispatched (its client left or its
-        queue time ran out). Called by the live proxy; unknown or dispatched ids are ignored."""
+        queue time ran out); True when withdrawn. Unknown or dispatched ids are left alone
+        (False): a dispatched request ends through on_complete."""
         self._tick(now)
         e = self._entries.get(request_id)
         if e is None:
-            return
+            return False
         if e.state == _QUEUED:
             self._dequeue(e)
         elif e in self._unplaced:
             self._unplaced.remove(e)
         else:
-            return  # dispatched: it ends through on_complete
+            return False
         del self._entries[request_id]
         e.state = -1
+        return True
 
     def retry(self, request: RoutingRequest, failed_replica: ReplicaId, now: float) -> None:
         """Submit again a request whose attempt on `failed_replica` failed before any byte
         reached the client (the driver has already called `on_complete(..., None)` for it).
         It goes to its other candidate when the policy names one, otherwise to the policy's
         choice if that is another replica, otherwise to the least-loaded other replica;
-        counted under the "retry" branch."""
+        counted under the "retry" branch. The policy's `choose` is asked, but not its
+        `on_choice`: the request was counted when it was first placed."""
         self._tick(now)
         e = self._new_entry(request, "is still known to the router; complete it first")
         if not self.replicas:
@@ -295,7 +341,8 @@ class CoreRouter(Router):
             return
         names = [s.name for s in self.replicas]
         failed = names.index(failed_replica) if failed_replica in names else -1
-        choice = self.policy.choose(request, self)
+        self.policy.advance(now)
+        choice = self.policy.choose(request, self._view)  # no on_choice: the policy counted this request already
         target = int(choice.replica)
         if target == failed or not 0 <= target < len(names):
             alt = choice.alternate
@@ -315,15 +362,15 @@ class CoreRouter(Router):
         if i is None:
             return
         s = self.replicas[i]
-        s.metrics = metrics
-        s.metrics_at = now
+        s._metrics = metrics
+        s._metrics_at = now
         if metrics.block_size > 0 and metrics.num_gpu_blocks > 0:
             cap = int(metrics.block_size * metrics.num_gpu_blocks // self._tpb)
             if cap != s.cache_capacity_blocks:
                 if cap < self.mirror.size(i):
                     self._mirror_version += 1
                 self.mirror.resize(i, cap)
-                s.cache_capacity_blocks = cap
+                s._cache_capacity_blocks = cap
 
     def on_membership(self, replicas: Sequence[ReplicaId], now: float) -> None:
         """Apply the new replica set: rebuild policy state, re-place orphaned queued requests."""
@@ -349,7 +396,7 @@ class CoreRouter(Router):
             states.append(ReplicaState(n, 0, prefill_seconds_per_token=fleet_rate, cache_capacity_blocks=self._default_capacity))
             queues.append(_Queue(estimator=PrefillTimeEstimator(fleet_rate, self.options.prefill_learning_rate)))
         for k, s in enumerate(states):
-            s.index = k
+            s._index = k
         self._mirror_version += 1
         orphans: list[_Entry] = []
         size = len(states)
@@ -371,7 +418,7 @@ class CoreRouter(Router):
                 c = np.zeros(size, dtype=np.int64)
                 c[: len(survivors)] = e.cached[survivors]
                 e.cached = c
-        self.replicas = states
+        self.replicas = tuple(states)
         self._queues = queues
         self._index = {s.name: s.index for s in states}
         self.policy.on_membership([s.name for s in states])
@@ -399,10 +446,6 @@ class CoreRouter(Router):
         """Requests waiting in the router (placed or not)."""
         return self._queued_total + len(self._unplaced)
 
-    def stats(self) -> dict[str, object]:
-        """Counters for metrics and reports: decisions by branch, migrations, queued requests."""
-        return {"decisions": dict(self.decisions), "migrations": self.migrations, "queued": self.queued}
-
     # ---- internals --------------------------------------------------------------------------
 
     def _tick(self, now: float) -> None:
@@ -411,7 +454,8 @@ class CoreRouter(Router):
 
     def _place(self, e: _Entry) -> None:
         n = len(self.replicas)
-        choice = self.policy.choose(e.req, self)
+        self.policy.advance(self.now)
+        choice = self.policy.choose(e.req, self._view)
         if not isinstance(choice, Choice) or not 0 <= choice.replica < n:
             raise PolicyContractError(
                 f"policy {type(self.policy).__name__} chose {choice!r} for {e.req.request_id!r}; "
@@ -425,6 +469,7 @@ class CoreRouter(Router):
         branch = choice.branch if choice.branch in BRANCHES else "fallback"
         self.decisions[branch] += 1
         self._enqueue(e, r, branch, self.cached_blocks(e.req).copy())
+        self.policy.on_choice(e.req, choice, self._view)
 
     def _enqueue(self, e: _Entry, r: int, branch: str, cached: np.ndarray) -> None:
         req = e.req
@@ -434,8 +479,8 @@ class CoreRouter(Router):
         e.cached = cached
         e.cost = self._uncached(req, int(cached[r]))
         s = self.replicas[r]
-        s.queued_requests += 1
-        s.queued_tokens += e.cost
+        s._queued_requests += 1
+        s._queued_tokens += e.cost
         self._queued_total += 1
         q = self._queues[r]
         v = e.version
@@ -451,8 +496,8 @@ class CoreRouter(Router):
     def _dequeue(self, e: _Entry) -> None:
         """Take a queued entry out of its replica's queue (its heap items become stale)."""
         s = self.replicas[e.replica]
-        s.queued_requests -= 1
-        s.queued_tokens -= e.cost
+        s._queued_requests -= 1
+        s._queued_tokens -= e.cost
         self._queued_total -= 1
         e.version += 1
         self._stale += 3 if self.policy.migrates else 2
@@ -465,14 +510,14 @@ class CoreRouter(Router):
         e.state = _DISPATCHED
         e.dispatched_at = now
         e.ahead = s.unprefilled_tokens + e.cost
-        s.unprefilled_requests += 1
-        s.unprefilled_tokens += e.cost
-        s.inflight_requests += 1
+        s._unprefilled_requests += 1
+        s._unprefilled_tokens += e.cost
+        s._inflight_requests += 1
         if len(e.req.block_hashes):
             self.mirror.insert(r, e.req.block_hashes)
             self._mirror_version += 1
         e.cached = None
-        self.policy.on_dispatch(e.req, r, self)
+        self.policy.on_dispatch(e.req, r, self._view)
         out.append(Dispatch(e.req.request_id, s.name, e.branch, max(0, e.req.prompt_tokens - e.cost)))
 
     def _oldest_wait(self, q: _Queue, now: float) -> float:

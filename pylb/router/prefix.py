@@ -74,33 +74,38 @@ class PrefixKeyer:
         options: the router options (`blocks_per_key_block` sets K).
         fixed_depth: 0 for the adaptive key; d >= 1 keys every prompt at depth min(d, its
             boundaries).
-        window, expand_share, shrink_share, min_samples, max_depth: the `PrefixKeyTable`
-            parameters (defaults: DualMap's 200 requests, 6.12 %, and the table's own).
+        table: `PrefixKeyTable` parameters to override (window, expand_share, shrink_share,
+            min_samples, max_depth); the defaults are the table's own (`native.PREFIX_KEY_DEFAULTS`:
+            DualMap's 200 requests and 6.12 %, written once in the C++ core).
     """
 
-    def __init__(
-        self,
-        options: RouterOptions,
-        *,
-        fixed_depth: int = 0,
-        window: int = 200,
-        expand_share: float = 0.0612,
-        shrink_share: float = 0.02,
-        min_samples: int = 20,
-        max_depth: int = 16,
-    ) -> None:
+    def __init__(self, options: RouterOptions, *, fixed_depth: int = 0, **table: float) -> None:
         if fixed_depth < 0:
             raise ValueError(f"fixed_depth must be >= 0 (0 = adaptive), got {fixed_depth}")
         self.blocks_per_key = options.blocks_per_key_block
         self.fixed_depth = fixed_depth
-        self.max_depth = max_depth
-        self.table = native.PrefixKeyTable(window, expand_share, shrink_share, min_samples, max_depth)
+        self.table = native.PrefixKeyTable(**table)
+        self.max_depth = self.table.max_depth
 
     def key(self, request: RoutingRequest) -> tuple[int, int]:
         """(key, depth) of the request; records it in the adaptive table's window."""
+        key, depth, pending = self.peek(request)
+        self.record(pending)
+        return key, depth
+
+    def peek(self, request: RoutingRequest) -> tuple[int, int, tuple[np.ndarray, int | None] | None]:
+        """(key, depth, pending): exactly the key `key` gives, without recording the request.
+        `pending` is what `record` needs to record it (None for a fixed-depth keyer, which has
+        no window); a policy peeks in `choose` and records in `on_choice`."""
         if self.fixed_depth:
             b = boundary_hashes(request.block_hashes, self.blocks_per_key, self.fixed_depth)
-            return (int(b[-1]), len(b)) if len(b) else (short_key(request), 0)
+            return (int(b[-1]), len(b), None) if len(b) else (short_key(request), 0, None)
         b = boundary_hashes(request.block_hashes, self.blocks_per_key, self.max_depth)
         sk = short_key(request) if len(b) == 0 else None
-        return self.table.key_for(b, sk)
+        key, depth = self.table.key_if_recorded(b, sk)
+        return key, depth, (b, sk)
+
+    def record(self, pending: tuple[np.ndarray, int | None] | None) -> None:
+        """Record a peeked request in the adaptive window (`pending` from `peek`)."""
+        if pending is not None:
+            self.table.key_for(*pending)

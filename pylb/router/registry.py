@@ -13,7 +13,7 @@ A policy module registers itself with the `register(name)` decorator, on either 
 one line here.
 
 Policy specs. `create` and `parse_spec` also accept `NAME:key=value:key=value`, which sets the
-policy's declared options (`Policy.option_defaults`) for that router only, e.g.
+policy's declared options (`Policy.Options`) for that router only, e.g.
 `dualmap:migration=false` or `dualmap:key_depth=2`. This is how ablations run side by side
 (`pylb simulate --policy dualmap,dualmap:migration=false`) without being registered as
 policies of their own, so `--policy all` stays the list of real policies.

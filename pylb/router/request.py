@@ -1,4 +1,4 @@
-"""The request model: OpenAI request bodies -> `RoutingRequest` (issue 4 §1, DESIGN.md §4).
+"""The request model: OpenAI request bodies -> `RoutingRequest` (DESIGN.md §4).
 
 Design
 ------
@@ -69,14 +69,14 @@ from typing import Any
 import numpy as np
 
 from pylb import native
-from pylb.config import RouterSettings
 
-from .interface import RoutingRequest
+from .interface import BYTES_PER_TOKEN, DEFAULT_BLOCK_CHARS, BlockHashing, RoutingRequest
 
-BYTES_PER_TOKEN = 4
-"""Bytes of UTF-8 text per estimated token (the router's tokenizer-free estimate)."""
+DEFAULT_COMPLETIONS_MAX_TOKENS = 16
+"""max_tokens of a /v1/completions request that omits it (vLLM's default)."""
 
-_DEFAULTS = RouterSettings()
+DEFAULT_CHAT_MAX_TOKENS = 1024
+"""max_tokens assumed for routing a chat request that omits it (vLLM fills the context)."""
 
 COMPLETIONS = "completions"
 CHAT = "chat"
@@ -94,15 +94,18 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class RequestLimits:
-    """What the request model needs from the settings (see `pylb.config.RouterSettings`)."""
+    """What the request model needs from the settings. The defaults are written here (and in
+    `pylb.router.interface`); `pylb.config.RouterSettings` reads them from here."""
 
-    block_chars: int = _DEFAULTS.block_chars
-    completions_default_max_tokens: int = _DEFAULTS.completions_default_max_tokens
-    chat_default_max_tokens: int = _DEFAULTS.chat_default_max_tokens
+    block_chars: int = DEFAULT_BLOCK_CHARS
+    completions_default_max_tokens: int = DEFAULT_COMPLETIONS_MAX_TOKENS
+    chat_default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS
 
     @classmethod
-    def from_settings(cls, s: RouterSettings) -> RequestLimits:
-        """The limits of the router settings `s`."""
+    def from_settings(cls, s: Any) -> RequestLimits:
+        """The limits of router settings `s`: anything with `block_chars`,
+        `completions_default_max_tokens` and `chat_default_max_tokens` (`pylb.config.RouterSettings`;
+        the router does not import the settings layer)."""
         return cls(s.block_chars, s.completions_default_max_tokens, s.chat_default_max_tokens)
 
 
@@ -136,12 +139,13 @@ def build_request(
     Raises RequestError naming the field when a field routing needs is missing or malformed.
     """
     if kind == COMPLETIONS:
-        hashes, prompt_hash, prompt_tokens, batch = _completion_prompt(body.get("prompt"), limits.block_chars)
+        hashes, prompt_hash, prompt_tokens, batch, hashing = _completion_prompt(body.get("prompt"), limits.block_chars)
         max_tokens = _int(body, "max_tokens", 1, limits.completions_default_max_tokens) * batch
     elif kind == CHAT:
-        text = render_chat(body.get("messages"), body.get("tools"))
+        text = canonical_chat_text(body.get("messages"), body.get("tools"))
         data = text.encode("utf-8", "surrogatepass")
-        hashes = native.block_hashes(data, limits.block_chars)
+        hashing = BlockHashing.text(limits.block_chars)
+        hashes = native.block_hashes(data, hashing.block_size)
         prompt_hash = native.xxh3_64(data)
         prompt_tokens = max(1, -(-len(data) // BYTES_PER_TOKEN))
         mct = _int(body, "max_completion_tokens", 1, None)
@@ -170,19 +174,21 @@ def build_request(
         stream=stream,
         priority=-priority,
         prompt_hash=prompt_hash,
+        hashing=hashing,
     )
 
 
 # ---- completions ----------------------------------------------------------------------------------------
 
 
-def _completion_prompt(prompt: Any, block_chars: int) -> tuple[np.ndarray, int, int, int]:
-    """(hashes, whole-prompt hash, prompt tokens, batch size) of a completions `prompt`."""
+def _completion_prompt(prompt: Any, block_chars: int) -> tuple[np.ndarray, int, int, int, BlockHashing]:
+    """(hashes, whole-prompt hash, prompt tokens, batch size, hashing) of a completions `prompt`."""
+    text, ids = BlockHashing.text(block_chars), BlockHashing.token_ids(block_chars)
     if isinstance(prompt, str):
         data = prompt.encode("utf-8", "surrogatepass")
         if not data:
             raise RequestError("prompt", "prompt must not be empty")
-        return native.block_hashes(data, block_chars), native.xxh3_64(data), -(-len(data) // BYTES_PER_TOKEN), 1
+        return native.block_hashes(data, text.block_size), native.xxh3_64(data), -(-len(data) // BYTES_PER_TOKEN), 1, text
     if prompt is None:
         raise RequestError("prompt", "prompt is required: a string, a list of strings, or token ids")
     if not isinstance(prompt, list):
@@ -191,10 +197,11 @@ def _completion_prompt(prompt: Any, block_chars: int) -> tuple[np.ndarray, int, 
         raise RequestError("prompt", "prompt must not be empty")
     first = prompt[0]
     if isinstance(first, int) and not isinstance(first, bool):
-        ids = _token_ids(prompt, "prompt")
-        return native.block_hashes(ids, max(1, block_chars // BYTES_PER_TOKEN)), native.xxh3_64(ids), len(ids), 1
+        token_ids = _token_ids(prompt, "prompt")
+        return native.block_hashes(token_ids, ids.block_size), native.xxh3_64(token_ids), len(token_ids), 1, ids
     # a batch: strings, or lists of token ids; routed by the first prompt's hashes
     hashes: np.ndarray | None = None
+    hashing = text
     whole = 0
     tokens = 0
     for i, item in enumerate(prompt):
@@ -205,18 +212,18 @@ def _completion_prompt(prompt: Any, block_chars: int) -> tuple[np.ndarray, int, 
                 raise RequestError("prompt", f"{where} must not be empty")
             tokens += -(-len(data) // BYTES_PER_TOKEN)
             if hashes is None:
-                hashes, whole = native.block_hashes(data, block_chars), native.xxh3_64(data)
+                hashes, whole = native.block_hashes(data, text.block_size), native.xxh3_64(data)
         elif isinstance(item, list):
             if not item:
                 raise RequestError("prompt", f"{where} must not be empty")
-            ids = _token_ids(item, where)
-            tokens += len(ids)
+            token_ids = _token_ids(item, where)
+            tokens += len(token_ids)
             if hashes is None:
-                hashes, whole = native.block_hashes(ids, max(1, block_chars // BYTES_PER_TOKEN)), native.xxh3_64(ids)
+                hashes, whole, hashing = native.block_hashes(token_ids, ids.block_size), native.xxh3_64(token_ids), ids
         else:
             raise RequestError("prompt", f"{where} must be a string or a list of token ids, got {_tname(item)}")
     assert hashes is not None
-    return hashes, whole, tokens, len(prompt)
+    return hashes, whole, tokens, len(prompt), hashing
 
 
 def _token_ids(values: list[Any], where: str) -> np.ndarray:
@@ -235,7 +242,7 @@ def _compact(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def render_chat(messages: Any, tools: Any = None) -> str:
+def canonical_chat_text(messages: Any, tools: Any = None) -> str:
     """The canonical text of a chat request (see the module comment for the template).
 
     Raises RequestError("messages" or "tools", ...) for a malformed list, message or part.

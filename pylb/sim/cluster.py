@@ -24,8 +24,10 @@ insertion. Decode-only stretches are simulated as fused engine steps (see `pylb.
 which keeps a whole-trace run to seconds without changing the timeline.
 
 Workloads are prepared once (`prepare_workload`): every prompt's text is built, hashed for the
-router (64-byte blocks) and for the engine (4 * block_size bytes), and dropped, so that a
-capacity sweep re-runs the simulation without re-hashing hundreds of megabytes of text.
+router (in the router's `block_chars`-byte blocks, which the requests carry as their `hashing`:
+a router of another block size refuses them) and for the engine (4 * block_size bytes), and
+dropped, so that a capacity sweep re-runs the simulation without re-hashing hundreds of
+megabytes of text.
 
 Per request the result records arrival, dispatch, first token and completion times, replica,
 prompt, cached and output tokens (`SimResult`); `pylb.sim.report` turns it into metrics.
@@ -43,7 +45,7 @@ from itertools import count
 import numpy as np
 
 from pylb import native
-from pylb.router.interface import DEFAULT_BLOCK_CHARS, ReplicaId, Router, RoutingRequest
+from pylb.router.interface import DEFAULT_BLOCK_CHARS, BlockHashing, ReplicaId, Router, RoutingRequest
 from pylb.workload.types import BYTES_PER_TOKEN, WorkloadRequest
 
 from .engine import Engine, RequestRejected, StepResult
@@ -72,6 +74,7 @@ class SimRequest:
         router_hashes: `block_hashes(text, router_block_bytes)` (64-byte blocks by default).
         engine_hashes: `block_hashes(text, 4 * engine_block_size)`.
         prompt_hash: `xxh3_64(text)`, the router's key for prompts shorter than one router block.
+        router_hashing: how `router_hashes` were made (the `RoutingRequest.hashing` it is sent with).
     """
 
     request_id: str
@@ -81,6 +84,7 @@ class SimRequest:
     router_hashes: np.ndarray
     engine_hashes: np.ndarray
     prompt_hash: int | None = None
+    router_hashing: BlockHashing = BlockHashing()
 
 
 def prepare_workload(
@@ -93,11 +97,13 @@ def prepare_workload(
 ) -> list[SimRequest]:
     """Build, hash and drop every prompt text once; returns the requests in the given order.
 
-    `engine_block_size` is the engines' block size in tokens (the profile's `block_size`).
+    `engine_block_size` is the engines' block size in tokens (the profile's `block_size`);
+    `router_block_bytes` must be the router's `RouterOptions.block_chars`.
     Hashing goes through `pylb.native.block_hashes_batch`, `batch_size` prompts at a time;
     `progress(n)` is called after each batch with the number of requests it prepared.
     """
     engine_bytes = BYTES_PER_TOKEN * engine_block_size
+    hashing = BlockHashing.text(router_block_bytes)
     out: list[SimRequest] = []
     for start in range(0, len(requests), batch_size):
         chunk = requests[start : start + batch_size]
@@ -107,7 +113,7 @@ def prepare_workload(
         whole = [native.xxh3_64(t) for t in texts]
         del texts
         for r, rh, eh, ph in zip(chunk, router, engine, whole):
-            out.append(SimRequest(r.request_id, r.arrival_s, r.prompt_tokens, max(1, r.output_tokens), rh, eh, ph))
+            out.append(SimRequest(r.request_id, r.arrival_s, r.prompt_tokens, max(1, r.output_tokens), rh, eh, ph, hashing))
         if progress is not None:
             progress(len(chunk))
     return out
@@ -172,7 +178,8 @@ def simulate(
         progress: called with the number of requests that just completed (or were rejected).
 
     Returns a `SimResult`. Raises SimulationError if the router dispatches an unknown request
-    or to an unknown replica.
+    or to an unknown replica, ValueError if the router refuses the workload's hashing (it was
+    prepared for another `block_chars`).
     """
     if num_replicas < 1:
         raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
@@ -323,7 +330,13 @@ def simulate(
                 next_arrival += 1
                 router.submit(
                     RoutingRequest(
-                        req.request_id, req.router_hashes, req.prompt_tokens, req.output_tokens, t, prompt_hash=req.prompt_hash
+                        req.request_id,
+                        req.router_hashes,
+                        req.prompt_tokens,
+                        req.output_tokens,
+                        t,
+                        prompt_hash=req.prompt_hash,
+                        hashing=req.router_hashing,
                     ),
                     now,
                 )

@@ -31,10 +31,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from pylb.router.interface import DEFAULT_SLO_TTFT  # the TTFT target, written once (RouterOptions.slo_ttft)
+
 from .cluster import SimResult
 
-DEFAULT_SLO_TTFT = 5.0
-"""TTFT target in seconds (DualMap's)."""
+__all__ = ["DEFAULT_SLO_TARGET", "DEFAULT_SLO_TTFT", "RunMetrics", "find_capacity", "meets_slo", "plot_attainment", "summarize"]
 
 DEFAULT_SLO_TARGET = 0.9
 """Fraction of requests that must meet the TTFT target for a rate to count as sustained."""

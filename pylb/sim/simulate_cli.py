@@ -39,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pylb.cli_args import UsageError, positive_float, positive_int
+from pylb.fields import SettingError, parse_assignment
 from pylb.router import registry
 from pylb.router.interface import RouterOptions
 from pylb.router.policy import PolicyOptionError
@@ -149,29 +150,26 @@ def parse_policies(spec: str) -> list[str]:
     return list(dict.fromkeys(labels))
 
 
-_ROUTER_FIELDS = {f.name: f for f in dataclasses.fields(RouterOptions) if f.name not in ("extra", "slo_ttft", "seed")}
+_ROUTER_FIELDS = [f.name for f in dataclasses.fields(RouterOptions) if f.name not in ("extra", "slo_ttft", "seed")]
+"""The RouterOptions fields --router-option sets (the policy spec, --slo-ttft and --seed set the others)."""
 
 
 def router_options(args: argparse.Namespace) -> RouterOptions:
-    """RouterOptions from --slo-ttft, --seed and every --router-option FIELD=VALUE."""
+    """RouterOptions from --slo-ttft, --seed and every --router-option FIELD=VALUE (each value
+    parsed and checked as its `RouterOptions` declaration says, `pylb.fields`)."""
     values: dict[str, object] = {}
-    defaults = RouterOptions()
     for item in args.router_option:
-        key, eq, text = item.partition("=")
-        key = key.strip()
-        if not eq or key not in _ROUTER_FIELDS:
-            raise UsageError(
-                f"argument --router-option: expected FIELD=VALUE with FIELD one of {', '.join(_ROUTER_FIELDS)}, got {item!r}"
-            )
-        kind = type(getattr(defaults, key))
+        if item.partition("=")[0].strip() not in _ROUTER_FIELDS or "=" not in item:
+            raise UsageError(f"argument --router-option: expected FIELD=VALUE with FIELD one of {', '.join(_ROUTER_FIELDS)}, got {item!r}")
         try:
-            values[key] = kind(text.strip())
-        except ValueError:
-            raise UsageError(f"argument --router-option: {key} must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+            key, value = parse_assignment(RouterOptions, item)
+        except SettingError as exc:
+            raise UsageError(f"argument --router-option: {exc.field} {exc.reason}, got {exc.value!r}") from None
+        values[key] = value
     try:
         return RouterOptions(slo_ttft=args.slo_ttft, seed=args.seed, **values)  # type: ignore[arg-type]
-    except ValueError as exc:
-        raise UsageError(f"argument --router-option: {exc}") from None
+    except SettingError as exc:
+        raise UsageError(f"argument --router-option: {exc.field.removeprefix('RouterOptions.')} {exc.reason}, got {exc.value!r}") from None
 
 
 def trace_record(path: str) -> dict[str, str | None]:
@@ -373,7 +371,7 @@ def _run(args: argparse.Namespace) -> int:
     if not requests:
         raise UsageError(f"argument --trace: no requests in {args.trace!r}")
     with _progress_bar(len(requests), "hashing prompts", show) as bar:
-        workload = prepare_workload(requests, profile.block_size, progress=bar.update)
+        workload = prepare_workload(requests, profile.block_size, router_block_bytes=options.block_chars, progress=bar.update)
     del requests
 
     results = None

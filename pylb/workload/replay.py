@@ -54,11 +54,13 @@ from typing import Any, Literal
 import aiohttp
 from yarl import URL
 
+from pylb.router.interface import DEFAULT_SLO_TTFT
+
 from .types import WorkloadRequest
 
 Endpoint = Literal["completions", "chat"]
 ENDPOINT_PATHS: dict[str, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
-DEFAULT_SLO_TTFT_S = 5.0
+DEFAULT_SLO_TTFT_S = DEFAULT_SLO_TTFT  # the router's TTFT target
 DEFAULT_TIMEOUT_S = 300.0
 _DETAIL_BYTES = 2048  # how much of an error body is kept
 

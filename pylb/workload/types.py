@@ -15,8 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-BYTES_PER_TOKEN = 4
-"""Simulated tokenizer: one token per 4 bytes of prompt text (ASCII), rounded up."""
+# The simulated tokenizer is the router's bytes-per-token estimate, written once there.
+from pylb.router.interface import BYTES_PER_TOKEN
+
+__all__ = ["BYTES_PER_TOKEN", "WorkloadRequest", "tokens_in"]
 
 
 def tokens_in(text_bytes: int) -> int:

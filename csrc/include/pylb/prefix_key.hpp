@@ -88,6 +88,11 @@ class PrefixKeyTable {
   // (so the request's own count is not included).
   PrefixKey peek(const std::uint64_t* hashes, std::size_t n, std::uint64_t short_key) const;
 
+  // Exactly the key key_for(hashes, n, short_key) would return now (the request counted, the
+  // oldest evicted from a full window, the hysteresis flags updated in key_for's order), without
+  // changing the table: a router chooses with it and records with key_for once the choice stands.
+  PrefixKey key_if_recorded(const std::uint64_t* hashes, std::size_t n, std::uint64_t short_key) const;
+
   const PrefixKeyParams& params() const noexcept { return params_; }
   std::size_t fill() const noexcept { return fill_; }                   // requests in the window
   std::size_t expanded_count() const noexcept { return expanded_; }     // prefixes flagged expanded
@@ -100,6 +105,7 @@ class PrefixKeyTable {
 
  private:
   bool hot(const FlatU64Map::Slot* s) const noexcept;
+  bool hot_rule(std::size_t count, bool expanded, std::size_t fill) const noexcept;
   void update_flag(FlatU64Map::Slot* s) noexcept;
   void evict_slot(std::size_t slot);  // un-counts the request in a full window's `slot`
 

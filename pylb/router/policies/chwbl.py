@@ -32,7 +32,7 @@ Parameters (policy options: `RouterOptions.extra`, or `pylb simulate --policy ch
 - `prefix_blocks` (int >= 1, default 2): router blocks hashed into the key. KubeAI hashes the
   first `prefixCharLength` = 100 characters; pylb's blocks are 64 bytes, so 2 blocks (128 bytes)
   is the nearest whole-block prefix.
-Declared in `ChwblPolicy.option_defaults` / `option_limits`; a value out of range (e.g.
+Declared in `ChwblPolicy.Options`; a value out of range (e.g.
 `load_factor=0.9`) is a `PolicyOptionError` (a ValueError) naming the policy, option and value.
 
 Deviations from KubeAI, and why
@@ -61,10 +61,12 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+from pylb.fields import at_least, setting
 from pylb.native import xxh3_64
 from pylb.router.interface import ReplicaId, RouterOptions, RoutingRequest
-from pylb.router.policy import Choice, OptionLimits, Policy, RouterView
+from pylb.router.policy import Choice, Policy, RouterView
 from pylb.router.registry import register
 
 DEFAULT_REPLICATION = 256
@@ -144,16 +146,13 @@ class ChwblPolicy(Policy):
 
     name = "chwbl"
     migrates = False
-    option_defaults = {
-        "replication": DEFAULT_REPLICATION,
-        "load_factor": DEFAULT_LOAD_FACTOR,
-        "prefix_blocks": DEFAULT_PREFIX_BLOCKS,
-    }
-    option_limits = {
-        "replication": OptionLimits(min=1),
-        "load_factor": OptionLimits(min=1.0),
-        "prefix_blocks": OptionLimits(min=1),
-    }
+    @dataclass(frozen=True)
+    class Options:
+        """KubeAI PrefixHash's parameters (see the module docstring)."""
+
+        replication: int = setting(DEFAULT_REPLICATION, "vnodes per replica (KubeAI replication)", check=at_least(1))
+        load_factor: float = setting(DEFAULT_LOAD_FACTOR, "bound factor (KubeAI meanLoadPercentage / 100)", check=at_least(1.0))
+        prefix_blocks: int = setting(DEFAULT_PREFIX_BLOCKS, "router blocks hashed into the key", check=at_least(1))
 
     def __init__(self, options: RouterOptions) -> None:
         super().__init__(options)
@@ -175,11 +174,7 @@ class ChwblPolicy(Policy):
         """Walk clockwise from the prefix key to the first replica within the load bound."""
         names = [r.name for r in view.replicas]
         ring = self._ring
-        if ring is None or ring.replicas != frozenset(names):
-            # Membership not announced yet or out of step with the view: rebuild from the view.
-            self.on_membership(names)
-            ring = self._ring
-            assert ring is not None
+        assert ring is not None, "on_membership must come before choose"
         index = {name: i for i, name in enumerate(names)}
         loads = [r.load for r in view.replicas]
         total = sum(loads)

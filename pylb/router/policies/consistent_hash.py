@@ -15,11 +15,13 @@ Sources: Karger et al. consistent hashing; DualMap (arXiv 2602.06502) "cache aff
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from pylb import native
+from pylb.fields import at_least, setting
 
 from ..interface import ReplicaId, RouterOptions, RoutingRequest
-from ..policy import Choice, OptionLimits, Policy, RouterView
+from ..policy import Choice, Policy, RouterView
 from ..prefix import PrefixKeyer
 from ..registry import register
 
@@ -28,8 +30,11 @@ from ..registry import register
 class ConsistentHash(Policy):
     """Owner of the prefix key on one consistent-hash ring."""
 
-    option_defaults = {"key_depth": 0}
-    option_limits = {"key_depth": OptionLimits(min=0)}
+    @dataclass(frozen=True)
+    class Options:
+        """The prefix key's depth."""
+
+        key_depth: int = setting(0, "0 = adaptive prefix key; d >= 1 = key fixed at depth d", check=at_least(0))
 
     def __init__(self, options: RouterOptions) -> None:
         super().__init__(options)
@@ -43,5 +48,9 @@ class ConsistentHash(Policy):
     def choose(self, request: RoutingRequest, view: RouterView) -> Choice:
         """The ring-0 owner of the request's prefix key."""
         assert self.ring is not None, "on_membership must come before choose"
-        key, _ = self.keyer.key(request)
-        return Choice(self.ring.owner(key, 0), branch="affinity")
+        key, _, pending = self.keyer.peek(request)
+        return Choice(self.ring.owner(key, 0), branch="affinity", note=pending)
+
+    def on_choice(self, request: RoutingRequest, choice: Choice, view: RouterView) -> None:
+        """Count the request in the adaptive key's window."""
+        self.keyer.record(choice.note)

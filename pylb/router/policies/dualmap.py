@@ -20,7 +20,7 @@ Design
    by construction a hot prefix shared by many groups (a universal system prompt) and are on
    most replicas, so holding only them says nothing about the group; without the floor, the first
    replica to see a universal system prompt would beat every empty candidate and take all traffic
-   at low load (measured: hotspot factor 2.05 on Mooncake in a pure-cache run). A hot prefix
+   at low load (measured on Mooncake in a pure-cache run: BENCHMARKS.md). A hot prefix
    rarely ends on a key-block boundary (a system prompt of any length), so the floor also covers
    the part of the key's own block that the hot prefix's other groups share: the shortest common
    prefix seen between two requests with different keys under the same hot prefix (remembered
@@ -32,9 +32,8 @@ Design
    but only when its predicted TTFT is within slo_ttft / 2 ("rescue", pylb's default). The
    paper takes the other whenever it is faster ("paper"): near capacity both candidates are
    usually over the budget, and moving a request to a replica where it misses the SLO anyway
-   throws away its cached prefix and adds its whole prompt to a saturated fleet's work. Measured
-   on Mooncake (BENCHMARKS.md): at 11.6 qps the rescue rule meets the SLO for 61 % of requests,
-   the paper's for 41 %.
+   throws away its cached prefix and adds its whole prompt to a saturated fleet's work; near
+   capacity on Mooncake the rescue rule meets the SLO for clearly more requests (BENCHMARKS.md).
 5. The other candidate is the request's `alternate`: the core migrates still-queued requests to
    it when their replica turns hot (predicted TTFT > SLO, or oldest queued wait >= 3 s), cheapest
    first, while the move lowers the predicted TTFT (`migrates = True`); when the alternate is as
@@ -48,13 +47,13 @@ Design
    SLO, the request goes to the fleet's replica with the lowest predicted TTFT, if that one
    predicts it within the SLO (the admission-time twin of step 5's neighbours).
    Measured (BENCHMARKS.md, "DualMap ablations"), on the DualMap paper's profile (Ascend 910B,
-   where a 5 s SLO is tight against prefill times): neighbours took dualmap's capacity from 3.20
-   to 3.53 req/s, above min-ttft's 2.87; spill alone was worth 2.63 -> 3.20, but with
-   neighbours it adds nothing (3.57 without it, 3.53 with it) and on the compute-bound H100
-   profile it costs a sweep step (11.13 -> 11.01), so it is off. Follow-the-cache is neutral on
-   capacity and adds 1.4 points of hit rate on 910B.
+   where a 5 s SLO is tight against prefill times): neighbours raise dualmap's capacity above
+   min-ttft's; spill alone helps, but with neighbours it adds nothing and on the compute-bound
+   H100 profile it costs a sweep step, so it is off. Follow-the-cache is neutral on capacity
+   and adds hit rate on 910B.
 Rings are rebuilt only in `on_membership`; adding one of N replicas moves about 1/N of the keys
-on each ring. Per request: one key_for, one candidates lookup, one mirror match.
+on each ring. Per request: one key_if_recorded (and one key_for in on_choice), one candidates
+lookup, one mirror match.
 
 Options (`RouterOptions.extra`, or `pylb simulate --policy dualmap:key=value`), for ablations:
     migration  (bool, default true)   hotspot migration on/off
@@ -71,13 +70,15 @@ Parameters from the paper: SLO/2 switch threshold, 200-request window, 6.12 % ex
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from pylb import native
+from pylb.fields import at_least, one_of, setting
 
 from ..interface import ReplicaId, RouterOptions, RoutingRequest
-from ..policy import Choice, OptionLimits, Policy, ReplicaState, RouterView
+from ..policy import Choice, Policy, ReplicaState, RouterView
 from ..prefix import PrefixKeyer
 from ..registry import register
 
@@ -102,19 +103,16 @@ class DualMap(Policy):
     """DualMap's dual-mapping scheduler (see the module docstring)."""
 
     migrates = True
-    option_defaults = {
-        "migration": True,
-        "slo_switch": "rescue",
-        "key_depth": 0,
-        "neighbours": True,
-        "follow_cache": True,
-        "spill": "off",
-    }
-    option_limits = {
-        "slo_switch": OptionLimits(choices=SLO_SWITCH_RULES),
-        "key_depth": OptionLimits(min=0),
-        "spill": OptionLimits(choices=SPILL_RULES),
-    }
+    @dataclass(frozen=True)
+    class Options:
+        """DualMap's options (see the module docstring)."""
+
+        migration: bool = setting(True, "hotspot migration on/off")
+        slo_switch: str = setting("rescue", "step 4: rescue, paper (the paper's rule) or off", check=one_of(*SLO_SWITCH_RULES))
+        key_depth: int = setting(0, "0 = adaptive prefix key; d >= 1 = key fixed at depth d", check=at_least(0))
+        neighbours: bool = setting(True, "step 5: migrate to a neighbour when the alternate is hot")
+        follow_cache: bool = setting(True, "step 6 on/off")
+        spill: str = setting("off", "step 7: fleet or off", check=one_of(*SPILL_RULES))
 
     def __init__(self, options: RouterOptions) -> None:
         super().__init__(options)
@@ -142,12 +140,12 @@ class DualMap(Policy):
         miss the SLO. A replica off the rings holding more of the prompt stands in for the
         worse-matched candidate (`follow_cache`)."""
         assert self.ring is not None, "on_membership must come before choose"
-        key, depth = self.keyer.key(request)
+        key, depth, pending = self.keyer.peek(request)
         a, b = self.ring.candidates(key)
         if a == b:
-            return Choice(a, branch="affinity")
+            return Choice(a, branch="affinity", note=(pending, None))
         cached = view.cached_blocks(request)
-        floor = self._hot_floor(request, key, depth)
+        floor, tail = self._hot_floor(request, key, depth)
         ca, cb = max(0, int(cached[a]) - floor), max(0, int(cached[b]) - floor)
         if self.follow_cache:
             c = int(np.argmax(cached))
@@ -172,20 +170,33 @@ class DualMap(Policy):
         if self.spill and min(ta, tb) > self.slo:
             best = min(range(len(view.replicas)), key=lambda i: (view.predicted_ttft(request, i), i))
             if view.predicted_ttft(request, best) <= self.slo:
-                return Choice(best, pick, branch="spill")
-        return Choice(pick, b if pick == a else a, branch=branch)
+                return Choice(best, pick, branch="spill", note=(pending, tail))
+        return Choice(pick, b if pick == a else a, branch=branch, note=(pending, tail))
 
-    def _hot_floor(self, request: RoutingRequest, key: int, depth: int) -> int:
+    def on_choice(self, request: RoutingRequest, choice: Choice, view: RouterView) -> None:
+        """Count the request in the adaptive key's window and remember its hot-prefix tail (once
+        per placement, never for a retry)."""
+        pending, tail = choice.note
+        self.keyer.record(pending)
+        if tail is not None:
+            parent, entry = tail
+            self._hot_tails.pop(parent, None)
+            self._hot_tails[parent] = entry
+            if len(self._hot_tails) > HOT_TAILS_KEPT:
+                del self._hot_tails[next(iter(self._hot_tails))]
+
+    def _hot_floor(self, request: RoutingRequest, key: int, depth: int) -> tuple[int, tuple | None]:
         """Router blocks at the start of the prompt that a hot prefix shared by many groups covers
         (step 3): the (depth - 1) key blocks above the key's own block, and the part of the key's
         own block that other groups under the same hot prefix share too, measured as the shortest
-        common prefix of two requests with different keys under it. Remembers this request."""
+        common prefix of two requests with different keys under it. Pure: returns the floor and
+        the entry that `on_choice` remembers for this request (None when there is no hot prefix)."""
         floor = max(0, depth - 1) * self.blocks_per_key
         if floor == 0:
-            return 0
+            return 0, None
         hashes = request.block_hashes
         parent = int(hashes[floor - 1])  # the hot prefix: the key at depth - 1
-        seen = self._hot_tails.pop(parent, None)
+        seen = self._hot_tails.get(parent)
         shared = None
         if seen is not None:
             last_key, last_hashes, shared = seen
@@ -194,7 +205,4 @@ class DualMap(Policy):
                 same = hashes[:n] == last_hashes[:n]  # chained hashes: equal up to the first difference
                 common = n if same.all() else int(same.argmin())
                 shared = common if shared is None else min(shared, common)
-        self._hot_tails[parent] = (key, hashes, shared)
-        if len(self._hot_tails) > HOT_TAILS_KEPT:
-            del self._hot_tails[next(iter(self._hot_tails))]
-        return floor if shared is None else max(floor, shared)
+        return (floor if shared is None else max(floor, shared)), (parent, (key, hashes, shared))

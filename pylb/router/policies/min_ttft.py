@@ -10,8 +10,8 @@ more of the prompt cached, then to the one owing fewer requests, then to the low
 for each request alone: it is the "global greedy" scheduler DualMap compares against, and the
 upper bound of what the TTFT model can do without affinity (it spreads one prefix group over every
 replica whose queue is shorter than the group's cache saving).
-Parameters: none (uses RouterOptions' estimator seed and mirror size). Source: issue 4;
-Preble's and DualMap's load-and-cache cost models.
+Parameters: none (uses RouterOptions' estimator seed and mirror size). Source: Preble's and DualMap's
+load-and-cache cost models.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ Parameters (policy options: `RouterOptions.extra`, or `pylb simulate --policy pr
 -------------------------------------------------------------------------------------------------
 - `window_s` (float > 0, default 180): Preble's load window H (3 minutes in its code).
 - `rebalance_ratio` (float >= 1, default 1.5): Preble's `HIGH_LOAD_THRESHOLD`.
-Declared in `PrebleE2Policy.option_defaults` / `option_limits`; a value out of range is a
+Declared in `PrebleE2Policy.Options`; a value out of range is a
 `PolicyOptionError` (a ValueError) naming the policy, option and value.
 
 Deviations from Preble, and why
@@ -59,11 +59,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
+from pylb.fields import at_least, positive, setting
 from pylb.router.interface import ReplicaId, RouterOptions, RoutingRequest
-from pylb.router.policy import Choice, OptionLimits, Policy, RouterView
+from pylb.router.policy import Choice, Policy, RouterView
 from pylb.router.registry import register
 
 DEFAULT_WINDOW_S = 180.0
@@ -111,14 +113,12 @@ class PrebleE2Policy(Policy):
 
     name = "preble-e2"
     migrates = False
-    option_defaults = {
-        "window_s": DEFAULT_WINDOW_S,
-        "rebalance_ratio": DEFAULT_REBALANCE_RATIO,
-    }
-    option_limits = {
-        "window_s": OptionLimits(min=0.0, min_open=True),
-        "rebalance_ratio": OptionLimits(min=1.0),
-    }
+    @dataclass(frozen=True)
+    class Options:
+        """Preble E2's parameters (see the module docstring)."""
+
+        window_s: float = setting(DEFAULT_WINDOW_S, "seconds of assignments the load window keeps", check=positive)
+        rebalance_ratio: float = setting(DEFAULT_REBALANCE_RATIO, "rebalance when the heaviest load exceeds this x the lightest", check=at_least(1.0))
 
     def __init__(self, options: RouterOptions) -> None:
         super().__init__(options)
@@ -138,12 +138,9 @@ class PrebleE2Policy(Policy):
         return [prompt - min(int(b * self.tokens_per_block), prompt) for b in blocks.tolist()]
 
     def choose(self, request: RoutingRequest, view: RouterView) -> Choice:
-        """Exploit / explore, then the 1.5x rebalancing check; record the assignment's load."""
+        """Exploit / explore, then the 1.5x rebalancing check (`on_choice` records the load)."""
         replicas = view.replicas
         names = [r.name for r in replicas]
-        if not self.load.events.keys() <= set(names):
-            self.on_membership(names)
-        self.load.expire(view.now)
         loads = [self.load.get(name) for name in names]
         missed = self.missed_tokens(request, view)
         prompt = max(0, request.prompt_tokens)
@@ -157,5 +154,12 @@ class PrebleE2Policy(Policy):
         heaviest, lightest = max(loads), min(loads)
         if loads[target] == heaviest and heaviest > self.rebalance_ratio * lightest:
             target, branch = loads.index(lightest), "load"
-        self.load.add(names[target], view.now, missed[target])
-        return Choice(target, None, branch)
+        return Choice(target, None, branch, note=missed[target])
+
+    def advance(self, now: float) -> None:
+        """Forget the loads recorded before the window."""
+        self.load.expire(now)
+
+    def on_choice(self, request: RoutingRequest, choice: Choice, view: RouterView) -> None:
+        """Record the assignment's load: its missed tokens, on the chosen replica, now."""
+        self.load.add(view.replicas[choice.replica].name, view.now, choice.note)

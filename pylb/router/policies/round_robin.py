@@ -26,6 +26,8 @@ class RoundRobin(Policy):
 
     def choose(self, request: RoutingRequest, view: RouterView) -> Choice:
         """The next replica in turn."""
-        i = self._turn % len(view.replicas)
+        return Choice(self._turn % len(view.replicas), branch="load")
+
+    def on_choice(self, request: RoutingRequest, choice: Choice, view: RouterView) -> None:
+        """Take the turn."""
         self._turn += 1
-        return Choice(i, branch="load")

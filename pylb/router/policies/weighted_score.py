@@ -40,7 +40,7 @@ Parameters (policy options: `RouterOptions.extra`, or
 - `auto_tune` (bool, default true): size each LRU from the replica's scraped KV capacity
   (`num_gpu_blocks` x `block_size` tokens; at 4 characters per token and 64-byte router blocks,
   one 16-token vLLM block is one router block).
-Declared in `WeightedScorePolicy.option_defaults` / `option_limits`; a value out of range (e.g.
+Declared in `WeightedScorePolicy.Options`; a value out of range (e.g.
 a negative weight) is a `PolicyOptionError` (a ValueError) naming the policy, option and value.
 
 Deviations from llm-d / GIE, and why
@@ -67,9 +67,11 @@ from __future__ import annotations
 import random
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+from pylb.fields import at_least, non_negative, setting
 from pylb.router.interface import ReplicaId, RouterOptions, RoutingRequest
-from pylb.router.policy import Choice, OptionLimits, Policy, ReplicaState, RouterView
+from pylb.router.policy import Choice, Policy, ReplicaState, RouterView, peek_choice
 from pylb.router.registry import register
 
 DEFAULT_QUEUE_WEIGHT = 2.0
@@ -79,9 +81,6 @@ DEFAULT_MAX_PREFIX_BLOCKS = 256
 DEFAULT_LRU_CAPACITY_PER_SERVER = 31250
 DEFAULT_BLOCK_SIZE_TOKENS = 16
 """GIE `DefaultBlockSizeTokens` (vLLM's default KV block size)."""
-CHARS_PER_TOKEN = 4
-"""GIE `averageCharactersPerToken`: 16-token blocks are 64 characters, pylb's router block size."""
-
 
 class PrefixIndex:
     """GIE's approximate prefix index: one LRU of block hashes per replica."""
@@ -154,21 +153,16 @@ class WeightedScorePolicy(Policy):
 
     name = "weighted-score"
     migrates = False
-    option_defaults = {
-        "queue_weight": DEFAULT_QUEUE_WEIGHT,
-        "kv_cache_weight": DEFAULT_KV_CACHE_WEIGHT,
-        "prefix_weight": DEFAULT_PREFIX_WEIGHT,
-        "max_prefix_blocks": DEFAULT_MAX_PREFIX_BLOCKS,
-        "lru_capacity_per_server": DEFAULT_LRU_CAPACITY_PER_SERVER,
-        "auto_tune": True,
-    }
-    option_limits = {
-        "queue_weight": OptionLimits(min=0.0),
-        "kv_cache_weight": OptionLimits(min=0.0),
-        "prefix_weight": OptionLimits(min=0.0),
-        "max_prefix_blocks": OptionLimits(min=1),
-        "lru_capacity_per_server": OptionLimits(min=1),
-    }
+    @dataclass(frozen=True)
+    class Options:
+        """llm-d's default profile parameters (see the module docstring)."""
+
+        queue_weight: float = setting(DEFAULT_QUEUE_WEIGHT, "weight of the queue scorer", check=non_negative)
+        kv_cache_weight: float = setting(DEFAULT_KV_CACHE_WEIGHT, "weight of the KV-cache utilization scorer", check=non_negative)
+        prefix_weight: float = setting(DEFAULT_PREFIX_WEIGHT, "weight of the prefix-cache scorer", check=non_negative)
+        max_prefix_blocks: int = setting(DEFAULT_MAX_PREFIX_BLOCKS, "router blocks of a prompt the prefix scorer matches", check=at_least(1))
+        lru_capacity_per_server: int = setting(DEFAULT_LRU_CAPACITY_PER_SERVER, "blocks a replica's LRU holds without autoTune", check=at_least(1))
+        auto_tune: bool = setting(True, "size each LRU from the replica's scraped KV capacity")
 
     def __init__(self, options: RouterOptions) -> None:
         super().__init__(options)
@@ -187,12 +181,12 @@ class WeightedScorePolicy(Policy):
 
     def capacity_of(self, replica: ReplicaState) -> int:
         """LRU capacity for a replica, in router blocks: its scraped KV capacity (autoTune,
-        `num_gpu_blocks` x `block_size` tokens, at `CHARS_PER_TOKEN` bytes per token) or the
+        `num_gpu_blocks` x `block_size` tokens, at `RouterOptions.chars_per_token` bytes per token) or the
         default `lru_capacity_per_server`."""
         m = replica.metrics
         if self.auto_tune and m is not None and m.num_gpu_blocks > 0:
             tokens = m.num_gpu_blocks * (m.block_size if m.block_size > 0 else DEFAULT_BLOCK_SIZE_TOKENS)
-            return max(1, int(tokens * CHARS_PER_TOKEN) // max(1, self.options.block_chars))
+            return max(1, int(tokens * self.options.chars_per_token) // max(1, self.options.block_chars))
         return self.lru_capacity
 
     def scores(self, request: RoutingRequest, view: RouterView) -> list[float]:
@@ -209,16 +203,20 @@ class WeightedScorePolicy(Policy):
         return out
 
     def choose(self, request: RoutingRequest, view: RouterView) -> Choice:
-        """Highest weighted score (seeded random among exact ties); index the request there."""
+        """Highest weighted score (seeded random among exact ties; `on_choice` indexes the request)."""
         replicas = view.replicas
-        names = [r.name for r in replicas]
-        if not self.index.lrus.keys() <= set(names):
-            self.on_membership(names)
         scores = self.scores(request, view)
         best = max(scores)
         tied = [i for i, s in enumerate(scores) if s == best]
-        i = tied[0] if len(tied) == 1 else self._rng.choice(tied)
+        i = tied[0] if len(tied) == 1 else peek_choice(self._rng, tied)
         hashes: list[int] = request.block_hashes[: self.max_prefix_blocks].tolist()
         matched = self.index.run_length(hashes, replicas[i].name)
-        self.index.add(hashes, replicas[i].name, self.capacity_of(replicas[i]))
-        return Choice(i, None, "affinity" if matched > 0 else "load")
+        return Choice(i, None, "affinity" if matched > 0 else "load", note=(len(tied), hashes))
+
+    def on_choice(self, request: RoutingRequest, choice: Choice, view: RouterView) -> None:
+        """Take the tie-break draw `choose` peeked, and index the request's blocks on its replica."""
+        tied, hashes = choice.note
+        if tied > 1:
+            self._rng.choice(range(tied))  # advances the generator exactly as the draw in choose
+        r = view.replicas[choice.replica]
+        self.index.add(hashes, r.name, self.capacity_of(r))

@@ -30,6 +30,14 @@ fleet also keeps the increase of the replica's prefix-cache counters since pylb 
 observed hit rate), handling counter resets (a restarted replica).
 
 Both loops catch, log and count every failure (`pylb_background_errors_total`) and go on.
+
+Discovery (`fleet.discovery` dns or k8s; `pylb.fleet.discovery`): the replica list is not fixed.
+A discovery source calls `set_members({url: ready})` whenever what it sees changes: new URLs are
+added and probed at once (health checks still gate them: a replica is in rotation only when it is
+both offered ready and healthy), replicas offered with ready=False are *draining* (out of rotation
+and no longer probed, so the router sends them nothing new, while requests already sent to them
+finish over their open connections), and replicas no longer offered are removed (pylb never cuts
+a request in flight; the replica's own shutdown may).
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from pylb.config import FleetSettings
 from pylb.observability.metrics import ProxyMetrics
 from pylb.router.interface import ReplicaMetrics
 
+from .discovery import Discovery, Members
 from .scrape import ScrapeError, parse_vllm_metrics
 
 log = logging.getLogger("pylb.fleet")
@@ -71,6 +80,7 @@ class ReplicaState:
     _last_queries: int | None = None
     _last_hits: int | None = None
     scrape_failing: bool = False
+    draining: bool = False
 
 
 class Fleet:
@@ -83,6 +93,7 @@ class Fleet:
         on_membership: Callable[[list[str]], None],
         on_metrics: Callable[[str, ReplicaMetrics], None],
         clock: Callable[[], float] = time.monotonic,
+        discovery: Discovery | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -93,6 +104,8 @@ class Fleet:
         self._healthy: list[str] = []
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.discovery = discovery
+        """The source of the replica list when it is dynamic (None: `settings.backends`, fixed)."""
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -100,10 +113,12 @@ class Fleet:
         """Open the probe session, run one probe round, publish the membership, start the loops."""
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=2, keepalive_timeout=30)
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+        if self.discovery is not None:
+            self._tasks.append(await self.discovery.start(self.set_members, lambda: self.metrics.count_background_error("discovery")))
         await asyncio.gather(*(self._probe(r) for r in self.replicas.values()))
         self._publish(force=True)
         await self._scrape_all()  # the baseline of the observed hit rate, and the router's first load signal
-        self._tasks = [
+        self._tasks += [
             asyncio.create_task(self._loop("health", self.settings.health_interval_s, self._probe_all), name="pylb-health"),
             asyncio.create_task(self._loop("scrape", self.settings.scrape_interval_s, self._scrape_all), name="pylb-scrape"),
         ]
@@ -170,8 +185,30 @@ class Fleet:
         log.warning("replica out of rotation", extra={"replica": r.url, "reason": reason, "error": r.last_error})
         self._publish()
 
+    # ---- membership from discovery --------------------------------------------------------------------
+
+    async def set_members(self, members: Members) -> None:
+        """Apply what discovery sees: {base URL: ready}. New URLs are probed before they may join,
+        ready=False drains a replica, a URL not listed is removed (see the module comment)."""
+        new = []
+        for url in [u for u in self.replicas if u not in members]:
+            del self.replicas[url]
+            log.info("replica removed by discovery", extra={"replica": url})
+        for url, ready in members.items():
+            r = self.replicas.get(url)
+            if r is None:
+                r = self.replicas[url] = ReplicaState(url)
+                new.append(r)
+                log.info("replica discovered", extra={"replica": url, "ready": ready})
+            elif r.draining == ready:
+                log.info("replica draining" if not ready else "replica ready again", extra={"replica": url})
+            r.draining = not ready
+        self._publish()  # removals and drains take effect before the probes below
+        await asyncio.gather(*(self._probe(r) for r in new if not r.draining))
+        self._publish()
+
     def _publish(self, force: bool = False) -> None:
-        healthy = [url for url, r in self.replicas.items() if r.healthy]
+        healthy = [url for url, r in self.replicas.items() if r.healthy and not r.draining]
         if force or healthy != self._healthy:
             self._healthy = healthy
             self._on_membership(list(healthy))
@@ -179,7 +216,7 @@ class Fleet:
     # ---- active probes ------------------------------------------------------------------------------
 
     async def _probe_all(self) -> None:
-        await asyncio.gather(*(self._probe(r) for r in self.replicas.values()))
+        await asyncio.gather(*(self._probe(r) for r in list(self.replicas.values()) if not r.draining))
         self._publish()
 
     async def _probe(self, r: ReplicaState) -> None:

@@ -13,8 +13,9 @@ Every change reaches the router through the one path the proxy already uses
 (`Fleet._publish` -> `Dispatcher.on_membership` -> `Router.on_membership`), so the rings are
 rebuilt off the request path and move about 1/N of the keys per replica that joins or leaves.
 
-Sources (each runs as one background task on the proxy's loop; `start()` waits up to
-`FIRST_LIST_WAIT_S` for the first answer so that pylb starts with a membership when it can):
+Sources (each runs as one background task on the proxy's loop; `start()` waits for the first
+answer or the first failure, up to `FIRST_LIST_WAIT_S`, so that pylb starts with a membership
+when it can and without delay when it cannot):
 
 * `static` -- no source: `fleet.backends`, as always.
 * `dns` (`DnsDiscovery`, this module) -- a headless Service name resolved every
@@ -54,7 +55,7 @@ ReportError = Callable[[], None]
 """Counts one failure of the source (the fleet's background-error counter)."""
 
 FIRST_LIST_WAIT_S = 10.0
-"""How long `start()` waits for a source's first answer before pylb serves without one."""
+"""How long `start()` waits at most for a source's first answer (or failure) before pylb serves without one."""
 
 BACKOFF_START_S = 0.5
 """First wait after a failure; it doubles on each consecutive failure up to discovery.backoff_max_s."""
@@ -64,8 +65,9 @@ class Discovery(Protocol):
     """A source of replica membership (see the module comment)."""
 
     async def start(self, publish: Publish, report_error: ReportError) -> asyncio.Task[None]:
-        """Start the source's task; return it once the first membership was published (or after
-        `FIRST_LIST_WAIT_S`). The caller cancels the task to stop the source."""
+        """Start the source's task; return it once the first membership was published or the
+        first attempt failed (at most `FIRST_LIST_WAIT_S`). The caller cancels the task to stop
+        the source."""
         ...
 
 
@@ -97,21 +99,24 @@ class Backoff:
         await asyncio.sleep(delay)
 
 
-async def start_source(run: Callable[[Publish], Awaitable[None]], publish: Publish, name: str) -> asyncio.Task[None]:
-    """Run `run(publish')` as a task, where `publish'` also notes the first publication; return
-    the task once that happened or after `FIRST_LIST_WAIT_S` (the shared `start()` of sources)."""
-    first = asyncio.Event()
+async def start_source(run: Callable[[Publish, ReportError], Awaitable[None]], publish: Publish, report_error: ReportError, name: str) -> asyncio.Task[None]:
+    """Run `run(publish, report_error)` as a task; return it once the source published its first
+    membership or failed for the first time, or after `FIRST_LIST_WAIT_S` (the shared `start()`
+    of sources: pylb starts with a membership when it can, and without delay when it cannot)."""
+    settled = asyncio.Event()
 
     async def publish_and_note(members: Members) -> None:
         await publish(members)
-        first.set()
+        settled.set()
 
-    task = asyncio.create_task(run(publish_and_note), name=name)
-    waiter = asyncio.create_task(first.wait())
+    def report_and_note() -> None:
+        report_error()
+        settled.set()
+
+    task = asyncio.create_task(run(publish_and_note, report_and_note), name=name)
+    waiter = asyncio.create_task(settled.wait())
     await asyncio.wait((task, waiter), timeout=FIRST_LIST_WAIT_S, return_when=asyncio.FIRST_COMPLETED)
     waiter.cancel()
-    if not first.is_set():
-        log.warning("discovery has no answer yet; serving without replicas until it has", extra={"source": name})
     return task
 
 
@@ -150,10 +155,9 @@ class DnsDiscovery:
 
     async def start(self, publish: Publish, report_error: ReportError) -> asyncio.Task[None]:
         """See `Discovery.start`."""
-        self._report_error = report_error
-        return await start_source(self._run, publish, "pylb-discovery-dns")
+        return await start_source(self._run, publish, report_error, "pylb-discovery-dns")
 
-    async def _run(self, publish: Publish) -> None:
+    async def _run(self, publish: Publish, report_error: ReportError) -> None:
         backoff = Backoff(self.backoff_max_s)
         last: Members | None = None
         failing = False
@@ -168,20 +172,20 @@ class DnsDiscovery:
                     addrs = []
                 members = {replica_url(self.scheme, a, self.port): True for a in addrs}
                 if members != last:
-                    log.info("DNS discovery: replicas changed", extra={"name": self.name, "replicas": list(members)})
+                    log.info("DNS discovery: replicas changed", extra={"dns_name": self.name, "replicas": list(members)})
                     await publish(dict(members))
                     last = members
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a source logs, counts and goes on
-                self._report_error()
+                report_error()
                 if not failing:
-                    log.warning("DNS discovery failed; keeping the last replica list", extra={"name": self.name, "error": f"{type(exc).__name__}: {exc}"})
+                    log.warning("DNS discovery failed; keeping the last replica list", extra={"dns_name": self.name, "error": f"{type(exc).__name__}: {exc}"})
                 failing = True
                 await backoff.wait()
                 continue
             if failing:
-                log.info("DNS discovery works again", extra={"name": self.name})
+                log.info("DNS discovery works again", extra={"dns_name": self.name})
             failing = False
             backoff.reset()
             await asyncio.sleep(self.interval_s)

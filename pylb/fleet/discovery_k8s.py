@@ -123,8 +123,7 @@ class K8sDiscovery:
 
     async def start(self, publish: Publish, report_error: ReportError) -> asyncio.Task[None]:
         """See `pylb.fleet.discovery.Discovery.start`."""
-        self._report_error = report_error
-        return await start_source(self._run, publish, "pylb-discovery-k8s")
+        return await start_source(self._run, publish, report_error, "pylb-discovery-k8s")
 
     # ---- configuration ----------------------------------------------------------------------------
 
@@ -150,7 +149,7 @@ class K8sDiscovery:
 
     # ---- the loop ---------------------------------------------------------------------------------
 
-    async def _run(self, publish: Publish) -> None:
+    async def _run(self, publish: Publish, report_error: ReportError) -> None:
         s = self.settings
         backoff = Backoff(s.backoff_max_s)
         failing = False
@@ -175,7 +174,7 @@ class K8sDiscovery:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a source logs, counts, backs off and goes on
-                self._report_error()
+                report_error()
                 if not failing:
                     log.warning(
                         "Kubernetes discovery failed; keeping the last replica list and retrying",

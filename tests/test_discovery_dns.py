@@ -163,3 +163,18 @@ async def test_system_resolver_on_localhost() -> None:
             assert await served_by(proxy.url, 2) == {f"http://127.0.0.1:{port}"}
         finally:
             await proxy.stop()
+
+
+def test_serve_cli_names_the_missing_discovery_setting(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from pylb import cli
+
+    for k in list(os.environ):
+        if k.startswith("PYLB_"):
+            monkeypatch.delenv(k)
+    assert cli.main(["serve", "--fleet-discovery", "dns"]) == 2
+    err = capsys.readouterr().err
+    assert "discovery.dns_name" in err and "--backend" not in err  # no backend list is needed
+    assert cli.main(["serve", "--fleet-discovery", "dns", "--discovery-dns-name", "vllm.ns.svc", "--print-config"]) == 0
+    assert "dns_name: vllm.ns.svc" in capsys.readouterr().out

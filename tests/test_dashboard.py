@@ -77,10 +77,11 @@ def pylb_sample_names() -> set[str]:
 
 
 def vllm_sample_names() -> set[str] | None:
-    root = REPO
-    for d in (root.parent / "shared", root / "shared", os.environ.get("PYLB_SHARED")):
-        if d and (Path(d) / "vllm" / "metrics-sample.txt").is_file():
-            text = (Path(d) / "vllm" / "metrics-sample.txt").read_text()
+    """Sample names of metrics-sample.txt in ../shared/vllm beside the repository, shared/vllm
+    inside it, or $PYLB_VLLM_DIR (as tests/test_scrape.py finds it); None when absent."""
+    for d in (os.environ.get("PYLB_VLLM_DIR"), REPO.parent / "shared" / "vllm", REPO / "shared" / "vllm"):
+        if d and (Path(d) / "metrics-sample.txt").is_file():
+            text = (Path(d) / "metrics-sample.txt").read_text()
             return {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
     return None
 
@@ -120,7 +121,7 @@ def test_dashboard_names_only_series_pylb_or_vllm_export() -> None:
                 unknown.append((where, name))
     assert not unknown, f"series that neither pylb nor vLLM export: {unknown}"
     if vllm is None:
-        pytest.skip("pylb names checked; vLLM names not: ../shared/vllm/metrics-sample.txt is absent (set PYLB_SHARED)")
+        pytest.skip("pylb names checked; vLLM names not: ../shared/vllm/metrics-sample.txt is absent (or $PYLB_VLLM_DIR)")
 
 
 def test_dashboard_shape() -> None:

@@ -175,6 +175,10 @@ async def test_list_watch_join_drain_remove_bookmark_drop_and_410(tmp_path: Path
             before = value(await scrape(proxy), "pylb_replica_dispatched_total", replica=urls[0])
             assert urls[0] not in await complete(proxy.url, 6)
             assert value(await scrape(proxy), "pylb_replica_dispatched_total", replica=urls[0]) == before
+            # ready again (a readiness probe that recovered): probed, then back in rotation
+            api.put_slice("vllm-a", [Endpoint(HOSTS[0]), Endpoint(HOSTS[1])], port)
+            await wait_for(lambda: urls[0] in proxy.fleet.healthy, what="A back in rotation")
+            assert urls[0] in await complete(proxy.url, 6)
 
             # a bookmark moves the resourceVersion; a dropped connection resumes from it
             rv = api.bookmark()

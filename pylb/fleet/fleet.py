@@ -190,21 +190,25 @@ class Fleet:
     async def set_members(self, members: Members) -> None:
         """Apply what discovery sees: {base URL: ready}. New URLs are probed before they may join,
         ready=False drains a replica, a URL not listed is removed (see the module comment)."""
-        new = []
+        to_probe = []
         for url in [u for u in self.replicas if u not in members]:
             del self.replicas[url]
             log.info("replica removed by discovery", extra={"replica": url})
         for url, ready in members.items():
             r = self.replicas.get(url)
             if r is None:
-                r = self.replicas[url] = ReplicaState(url)
-                new.append(r)
+                r = self.replicas[url] = ReplicaState(url, draining=not ready)
                 log.info("replica discovered", extra={"replica": url, "ready": ready})
-            elif r.draining == ready:
-                log.info("replica draining" if not ready else "replica ready again", extra={"replica": url})
-            r.draining = not ready
+            elif r.draining != ready:
+                continue  # no change
+            else:
+                r.draining = not ready
+                log.info("replica ready again" if ready else "replica draining", extra={"replica": url})
+            if ready:  # new, or back from draining (not probed meanwhile): its probe decides
+                r.healthy = r.probed = False
+                to_probe.append(r)
         self._publish()  # removals and drains take effect before the probes below
-        await asyncio.gather(*(self._probe(r) for r in new if not r.draining))
+        await asyncio.gather(*(self._probe(r) for r in to_probe))
         self._publish()
 
     def _publish(self, force: bool = False) -> None:

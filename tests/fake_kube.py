@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,17 +64,20 @@ class FakeKubeApi:
         self._watchers: set[asyncio.Queue[Any]] = set()
         self._runner: web.AppRunner | None = None
         self.url = ""
+        self.port = 0
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        """Listen on 127.0.0.1 (HTTPS with `ssl_context`, as a real API server)."""
         app = web.Application()
         app.router.add_get("/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices", self._endpointslices)
         self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=ssl_context)
         await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        self.port = int(self._runner.addresses[0][1])
+        self.url = f"{'https' if ssl_context else 'http'}://127.0.0.1:{self.port}"
 
     async def stop(self) -> None:
         for q in list(self._watchers):

@@ -233,6 +233,49 @@ async def test_api_errors_back_off_and_never_stop_the_proxy(tmp_path: Path) -> N
             await proxy.stop()
 
 
+async def test_in_cluster_service_account_over_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a pod: no kubeconfig, KUBERNETES_SERVICE_HOST/PORT set, the service-account volume's
+    token, CA certificate and namespace; the API server speaks HTTPS."""
+    import ssl
+    import shutil
+    import subprocess
+
+    from pylb.fleet import discovery_k8s
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make the test API server's certificate")
+    sa = tmp_path / "serviceaccount"
+    sa.mkdir()
+    key, crt = tmp_path / "key.pem", sa / "ca.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(crt)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    (sa / "token").write_text("sa-token")
+    (sa / "namespace").write_text("serving\n")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(crt, key)
+    api = FakeKubeApi(namespace="serving", token="sa-token")
+    await api.start(ssl_context=ctx)
+    monkeypatch.setattr(discovery_k8s, "SERVICE_ACCOUNT_DIR", sa)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(api.port))
+    try:
+        async with replicas_on(HOSTS[:1]) as (port, _servers):
+            api.put_slice("vllm-a", [Endpoint(HOSTS[0])], port)
+            s = settings([], fleet__discovery="k8s", discovery__k8s_service="vllm")
+            proxy = ProxyServer(s)
+            await proxy.start()
+            try:
+                assert list(proxy.fleet.healthy) == [f"http://{HOSTS[0]}:{port}"]
+                assert api.unauthorized == 0 and len(api.list_requests) == 1
+            finally:
+                await proxy.stop()
+    finally:
+        await api.stop()
+
+
 def test_k8s_mode_needs_a_service() -> None:
     from pylb.config import ConfigError
 

@@ -68,8 +68,8 @@ log = logging.getLogger("pylb.discovery")
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 """The label that ties an EndpointSlice to its Service."""
 
-SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-"""The pod's namespace, as the service-account volume provides it."""
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+"""The pod's service-account volume: `token`, `ca.crt` (the API server's CA), `namespace`."""
 
 LIST_TIMEOUT_S = 30.0
 """Longest wait for a list answer."""
@@ -141,10 +141,11 @@ class K8sDiscovery:
             except ConfigException:
                 context_ns = ""
         else:
-            k8s_config.load_incluster_config(client_configuration=cfg)
+            sa = SERVICE_ACCOUNT_DIR
+            k8s_config.load_incluster_config(client_configuration=cfg, token_filename=str(sa / "token"), cert_filename=str(sa / "ca.crt"))
         ns = s.k8s_namespace
-        if not ns and SERVICE_ACCOUNT_NAMESPACE.is_file() and not s.kubeconfig:
-            ns = SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
+        if not ns and not s.kubeconfig and (SERVICE_ACCOUNT_DIR / "namespace").is_file():
+            ns = (SERVICE_ACCOUNT_DIR / "namespace").read_text().strip()
         return cfg, ns or context_ns or "default"
 
     # ---- the loop ---------------------------------------------------------------------------------

@@ -223,6 +223,49 @@ class FleetSettings:
     metrics_path: str = setting("/metrics", "path of the replicas' Prometheus metrics", check=path_string)
     scrape_interval_s: float = setting(0.5, "seconds between scrapes of each replica's metrics", check=positive)
     scrape_timeout_s: float = setting(5.0, "a scrape without a whole answer after this long fails (a slow one delays only that replica's next scrape)", check=positive)
+    discovery: str = setting(
+        "static", "where the replica list comes from: static (fleet.backends), dns or k8s (see the discovery section)", check=one_of("static", "dns", "k8s")
+    )
+
+
+# ---- discovery (issue 11 §1; the sources live in pylb/fleet/discovery*.py) ----------------------------
+
+
+def _dns_name(v: Any) -> str | None:
+    """Empty, or a host name without a scheme, port or path."""
+    return None if not any(c in v for c in ":/ ") else "must be a bare host name, e.g. vllm-headless.default.svc.cluster.local"
+
+
+def _replica_port(v: Any) -> str | None:
+    """A TCP port a replica listens on, 1..65535."""
+    return None if 1 <= v <= 65535 else "must be a TCP port in 1..65535"
+
+
+@dataclass(frozen=True)
+class DiscoverySettings:
+    """Dynamic membership (`fleet.discovery` dns or k8s): where replicas are found and how often."""
+
+    interval_s: float = setting(5.0, "dns: seconds between resolutions of discovery.dns_name", check=positive)
+    dns_name: str = setting("", "dns: the (headless) Service name whose A/AAAA records are the replicas", check=_dns_name)
+    port: int = setting(8000, "the replicas' port: dns always; k8s when the EndpointSlice names no port", check=_replica_port)
+    scheme: str = setting("http", "scheme of the replicas' base URLs", check=one_of("http", "https"))
+    k8s_service: str = setting("", "k8s: the Service whose EndpointSlices list the replicas (label kubernetes.io/service-name)")
+    k8s_namespace: str = setting("", "k8s: its namespace (empty: the pod's own namespace in a cluster, else the kubeconfig context's, else default)")
+    k8s_port_name: str = setting("", "k8s: the EndpointSlice port to use, by name (empty: the slice's only port, else discovery.port)")
+    kubeconfig: str = setting("", "k8s: kubeconfig file (empty: the in-cluster service account when running in a pod, else $KUBECONFIG or ~/.kube/config)")
+    watch_timeout_s: int = setting(300, "k8s: the API server ends each watch after this long; pylb resumes it from the last resourceVersion", check=at_least(1))
+    backoff_max_s: float = setting(30.0, "longest wait between retries after a failed resolution, list or watch (doubling from 0.5 s)", check=positive)
+
+
+def _check_discovery(s: Settings, sources: Mapping[str, str]) -> None:
+    """The discovery mode's own setting must be there."""
+    mode, d = s.fleet.discovery, s.discovery
+    if mode == "dns" and not d.dns_name:
+        raise ConfigError("discovery.dns_name", d.dns_name, "fleet.discovery is dns: name the Service to resolve", sources.get("discovery.dns_name", "default"))
+    if mode == "k8s" and not d.k8s_service:
+        raise ConfigError(
+            "discovery.k8s_service", d.k8s_service, "fleet.discovery is k8s: name the Service whose EndpointSlices to watch", sources.get("discovery.k8s_service", "default")
+        )
 
 
 @dataclass(frozen=True)
@@ -250,6 +293,7 @@ SECTIONS: dict[str, type] = {
     "server": ServerSettings,
     "router": RouterSettings,
     "fleet": FleetSettings,
+    "discovery": DiscoverySettings,
     "upstream": UpstreamSettings,
     "logging": LoggingSettings,
 }
@@ -262,6 +306,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     router: RouterSettings = field(default_factory=RouterSettings)
     fleet: FleetSettings = field(default_factory=FleetSettings)
+    discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
@@ -430,6 +475,7 @@ def _check_relations(s: Settings, sources: Mapping[str, str]) -> None:
     for code in s.upstream.retry_statuses:
         if not 500 <= code <= 599:
             raise ConfigError("upstream.retry_statuses", s.upstream.retry_statuses, f"{code} is not a 5xx status", sources.get("upstream.retry_statuses", "default"))
+    _check_discovery(s, sources)
 
 
 # ---- command line ------------------------------------------------------------------------------------

@@ -35,6 +35,14 @@ late, not failed. The fleet also keeps the increase of the replica's prefix-cach
 pylb started (for the observed hit rate), handling counter resets (a restarted replica).
 
 Both loops catch, log and count every failure (`pylb_background_errors_total`) and go on.
+
+Discovery (`fleet.discovery` dns or k8s; `pylb.fleet.discovery`): the replica list is not fixed.
+A discovery source calls `set_members({url: ready})` whenever what it sees changes: new URLs are
+added and probed at once (health checks still gate them: a replica is in rotation only when it is
+both offered ready and healthy), replicas offered with ready=False are *draining* (out of rotation
+and no longer probed, so the router sends them nothing new, while requests already sent to them
+finish over their open connections), and replicas no longer offered are removed (pylb never cuts
+a request in flight; the replica's own shutdown may).
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ from pylb.config import FleetSettings
 from pylb.observability.metrics import ProxyMetrics
 from pylb.router.interface import ReplicaMetrics
 
+from .discovery import Discovery, Members
 from .scrape import ScrapeError, parse_vllm_metrics
 
 log = logging.getLogger("pylb.fleet")
@@ -76,6 +85,7 @@ class FleetReplica:
     _last_queries: int | None = None
     _last_hits: int | None = None
     scrape_failing: bool = False
+    draining: bool = False
 
 
 class Fleet:
@@ -88,6 +98,7 @@ class Fleet:
         on_membership: Callable[[list[str]], None],
         on_metrics: Callable[[str, ReplicaMetrics], None],
         clock: Callable[[], float] = time.monotonic,
+        discovery: Discovery | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -99,6 +110,8 @@ class Fleet:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._scrapes: dict[str, asyncio.Task[None]] = {}  # replica -> its scrape in flight
+        self.discovery = discovery
+        """The source of the replica list when it is dynamic (None: `settings.backends`, fixed)."""
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -106,11 +119,13 @@ class Fleet:
         """Open the probe session, run one probe round, publish the membership, start the loops."""
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=2, keepalive_timeout=30)
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+        if self.discovery is not None:
+            self._tasks.append(await self.discovery.start(self.set_members, lambda: self.metrics.count_background_error("discovery")))
         await asyncio.gather(*(self._probe(r) for r in self.replicas.values()))
         self._publish(force=True)
         # the baseline of the observed hit rate, and the router's first load signal
         await asyncio.gather(*(self._scrape(self.replicas[url]) for url in self._healthy))
-        self._tasks = [
+        self._tasks += [
             asyncio.create_task(self._loop("health", self.settings.health_interval_s, self._probe_all), name="pylb-health"),
             asyncio.create_task(self._loop("scrape", self.settings.scrape_interval_s, self._start_scrapes), name="pylb-scrape"),
         ]
@@ -179,8 +194,37 @@ class Fleet:
         log.warning("replica out of rotation", extra={"replica": r.url, "reason": reason, "error": r.last_error})
         self._publish()
 
+    # ---- membership from discovery --------------------------------------------------------------------
+
+    async def set_members(self, members: Members) -> None:
+        """Apply what discovery sees: {base URL: ready}. New URLs are probed before they may join,
+        ready=False drains a replica, a URL not listed is removed (see the module comment)."""
+        to_probe = []
+        for url in [u for u in self.replicas if u not in members]:
+            del self.replicas[url]
+            scrape = self._scrapes.pop(url, None)
+            if scrape is not None:
+                scrape.cancel()
+            log.info("replica removed by discovery", extra={"replica": url})
+        for url, ready in members.items():
+            r = self.replicas.get(url)
+            if r is None:
+                r = self.replicas[url] = FleetReplica(url, draining=not ready)
+                log.info("replica discovered", extra={"replica": url, "ready": ready})
+            elif r.draining != ready:
+                continue  # no change
+            else:
+                r.draining = not ready
+                log.info("replica ready again" if ready else "replica draining", extra={"replica": url})
+            if ready:  # new, or back from draining (not probed meanwhile): its probe decides
+                r.healthy = r.probed = False
+                to_probe.append(r)
+        self._publish()  # removals and drains take effect before the probes below
+        await asyncio.gather(*(self._probe(r) for r in to_probe))
+        self._publish()
+
     def _publish(self, force: bool = False) -> None:
-        healthy = [url for url, r in self.replicas.items() if r.healthy]
+        healthy = [url for url, r in self.replicas.items() if r.healthy and not r.draining]
         if force or healthy != self._healthy:
             self._healthy = healthy
             self._on_membership(list(healthy))
@@ -188,7 +232,7 @@ class Fleet:
     # ---- active probes ------------------------------------------------------------------------------
 
     async def _probe_all(self) -> None:
-        await asyncio.gather(*(self._probe(r) for r in self.replicas.values()))
+        await asyncio.gather(*(self._probe(r) for r in list(self.replicas.values()) if not r.draining))
         self._publish()
 
     async def _probe(self, r: FleetReplica) -> None:
@@ -230,7 +274,7 @@ class Fleet:
             if running is None or running.done():
                 self._scrapes[url] = asyncio.create_task(self._scrape_guarded(self.replicas[url]), name=f"pylb-scrape {url}")
 
-    async def _scrape_guarded(self, r: ReplicaState) -> None:
+    async def _scrape_guarded(self, r: FleetReplica) -> None:
         try:
             await self._scrape(r)
         except Exception:  # a bug, not a failed scrape (those are handled in _scrape)
@@ -257,7 +301,8 @@ class Fleet:
         self._update_observed(r, m)
         r.metrics = m
         r.metrics_at = self._clock()
-        if r.healthy:  # it may have left rotation while the scrape was in flight
+        # it may have left rotation, started draining or been removed while the scrape was in flight
+        if r.healthy and not r.draining and self.replicas.get(r.url) is r:
             self._on_metrics(r.url, m)
 
     @staticmethod

@@ -49,7 +49,8 @@ NO_BACKEND_HELP = """\
 pylb serve: no backend given. Name the vLLM replicas to balance, for example:
     pylb serve --backend http://127.0.0.1:8001 --backend http://127.0.0.1:8002
 or set PYLB_BACKENDS=http://127.0.0.1:8001,http://127.0.0.1:8002, or list them under
-fleet.backends in a YAML file given with --config. No vLLM at hand? `pylb sim-replicas
+fleet.backends in a YAML file given with --config (or find them: --fleet-discovery dns|k8s,
+see docs/deploy.md). No vLLM at hand? `pylb sim-replicas
 --replicas 4 --base-port 8001` starts simulated ones, and `pylb demo` runs everything locally."""
 
 
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(settings.to_yaml())
         return 0
-    if not settings.fleet.backends:
+    if not settings.fleet.backends and settings.fleet.discovery == "static":
         print(NO_BACKEND_HELP, file=sys.stderr)
         return 2
     try:  # an unknown policy or a bad policy option fails here, before any worker starts
@@ -118,7 +119,8 @@ async def _serve(settings: Settings, reuse_port: bool) -> int:
         return 1
     gc.freeze()  # start-up objects (modules, settings, tables) leave the collector's generations
     n = len(settings.fleet.backends)
-    print(f"pylb serving on {proxy.url} (policy {settings.router.policy}, {n} backend{'' if n == 1 else 's'})", file=sys.stderr, flush=True)
+    members = f"{n} backend{'' if n == 1 else 's'}" if settings.fleet.discovery == "static" else f"{settings.fleet.discovery} discovery"
+    print(f"pylb serving on {proxy.url} (policy {settings.router.policy}, {members})", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

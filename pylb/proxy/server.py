@@ -90,6 +90,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from pylb.config import ConfigError, RouterSettings, Settings
+from pylb.fleet.discovery import create_discovery
 from pylb.fleet.fleet import Fleet
 from pylb.observability.logging import ACCESS_LOGGER, request_id_var
 from pylb.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -264,7 +265,7 @@ class ProxyServer:
         self.router = router
         self.metrics = ProxyMetrics()
         self.dispatcher = Dispatcher(router, self.metrics, rs.max_queued)
-        self.fleet = Fleet(settings.fleet, self.metrics, self.dispatcher.on_membership, self.dispatcher.on_metrics)
+        self.fleet = Fleet(settings.fleet, self.metrics, self.dispatcher.on_membership, self.dispatcher.on_metrics, discovery=create_discovery(settings))
         self.limits = RequestLimits.from_settings(rs)
         self._session: aiohttp.ClientSession | None = None
         self._pool: UpstreamPool | None = None

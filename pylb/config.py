@@ -200,7 +200,7 @@ class RouterSettings:
         setting came from, for the message."""
         values = {opt: getattr(self, name) for name, opt in ROUTER_OPTION_FIELDS.items()}
         try:
-            return RouterOptions(**values, extra=dict(self.extra))  # type: ignore[arg-type]
+            return RouterOptions(**values, extra=dict(self.extra))
         except SettingError as exc:
             opt = exc.field.removeprefix("RouterOptions.")
             name = next((n for n, o in ROUTER_OPTION_FIELDS.items() if o == opt), opt)

@@ -29,6 +29,7 @@ import json
 import math
 import typing
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 Check = Callable[[Any], "str | None"]
@@ -104,13 +105,17 @@ def setting(default: Any, help: str, *, check: Check | None = None, flag: str | 
     optional short flag / environment variable name."""
     meta = {"help": help, "check": check, "flag": flag, "env": env}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+        copy: Callable[[], Any] = partial(type(default), default)  # a fresh copy for every instance
+        return dataclasses.field(default_factory=copy, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
 def default_of(f: dataclasses.Field) -> Any:
     """The default value of a dataclass field (calling its factory)."""
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    factory: Callable[[], Any] = f.default_factory  # type: ignore[assignment]  # MISSING excluded by the dataclass itself
+    return factory()
 
 
 def field_types(cls: type) -> dict[str, Any]:
@@ -175,7 +180,7 @@ def convert(t: Any, value: Any, *, from_text: bool, name: str = "value", item_ty
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise bad("expected a list")
-        items = []
+        items: list[Any] = []
         for item in value:
             if item_type is int:
                 if isinstance(item, bool):

@@ -15,7 +15,7 @@ import numpy as np
 
 try:
     from . import _core
-except ImportError as exc:
+except ImportError:
     _here = Path(__file__).parent
     if any((_here / f"_core{suffix}").exists() for suffix in EXTENSION_SUFFIXES):
         raise  # the core is built but cannot load (e.g. a shared library is missing): that error says why

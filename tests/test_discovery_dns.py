@@ -4,7 +4,6 @@ controls), and one test resolves "localhost" through the real system resolver.""
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager

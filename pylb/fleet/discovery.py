@@ -38,8 +38,8 @@ import asyncio
 import ipaddress
 import logging
 import socket
-from collections.abc import Awaitable, Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
 
 from pylb.config import Settings
 
@@ -99,7 +99,7 @@ class Backoff:
         await asyncio.sleep(delay)
 
 
-async def start_source(run: Callable[[Publish, ReportError], Awaitable[None]], publish: Publish, report_error: ReportError, name: str) -> asyncio.Task[None]:
+async def start_source(run: Callable[[Publish, ReportError], Coroutine[Any, Any, None]], publish: Publish, report_error: ReportError, name: str) -> asyncio.Task[None]:
     """Run `run(publish, report_error)` as a task; return it once the source published its first
     membership or failed for the first time, or after `FIRST_LIST_WAIT_S` (the shared `start()`
     of sources: pylb starts with a membership when it can, and without delay when it cannot)."""

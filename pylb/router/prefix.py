@@ -31,6 +31,8 @@ Per request: one slice of the hash array and one `key_for` (O(max_depth) hash-ta
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from pylb import native
@@ -79,7 +81,7 @@ class PrefixKeyer:
             DualMap's 200 requests and 6.12 %, written once in the C++ core).
     """
 
-    def __init__(self, options: RouterOptions, *, fixed_depth: int = 0, **table: float) -> None:
+    def __init__(self, options: RouterOptions, *, fixed_depth: int = 0, **table: Any) -> None:
         if fixed_depth < 0:
             raise ValueError(f"fixed_depth must be >= 0 (0 = adaptive), got {fixed_depth}")
         self.blocks_per_key = options.blocks_per_key_block

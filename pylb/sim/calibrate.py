@@ -213,10 +213,10 @@ def _design(prefill: Sequence[PrefillSample], decode: Sequence[DecodeSample]) ->
         rows.append([1.0, n, 0.0, n, prefill_pairs(n, 0), 1.0])
         ys.append(s.ttft_s)
         labels.append(f"prefill N={s.prompt_tokens}")
-    for s in decode:
-        rows.append([1.0, 0.0, s.batch, s.context_tokens, 0.0, 0.0])
-        ys.append(s.step_s)
-        labels.append(f"decode B={s.batch} P={s.prompt_tokens} C={s.context_tokens:.0f}")
+    for d in decode:
+        rows.append([1.0, 0.0, d.batch, d.context_tokens, 0.0, 0.0])
+        ys.append(d.step_s)
+        labels.append(f"decode B={d.batch} P={d.prompt_tokens} C={d.context_tokens:.0f}")
     return np.asarray(rows, dtype=float), np.asarray(ys, dtype=float), labels
 
 
@@ -247,8 +247,9 @@ def fit_constants(prefill: Sequence[PrefillSample], decode: Sequence[DecodeSampl
             break
         active.pop(int(np.argmin(sol)))  # pin the most negative coefficient to 0
     fitted = a @ coef
+    c0, c_prefill, c_decode, c_attn, c_prefill_attn, overhead = (float(c) for c in coef)
     return Fit(
-        *(float(c) for c in coef),
+        c0, c_prefill, c_decode, c_attn, c_prefill_attn, overhead,
         residuals=[(label, float(m), float(f)) for label, m, f in zip(labels, y, fitted)],
     )
 

@@ -81,8 +81,9 @@ from __future__ import annotations
 
 import operator
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from functools import partial
 from itertools import compress, islice, repeat, takewhile
 
@@ -95,7 +96,7 @@ from pylb.workload.types import BYTES_PER_TOKEN, tokens_in
 from .profiles import Profile
 
 
-_consume = deque(maxlen=0).extend  # run an iterator for its side effects, at C speed
+_consume: Callable[[Iterable[Any]], None] = deque(maxlen=0).extend  # run an iterator for its side effects, at C speed
 _not_none = partial(operator.is_not, None)
 _minus_one = partial(operator.add, -1)
 _plus_one = partial(operator.add, 1)
@@ -456,7 +457,7 @@ class Engine:
         bhash = self._bhash
         evicted = list(filter(_not_none, map(bhash.__getitem__, out)))
         if evicted:
-            _consume(map(self._cached.__delitem__, evicted))
+            _consume(map(self._cached.__delitem__, evicted))  # type: ignore[arg-type]  # None filtered out above
             _consume(map(bhash.__setitem__, out, repeat(None)))
         _consume(map(self._ref.__setitem__, out, repeat(1)))
         return out
@@ -504,7 +505,7 @@ class Engine:
         bs = self.block_size
         num_tokens = req.prompt_len + req.out
         max_hit = min((num_tokens - 1) // bs, len(hl))  # vLLM: at least one token is computed
-        hits = list(takewhile(_not_none, map(self._cached.get, islice(hl, max_hit))))
+        hits: list[int] = list(takewhile(_not_none, map(self._cached.get, islice(hl, max_hit))))  # type: ignore[arg-type]  # takewhile stops at the first None
         n_hit = len(hits)
         hit_tokens = n_hit * bs
         n_new = min(num_tokens - hit_tokens, budget)

@@ -99,10 +99,13 @@ def summarize(result: SimResult, policy: str, slo_ttft: float = DEFAULT_SLO_TTFT
     n = result.num_requests
     ttft = result.ttft
     got = ttft[~np.isnan(ttft)]
+    p50: float | None
+    p90: float | None
+    p99: float | None
     if len(got):
         p50, p90, p99 = (float(x) for x in np.percentile(got, [50, 90, 99]))
     else:
-        p50 = p90 = p99 = None
+        p50 = p90 = p99 = None  # no first token at all: reported as null
     completed_mask = ~np.isnan(result.completion)
     prompt = int(result.prompt_tokens[completed_mask].sum())
     hit = int(result.cached_tokens[completed_mask].sum()) / prompt if prompt else 0.0

@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from pylb.cli_args import UsageError, positive_float, positive_int
@@ -459,7 +460,7 @@ def run_policies(
         for done, policy in enumerate(policies, 1):
             if args.sweep:
                 cap, runs = find_capacity(
-                    lambda s, p=policy: timed_run(p, s), start=args.sweep_start, max_runs=args.sweep_runs, rel_tol=args.sweep_tolerance
+                    partial(timed_run, policy), start=args.sweep_start, max_runs=args.sweep_runs, rel_tol=args.sweep_tolerance
                 )
                 capacity[policy] = cap
                 print(f"{policy}: effective request capacity {cap:.2f} qps ({len(runs)} runs)", flush=True)

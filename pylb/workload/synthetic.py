@@ -57,6 +57,7 @@ specs (`pylb.workload.loaders`) read them from there.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from functools import partial
 
 import numpy as np
@@ -144,7 +145,7 @@ def multi_turn(
     # One group keeps the original key, so groups=1 gives the same text as before groups existed.
     system_keys = [f"mt:{seed}:system"] if groups == 1 else [f"mt:{seed}:system:g{g}" for g in range(groups)]
     for s in range(sessions):
-        segments = ((system_keys[s % groups], system_tokens),) if system_tokens else ()
+        segments: tuple[tuple[str, int], ...] = ((system_keys[s % groups], system_tokens),) if system_tokens else ()
         t = float(starts[s])
         for n in range(1, turns + 1):
             if n > 1:
@@ -196,7 +197,7 @@ def zipf_prefixes(
     out = []
     for i in range(requests):
         k = int(picks[i])
-        segments = ((f"zipf:{seed}:p{k}", prefix_tokens),) if prefix_tokens else ()
+        segments: tuple[tuple[str, int], ...] = ((f"zipf:{seed}:p{k}", prefix_tokens),) if prefix_tokens else ()
         segments += ((f"zipf:{seed}:q{i}", suffix_tokens),)
         out.append(
             WorkloadRequest(
@@ -210,7 +211,7 @@ def zipf_prefixes(
     return out
 
 
-GENERATORS = {"multi-turn": multi_turn, "zipf": zipf_prefixes}
+GENERATORS: dict[str, Callable[..., list[WorkloadRequest]]] = {"multi-turn": multi_turn, "zipf": zipf_prefixes}
 """Synthetic workloads by the name used in `synthetic:NAME` trace specs."""
 
 __all__ = ["GENERATORS", "multi_turn", "text_of", "token_text", "zipf_prefixes"]

@@ -554,6 +554,7 @@ class CoreRouter(Router):
                 self._stale -= 1  # the popped moves item
                 self._dequeue(e)
                 e.alternate = h
+                assert e.cached is not None  # set when it was queued
                 self._enqueue(e, target, "migration", e.cached)
                 self.decisions["migration"] += 1
                 self.migrations += 1

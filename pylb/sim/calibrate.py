@@ -257,8 +257,8 @@ def fit_constants(prefill: Sequence[PrefillSample], decode: Sequence[DecodeSampl
 def fit_bytes_per_token(samples: Sequence[tuple[int, int]]) -> float:
     """Bytes of probe text per replica token: 1 / slope of prompt_tokens against bytes (least squares)."""
     if len({b for b, _ in samples}) < 2:
-        b, t = samples[0]
-        return b / t
+        only_bytes, only_tokens = samples[0]
+        return only_bytes / only_tokens
     x = np.asarray([b for b, _ in samples], dtype=float)
     t = np.asarray([tok for _, tok in samples], dtype=float)
     slope, _ = np.polyfit(x, t, 1)

@@ -4,6 +4,7 @@ routers that hold or record, and a reader of pylb's /metrics. Everything listens
 from __future__ import annotations
 
 import asyncio
+import socket
 import json
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -393,3 +394,19 @@ def dead_url() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def free_port_on(hosts: list[str]) -> int:
+    """A TCP port free on every one of `hosts` (loopback addresses), for servers that must share one port."""
+    for _ in range(20):
+        with socket.socket() as s:
+            s.bind((hosts[0], 0))
+            port = int(s.getsockname()[1])
+        try:
+            for h in hosts[1:]:
+                with socket.socket() as s:
+                    s.bind((h, port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no port free on every test address")

@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from pylb.workload.replay import replay  # noqa: E402
 from pylb.workload.synthetic import multi_turn  # noqa: E402
 
 from fake_kube import Endpoint, FakeKubeApi  # noqa: E402
+from proxy_support import free_port_on
 
 CLI = [sys.executable, "-P", "-m", "pylb.cli"]
 HOSTS = ["127.0.0.31", "127.0.0.32", "127.0.0.33", "127.0.0.34"]
@@ -36,21 +36,6 @@ A, B, C, D = HOSTS
 
 def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("PYLB_")}
-
-
-def _free_port_on(hosts: list[str]) -> int:
-    for _ in range(20):
-        with socket.socket() as s:
-            s.bind((hosts[0], 0))
-            port = int(s.getsockname()[1])
-        try:
-            for h in hosts[1:]:
-                with socket.socket() as s:
-                    s.bind((h, port))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no port free on every test address")
 
 
 async def _wait_line(path: Path, needle: str, proc: asyncio.subprocess.Process, timeout: float = 30.0) -> str:
@@ -92,7 +77,7 @@ async def _until(cond, timeout: float, what: str) -> None:  # noqa: ANN001
 
 
 async def test_replicas_join_drain_and_leave_while_a_replay_runs(tmp_path: Path) -> None:
-    port = _free_port_on(HOSTS)
+    port = free_port_on(HOSTS)
     url = {h: f"http://{h}:{port}" for h in HOSTS}
     api = FakeKubeApi(namespace="serving", service="vllm")
     await api.start()

@@ -16,7 +16,7 @@ from pylb.fleet.discovery import DnsDiscovery, replica_url, system_resolve
 from pylb.proxy.server import ProxyServer
 from pylb.sim.server import FakeServerConfig, FakeVllmServer
 
-from proxy_support import FAST, scrape, settings, value, wait_for
+from proxy_support import FAST, free_port_on, scrape, settings, value, wait_for
 
 HOSTS = ["127.0.0.21", "127.0.0.22", "127.0.0.23"]
 
@@ -52,24 +52,9 @@ class Zone:
         return list(self.records)
 
 
-def _free_port_on(hosts: list[str]) -> int:
-    for _ in range(20):
-        with socket.socket() as s:
-            s.bind((hosts[0], 0))
-            port = int(s.getsockname()[1])
-        try:
-            for h in hosts[1:]:
-                with socket.socket() as s:
-                    s.bind((h, port))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no port free on every test address")
-
-
 @asynccontextmanager
 async def replicas_on(hosts: list[str]) -> AsyncIterator[int]:
-    port = _free_port_on(hosts)
+    port = free_port_on(hosts)
     servers = [FakeVllmServer(FAST, FakeServerConfig(host=h, port=port, speed=10.0, output_len=4, max_model_len=4096)) for h in hosts]
     try:
         for s in servers:

@@ -8,7 +8,6 @@ tests/test_discovery_churn.py."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,7 +22,7 @@ from pylb.proxy.server import ProxyServer  # noqa: E402
 from pylb.sim.server import FakeServerConfig, FakeVllmServer  # noqa: E402
 
 from fake_kube import Endpoint, FakeKubeApi  # noqa: E402
-from proxy_support import FAST, scrape, settings, value, wait_for  # noqa: E402
+from proxy_support import FAST, free_port_on, scrape, settings, value, wait_for  # noqa: E402
 
 HOSTS = ["127.0.0.11", "127.0.0.12", "127.0.0.13"]
 
@@ -65,25 +64,10 @@ def test_port_by_name_only_port_or_default() -> None:
     assert slice_port([], "", 7) == 7
 
 
-def _free_port_on(hosts: list[str]) -> int:
-    for _ in range(20):
-        with socket.socket() as s:
-            s.bind((hosts[0], 0))
-            port = int(s.getsockname()[1])
-        try:
-            for h in hosts[1:]:
-                with socket.socket() as s:
-                    s.bind((h, port))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no port free on every test address")
-
-
 @asynccontextmanager
 async def replicas_on(hosts: list[str]) -> AsyncIterator[tuple[int, list[FakeVllmServer]]]:
     """One fast fake vLLM replica per loopback address, all on one port."""
-    port = _free_port_on(hosts)
+    port = free_port_on(hosts)
     servers = [FakeVllmServer(FAST, FakeServerConfig(host=h, port=port, speed=1.0, output_len=8, max_model_len=4096)) for h in hosts]
     try:
         for s in servers:

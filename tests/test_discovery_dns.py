@@ -162,3 +162,35 @@ def test_serve_cli_names_the_missing_discovery_setting(capsys: pytest.CaptureFix
     assert "discovery.dns_name" in err and "--backend" not in err  # no backend list is needed
     assert cli.main(["serve", "--fleet-discovery", "dns", "--discovery-dns-name", "vllm.ns.svc", "--print-config"]) == 0
     assert "dns_name: vllm.ns.svc" in capsys.readouterr().out
+
+
+async def test_a_removed_replica_leaves_no_dispatcher_entry() -> None:
+    """The dispatcher's per-replica counters go with a replica that discovery removes (they stayed
+    forever before: a fleet whose pods come and go grew one entry per address ever seen); a
+    replica that is only ejected keeps them."""
+    async with replicas_on(HOSTS) as port:
+        urls = [f"http://{h}:{port}" for h in HOSTS]
+        zone = Zone(HOSTS)
+        s = settings([], fleet__discovery="dns", discovery__dns_name="vllm.serving.svc.cluster.local", discovery__port=port, discovery__interval_s=0.05)
+        proxy = ProxyServer(s)
+        proxy.fleet.discovery.resolve = zone.resolve  # type: ignore[union-attr]
+        await proxy.start()
+        try:
+            assert await served_by(proxy.url, 6) == set(urls)
+            assert set(proxy.dispatcher.dispatched) == set(urls)
+            zone.records = HOSTS[1:]
+            await wait_for(lambda: urls[0] not in proxy.fleet.replicas, what="the removal")
+            assert set(proxy.dispatcher.dispatched) == set(urls[1:])
+            m = await scrape(proxy)
+            assert value(m, "pylb_replica_dispatched_total", replica=urls[0]) == 0
+            assert value(m, "pylb_replica_dispatched_total", replica=urls[1]) == 2
+
+            proxy.fleet.report_connect_error(urls[1], "test: ejected, still a member")
+            assert urls[1] not in proxy.fleet.healthy and urls[1] in proxy.dispatcher.dispatched
+
+            zone.records = HOSTS  # back under the same address: counted from zero
+            await wait_for(lambda: urls[0] in proxy.fleet.healthy, what="the return")
+            assert await served_by(proxy.url, 1) <= set(urls)
+            assert proxy.dispatcher.dispatched.get(urls[0]) is None or proxy.dispatcher.dispatched[urls[0]].dispatched <= 1
+        finally:
+            await proxy.stop()

@@ -42,7 +42,8 @@ added and probed at once (health checks still gate them: a replica is in rotatio
 both offered ready and healthy), replicas offered with ready=False are *draining* (out of rotation
 and no longer probed, so the router sends them nothing new, while requests already sent to them
 finish over their open connections), and replicas no longer offered are removed (pylb never cuts
-a request in flight; the replica's own shutdown may).
+a request in flight; the replica's own shutdown may); `on_removed(url)` then lets the owner of
+per-replica state free it (the dispatcher's counters).
 """
 
 from __future__ import annotations
@@ -99,11 +100,13 @@ class Fleet:
         on_metrics: Callable[[str, ReplicaMetrics], None],
         clock: Callable[[], float] = time.monotonic,
         discovery: Discovery | None = None,
+        on_removed: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self._on_membership = on_membership
         self._on_metrics = on_metrics
+        self._on_removed = on_removed
         self._clock = clock
         self.replicas: dict[str, FleetReplica] = {url.rstrip("/"): FleetReplica(url.rstrip("/")) for url in settings.backends}
         self._healthy: list[str] = []
@@ -206,6 +209,8 @@ class Fleet:
             if scrape is not None:
                 scrape.cancel()
             log.info("replica removed by discovery", extra={"replica": url})
+            if self._on_removed is not None:
+                self._on_removed(url)
         for url, ready in members.items():
             r = self.replicas.get(url)
             if r is None:

@@ -29,7 +29,9 @@ False), it stays queued in the router and, when it is dispatched, is completed a
 Per-replica load (in flight, un-prefilled requests and tokens) and the per-token prefill time
 are the router's: the dispatcher reads them from `router.view` and keeps no copy. It counts only
 what the router does not: dispatches, their prompt tokens and the cached tokens the router
-predicted for them (pylb's `/metrics`), and the recent dispatches for the hotspot factor. A
+predicted for them (pylb's `/metrics`), and the recent dispatches for the hotspot factor. The
+counters of a replica removed from the fleet are freed (`forget`, from `Fleet`'s `on_removed`),
+so a fleet whose pods come and go keeps no entry per departed address. A
 dispatch without a branch counts as "retry" for a retried request and as "unknown" otherwise.
 """
 
@@ -213,6 +215,12 @@ class Dispatcher:
         now = self.now()
         self._call(self.router.on_membership, list(replicas), now)
         self._poll(now)
+
+    def forget(self, replica: str) -> None:
+        """`replica` left the fleet for good (removed by discovery): free its dispatch counters.
+        (An ejected or draining replica stays a fleet member and keeps them; one that comes back
+        under the same URL starts from zero, a counter reset Prometheus handles.)"""
+        self.dispatched.pop(replica, None)
 
     def close(self) -> None:
         """Stop the timer and fail every queued request (shutdown)."""

@@ -79,7 +79,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -89,20 +88,16 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from pylb.config import ConfigError, RouterSettings, Settings
-from pylb.fleet.discovery import create_discovery
-from pylb.fleet.fleet import Fleet
+from pylb.config import Settings
 from pylb.observability.logging import ACCESS_LOGGER, request_id_var
 from pylb.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from pylb.observability.metrics import ProxyMetrics, ProxySnapshot, ReplicaSnapshot
-from pylb.router import registry
+from pylb.observability.metrics import ProxySnapshot
 from pylb.router.interface import Dispatch, Router, RoutingRequest, Usage
-from pylb.router.policy import PolicyOptionError
-from pylb.router.request import CHAT, COMPLETIONS, RequestError, RequestLimits, build_request, parse_json_body
+from pylb.router.request import CHAT, COMPLETIONS, RequestError, build_request, parse_json_body
 
-from . import dispatcher as dispatch_mod
-from .dispatcher import Dispatcher, RouterFault
-from .errors import NoReplica, ProxyError, QueueFull, QueueTimeout, UpstreamFailed, error_response, sse_error_event
+from .balancer import Balancer
+from .balancer import create_router as create_router  # re-exported: `pylb serve`, tests and bench build routers from here
+from .errors import NoReplica, ProxyError, UpstreamFailed, error_response, sse_error_event
 from .upstream import UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("pylb.proxy")
@@ -230,26 +225,6 @@ class _Retry(Exception):
         self.response = response
 
 
-def create_router(rs: RouterSettings) -> Router:
-    """The router of the settings: the policy spec `rs.policy` (`NAME[:key=value...]`, as
-    `pylb simulate --policy` takes it) around a core with `rs.router_options()`.
-
-    Raises ConfigError naming the setting and its value: `router.policy` for an unknown policy
-    or a bad spec option, the setting for a value `RouterOptions` rejects, `router.extra` for a
-    policy option from there that the policy rejects."""
-    options = rs.router_options()
-    try:
-        spec = registry.parse_spec(rs.policy)
-    except (registry.UnknownPolicyError, PolicyOptionError) as exc:
-        raise ConfigError("router.policy", rs.policy, str(exc)) from None
-    try:
-        return registry.create(rs.policy, options)
-    except ValueError as exc:  # a policy rejecting an option's value (PolicyOptionError is one)
-        if rs.extra and not spec.options:
-            raise ConfigError("router.extra", rs.extra, str(exc)) from None
-        raise ConfigError("router.policy", rs.policy, str(exc)) from None
-
-
 class ProxyServer:
     """pylb's HTTP proxy (see the module comment). Use `await start()` / `await stop()`, or
     `async with ProxyServer(settings) as proxy: ... proxy.url ...`.
@@ -259,14 +234,8 @@ class ProxyServer:
 
     def __init__(self, settings: Settings, router: Router | None = None) -> None:
         self.settings = settings
-        rs = settings.router
-        if router is None:
-            router = create_router(rs)
-        self.router = router
-        self.metrics = ProxyMetrics()
-        self.dispatcher = Dispatcher(router, self.metrics, rs.max_queued)
-        self.fleet = Fleet(settings.fleet, self.metrics, self.dispatcher.on_membership, self.dispatcher.on_metrics, discovery=create_discovery(settings))
-        self.limits = RequestLimits.from_settings(rs)
+        self.balancer = b = Balancer(settings, router)
+        self.router, self.metrics, self.dispatcher, self.fleet, self.limits = b.router, b.metrics, b.dispatcher, b.fleet, b.limits
         self._session: aiohttp.ClientSession | None = None
         self._pool: UpstreamPool | None = None
         self._runner: web.AppRunner | None = None
@@ -275,8 +244,7 @@ class ProxyServer:
         self._turn = 0
         self._ids = 0
         self._id_prefix = uuid.uuid4().hex[:16]
-        fs = settings.fleet
-        self._retry_after = str(max(1, math.ceil(fs.health_interval_s * fs.healthy_threshold)))
+        self._retry_after = b.retry_after
         self._retry_statuses = frozenset(settings.upstream.retry_statuses)
         self.metrics.attach(self.snapshot)
 
@@ -368,29 +336,7 @@ class ProxyServer:
 
     def snapshot(self) -> ProxySnapshot:
         """The live state behind pylb's state series."""
-        healthy = set(self.fleet.healthy)
-        reps = []
-        for url, r in self.fleet.replicas.items():
-            m = r.metrics
-            reps.append(
-                ReplicaSnapshot(
-                    replica=url,
-                    healthy=url in healthy,
-                    load=self.dispatcher.load(url),
-                    observed_queries=r.observed_queries,
-                    observed_hits=r.observed_hits,
-                    kv_cache_usage=m.kv_cache_usage if m else None,
-                    running=m.num_requests_running if m else None,
-                    waiting=m.num_requests_waiting if m else None,
-                )
-            )
-        return ProxySnapshot(
-            queue_depth=self.dispatcher.queue_depth,
-            in_progress=self._in_progress,
-            hotspot_factor=self.dispatcher.hotspot_factor(),
-            predicted_known=self.dispatcher.predicted_known,
-            replicas=reps,
-        )
+        return self.balancer.snapshot(self._in_progress)
 
     # ---- the error edge ---------------------------------------------------------------------------
 
@@ -526,28 +472,7 @@ class ProxyServer:
                 raise UpstreamFailed(f"the replica failed before answering: {r.message}") from None
 
     async def _wait_dispatch(self, rreq: RoutingRequest, failed_replica: str | None = None) -> Dispatch:
-        try:
-            fut = self.dispatcher.submit(rreq, failed_replica)
-        except dispatch_mod.QueueLimitReached:
-            raise QueueFull(f"pylb's queue is full ({self.settings.router.max_queued} requests waiting); retry later", headers={"Retry-After": "1"}) from None
-        except RouterFault as exc:
-            raise ProxyError(str(exc), status=500) from None
-        if fut.done():  # the common case: dispatched by the poll that followed the submit
-            return fut.result()
-        timeout = self.settings.router.queue_timeout_s - (self.dispatcher.now() - rreq.arrival)
-        handle = asyncio.get_running_loop().call_later(max(0.0, timeout), _expire, fut)
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            self.dispatcher.abandon(rreq.request_id)
-            raise
-        except QueueTimeout:
-            self.dispatcher.abandon(rreq.request_id)
-            raise QueueTimeout(f"the request waited {self.settings.router.queue_timeout_s:g} s in pylb's queue without a replica free") from None
-        except RouterFault as exc:
-            raise ProxyError(str(exc), status=503, headers={"Retry-After": self._retry_after}) from None
-        finally:
-            handle.cancel()
+        return await self.balancer.wait_dispatch(rreq, failed_replica)
 
     async def _attempt(
         self, request: web.Request, rreq: RoutingRequest, body: bytes, headers: bytes, d: Dispatch, target: str, ex: _Exchange
@@ -556,12 +481,7 @@ class ProxyServer:
         assert self._pool is not None
         rid, replica = rreq.request_id, d.replica
         disp = self.dispatcher
-        loop = asyncio.get_running_loop()
-        est_handle: asyncio.TimerHandle | None = None
-        if not rreq.stream:
-            rate = disp.prefill_seconds_per_token(replica)
-            est = rreq.prompt_tokens * (rate if rate is not None else self.settings.router.prefill_s_per_token)
-            est_handle = loop.call_later(est, disp.first_token, rid, replica)
+        est_handle = self.balancer.estimate_first_token(rreq, replica)
         t_sent = time.perf_counter()
         done = False
         up: UpstreamResponse | None = None
@@ -823,8 +743,3 @@ class _Splice:
     def delivered(self) -> bool:
         """Whether the stream's last event, `data: [DONE]`, was written to the client."""
         return self.tail().rstrip().endswith(b"data: [DONE]")
-
-
-def _expire(fut: asyncio.Future[Dispatch]) -> None:
-    if not fut.done():
-        fut.set_exception(QueueTimeout("queue timeout"))

@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("pylb.sim.calibrate", "measure an idle vLLM replica and write a simulator profile for it"),
     "replay": ("pylb.workload.replay_cli", "replay a trace against any OpenAI-compatible endpoint"),
     "serve": ("pylb.proxy.serve_cli", "serve: the KV-cache-aware load balancer in front of vLLM replicas"),
+    "epp": ("pylb.epp.epp_cli", "Envoy's endpoint picker (ext_proc, Gateway API Inference Extension): pylb's router behind Envoy"),
     "demo": ("pylb.demo", "pylb in front of a fake vLLM fleet: dualmap against round-robin, side by side"),
 }
 

@@ -2,9 +2,9 @@
 
 Design (STYLE.md 6)
 -------------------
-Settings are frozen dataclasses, one per section (`server`, `router`, `fleet`, `upstream`,
-`logging`), gathered in `Settings`. Each field carries its default, a one-line help text, and
-optionally a check; everything else derives from the dataclasses. (The router section's settings
+Settings are frozen dataclasses, one per section (`server`, `router`, `fleet`, `discovery`,
+`upstream`, `logging`, `epp`), gathered in `Settings`. Each field carries its default, a
+one-line help text, and optionally a check; everything else derives from the dataclasses. (The router section's settings
 that configure the router core take their defaults from `pylb.router.interface.RouterOptions`,
 which the simulator uses too, so that those are written once as well; see `RouterSettings`.)
 
@@ -289,6 +289,19 @@ class LoggingSettings:
     access_log: bool = setting(True, "one log line per proxied request (request id, replica, status, latencies)")
 
 
+@dataclass(frozen=True)
+class EppSettings:
+    """`pylb epp`: Envoy's external processor (the Gateway API Inference Extension's endpoint
+    picker) in place of the HTTP proxy; it listens on server.host (pylb.epp)."""
+
+    grpc_port: int = setting(9002, "epp: gRPC port of the ext_proc service and the gRPC health service (0 picks a free one)", check=port_number)
+    metrics_port: int = setting(9090, "epp: HTTP port of /metrics, /health and /ready (0 picks a free one)", check=port_number)
+    destination_header: str = setting(
+        "x-gateway-destination-endpoint", "epp: request header, and dynamic metadata key, that names the chosen replica as ip:port"
+    )
+    metadata_namespace: str = setting("envoy.lb", "epp: dynamic metadata namespace of the chosen replica (Envoy must list it in receiving_namespaces)")
+
+
 SECTIONS: dict[str, type] = {
     "server": ServerSettings,
     "router": RouterSettings,
@@ -296,6 +309,7 @@ SECTIONS: dict[str, type] = {
     "discovery": DiscoverySettings,
     "upstream": UpstreamSettings,
     "logging": LoggingSettings,
+    "epp": EppSettings,
 }
 
 
@@ -309,6 +323,7 @@ class Settings:
     discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    epp: EppSettings = field(default_factory=EppSettings)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """The settings as plain data, in the YAML file's shape."""

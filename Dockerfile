@@ -4,7 +4,7 @@
 #   docker run --rm -p 8080:8080 pylb:0.1.0 serve --host 0.0.0.0 --backend http://vllm:8000
 #
 # Two stages: `build` compiles the wheel (C++ core: g++, CMake from PyPI through
-# scikit-build-core, xxHash and OpenBLAS headers) and installs it with the `k8s` extra into a
+# scikit-build-core, xxHash and OpenBLAS headers) and installs it with the `k8s` and `epp` extras into a
 # virtual environment; `runtime` is python-slim with only the shared libraries the compiled core
 # and NumPy load (tests/test_k8s_manifests.py checks them against the built extension), that
 # environment copied in, and a non-root user. The root file system can be mounted read-only
@@ -24,7 +24,7 @@ COPY pylb ./pylb
 RUN python -m venv /opt/pylb \
  && /opt/pylb/bin/pip install --no-cache-dir --upgrade pip \
  && /opt/pylb/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
- && /opt/pylb/bin/pip install --no-cache-dir "$(ls /wheels/pylb-*.whl)[k8s]"
+ && /opt/pylb/bin/pip install --no-cache-dir "$(ls /wheels/pylb-*.whl)[k8s,epp]"
 
 FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS runtime
 RUN apt-get update \

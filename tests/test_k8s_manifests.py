@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -261,15 +260,37 @@ def test_monitors_select_what_exists() -> None:
     assert pm["spec"]["podMetricsEndpoints"][0]["port"] in [p["name"] for p in vllm["spec"]["template"]["spec"]["containers"][0]["ports"]]
 
 
-def test_gie_example_is_marked_planned() -> None:
-    """`pylb epp` does not exist yet: the example must say so, and pylb's CLI must agree."""
-    gie = K8S / "examples" / "gie"
-    assert "PLANNED" in (gie / "README.md").read_text() and "PLANNED" in (gie / "kustomization.yaml").read_text()
-    epp = next(d for d in build(gie) if d["kind"] == "Deployment")
-    assert "planned" in epp["metadata"]["annotations"]["pylb.dev/status"]
-    proc = subprocess.run([sys.executable, "-P", "-m", "pylb.cli", "epp", "--help"], capture_output=True, text=True, timeout=60)
-    if proc.returncode == 0:  # pragma: no cover - once §3 lands
-        pytest.fail("pylb epp exists now: drop the 'planned' marks from k8s/examples/gie and docs/deploy.md")
+def test_gie_picker_runs_pylb_epp_wired_to_the_pool(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pylb-epp Deployment runs `pylb epp` with arguments and a config that load; its gRPC
+    port is the one the Service and the InferencePool's endpointPickerRef name; gRPC probes on
+    GIE's health services; locked down like the other pylb pods."""
+    for k in [k for k in os.environ if k.startswith("PYLB_")]:
+        monkeypatch.delenv(k)
+    gie = build(K8S / "examples" / "gie")
+    (dep,) = [d for d in gie if d["kind"] == "Deployment"]
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["args"][0] == "epp"
+    cfg = next(x for x in _configmaps_with_pylb_yaml() if x["metadata"]["name"] == "pylb-config")
+    f = tmp_path / "pylb.yaml"
+    f.write_text(cfg["data"]["pylb.yaml"])
+    args = [a if a != "/etc/pylb/pylb.yaml" else str(f) for a in c["args"]]
+    assert cli.main([*args, "--print-config"]) == 0, capsys.readouterr().err
+    effective = yaml.safe_load(capsys.readouterr().out)
+    grpc_port = effective["epp"]["grpc_port"]
+    assert effective["server"]["host"] == "0.0.0.0"  # reachable from the Gateway's pods
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["grpc-ext-proc"] == grpc_port and ports["http-metrics"] == effective["epp"]["metrics_port"]
+    svc = next(d for d in gie if d["kind"] == "Service" and d["metadata"]["name"] == "pylb-epp")
+    assert {p["targetPort"] for p in svc["spec"]["ports"] if p["name"] == "grpc-ext-proc"} == {grpc_port}
+    pool = next(d for d in gie if d["kind"] == "InferencePool")
+    ref = pool["spec"]["endpointPickerRef"]
+    assert ref["name"] == svc["metadata"]["name"] and ref["port"]["number"] in [p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc-ext-proc"]
+    for probe, service in (("startupProbe", "liveness"), ("livenessProbe", "liveness"), ("readinessProbe", "readiness")):
+        assert c[probe]["grpc"] == {"port": grpc_port, "service": service}
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    _check_k8s_discovery_wiring(all_docs(), dep, yaml.safe_load(cfg["data"]["pylb.yaml"]))
 
 
 # ---- the Dockerfile ---------------------------------------------------------------------------------
@@ -302,7 +323,7 @@ def test_dockerfile_is_multistage_slim_and_non_root() -> None:
     assert len(stages) >= 2
     build_from, build_body = stages[0]
     run_from, run_body = stages[-1]
-    assert "AS build" in build_from and "pip wheel" in build_body and "[k8s]" in build_body
+    assert "AS build" in build_from and "pip wheel" in build_body and "[k8s,epp]" in build_body  # discovery, pylb epp
     assert "-slim" in run_from
     installed = set(re.findall(r"apt-get install[^&]*", run_body)[0].split()[2:]) - {"-y", "--no-install-recommends"}
     assert not {p for p in installed if p.endswith("-dev") or p in ("g++", "gcc", "build-essential", "cmake")}, installed

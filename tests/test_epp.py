@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import aiohttp
 import grpc
@@ -17,7 +22,7 @@ from pylb.epp.processor import destination
 from pylb.router.interface import Usage
 
 from epp_support import DEST, FakeEnvoy, running_epp
-from proxy_support import HoldRouter, RecordingRouter, dead_url, fake_fleet, scrape, settings, value, wait_for
+from proxy_support import HoldRouter, RecordingRouter, dead_url, fake_fleet, free_port_on, scrape, settings, value, wait_for
 
 CHAT = {"model": "pylb-sim", "messages": [{"role": "user", "content": "hello from the gateway"}], "max_tokens": 4}
 COMPLETION = {"model": "pylb-sim", "prompt": "once upon a time", "max_tokens": 4}
@@ -222,3 +227,54 @@ def test_cli_settings_and_errors(capsys: pytest.CaptureFixture[str], monkeypatch
     assert "server.workers" in capsys.readouterr().err
     assert main(["epp"]) == 2
     assert "no backend" in capsys.readouterr().err
+
+
+async def test_a_stream_that_ends_while_queued_withdraws_the_request() -> None:
+    router = HoldRouter(with_cancel=True)
+    async with fake_fleet(1) as servers:
+        async with running_epp(epp_settings([servers[0].url]), router=router) as epp, FakeEnvoy(epp.grpc_target) as envoy:
+            ex = envoy.open()
+            waiting = asyncio.create_task(ex.request("/v1/completions", COMPLETION))
+            await wait_for(lambda: epp.balancer.dispatcher.queue_depth == 1, what="the request queued")
+            ex.call.cancel()  # Envoy gave up on the request (its client left)
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            await wait_for(lambda: epp.balancer.dispatcher.queue_depth == 0, what="the withdrawal")
+            assert len(router.cancelled) == 1
+            await wait_for(lambda: epp.balancer.metrics.requests.get("completions", "499") == 1, what="the 499")
+
+
+async def test_pylb_epp_process_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+    async with fake_fleet(1) as servers:
+        grpc_port, metrics_port = free_port_on(["127.0.0.1"]), free_port_on(["127.0.0.1"])
+        cmd = [sys.executable, "-P", "-m", "pylb.cli", "epp", "--backend", servers[0].url, "--epp-grpc-port", str(grpc_port),
+               "--epp-metrics-port", str(metrics_port), "--fleet-health-interval-s", "0.1", "--log-level", "warning"]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYLB_")}
+        with open(tmp_path / "epp.log", "w") as log:
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, cwd=tmp_path, env=env)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+                stub = health_pb2_grpc.HealthStub(ch)
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 30
+                while True:
+                    assert proc.poll() is None, (tmp_path / "epp.log").read_text()
+                    try:
+                        r = await stub.Check(health_pb2.HealthCheckRequest(service="readiness"), timeout=1)
+                        if r.status == health_pb2.HealthCheckResponse.SERVING:
+                            break
+                    except grpc.aio.AioRpcError:
+                        pass
+                    assert loop.time() < deadline, "pylb epp never got ready"
+                    await asyncio.sleep(0.1)
+            async with FakeEnvoy(f"127.0.0.1:{grpc_port}") as envoy:
+                ex, status, body = await envoy.roundtrip("/v1/chat/completions", {**CHAT, "stream": True})
+                assert status == 200 and ex.dest == servers[0].url.removeprefix("http://")
+            async with aiohttp.ClientSession() as c, c.get(f"http://127.0.0.1:{metrics_port}/metrics") as r:
+                assert 'pylb_requests_total{code="200",endpoint="chat"} 1.0' in await r.text()
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(proc.wait, 15) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

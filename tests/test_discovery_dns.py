@@ -176,14 +176,16 @@ async def test_a_removed_replica_leaves_no_dispatcher_entry() -> None:
         proxy.fleet.discovery.resolve = zone.resolve  # type: ignore[union-attr]
         await proxy.start()
         try:
+            await wait_for(lambda: list(proxy.fleet.healthy) == urls, timeout=10, what="all three in rotation")
             assert await served_by(proxy.url, 6) == set(urls)
             assert set(proxy.dispatcher.dispatched) == set(urls)
+            kept = proxy.dispatcher.dispatched[urls[1]].dispatched
             zone.records = HOSTS[1:]
             await wait_for(lambda: urls[0] not in proxy.fleet.replicas, what="the removal")
             assert set(proxy.dispatcher.dispatched) == set(urls[1:])
             m = await scrape(proxy)
             assert value(m, "pylb_replica_dispatched_total", replica=urls[0]) == 0
-            assert value(m, "pylb_replica_dispatched_total", replica=urls[1]) == 2
+            assert value(m, "pylb_replica_dispatched_total", replica=urls[1]) == kept >= 1
 
             proxy.fleet.report_connect_error(urls[1], "test: ejected, still a member")
             assert urls[1] not in proxy.fleet.healthy and urls[1] in proxy.dispatcher.dispatched

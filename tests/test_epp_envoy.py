@@ -165,6 +165,9 @@ async def test_requests_through_envoy_land_on_the_replica_pylb_chose(tmp_path: P
                 assert epp.balancer.metrics.requests.get("chat", "200") == 6 and epp.balancer.metrics.requests.get("completions", "200") == 6
                 assert epp.balancer.metrics.ttft.count("chat") == 3 and epp.balancer.metrics.ttft.count("completions") == 3
                 assert len(set(chosen)) >= 2  # four prefix groups over three replicas
+                # a path pylb does not route: named with the request headers, replicas in turn
+                models = await client.models.with_raw_response.list()
+                assert models.headers["x-pylb-replica"] in urls and models.parse().data[0].id == "pylb-sim"
             finally:
                 await client.close()
 

@@ -265,7 +265,8 @@ class ProxyServer:
         self.router = router
         self.metrics = ProxyMetrics()
         self.dispatcher = Dispatcher(router, self.metrics, rs.max_queued)
-        self.fleet = Fleet(settings.fleet, self.metrics, self.dispatcher.on_membership, self.dispatcher.on_metrics, discovery=create_discovery(settings))
+        self.fleet = Fleet(settings.fleet, self.metrics, self.dispatcher.on_membership, self.dispatcher.on_metrics, discovery=create_discovery(settings),
+                           on_removed=self.dispatcher.forget_replica)
         self.limits = RequestLimits.from_settings(rs)
         self._session: aiohttp.ClientSession | None = None
         self._pool: UpstreamPool | None = None

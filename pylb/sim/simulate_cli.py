@@ -441,7 +441,8 @@ def _run(args: argparse.Namespace) -> int:
         return summarize(result, policy, args.slo_ttft)
 
     print(
-        f"trace {args.trace}: {len(workload)} requests; {args.replicas} replicas of {profile.name}; "
+        f"trace {args.trace}: {len(workload)} request{'' if len(workload) == 1 else 's'}; "
+        f"{args.replicas} replica{'' if args.replicas == 1 else 's'} of {profile.name}; "
         f"SLO: TTFT <= {args.slo_ttft:g} s for {DEFAULT_SLO_TARGET:.0%} of requests",
         flush=True,
     )

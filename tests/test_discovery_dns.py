@@ -178,21 +178,21 @@ async def test_a_removed_replica_leaves_no_dispatcher_entry() -> None:
         try:
             await wait_for(lambda: list(proxy.fleet.healthy) == urls, timeout=10, what="all three in rotation")
             assert await served_by(proxy.url, 6) == set(urls)
-            assert set(proxy.dispatcher.dispatched) == set(urls)
-            kept = proxy.dispatcher.dispatched[urls[1]].dispatched
+            assert set(proxy.dispatcher.driver.counts) == set(urls)
+            kept = proxy.dispatcher.driver.counts[urls[1]].dispatched
             zone.records = HOSTS[1:]
             await wait_for(lambda: urls[0] not in proxy.fleet.replicas, what="the removal")
-            assert set(proxy.dispatcher.dispatched) == set(urls[1:])
+            assert set(proxy.dispatcher.driver.counts) == set(urls[1:])
             m = await scrape(proxy)
             assert value(m, "pylb_replica_dispatched_total", replica=urls[0]) == 0
             assert value(m, "pylb_replica_dispatched_total", replica=urls[1]) == kept >= 1
 
             proxy.fleet.report_connect_error(urls[1], "test: ejected, still a member")
-            assert urls[1] not in proxy.fleet.healthy and urls[1] in proxy.dispatcher.dispatched
+            assert urls[1] not in proxy.fleet.healthy and urls[1] in proxy.dispatcher.driver.counts
 
             zone.records = HOSTS  # back under the same address: counted from zero
             await wait_for(lambda: urls[0] in proxy.fleet.healthy, what="the return")
             assert await served_by(proxy.url, 1) <= set(urls)
-            assert proxy.dispatcher.dispatched.get(urls[0]) is None or proxy.dispatcher.dispatched[urls[0]].dispatched <= 1
+            assert proxy.dispatcher.driver.counts.get(urls[0]) is None or proxy.dispatcher.driver.counts[urls[0]].dispatched <= 1
         finally:
             await proxy.stop()

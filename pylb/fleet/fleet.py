@@ -42,8 +42,7 @@ added and probed at once (health checks still gate them: a replica is in rotatio
 both offered ready and healthy), replicas offered with ready=False are *draining* (out of rotation
 and no longer probed, so the router sends them nothing new, while requests already sent to them
 finish over their open connections), and replicas no longer offered are removed (pylb never cuts
-a request in flight; the replica's own shutdown may); `on_removed(url)` then lets the owner of
-per-replica state free it (the dispatcher's counters).
+a request in flight; the replica's own shutdown may).
 """
 
 from __future__ import annotations
@@ -103,10 +102,10 @@ class Fleet:
         on_removed: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
+        self._on_removed = on_removed
         self.metrics = metrics
         self._on_membership = on_membership
         self._on_metrics = on_metrics
-        self._on_removed = on_removed
         self._clock = clock
         self.replicas: dict[str, FleetReplica] = {url.rstrip("/"): FleetReplica(url.rstrip("/")) for url in settings.backends}
         self._healthy: list[str] = []

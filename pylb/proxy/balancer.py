@@ -74,7 +74,7 @@ class Balancer:
         self.dispatcher = Dispatcher(self.router, self.metrics, rs.max_queued)
         self.fleet = Fleet(
             settings.fleet, self.metrics, self.dispatcher.on_membership, self.dispatcher.on_metrics,
-            discovery=create_discovery(settings), on_removed=self.dispatcher.forget,
+            discovery=create_discovery(settings), on_removed=self.dispatcher.forget_replica,
         )  # fmt: skip
         self.limits = RequestLimits.from_settings(rs)
         fs = settings.fleet

@@ -102,7 +102,7 @@ def test_sweep_tolerance_bounds_the_bisection(trace: Path, fast_profile: Path, t
 def test_builtin_profile_and_limit(trace: Path, capsys) -> None:
     rc = main(["simulate", "--trace", str(trace), "--replicas", "1", "--profile", "dualmap-910b", "--limit", "10", "--no-progress"])
     assert rc == 0
-    assert "10 requests; 1 replicas of dualmap-910b" in capsys.readouterr().out
+    assert "10 requests; 1 replica of dualmap-910b" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

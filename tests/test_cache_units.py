@@ -226,3 +226,8 @@ async def test_batcher_one_embed_call_per_window() -> None:
     b.max_batch = 2
     await asyncio.gather(*(b.lookup(p.partition, q) for q in ("a b", "c d", "e f")))
     assert emb.calls[1:] == [2, 1]
+
+
+def test_entity_guard_ignores_case_of_a_shared_word() -> None:
+    assert guards.refusal("How do I reverse a list in Python?", "how to reverse a list in python") is None
+    assert guards.refusal("Who founded Microsoft?", "who founded apple") == "entities"

@@ -12,8 +12,8 @@ compares the two texts' tokens and refuses when the texts differ in what embeddi
                common pairs: enable/disable, increase/decrease, before/after, ...)
   numbers      the multisets of numbers differ (digits, decimals, number words one..twenty,
                hundred, thousand, million, billion; "3" and "three" are the same number)
-  entities     the sets of capitalised words not at the start of a sentence differ (names,
-               places, products), or the sets of quoted strings differ
+  entities     a capitalised word not at the start of a sentence (a name, place, product) of one
+               text is not a word of the other (in any case), or the sets of quoted strings differ
   identifiers  the sets of code identifiers differ (snake_case, camelCase, dotted.names, calls
                `f()`, anything in backticks)
 
@@ -95,16 +95,18 @@ def _numbers(text: str, words: list[str]) -> Counter[str]:
 
 
 def _entities(text: str) -> set[str]:
-    """Capitalised words not at the start of a sentence, and quoted strings."""
+    """Capitalised words not at the start of a sentence (lower-cased)."""
     out = set()
     for m in re.finditer(r"\b[A-Z][A-Za-z0-9]+\b", text):
         before = text[: m.start()]
         if not before.strip() or _SENTENCE_END.search(before):
             continue
         out.add(m.group().lower())
-    for a, b in _QUOTED.findall(text):
-        out.add("\"" + (a or b).lower())
     return out
+
+
+def _quoted(text: str) -> set[str]:
+    return {(a or b).lower() for a, b in _QUOTED.findall(text)}
 
 
 def _identifiers(text: str) -> set[str]:
@@ -129,7 +131,7 @@ def refusal(query: str, neighbour: str) -> str | None:
         return "numbers"
     if _identifiers(query) != _identifiers(neighbour):
         return "identifiers"
-    if _entities(query) != _entities(neighbour):
+    if _entities(query) - set(wn) or _entities(neighbour) - set(wq) or _quoted(query) != _quoted(neighbour):
         return "entities"
     return None
 

@@ -130,6 +130,10 @@ class CacheStore:
         p = self._partitions.get(partition)
         return len(p.entries) if p is not None else 0
 
+    def searchable(self) -> int:
+        """Entries with a vector, over all partitions."""
+        return sum(len(p.entries) for p in self._partitions.values())
+
     def search(self, partition: bytes, queries: np.ndarray, k: int, now: float) -> list[list[tuple[Entry, float]]]:
         """The `k` nearest live entries of `partition` for each row of `queries` (float32 [B, D],
         L2-normalised), by cosine similarity descending: one `topk_similarity` call."""

@@ -159,3 +159,18 @@ async def test_cache_off_by_default_has_no_header() -> None:
         assert proxy.cache is None
         raw = await c.chat.completions.with_raw_response.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=0)
         assert "x-pylb-cache" not in raw.headers
+
+
+async def test_demo_cache_line() -> None:
+    from pylb.demo import cache_summary
+
+    async with fake_fleet(1) as fleet:
+        async with running_proxy(settings([s.url for s in fleet])) as proxy:
+            assert await cache_summary(proxy.url) is None
+        async with running_proxy(cache_settings([s.url for s in fleet])) as proxy, client(proxy) as c:
+            await ask(c, "Who painted the Mona Lisa?")
+            await wait_for(lambda: len(proxy.cache.store) == 1, what="the answer stored")
+            await ask(c, "Who painted the Mona Lisa?")
+            await ask(c, "Who painted the Mona Lisa?", temperature=1.0)
+            line = await cache_summary(proxy.url)
+        assert line == "semantic cache: 1 hits (exact 1), 1 misses, 1 not cacheable (temperature is not 0: 1)"

@@ -15,6 +15,7 @@ Routes:
     GET  /health                                 pylb is up (always 200 while serving)
     GET  /ready                                  200 when at least one replica is healthy, else 503
     GET  /metrics                                pylb's own `pylb_*` series (Prometheus text)
+    POST /admin/cache/false-hit                  with the semantic cache on (`pylb.cache`, one call in `_generate`)
     anything else                                404, OpenAI-style JSON error
 
 A routed request: read the body (413 past `server.max_body_bytes`), parse it into a

@@ -119,6 +119,7 @@ def test_completions_prompt_is_the_query() -> None:
         ("What does the function parse_args do?", "What does the function parse_argv do?", "identifiers"),
         ("How do I call os.path.join on Windows?", "How do I call os.path.split on Windows?", "identifiers"),
         ("What is the capital of France?", "What is the capital of Spain?", "entities"),
+        ("Who wrote Pride and Prejudice?", "When was Pride and Prejudice written?", "question"),
         ('What does "hello" mean?', 'What does "goodbye" mean?', "entities"),
     ],
 )

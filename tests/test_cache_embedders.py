@@ -3,6 +3,7 @@ one call per batch, in the proxy end to end), the minilm one when its extra is i
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 
 import numpy as np
@@ -24,6 +25,7 @@ class EmbeddingServer:
     def __init__(self) -> None:
         self.batches: list[list[str]] = []
         self.fail = False  # answer 500 when set
+        self.delay_s = 0.0  # wait this long before answering
         self.runner: web.AppRunner | None = None
         self.url = ""
 
@@ -31,6 +33,7 @@ class EmbeddingServer:
         body = await request.json()
         if self.fail:
             return web.json_response({"error": {"message": "down"}}, status=500)
+        await asyncio.sleep(self.delay_s)
         texts = body["input"]
         self.batches.append(texts)
         x = native.hash_embed(texts, 64) * 3.0
@@ -135,3 +138,23 @@ async def test_embedder_failure_sends_the_request_upstream() -> None:
             await wait_for(lambda: len(proxy.cache.store) == 2, what="the answer stored for exact matches")  # type: ignore[union-attr]
             m = await scrape(proxy)
             assert value(m, "pylb_cache_errors_total", stage="lookup") == 1 and value(m, "pylb_cache_errors_total", stage="embed") == 1
+
+
+async def test_joined_requests_with_a_slow_embedder() -> None:
+    """The first answer is stored after its embedding comes back; requests that joined it are
+    answered before that, from the answer itself."""
+    async with EmbeddingServer() as server, fake_fleet(1, speed=1.0) as fleet:
+        server.delay_s = 0.2
+        s = settings([f.url for f in fleet], cache__enabled=True, cache__embedder="openai", cache__embedder_url=server.url,
+                     cache__embedder_model="emb")  # fmt: skip
+        async with running_proxy(s) as proxy, openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0) as c:
+
+            async def one() -> str:
+                raw = await c.chat.completions.with_raw_response.create(model=MODEL, messages=[{"role": "user", "content": "Define entropy"}], temperature=0)
+                return str(raw.headers["x-pylb-cache"])
+
+            assert sorted(await asyncio.gather(*(one() for _ in range(8)))) == ["hit"] * 7 + ["miss"]
+            await wait_for(lambda: proxy.cache is not None and proxy.cache.store.searchable() == 1, what="the answer stored with its vector")
+            assert await one() == "hit"
+            m = await scrape(proxy)
+            assert sum(value(m, "pylb_replica_dispatched_total", replica=f.url) for f in fleet) == 1

@@ -260,3 +260,17 @@ def test_store_on_cuda_finds_what_the_cpu_store_finds() -> None:
         s.remove(s.get_exact(plans[5].exact_key, 0.0))  # a hole: rows move, the device copy is refreshed
     found = [s.search(plans[0].partition, vecs[:32], k=3, now=1.0) for s in stores]
     assert [[e.query for e, _ in row] for row in found[0]] == [[e.query for e, _ in row] for row in found[1]]
+
+
+def test_store_entry_found_exactly_at_once_and_by_similarity_once_it_has_its_vector() -> None:
+    emb = HashingEmbedder(64)
+    store = CacheStore(ttl_s=100, max_entries=10, max_bytes=10**6, device="cpu")
+    p = plan(chat("alpha beta gamma"))
+    e = entry(p, 0.0)
+    store.put(e, None)
+    assert store.get_exact(p.exact_key, 1.0) is e and store.searchable() == 0
+    store.set_vector(e, emb.embed_now([p.query])[0])
+    assert store.search(p.partition, emb.embed_now(["alpha beta gamma"]), k=1, now=1.0)[0][0][0] is e
+    store.remove(e)
+    store.set_vector(e, emb.embed_now([p.query])[0])  # dropped meanwhile: nothing happens
+    assert store.searchable() == 0 and len(store) == 0

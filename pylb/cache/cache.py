@@ -235,11 +235,11 @@ class SemanticCache:
             resp = await route(record)
             entry = self._entry_of(plan, resp, record)
             if entry is not None:
+                self.store.put(entry, vector if self.settings.semantic else None)
                 if vector is None and self.settings.semantic:
-                    # the partition was empty (no lookup ran): embed now, after the answer went out
-                    self._spawn(self._store_later(entry))
-                else:
-                    self.store.put(entry, vector if self.settings.semantic else None)
+                    # the partition was empty (no lookup ran): found by exact key at once, and by
+                    # similarity once its embedding, computed after the answer went out, is there
+                    self._spawn(self._embed_later(entry))
             return resp
         finally:
             if fut is not None:
@@ -284,15 +284,14 @@ class SemanticCache:
             expires=now + self.settings.ttl_s,
         )
 
-    async def _store_later(self, entry: Entry) -> None:
+    async def _embed_later(self, entry: Entry) -> None:
         try:
             vector = await self.batcher.embed_one(entry.query)
         except Exception as exc:
             self.metrics.errors.inc("embed")
-            log.warning("embedding an answer to store failed; stored for exact matches only", extra={"error": f"{type(exc).__name__}: {exc}"})
-            self.store.put(entry, None)
+            log.warning("embedding a stored answer failed; it is found by exact matches only", extra={"error": f"{type(exc).__name__}: {exc}"})
             return
-        self.store.put(entry, vector)
+        self.store.set_vector(entry, vector)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)

@@ -121,9 +121,11 @@ class CacheStore:
         return self._ids.get(entry_id)
 
     def touch(self, e: Entry) -> None:
-        """Mark `e` as just used (LRU)."""
+        """Mark `e` as just used (LRU); an entry not (or not yet) in the store only counts the hit."""
         e.hits += 1
-        self._models[e.model].lru.move_to_end(e.exact_key)
+        m = self._models.get(e.model)
+        if m is not None and m.lru.get(e.exact_key) is e:
+            m.lru.move_to_end(e.exact_key)
 
     def partition_size(self, partition: bytes) -> int:
         """Entries with a vector in `partition`."""
@@ -171,23 +173,33 @@ class CacheStore:
         m.by_age.append(e)
         m.bytes += e.size
         if vector is not None:
-            p = self._partitions.setdefault(e.partition, _Partition())
-            n = len(p.entries)
-            if p.keys is None or p.keys.shape[1] != vector.shape[0]:
-                if p.keys is not None:  # an embedder of another size (openai learns its size): start over
-                    for old_e in list(p.entries):
-                        self.remove(old_e)
-                    n = 0
-                p.keys = np.zeros((16, vector.shape[0]), np.float32)
-            elif n == p.keys.shape[0]:
-                grown = np.zeros((2 * n, p.keys.shape[1]), np.float32)
-                grown[:n] = p.keys
-                p.keys = grown
-            p.keys[n] = vector
-            p.entries.append(e)
-            e.row = n
-            p.device_keys = None
+            self._add_row(e, vector)
         self._evict(e.model, e.created)
+
+    def set_vector(self, e: Entry, vector: np.ndarray) -> None:
+        """Give `e`, stored without a vector, its query embedding (a no-op when `e` was dropped
+        meanwhile or already has one): from then on similarity lookups find it too."""
+        if not e.removed and e.row < 0 and self._exact.get(e.exact_key) is e:
+            self._add_row(e, vector)
+
+    def _add_row(self, e: Entry, vector: np.ndarray) -> None:
+        p = self._partitions.setdefault(e.partition, _Partition())
+        n = len(p.entries)
+        if p.keys is None or p.keys.shape[1] != vector.shape[0]:
+            if p.keys is not None:  # an embedder of another size (openai learns its size): start over
+                for old_e in list(p.entries):
+                    self.remove(old_e)
+                p = self._partitions.setdefault(e.partition, _Partition())
+                n = 0
+            p.keys = np.zeros((16, vector.shape[0]), np.float32)
+        elif n == p.keys.shape[0]:
+            grown = np.zeros((2 * n, p.keys.shape[1]), np.float32)
+            grown[:n] = p.keys
+            p.keys = grown
+        p.keys[n] = vector
+        p.entries.append(e)
+        e.row = n
+        p.device_keys = None
 
     def remove(self, e: Entry) -> None:
         """Drop `e` (no-op when already dropped)."""

@@ -19,7 +19,9 @@ request to a replica and returns its response). For one request, in order:
      passes the token-difference guards (`pylb.cache.guards`) answers.
   5. miss: `route`, recording the answer's bytes; the answer is stored when it is a 200 whose
      every choice finished with `stop` (a streamed one must end with `data: [DONE]` and carry no
-     error event), is not over `cache.max_answer_bytes`, and the request allowed storing.
+     error event), is not over `cache.max_answer_bytes`, and the request allowed storing. The
+     first answer of an empty partition (no lookup ran, so no embedding yet) is found by exact
+     key at once and by similarity once its embedding, computed after the answer went out, is back.
 
 A hit replays the stored body byte for byte: a streamed answer as one write of its SSE events
 (the `id` and `created` of the original, so a client sees the answer it would have had), a JSON

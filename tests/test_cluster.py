@@ -344,3 +344,45 @@ def test_whole_trace_over_8_replicas_runs_in_under_30_s(mooncake_trace: Path) ->
     print(f"\nwhole Mooncake trace, 8 x {profile.name}: {elapsed:.1f} s (simulation {res.wall_s:.1f} s)")
     assert summarize(res, "round-robin").completed == 12031
     assert elapsed < 30.0
+
+
+# ---- schedule: membership changes, failures, cancels ---------------------------------------------
+
+
+def test_schedule_add_and_remove_change_where_requests_go() -> None:
+    from pylb.sim.cluster import ClusterEvent
+
+    wl = prepare_workload(workload(60, gap=0.1), FAST.block_size)
+    res = simulate(wl, FAST, 2, RoundRobinRouter(), schedule=[ClusterEvent(2.0, "add", "replica-2"), ClusterEvent(4.0, "remove", "replica-0")])
+    assert res.replicas == ["replica-0", "replica-1", "replica-2"]
+    assert np.all(~np.isnan(res.completion)) and not res.failed.any()
+    assert set(res.replica[res.dispatch < 2.0].tolist()) == {0, 1}
+    assert 2 in set(res.replica[(res.dispatch > 2.0) & (res.dispatch < 4.0)].tolist())
+    assert set(res.replica[res.dispatch > 4.0].tolist()) == {1, 2}  # nothing to the removed one
+
+
+def test_schedule_failure_retries_unstarted_requests_and_fails_streaming_ones() -> None:
+    from pylb.sim.cluster import ClusterEvent
+
+    slow = Profile("slow", block_size=16, num_blocks=4096, max_num_seqs=64, max_num_batched_tokens=512, c0=0.02, c_prefill=2e-4, c_decode=1e-3, c_attn=0.0)
+    wl = prepare_workload(workload(80, gap=0.01, out=50), slow.block_size)
+    res = simulate(wl, slow, 2, RoundRobinRouter(), schedule=[ClusterEvent(0.3, "fail", "replica-0")])
+    ended = ~np.isnan(res.completion) | res.failed
+    assert ended.all()  # none lost
+    assert res.failed.any() and res.stats["retries"] > 0
+    assert np.isnan(res.completion[res.failed]).all()
+    completed = ~np.isnan(res.completion)
+    assert not np.any((res.replica == 0) & completed & (res.completion > 0.3))  # nothing finishes on the dead one
+    assert np.all(res.replica[res.dispatch > 0.3] == 1)
+
+
+def test_schedule_cancel_and_bad_events() -> None:
+    from pylb.sim.cluster import ClusterEvent
+
+    wl = prepare_workload(workload(10, gap=0.0, out=50), FAST.block_size)
+    res = simulate(wl, FAST, 1, RoundRobinRouter(RouterOptions(max_unprefilled_requests=1)), schedule=[ClusterEvent(0.0, "cancel", "r9")])
+    assert res.failed.tolist() == [False] * 9 + [True] and np.isnan(res.dispatch[9])  # withdrawn while queued
+    with pytest.raises(ValueError, match="kind"):
+        ClusterEvent(1.0, "explode", "replica-0")
+    with pytest.raises(ValueError, match="schedule event 0.*not in rotation"):
+        simulate(wl, FAST, 1, RoundRobinRouter(), schedule=[ClusterEvent(0.0, "remove", "replica-7")])

@@ -84,7 +84,7 @@ async def test_router_sees_first_token_then_complete_with_usage() -> None:
     assert u_json == Usage(90, 3, 0)
     assert u_sse == Usage(90, 3, u_sse.cached_tokens) and u_sse.cached_tokens in (0, 88)
     # no usage in the stream: pylb's estimate (prompt estimate, one token per event, 0 cached)
-    assert u_est == Usage(router.requests[ids[2]].prompt_tokens, 2, 0)
+    assert u_est == Usage(router.requests[ids[2]].prompt_tokens, 2, 0, reported=False)
     # the membership came first, with both replicas, and metrics were delivered
     assert router.events[0][0] == "membership" and len(router.events[0][1]) == 2
     times = [e[-1] if e[0] != "complete" else e[3] for e in router.events]

@@ -177,6 +177,42 @@ def test_scraped_cache_size_resizes_the_mirror() -> None:
     r.on_metrics("gone", ReplicaMetrics(0, 0, 0.0, 0, 0, 16, 8), 1.0)  # unknown replica: ignored
 
 
+def _serve(r: CoreRouter, rid: str, usage: Usage, tokens: int = 100) -> None:
+    r.submit(req(rid, tokens=tokens), 0.0)
+    d = r.poll(0.0)
+    assert [x.request_id for x in d] == [rid]
+    r.on_first_token(rid, d[0].replica, 0.0)
+    r.on_complete(rid, d[0].replica, 0.0, usage)
+
+
+def test_mirror_size_follows_the_replicas_reported_tokens_per_estimated_token() -> None:
+    """A real tokenizer makes ~1.85 tokens of what pylb estimates as one (2.16 bytes per token, not
+    4): the mirror then holds 1/1.85 of the router blocks the KV cache's tokens would suggest."""
+    r = core(cache_capacity_tokens=16 * 1000, max_unprefilled_requests=4)
+    r.on_metrics("r0", ReplicaMetrics(0, 0, 0.0, 0, 0, block_size=16, num_gpu_blocks=100), 0.0)
+    assert r.mirror.capacity(0) == 100 and r.mirror.capacity(1) == 1000
+    for k in range(10):  # estimates (a stream without usage) teach nothing
+        _serve(r, f"{k % 2}/e{k}", Usage(185, 1, reported=False))
+    assert r.token_ratio == 1.0 and r.mirror.capacity(0) == 100
+    for k in range(200):
+        _serve(r, f"{k % 2}/u{k}", Usage(185, 1))
+    assert r.token_ratio == pytest.approx(1.85, rel=0.01)
+    assert r.mirror.capacity(0) == pytest.approx(100 / 1.85, abs=3)  # scraped size, re-sized
+    assert r.mirror.capacity(1) == pytest.approx(1000 / 1.85, abs=30)  # default size, re-sized
+    assert r.replicas[1].cache_capacity_blocks == r.mirror.capacity(1)
+    r.on_metrics("r0", ReplicaMetrics(0, 0, 0.0, 0, 0, block_size=16, num_gpu_blocks=200), 1.0)
+    assert r.mirror.capacity(0) == pytest.approx(200 / 1.85, abs=5)  # later scrapes use the ratio too
+
+
+def test_exact_usage_leaves_the_mirror_size_alone() -> None:
+    r = core(cache_capacity_tokens=16 * 1000, max_unprefilled_requests=4)
+    for k in range(50):
+        _serve(r, f"{k % 2}/u{k}", Usage(100, 1))
+    for k in range(50):
+        _serve(r, f"{k % 2}/short{k}", Usage(40, 1), tokens=4)  # shorter than one block: not a sample
+    assert r.token_ratio == 1.0 and r.mirror.capacity(0) == 1000
+
+
 def test_ttft_estimator_converges_to_the_observed_rate() -> None:
     est = PrefillTimeEstimator(1e-4, 0.05)
     assert est.seconds_per_token == pytest.approx(1e-4)

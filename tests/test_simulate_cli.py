@@ -289,3 +289,21 @@ def test_sigint_mid_sweep_keeps_finished_policies(tmp_path: Path) -> None:
     assert len(rr) >= 2 and doc["capacity"]["round-robin"] == max(r["qps"] for r in rr if r["slo_attainment"] >= 0.9)
     # the finished policies' capacities are printed too
     assert "effective request capacity (qps): round-robin" in rest
+
+
+def test_simulate_schedule_file_applies_and_bad_entries_name_themselves(fast_profile: Path, tmp_path: Path, capsys) -> None:
+    good = tmp_path / "churn.yaml"
+    good.write_text("- {at: 1.0, kind: add, target: replica-9}\n- {at: 2.0, kind: fail, target: replica-0}\n")
+    out = tmp_path / "r.json"
+    base = ["simulate", "--trace", "synthetic:zipf:requests=200,seed=1", "--replicas", "2", "--profile", str(fast_profile), "--no-progress"]
+    assert main([*base, "--schedule", str(good), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["config"]["schedule"][1] == {"at": 2.0, "kind": "fail", "target": "replica-0"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- {at: 1.0, kind: remove, target: replica-5}\n")
+    capsys.readouterr()
+    assert main([*base, "--schedule", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "--schedule" in err and "replica-5" in err and "not in rotation" in err
+    bad.write_text("- {at: 1.0, kind: remove}\n")
+    assert main([*base, "--schedule", str(bad)]) == 2
+    assert "entry 0 must have exactly the keys at, kind, target" in capsys.readouterr().err

@@ -332,7 +332,8 @@ async def main_async(args: argparse.Namespace, targets: list[Target], procs: Pro
         missing = [f for f, v in (("--vllm-venv", args.vllm_venv), ("--vllm-model", args.vllm_model)) if not v]
         if missing:
             raise ValueError(f"real vLLM replicas need {' and '.join(missing)} (or $PYLB_VLLM_VENV / $PYLB_VLLM_MODEL)")
-        config = VllmConfig(args.vllm_venv, args.vllm_model, args.serve_sh, shlex.split(args.vllm_args))
+        # absolute paths: the replicas start in a neutral folder, where a relative path means nothing
+        config = VllmConfig(*(os.path.abspath(p) for p in (args.vllm_venv, args.vllm_model, args.serve_sh)), shlex.split(args.vllm_args))
         fleet: Fleet = VllmFleet(procs, args.replicas, config, restart=args.restart_replicas)
     else:
         fleet = FakeFleet(procs, args.replicas, shlex.split(args.fake_args))

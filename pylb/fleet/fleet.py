@@ -99,8 +99,10 @@ class Fleet:
         on_metrics: Callable[[str, ReplicaMetrics], None],
         clock: Callable[[], float] = time.monotonic,
         discovery: Discovery | None = None,
+        on_removed: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
+        self._on_removed = on_removed
         self.metrics = metrics
         self._on_membership = on_membership
         self._on_metrics = on_metrics
@@ -206,6 +208,8 @@ class Fleet:
             if scrape is not None:
                 scrape.cancel()
             log.info("replica removed by discovery", extra={"replica": url})
+            if self._on_removed is not None:
+                self._on_removed(url)
         for url, ready in members.items():
             r = self.replicas.get(url)
             if r is None:

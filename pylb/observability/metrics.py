@@ -63,6 +63,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pylb.router.driver import HOTSPOT_WINDOW
+
 from prometheus_client import CollectorRegistry, exposition, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
@@ -70,9 +72,6 @@ from prometheus_client.registry import Collector
 
 CONTENT_TYPE: str = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", exposition.CONTENT_TYPE_LATEST)
 """Content-Type of the `/metrics` page."""
-
-HOTSPOT_WINDOW = 1000
-"""Dispatches over which the hotspot factor is computed."""
 
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,

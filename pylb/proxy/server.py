@@ -271,7 +271,8 @@ class ProxyServer:
         self.router = router
         self.metrics = ProxyMetrics()
         self.dispatcher = Dispatcher(router, self.metrics, rs.max_queued)
-        self.fleet = Fleet(settings.fleet, self.metrics, self.dispatcher.on_membership, self.dispatcher.on_metrics, discovery=create_discovery(settings))
+        self.fleet = Fleet(settings.fleet, self.metrics, self.dispatcher.on_membership, self.dispatcher.on_metrics, discovery=create_discovery(settings),
+                           on_removed=self.dispatcher.forget_replica)
         self.limits = RequestLimits.from_settings(rs)
         self.cache = _create_cache(settings, self.metrics)
         self._session: aiohttp.ClientSession | None = None
@@ -653,7 +654,7 @@ class ProxyServer:
         out = web.StreamResponse(status=up.status, headers=self._response_headers(up, rid, replica))
         await out.prepare(request)
         if not first:  # the stream ended at once
-            disp.complete(rid, replica, Usage(rreq.prompt_tokens, 0, 0))
+            disp.complete(rid, replica, Usage(rreq.prompt_tokens, 0, 0, reported=False))
             self.fleet.report_success(replica)
             await out.write_eof()
             return out, True
@@ -696,7 +697,7 @@ class ProxyServer:
         self.fleet.report_success(replica)
         usage = usage_from_sse_tail(splice.tail())
         if usage is None:
-            usage = Usage(rreq.prompt_tokens, max(0, splice.events - 1), 0)
+            usage = Usage(rreq.prompt_tokens, max(0, splice.events - 1), 0, reported=False)
         self.dispatcher.complete(rreq.request_id, replica, usage)
         ex.status, ex.delivered = 200, True
 

@@ -49,6 +49,15 @@ SLO rather than by compute, this raises dualmap's capacity (BENCHMARKS.md, "Dual
 ablations"). A moved request keeps h as its alternate. (Without the "not hot" test, requests
 bounce between two hot replicas, several migrations per request.)
 
+Mirror size: a replica's mirror holds its KV cache's tokens (`vllm:cache_config_info`, or
+`cache_capacity_tokens` before the first scrape) in router blocks. A router block is
+`block_chars` bytes, estimated at `chars_per_token` bytes per token; real tokenizers differ
+(~2.2 bytes per token for the Llama tokenizer on pylb's test text), which would make the mirror
+believe a replica holds 1.8x what it can. So the core learns the ratio of the replicas' reported
+prompt tokens (`Usage.reported`) to its estimate, an exponential average over text prompts of at
+least one block, and re-sizes every mirror when it moves by more than 5 %. Where usage is exact
+(the simulator, token-id prompts) the ratio stays 1 and nothing changes.
+
 Membership: survivors keep their indices' relative order and new replicas are appended (the
 mirror's index order); `policy.on_membership` rebuilds the policy's rings (the only place it
 is asked to), then the queued requests of removed replicas, and any request that arrived while
@@ -166,7 +175,10 @@ class CoreRouter(Router):
         self._seq = 0
         self._tpb = o.tokens_per_block
         self._hashings = (o.hashing(), o.hashing(token_ids=True))  # what `_new_entry` accepts
-        self._default_capacity = int(o.cache_capacity_tokens // self._tpb)
+        self.token_ratio = 1.0
+        """Learned replica tokens per estimated token (reported usage / `prompt_tokens`)."""
+        self._ratio_in_caps = 1.0  # the ratio the mirrors' capacities were computed with
+        self._default_capacity = self._capacity_blocks(o.cache_capacity_tokens)
         self.mirror = native.CacheMirror(0, self._default_capacity)
         self._mirror_version = 0
         self._match_for: tuple[int, int] | None = None  # (id(request), mirror version) of _match_val
@@ -308,6 +320,37 @@ class CoreRouter(Router):
         s._inflight_requests -= 1
         e.state = -1
         self.policy.on_complete(request_id, e.replica, self._view)
+        if usage is not None and usage.reported and usage.prompt_tokens > 0:
+            self._learn_token_ratio(e.req, usage.prompt_tokens)
+
+    _RATIO_LEARNING_RATE = 0.05
+    _RATIO_RESIZE_STEP = 0.05
+
+    def _learn_token_ratio(self, request: RoutingRequest, reported_tokens: int) -> None:
+        """Fold one text prompt's reported/estimated token ratio into `token_ratio`; re-size the
+        mirrors when it has moved more than `_RATIO_RESIZE_STEP` from the ratio they were sized with."""
+        if request.hashing.unit != "bytes" or request.prompt_tokens < self._tpb:
+            return
+        sample = min(4.0, max(0.25, reported_tokens / request.prompt_tokens))
+        self.token_ratio += self._RATIO_LEARNING_RATE * (sample - self.token_ratio)
+        if abs(self.token_ratio / self._ratio_in_caps - 1.0) > self._RATIO_RESIZE_STEP:
+            self._ratio_in_caps = self.token_ratio
+            self._default_capacity = self._capacity_blocks(self.options.cache_capacity_tokens)
+            for s in self.replicas:
+                m = s._metrics
+                tokens = m.block_size * m.num_gpu_blocks if m is not None and m.block_size > 0 and m.num_gpu_blocks > 0 else None
+                self._resize_mirror(s, self._default_capacity if tokens is None else self._capacity_blocks(tokens))
+
+    def _capacity_blocks(self, engine_tokens: int) -> int:
+        """Router blocks that `engine_tokens` of a replica's KV cache hold at the learned ratio."""
+        return int(engine_tokens / (self._tpb * self._ratio_in_caps))
+
+    def _resize_mirror(self, s: ReplicaState, cap: int) -> None:
+        if cap != s.cache_capacity_blocks:
+            if cap < self.mirror.size(s._index):
+                self._mirror_version += 1
+            self.mirror.resize(s._index, cap)
+            s._cache_capacity_blocks = cap
 
     def cancel(self, request_id: str, now: float) -> bool:
         """Withdraw a request that was submitted and not yet dispatched (its client left or its
@@ -365,12 +408,7 @@ class CoreRouter(Router):
         s._metrics = metrics
         s._metrics_at = now
         if metrics.block_size > 0 and metrics.num_gpu_blocks > 0:
-            cap = int(metrics.block_size * metrics.num_gpu_blocks // self._tpb)
-            if cap != s.cache_capacity_blocks:
-                if cap < self.mirror.size(i):
-                    self._mirror_version += 1
-                self.mirror.resize(i, cap)
-                s._cache_capacity_blocks = cap
+            self._resize_mirror(s, self._capacity_blocks(metrics.block_size * metrics.num_gpu_blocks))
 
     def on_membership(self, replicas: Sequence[ReplicaId], now: float) -> None:
         """Apply the new replica set: rebuild policy state, re-place orphaned queued requests."""

@@ -171,11 +171,15 @@ class Usage:
         completion_tokens: tokens generated.
         cached_tokens: prompt tokens served from the prefix cache when the request was first
             scheduled (`usage.prompt_tokens_details.cached_tokens`).
+        reported: True when the replica reported these numbers; False when the driver estimated
+            them (a stream that carried no `usage`). The core learns the replicas' tokens per
+            estimated token only from reported usage.
     """
 
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    reported: bool = True
 
 
 @dataclass(slots=True)

@@ -13,14 +13,22 @@ clock, with a heap of timed events:
     scrape      every `scrape_interval` seconds -> router.on_metrics(replica, snapshot) for each
                 replica, as the live proxy's scraper does
     wakeup      the time router.next_wakeup asked for
+    schedule    a `ClusterEvent` of the run's schedule: a replica added, removed or failed, a
+                client that gives up (scale-out and churn, measured offline)
 
 While the whole cluster is idle (no engine working, nothing held by the router, no timer set),
 scrapes are skipped up to the next arrival: they would only repeat the same snapshot.
 
+The router is driven through `pylb.router.driver.RouterDriver`, the same submit / poll /
+dispatch loop as the live proxy's dispatcher (queued and in-flight books, dispatch counters,
+dropping the dispatch of a request whose client left). A failed replica's requests without a
+first token are retried on another replica, as the proxy retries an attempt that failed before
+its first byte (`router.retry`); those already streaming fail (`SimResult.failed`).
+
 After every event the router is polled; each dispatch adds the request to its engine at that
 instant (an idle engine starts a step immediately; a busy one takes it at its next step).
-Events at the same instant run in the order step end, arrival, scrape, wakeup, then by
-insertion. Decode-only stretches are simulated as fused engine steps (see `pylb.sim.engine`),
+Events at the same instant run in the order step end, arrival, scrape, wakeup, schedule, then
+by insertion. Decode-only stretches are simulated as fused engine steps (see `pylb.sim.engine`),
 which keeps a whole-trace run to seconds without changing the timeline.
 
 Workloads are prepared once (`prepare_workload`): every prompt's text is built, hashed for the
@@ -45,6 +53,7 @@ from itertools import count
 import numpy as np
 
 from pylb import native
+from pylb.router.driver import RouterDriver
 from pylb.router.interface import DEFAULT_BLOCK_CHARS, BlockHashing, ReplicaId, Router, RoutingRequest
 from pylb.workload.types import BYTES_PER_TOKEN, WorkloadRequest
 
@@ -58,11 +67,39 @@ _FUSE_STEPS = 1 << 30  # no cap on fused decode steps in virtual time
 _IDLE_GRACE_S = 60.0  # keep scraping this long while only the router holds undispatched requests
 
 # event kinds, in their order at equal times
-_STEP_END, _ARRIVAL, _SCRAPE, _WAKEUP = 0, 1, 2, 3
+_STEP_END, _ARRIVAL, _SCRAPE, _WAKEUP, _SCHEDULE = 0, 1, 2, 3, 4
 
 
 class SimulationError(RuntimeError):
     """The router broke the interface contract (unknown replica or request, double dispatch)."""
+
+
+SCHEDULE_KINDS = ("add", "remove", "fail", "cancel")
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterEvent:
+    """A change of the cluster at virtual time `at` (seconds on the run's clock, after rate
+    scaling), applied after the other events of that instant:
+
+        add <replica>     a fresh replica (empty cache) joins the rotation (a name that left
+                          before comes back as a new, empty engine)
+        remove <replica>  it leaves the rotation; its requests in flight finish there
+        fail <replica>    it dies: its requests without a first token are retried on another
+                          replica, the ones already streaming fail; it leaves the rotation
+        cancel <request>  the client gives up: a queued request is withdrawn, one in flight is
+                          aborted on its engine (counted in `SimResult.failed`)
+    """
+
+    at: float
+    kind: str
+    target: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULE_KINDS:
+            raise ValueError(f"ClusterEvent.kind must be one of {', '.join(SCHEDULE_KINDS)}, got {self.kind!r}")
+        if not math.isfinite(self.at) or self.at < 0:
+            raise ValueError(f"ClusterEvent.at must be a finite time >= 0, got {self.at}")
 
 
 @dataclass(slots=True)
@@ -119,12 +156,33 @@ def prepare_workload(
     return out
 
 
+def check_schedule(schedule: Sequence[ClusterEvent], num_replicas: int, request_ids: Sequence[str]) -> None:
+    """Raise ValueError naming the first event of `schedule` that cannot apply: an add of a
+    replica in rotation, a remove or fail of one that is not, a cancel of an unknown request."""
+    in_rotation = {f"replica-{i}" for i in range(num_replicas)}
+    known = set(request_ids)
+    for k, ev in enumerate(sorted(schedule, key=lambda e: e.at)):
+        if ev.kind == "cancel":
+            if ev.target not in known:
+                raise ValueError(f"schedule event {k} (at {ev.at:g} s): cancel of unknown request {ev.target!r}")
+        elif ev.kind == "add":
+            if ev.target in in_rotation:
+                raise ValueError(f"schedule event {k} (at {ev.at:g} s): add of {ev.target!r}, which is in rotation already")
+            in_rotation.add(ev.target)
+        elif ev.target not in in_rotation:
+            raise ValueError(f"schedule event {k} (at {ev.at:g} s): {ev.kind} of {ev.target!r}, which is not in rotation")
+        else:
+            in_rotation.discard(ev.target)
+
+
 @dataclass
 class SimResult:
     """Per-request outcome of one simulation run (arrays indexed like the workload).
 
     Times are virtual seconds; NaN where the event did not happen (e.g. a request the engine
-    rejected has no first token). `replica` is the index into `replicas`, -1 if never dispatched.
+    rejected has no first token). `replica` is the index into `replicas` (every replica the run
+    had, added ones last), -1 if never dispatched. `failed` marks requests that ended without
+    completing: their replica failed while they streamed, or their client gave up (schedule).
     `end_time` is the last arrival, dispatch or completion.
     """
 
@@ -143,6 +201,7 @@ class SimResult:
     end_time: float
     wall_s: float
     stats: dict[str, int | float] = field(default_factory=dict)
+    failed: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
     @property
     def num_requests(self) -> int:
@@ -165,21 +224,26 @@ def simulate(
     scrape_interval: float | None = DEFAULT_SCRAPE_INTERVAL,
     fuse_decode: bool = True,
     progress: Callable[[int], None] | None = None,
+    schedule: Sequence[ClusterEvent] = (),
 ) -> SimResult:
     """Replay `workload` through `router` and `num_replicas` engines of `profile`.
 
     Args:
         workload: prepared requests (`prepare_workload`); arrivals need not be sorted.
-        router: a fresh router; it receives `on_membership` with the replica names first.
+        router: a fresh router; it receives `on_membership` with the replica names first
+            ("replica-0", "replica-1", ...).
         rate_scale: arrival times are divided by it (2.0 = twice the request rate).
         scrape_interval: seconds between `on_metrics` deliveries; None for none.
         fuse_decode: simulate decode-only stretches as fused engine steps (same timeline,
             much faster); False steps every iteration (for checking).
-        progress: called with the number of requests that just completed (or were rejected).
+        progress: called with the number of requests that just ended (completed, rejected or
+            failed).
+        schedule: membership changes, failures and cancels to apply (`ClusterEvent`).
 
     Returns a `SimResult`. Raises SimulationError if the router dispatches an unknown request
     or to an unknown replica, ValueError if the router refuses the workload's hashing (it was
-    prepared for another `block_chars`).
+    prepared for another `block_chars`) or the schedule names what it cannot (removing a replica
+    that is not in rotation, adding one that is, cancelling an unknown request).
     """
     if num_replicas < 1:
         raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
@@ -190,13 +254,23 @@ def simulate(
     wall_start = time.perf_counter()
 
     names = [f"replica-{i}" for i in range(num_replicas)]
-    name_index = {n: i for i, n in enumerate(names)}
+    name_index = {n: i for i, n in enumerate(names)}  # the current engine of each name
     engines = [Engine(profile, name=n) for n in names]
+    in_rotation = list(names)
     n = len(workload)
     order = sorted(range(n), key=lambda i: workload[i].arrival_s)  # stable: trace order on ties
     index_of = {workload[i].request_id: i for i in range(n)}
     if len(index_of) != n:
         raise ValueError("workload request ids must be unique")
+    check_schedule(schedule, num_replicas, list(index_of))
+    events = sorted(schedule, key=lambda ev: ev.at)
+
+    def contract_broken(where: str, exc: Exception) -> None:
+        if isinstance(exc, LookupError):
+            raise SimulationError(f"router {where}: {exc}") from exc
+        raise exc
+
+    driver = RouterDriver(router, contract_broken)
 
     arrival = np.full(n, np.nan)
     dispatch = np.full(n, np.nan)
@@ -205,9 +279,8 @@ def simulate(
     replica_of = np.full(n, -1, dtype=np.int64)
     cached = np.zeros(n, dtype=np.int64)
     rejected = np.zeros(n, dtype=bool)
-    submitted = np.zeros(n, dtype=bool)
+    failed = np.zeros(n, dtype=bool)
     done = 0
-    undispatched = 0
     max_steps = _FUSE_STEPS if fuse_decode else 1
     stats = {"events": 0, "engine_calls": 0, "polls": 0, "scrapes": 0, "dispatches": 0}
 
@@ -233,8 +306,8 @@ def simulate(
         step_result[e] = res
         push(end, _STEP_END, e, step_version[e])
 
-    def after_add(e: int, now: float) -> None:
-        """Reconcile engine e's pending step event after a request was added to it."""
+    def after_change(e: int, now: float) -> None:
+        """Reconcile engine e's pending step event after a request was added to or removed from it."""
         eng = engines[e]
         pending = step_pending[e]
         if pending is None:
@@ -252,41 +325,102 @@ def simulate(
                 step_pending[e] = None
                 start_step(e, now)
 
+    def ended(i: int) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(1)
+
     def poll(now: float) -> None:
-        nonlocal done, undispatched, wake_at
+        nonlocal wake_at
         stats["polls"] += 1
-        for rid, rep, *_ in router.poll(now):
+        for d, q in driver.poll(now):
+            if q.abandoned:
+                continue
+            rid, rep = d.request_id, d.replica
             e = name_index.get(rep)
-            if e is None:
-                raise SimulationError(f"router dispatched {rid!r} to unknown replica {rep!r} (known: {names[0]}..)")
-            i = index_of.get(rid)
-            if i is None or not submitted[i] or replica_of[i] >= 0:
-                raise SimulationError(f"router dispatched {rid!r}, which is not a queued request")
+            if e is None or rep not in in_rotation:
+                raise SimulationError(f"router dispatched {rid!r} to unknown replica {rep!r} (in rotation: {', '.join(in_rotation) or 'none'})")
+            i = index_of[rid]
             req = workload[i]
             replica_of[i] = e
             dispatch[i] = now
-            undispatched -= 1
             stats["dispatches"] += 1
             try:
                 engines[e].add_request(rid, req.prompt_tokens, req.output_tokens, req.engine_hashes, now)
             except RequestRejected:
                 rejected[i] = True
-                done += 1
-                router.on_complete(rid, rep, now, None)
-                if progress is not None:
-                    progress(1)
+                driver.complete(rid, rep, now, None)
+                ended(i)
                 continue
-            after_add(e, now)
-        w = router.next_wakeup(now)
+            after_change(e, now)
+        w = driver.next_wakeup(now)
         if w is not None and w > now and (wake_at is None or w < wake_at):
             wake_at = w
             push(w, _WAKEUP)
 
-    router.on_membership(list(names), workload[order[0]].arrival_s / rate_scale if n else 0.0)
+    def apply(ev: ClusterEvent, now: float) -> None:
+        """One event of the schedule (see `ClusterEvent`)."""
+        if ev.kind == "cancel":
+            i = index_of.get(ev.target)
+            if i is None:
+                raise ValueError(f"schedule: cancel of unknown request {ev.target!r}")
+            sent = driver.active.get(ev.target)
+            if sent is not None:
+                e = name_index[sent.replica]
+                if engines[e].abort(ev.target, now):
+                    after_change(e, now)
+                driver.complete(ev.target, sent.replica, now, None)
+                failed[i] = True
+                ended(i)
+            elif driver.known(ev.target):
+                driver.abandon(ev.target, now)
+                failed[i] = True
+                ended(i)
+            return
+        rep = ev.target
+        if ev.kind == "add":
+            if rep in in_rotation:
+                raise ValueError(f"schedule: add of {rep!r}, which is in rotation already")
+            name_index[rep] = len(engines)
+            names.append(rep)
+            engines.append(Engine(profile, name=rep))
+            step_version.append(0)
+            step_pending.append(None)
+            step_result.append(None)
+            in_rotation.append(rep)
+            driver.membership(in_rotation, now)
+            return
+        if rep not in in_rotation:
+            raise ValueError(f"schedule: {ev.kind} of {rep!r}, which is not in rotation")
+        in_rotation.remove(rep)
+        driver.membership(in_rotation, now)
+        if ev.kind == "fail":
+            e = name_index[rep]
+            step_version[e] += 1  # its pending step never ends
+            step_pending[e] = None
+            step_result[e] = None
+            engines[e] = Engine(profile, name=rep)  # what it held is gone
+            for rid in [r for r, sent in driver.active.items() if sent.replica == rep]:
+                i = index_of[rid]
+                streaming = not math.isnan(first_token[i])
+                driver.complete(rid, rep, now, None)
+                if streaming:
+                    failed[i] = True
+                    ended(i)
+                else:
+                    stats["retries"] = stats.get("retries", 0) + 1
+                    req = workload[i]
+                    driver.submit(_routing_request(req, arrival[i]), now, failed_replica=rep)
+
+    driver.membership(list(names), workload[order[0]].arrival_s / rate_scale if n else 0.0)
     if n:
         push(workload[order[0]].arrival_s / rate_scale, _ARRIVAL)
         if scrape_interval is not None:
             push(workload[order[0]].arrival_s / rate_scale + scrape_interval, _SCRAPE)
+    for k, ev in enumerate(events):
+        push(ev.at, _SCHEDULE, k)
+    next_event = 0  # schedule events applied so far
 
     now = 0.0
     while heap:
@@ -301,17 +435,15 @@ def simulate(
             step_result[e] = None
             if res is not None and (res.first_tokens or res.finished):
                 rep = names[e]
-                for rid in res.first_tokens:
-                    first_token[index_of[rid]] = now
-                    router.on_first_token(rid, rep, now)
+                for rid in res.first_tokens:  # (events of a request cancelled meanwhile are dropped)
+                    if driver.first_token(rid, rep, now):
+                        first_token[index_of[rid]] = now
                 for fin in res.finished:
-                    i = index_of[fin.request_id]
-                    completion[i] = now
-                    cached[i] = fin.usage.cached_tokens
-                    done += 1
-                    router.on_complete(fin.request_id, rep, now, fin.usage)
-                if progress is not None and res.finished:
-                    progress(len(res.finished))
+                    if driver.complete(fin.request_id, rep, now, fin.usage):
+                        i = index_of[fin.request_id]
+                        completion[i] = now
+                        cached[i] = fin.usage.cached_tokens
+                        ended(i)
                 poll(now)
             if step_pending[e] is None and engines[e].has_work():
                 start_step(e, now)
@@ -323,35 +455,21 @@ def simulate(
                 if t > now:
                     push(t, _ARRIVAL)
                     break
-                req = workload[i]
                 arrival[i] = t
-                submitted[i] = True
-                undispatched += 1
                 next_arrival += 1
-                router.submit(
-                    RoutingRequest(
-                        req.request_id,
-                        req.router_hashes,
-                        req.prompt_tokens,
-                        req.output_tokens,
-                        t,
-                        prompt_hash=req.prompt_hash,
-                        hashing=req.router_hashing,
-                    ),
-                    now,
-                )
+                driver.submit(_routing_request(workload[i], t), now)
             poll(now)
         elif kind == _SCRAPE:
             stats["scrapes"] += 1
-            for e, eng in enumerate(engines):
-                router.on_metrics(names[e], eng.metrics_snapshot(now), now)
+            for rep in in_rotation:
+                driver.metrics(rep, engines[name_index[rep]].metrics_snapshot(now), now)
             poll(now)
             assert scrape_interval is not None
             if wake_at is not None or any(p is not None for p in step_pending):
                 idle_since = None
                 push(now + scrape_interval, _SCRAPE)
                 continue
-            if undispatched > 0:  # engines idle, the router holds requests: give it a grace period
+            if driver.queued:  # engines idle, the router holds requests: give it a grace period
                 if idle_since is None:
                     idle_since = now
                 if now - idle_since < _IDLE_GRACE_S:
@@ -359,13 +477,20 @@ def simulate(
                     continue
             else:
                 idle_since = None
-            if next_arrival < n:  # idle until the next arrival: skip the scrapes that would repeat
-                t_next = workload[order[next_arrival]].arrival_s / rate_scale
+            t_next = min(
+                workload[order[next_arrival]].arrival_s / rate_scale if next_arrival < n else math.inf,
+                events[next_event].at if next_event < len(events) else math.inf,
+            )
+            if math.isfinite(t_next):  # idle until the next arrival or change: skip the scrapes that would repeat
                 push(now + max(1, math.ceil((t_next - now) / scrape_interval)) * scrape_interval, _SCRAPE)
-        else:  # _WAKEUP
+        elif kind == _WAKEUP:
             if wake_at is None or now != wake_at:
                 continue
             wake_at = None
+            poll(now)
+        else:  # _SCHEDULE
+            apply(events[arg], now)
+            next_event = arg + 1
             poll(now)
 
     return SimResult(
@@ -384,4 +509,18 @@ def simulate(
         end_time=float(np.nanmax(np.concatenate([completion, arrival, dispatch]))) if n else 0.0,
         wall_s=time.perf_counter() - wall_start,
         stats={**stats, "preemptions": sum(e.num_preemptions for e in engines), "engine_steps": sum(e.steps_total for e in engines)},
+        failed=failed,
+    )
+
+
+def _routing_request(req: SimRequest, arrival: float) -> RoutingRequest:
+    """What the router sees of a prepared request arriving at `arrival`."""
+    return RoutingRequest(
+        req.request_id,
+        req.router_hashes,
+        req.prompt_tokens,
+        req.output_tokens,
+        arrival,
+        prompt_hash=req.prompt_hash,
+        hashing=req.router_hashing,
     )

@@ -48,7 +48,7 @@ from pylb.workload.loaders import SYNTHETIC_PREFIX, load_workload
 from pylb.workload.synthetic import GENERATORS
 from pylb.workload.types import WorkloadRequest
 
-from .cluster import DEFAULT_SCRAPE_INTERVAL, prepare_workload, simulate
+from .cluster import DEFAULT_SCRAPE_INTERVAL, ClusterEvent, check_schedule, prepare_workload, simulate
 from .profiles import DEFAULT_PROFILE, PROFILES, ProfileError, load_profile
 from .report import DEFAULT_SLO_TARGET, DEFAULT_SLO_TTFT, RunMetrics, find_capacity, plot_attainment, summarize
 
@@ -115,6 +115,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.05,
         metavar="R",
         help="stop bisecting when the failing and passing rate scales are within a factor 1+R (default 0.05)",
+    )
+    parser.add_argument(
+        "--schedule",
+        metavar="FILE",
+        help="YAML or JSON list of cluster changes, each {at: SECONDS, kind: add|remove|fail|cancel, target: NAME} "
+        "(replicas are named replica-0, replica-1, ...; 'at' is in trace seconds, divided by the rate scale like arrivals)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed passed to the routers (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -358,9 +364,33 @@ def _check_outputs(args: argparse.Namespace) -> None:
                 raise UsageError(f"argument {flag}: directory does not exist: {parent!r}")
 
 
+def load_schedule(path: str) -> list[ClusterEvent]:
+    """The `--schedule` file: a YAML (or JSON) list of {at, kind, target}; UsageError naming the
+    entry and field when it is not one."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"argument --schedule: cannot read {path!r}: {exc}") from None
+    if not isinstance(data, list):
+        raise UsageError(f"argument --schedule: {path!r} must hold a list of {{at, kind, target}}, got {type(data).__name__}")
+    out = []
+    for k, entry in enumerate(data):
+        if not isinstance(entry, dict) or set(entry) != {"at", "kind", "target"}:
+            raise UsageError(f"argument --schedule: entry {k} must have exactly the keys at, kind, target, got {entry!r}")
+        try:
+            out.append(ClusterEvent(float(entry["at"]), str(entry["kind"]), str(entry["target"])))
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"argument --schedule: entry {k}: {exc}") from None
+    return out
+
+
 def _run(args: argparse.Namespace) -> int:
     policies = parse_policies(args.policy)
     options = router_options(args)
+    schedule = load_schedule(args.schedule) if args.schedule else []
     try:
         profile = load_profile(args.profile)
     except ProfileError as exc:
@@ -371,6 +401,10 @@ def _run(args: argparse.Namespace) -> int:
     requests = load_trace(args.trace, args.limit)
     if not requests:
         raise UsageError(f"argument --trace: no requests in {args.trace!r}")
+    try:
+        check_schedule(schedule, args.replicas, [r.request_id for r in requests])
+    except ValueError as exc:
+        raise UsageError(f"argument --schedule: {exc}") from None
     with _progress_bar(len(requests), "hashing prompts", show) as bar:
         workload = prepare_workload(requests, profile.block_size, router_block_bytes=options.block_chars, progress=bar.update)
     del requests
@@ -387,6 +421,7 @@ def _run(args: argparse.Namespace) -> int:
             "scrape_interval": args.scrape_interval,
             "sweep": bool(args.sweep),
             "sweep_tolerance": args.sweep_tolerance if args.sweep else None,
+            "schedule": [dataclasses.asdict(e) for e in schedule],
             "router_options": {k: v for k, v in dataclasses.asdict(options).items() if k != "extra"},
         }
         results = ResultsFile(args.json, config)
@@ -401,11 +436,13 @@ def _run(args: argparse.Namespace) -> int:
                 rate_scale=scale,
                 scrape_interval=args.scrape_interval,
                 progress=bar.update,
+                schedule=[dataclasses.replace(e, at=e.at / scale) for e in schedule],
             )
         return summarize(result, policy, args.slo_ttft)
 
     print(
-        f"trace {args.trace}: {len(workload)} requests; {args.replicas} replicas of {profile.name}; "
+        f"trace {args.trace}: {len(workload)} request{'' if len(workload) == 1 else 's'}; "
+        f"{args.replicas} replica{'' if args.replicas == 1 else 's'} of {profile.name}; "
         f"SLO: TTFT <= {args.slo_ttft:g} s for {DEFAULT_SLO_TARGET:.0%} of requests",
         flush=True,
     )

@@ -2,7 +2,10 @@
 # One-go check of pylb's CUDA similarity twin on a machine with a GPU: builds pylb with
 # PYLB_CUDA=ON (into /tmp/pylb-gpu-site, leaving the Python environment alone), runs the CUDA tests
 # of tests/test_similarity.py (CUDA vs CPU twin vs numpy, CuPy input), then times
-# B=64, N=100k, D=384, k=10 on the GPU against pylb's CPU path and numpy.
+# B=64, N=100k, D=384, k=10 on the GPU against pylb's CPU path and numpy, then the semantic cache's
+# lookup grid (10k/100k/1M keys x D=384/768 x batch 1/16/64, k=4) on the GPU against the CPU and
+# numpy (bench/bench_cache.py lookup --cuda; results in bench/results/cache_lookup_gpu.json), and
+# the cache's store tests with its CUDA path (tests/test_cache_units.py -m cuda).
 #
 #   bash bench/gpu_check.sh            # needs: nvcc, cuBLAS (toolkit or the nvidia-cublas wheel),
 #                                      # CuPy, pytest, hypothesis, pybind11, scikit-build-core, cmake,
@@ -41,7 +44,10 @@ cd /tmp  # so that the source tree never shadows the installed package
 "$PY" -c "from pylb import native; assert native.cuda_available(), 'pylb sees no CUDA device'"
 
 echo "== tests (-m cuda)"
-"$PY" -m pytest -q -p no:cacheprovider -m cuda "$ROOT/tests/test_similarity.py"
+"$PY" -m pytest -q -p no:cacheprovider -m cuda "$ROOT/tests/test_similarity.py" "$ROOT/tests/test_cache_units.py"
 
 echo "== benchmark"
 "$PY" "$ROOT/bench/bench_similarity.py" --cuda
+
+echo "== semantic cache lookups: GPU against CPU and numpy"
+"$PY" "$ROOT/bench/bench_cache.py" lookup --cuda --sizes 10000,100000,1000000 --dims 384,768 --batches 1,16,64

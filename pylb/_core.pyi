@@ -137,3 +137,10 @@ def built_with_cuda() -> bool:
     """Whether this build has the CUDA path."""
 def cuda_available() -> bool:
     """Whether a CUDA device can be used now."""
+
+# ---- feature-hashing text embedder ------------------------------------------------------------------
+def hash_embed(
+    texts: Sequence[str], dim: int = 384, ngram_min: int = 3, ngram_max: int = 5, word_weight: float = 1.0, seed: int = 0
+) -> npt.NDArray[np.float32]:
+    """Feature-hashing embeddings of `texts`: float32 [len(texts), dim], rows L2-normalised (all zero for a text
+    without words); character n-grams of each lower-cased word plus the word, signed XXH3 hashing."""

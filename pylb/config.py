@@ -3,7 +3,7 @@
 Design (STYLE.md 6)
 -------------------
 Settings are frozen dataclasses, one per section (`server`, `router`, `fleet`, `discovery`,
-`upstream`, `logging`, `epp`), gathered in `Settings`. Each field carries its default, a
+`upstream`, `logging`, `epp`, `cache`), gathered in `Settings`. Each field carries its default, a
 one-line help text, and optionally a check; everything else derives from the dataclasses. (The router section's settings
 that configure the router core take their defaults from `pylb.router.interface.RouterOptions`,
 which the simulator uses too, so that those are written once as well; see `RouterSettings`.)
@@ -50,6 +50,7 @@ from pylb.fields import (
     convert,
     default_of,
     fraction,
+    in_range,
     non_negative,
     one_of,
     port_number,
@@ -300,6 +301,37 @@ class EppSettings:
         "x-gateway-destination-endpoint", "epp: request header, and dynamic metadata key, that names the chosen replica as ip:port"
     )
     metadata_namespace: str = setting("envoy.lb", "epp: dynamic metadata namespace of the chosen replica (Envoy must list it in receiving_namespaces)")
+# ---- the semantic cache (issue 14; the cache lives in pylb/cache/) ------------------------------------
+
+
+def _header_name(v: Any) -> str | None:
+    """Empty, or an HTTP header name."""
+    return None if all(c.isalnum() or c in "-_" for c in v) else "must be an HTTP header name, e.g. X-Tenant"
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """The semantic cache in front of the replicas (off by default; see docs/serve.md#semantic-cache)."""
+
+    enabled: bool = setting(False, "answer repeated and near-identical deterministic requests from pylb's cache")
+    embedder: str = setting("hashing", "how query texts are embedded: hashing (built in), minilm (the [minilm] extra) or openai (an /v1/embeddings endpoint)",
+                            check=one_of("hashing", "minilm", "openai"))
+    embedder_url: str = setting("", "openai embedder: base URL of the /v1/embeddings endpoint (e.g. a vLLM replica serving an embedding model)")
+    embedder_model: str = setting("", "openai embedder: the embedding model's name")
+    dim: int = setting(384, "hashing embedder: vector size", check=in_range(8, 65536))
+    threshold: float = setting(0.9, "cosine similarity at or above which a neighbour may answer (the guards must pass too)", check=in_range(0.0, 1.0))
+    thresholds: dict = setting({}, "per-model thresholds (model name -> cosine), overriding cache.threshold")
+    semantic: bool = setting(True, "look up near neighbours (false: exact matches and in-flight joins only)")
+    tenant_header: str = setting("", "header naming the tenant (empty: the Authorization header); a request without one is never cached", check=_header_name)
+    opt_in_models: list = setting([], "models whose sampled (temperature > 0) requests may be cached too")
+    ttl_s: float = setting(3600.0, "an entry is dropped this long after it was stored", check=positive)
+    max_entries: int = setting(10000, "entries kept per model at most (least recently used dropped first)", check=at_least(1))
+    max_bytes: int = setting(256 * 1024 * 1024, "stored answer bytes per model at most (least recently used dropped first)", check=at_least(1024))
+    max_answer_bytes: int = setting(4 * 1024 * 1024, "answers larger than this are not stored", check=at_least(1024))
+    batch_window_ms: float = setting(1.0, "a semantic lookup waits at most this long for others to batch with", check=non_negative)
+    max_batch: int = setting(64, "a batch of semantic lookups runs at once when this many wait", check=at_least(1))
+    device: str = setting("auto", "where similarity runs: auto (CUDA when built with it and a device is present), cpu or cuda",
+                          check=one_of("auto", "cpu", "cuda"))
 
 
 SECTIONS: dict[str, type] = {
@@ -310,6 +342,7 @@ SECTIONS: dict[str, type] = {
     "upstream": UpstreamSettings,
     "logging": LoggingSettings,
     "epp": EppSettings,
+    "cache": CacheSettings,
 }
 
 
@@ -324,6 +357,7 @@ class Settings:
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     epp: EppSettings = field(default_factory=EppSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """The settings as plain data, in the YAML file's shape."""
@@ -491,6 +525,14 @@ def _check_relations(s: Settings, sources: Mapping[str, str]) -> None:
         if not 500 <= code <= 599:
             raise ConfigError("upstream.retry_statuses", s.upstream.retry_statuses, f"{code} is not a 5xx status", sources.get("upstream.retry_statuses", "default"))
     _check_discovery(s, sources)
+    c = s.cache
+    if c.enabled and c.embedder == "openai":
+        for name in ("embedder_url", "embedder_model"):
+            if not getattr(c, name):
+                raise ConfigError(f"cache.{name}", getattr(c, name), "cache.embedder is openai: name the /v1/embeddings endpoint's base URL and model",
+                                  sources.get(f"cache.{name}", "default"))
+        if reason := http_urls([c.embedder_url]):
+            raise ConfigError("cache.embedder_url", c.embedder_url, reason, sources.get("cache.embedder_url", "default"))
 
 
 # ---- command line ------------------------------------------------------------------------------------

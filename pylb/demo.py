@@ -212,6 +212,32 @@ async def prefix_cache_counters(urls: list[str]) -> tuple[float, float]:
     return hits, queries
 
 
+async def cache_summary(url: str) -> str | None:
+    """One line on pylb's semantic cache from its /metrics, None when the cache is off (it is on
+    when `pylb serve` got `cache.enabled` from the environment or a config file)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    results: dict[str, float] = {}
+    bypass: dict[str, float] = {}
+    on = False
+    for fam in text_string_to_metric_families(text):
+        if fam.name.startswith("pylb_cache_"):
+            on = True
+        for sample in fam.samples:
+            if sample.name == "pylb_cache_requests_total":
+                results[sample.labels["result"]] = results.get(sample.labels["result"], 0) + sample.value
+            elif sample.name == "pylb_cache_bypass_total":
+                bypass[sample.labels["reason"]] = sample.value
+    if not on:
+        return None
+    hits = {k: int(v) for k, v in results.items() if k.startswith("hit_")}
+    why = f" ({', '.join(f'{r}: {int(n)}' for r, n in sorted(bypass.items()))})" if bypass else ""
+    return (f"semantic cache: {sum(hits.values())} hits ({', '.join(f'{k[4:]} {v}' for k, v in sorted(hits.items())) or 'none'}), "
+            f"{int(results.get('miss', 0))} misses, {int(results.get('bypass', 0))} not cacheable{why}")
+
+
 def demo_workload(sessions: int, turns: int, seed: int) -> list[WorkloadRequest]:
     """The demo's workload: `multi_turn` with `DEMO_WORKLOAD`."""
     return multi_turn(sessions=sessions, turns=turns, seed=seed, **DEMO_WORKLOAD)  # type: ignore[arg-type]
@@ -236,6 +262,9 @@ async def run_policy(policy: str, args: argparse.Namespace, live: bool = False) 
         if view is not None:
             await view.draw()  # the last frame stays on screen
         hits1, queries1 = await prefix_cache_counters(backends)
+        cache_line = await cache_summary(url)
+        if cache_line is not None:
+            print(f"pylb demo: {policy}: {cache_line}", file=sys.stderr, flush=True)
     s = result.summary
     queries = queries1 - queries0
     row = DemoRow(

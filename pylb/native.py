@@ -159,3 +159,8 @@ def _topk_similarity_cuda(queries: Any, keys: Any, k: int) -> tuple[Any, Any]:
                 q.data.ptr, x.data.ptr, B, N, D, cols, index.data.ptr, similarity.data.ptr, stream.ptr, q.device.id
             )
     return index, similarity
+
+# ---- feature-hashing text embedder (csrc/src/text_embed.cpp) --------------------------------------
+# The semantic cache's built-in `hashing` embedder: character n-grams of each lower-cased word and
+# the word itself, signed XXH3 feature hashing, L2-normalised rows.
+hash_embed = _core.hash_embed

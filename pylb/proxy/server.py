@@ -15,6 +15,7 @@ Routes:
     GET  /health                                 pylb is up (always 200 while serving)
     GET  /ready                                  200 when at least one replica is healthy, else 503
     GET  /metrics                                pylb's own `pylb_*` series (Prometheus text)
+    POST /admin/cache/false-hit                  with the semantic cache on (`pylb.cache`, one call in `_generate`)
     anything else                                404, OpenAI-style JSON error
 
 A routed request: read the body (413 past `server.max_body_bytes`), parse it into a
@@ -81,17 +82,18 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from pylb.config import Settings
+from pylb.config import ConfigError, Settings
 from pylb.observability.logging import ACCESS_LOGGER, request_id_var
 from pylb.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from pylb.observability.metrics import ProxySnapshot
+from pylb.observability.metrics import ProxyMetrics, ProxySnapshot
 from pylb.router.interface import Dispatch, Router, RoutingRequest, Usage
 from pylb.router.request import CHAT, COMPLETIONS, RequestError, build_request, parse_json_body
 
@@ -99,6 +101,9 @@ from .balancer import Balancer
 from .balancer import create_router as create_router  # re-exported: `pylb serve`, tests and bench build routers from here
 from .errors import NoReplica, ProxyError, UpstreamFailed, error_response, sse_error_event
 from .upstream import UpstreamPool, UpstreamResponse
+
+if TYPE_CHECKING:
+    from pylb.cache.cache import SemanticCache
 
 log = logging.getLogger("pylb.proxy")
 access_log = logging.getLogger(ACCESS_LOGGER)
@@ -213,6 +218,7 @@ class _Exchange:
     ttft: float | None = None
     error: str | None = None
     delivered: bool = False  # the client received the whole answer (it may close before its end)
+    record: list[bytes] | None = None  # the streamed answer's pieces are appended here when set (the semantic cache)
 
 
 class _Retry(Exception):
@@ -236,6 +242,7 @@ class ProxyServer:
         self.settings = settings
         self.balancer = b = Balancer(settings, router)
         self.router, self.metrics, self.dispatcher, self.fleet, self.limits = b.router, b.metrics, b.dispatcher, b.fleet, b.limits
+        self.cache = _create_cache(settings, self.metrics)
         self._session: aiohttp.ClientSession | None = None
         self._pool: UpstreamPool | None = None
         self._runner: web.AppRunner | None = None
@@ -272,6 +279,8 @@ class ProxyServer:
         app.router.add_get("/health", self._health)
         app.router.add_get("/ready", self._ready)
         app.router.add_get("/metrics", self._metrics_page)
+        if self.cache is not None:
+            self.cache.add_routes(app)
         return app
 
     async def start(self, reuse_port: bool = False) -> int:
@@ -318,6 +327,8 @@ class ProxyServer:
         self._runner = None
         await self.fleet.stop()
         self.dispatcher.close()
+        if self.cache is not None:
+            await self.cache.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -399,7 +410,15 @@ class ProxyServer:
                 raise ProxyError(f"request body larger than {self.settings.server.max_body_bytes} bytes", param="body", status=413) from None
             payload = parse_json_body(body)
             rreq = build_request(kind, payload, rid, self.dispatcher.now(), self.limits)
-            resp = await self._route(request, rreq, body, ex)
+            if self.cache is None:
+                resp = await self._route(request, rreq, body, ex)
+            else:  # the semantic cache answers, or calls the normal path (recording the answer)
+
+                def route(record: list[bytes] | None) -> Awaitable[web.StreamResponse]:
+                    ex.record = record
+                    return self._route(request, rreq, body, ex)
+
+                resp = await self.cache.serve(request, endpoint, payload, route)
             ex.status = ex.status or resp.status
             return resp
         except RequestError as exc:
@@ -559,7 +578,7 @@ class ProxyServer:
             await out.write_eof()
             return out, True
         await out.write(first)  # sends the head with it
-        splice = _Splice(request.transport, up, out.headers.get("Transfer-Encoding", "").lower() == "chunked", first)
+        splice = _Splice(request.transport, up, out.headers.get("Transfer-Encoding", "").lower() == "chunked", first, ex.record)
         failed: BaseException | None = None
         try:
             await up.pipe(splice)
@@ -702,10 +721,13 @@ class _Splice:
     replica while the client's socket buffer is over `CLIENT_HIGH_WATER` and resumes it below
     `CLIENT_LOW_WATER`, and notes a client that went away (then aborts the upstream answer)."""
 
-    __slots__ = ("transport", "up", "framed", "events", "c1", "c2", "c3", "gone", "_loop")
+    __slots__ = ("transport", "up", "framed", "events", "c1", "c2", "c3", "gone", "record", "_loop")
 
-    def __init__(self, transport: asyncio.Transport | None, up: UpstreamResponse, framed: bool, first: bytes) -> None:
+    def __init__(self, transport: asyncio.Transport | None, up: UpstreamResponse, framed: bool, first: bytes, record: list[bytes] | None = None) -> None:
         self.transport = transport
+        self.record = record  # every piece of the answer is appended here when given
+        if record is not None:
+            record.append(first)
         self.up = up
         self.framed = framed
         self.events = first.count(b"data:")
@@ -722,6 +744,8 @@ class _Splice:
                 self.up.abort()
             return
         t.write(b"%x\r\n%s\r\n" % (len(piece), piece) if self.framed else piece)
+        if self.record is not None:
+            self.record.append(piece)
         self.events += piece.count(b"data:")
         self.c1, self.c2, self.c3 = self.c2, self.c3, piece
         if t.get_write_buffer_size() > CLIENT_HIGH_WATER:
@@ -743,3 +767,21 @@ class _Splice:
     def delivered(self) -> bool:
         """Whether the stream's last event, `data: [DONE]`, was written to the client."""
         return self.tail().rstrip().endswith(b"data: [DONE]")
+
+
+def _create_cache(settings: Settings, metrics: ProxyMetrics) -> SemanticCache | None:
+    """The semantic cache when `cache.enabled` (its series in the proxy's registry), else None."""
+    if not settings.cache.enabled:
+        return None
+    from pylb.cache.cache import SemanticCache
+    from pylb.cache.embedders import EmbedderError
+
+    try:
+        cache = SemanticCache(settings.cache)
+    except (EmbedderError, RuntimeError) as exc:
+        if isinstance(exc, EmbedderError):
+            raise ConfigError("cache.embedder", settings.cache.embedder, str(exc)) from None
+        raise ConfigError("cache.device", settings.cache.device, str(exc)) from None
+    metrics.registry.register(cache.metrics)
+    return cache
+

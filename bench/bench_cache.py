@@ -1,0 +1,260 @@
+"""Semantic cache benchmarks: similarity lookups on the native core, and the cache in the proxy.
+
+How to read it
+--------------
+1. `lookup` (in-process): one cache lookup = cosine top-k (k=4) of B query embeddings against
+   N stored ones of dimension D, for N in --sizes, D in --dims, B in --batches. pylb's
+   `native.topk_similarity` (CPU: OpenBLAS GEMM per key tile + heap fold; the GPU twin with
+   --cuda) against numpy as a Python semantic cache would do it with its keys kept normalised:
+   normalise the queries, one matmul, argpartition, sort the k. Keys are random normal float32
+   rows (the cost does not depend on the values). Sides alternate call by call so both see the
+   same load; per cell: P50 and P99 latency of one call, lookups per second at P50 (B / P50),
+   and the numpy/pylb ratio of P50s (> 1: pylb faster). Each pylb result is checked against
+   numpy's (similarities within 1e-4).
+2. `proxy` (three processes: an instant backend that answers every completion at once with
+   `finish_reason: stop`, `pylb serve` with the cache off and `pylb serve` with the cache on,
+   hashing embedder; a client on this machine sends one request at a time): P50/P99 latency
+   direct to the backend, through pylb without the cache, through pylb with the cache on for
+   *misses* (every prompt new, so every request runs the exact lookup, the similarity lookup in
+   its partition -- which grows to --requests entries -- and stores its answer) and for *hits*
+   (the same request again: answered by pylb without the backend). Added latency on a miss =
+   cache-on miss P50 - cache-off P50 (target <= 1 ms).
+
+The machine is shared: the load average is printed with the results; compare only within one run.
+
+    .venv/bin/python bench/bench_cache.py lookup                       # 10k,100k x 384,768 x 1,16,64
+    .venv/bin/python bench/bench_cache.py lookup --sizes 1000000 --dims 384
+    .venv/bin/python bench/bench_cache.py lookup --cuda                # also the GPU (PYLB_CUDA=ON build + CuPy)
+    .venv/bin/python bench/bench_cache.py proxy
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+# ---- lookup ---------------------------------------------------------------------------------------
+
+
+def numpy_lookup(q: np.ndarray, keys_normalised: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A Python cache's lookup: keys already normalised at store time."""
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    s = qn @ keys_normalised.T
+    part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    ps = np.take_along_axis(s, part, 1)
+    order = np.argsort(-ps, axis=1, kind="stable")
+    return np.take_along_axis(part, order, 1), np.take_along_axis(ps, order, 1)
+
+
+def run_lookup(args: argparse.Namespace) -> dict:
+    from pylb import native
+
+    rng = np.random.default_rng(0)
+    cuda = None
+    if args.cuda:
+        import cupy as cp
+
+        cuda = cp
+    rows = []
+    print(f"lookup: k={args.k}, load average {load()}")
+    print(f"{'N':>8} {'D':>4} {'B':>3} | {'pylb P50':>9} {'P99':>8} {'lookups/s':>10} | {'numpy P50':>9} {'P99':>8} {'lookups/s':>10} | {'numpy/pylb':>10}"
+          + (f" | {'GPU P50':>8} {'P99':>8} {'lookups/s':>10} {'cpu/gpu':>8}" if cuda else ""))  # fmt: skip
+    for n in args.sizes:
+        for d in args.dims:
+            keys = rng.standard_normal((n, d), dtype=np.float32)
+            keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+            keys_dev = cuda.asarray(keys) if cuda else None
+            for b in args.batches:
+                q = rng.standard_normal((b, d), dtype=np.float32)
+                reps = max(3, min(args.reps, int(args.budget_s / max(1e-6, 2 * n * d * b * 2e-10 + 1e-4))))
+                pylb_t, numpy_t, gpu_t = [], [], []
+                _, ps = native.topk_similarity(q, keys, args.k)
+                _, ns = numpy_lookup(q, keys, args.k)
+                assert np.allclose(ps, ns, atol=1e-4), "pylb and numpy disagree"
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    native.topk_similarity(q, keys, args.k)
+                    t1 = time.perf_counter()
+                    numpy_lookup(q, keys, args.k)
+                    t2 = time.perf_counter()
+                    pylb_t.append(t1 - t0)
+                    numpy_t.append(t2 - t1)
+                    if cuda:
+                        qd = cuda.asarray(q)
+                        cuda.cuda.Device().synchronize()
+                        t3 = time.perf_counter()
+                        native.topk_similarity(qd, keys_dev, args.k)
+                        cuda.cuda.Device().synchronize()
+                        gpu_t.append(time.perf_counter() - t3)
+                p50, p99, n50, n99 = pct(pylb_t, 0.5), pct(pylb_t, 0.99), pct(numpy_t, 0.5), pct(numpy_t, 0.99)
+                row = {"n": n, "d": d, "b": b, "reps": reps, "pylb_p50_ms": p50 * 1e3, "pylb_p99_ms": p99 * 1e3, "pylb_lookups_per_s": b / p50,
+                       "numpy_p50_ms": n50 * 1e3, "numpy_p99_ms": n99 * 1e3, "numpy_lookups_per_s": b / n50, "numpy_over_pylb": n50 / p50}  # fmt: skip
+                line = (f"{n:>8} {d:>4} {b:>3} | {p50 * 1e3:>8.3f}m {p99 * 1e3:>7.3f}m {b / p50:>10,.0f} | {n50 * 1e3:>8.3f}m {n99 * 1e3:>7.3f}m "
+                        f"{b / n50:>10,.0f} | {n50 / p50:>10.2f}")  # fmt: skip
+                if cuda:
+                    g50, g99 = pct(gpu_t, 0.5), pct(gpu_t, 0.99)
+                    row.update({"gpu_p50_ms": g50 * 1e3, "gpu_p99_ms": g99 * 1e3, "gpu_lookups_per_s": b / g50, "cpu_over_gpu": p50 / g50})
+                    line += f" | {g50 * 1e3:>7.3f}m {g99 * 1e3:>7.3f}m {b / g50:>10,.0f} {p50 / g50:>8.1f}"
+                rows.append(row)
+                print(line, flush=True)
+            del keys, keys_dev
+    print(f"load average at the end: {load()}")
+    return {"k": args.k, "rows": rows}
+
+
+# ---- proxy ----------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def backend_main(port: int) -> None:
+    """bench_proxy's instant backend, answering completions with finish_reason stop (storable)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import bench_proxy
+    import uvloop
+
+    body = bench_proxy._JSON_BODY.replace(b'"finish_reason": "length"', b'"finish_reason": "stop"')
+    assert body != bench_proxy._JSON_BODY
+    bench_proxy._JSON_BODY = body
+    bench_proxy.backend_main(port)
+    uvloop  # noqa: B018 - imported so a missing uvloop fails here, not in the child
+
+
+async def _wait_ready(url: str) -> None:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s:
+        for _ in range(300):
+            try:
+                async with s.get(url) as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} not ready")
+
+
+async def _latencies(url: str, prompts: list[str], auth: bool) -> tuple[list[float], set[str]]:
+    import aiohttp
+
+    headers = {"Content-Type": "application/json", **({"Authorization": "Bearer bench"} if auth else {})}
+    out, seen = [], set()
+    async with aiohttp.ClientSession() as s:
+        for prompt in prompts:
+            body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": 1, "temperature": 0}).encode()
+            t0 = time.perf_counter()
+            async with s.post(url + "/v1/completions", data=body, headers=headers) as r:
+                await r.read()
+                assert r.status == 200, r.status
+                seen.add(r.headers.get("x-pylb-cache", "-"))
+            out.append(time.perf_counter() - t0)
+    return out, seen
+
+
+def run_proxy(args: argparse.Namespace) -> dict:
+    import uvloop
+
+    bport, off_port, on_port = _free_port(), _free_port(), _free_port()
+    procs = [subprocess.Popen([sys.executable, __file__, "backend", str(bport)])]
+    base = [sys.executable, "-P", "-m", "pylb.cli", "serve", "--backend", f"http://127.0.0.1:{bport}", "--policy", "round-robin",
+            "--log-level", "warning", "--no-logging-access-log"]  # fmt: skip
+    try:
+        uvloop.run(_wait_ready(f"http://127.0.0.1:{bport}/health"))
+        procs.append(subprocess.Popen([*base, "--port", str(off_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(subprocess.Popen([*base, "--port", str(on_port), "--cache-enabled", "--cache-embedder", "hashing"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+        direct, off, on = (f"http://127.0.0.1:{p}" for p in (bport, off_port, on_port))
+        uvloop.run(_wait_ready(off + "/ready"))
+        uvloop.run(_wait_ready(on + "/ready"))
+        print(f"proxy: {args.requests} requests per measurement, one at a time; load average {load()}")
+        n = args.requests
+        warm = [f"warm-up prompt {i}: tell me about topic {i}" for i in range(200)]
+        for url in (direct, off, on):
+            uvloop.run(_latencies(url, warm, auth=True))
+        res: dict[str, list[float]] = {"direct": [], "pylb cache off": [], "pylb cache on, miss": [], "pylb cache on, hit": []}
+        for part in range(4):  # alternate the measurements in quarters so that each sees the same load
+            prompts = [f"What is the meaning of request number {part}-{i} in the benchmark, in one sentence?" for i in range(n // 4)]
+            res["direct"] += uvloop.run(_latencies(direct, prompts, auth=True))[0]
+            res["pylb cache off"] += uvloop.run(_latencies(off, prompts, auth=True))[0]
+            lat, seen = uvloop.run(_latencies(on, prompts, auth=True))
+            assert seen == {"miss"}, seen
+            res["pylb cache on, miss"] += lat
+            lat, seen = uvloop.run(_latencies(on, prompts[:1] * (n // 4), auth=True))
+            assert seen == {"hit"}, seen
+            res["pylb cache on, hit"] += lat
+        out = {}
+        print(f"{'path':<24} {'P50 ms':>8} {'P99 ms':>8}")
+        for name, xs in res.items():
+            out[name] = {"p50_ms": pct(xs, 0.5) * 1e3, "p99_ms": pct(xs, 0.99) * 1e3}
+            print(f"{name:<24} {out[name]['p50_ms']:>8.3f} {out[name]['p99_ms']:>8.3f}")
+        added = out["pylb cache on, miss"]["p50_ms"] - out["pylb cache off"]["p50_ms"]
+        print(f"added by the cache on a miss (P50): {added:.3f} ms; a hit answered in {out['pylb cache on, hit']['p50_ms']:.3f} ms at P50 "
+              f"(the backend path through pylb: {out['pylb cache off']['p50_ms']:.3f} ms); load average at the end: {load()}")
+        return {"requests": n, "paths": out, "miss_added_p50_ms": added}
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    lk = sub.add_parser("lookup")
+    lk.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[10_000, 100_000])
+    lk.add_argument("--dims", type=lambda s: [int(x) for x in s.split(",")], default=[384, 768])
+    lk.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64])
+    lk.add_argument("--k", type=int, default=4)
+    lk.add_argument("--reps", type=int, default=200, help="calls per side and cell at most")
+    lk.add_argument("--budget-s", type=float, default=3.0, help="rough seconds per cell (fewer calls for big cells)")
+    lk.add_argument("--cuda", action="store_true", help="also time the GPU (keys on the device)")
+    px = sub.add_parser("proxy")
+    px.add_argument("--requests", type=int, default=2000)
+    be = sub.add_parser("backend")
+    be.add_argument("port", type=int)
+    args = ap.parse_args()
+    if args.what == "backend":
+        backend_main(args.port)
+        return 0
+    t0 = time.time()
+    result = run_lookup(args) if args.what == "lookup" else run_proxy(args)
+    result.update({"command": " ".join(["python", "bench/bench_cache.py", *sys.argv[1:]]), "load_average_end": os.getloadavg(),
+                   "cpus": os.cpu_count(), "wall_s": time.time() - t0})  # fmt: skip
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    suffix = "_gpu" if getattr(args, "cuda", False) else ""
+    (RESULTS / f"cache_{args.what}{suffix}.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""`SemanticCache`: the one object the proxy calls to answer a request from the cache.
+
+Design
+------
+`serve(request, kind, payload, route)` wraps the proxy's normal path (`route`, which sends the
+request to a replica and returns its response). For one request, in order:
+
+  1. plan: is it cacheable, and under which partition and exact key (`pylb.cache.keys`)? If not,
+     `route` at once (`x-pylb-cache: bypass`).
+  2. exact: an entry under the exact key answers at once (`x-pylb-cache: hit`).
+  3. join: an identical request (same exact key) already on its way upstream: wait for its answer
+     and replay it; if it ends without a storable answer (an error, a length cut, a client that
+     left), go upstream as well. So N identical concurrent requests cost one upstream request
+     when the first one succeeds. A follower waits for the whole answer, then replays it: it
+     does not see the leader's tokens as they arrive (a simplification: its TTFT is the leader's
+     end-to-end time).
+  4. similarity: when the partition holds entries, a micro-batched lookup (`pylb.cache.batcher`)
+     finds its nearest entries; the first one with similarity >= the model's threshold that
+     passes the token-difference guards (`pylb.cache.guards`) answers.
+  5. miss: `route`, recording the answer's bytes; the answer is stored when it is a 200 whose
+     every choice finished with `stop` (a streamed one must end with `data: [DONE]` and carry no
+     error event), is not over `cache.max_answer_bytes`, and the request allowed storing. The
+     first answer of an empty partition (no lookup ran, so no embedding yet) is found by exact
+     key at once and by similarity once its embedding, computed after the answer went out, is back.
+
+A hit replays the stored body byte for byte: a streamed answer as one write of its SSE events
+(the `id` and `created` of the original, so a client sees the answer it would have had), a JSON
+body as it was, with `x-pylb-cache: hit` and `x-pylb-cache-entry: <id>`. `POST
+/admin/cache/false-hit` with `{"entry": id}` and the same tenant credential as the request that got
+the hit drops the entry and counts a false hit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from pylb.config import CacheSettings
+from pylb.observability.logging import request_id_var
+from pylb.observability.metrics import LATENCY_BUCKETS, Counts, Hist
+
+from . import guards
+from .batcher import LookupBatcher
+from .embedders import Embedder, create_embedder
+from .keys import CachePlan, TenantKeys, plan_request
+from .store import Answer, CacheStore, Entry
+
+log = logging.getLogger("pylb.cache")
+
+STATE_KEY: Any = web.RequestKey("pylb_cache", str) if hasattr(web, "RequestKey") else "pylb_cache"  # typed keys: aiohttp >= 3.11
+"""The request key under which `serve` notes hit / miss / bypass for the response header."""
+
+Route = Callable[[list[bytes] | None], Awaitable[web.StreamResponse]]
+"""The proxy's normal path: sends the request upstream; streamed pieces go to the list when given."""
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def finished_with_stop(body: bytes, stream: bool) -> str | None:
+    """None when every choice of the answer finished with `stop`, else why the answer is not stored."""
+    if not stream:
+        try:
+            obj = json.loads(body)
+            choices = obj["choices"]
+            finished = [c.get("finish_reason") for c in choices]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return "not an OpenAI JSON answer"
+        if not finished or any(r != "stop" for r in finished):
+            return f"finish_reason {finished}"
+        return None
+    if not body.rstrip().endswith(b"data: [DONE]"):
+        return "stream did not end with [DONE]"
+    reasons: dict[int, Any] = {}
+    for line in body.split(b"\n"):
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            continue
+        try:
+            event = json.loads(data)
+        except ValueError:
+            return "an event is not JSON"
+        if not isinstance(event, dict) or "error" in event:
+            return "error event in the stream"
+        for c in event.get("choices") or []:
+            if isinstance(c, dict) and c.get("finish_reason") is not None:
+                reasons[c.get("index", 0)] = c["finish_reason"]
+    if not reasons or any(r != "stop" for r in reasons.values()):
+        return f"finish_reason {sorted(map(str, reasons.values()))}"
+    return None
+
+
+class _Recording(list[bytes]):
+    """The pieces of a streamed answer, up to `limit` bytes (then it only notes the overflow, so a
+    long stream that cannot be stored costs no memory)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.size = 0
+        self.overflow = False
+
+    def append(self, piece: bytes) -> None:
+        self.size += len(piece)
+        if self.size > self.limit:
+            self.overflow = True
+            self.clear()
+        elif not self.overflow:
+            super().append(piece)
+
+
+class CacheMetrics(Collector):
+    """The `pylb_cache_*` series (registered in the proxy's registry)."""
+
+    def __init__(self, store: CacheStore) -> None:
+        self.store = store
+        self.requests = Counts("pylb_cache_requests_total", "requests seen by the cache, by model and result (hit_exact, hit_join, hit_semantic, miss, bypass)", ["model", "result"])
+        self.bypass = Counts("pylb_cache_bypass_total", "requests the cache may not answer, by reason", ["reason"])
+        self.refusals = Counts("pylb_cache_guard_refusals_total", "neighbours above the threshold refused by a guard", ["guard"])
+        self.not_stored = Counts("pylb_cache_not_stored_total", "answers to cacheable requests not stored, by reason", ["reason"])
+        self.false_hits = Counts("pylb_cache_false_hits_total", "hits reported wrong through /admin/cache/false-hit", ["model"])
+        self.errors = Counts("pylb_cache_errors_total", "lookups that failed (embedder errors); the request went upstream", ["stage"])
+        self.lookup = Hist("pylb_cache_lookup_seconds", "time from a request's arrival to the cache's decision, by outcome", ["result"], LATENCY_BUCKETS)
+        self.batch = Hist("pylb_cache_batch_size", "semantic lookups per batch", [], BATCH_BUCKETS)
+
+    def collect(self) -> Iterator[Any]:
+        for f in (self.requests, self.bypass, self.refusals, self.not_stored, self.false_hits, self.errors, self.lookup, self.batch):
+            yield f.family()
+        entries = GaugeMetricFamily("pylb_cache_entries", "entries in the cache, by model", labels=["model"])
+        size = GaugeMetricFamily("pylb_cache_bytes", "answer bytes in the cache, by model", labels=["model"])
+        for model, (n, b) in self.store.stats().items():
+            entries.add_metric([model], n)
+            size.add_metric([model], b)
+        yield entries
+        yield size
+
+
+class SemanticCache:
+    """See the module comment. Build with the `cache` settings; `await close()` at shutdown."""
+
+    def __init__(self, settings: CacheSettings, embedder: Embedder | None = None) -> None:
+        self.settings = settings
+        self.store = CacheStore(settings.ttl_s, settings.max_entries, settings.max_bytes, settings.device)
+        self.embedder = embedder or create_embedder(settings.embedder, dim=settings.dim, url=settings.embedder_url, model=settings.embedder_model)
+        self.tenants = TenantKeys(settings.tenant_header)
+        self.opt_in = frozenset(settings.opt_in_models)
+        self.metrics = CacheMetrics(self.store)
+        self.batcher = LookupBatcher(
+            self.embedder, self.store, settings.batch_window_ms / 1000.0, settings.max_batch, clock=time.monotonic, on_batch=self._on_batch
+        )
+        self._inflight: dict[bytes, asyncio.Future[Entry | None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    def _on_batch(self, n: int) -> None:
+        self.metrics.batch.observe(n)
+
+    def threshold(self, model: str) -> float:
+        """The similarity a neighbour needs for `model`."""
+        t = self.settings.thresholds.get(model)
+        return float(t) if isinstance(t, (int, float)) else self.settings.threshold
+
+    # ---- the proxy's hooks ------------------------------------------------------------------------
+
+    def add_routes(self, app: web.Application) -> None:
+        """The admin endpoint and the response-header hook."""
+        app.router.add_post("/admin/cache/false-hit", self._false_hit)
+        app.on_response_prepare.append(self._mark_response)
+
+    async def _mark_response(self, request: web.Request, response: web.StreamResponse) -> None:
+        state = request.get(STATE_KEY)
+        if state is not None and "x-pylb-cache" not in response.headers:
+            response.headers["x-pylb-cache"] = state
+
+    async def serve(self, request: web.Request, kind: str, payload: Any, route: Route) -> web.StreamResponse:
+        """Answer `request` (parsed JSON `payload`, `kind` "chat" or "completions") from the cache,
+        or through `route` (see the module comment)."""
+        t0 = time.perf_counter()
+        plan = plan_request(kind, payload, request.headers, self.tenants, self.opt_in) if isinstance(payload, dict) else "the body is not an object"
+        if isinstance(plan, str):
+            request[STATE_KEY] = "bypass"
+            self.metrics.bypass.inc(plan)
+            self.metrics.requests.inc(str(payload.get("model", "")) if isinstance(payload, dict) else "", "bypass")
+            return await route(None)
+        now = time.monotonic()
+        vector: np.ndarray | None = None
+        if plan.lookup:
+            e = self.store.get_exact(plan.exact_key, now)
+            if e is not None:
+                return await self._replay(request, plan, e, "hit_exact", t0)
+            leader = self._inflight.get(plan.exact_key)
+            if leader is not None:
+                joined = await asyncio.shield(leader)
+                if joined is not None and not joined.removed:
+                    self.store.touch(joined)
+                    return await self._replay(request, plan, joined, "hit_join", t0)
+            elif self.settings.semantic and self.store.partition_size(plan.partition) > 0:
+                try:
+                    vector, neighbours = await self.batcher.lookup(plan.partition, plan.query)
+                except Exception as exc:
+                    self.metrics.errors.inc("lookup")
+                    log.warning("semantic lookup failed; the request goes upstream", extra={"error": f"{type(exc).__name__}: {exc}"})
+                    neighbours = []
+                threshold = self.threshold(plan.model)
+                for e, sim in neighbours:
+                    if sim < threshold or e.removed:
+                        break
+                    reason = guards.refusal(plan.query, e.query)
+                    if reason is not None:
+                        self.metrics.refusals.inc(reason)
+                        continue
+                    self.store.touch(e)
+                    return await self._replay(request, plan, e, "hit_semantic", t0)
+        return await self._miss(request, plan, route, vector, t0)
+
+    async def _miss(self, request: web.Request, plan: CachePlan, route: Route, vector: np.ndarray | None, t0: float) -> web.StreamResponse:
+        request[STATE_KEY] = "miss"
+        self.metrics.requests.inc(plan.model, "miss")
+        self.metrics.lookup.observe(time.perf_counter() - t0, "miss")
+        fut: asyncio.Future[Entry | None] | None = None
+        if plan.exact_key not in self._inflight:
+            fut = asyncio.get_running_loop().create_future()
+            self._inflight[plan.exact_key] = fut
+        entry: Entry | None = None
+        try:
+            record = _Recording(self.settings.max_answer_bytes) if plan.stream else None
+            resp = await route(record)
+            entry = self._entry_of(plan, resp, record)
+            if entry is not None:
+                self.store.put(entry, vector if self.settings.semantic else None)
+                if vector is None and self.settings.semantic:
+                    # the partition was empty (no lookup ran): found by exact key at once, and by
+                    # similarity once its embedding, computed after the answer went out, is there
+                    self._spawn(self._embed_later(entry))
+            return resp
+        finally:
+            if fut is not None:
+                del self._inflight[plan.exact_key]
+                fut.set_result(entry)
+
+    def _entry_of(self, plan: CachePlan, resp: web.StreamResponse, record: _Recording | None) -> Entry | None:
+        """The entry to store for `resp`, None (counted with its reason) when it must not be stored."""
+        reason = None
+        if not plan.store:
+            reason = "no-store"
+        elif resp.status != 200:
+            reason = f"status {resp.status}"
+        if reason is None:
+            if plan.stream:
+                body = b"".join(record or [])
+                if record is not None and record.overflow:
+                    reason = "too large"
+                elif not resp.prepared or resp.content_type != "text/event-stream":
+                    reason = "not a stream"
+            else:
+                body = resp.body if isinstance(resp, web.Response) and isinstance(resp.body, bytes) else b""
+            if reason is None:
+                if len(body) > self.settings.max_answer_bytes:
+                    reason = "too large"
+                else:
+                    reason = finished_with_stop(body, plan.stream)
+        if reason is not None:
+            self.metrics.not_stored.inc(reason.split(" [")[0] if reason.startswith("finish_reason") else reason)
+            return None
+        now = time.monotonic()
+        return Entry(
+            id=uuid.uuid4().hex,
+            partition=plan.partition,
+            exact_key=plan.exact_key,
+            query=plan.query,
+            model=plan.model,
+            tenant=plan.tenant,
+            answer=Answer(body, resp.headers.get("Content-Type", resp.content_type), plan.stream),
+            replica=resp.headers.get("x-pylb-replica"),
+            created=now,
+            expires=now + self.settings.ttl_s,
+        )
+
+    async def _embed_later(self, entry: Entry) -> None:
+        try:
+            vector = await self.batcher.embed_one(entry.query)
+        except Exception as exc:
+            self.metrics.errors.inc("embed")
+            log.warning("embedding a stored answer failed; it is found by exact matches only", extra={"error": f"{type(exc).__name__}: {exc}"})
+            return
+        self.store.set_vector(entry, vector)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _replay(self, request: web.Request, plan: CachePlan, e: Entry, result: str, t0: float) -> web.StreamResponse:
+        request[STATE_KEY] = "hit"
+        self.metrics.requests.inc(plan.model, result)
+        self.metrics.lookup.observe(time.perf_counter() - t0, "hit")
+        headers = {
+            "Content-Type": e.answer.content_type,
+            "x-pylb-cache-entry": e.id,
+            "x-request-id": request_id_var.get() or "",
+        }
+        if not e.answer.stream:
+            return web.Response(status=200, body=e.answer.body, headers=headers)
+        resp = web.StreamResponse(status=200, headers={**headers, "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        await resp.write(e.answer.body)
+        await resp.write_eof()
+        return resp
+
+    async def _false_hit(self, request: web.Request) -> web.StreamResponse:
+        """POST /admin/cache/false-hit {"entry": id}: drop the entry and count a false hit. The
+        caller must carry the same tenant credential as the request that got the hit."""
+        from pylb.proxy.errors import error_response
+
+        try:
+            body = json.loads(await request.read())
+            entry_id = body["entry"]
+            if not isinstance(entry_id, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            return error_response(400, 'the body must be a JSON object {"entry": "<x-pylb-cache-entry of the hit>"}', "entry")
+        e = self.store.by_id(entry_id)
+        tenant = self.tenants.tenant(request.headers)
+        if e is None or tenant is None or tenant != e.tenant:
+            return error_response(404, f"no cache entry {entry_id!r} for this tenant (already dropped, expired, or another tenant's)", "entry")
+        self.store.remove(e)
+        self.metrics.false_hits.inc(e.model)
+        log.info("cache entry reported wrong and dropped", extra={"entry": entry_id, "model": e.model, "hits": e.hits})
+        return web.json_response({"dropped": entry_id})
+
+    async def close(self) -> None:
+        """Wait for stores in progress, release the embedder."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await self.embedder.close()

@@ -1,0 +1,193 @@
+"""The semantic cache in the live proxy: real sockets, the openai SDK, fake vLLM replicas.
+
+Every guard refuses what it must (tenant, parameters, prior context, sampling, error and cut
+answers), replays are valid for the openai SDK and byte-identical, identical concurrent requests
+cost one upstream request, and a reported false hit drops its entry."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import openai
+
+from pylb.sim.server import GEN_TOKEN_TEXT
+
+from proxy_support import MODEL, fake_fleet, running_proxy, scrape, settings, value, wait_for
+
+SYSTEM = {"role": "system", "content": "be brief"}
+
+
+def cache_settings(backends: list[str], **overrides: Any) -> Any:
+    return settings(backends, cache__enabled=True, cache__threshold=0.6, cache__batch_window_ms=1.0, **overrides)
+
+
+def client(proxy: Any, key: str = "alice") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=key, max_retries=0, timeout=10)
+
+
+async def dispatched(proxy: Any) -> float:
+    m = await scrape(proxy)
+    return sum(v for k, v in m.get("pylb_replica_dispatched_total", {}).items())
+
+
+async def ask(c: openai.AsyncOpenAI, query: str, history: list | None = None, **kw: Any) -> tuple[str, str]:
+    """(x-pylb-cache, answer text) of a chat request."""
+    msgs = [SYSTEM, *(history or []), {"role": "user", "content": query}]
+    kw = {"temperature": 0, "max_tokens": 16, **kw}
+    raw = await c.chat.completions.with_raw_response.create(model=MODEL, messages=msgs, **kw)
+    return raw.headers["x-pylb-cache"], raw.parse().choices[0].message.content or ""
+
+
+async def test_exact_and_semantic_hits_and_guards() -> None:
+    async with fake_fleet(2) as fleet, running_proxy(cache_settings([s.url for s in fleet])) as proxy, client(proxy) as c:
+        assert await ask(c, "What is the capital of France?") == ("miss", GEN_TOKEN_TEXT * 8)
+        await wait_for(lambda: len(proxy.cache.store) == 1, what="the answer stored")
+        assert await ask(c, "What is the capital of France?") == ("hit", GEN_TOKEN_TEXT * 8)
+        assert (await ask(c, "what is the capital of France"))[0] == "hit"  # same words, other case and punctuation
+        assert (await ask(c, "What is the capital of Spain?"))[0] == "miss"  # entities guard
+        assert await dispatched(proxy) == 2
+        m = await scrape(proxy)
+        assert value(m, "pylb_cache_requests_total", model=MODEL, result="hit_exact") == 1
+        assert value(m, "pylb_cache_requests_total", model=MODEL, result="hit_semantic") == 1
+        assert value(m, "pylb_cache_guard_refusals_total", guard="entities") == 1
+        assert value(m, "pylb_cache_entries", model=MODEL) == 2
+        assert value(m, "pylb_cache_lookup_seconds_count", result="hit") == 2
+
+
+async def test_every_guard_refuses() -> None:
+    async with fake_fleet(2) as fleet, running_proxy(cache_settings([s.url for s in fleet])) as proxy:
+        async with client(proxy) as alice, client(proxy, "bob") as bob:
+            q = "How do I reverse a list in Python?"
+            assert (await ask(alice, q))[0] == "miss"
+            await wait_for(lambda: len(proxy.cache.store) == 1, what="the answer stored")
+            assert (await ask(bob, q))[0] == "miss"  # another tenant
+            assert (await ask(alice, q, max_tokens=17))[0] == "miss"  # another parameter
+            assert (await ask(alice, q, history=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]))[0] == "miss"
+            assert (await ask(alice, q, temperature=0.5))[0] == "bypass"  # sampled
+            assert (await ask(alice, q, max_tokens=4))[0] == "miss"  # cut at max_tokens: finish_reason length
+            assert (await ask(alice, q, max_tokens=4))[0] == "miss"  # ... so never stored
+            assert (await ask(alice, q))[0] == "hit"
+            assert (await ask(alice, "How do I not reverse a list in Python?"))[0] == "miss"  # negation guard
+            async with aiohttp.ClientSession() as s:  # no tenant
+                body = {"model": MODEL, "temperature": 0, "messages": [SYSTEM, {"role": "user", "content": q}]}
+                async with s.post(proxy.url + "/v1/chat/completions", json=body) as r:
+                    assert r.status == 200 and r.headers["x-pylb-cache"] == "bypass"
+                async with s.post(proxy.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer alice", "Cache-Control": "no-cache"}) as r:
+                    assert r.status == 200 and r.headers["x-pylb-cache"] == "miss"
+                bad = {**body, "max_tokens": 10**6}  # the replica answers 400: not stored
+                for _ in range(2):
+                    async with s.post(proxy.url + "/v1/chat/completions", json=bad, headers={"Authorization": "Bearer alice"}) as r:
+                        assert r.status == 400 and r.headers["x-pylb-cache"] == "miss"
+        m = await scrape(proxy)
+        assert value(m, "pylb_cache_not_stored_total", reason="finish_reason") == 2
+        assert value(m, "pylb_cache_not_stored_total", reason="status 400") == 2
+        assert value(m, "pylb_cache_bypass_total", reason="temperature is not 0") == 1
+        assert value(m, "pylb_cache_guard_refusals_total", guard="negation") == 1
+
+
+async def test_stream_and_json_replays_are_byte_identical_and_valid_for_the_sdk() -> None:
+    async with fake_fleet(1) as fleet, running_proxy(cache_settings([s.url for s in fleet])) as proxy, client(proxy) as c:
+        body = {"model": MODEL, "temperature": 0, "max_tokens": 16, "stream": True, "stream_options": {"include_usage": True},
+                "messages": [SYSTEM, {"role": "user", "content": "tell me a story"}]}  # fmt: skip
+        auth = {"Authorization": "Bearer alice"}
+        seen = []
+        async with aiohttp.ClientSession() as s:
+            for _ in range(2):
+                async with s.post(proxy.url + "/v1/chat/completions", json=body, headers=auth) as r:
+                    seen.append((r.headers["x-pylb-cache"], r.headers["Content-Type"], await r.read()))
+                await wait_for(lambda: len(proxy.cache.store) == 1, what="the stream stored")
+            json_body = {**body, "stream": False}
+            del json_body["stream_options"]
+            for _ in range(2):
+                async with s.post(proxy.url + "/v1/chat/completions", json=json_body, headers=auth) as r:
+                    seen.append((r.headers["x-pylb-cache"], r.headers["Content-Type"], await r.read()))
+                await wait_for(lambda: len(proxy.cache.store) == 2, what="the JSON answer stored")
+        assert [h for h, _, _ in seen] == ["miss", "hit", "miss", "hit"]
+        assert seen[0][1:] == seen[1][1:] and seen[2][1:] == seen[3][1:]
+        assert seen[0][2].rstrip().endswith(b"data: [DONE]")
+
+        stream = await c.chat.completions.create(
+            model=MODEL, messages=body["messages"], temperature=0, max_tokens=16, stream=True, stream_options={"include_usage": True}
+        )
+        parts, usage = [], None
+        async for ch in stream:
+            if ch.choices:
+                parts.append(ch.choices[0].delta.content or "")
+            usage = ch.usage or usage
+        assert "".join(parts) == GEN_TOKEN_TEXT * 8 and usage is not None and usage.completion_tokens == 8
+        r = await c.chat.completions.create(model=MODEL, messages=body["messages"], temperature=0, max_tokens=16)
+        assert r.choices[0].message.content == GEN_TOKEN_TEXT * 8 and r.choices[0].finish_reason == "stop"
+        assert await dispatched(proxy) == 2
+
+
+async def test_identical_concurrent_requests_cost_one_upstream_request() -> None:
+    async with fake_fleet(2, speed=1.0) as fleet, running_proxy(cache_settings([s.url for s in fleet])) as proxy, client(proxy) as c:
+        results = await asyncio.gather(*(ask(c, "Explain TCP slow start") for _ in range(12)))
+        assert {text for _, text in results} == {GEN_TOKEN_TEXT * 8}
+        assert sorted(h for h, _ in results) == ["hit"] * 11 + ["miss"]
+        assert await dispatched(proxy) == 1
+        m = await scrape(proxy)
+        assert value(m, "pylb_cache_requests_total", model=MODEL, result="hit_join") == 11
+
+
+async def test_false_hit_report_drops_the_entry_for_its_tenant_only() -> None:
+    async with fake_fleet(1) as fleet, running_proxy(cache_settings([s.url for s in fleet])) as proxy, client(proxy) as c:
+        await ask(c, "Who wrote Hamlet?")
+        await wait_for(lambda: len(proxy.cache.store) == 1, what="the answer stored")
+        raw = await c.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[SYSTEM, {"role": "user", "content": "Who wrote Hamlet?"}], temperature=0, max_tokens=16
+        )
+        entry = raw.headers["x-pylb-cache-entry"]
+        url = proxy.url + "/admin/cache/false-hit"
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url, json={"entry": entry}, headers={"Authorization": "Bearer bob"}) as r:
+                assert r.status == 404 and (await r.json())["error"]["param"] == "entry"
+            async with s.post(url, data=b"nonsense", headers={"Authorization": "Bearer alice"}) as r:
+                assert r.status == 400
+            async with s.post(url, json={"entry": entry}, headers={"Authorization": "Bearer alice"}) as r:
+                assert r.status == 200 and await r.json() == {"dropped": entry}
+        assert len(proxy.cache.store) == 0
+        assert (await ask(c, "Who wrote Hamlet?"))[0] == "miss"
+        m = await scrape(proxy)
+        assert value(m, "pylb_cache_false_hits_total", model=MODEL) == 1
+
+
+async def test_cache_off_by_default_has_no_header() -> None:
+    async with fake_fleet(1) as fleet, running_proxy(settings([s.url for s in fleet])) as proxy, client(proxy) as c:
+        assert proxy.cache is None
+        raw = await c.chat.completions.with_raw_response.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=0)
+        assert "x-pylb-cache" not in raw.headers
+
+
+async def test_demo_cache_line() -> None:
+    from pylb.demo import cache_summary
+
+    async with fake_fleet(1) as fleet:
+        async with running_proxy(settings([s.url for s in fleet])) as proxy:
+            assert await cache_summary(proxy.url) is None
+        async with running_proxy(cache_settings([s.url for s in fleet])) as proxy, client(proxy) as c:
+            await ask(c, "Who painted the Mona Lisa?")
+            await wait_for(lambda: len(proxy.cache.store) == 1, what="the answer stored")
+            await ask(c, "Who painted the Mona Lisa?")
+            await ask(c, "Who painted the Mona Lisa?", temperature=1.0)
+            line = await cache_summary(proxy.url)
+        assert line == "semantic cache: 1 hits (exact 1), 1 misses, 1 not cacheable (temperature is not 0: 1)"
+
+
+async def test_answers_over_the_size_limit_are_not_stored() -> None:
+    async with fake_fleet(1, output_len=400, speed=100.0) as fleet, running_proxy(cache_settings([s.url for s in fleet], cache__max_answer_bytes=1024)) as proxy:
+        async with client(proxy) as c:
+            for stream in (False, True):
+                for _ in range(2):
+                    raw = await c.chat.completions.with_raw_response.create(
+                        model=MODEL, messages=[{"role": "user", "content": "long answer please"}], temperature=0, max_tokens=1000, stream=stream
+                    )
+                    assert raw.headers["x-pylb-cache"] == "miss"
+                    if stream:
+                        assert [ch async for ch in raw.parse()][-1].choices[0].finish_reason == "stop"
+                    else:
+                        assert raw.parse().choices[0].finish_reason == "stop"
+        m = await scrape(proxy)
+        assert value(m, "pylb_cache_not_stored_total", reason="too large") == 4

@@ -9,4 +9,5 @@ void register_ring(pybind11::module_& m);
 void register_prefix_key(pybind11::module_& m);
 void register_mirror(pybind11::module_& m);
 void register_similarity(pybind11::module_& m);
+void register_engine_hash(pybind11::module_& m);
 }  // namespace pylb::bindings

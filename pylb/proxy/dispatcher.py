@@ -42,6 +42,8 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from pylb.observability.metrics import HOTSPOT_WINDOW, ProxyMetrics, ReplicaLoad
 from pylb.router.interface import Dispatch, ReplicaMetrics, Router, RoutingRequest, Usage
 
@@ -206,6 +208,10 @@ class Dispatcher:
         now = self.now()
         self._call(self.router.on_metrics, replica, m, now)
         self._poll(now)
+
+    def on_kv_event(self, replica: str, kind: str, keys: np.ndarray) -> None:
+        """A KV-cache event of `replica`'s engine (`pylb.fleet.kv_feed`); no poll: it frees no budget."""
+        self._call(self.router.on_kv_event, replica, kind, keys, self.now())
 
     def on_membership(self, replicas: Sequence[str]) -> None:
         """The healthy replicas changed."""

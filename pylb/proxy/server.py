@@ -83,6 +83,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
@@ -98,6 +99,7 @@ from pylb.observability.metrics import ProxyMetrics, ProxySnapshot, ReplicaSnaps
 from pylb.router import registry
 from pylb.router.interface import Dispatch, Router, RoutingRequest, Usage
 from pylb.router.policy import PolicyOptionError
+from pylb.fleet.kv_feed import KvFeed
 from pylb.router.request import CHAT, COMPLETIONS, RequestError, RequestLimits, build_request, parse_json_body
 
 from . import dispatcher as dispatch_mod
@@ -265,7 +267,12 @@ class ProxyServer:
         self.router = router
         self.metrics = ProxyMetrics()
         self.dispatcher = Dispatcher(router, self.metrics, rs.max_queued)
-        self.fleet = Fleet(settings.fleet, self.metrics, self.dispatcher.on_membership, self.dispatcher.on_metrics, discovery=create_discovery(settings))
+        self.kv: KvFeed | None = None  # router.cache_state events: KV-event subscribers and engine keys (issue 12)
+        on_membership = self.dispatcher.on_membership
+        if rs.cache_state == "events":
+            self.kv = KvFeed(settings, router, self.dispatcher.on_kv_event, self.metrics.registry)
+            on_membership = self._membership_with_kv
+        self.fleet = Fleet(settings.fleet, self.metrics, on_membership, self.dispatcher.on_metrics, discovery=create_discovery(settings))
         self.limits = RequestLimits.from_settings(rs)
         self._session: aiohttp.ClientSession | None = None
         self._pool: UpstreamPool | None = None
@@ -349,6 +356,8 @@ class ProxyServer:
         await self._runner.cleanup()
         self._runner = None
         await self.fleet.stop()
+        if self.kv is not None:
+            await self.kv.stop()
         self.dispatcher.close()
         if self._session is not None:
             await self._session.close()
@@ -356,6 +365,11 @@ class ProxyServer:
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+
+    def _membership_with_kv(self, replicas: Sequence[str]) -> None:
+        self.dispatcher.on_membership(replicas)
+        assert self.kv is not None
+        self.kv.sync(replicas)
 
     async def __aenter__(self) -> ProxyServer:
         await self.start()
@@ -453,6 +467,8 @@ class ProxyServer:
                 raise ProxyError(f"request body larger than {self.settings.server.max_body_bytes} bytes", param="body", status=413) from None
             payload = parse_json_body(body)
             rreq = build_request(kind, payload, rid, self.dispatcher.now(), self.limits)
+            if self.kv is not None:
+                await self.kv.annotate(kind, payload, len(body), rreq)
             resp = await self._route(request, rreq, body, ex)
             ex.status = ex.status or resp.status
             return resp

@@ -153,6 +153,7 @@ def test_block_key_of_bytes_is_vllms_int_form() -> None:
     assert block_key(2**70 + 5) == 5
     assert block_keys([h, h[::-1]]).tolist() == [block_key(h), block_key(h[::-1])]
     assert block_keys([7, h]).tolist() == [7, block_key(h)]
+    assert block_keys([2**64 - 1, -1, 2**70 + 3]).tolist() == [2**64 - 1, 2**64 - 1, 3]  # ints masked to 64 bits
     with pytest.raises(KvEventDecodeError):
         block_key("nope")  # type: ignore[arg-type]
 

@@ -76,6 +76,11 @@ def block_keys(hashes: Sequence[bytes | int]) -> np.ndarray:
     if n and all(type(h) is bytes and len(h) == 32 for h in hashes):
         raw = np.frombuffer(b"".join(h for h in hashes if isinstance(h, bytes)), dtype=np.uint8).reshape(n, 32)[:, 24:]
         return np.ascontiguousarray(raw).view(">u8").reshape(n).astype(np.uint64)
+    if n and all(type(h) is int for h in hashes):  # vLLM's default integer form (already 64-bit)
+        try:
+            return np.array(hashes, dtype=np.uint64)
+        except OverflowError:  # negative or wider than 64 bits: mask each
+            pass
     return np.fromiter((block_key(h) for h in hashes), dtype=np.uint64, count=n)
 
 

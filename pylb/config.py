@@ -382,7 +382,7 @@ def _specs() -> list[FieldSpec]:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             meta = f.metadata
-            flag = meta.get("flag") or f"{section}-{f.name.replace('_', '-')}"
+            flag = meta.get("flag") or f"{section.replace('_', '-')}-{f.name.replace('_', '-')}"
             env = meta.get("env") or "PYLB_" + flag.upper().replace("-", "_")
             default = default_of(f)
             out.append(FieldSpec(section, f.name, hints[f.name], default, meta.get("help", ""), meta.get("check"), flag, env))

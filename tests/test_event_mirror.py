@@ -33,8 +33,11 @@ def test_event_mirror_applies_events_and_recent_dispatches() -> None:
     assert m.match(keys(1, 2, 3, 4)).tolist() == [2, 4]
     m.advance(12.1)  # a grace later: forgotten
     assert m.match(keys(1, 2, 3, 4)).tolist() == [2, 0]
+    m.record_dispatch(1, keys(1, 2, 3), now=12.2)
+    m.removed(1, keys(2))  # the engine evicted it within the grace period: its word wins
+    assert m.match(keys(1, 2, 3)).tolist() == [2, 1]
     m.cleared(0)
-    assert m.match(keys(1)).tolist() == [0, 0] and m.blocks(0) == 0
+    assert m.match(keys(1)).tolist() == [0, 1] and m.blocks(0) == 0
     m.stored(1, keys(7))
     m.remove_replica(0)
     assert m.match(keys(7)).tolist() == [1]

@@ -102,6 +102,7 @@ async def run_mode(reps: list[tuple[str, str]], cache_state: str, tag: str) -> d
         assert result.summary.errors == 0, result.summary.errors_by_kind
         after = await counters(urls)
         loads = {u: proxy.dispatcher.load(u) for u in urls}
+        events_only = {u: c.events_tokens / c.prompt_tokens for u, c in getattr(proxy.router, "cache_comparison", {}).items() if c.prompt_tokens}
     finally:
         await proxy.stop()
     per = {}
@@ -113,6 +114,9 @@ async def run_mode(reps: list[tuple[str, str]], cache_state: str, tag: str) -> d
         hits, queries = hits + dh, queries + dq
         if dq:
             per[u] = {"observed": dh / dq, "predicted": dc / dp if dp else 0.0, "queries": dq}
+    for u, rate in events_only.items():
+        if u in per:
+            per[u]["events_only"] = rate
     return {"replicas": per, "fleet_hit_rate": hits / queries, "slo": result.summary.slo_attainment if hasattr(result.summary, "slo_attainment") else None}
 
 

@@ -17,6 +17,9 @@ keyed by engine-exact block keys (`pylb.router.engine_keys`: vLLM's block hashes
              a cold cache. Two generations of native mirrors, rotated every grace_s / 2, so a
              dispatch is remembered between grace_s / 2 and grace_s seconds, O(1) per rotation.
 
+A BlockRemoved removes the blocks from recent as well: the engine evicted them, whatever pylb
+sent (under memory pressure a prefix can be evicted within the grace period).
+
 match(keys) = per replica, the longest leading run of `keys` in observed or in recent. Both sets
 are closed under prefixes (a chained key names its whole prefix; the engine stores and pylb
 records whole leading runs), so the union's leading match is the larger of the two matches.
@@ -93,14 +96,21 @@ class EventMirror:
             self.version += 1
 
     def removed(self, i: int, keys: np.ndarray) -> int:
-        """BlockRemoved: returns how many of them the mirror held."""
+        """BlockRemoved: returns how many of them the mirror held. The engine's word wins over
+        pylb's recent dispatches too (it evicted them, whatever pylb sent)."""
         n = self.observed.remove(i, keys) if len(keys) else 0
+        for r in self._recent:
+            r.remove(i, keys)
         self.version += 1
         return int(n)
 
-    def cleared(self, i: int) -> None:
-        """AllBlocksCleared, or a resync: replica i holds nothing."""
+    def cleared(self, i: int, recent: bool = True) -> None:
+        """AllBlocksCleared (`recent` True: pylb's recent dispatches there are gone too), or a
+        resync (`recent` False: they still stand until the new events arrive)."""
         self.observed.clear(i)
+        if recent:
+            for r in self._recent:
+                r.clear(i)
         self.version += 1
 
     def record_dispatch(self, i: int, keys: np.ndarray, now: float) -> None:

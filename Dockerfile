@@ -24,7 +24,7 @@ COPY pylb ./pylb
 RUN python -m venv /opt/pylb \
  && /opt/pylb/bin/pip install --no-cache-dir --upgrade pip \
  && /opt/pylb/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
- && /opt/pylb/bin/pip install --no-cache-dir "$(ls /wheels/pylb-*.whl)[k8s]"
+ && /opt/pylb/bin/pip install --no-cache-dir "$(ls /wheels/pylb-*.whl)[k8s,tokenizer]"
 
 FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS runtime
 RUN apt-get update \

@@ -234,9 +234,11 @@ class _KvCollector(Collector):
         rate = fam("pylb_kv_predicted_hit_rate", ["replica", "mirror"])
         router: Any = f.router
         events = getattr(router, "events", None)
+        predicted = getattr(router, "mirror", None)  # a CoreRouter's; other routers have none
         opts = router.view.options
         for s in router.view.replicas:
-            mirror.add_metric([s.name, "predicted"], int(router.mirror.size(s.index) * opts.tokens_per_block))
+            if predicted is not None:
+                mirror.add_metric([s.name, "predicted"], int(predicted.size(s.index) * opts.tokens_per_block))
             if events is not None:
                 mirror.add_metric([s.name, "events"], events.blocks(s.index) * f.keyer.block_size)
         for name, c in getattr(router, "cache_comparison", {}).items():

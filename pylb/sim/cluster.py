@@ -192,6 +192,10 @@ def simulate(
     names = [f"replica-{i}" for i in range(num_replicas)]
     name_index = {n: i for i, n in enumerate(names)}
     engines = [Engine(profile, name=n) for n in names]
+    kv_events = router.view.options.cache_state == "events"  # engines report cache changes at each step's end
+    if kv_events:
+        for eng in engines:
+            eng.kv_events = []
     n = len(workload)
     order = sorted(range(n), key=lambda i: workload[i].arrival_s)  # stable: trace order on ties
     index_of = {workload[i].request_id: i for i in range(n)}
@@ -299,6 +303,11 @@ def simulate(
             step_pending[e] = None
             res = step_result[e]
             step_result[e] = None
+            changes = engines[e].kv_events
+            if changes:
+                for ev_kind, ev_hashes, _ in changes:
+                    router.on_kv_event(names[e], ev_kind, np.asarray(ev_hashes, dtype=np.uint64), now)
+                changes.clear()
             if res is not None and (res.first_tokens or res.finished):
                 rep = names[e]
                 for rid in res.first_tokens:
@@ -337,6 +346,8 @@ def simulate(
                         t,
                         prompt_hash=req.prompt_hash,
                         hashing=req.router_hashing,
+                        engine_keys=req.engine_hashes if kv_events else None,
+                        engine_block_size=profile.block_size if kv_events else 0,
                     ),
                     now,
                 )

@@ -15,7 +15,7 @@ ARG DEBIAN_RELEASE=bookworm
 
 FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS build
 RUN apt-get update \
- && apt-get install -y --no-install-recommends g++ libxxhash-dev libopenblas-dev \
+ && apt-get install -y --no-install-recommends g++ libxxhash-dev libopenblas-dev libssl-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml CMakeLists.txt README.md ./
@@ -24,11 +24,11 @@ COPY pylb ./pylb
 RUN python -m venv /opt/pylb \
  && /opt/pylb/bin/pip install --no-cache-dir --upgrade pip \
  && /opt/pylb/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
- && /opt/pylb/bin/pip install --no-cache-dir "$(ls /wheels/pylb-*.whl)[k8s,epp]"
+ && /opt/pylb/bin/pip install --no-cache-dir "$(ls /wheels/pylb-*.whl)[k8s,epp,tokenizer]"
 
 FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS runtime
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libopenblas0-pthread libxxhash0 libstdc++6 \
+ && apt-get install -y --no-install-recommends libopenblas0-pthread libxxhash0 libssl3 libstdc++6 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin pylb
 COPY --from=build /opt/pylb /opt/pylb

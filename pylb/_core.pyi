@@ -1,7 +1,7 @@
 """Type stubs for pylb._core, the C++ core. Import it only through pylb.native."""
 
 from collections.abc import Sequence
-from typing import Literal, SupportsIndex
+from typing import Any, Literal, SupportsIndex, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -14,6 +14,14 @@ def block_hashes(data: _Prompt, block_size: int, seed: int = 0) -> npt.NDArray[n
     element k names the whole prefix up to the end of block k."""
 def block_hashes_batch(prompts: Sequence[_Prompt], block_size: int, seed: int = 0) -> list[npt.NDArray[np.uint64]]:
     """`block_hashes` over many prompts in one call (the GIL released); one uint64 array per prompt."""
+def engine_none_hash(seed: str = "vllm-none-hash") -> bytes:
+    """vLLM's NONE_HASH for sha256_cbor: SHA-256 of the canonical CBOR of the seed string."""
+@overload
+def engine_block_hashes(token_ids: Any, block_size: int, parent: bytes | None = None, return_hashes: Literal[False] = False) -> npt.NDArray[np.uint64]:
+    """vLLM's sha256_cbor block hashes of the full blocks of `token_ids`, as uint64 keys (each hash's last 8 bytes, big-endian)."""
+@overload
+def engine_block_hashes(token_ids: Any, block_size: int, parent: bytes | None = None, *, return_hashes: Literal[True]) -> tuple[npt.NDArray[np.uint64], bytes]:
+    """The keys and the 32-byte hashes concatenated."""
 def xxh3_64(data: _Prompt, seed: int = 0) -> int:
     """One-shot XXH3-64 of a whole buffer."""
 

@@ -148,6 +148,8 @@ ROUTER_OPTION_FIELDS: dict[str, str] = {
     "prefill_s_per_token": "prefill_seconds_per_token",
     "prefill_learning_rate": "prefill_learning_rate",
     "cache_capacity_tokens": "cache_capacity_tokens",
+    "cache_state": "cache_state",
+    "events_grace_s": "events_grace_s",
 }
 """`RouterSettings` field -> the `RouterOptions` field it sets (`extra` is passed on too, and a
 policy spec's options are merged into it). `RouterOptions.chars_per_token` is not a setting: the
@@ -186,6 +188,8 @@ class RouterSettings:
     prefill_s_per_token: float = _core("prefill_seconds_per_token")
     prefill_learning_rate: float = _core("prefill_learning_rate")
     cache_capacity_tokens: int = _core("cache_capacity_tokens")
+    cache_state: str = _core("cache_state")
+    events_grace_s: float = _core("events_grace_s")
     completions_default_max_tokens: int = setting(
         DEFAULT_COMPLETIONS_MAX_TOKENS, "max_tokens assumed for /v1/completions requests that omit it (vLLM's default)", check=at_least(1)
     )
@@ -269,6 +273,35 @@ def _check_discovery(s: Settings, sources: Mapping[str, str]) -> None:
         )
 
 
+# ---- vLLM KV-cache events (issue 12; the subscriber and keyer live in pylb/fleet/kv_feed.py) ------------
+
+
+def _endpoint_pairs(v: Any) -> str | None:
+    """Items URL=ZMQ_ENDPOINT."""
+    for item in v:
+        url, sep, ep = str(item).partition("=")
+        if not sep or not url.startswith(("http://", "https://")) or "://" not in ep:
+            return f"{item!r} must be REPLICA_URL=ZMQ_ENDPOINT, e.g. http://127.0.0.1:8001=ipc:///tmp/kv-8001.sock"
+    return None
+
+
+@dataclass(frozen=True)
+class KvEventsSettings:
+    """vLLM KV-cache events (ZMQ) and engine-exact keys: used when router.cache_state is events."""
+
+    endpoints: list = setting([], "a replica's event endpoint, REPLICA_URL=ZMQ_ENDPOINT (repeat the flag); others use kv_events.port", check=_endpoint_pairs, flag="kv-events-endpoint")
+    port: int = setting(5557, "event port on each replica's host (tcp://HOST:PORT, vLLM's default endpoint tcp://*:5557); 0: only kv_events.endpoints", check=at_least(0))
+    bind: bool = setting(False, "bind the SUB sockets instead of connecting (when vLLM's endpoint is a concrete tcp://host:port, vLLM connects)")
+    topic: str = setting("", "subscribe to this topic prefix (vLLM's kv-events-config topic)")
+    tokenizer: str = setting("", "the served model's tokenizer.json (or its folder); 'sim' for pylb sim-replicas' simulated tokens. Required with cache_state events")
+    chat_template: str = setting("", "the model's Jinja chat template file (empty: chat_template.jinja beside the tokenizer, else tokenizer_config.json's)")
+    block_size: int = setting(16, "the engine's KV block size in tokens (vLLM --block-size; must match the replicas)", check=at_least(1))
+    hash_seed: str = setting("vllm-none-hash", "vLLM's NONE_HASH seed (its PYTHONHASHSEED when set there)")
+    tokenizer_threads: int = setting(2, "threads that tokenize and hash prompts, off the event loop", check=at_least(1))
+    max_prompt_bytes: int = setting(1 << 20, "prompts longer than this are not tokenized (bounded cost; they are matched on the predicted mirror)", check=at_least(1))
+    backoff_max_s: float = setting(30.0, "longest wait between retries of a failed subscriber socket (doubling from 0.1 s)", check=positive)
+
+
 @dataclass(frozen=True)
 class UpstreamSettings:
     """pylb's HTTP client towards the replicas: timeouts, pooling, retries."""
@@ -339,6 +372,7 @@ SECTIONS: dict[str, type] = {
     "router": RouterSettings,
     "fleet": FleetSettings,
     "discovery": DiscoverySettings,
+    "kv_events": KvEventsSettings,
     "upstream": UpstreamSettings,
     "logging": LoggingSettings,
     "epp": EppSettings,
@@ -354,6 +388,7 @@ class Settings:
     router: RouterSettings = field(default_factory=RouterSettings)
     fleet: FleetSettings = field(default_factory=FleetSettings)
     discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
+    kv_events: KvEventsSettings = field(default_factory=KvEventsSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     epp: EppSettings = field(default_factory=EppSettings)
@@ -396,7 +431,7 @@ def _specs() -> list[FieldSpec]:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             meta = f.metadata
-            flag = meta.get("flag") or f"{section}-{f.name.replace('_', '-')}"
+            flag = meta.get("flag") or f"{section.replace('_', '-')}-{f.name.replace('_', '-')}"
             env = meta.get("env") or "PYLB_" + flag.upper().replace("-", "_")
             default = default_of(f)
             out.append(FieldSpec(section, f.name, hints[f.name], default, meta.get("help", ""), meta.get("check"), flag, env))
@@ -533,6 +568,8 @@ def _check_relations(s: Settings, sources: Mapping[str, str]) -> None:
                                   sources.get(f"cache.{name}", "default"))
         if reason := http_urls([c.embedder_url]):
             raise ConfigError("cache.embedder_url", c.embedder_url, reason, sources.get("cache.embedder_url", "default"))
+    if s.router.cache_state == "events" and not s.kv_events.tokenizer:
+        raise ConfigError("kv_events.tokenizer", "", "router.cache_state is events: name the served model's tokenizer.json (or 'sim')", sources.get("kv_events.tokenizer", "default"))
 
 
 # ---- command line ------------------------------------------------------------------------------------

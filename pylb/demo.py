@@ -15,6 +15,11 @@ What it does, for each policy in turn (dualmap first, then round-robin):
 then prints one table: hit rate from the replicas' counters, TTFT P50/P90/P99 as the client saw
 it, SLO attainment, errors, and one line comparing the first two policies.
 
+By default (`--cache-state events`) the fake replicas publish their KV-cache events over ZMQ as
+vLLM does (`pylb sim-replicas --kv-events-port`) and pylb routes on them (`router.cache_state:
+events`, keyed with the fake engines' simulated tokens); under the table one line per policy
+compares the hit rate pylb predicted at dispatch with what the replicas counted.
+
 Why this load (`DEMO_WORKLOAD`, rate scale 3, TTFT target 1 s): routing decides latency only
 where the fleet is busy. Round-robin sends each turn of a conversation to another replica, which
 has to prefill the whole conversation again; near the fleet's capacity that extra prefill
@@ -56,6 +61,7 @@ import aiohttp
 
 from pylb.cli_args import positive_float, positive_int, run_async
 from pylb.fleet.scrape import parse_vllm_metrics
+from pylb.sim.profiles import load_profile
 from pylb.workload.replay import replay
 from pylb.workload.replay import RequestRecord
 from pylb.workload.synthetic import multi_turn
@@ -71,6 +77,7 @@ turn's prefill is mostly the conversation before it (see the module comment)."""
 LIVE_REFRESH_S = 0.5
 """Seconds between two frames of the live view."""
 REPLICA_LINE = re.compile(r"replica \d+: (http://\S+)")
+KV_EVENTS_LINE = re.compile(r"KV events (tcp://[^\s)]+)")
 
 
 @dataclass(slots=True)
@@ -87,6 +94,8 @@ class DemoRow:
     ttft_p99: float | None
     slo_attainment: float | None
     wall_s: float
+    predicted_hit_rate: float | None = None  # pylb's prediction at dispatch (pylb_predicted_prefix_cache_hit_rate, fleet)
+    cache_state: str = "predicted"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +115,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic workload (default 0)")
     parser.add_argument("--policies", default=",".join(POLICIES), metavar="A,B",
                         help=f"policies to compare, in order (default {','.join(POLICIES)})")
+    parser.add_argument("--cache-state", choices=("events", "predicted"), default="events",
+                        help="what pylb knows of the replicas' caches: their KV-cache events (the fake replicas publish "
+                             "them as vLLM does) or its own prediction (default events)")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     parser.add_argument("--plot", metavar="OUT.png", help="draw each policy's TTFT distribution and hit rate (needs matplotlib)")
     parser.add_argument("--no-progress", action="store_true", help="no live view or progress bar")
@@ -150,9 +162,13 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 
 
 @contextlib.contextmanager
-def fake_fleet(replicas: int, speed: float, profile: str = DEMO_PROFILE) -> Iterator[list[str]]:
-    """Start `pylb sim-replicas` and yield the replicas' URLs once each has printed its line."""
+def fake_fleet(replicas: int, speed: float, profile: str = DEMO_PROFILE, kv_events: dict[str, str] | None = None) -> Iterator[list[str]]:
+    """Start `pylb sim-replicas` and yield the replicas' URLs once each has printed its line.
+    With `kv_events` (a dict), the replicas publish KV-cache events and it is filled with
+    {replica URL: its ZMQ endpoint}."""
     args = ["sim-replicas", "--replicas", str(replicas), "--base-port", "0", "--speed", str(speed), "--profile", profile]
+    if kv_events is not None:
+        args += ["--kv-events-port", str(free_ports_in_a_row(replicas))]
     proc = _spawn(args, subprocess.PIPE)
     try:
         urls: list[str] = []
@@ -165,23 +181,61 @@ def fake_fleet(replicas: int, speed: float, profile: str = DEMO_PROFILE) -> Iter
             match = REPLICA_LINE.search(line)
             if match:
                 urls.append(match.group(1))
+                ev = KV_EVENTS_LINE.search(line)
+                if kv_events is not None and ev:
+                    kv_events[match.group(1)] = ev.group(1)
         yield urls
     finally:
         _stop(proc)
 
 
 @contextlib.contextmanager
-def pylb_proxy(backends: list[str], policy: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """Start `pylb serve` with `policy` in front of `backends`; yield its URL (not yet ready)."""
+def pylb_proxy(backends: list[str], policy: str, kv_events: dict[str, str] | None = None, block_size: int = 0) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """Start `pylb serve` with `policy` in front of `backends`; yield its URL (not yet ready).
+    With `kv_events` ({replica URL: ZMQ endpoint}), pylb runs with router.cache_state events on
+    the fake replicas' events (their simulated tokens, `block_size` tokens per block)."""
     port = free_port()
     args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--policy", policy]
     for url in backends:
         args += ["--backend", url]
+    if kv_events:
+        args += ["--router-cache-state", "events", "--kv-events-tokenizer", "sim", "--kv-events-block-size", str(block_size)]
+        for url, ep in kv_events.items():
+            args += ["--kv-events-endpoint", f"{url}={ep}"]
     proc = _spawn(args, subprocess.DEVNULL)
     try:
         yield f"http://127.0.0.1:{port}", proc
     finally:
         _stop(proc)
+
+
+def free_ports_in_a_row(n: int, tries: int = 50) -> int:
+    """The first of n consecutive TCP ports on 127.0.0.1 that were free a moment ago."""
+    for _ in range(tries):
+        first = free_port()
+        if first + n > 65536:
+            continue
+        socks = []
+        try:
+            for p in range(first, first + n):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports found")
+
+
+async def predicted_hit_rate(url: str) -> float | None:
+    """pylb's fleet-wide predicted prefix-cache hit rate, from its /metrics (None before any dispatch)."""
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    m = re.search(r'^pylb_predicted_prefix_cache_hit_rate\{replica="fleet"\} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else None
 
 
 async def wait_ready(url: str, proc: subprocess.Popen[str], timeout_s: float = 30.0) -> None:
@@ -246,7 +300,14 @@ def demo_workload(sessions: int, turns: int, seed: int) -> list[WorkloadRequest]
 async def run_policy(policy: str, args: argparse.Namespace, live: bool = False) -> tuple[DemoRow, list[RequestRecord]]:
     """One side of the comparison: a fresh fleet, pylb with `policy`, the workload, the counters."""
     workload = demo_workload(args.sessions, args.turns, args.seed)
-    with fake_fleet(args.replicas, args.speed, args.profile) as backends, pylb_proxy(backends, policy) as (url, proc):
+    events = args.cache_state == "events"
+    endpoints: dict[str, str] | None = {} if events else None
+    try:
+        block_size = load_profile(args.profile).block_size if events else 0
+    except ValueError as exc:  # ProfileError
+        raise RuntimeError(f"argument --profile: {exc}") from None
+    with fake_fleet(args.replicas, args.speed, args.profile, endpoints) as backends, \
+            pylb_proxy(backends, policy, endpoints, block_size) as (url, proc):
         await wait_ready(url, proc)
         hits0, queries0 = await prefix_cache_counters(backends)
         view = LiveView(policy, backends, url, len(workload)) if live else None
@@ -265,12 +326,14 @@ async def run_policy(policy: str, args: argparse.Namespace, live: bool = False) 
         cache_line = await cache_summary(url)
         if cache_line is not None:
             print(f"pylb demo: {policy}: {cache_line}", file=sys.stderr, flush=True)
+        predicted = await predicted_hit_rate(url)
     s = result.summary
     queries = queries1 - queries0
     row = DemoRow(
         policy=policy, requests=s.requests, completed=s.completed, errors=s.errors,
         hit_rate=(hits1 - hits0) / queries if queries > 0 else None,
         ttft_p50=s.ttft_p50, ttft_p90=s.ttft_p90, ttft_p99=s.ttft_p99, slo_attainment=s.slo_attainment, wall_s=s.wall_s,
+        predicted_hit_rate=predicted, cache_state=args.cache_state,
     )
     return row, result.records
 
@@ -365,6 +428,10 @@ def format_table(rows: list[DemoRow], slo_ttft: float) -> str:
     for r in rows:
         lines.append(f"{r.policy:<12} {r.requests:>8} {r.errors:>6} {_pct(r.hit_rate):>9} {_ms(r.ttft_p50):>12} "
                      f"{_ms(r.ttft_p90):>12} {_ms(r.ttft_p99):>12} {_pct(r.slo_attainment):>10}")
+    for r in rows:
+        if r.predicted_hit_rate is not None and r.hit_rate is not None:
+            lines.append(f"{r.policy}: pylb predicted a {_pct(r.predicted_hit_rate)} hit rate at dispatch ({r.cache_state} cache state), "
+                         f"the replicas counted {_pct(r.hit_rate)} ({100 * (r.predicted_hit_rate - r.hit_rate):+.1f} points)")
     return "\n".join(lines)
 
 

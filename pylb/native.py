@@ -32,6 +32,10 @@ block_hashes = _core.block_hashes
 block_hashes_batch = _core.block_hashes_batch
 xxh3_64 = _core.xxh3_64
 
+# ---- engine-exact (vLLM sha256_cbor) block hashes (csrc/src/engine_hash.cpp) ------------------------
+engine_block_hashes = _core.engine_block_hashes
+engine_none_hash = _core.engine_none_hash
+
 # ---- dual hash ring (csrc/src/dual_ring.cpp) -----------------------------------------------------
 DualRing = _core.DualRing
 

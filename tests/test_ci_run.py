@@ -1,5 +1,5 @@
 """`.ci/run`'s system check: it looks for the files CMakeLists.txt looks for (xxhash.h and libxxhash,
-cblas.h and libopenblas), where CMake looks for them, so that a machine that has them is not sent
+cblas.h and libopenblas, openssl/sha.h and libcrypto), where CMake looks for them, so that a machine that has them is not sent
 to apt (which needs root and network). Checked on made-up file trees through CI_SYSROOT."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CI_RUN = REPO / ".ci" / "run"
-LIB_PACKAGES = {"libxxhash-dev", "libopenblas-dev"}
+LIB_PACKAGES = {"libxxhash-dev", "libopenblas-dev", "libssl-dev"}
+OPENSSL = ("/usr/include/openssl/sha.h", "/usr/lib/libcrypto.so")  # Debian: libcrypto under the multiarch folder too
 
 pytestmark = pytest.mark.skipif(not CI_RUN.exists(), reason="not running from a source checkout")
 
@@ -53,17 +54,22 @@ def test_debian_layout_needs_nothing(tmp_path: Path, multiarch: str) -> None:
         f"/usr/lib/{multiarch}/libxxhash.so",
         f"/usr/include/{multiarch}/openblas-pthread/cblas.h",
         f"/usr/lib/{multiarch}/libopenblas.so",
+        "/usr/include/openssl/sha.h",
+        f"/usr/lib/{multiarch}/libcrypto.so",
     )
     assert missing(tmp_path) == set()
 
 
-def test_empty_machine_needs_both(tmp_path: Path) -> None:
+def test_empty_machine_needs_all(tmp_path: Path) -> None:
     assert missing(tmp_path) == LIB_PACKAGES
 
 
 def test_header_without_library_is_missing(tmp_path: Path, multiarch: str) -> None:
-    touch(tmp_path, "/usr/include/xxhash.h", f"/usr/lib/{multiarch}/libxxhash.a", f"/usr/include/{multiarch}/cblas.h")
+    touch(tmp_path, "/usr/include/xxhash.h", f"/usr/lib/{multiarch}/libxxhash.a", f"/usr/include/{multiarch}/cblas.h", *OPENSSL)
     assert missing(tmp_path) == {"libopenblas-dev"}
+    touch(tmp_path, f"/usr/lib/{multiarch}/libopenblas.so")
+    (tmp_path / "usr/lib/libcrypto.so").unlink()
+    assert missing(tmp_path) == {"libssl-dev"}
 
 
 def test_cblas_only_under_an_unsearched_folder_is_missing(tmp_path: Path, multiarch: str) -> None:
@@ -73,6 +79,7 @@ def test_cblas_only_under_an_unsearched_folder_is_missing(tmp_path: Path, multia
 
 
 def test_cmake_prefix_path_is_searched(tmp_path: Path) -> None:
-    touch(tmp_path, "/opt/xx/include/xxhash.h", "/opt/xx/lib/libxxhash.so", "/opt/ob/include/openblas/cblas.h", "/opt/ob/lib/libopenblas.so")
-    assert missing(tmp_path, cmake_prefix_path="/opt/xx:/opt/ob") == set()
+    touch(tmp_path, "/opt/xx/include/xxhash.h", "/opt/xx/lib/libxxhash.so", "/opt/ob/include/openblas/cblas.h", "/opt/ob/lib/libopenblas.so",
+          "/opt/ssl/include/openssl/sha.h", "/opt/ssl/lib/libcrypto.so")
+    assert missing(tmp_path, cmake_prefix_path="/opt/xx:/opt/ob:/opt/ssl") == set()
     assert missing(tmp_path) == LIB_PACKAGES

@@ -36,6 +36,10 @@ def test_demo_runs_both_policies_and_reports_replica_hit_rates(tmp_path: Path) -
         # counters must show hits, whatever the policy.
         assert 0.0 < row["hit_rate"] < 1.0
         assert row["ttft_p50"] is not None and row["ttft_p50"] <= row["ttft_p90"] <= row["ttft_p99"]
+        # by default pylb routes on the fake replicas' KV-cache events, and says how far its
+        # predicted hit rate was from the replicas' counters
+        assert row["cache_state"] == "events" and 0.0 < row["predicted_hit_rate"] <= 1.0
+        assert f"{row['policy']}: pylb predicted a " in proc.stdout
 
 
 def test_demo_live_view_on_a_terminal_and_plot(tmp_path: Path) -> None:

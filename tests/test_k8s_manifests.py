@@ -298,6 +298,7 @@ def test_gie_picker_runs_pylb_epp_wired_to_the_pool(tmp_path: Path, capsys: pyte
 DEBIAN_RUNTIME_PACKAGE = {
     "libopenblas.so.0": {"libopenblas0-pthread", "libopenblas0-openmp", "libopenblas0-serial", "libopenblas0"},
     "libxxhash.so.0": {"libxxhash0"},
+    "libcrypto.so.3": {"libssl3", "libssl3t64"},
     "libstdc++.so.6": {"libstdc++6"},
 }
 """Debian runtime packages of the shared libraries pylb's extension may link (libc, libm,
@@ -323,7 +324,7 @@ def test_dockerfile_is_multistage_slim_and_non_root() -> None:
     assert len(stages) >= 2
     build_from, build_body = stages[0]
     run_from, run_body = stages[-1]
-    assert "AS build" in build_from and "pip wheel" in build_body and "[k8s,epp]" in build_body  # discovery, pylb epp
+    assert "AS build" in build_from and "pip wheel" in build_body and "[k8s,epp,tokenizer]" in build_body  # discovery, pylb epp, engine-exact keys
     assert "-slim" in run_from
     installed = set(re.findall(r"apt-get install[^&]*", run_body)[0].split()[2:]) - {"-y", "--no-install-recommends"}
     assert not {p for p in installed if p.endswith("-dev") or p in ("g++", "gcc", "build-essential", "cmake")}, installed

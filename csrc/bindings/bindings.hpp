@@ -10,4 +10,5 @@ void register_prefix_key(pybind11::module_& m);
 void register_mirror(pybind11::module_& m);
 void register_similarity(pybind11::module_& m);
 void register_text_embed(pybind11::module_& m);
+void register_engine_hash(pybind11::module_& m);
 }  // namespace pylb::bindings

@@ -6,11 +6,12 @@
 #include "bindings.hpp"
 
 PYBIND11_MODULE(_core, m) {
-  m.doc() = "pylb native core: block hashing, dual hash ring, adaptive prefix key, cache mirror, similarity, text embedding";
+  m.doc() = "pylb native core: block hashing, dual hash ring, adaptive prefix key, cache mirror, similarity, text embedding, engine-exact (vLLM) block hashes";
   pylb::bindings::register_hashing(m);
   pylb::bindings::register_ring(m);
   pylb::bindings::register_prefix_key(m);
   pylb::bindings::register_mirror(m);
   pylb::bindings::register_similarity(m);
   pylb::bindings::register_text_embed(m);
+  pylb::bindings::register_engine_hash(m);
 }

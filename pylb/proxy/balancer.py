@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Sequence
 
 from pylb.config import ConfigError, RouterSettings, Settings
 from pylb.fleet.discovery import create_discovery
 from pylb.fleet.fleet import Fleet
+from pylb.fleet.kv_feed import KvFeed
 from pylb.observability.metrics import ProxyMetrics, ProxySnapshot, ReplicaSnapshot
 from pylb.router import registry
 from pylb.router.interface import Dispatch, Router, RoutingRequest
@@ -72,14 +74,24 @@ class Balancer:
         self.router = router if router is not None else create_router(rs)
         self.metrics = ProxyMetrics()
         self.dispatcher = Dispatcher(self.router, self.metrics, rs.max_queued)
+        self.kv: KvFeed | None = None  # router.cache_state events: KV-event subscribers and engine keys
+        on_membership = self.dispatcher.on_membership
+        if rs.cache_state == "events":
+            self.kv = KvFeed(settings, self.router, self.dispatcher.on_kv_event, self.metrics.registry)
+            on_membership = self._membership_with_kv
         self.fleet = Fleet(
-            settings.fleet, self.metrics, self.dispatcher.on_membership, self.dispatcher.on_metrics,
+            settings.fleet, self.metrics, on_membership, self.dispatcher.on_metrics,
             discovery=create_discovery(settings), on_removed=self.dispatcher.forget_replica,
         )  # fmt: skip
         self.limits = RequestLimits.from_settings(rs)
         fs = settings.fleet
         self.retry_after = str(max(1, math.ceil(fs.health_interval_s * fs.healthy_threshold)))
         """`Retry-After` seconds of a 503 for want of a healthy replica: about when one can be back."""
+
+    def _membership_with_kv(self, replicas: Sequence[str]) -> None:
+        self.dispatcher.on_membership(replicas)
+        assert self.kv is not None
+        self.kv.sync(replicas)
 
     async def wait_dispatch(self, rreq: RoutingRequest, failed_replica: str | None = None) -> Dispatch:
         """Submit `rreq` (a retry when `failed_replica` is given) and wait for its dispatch.

@@ -43,6 +43,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from pylb.observability.metrics import ProxyMetrics, ReplicaLoad
 from pylb.router.driver import RouterDriver
 from pylb.router.interface import Dispatch, ReplicaMetrics, Router, RoutingRequest, Usage
@@ -176,6 +178,13 @@ class Dispatcher:
         now = self.now()
         self.driver.metrics(replica, m, now)
         self._poll(now)
+
+    def on_kv_event(self, replica: str, kind: str, keys: np.ndarray) -> None:
+        """A KV-cache event of `replica`'s engine (`pylb.fleet.kv_feed`); no poll: it frees no budget."""
+        try:
+            self.router.on_kv_event(replica, kind, keys, self.now())
+        except Exception as exc:
+            self._router_failed("on_kv_event", exc)
 
     def on_membership(self, replicas: Sequence[str]) -> None:
         """The healthy replicas changed."""

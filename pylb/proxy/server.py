@@ -243,6 +243,7 @@ class ProxyServer:
         self.balancer = b = Balancer(settings, router)
         self.router, self.metrics, self.dispatcher, self.fleet, self.limits = b.router, b.metrics, b.dispatcher, b.fleet, b.limits
         self.cache = _create_cache(settings, self.metrics)
+        self.kv = b.kv  # router.cache_state events: KV-event subscribers and engine keys
         self._session: aiohttp.ClientSession | None = None
         self._pool: UpstreamPool | None = None
         self._runner: web.AppRunner | None = None
@@ -326,6 +327,8 @@ class ProxyServer:
         await self._runner.cleanup()
         self._runner = None
         await self.fleet.stop()
+        if self.kv is not None:
+            await self.kv.stop()
         self.dispatcher.close()
         if self.cache is not None:
             await self.cache.close()
@@ -410,6 +413,8 @@ class ProxyServer:
                 raise ProxyError(f"request body larger than {self.settings.server.max_body_bytes} bytes", param="body", status=413) from None
             payload = parse_json_body(body)
             rreq = build_request(kind, payload, rid, self.dispatcher.now(), self.limits)
+            if self.kv is not None:
+                await self.kv.annotate(kind, payload, len(body), rreq)
             if self.cache is None:
                 resp = await self._route(request, rreq, body, ex)
             else:  # the semantic cache answers, or calls the normal path (recording the answer)

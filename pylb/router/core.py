@@ -66,6 +66,16 @@ still tracked until the driver reports them complete or failed (none is lost); t
 counters are gone with it, and the policy's `on_complete` is not called for them (the index
 they had no longer names a replica).
 
+Cache state (`RouterOptions.cache_state`): "predicted" matches a request's router blocks against
+the predicted mirror (`self.mirror`: pylb's dispatches, LRU-aged). "events" also keeps an
+`EventMirror` (`self.events`, `pylb.router.event_mirror`) fed by the replicas' KV-cache events
+(`on_kv_event`) and by pylb's dispatches of the last `events_grace_s`, keyed by engine-exact keys;
+a request that carries them (`RoutingRequest.engine_keys`) is matched there, its engine-block
+match converted to router blocks (floor(blocks x engine_block_size / tokens_per_block)), so every
+policy reads `cached_blocks` in the same units from either mirror. A request without engine keys
+(one the proxy could not tokenize) is matched on the predicted mirror, which is kept in both modes
+(`cache_comparison` counts, per replica, what each mirror said at dispatch).
+
 Cost per request: one `choose` (for DualMap: one prefix key, one ring lookup, one mirror match),
 one more mirror match and one mirror insert at dispatch, O(log queue) heap work. Queues are heaps
 with lazy deletion (entries carry a version; stale ones are skipped and periodically purged).
@@ -83,11 +93,23 @@ import numpy as np
 
 from pylb import native
 
+from .event_mirror import EventMirror
 from .interface import Dispatch, ReplicaId, ReplicaMetrics, ReplicaState, Router, RouterOptions, RoutingRequest, Usage
 from .policy import BRANCHES, Choice, Policy
 from .ttft import PrefillTimeEstimator, blended
 
 _QUEUED, _DISPATCHED, _PREFILLED, _UNPLACED = 0, 1, 2, 3
+
+
+@dataclass(slots=True)
+class CacheComparison:
+    """Per replica, with cache_state "events": what the two mirrors said at dispatch, summed over
+    the requests with engine keys dispatched to it (before each dispatch was recorded)."""
+
+    dispatches: int = 0
+    prompt_tokens: int = 0
+    predicted_tokens: int = 0  # cached tokens by the predicted mirror (pylb's own guess)
+    events_tokens: int = 0  # cached tokens by the engine's events alone
 
 
 class PolicyContractError(RuntimeError):
@@ -181,7 +203,11 @@ class CoreRouter(Router):
         self._default_capacity = self._capacity_blocks(o.cache_capacity_tokens)
         self.mirror = native.CacheMirror(0, self._default_capacity)
         self._mirror_version = 0
-        self._match_for: tuple[int, int] | None = None  # (id(request), mirror version) of _match_val
+        self.events: EventMirror | None = EventMirror(o.events_grace_s) if o.cache_state == "events" else None
+        """The events-fed mirror (cache_state "events"), else None."""
+        self.cache_comparison: dict[ReplicaId, CacheComparison] = {}
+        """With cache_state "events": per replica name, predicted against events-reported cached tokens at dispatch."""
+        self._match_for: tuple[int, int, int] | None = None  # (id(request), mirror versions) of _match_val
         self._match_val: np.ndarray = np.zeros(0, dtype=np.int64)
         self._match_req: RoutingRequest | None = None  # keeps id() of the memo valid
         self._fleet_estimator = PrefillTimeEstimator(o.prefill_seconds_per_token, o.prefill_learning_rate)
@@ -206,9 +232,16 @@ class CoreRouter(Router):
 
     def cached_blocks(self, request: RoutingRequest) -> np.ndarray:
         """Per replica, the request's leading router blocks the mirror believes it holds."""
-        key = (id(request), self._mirror_version)
+        ev = self.events
+        key = (id(request), self._mirror_version, ev.version if ev is not None else 0)
         if self._match_for != key or self._match_req is not request:
-            self._match_val = self.mirror.match(request.block_hashes) if self.replicas else np.zeros(0, np.int64)
+            if not self.replicas:
+                self._match_val = np.zeros(0, np.int64)
+            elif ev is not None and request.engine_keys is not None and request.engine_block_size > 0:
+                engine_blocks = ev.match(request.engine_keys)
+                self._match_val = np.floor_divide(engine_blocks * request.engine_block_size, self._tpb).astype(np.int64)
+            else:
+                self._match_val = self.mirror.match(request.block_hashes)
             self._match_for = key
             self._match_req = request
         return self._match_val
@@ -409,6 +442,24 @@ class CoreRouter(Router):
         s._metrics_at = now
         if metrics.block_size > 0 and metrics.num_gpu_blocks > 0:
             self._resize_mirror(s, self._capacity_blocks(metrics.block_size * metrics.num_gpu_blocks))
+        if self.events is not None:
+            self.events.set_engine_blocks(i, metrics.num_gpu_blocks)
+
+    def on_kv_event(self, replica: ReplicaId, kind: str, keys: np.ndarray, now: float) -> None:
+        """Apply a replica's KV-cache event to the events mirror (ignored in "predicted" mode and
+        for replicas that are not members)."""
+        self._tick(now)
+        i = self._index.get(replica)
+        if self.events is None or i is None:
+            return
+        if kind == "stored":
+            self.events.stored(i, keys)
+        elif kind == "removed":
+            self.events.removed(i, keys)
+        elif kind == "cleared":
+            self.events.cleared(i)
+        else:
+            raise ValueError(f"unknown KV event kind {kind!r}: expected stored, removed or cleared")
 
     def on_membership(self, replicas: Sequence[ReplicaId], now: float) -> None:
         """Apply the new replica set: rebuild policy state, re-place orphaned queued requests."""
@@ -425,12 +476,16 @@ class CoreRouter(Router):
             return
         for i in reversed(removed):
             self.mirror.remove_replica(i)
+            if self.events is not None:
+                self.events.remove_replica(i)
         fleet_rate = self._fleet_estimator.seconds_per_token
         new_of = {o: k for k, o in enumerate(survivors)}
         states = [self.replicas[i] for i in survivors]
         queues = [self._queues[i] for i in survivors]
         for n in added:
             self.mirror.add_replica(self._default_capacity)
+            if self.events is not None:
+                self.events.add_replica()
             states.append(ReplicaState(n, 0, prefill_seconds_per_token=fleet_rate, cache_capacity_blocks=self._default_capacity))
             queues.append(_Queue(estimator=PrefillTimeEstimator(fleet_rate, self.options.prefill_learning_rate)))
         for k, s in enumerate(states):
@@ -489,6 +544,8 @@ class CoreRouter(Router):
     def _tick(self, now: float) -> None:
         if now > self.now:
             self.now = now
+            if self.events is not None:
+                self.events.advance(now)
 
     def _place(self, e: _Entry) -> None:
         n = len(self.replicas)
@@ -551,12 +608,26 @@ class CoreRouter(Router):
         s._unprefilled_requests += 1
         s._unprefilled_tokens += e.cost
         s._inflight_requests += 1
+        if self.events is not None and e.req.engine_keys is not None:
+            self._compare(e.req, r, s.name)
+            self.events.record_dispatch(r, e.req.engine_keys, now)
         if len(e.req.block_hashes):
             self.mirror.insert(r, e.req.block_hashes)
             self._mirror_version += 1
         e.cached = None
         self.policy.on_dispatch(e.req, r, self._view)
         out.append(Dispatch(e.req.request_id, s.name, e.branch, max(0, e.req.prompt_tokens - e.cost)))
+
+    def _compare(self, req: RoutingRequest, r: int, name: ReplicaId) -> None:
+        """Count, before the dispatch is recorded, what each mirror says `r` has cached of `req`."""
+        assert self.events is not None and req.engine_keys is not None
+        c = self.cache_comparison.get(name)
+        if c is None:
+            c = self.cache_comparison[name] = CacheComparison()
+        c.dispatches += 1
+        c.prompt_tokens += req.prompt_tokens
+        c.predicted_tokens += min(req.prompt_tokens, int(self.mirror.match(req.block_hashes)[r] * self._tpb))
+        c.events_tokens += min(req.prompt_tokens, int(self.events.observed_match(req.engine_keys)[r]) * req.engine_block_size)
 
     def _oldest_wait(self, q: _Queue, now: float) -> float:
         aged = q.aged

@@ -27,6 +27,8 @@ and, independently of requests:
 
     on_metrics(replica, m, now)       a scrape of the replica's /metrics (every scrape interval)
     on_membership(replicas, now)      the set of replicas changed (first call: the initial set)
+    on_kv_event(replica, kind, keys, now)  a KV-cache event of a replica's engine (stored,
+                                      removed, cleared), for routers with cache_state "events"
 
 and, to read, never to write: `view`, the router's `RouterView` (per replica: requests queued,
 in flight and un-prefilled, the learned per-token prefill time, the last scrape; per request:
@@ -134,6 +136,11 @@ class RoutingRequest:
             None when not known.
         hashing: the block size, unit and seed `block_hashes` were made with; the router refuses
             a request whose hashing differs from its own (`RouterOptions.hashing`).
+        engine_keys: the prompt's engine-exact block keys (`pylb.router.engine_keys`: vLLM's
+            block hashes as uint64, one per full block of `engine_block_size` tokens), or None.
+            With `RouterOptions.cache_state` "events" the router matches them against the
+            events-fed mirror; without them the request is matched on the predicted mirror.
+        engine_block_size: tokens per engine block of `engine_keys` (0 when there are none).
     """
 
     request_id: str
@@ -146,6 +153,8 @@ class RoutingRequest:
     priority: int = 0
     prompt_hash: int | None = None
     hashing: BlockHashing = TEXT_HASHING
+    engine_keys: np.ndarray | None = None
+    engine_block_size: int = 0
 
 
 class Dispatch(NamedTuple):
@@ -217,6 +226,10 @@ class ReplicaMetrics:
 QUEUE_ORDERS = ("cheapest", "cached", "fifo")
 """The values of `RouterOptions.queue_order`."""
 
+CACHE_STATES = ("predicted", "events")
+"""The values of `RouterOptions.cache_state`: the predicted LRU mirror of pylb's own dispatches,
+or the replicas' KV-cache events (`pylb.router.event_mirror`)."""
+
 
 @dataclass(slots=True)
 class RouterOptions:
@@ -259,6 +272,10 @@ class RouterOptions:
     prefill_seconds_per_token: float = setting(1.0e-4, "seed of a replica's per-token prefill time (s), until learned: the router's TTFT prediction and the proxy's non-streamed prefill estimate", check=positive)
     prefill_learning_rate: float = setting(0.05, "weight of each observed first token in the learned per-token prefill time", check=fraction)
     cache_capacity_tokens: int = setting(262_144, "cache mirror capacity per replica (tokens) until vllm:cache_config_info is scraped", check=at_least(0))
+    cache_state: str = setting(
+        "predicted", f"what policies see of each replica's prefix cache: {' or '.join(CACHE_STATES)} (vLLM KV-cache events with engine-exact keys; see kv_events)", check=one_of(*CACHE_STATES)
+    )
+    events_grace_s: float = setting(5.0, "cache_state events: pylb's own dispatches count as cached this long (at least half of it) before the engine's events confirm them", check=positive)
     extra: dict[str, object] = setting({}, "policy-specific settings (a mapping; see the policy's module comment)")
 
     def __post_init__(self) -> None:
@@ -419,6 +436,11 @@ class Router(ABC):
     @abstractmethod
     def view(self) -> RouterView:
         """The router's read-only state (see `RouterView`); the same object for the router's life."""
+
+    def on_kv_event(self, replica: ReplicaId, kind: str, keys: np.ndarray, now: float) -> None:  # noqa: B027 - optional hook
+        """A KV-cache event of `replica`'s engine: `kind` "stored" or "removed" with the blocks'
+        engine keys (uint64), or "cleared" (keys empty: the engine dropped its cache, or its event
+        stream broke and pylb resyncs). Routers without an events mirror ignore it."""
 
     @abstractmethod
     def submit(self, request: RoutingRequest, now: float) -> None:

@@ -257,6 +257,10 @@ def simulate(
     name_index = {n: i for i, n in enumerate(names)}  # the current engine of each name
     engines = [Engine(profile, name=n) for n in names]
     in_rotation = list(names)
+    kv_events = router.view.options.cache_state == "events"  # engines report cache changes at each step's end
+    if kv_events:
+        for eng in engines:
+            eng.kv_events = []
     n = len(workload)
     order = sorted(range(n), key=lambda i: workload[i].arrival_s)  # stable: trace order on ties
     index_of = {workload[i].request_id: i for i in range(n)}
@@ -385,6 +389,8 @@ def simulate(
             name_index[rep] = len(engines)
             names.append(rep)
             engines.append(Engine(profile, name=rep))
+            if kv_events:
+                engines[-1].kv_events = []
             step_version.append(0)
             step_pending.append(None)
             step_result.append(None)
@@ -401,6 +407,9 @@ def simulate(
             step_pending[e] = None
             step_result[e] = None
             engines[e] = Engine(profile, name=rep)  # what it held is gone
+            if kv_events:
+                engines[e].kv_events = []
+                router.on_kv_event(rep, "cleared", np.zeros(0, dtype=np.uint64), now)
             for rid in [r for r, sent in driver.active.items() if sent.replica == rep]:
                 i = index_of[rid]
                 streaming = not math.isnan(first_token[i])
@@ -411,7 +420,7 @@ def simulate(
                 else:
                     stats["retries"] = stats.get("retries", 0) + 1
                     req = workload[i]
-                    driver.submit(_routing_request(req, arrival[i]), now, failed_replica=rep)
+                    driver.submit(_routing_request(req, arrival[i], profile.block_size if kv_events else 0), now, failed_replica=rep)
 
     driver.membership(list(names), workload[order[0]].arrival_s / rate_scale if n else 0.0)
     if n:
@@ -433,6 +442,11 @@ def simulate(
             step_pending[e] = None
             res = step_result[e]
             step_result[e] = None
+            changes = engines[e].kv_events
+            if changes:
+                for ev_kind, ev_hashes, _ in changes:
+                    router.on_kv_event(names[e], ev_kind, np.asarray(ev_hashes, dtype=np.uint64), now)
+                changes.clear()
             if res is not None and (res.first_tokens or res.finished):
                 rep = names[e]
                 for rid in res.first_tokens:  # (events of a request cancelled meanwhile are dropped)
@@ -457,7 +471,7 @@ def simulate(
                     break
                 arrival[i] = t
                 next_arrival += 1
-                driver.submit(_routing_request(workload[i], t), now)
+                driver.submit(_routing_request(workload[i], t, profile.block_size if kv_events else 0), now)
             poll(now)
         elif kind == _SCRAPE:
             stats["scrapes"] += 1
@@ -513,8 +527,9 @@ def simulate(
     )
 
 
-def _routing_request(req: SimRequest, arrival: float) -> RoutingRequest:
-    """What the router sees of a prepared request arriving at `arrival`."""
+def _routing_request(req: SimRequest, arrival: float, engine_block_size: int = 0) -> RoutingRequest:
+    """What the router sees of a prepared request arriving at `arrival` (with its engine block
+    keys when `engine_block_size` is set: the router's mirror follows the engines' KV events)."""
     return RoutingRequest(
         req.request_id,
         req.router_hashes,
@@ -523,4 +538,6 @@ def _routing_request(req: SimRequest, arrival: float) -> RoutingRequest:
         arrival,
         prompt_hash=req.prompt_hash,
         hashing=req.router_hashing,
+        engine_keys=req.engine_hashes if engine_block_size else None,
+        engine_block_size=engine_block_size,
     )

@@ -269,6 +269,10 @@ class Engine:
         self._bhash: list[int | None] = [None] * self.num_blocks
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(self.num_blocks))
         self._cached: dict[int, int] = {}  # block hash -> block id
+        self.kv_events: list[tuple[str, list[int], int | None]] | None = None
+        """When a list: the prefix cache's changes are appended to it, as vLLM publishes them in KV
+        events: ("stored", hashes, parent hash or None) and ("removed", hashes, None) (the fake
+        server publishes and empties it after each step)."""
         # Requests.
         self._reqs: dict[str, _Req] = {}
         self._waiting: deque[_Req] = deque()
@@ -459,6 +463,8 @@ class Engine:
         if evicted:
             _consume(map(self._cached.__delitem__, evicted))  # type: ignore[arg-type]  # None filtered out above
             _consume(map(bhash.__setitem__, out, repeat(None)))
+            if self.kv_events is not None:
+                self.kv_events.append(("removed", evicted, None))  # type: ignore[arg-type]  # None filtered out above
         _consume(map(self._ref.__setitem__, out, repeat(1)))
         return out
 
@@ -485,11 +491,17 @@ class Engine:
         if cached.keys().isdisjoint(hs):  # common case: none of them is cached yet
             cached.update(zip(hs, bl))
             _consume(map(bhash.__setitem__, bl, hs))
+            if self.kv_events is not None:
+                self.kv_events.append(("stored", hs, hl[first - 1] if first else None))
             return
+        new = []
         for h, b in zip(hs, bl):  # a block computed twice: the first copy stays the cached one
             if h not in cached:
                 cached[h] = b
                 bhash[b] = h
+                new.append(h)
+        if self.kv_events is not None and new:
+            self.kv_events.append(("stored", new, None))
 
     # ---- scheduling --------------------------------------------------------------------------
 

@@ -72,6 +72,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"tokens generated before EOS for requests without ignore_eos (default {_DEFAULTS.output_len})",
     )
     parser.add_argument("--host", default=_DEFAULTS.host, metavar="ADDR", help=f"address to bind (default {_DEFAULTS.host})")
+    parser.add_argument(
+        "--kv-events-port",
+        type=port,
+        default=_DEFAULTS.kv_events_port,
+        metavar="P",
+        help="publish vLLM KV-cache events (ZMQ PUB) on tcp://HOST:P+i for replica i (default 0: none)",
+    )
 
 
 def _config(args: argparse.Namespace) -> tuple[Profile, FakeServerConfig]:
@@ -92,6 +99,7 @@ def _config(args: argparse.Namespace) -> tuple[Profile, FakeServerConfig]:
         speed=args.speed,
         max_model_len=args.max_model_len,
         output_len=args.output_len,
+        kv_events_port=args.kv_events_port,
     )
     try:
         config.validate(profile)
@@ -113,7 +121,8 @@ async def serve(profile: Profile, count: int, config: FakeServerConfig, stop: as
             for i, srv in enumerate(servers):
                 print(
                     f"replica {i}: {srv.url} (model {config.model_name}, profile {profile.name}, "
-                    f"speed {config.speed:g}, max_model_len {srv.max_model_len})",
+                    f"speed {config.speed:g}, max_model_len {srv.max_model_len}"
+                    + (f", KV events {srv.kv_events_endpoint}" if srv.kv_events_endpoint else "") + ")",
                     flush=True,
                 )
             await stop.wait()

@@ -112,6 +112,9 @@ class FakeServerConfig:
             (num_blocks * block_size). Must not exceed the KV cache, as in vLLM.
         output_len: tokens the simulated model writes before EOS when a request does not set
             `ignore_eos` (>= 1).
+        kv_events_port: when > 0, publish the engine's KV-cache events as vLLM does (ZMQ PUB bound
+            on tcp://host:port, frames [topic, seq, msgpack KVEventBatch], one batch per engine
+            step that changed the cache; block hashes in vLLM's integer form). 0: none.
     """
 
     host: str = "127.0.0.1"
@@ -120,6 +123,7 @@ class FakeServerConfig:
     speed: float = 1.0
     max_model_len: int | None = None
     output_len: int = 32
+    kv_events_port: int = 0
 
     def resolved_max_model_len(self, profile: Profile) -> int:
         """max_model_len for `profile`, checked against its KV cache (ValueError if invalid)."""
@@ -141,6 +145,8 @@ class FakeServerConfig:
             raise ValueError(f"speed must be a positive number, got {self.speed}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if not 0 <= self.kv_events_port <= 65535:
+            raise ValueError(f"kv_events_port must be in 0..65535, got {self.kv_events_port}")
         if self.output_len < 1:
             raise ValueError(f"output_len must be at least 1, got {self.output_len}")
         if not self.model_name:
@@ -421,6 +427,8 @@ class FakeVllmServer:
         self._closing = False
         self.driver_errors = 0
         self.created = int(time.time())
+        self._kv_pub: Any = None  # zmq PUB socket when config.kv_events_port
+        self._kv_seq = 0
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -468,6 +476,8 @@ class FakeVllmServer:
             raise
         self._runner = runner
         self._port = int(runner.addresses[0][1])
+        if self.config.kv_events_port:
+            self._start_kv_events()
         self._driver = asyncio.create_task(self._drive(), name=f"fake-vllm-engine:{self._port}")
         return self._port
 
@@ -488,6 +498,47 @@ class FakeVllmServer:
             except asyncio.CancelledError:
                 pass
             self._driver = None
+        if self._kv_pub is not None:
+            self._kv_pub.close(linger=0)
+            self._kv_pub = None
+
+    # ---- KV-cache events (vLLM's ZmqEventPublisher; pylb.fleet.kv_events has the format) ----
+
+    @property
+    def kv_events_endpoint(self) -> str | None:
+        """tcp://host:port of the KV-event publisher, or None when it publishes none."""
+        return f"tcp://{self.config.host}:{self.config.kv_events_port}" if self.config.kv_events_port else None
+
+    def _start_kv_events(self) -> None:
+        import zmq
+
+        sock: Any = zmq.Context.instance().socket(zmq.PUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.bind(f"tcp://{self.config.host}:{self.config.kv_events_port}")
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise BindError(self.config.host, self.config.kv_events_port, OSError(exc.errno, str(exc))) from exc
+        self._kv_pub = sock
+        self.engine.kv_events = []
+
+    def _publish_kv_events(self) -> None:
+        """Send the engine's cache changes since the last step as one KVEventBatch (PUB never blocks)."""
+        pending = self.engine.kv_events
+        if self._kv_pub is None or not pending:
+            return
+        from pylb.fleet.kv_events import BlockRemoved, BlockStored, encode_batch
+
+        events: list[Any] = []
+        for kind, hashes, parent in pending:
+            keys = np.asarray(hashes, dtype=np.uint64)
+            if kind == "stored":
+                events.append(BlockStored(keys, parent, [], self.engine.block_size, "GPU"))
+            else:
+                events.append(BlockRemoved(keys, "GPU"))
+        pending.clear()
+        self._kv_pub.send_multipart(encode_batch(self._kv_seq, time.time(), events), copy=False)
+        self._kv_seq += 1
 
     async def __aenter__(self) -> FakeVllmServer:
         await self.start()
@@ -531,6 +582,7 @@ class FakeVllmServer:
             delay = self._t0 + res.end / self._speed - _clock()
             await asyncio.sleep(max(0.0, delay))
             self._deliver(res, _clock())
+            self._publish_kv_events()
 
     def _deliver(self, res: StepResult, now: float) -> None:
         """Hand a finished step's tokens and completions to the waiting handlers."""
@@ -819,7 +871,8 @@ async def start_replicas(
     servers: list[FakeVllmServer] = []
     try:
         for i in range(count):
-            srv = FakeVllmServer(profile, replace(config, port=base_port + i if base_port else 0))
+            kv_port = config.kv_events_port + i if config.kv_events_port else 0
+            srv = FakeVllmServer(profile, replace(config, port=base_port + i if base_port else 0, kv_events_port=kv_port))
             await srv.start()
             servers.append(srv)
     except BaseException:

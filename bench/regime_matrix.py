@@ -1,0 +1,405 @@
+"""The regime matrix: every policy's capacity over workloads x hardware profiles x fleet sizes.
+
+Design
+------
+A *cell* is (workload, profile, fleet size). For each cell this script reports:
+
+* each policy's effective request capacity: the highest offered rate (qps) at which at least
+  90 % of requests get their first token within the cell's SLO (`CELL_SLO`: 5 s on the GPU
+  profiles, 0.5 s on the calibrated CPU vLLM profile, the side-by-side harness's SLO), found by
+  a galloping search on the rate scale (`capacity`): from a start, steps up (or down) by a
+  factor that squares after each passing (failing) step until the outcome flips, then bisects
+  down to a factor 1 + `--tolerance`; the policies of a cell after the first start at the first
+  one's capacity, so near-equal policies cost two or three runs each;
+* the two limits of `bench/capacity_bound.py` that hold for any placement: the work bound
+  (replicas / mean replica-seconds of work per request, at 100 % utilisation) with one
+  never-forgetting cache and with one LRU cache of the fleet's total KV size, and the SLO bound
+  (the share of requests whose TTFT on an idle replica is within the SLO, never-forgetting cache);
+* the prefix-cache hit rate (token-weighted, leading-prefix match in the engine's blocks, capped
+  at prompt - 1 like vLLM) of one LRU cache of the fleet's total size, and of an unbounded one:
+  what a router that made the fleet act as one cache would reach.
+
+Workloads (`WORKLOADS`), each built for a request count and for a GPU or the CPU profile (the CPU
+replicas have a 2,048-token context and 4,420 tokens of KV, so token counts are scaled down there):
+
+    mooncake  the Mooncake conversation trace, first N requests (CPU: bench/peers' mooncake-scaled,
+              token counts / 16)
+    azure     the Azure conversation trace, first N requests: bursts and a length mix, no reuse
+              (CPU: token counts / 8, prompts cut at 896)
+    chat      `synthetic:sessions`: chats of ~4 turns, 20 s apart, under 8 Zipf-popular system prompts
+    agent     `synthetic:sessions`: 70 % tool-agent loops (12 steps, 2 s apart) under a two-level
+              shared prefix (system prompt, then tool specification)
+    long      `synthetic:sessions`: ~12k-token documents, re-asked 3 times a minute apart, under a
+              two-level prefix (the "unseen trace" regime of issue 10: long prompts, heavy reuse)
+
+N = `--requests-per-replica` x fleet size, at least `--min-requests` and at most `--max-requests`.
+
+Usage (from the repository root; the full matrix takes hours of one core, so pick cells):
+
+    nice -n 10 .venv/bin/python bench/regime_matrix.py --out docs/results/regime_matrix.json \\
+        [--workloads mooncake,chat] [--profiles h100-llama3.1-8b] [--replicas 2,8] \\
+        [--policies dualmap,weighted-score,...] [--tolerance 0.1] [--max-runs 6]
+    .venv/bin/python bench/regime_matrix.py --table docs/results/regime_matrix.json [AFTER.json ...]
+
+The results file is rewritten after every cell (a stopped run keeps its finished cells) and
+records the command, the load average and every run. `--table` prints the Markdown table of one
+or more results files: per cell, dualmap's capacity against the best other policy's, with the
+bounds and the cache hit rates; a later file's cells replace an earlier file's policies
+(e.g. a run of dualmap alone after a change, over a full run before it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pylb.router import registry
+from pylb.router.interface import RouterOptions
+from pylb.sim.cluster import SimRequest, prepare_workload, simulate
+from pylb.sim.profiles import Profile, load_profile
+from pylb.sim.report import DEFAULT_SLO_TARGET, RunMetrics, meets_slo, summarize
+from pylb.workload.loaders import load_workload
+from pylb.workload.synthetic import sessions, text_of
+from pylb.workload.types import WorkloadRequest
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(BENCH / "peers"))
+from capacity_bound import decode_work, idle_ttft, prefill_work  # noqa: E402
+from workloads import mooncake_scaled  # type: ignore[import-not-found]  # noqa: E402
+
+TRACES = "../shared/traces"
+"""Default folder of the two traces (`--traces`)."""
+MOONCAKE = "mooncake_conversation_trace.jsonl"
+AZURE = "AzureLLMInferenceTrace_conv.csv"
+CPU_PROFILE = "cpu-small-llama"
+CPU_MAX_PROMPT = 896
+"""Prompt cap on the CPU profile (simulated tokens; the harness's: ~1,700 real tokens of 2,048)."""
+
+CELL_SLO = {"h100-llama3.1-8b": 5.0, "dualmap-910b": 5.0, CPU_PROFILE: 0.5}
+"""TTFT SLO of each profile's cells (seconds); the router is told the same SLO."""
+
+DEFAULT_POLICIES = ("dualmap", "weighted-score", "min-ttft", "preble-e2", "cache-aware")
+"""The policies run in every cell: pylb's default and the strongest baselines of BENCHMARKS.md."""
+
+
+def _scaled_plain(requests: list[WorkloadRequest], divide: int, max_prompt: int, max_output: int) -> list[WorkloadRequest]:
+    """Requests without shared text (Azure), token counts divided by `divide` and capped."""
+    out = []
+    for r in requests:
+        tokens = min(max_prompt, max(1, -(-r.prompt_tokens // divide)))
+        out.append(
+            WorkloadRequest(
+                request_id=r.request_id,
+                arrival_s=r.arrival_s,
+                prompt_tokens=tokens,
+                output_tokens=min(max_output, max(1, r.output_tokens // divide)),
+                make_text=text_of(((r.request_id, tokens),)),
+            )
+        )
+    return out
+
+
+def _sessions_scaled(divide: int, **kw: Any) -> Callable[[int], list[WorkloadRequest]]:
+    """A `sessions` workload with every token count divided by `divide` (1 on GPUs)."""
+    tokens = ("prompt_tokens", "shared_tokens", "append_tokens", "output_tokens", "agent_append_tokens", "agent_output_tokens")
+
+    def build(n: int) -> list[WorkloadRequest]:
+        args = {k: (max(1, v // divide) if k in tokens else v) for k, v in kw.items()}
+        if divide > 1:
+            args["max_prompt_tokens"] = CPU_MAX_PROMPT
+        return sessions(requests=n, **args)
+
+    return build
+
+
+CHAT = dict(prompt_tokens=512, shared_depth=1, shared_tokens=1024, fanout=8, reuse_share=0.7, turns=4.0,
+            think_time_s=20.0, append_tokens=256, output_tokens=256)  # fmt: skip
+AGENT = dict(prompt_tokens=1024, shared_depth=2, shared_tokens=2048, fanout=6, reuse_share=0.2, turns=4.0,
+             agent_share=0.7, agent_turns=12.0, agent_think_s=2.0, agent_append_tokens=256, agent_output_tokens=64,
+             output_tokens=256)  # fmt: skip
+LONG = dict(prompt_tokens=12000, prompt_sigma=1.0, shared_depth=2, shared_tokens=1536, fanout=16, reuse_share=0.6,
+            turns=3.0, think_time_s=60.0, append_tokens=512, output_tokens=300)  # fmt: skip
+
+
+def build_workload(name: str, n: int, cpu: bool, traces: str = TRACES) -> list[WorkloadRequest]:
+    """Workload `name` with `n` requests, scaled for the CPU profile when `cpu`."""
+    if name == "mooncake":
+        path = os.path.join(traces, MOONCAKE)
+        if cpu:
+            return list(mooncake_scaled(path, requests=n, scale=16, max_prompt_tokens=CPU_MAX_PROMPT, max_output_tokens=64))
+        return load_workload(path, limit=n)
+    if name == "azure":
+        reqs = load_workload(os.path.join(traces, AZURE), limit=n)
+        return _scaled_plain(reqs, 8, CPU_MAX_PROMPT, 64) if cpu else reqs
+    params = {"chat": CHAT, "agent": AGENT, "long": LONG}[name]
+    divide = (16 if name == "long" else 8) if cpu else 1
+    return _sessions_scaled(divide, rate=1.0, **params)(n)
+
+
+WORKLOADS = ("mooncake", "azure", "chat", "agent", "long")
+
+
+# ---- bounds and single-cache hit rates ---------------------------------------------------------
+
+
+def cache_hits(workload: list[SimRequest], block_size: int, capacity_blocks: float) -> np.ndarray:
+    """Per request, the prompt tokens one LRU prefix cache of `capacity_blocks` engine blocks
+    (math.inf: never forgets) would hit, in arrival order; leading-prefix match, capped at P - 1."""
+    cache: OrderedDict[int, None] = OrderedDict()
+    hits = np.zeros(len(workload))
+    order = sorted(range(len(workload)), key=lambda i: workload[i].arrival_s)
+    for i in order:
+        r = workload[i]
+        matched = 0
+        for h in r.engine_hashes.tolist():
+            if h in cache:
+                matched += 1
+            else:
+                break
+        for h in r.engine_hashes.tolist():
+            cache[h] = None
+            cache.move_to_end(h)
+        while len(cache) > capacity_blocks:
+            cache.popitem(last=False)
+        hits[i] = min(matched * block_size, r.prompt_tokens - 1)
+    return hits
+
+
+def bounds(workload: list[SimRequest], profile: Profile, replicas: int, slo: float) -> dict[str, float]:
+    """Work bounds, SLO bound and single-cache hit rates of one cell (see the module comment)."""
+    prompt = np.array([r.prompt_tokens for r in workload], float)
+    output = np.array([max(1, r.output_tokens) for r in workload], float)
+    inf_hit = cache_hits(workload, profile.block_size, math.inf)
+    fleet_hit = cache_hits(workload, profile.block_size, replicas * profile.num_blocks)
+    dec = decode_work(profile, prompt, output)
+
+    def work_bound(hit: np.ndarray) -> float:
+        return replicas / float(np.mean(dec + prefill_work(profile, prompt, hit)))
+
+    span = max(r.arrival_s for r in workload) - min(r.arrival_s for r in workload)
+    return {
+        "trace_rate": (len(workload) - 1) / span if span > 0 else math.nan,
+        "hit_infinite_cache": float(inf_hit.sum() / prompt.sum()),
+        "hit_fleet_cache": float(fleet_hit.sum() / prompt.sum()),
+        "work_bound_no_cache": work_bound(np.zeros_like(prompt)),
+        "work_bound_fleet_cache": work_bound(fleet_hit),
+        "work_bound_infinite_cache": work_bound(inf_hit),
+        "slo_bound": float(np.mean(idle_ttft(profile, prompt, inf_hit) <= slo)),
+    }
+
+
+# ---- capacity search ---------------------------------------------------------------------------
+
+
+def capacity(run_at: Callable[[float], RunMetrics], start: float, tolerance: float, max_runs: int,
+             first_step: float) -> tuple[float, float | None, list[RunMetrics]]:  # fmt: skip
+    """Galloping search for the highest passing rate scale (see the module comment).
+    Returns (capacity qps, its scale or None, the runs in order)."""
+    runs: list[RunMetrics] = []
+
+    def ok(scale: float) -> bool:
+        m = run_at(scale)
+        runs.append(m)
+        return meets_slo(m, DEFAULT_SLO_TARGET)
+
+    lo: float | None = None
+    hi: float | None = None
+    step = first_step
+    if ok(start):
+        lo = start
+        while len(runs) < max_runs:
+            if ok(lo * step):
+                lo *= step
+                step *= step
+            else:
+                hi = lo * step
+                break
+    else:
+        hi = start
+        while len(runs) < max_runs:
+            if ok(hi / step):
+                lo = hi / step
+                break
+            hi /= step
+            step *= step
+            if hi < 1e-4:
+                break
+    while lo is not None and hi is not None and len(runs) < max_runs and hi / lo > 1 + tolerance:
+        mid = math.sqrt(lo * hi)
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    passing = [(m.qps, m.rate_scale) for m in runs if meets_slo(m, DEFAULT_SLO_TARGET)]
+    if not passing:
+        return 0.0, None, runs
+    qps, scale = max(passing)
+    return qps, scale, runs
+
+
+# ---- the matrix --------------------------------------------------------------------------------
+
+
+def _write(path: str, doc: dict[str, Any]) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".regime.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=1)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def run_cell(workload_name: str, profile: Profile, replicas: int, policies: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """Every policy's capacity in one cell, with the cell's bounds."""
+    cpu = profile.name == CPU_PROFILE
+    slo = CELL_SLO.get(profile.name, 5.0)
+    n = min(args.max_requests, max(args.min_requests, args.requests_per_replica * replicas))
+    reqs = build_workload(workload_name, n, cpu, args.traces)
+    work = prepare_workload(reqs, profile.block_size)
+    del reqs
+    cell: dict[str, Any] = {"workload": workload_name, "profile": profile.name, "replicas": replicas, "slo_ttft": slo,
+                            "requests": len(work), **bounds(work, profile, replicas, slo), "policies": {}}  # fmt: skip
+    # first guess: half the never-forgetting work bound, as a rate scale of the workload
+    start = 0.5 * cell["work_bound_infinite_cache"] / cell["trace_rate"]
+    first_step = 1.25
+    for spec in policies:
+        label, _, router_slo = spec.partition("@")  # "dualmap@5" = dualmap told a 5 s SLO
+        options = RouterOptions(slo_ttft=float(router_slo) if router_slo else slo, seed=0)
+
+        def run_at(scale: float, label: str = label, options: RouterOptions = options, spec: str = spec) -> RunMetrics:
+            result = simulate(work, profile, replicas, registry.create(label, options), rate_scale=scale)
+            m = summarize(result, spec, slo)
+            print(f"  {spec:28s} x{scale:8.3f} {m.qps:8.2f} qps  {100 * m.slo_attainment:5.1f} % in SLO  "
+                  f"hit {100 * m.hit_rate:5.1f} %  ({m.wall_s:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+            return m
+
+        t0 = time.perf_counter()
+        qps, scale, runs = capacity(run_at, start, args.tolerance, args.max_runs, first_step)
+        at = next((m for m in runs if m.rate_scale == scale), None)
+        cell["policies"][spec] = {
+            "capacity": qps,
+            "hit_rate_at_capacity": at.hit_rate if at else None,
+            "hotspot_at_capacity": at.hotspot_factor if at else None,
+            "wall_s": time.perf_counter() - t0,
+            "runs": [m.to_json() for m in runs],
+        }
+        if scale is not None and spec == policies[0]:
+            start, first_step = scale, 1 + 2 * args.tolerance
+        print(f"{workload_name} x {profile.name} x {replicas}: {spec} {qps:.2f} qps", file=sys.stderr, flush=True)
+    return cell
+
+
+def run_matrix(args: argparse.Namespace) -> None:
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    for p in policies:
+        registry.parse_spec(p.partition("@")[0])  # fail early on a bad name
+    doc: dict[str, Any] = {
+        "command": "python " + " ".join(shlex.quote(a) for a in ["bench/regime_matrix.py", *sys.argv[1:]]),
+        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average_start": os.getloadavg(),
+        "slo_target": DEFAULT_SLO_TARGET,
+        "status": "running",
+        "cells": [],
+    }
+    for w in args.workloads.split(","):
+        for prof in args.profiles.split(","):
+            profile = load_profile(prof)
+            for n in (int(x) for x in args.replicas.split(",")):
+                print(f"cell {w} x {prof} x {n}", file=sys.stderr, flush=True)
+                doc["cells"].append(run_cell(w, profile, n, policies, args))
+                doc["load_average_now"] = os.getloadavg()
+                _write(args.out, doc)
+    doc["status"] = "complete"
+    doc["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    _write(args.out, doc)
+
+
+# ---- the table ---------------------------------------------------------------------------------
+
+
+def merged_cells(paths: list[str]) -> list[dict[str, Any]]:
+    """Cells of several results files; a later file's policies replace an earlier file's."""
+    cells: dict[tuple, dict[str, Any]] = {}
+    for path in paths:
+        with open(path, encoding="utf-8") as fh:
+            for c in json.load(fh)["cells"]:
+                key = (c["workload"], c["profile"], c["replicas"])
+                if key in cells:
+                    cells[key]["policies"].update(c["policies"])
+                else:
+                    cells[key] = c
+    return list(cells.values())
+
+
+def table(paths: list[str], baseline: list[str] | None = None) -> str:
+    """Markdown: per cell, dualmap against the best other policy (and against `baseline`'s
+    dualmap when given: the capacity before a change)."""
+    before = {(c["workload"], c["profile"], c["replicas"]): c for c in merged_cells(baseline)} if baseline else {}
+    head = ["workload", "profile", "N", "SLO s", "dualmap qps", "best other", "ratio", "hit dualmap", "hit 1 cache",
+            "work bound (1 cache / inf)", "SLO bound"]  # fmt: skip
+    if before:
+        head[5:5] = ["dualmap before", "ratio before"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in merged_cells(paths):
+        pol = c["policies"]
+        d = pol.get("dualmap")
+        if d is None:
+            continue
+        others = {k: v for k, v in pol.items() if not k.startswith("dualmap")}
+        best_name, best = max(others.items(), key=lambda kv: kv[1]["capacity"]) if others else ("-", {"capacity": math.nan})
+        ratio = d["capacity"] / best["capacity"] if best["capacity"] > 0 else math.nan
+        hit = d["hit_rate_at_capacity"]
+        row = [c["workload"], c["profile"], str(c["replicas"]), f"{c['slo_ttft']:g}", f"{d['capacity']:.2f}",
+               f"{best['capacity']:.2f} ({best_name})", f"{ratio:.2f}", "-" if hit is None else f"{100 * hit:.1f} %",
+               f"{100 * c['hit_fleet_cache']:.1f} %",
+               f"{c['work_bound_fleet_cache']:.2f} / {c['work_bound_infinite_cache']:.2f}", f"{100 * c['slo_bound']:.0f} %"]  # fmt: skip
+        if before:
+            b = before.get((c["workload"], c["profile"], c["replicas"]), {}).get("policies", {}).get("dualmap")
+            bq = b["capacity"] if b else math.nan
+            row[5:5] = [f"{bq:.2f}", f"{bq / best['capacity']:.2f}" if best["capacity"] > 0 else "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", help="results JSON (rewritten after every cell)")
+    ap.add_argument("--traces", default=TRACES, help=f"folder of the Mooncake and Azure traces (default {TRACES})")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--profiles", default=",".join(CELL_SLO))
+    ap.add_argument("--replicas", default="2,8,32")
+    ap.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
+                    help="comma-separated policy specs; NAME@S tells the router an S-second SLO instead of the cell's")
+    ap.add_argument("--requests-per-replica", type=int, default=150)
+    ap.add_argument("--min-requests", type=int, default=800)
+    ap.add_argument("--max-requests", type=int, default=2400)
+    ap.add_argument("--tolerance", type=float, default=0.1, help="stop bisecting within a factor 1+R")
+    ap.add_argument("--max-runs", type=int, default=6, help="most runs per policy and cell")
+    ap.add_argument("--table", nargs="+", metavar="RESULTS", help="print the Markdown table of results files")
+    ap.add_argument("--before", nargs="+", metavar="RESULTS", help="with --table: dualmap's capacities before a change")
+    args = ap.parse_args()
+    if args.table:
+        print(table(args.table, args.before))
+        return
+    if not args.out:
+        ap.error("--out is required unless --table is given")
+    for prof in args.profiles.split(","):
+        load_profile(prof)
+    run_matrix(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -32,7 +32,11 @@ replicas have a 2,048-token context and 4,420 tokens of KV, so token counts are 
     long      `synthetic:sessions`: ~12k-token documents, re-asked 3 times a minute apart, under a
               two-level prefix (the "unseen trace" regime of issue 10: long prompts, heavy reuse)
 
-N = `--requests-per-replica` x fleet size, at least `--min-requests` and at most `--max-requests`.
+N: enough requests to last `--span` seconds (60) at the cell's never-forgetting work bound, at
+least `--min-requests` and at most `--max-requests` (the CPU budget); the search never goes above
+twice that bound (a pass there would only mean a workload too short to load the fleet). Policy
+specs may carry `+admitF` (admission_factor F) and `@S` (the router told an S-second SLO instead
+of the cell's), e.g. `dualmap+admit1` or `dualmap@5`.
 
 Usage (from the repository root; the full matrix takes hours of one core, so pick cells):
 
@@ -205,7 +209,7 @@ def bounds(workload: list[SimRequest], profile: Profile, replicas: int, slo: flo
 
 
 def capacity(run_at: Callable[[float], RunMetrics], start: float, tolerance: float, max_runs: int,
-             first_step: float) -> tuple[float, float | None, list[RunMetrics]]:  # fmt: skip
+             first_step: float, max_scale: float = math.inf) -> tuple[float, float | None, list[RunMetrics]]:  # fmt: skip
     """Galloping search for the highest passing rate scale (see the module comment).
     Returns (capacity qps, its scale or None, the runs in order)."""
     runs: list[RunMetrics] = []
@@ -220,7 +224,7 @@ def capacity(run_at: Callable[[float], RunMetrics], start: float, tolerance: flo
     step = first_step
     if ok(start):
         lo = start
-        while len(runs) < max_runs:
+        while len(runs) < max_runs and lo * step <= max_scale:
             if ok(lo * step):
                 lo *= step
                 step *= step
@@ -266,35 +270,45 @@ def run_cell(workload_name: str, profile: Profile, replicas: int, policies: list
     """Every policy's capacity in one cell, with the cell's bounds."""
     cpu = profile.name == CPU_PROFILE
     slo = CELL_SLO.get(profile.name, 5.0)
-    n = min(args.max_requests, max(args.min_requests, args.requests_per_replica * replicas))
-    reqs = build_workload(workload_name, n, cpu, args.traces)
-    work = prepare_workload(reqs, profile.block_size)
-    del reqs
+    # size: enough requests to last `--span` seconds at the never-forgetting work bound (sized
+    # on a pilot of --min-requests), within --min-requests and --max-requests
+    pilot = prepare_workload(build_workload(workload_name, args.min_requests, cpu, args.traces), profile.block_size)
+    n = min(args.max_requests, max(args.min_requests, int(args.span * bounds(pilot, profile, replicas, slo)["work_bound_infinite_cache"])))
+    work = pilot if n == args.min_requests else prepare_workload(build_workload(workload_name, n, cpu, args.traces), profile.block_size)
+    del pilot
     cell: dict[str, Any] = {"workload": workload_name, "profile": profile.name, "replicas": replicas, "slo_ttft": slo,
                             "requests": len(work), **bounds(work, profile, replicas, slo), "policies": {}}  # fmt: skip
-    # first guess: half the never-forgetting work bound, as a rate scale of the workload
+    # first guess: half the never-forgetting work bound, as a rate scale of the workload; no
+    # search above twice that bound (a pass there means the workload is too short to load the fleet)
     start = 0.5 * cell["work_bound_infinite_cache"] / cell["trace_rate"]
+    max_scale = 2 * cell["work_bound_infinite_cache"] / cell["trace_rate"]
     first_step = 1.25
     for spec in policies:
         label, _, router_slo = spec.partition("@")  # "dualmap@5" = dualmap told a 5 s SLO
-        options = RouterOptions(slo_ttft=float(router_slo) if router_slo else slo, seed=0)
+        label, _, admission = label.partition("+admit")  # "dualmap+admit1" = admission_factor 1
+        options = RouterOptions(slo_ttft=float(router_slo) if router_slo else slo, seed=0,
+                                admission_factor=float(admission) if admission else 0.0)  # fmt: skip
+        extras: dict[float, dict[str, Any]] = {}
 
         def run_at(scale: float, label: str = label, options: RouterOptions = options, spec: str = spec) -> RunMetrics:
-            result = simulate(work, profile, replicas, registry.create(label, options), rate_scale=scale)
+            router = registry.create(label, options)
+            result = simulate(work, profile, replicas, router, rate_scale=scale)
             m = summarize(result, spec, slo)
+            extras[scale] = {"ttft_prediction_error": router.ttft_prediction_error(), "rejected": int(result.rejected.sum())}
             print(f"  {spec:28s} x{scale:8.3f} {m.qps:8.2f} qps  {100 * m.slo_attainment:5.1f} % in SLO  "
                   f"hit {100 * m.hit_rate:5.1f} %  ({m.wall_s:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
             return m
 
         t0 = time.perf_counter()
-        qps, scale, runs = capacity(run_at, start, args.tolerance, args.max_runs, first_step)
+        qps, scale, runs = capacity(run_at, start, args.tolerance, args.max_runs, first_step, max_scale)
         at = next((m for m in runs if m.rate_scale == scale), None)
         cell["policies"][spec] = {
             "capacity": qps,
             "hit_rate_at_capacity": at.hit_rate if at else None,
             "hotspot_at_capacity": at.hotspot_factor if at else None,
             "wall_s": time.perf_counter() - t0,
-            "runs": [m.to_json() for m in runs],
+            "ttft_prediction_error_at_capacity": extras[scale]["ttft_prediction_error"] if scale is not None else None,
+            "runs": [{**m.to_json(), **extras[m.rate_scale]} for m in runs],
         }
         if scale is not None and spec == policies[0]:
             start, first_step = scale, 1 + 2 * args.tolerance
@@ -305,7 +319,7 @@ def run_cell(workload_name: str, profile: Profile, replicas: int, policies: list
 def run_matrix(args: argparse.Namespace) -> None:
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     for p in policies:
-        registry.parse_spec(p.partition("@")[0])  # fail early on a bad name
+        registry.parse_spec(p.partition("@")[0].partition("+admit")[0])  # fail early on a bad name
     doc: dict[str, Any] = {
         "command": "python " + " ".join(shlex.quote(a) for a in ["bench/regime_matrix.py", *sys.argv[1:]]),
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -383,9 +397,9 @@ def main() -> None:
     ap.add_argument("--replicas", default="2,8,32")
     ap.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
                     help="comma-separated policy specs; NAME@S tells the router an S-second SLO instead of the cell's")
-    ap.add_argument("--requests-per-replica", type=int, default=150)
+    ap.add_argument("--span", type=float, default=60.0, help="seconds of arrivals at the work bound a cell's workload should last")
     ap.add_argument("--min-requests", type=int, default=800)
-    ap.add_argument("--max-requests", type=int, default=2400)
+    ap.add_argument("--max-requests", type=int, default=3000)
     ap.add_argument("--tolerance", type=float, default=0.1, help="stop bisecting within a factor 1+R")
     ap.add_argument("--max-runs", type=int, default=6, help="most runs per policy and cell")
     ap.add_argument("--table", nargs="+", metavar="RESULTS", help="print the Markdown table of results files")

@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from pylb.observability.metrics import HOTSPOT_WINDOW, ProxyMetrics, ReplicaLoad
-from pylb.router.interface import Dispatch, ReplicaMetrics, Router, RoutingRequest, Usage
+from pylb.router.interface import Dispatch, Overloaded, ReplicaMetrics, Router, RoutingRequest, Usage
 
 log = logging.getLogger("pylb.dispatcher")
 
@@ -147,7 +147,8 @@ class Dispatcher:
         `failed_replica` marks a retry: the request's previous attempt failed there (and was
         completed with usage None); the router gets `retry(request, failed_replica, now)`, so it
         can place the request on its other candidate. Raises QueueLimitReached past `max_queued`,
-        RouterFault when the router raises."""
+        the router's `Overloaded` when its admission control refuses the request, RouterFault
+        when the router raises anything else."""
         if len(self._queued) >= self.max_queued:
             raise QueueLimitReached()
         fut: asyncio.Future[Dispatch] = asyncio.get_running_loop().create_future()
@@ -159,6 +160,9 @@ class Dispatcher:
                 self.router.retry(request, failed_replica, now)
             else:
                 self.router.submit(request, now)
+        except Overloaded:  # admission control: the caller answers 429
+            del self._queued[request.request_id]
+            raise
         except Exception as exc:
             del self._queued[request.request_id]
             self.metrics.count_background_error("router")

@@ -96,7 +96,7 @@ from pylb.observability.logging import ACCESS_LOGGER, request_id_var
 from pylb.observability.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pylb.observability.metrics import ProxyMetrics, ProxySnapshot, ReplicaSnapshot
 from pylb.router import registry
-from pylb.router.interface import Dispatch, Router, RoutingRequest, Usage
+from pylb.router.interface import Dispatch, Overloaded, Router, RoutingRequest, Usage
 from pylb.router.policy import PolicyOptionError
 from pylb.router.request import CHAT, COMPLETIONS, RequestError, RequestLimits, build_request, parse_json_body
 
@@ -390,6 +390,7 @@ class ProxyServer:
             hotspot_factor=self.dispatcher.hotspot_factor(),
             predicted_known=self.dispatcher.predicted_known,
             replicas=reps,
+            ttft_prediction_error=self.dispatcher.router.ttft_prediction_error(),
         )
 
     # ---- the error edge ---------------------------------------------------------------------------
@@ -530,6 +531,8 @@ class ProxyServer:
             fut = self.dispatcher.submit(rreq, failed_replica)
         except dispatch_mod.QueueLimitReached:
             raise QueueFull(f"pylb's queue is full ({self.settings.router.max_queued} requests waiting); retry later", headers={"Retry-After": "1"}) from None
+        except Overloaded as exc:
+            raise QueueFull(f"pylb is overloaded: {exc}; retry later", headers={"Retry-After": str(max(1, math.ceil(exc.predicted_ttft)))}) from None
         except RouterFault as exc:
             raise ProxyError(str(exc), status=500) from None
         if fut.done():  # the common case: dispatched by the poll that followed the submit

@@ -45,7 +45,7 @@ from itertools import count
 import numpy as np
 
 from pylb import native
-from pylb.router.interface import DEFAULT_BLOCK_CHARS, BlockHashing, ReplicaId, Router, RoutingRequest
+from pylb.router.interface import DEFAULT_BLOCK_CHARS, BlockHashing, Overloaded, ReplicaId, Router, RoutingRequest
 from pylb.workload.types import BYTES_PER_TOKEN, WorkloadRequest
 
 from .engine import Engine, RequestRejected, StepResult
@@ -328,18 +328,25 @@ def simulate(
                 submitted[i] = True
                 undispatched += 1
                 next_arrival += 1
-                router.submit(
-                    RoutingRequest(
-                        req.request_id,
-                        req.router_hashes,
-                        req.prompt_tokens,
-                        req.output_tokens,
-                        t,
-                        prompt_hash=req.prompt_hash,
-                        hashing=req.router_hashing,
-                    ),
-                    now,
-                )
+                try:
+                    router.submit(
+                        RoutingRequest(
+                            req.request_id,
+                            req.router_hashes,
+                            req.prompt_tokens,
+                            req.output_tokens,
+                            t,
+                            prompt_hash=req.prompt_hash,
+                            hashing=req.router_hashing,
+                        ),
+                        now,
+                    )
+                except Overloaded:  # admission control refused it: a miss, like an engine rejection
+                    rejected[i] = True
+                    undispatched -= 1
+                    done += 1
+                    if progress is not None:
+                        progress(1)
             poll(now)
         elif kind == _SCRAPE:
             stats["scrapes"] += 1

@@ -11,8 +11,14 @@ Design
    consistent-hash rings (256 virtual nodes per replica), a != b with >= 2 replicas. Distinct
    prefixes spread by the power of two choices; one prefix always has the same two replicas.
 3. Affinity: prefer the candidate whose cache (the core's mirror) holds the longer leading match
-   of the prompt; on a tie (e.g. a new prefix), the one with less prefill backlog (queued plus
-   un-prefilled tokens times its per-token time), then fewer requests owed, then ring 0's. (The
+   of the prompt; on a tie, the one with less prefill backlog (queued plus un-prefilled tokens
+   times its per-token time), then fewer requests owed, then ring 0's; when neither holds
+   anything of the prompt above the floor (a new prefix: nothing to keep warm), the fleet's
+   replica with the least backlog (option `tie`, default "fleet"; "ring" keeps the choice to the
+   two candidates, the paper's rule), and the better-loaded candidate becomes its alternate. The
+   prefix's later requests find it through step 6. Measured in the regime matrix (BENCHMARKS.md):
+   the power of two choices leaves more imbalance than the fleet's least-loaded replica on
+   traffic with little reuse (Azure, the new prefixes of Mooncake). (The
    request's own cost is the same on both at a tie; comparing full predicted TTFTs would let
    noise in the learned per-token times of two idle replicas decide, and at low load send every
    tie to whichever replica happened to measure fastest.) Matches
@@ -57,12 +63,17 @@ lookup, one mirror match.
 
 Options (`RouterOptions.extra`, or `pylb simulate --policy dualmap:key=value`), for ablations:
     migration  (bool, default true)   hotspot migration on/off
-    slo_switch (str, default rescue)  step 4: "rescue", "paper" (the paper's rule) or "off"
-                                      (always the better-cached candidate)
+    slo_switch (str, default rescue)  step 4: "rescue", "paper" (the paper's rule), "balance"
+                                      (rescue, or a 2x imbalance) or "off" (always the better-cached
+                                      candidate)
     key_depth  (int, default 0)       0 = adaptive key; d >= 1 = key fixed at depth d
     neighbours (bool, default true)   step 5: migrate to a neighbour when the alternate is hot
     follow_cache (bool, default true) step 6 on/off
     spill      (str, default off)     step 7: "fleet" or "off"
+    tie        (str, default fleet)   step 3, a prompt neither candidate holds: "fleet" or "ring"
+    balance_ratio (float, default 2)  slo_switch="balance" (step 4's rescue, and also switch when
+                                      the other candidate's predicted TTFT x ratio < the preferred
+                                      one's, at any SLO): measured mixed, so not the default
 Parameters from the paper: SLO/2 switch threshold, 200-request window, 6.12 % expansion share,
 3 s hotspot wait; 512-token key blocks and 256 virtual nodes are pylb's defaults.
 """
@@ -83,7 +94,7 @@ from ..prefix import PrefixKeyer
 from ..registry import register
 
 
-SLO_SWITCH_RULES = ("rescue", "paper", "off")
+SLO_SWITCH_RULES = ("rescue", "paper", "off", "balance")
 """Values of the `slo_switch` option."""
 
 SPILL_RULES = ("off", "fleet")
@@ -108,11 +119,13 @@ class DualMap(Policy):
         """DualMap's options (see the module docstring)."""
 
         migration: bool = setting(True, "hotspot migration on/off")
-        slo_switch: str = setting("rescue", "step 4: rescue, paper (the paper's rule) or off", check=one_of(*SLO_SWITCH_RULES))
+        slo_switch: str = setting("rescue", "step 4: rescue, paper (the paper's rule), balance (rescue, or the other candidate balance_ratio x faster) or off", check=one_of(*SLO_SWITCH_RULES))
         key_depth: int = setting(0, "0 = adaptive prefix key; d >= 1 = key fixed at depth d", check=at_least(0))
         neighbours: bool = setting(True, "step 5: migrate to a neighbour when the alternate is hot")
         follow_cache: bool = setting(True, "step 6 on/off")
         spill: str = setting("off", "step 7: fleet or off", check=one_of(*SPILL_RULES))
+        balance_ratio: float = setting(2.0, "slo_switch=balance: also switch when the other candidate's predicted TTFT x this < the preferred one's", check=at_least(1))
+        tie: str = setting("fleet", "step 3's tie when neither candidate holds the prompt: ring (the less loaded candidate) or fleet (the fleet's least loaded replica)", check=one_of("ring", "fleet"))
 
     def __init__(self, options: RouterOptions) -> None:
         super().__init__(options)
@@ -121,6 +134,8 @@ class DualMap(Policy):
         self.slo_switch = str(self.option("slo_switch"))
         self.follow_cache = bool(self.option("follow_cache"))
         self.spill = str(self.option("spill")) == "fleet"
+        self.tie_fleet = str(self.option("tie")) == "fleet"
+        self.balance_ratio = float(self.option("balance_ratio"))
         self.slo = options.slo_ttft
         self.keyer = PrefixKeyer(options, fixed_depth=self.option("key_depth"))
         self.ring: native.DualRing | None = None
@@ -158,14 +173,19 @@ class DualMap(Policy):
         ta, tb = view.predicted_ttft(request, a), view.predicted_ttft(request, b)
         faster = a if ta <= tb else b
         if ca == cb:
-            pick, branch = min((a, b), key=lambda i: (_backlog(view.replicas[i]), view.replicas[i].load, i != a)), "load"
+            pool = range(len(view.replicas)) if self.tie_fleet and ca == 0 else (a, b)
+            pick, branch = min(pool, key=lambda i: (_backlog(view.replicas[i]), view.replicas[i].load, i not in (a, b), i != a)), "load"
+            if pick not in (a, b):  # held by neither: the new prefix's other candidate is the better-loaded ring owner
+                b = a if _backlog(view.replicas[a]) <= _backlog(view.replicas[b]) else b
         else:
             pick, branch = (a if ca > cb else b), "affinity"
             t_pick, t_other = (ta, tb) if pick == a else (tb, ta)
             budget = self.switch_budget
             if self.slo_switch == "paper" and t_pick > budget and t_other < t_pick:
                 pick, branch = faster, "slo-switch"
-            elif self.slo_switch == "rescue" and t_pick > budget and t_other <= budget:
+            elif self.slo_switch in ("rescue", "balance") and t_pick > budget and t_other <= budget:
+                pick, branch = (b if pick == a else a), "slo-switch"
+            elif self.slo_switch == "balance" and t_other * self.balance_ratio < t_pick:
                 pick, branch = (b if pick == a else a), "slo-switch"
         if self.spill and min(ta, tb) > self.slo:
             best = min(range(len(view.replicas)), key=lambda i: (view.predicted_ttft(request, i), i))

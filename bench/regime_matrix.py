@@ -51,7 +51,11 @@ The results file is rewritten after every cell (a stopped run keeps its finished
 records the command, the load average and every run. `--table` prints the Markdown table of one
 or more results files: per cell, dualmap's capacity against the best other policy's, with the
 bounds and the cache hit rates; a later file's cells replace an earlier file's policies
-(e.g. a run of dualmap alone after a change, over a full run before it).
+(e.g. a run of dualmap alone after a change, over a full run before it). The table's capacities
+are interpolated: where attainment crosses 90 % between the highest passing run and the lowest
+failing one above it (`interpolated_capacity`), which separates policies the search's steps
+would tie. A cell whose best capacity reaches the never-forgetting work bound is marked
+"short": its workload ends before the queues settle, so it measures a transient, not a capacity.
 """
 
 from __future__ import annotations
@@ -360,45 +364,81 @@ def run_matrix(args: argparse.Namespace) -> None:
 
 
 def merged_cells(paths: list[str]) -> list[dict[str, Any]]:
-    """Cells of several results files; a later file's policies replace an earlier file's."""
+    """Cells of several results files; a later file's policies replace an earlier file's, and a
+    later cell with another SLO (a re-run after `cell_slo` changed) replaces the whole cell."""
     cells: dict[tuple, dict[str, Any]] = {}
     for path in paths:
         with open(path, encoding="utf-8") as fh:
             for c in json.load(fh)["cells"]:
                 key = (c["workload"], c["profile"], c["replicas"])
-                if key in cells:
+                if key in cells and cells[key]["slo_ttft"] == c["slo_ttft"]:
                     cells[key]["policies"].update(c["policies"])
                 else:
                     cells[key] = c
     return list(cells.values())
 
 
-def table(paths: list[str], baseline: list[str] | None = None) -> str:
-    """Markdown: per cell, dualmap against the best other policy (and against `baseline`'s
-    dualmap when given: the capacity before a change)."""
+def interpolated_capacity(policy: dict[str, Any]) -> float:
+    """The rate at which attainment crosses 90 %, interpolated linearly between the highest
+    passing run and the lowest failing run above it (finer than the search's steps; the same
+    number as `capacity` when no run failed above it)."""
+    runs = sorted(policy["runs"], key=lambda r: r["qps"])
+    passing = [r for r in runs if r["slo_attainment"] >= DEFAULT_SLO_TARGET]
+    if not passing:
+        return 0.0
+    lo = max(passing, key=lambda r: r["qps"])
+    above = [r for r in runs if r["qps"] > lo["qps"] and r["slo_attainment"] < DEFAULT_SLO_TARGET]
+    if not above:
+        return float(lo["qps"])
+    hi = min(above, key=lambda r: r["qps"])
+    f = (lo["slo_attainment"] - DEFAULT_SLO_TARGET) / (lo["slo_attainment"] - hi["slo_attainment"])
+    return float(lo["qps"] + f * (hi["qps"] - lo["qps"]))
+
+
+BEFORE_LABELS = ("dualmap", "dualmap:tie=ring")
+"""dualmap's label in a `--before` file (the second: the pre-change rule re-run as an option)."""
+
+
+def verdict(c: dict[str, Any], best: float) -> str:
+    """Why a cell does not count: "short" when the best capacity is at or above the never-forgetting
+    work bound (the workload ends before queues settle: a transient, not a capacity), "none" when
+    no policy passed."""
+    if best <= 0:
+        return "none"
+    return "short" if best >= c["work_bound_infinite_cache"] else ""
+
+
+def table(paths: list[str], baseline: list[str] | None = None, variant: str = "dualmap") -> str:
+    """Markdown: per cell, `variant` (dualmap by default) against the best other policy (dualmap
+    variants excluded) by interpolated capacity, and against `baseline`'s dualmap when given."""
     before = {(c["workload"], c["profile"], c["replicas"]): c for c in merged_cells(baseline)} if baseline else {}
-    head = ["workload", "profile", "N", "SLO s", "dualmap qps", "best other", "ratio", "hit dualmap", "hit 1 cache",
-            "work bound (1 cache / inf)", "SLO bound"]  # fmt: skip
+    head = ["workload", "profile", "N", "SLO s", f"{variant} qps", "best other qps", "ratio", f"hit {variant}", "hit 1 cache",
+            "work bound (1 cache / inf)", "SLO bound", "pred. err P50/P90 s", "note"]  # fmt: skip
     if before:
         head[5:5] = ["dualmap before", "ratio before"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in merged_cells(paths):
         pol = c["policies"]
-        d = pol.get("dualmap")
+        d = pol.get(variant)
         if d is None:
             continue
         others = {k: v for k, v in pol.items() if not k.startswith("dualmap")}
-        best_name, best = max(others.items(), key=lambda kv: kv[1]["capacity"]) if others else ("-", {"capacity": math.nan})
-        ratio = d["capacity"] / best["capacity"] if best["capacity"] > 0 else math.nan
+        caps = {k: interpolated_capacity(v) for k, v in others.items()}
+        best_name, best = max(caps.items(), key=lambda kv: kv[1]) if caps else ("-", math.nan)
+        mine = interpolated_capacity(d)
+        ratio = mine / best if best > 0 else math.nan
         hit = d["hit_rate_at_capacity"]
-        row = [c["workload"], c["profile"], str(c["replicas"]), f"{c['slo_ttft']:g}", f"{d['capacity']:.2f}",
-               f"{best['capacity']:.2f} ({best_name})", f"{ratio:.2f}", "-" if hit is None else f"{100 * hit:.1f} %",
+        err = d.get("ttft_prediction_error_at_capacity")
+        row = [c["workload"], c["profile"], str(c["replicas"]), f"{c['slo_ttft']:g}", f"{mine:.2f}",
+               f"{best:.2f} ({best_name})", f"{ratio:.2f}", "-" if hit is None else f"{100 * hit:.1f} %",
                f"{100 * c['hit_fleet_cache']:.1f} %",
-               f"{c['work_bound_fleet_cache']:.2f} / {c['work_bound_infinite_cache']:.2f}", f"{100 * c['slo_bound']:.0f} %"]  # fmt: skip
+               f"{c['work_bound_fleet_cache']:.2f} / {c['work_bound_infinite_cache']:.2f}", f"{100 * c['slo_bound']:.0f} %",
+               "-" if not err else f"{err[0]:.2f} / {err[1]:.2f}", verdict(c, max(best, mine))]  # fmt: skip
         if before:
-            b = before.get((c["workload"], c["profile"], c["replicas"]), {}).get("policies", {}).get("dualmap")
-            bq = b["capacity"] if b else math.nan
-            row[5:5] = [f"{bq:.2f}", f"{bq / best['capacity']:.2f}" if best["capacity"] > 0 else "-"]
+            bc = before.get((c["workload"], c["profile"], c["replicas"]), {}).get("policies", {})
+            b = next((bc[k] for k in BEFORE_LABELS if k in bc), None)
+            bq = interpolated_capacity(b) if b else math.nan
+            row[5:5] = [f"{bq:.2f}", f"{bq / best:.2f}" if best > 0 else "-"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -419,9 +459,10 @@ def main() -> None:
     ap.add_argument("--max-runs", type=int, default=6, help="most runs per policy and cell")
     ap.add_argument("--table", nargs="+", metavar="RESULTS", help="print the Markdown table of results files")
     ap.add_argument("--before", nargs="+", metavar="RESULTS", help="with --table: dualmap's capacities before a change")
+    ap.add_argument("--variant", default="dualmap", help="with --table: the dualmap label compared (e.g. dualmap+admit1)")
     args = ap.parse_args()
     if args.table:
-        print(table(args.table, args.before))
+        print(table(args.table, args.before, args.variant))
         return
     if not args.out:
         ap.error("--out is required unless --table is given")

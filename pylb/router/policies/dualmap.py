@@ -157,8 +157,9 @@ class DualMap(Policy):
         # hot prefix (its boundary hash) -> (key, block hashes) of its last request, and the
         # shortest common prefix seen between two of its requests with different keys (or None)
         self._hot_tails: dict[int, tuple[int, np.ndarray, int | None]] = {}
-        # prompts placed and not yet dispatched: last block hash -> replica, request id -> that hash
-        self._queued: dict[int, int] = {}
+        # prompts placed and not yet dispatched: last block hash -> (replica, request id), and
+        # request id -> that hash
+        self._queued: dict[int, tuple[int, str]] = {}
         self._queued_last: dict[str, int] = {}
 
     def on_membership(self, replicas: Sequence[ReplicaId]) -> None:
@@ -222,7 +223,7 @@ class DualMap(Policy):
         if self.follow_cache and len(request.block_hashes):
             last = int(request.block_hashes[-1])
             self._queued.pop(last, None)
-            self._queued[last] = int(choice.replica)
+            self._queued[last] = (int(choice.replica), request.request_id)
             self._queued_last[request.request_id] = last
             if len(self._queued) > QUEUED_KEPT:
                 del self._queued[next(iter(self._queued))]
@@ -248,9 +249,9 @@ class DualMap(Policy):
             return None, 0
         hashes = request.block_hashes
         for k in range(len(hashes) - 1, longer_than - 1, -1):  # the prompt's own last block too
-            r = self._queued.get(int(hashes[k]))
-            if r is not None:
-                return r, k + 1
+            hit = self._queued.get(int(hashes[k]))
+            if hit is not None and hit[1] != request.request_id:  # (not itself, asked again)
+                return hit[0], k + 1
         return None, 0
 
     def _hot_floor(self, request: RoutingRequest, key: int, depth: int) -> tuple[int, tuple | None]:

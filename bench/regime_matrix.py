@@ -395,8 +395,8 @@ def interpolated_capacity(policy: dict[str, Any]) -> float:
     return float(lo["qps"] + f * (hi["qps"] - lo["qps"]))
 
 
-BEFORE_LABELS = ("dualmap", "dualmap:tie=ring")
-"""dualmap's label in a `--before` file (the second: the pre-change rule re-run as an option)."""
+BEFORE_LABELS = ("dualmap:tie=ring", "dualmap")
+"""dualmap's label in a `--before` file: the pre-change rule re-run as an option where a cell was re-run, else dualmap."""
 
 
 def verdict(c: dict[str, Any], best: float) -> str:

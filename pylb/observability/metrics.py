@@ -114,7 +114,7 @@ SERIES: dict[str, str] = {
     "pylb_observed_prefix_cache_hit_rate": "per replica: hits / queries increase since pylb started (replica='fleet': all replicas)",
     "pylb_predicted_prefix_cache_hit_rate": "per replica: predicted cached / dispatched prompt tokens (replica='fleet': all replicas)",
     "pylb_hotspot_factor": f"replicas x busiest replica's share of the last {HOTSPOT_WINDOW} dispatches",
-    "pylb_ttft_prediction_error_seconds": "quantiles (0.5, 0.9) of |predicted - observed| TTFT over the router's last first tokens",
+    "pylb_ttft_prediction_error_seconds": "quantiles (0.5, 0.9) of the absolute error of the predicted against the observed TTFT (submit to first token) over the router's recent first tokens",
 }
 """Every series pylb exposes, with its meaning (the docs list the same)."""
 

@@ -443,6 +443,42 @@ def table(paths: list[str], baseline: list[str] | None = None, variant: str = "d
     return "\n".join(lines)
 
 
+def plot(paths: list[str], baseline: list[str] | None, out: str) -> None:
+    """Bar chart of dualmap / best other per valid cell (not short, not none): after (`paths`)
+    and, with `baseline`, before."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    before = {(c["workload"], c["profile"], c["replicas"]): c for c in merged_cells(baseline)} if baseline else {}
+    labels, after_r, before_r = [], [], []
+    for c in merged_cells(paths):
+        pol = c["policies"]
+        caps = [interpolated_capacity(v) for k, v in pol.items() if not k.startswith("dualmap")]
+        best = max(caps, default=0.0)
+        if "dualmap" not in pol or verdict(c, max(best, interpolated_capacity(pol["dualmap"]))) or best <= 0:
+            continue
+        key = (c["workload"], c["profile"], c["replicas"])
+        labels.append(f"{c['workload']} {c['profile'].removeprefix('dualmap-').split('-')[0]} x{c['replicas']}")
+        after_r.append(interpolated_capacity(pol["dualmap"]) / best)
+        b = next((before[key]["policies"][k] for k in BEFORE_LABELS if key in before and k in before[key]["policies"]), None)
+        before_r.append(interpolated_capacity(b) / best if b else math.nan)
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    x = np.arange(len(labels))
+    if baseline:
+        ax.bar(x - 0.2, before_r, 0.4, label="dualmap before", color="#bbbbbb")
+    ax.bar(x + (0.2 if baseline else 0), after_r, 0.4, label="dualmap after", color="#3070b0")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.axhline(0.98, color="red", lw=0.8, ls="--", label="target 0.98")
+    ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("capacity / best other policy")
+    ax.set_title("Regime matrix: dualmap against the best other policy (cells that are not short)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="results JSON (rewritten after every cell)")
@@ -459,10 +495,13 @@ def main() -> None:
     ap.add_argument("--max-runs", type=int, default=6, help="most runs per policy and cell")
     ap.add_argument("--table", nargs="+", metavar="RESULTS", help="print the Markdown table of results files")
     ap.add_argument("--before", nargs="+", metavar="RESULTS", help="with --table: dualmap's capacities before a change")
+    ap.add_argument("--plot", metavar="OUT.png", help="with --table: also plot dualmap / best other per valid cell")
     ap.add_argument("--variant", default="dualmap", help="with --table: the dualmap label compared (e.g. dualmap+admit1)")
     args = ap.parse_args()
     if args.table:
         print(table(args.table, args.before, args.variant))
+        if args.plot:
+            plot(args.table, args.before, args.plot)
         return
     if not args.out:
         ap.error("--out is required unless --table is given")

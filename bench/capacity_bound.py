@@ -3,11 +3,13 @@
 Design
 ------
 Two bounds follow from the simulator's step-time model alone (pylb/sim/engine.py:
-t = c0 + c_prefill * prefill_tokens + c_decode * decode_seqs + c_attn * context_tokens), whatever
+t = c0 + c_prefill * prefill_tokens + c_decode * decode_seqs + c_attn * context_tokens
++ c_prefill_attn * prefill_pairs), whatever
 the placement:
 
 * Work bound (throughput). A request costs its replica
       c_prefill * (P - H)  +  c_attn * (context after each prefill chunk)
+        +  c_prefill_attn * (causal attention pairs of the P - H new tokens after H cached)
     + sum over its O - 1 decode steps of (c_decode + c_attn * context)
   replica-seconds, where P is the prompt, H its cached prefix and O its output. The per-step c0
   is shared by a whole batch and left out, so the bound is optimistic. N replicas can serve at
@@ -37,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pylb.sim.profiles import Profile, load_profile
+from pylb.sim.profiles import Profile, load_profile, prefill_pairs
 
 MOONCAKE_BLOCK_TOKENS = 512
 
@@ -86,7 +88,9 @@ def prefill_work(profile: Profile, prompt: np.ndarray, hit: np.ndarray) -> np.nd
     # context after chunk k is hit + k*B (the last chunk ends at the prompt): sum over chunks
     attn_ctx = chunks * hit + profile.max_num_batched_tokens * chunks * (chunks + 1) / 2
     attn_ctx = np.minimum(attn_ctx, chunks * prompt)
-    return profile.c_prefill * new + profile.c_attn * attn_ctx
+    # causal attention pairs of the whole prefill (the chunks' pairs add up to the same total)
+    pairs = prefill_pairs(new, hit)  # type: ignore[arg-type]  # numpy arrays work elementwise
+    return profile.c_prefill * new + profile.c_attn * attn_ctx + profile.c_prefill_attn * pairs
 
 
 def decode_work(profile: Profile, prompt: np.ndarray, output: np.ndarray) -> np.ndarray:

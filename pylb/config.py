@@ -144,6 +144,7 @@ ROUTER_OPTION_FIELDS: dict[str, str] = {
     "starvation_s": "starvation_s",
     "dispatch_interval_s": "dispatch_interval",
     "hot_wait_s": "hot_wait_s",
+    "admission_factor": "admission_factor",
     "migration_scan": "migration_scan",
     "prefill_s_per_token": "prefill_seconds_per_token",
     "prefill_learning_rate": "prefill_learning_rate",
@@ -184,6 +185,7 @@ class RouterSettings:
     starvation_s: float = _core("starvation_s")
     dispatch_interval_s: float = _core("dispatch_interval")
     hot_wait_s: float = _core("hot_wait_s")
+    admission_factor: float = _core("admission_factor")
     migration_scan: int = _core("migration_scan")
     prefill_s_per_token: float = _core("prefill_seconds_per_token")
     prefill_learning_rate: float = _core("prefill_learning_rate")

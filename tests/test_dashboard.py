@@ -57,6 +57,7 @@ def pylb_sample_names() -> set[str]:
     snap = ProxySnapshot(
         queue_depth=1, in_progress=1, hotspot_factor=1.0, predicted_known=True,
         replicas=[ReplicaSnapshot("http://r:8000", True, ReplicaLoad(1, 1, 1, 1, 1, 1), 1, 1, 0.5, 1, 1)],
+        ttft_prediction_error=(0.1, 0.3),
     )  # fmt: skip
     m.attach(lambda: snap)
     m.count_request("chat", 200)

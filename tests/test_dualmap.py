@@ -19,7 +19,7 @@ from pylb.router.core import CoreRouter
 from pylb.router.interface import RouterOptions, RoutingRequest
 from pylb.router.policies.consistent_hash import ConsistentHash
 from pylb.router.policies.dualmap import DualMap
-from pylb.router.policy import PolicyOptionError, ReplicaState
+from pylb.router.policy import Choice, PolicyOptionError, ReplicaState
 from pylb.router.prefix import PrefixKeyer, boundary_hashes, short_key
 
 U64 = np.uint64
@@ -147,6 +147,39 @@ def test_follow_cache_takes_a_replica_off_the_rings_that_holds_more() -> None:
     cached, ttft = [0] * 4, [1.0] * 4
     cached[oa], cached[oc] = 10, 40
     assert choose(off, oreq, View(cached, ttft)).replica == oa
+
+
+def test_a_turn_follows_its_previous_turn_while_that_one_is_still_queued() -> None:
+    p, a, b, c, first = four_replica_dualmap()
+    cached, ttft = [0] * 4, [1.0] * 4
+    cached[c] = 40  # an earlier conversation left 40 blocks of this prompt on c
+    assert choose(p, first, View(cached, ttft)).replica == c  # choose + on_choice: queued on c
+    nxt = rr("q2", np.arange(1, 100, dtype=U64))  # the next turn: the first turn's prompt + more
+    empty = [0] * 4  # the mirror learns the first turn only when it is dispatched
+    choice = choose(p, nxt, View(empty, ttft))
+    assert (choice.replica, choice.branch) == (c, "affinity")
+    p.on_dispatch(first, c, View(empty, ttft))  # dispatched: the mirror holds them from now on
+    p.on_dispatch(nxt, c, View(empty, ttft))
+    assert choose(p, rr("q3", np.arange(1, 100, dtype=U64)), View(empty, ttft)).branch == "load"
+    off, _, _, oc, ofirst = four_replica_dualmap(follow_cache=False)
+    cached = [0] * 4
+    cached[oc] = 40
+    assert choose(off, ofirst, View(cached, ttft)).replica != oc
+    assert choose(off, rr("q2", np.arange(1, 100, dtype=U64)), View(empty, ttft)).branch == "load"
+
+
+def test_the_hot_floor_ignores_two_turns_of_one_conversation() -> None:
+    p = DualMap(RouterOptions(slo_ttft=5.0))
+    p.on_membership(["r0", "r1"])
+    first = rr("t1", np.arange(1, 80, dtype=U64))
+    later = rr("t2", np.arange(1, 120, dtype=U64))  # extends t1: the same conversation
+    _, entry = p._hot_floor(first, key=11, depth=2)
+    p.on_choice(first, Choice(0, 1, note=(None, entry)), View([0, 0], [0.0, 0.0]))
+    floor, _ = p._hot_floor(later, key=22, depth=2)  # another key (it went deeper), same parent
+    assert floor == 32  # the depth's own floor only: t1's 79 blocks are not a hot prefix's
+    other = rr("o1", [*range(1, 40), *range(500, 560)])  # another group: shares 39 blocks
+    floor, _ = p._hot_floor(other, key=33, depth=2)
+    assert floor == 39
 
 
 def test_spill_only_when_both_candidates_would_miss_the_slo() -> None:

@@ -293,3 +293,40 @@ def test_load_workload_synthetic_specs() -> None:
 def test_load_workload_bad_specs(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         loaders.load_workload(spec)
+
+
+# ---- synthetic:sessions (the regime matrix's generator) ------------------------------------------
+
+
+def test_sessions_knobs_shape_the_workload() -> None:
+    from pylb.workload.synthetic import sessions
+
+    single = sessions(requests=200, reuse_share=0.0, agent_share=0.0, shared_depth=0, seed=1)
+    assert len(single) == 200 and all(r.request_id.endswith("-t1") for r in single)
+    assert [r.arrival_s for r in single] == sorted(r.arrival_s for r in single)
+    agents = sessions(requests=300, reuse_share=0.0, agent_share=1.0, agent_turns=8.0, agent_append_tokens=32,
+                      agent_output_tokens=7, shared_depth=2, shared_tokens=64, fanout=1, seed=2)  # fmt: skip
+    by_session: dict[str, list] = {}
+    for r in agents:
+        by_session.setdefault(r.session_id, []).append(r)
+    steps = [rs for rs in by_session.values() if len(rs) > 1]
+    assert steps and sum(len(rs) for rs in by_session.values()) / len(by_session) > 3  # loops, not single requests
+    for rs in steps:
+        rs.sort(key=lambda r: int(r.request_id.rsplit("-t", 1)[1]))
+        for prev, nxt in zip(rs, rs[1:]):
+            assert nxt.prompt_text().startswith(prev.prompt_text())  # each step extends the last
+            assert nxt.prompt_tokens == prev.prompt_tokens + 32 and nxt.output_tokens == 7
+    shared = {r.prompt_text()[: 2 * 64 * 4] for r in agents}
+    assert len(shared) == 1  # fanout 1: every prompt starts with the same two shared levels
+    capped = sessions(requests=100, prompt_tokens=5000, max_prompt_tokens=300, seed=3)
+    assert max(r.prompt_tokens for r in capped) == 300 and all(len(r.prompt_text()) == 4 * r.prompt_tokens for r in capped)
+
+
+def test_sessions_bad_knobs_name_the_field() -> None:
+    from pylb.workload.loaders import load_workload
+
+    with pytest.raises(ValueError, match="reuse_share \\+ agent_share"):
+        load_workload("synthetic:sessions:reuse_share=0.7,agent_share=0.5")
+    with pytest.raises(ValueError, match="fanout"):
+        load_workload("synthetic:sessions:fanout=0")
+    assert len(load_workload("synthetic:sessions:requests=50,agent_share=0.2")) == 50

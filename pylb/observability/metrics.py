@@ -113,6 +113,7 @@ SERIES: dict[str, str] = {
     "pylb_observed_prefix_cache_hit_rate": "per replica: hits / queries increase since pylb started (replica='fleet': all replicas)",
     "pylb_predicted_prefix_cache_hit_rate": "per replica: predicted cached / dispatched prompt tokens (replica='fleet': all replicas)",
     "pylb_hotspot_factor": f"replicas x busiest replica's share of the last {HOTSPOT_WINDOW} dispatches",
+    "pylb_ttft_prediction_error_seconds": "quantiles (0.5, 0.9) of the absolute error of the predicted against the observed TTFT (submit to first token) over the router's recent first tokens",
 }
 """Every series pylb exposes, with its meaning (the docs list the same)."""
 
@@ -152,6 +153,7 @@ class ProxySnapshot:
     hotspot_factor: float = 0.0
     predicted_known: bool = False
     replicas: Sequence[ReplicaSnapshot] = field(default_factory=list)
+    ttft_prediction_error: tuple[float, float] | None = None
 
 
 def _add_ratio(family: GaugeMetricFamily, labels: list[str], num: float, den: float) -> None:
@@ -178,6 +180,11 @@ class _StateCollector(Collector):
         yield g
         yield GaugeMetricFamily("pylb_requests_in_progress", SERIES["pylb_requests_in_progress"], value=s.in_progress)
         yield GaugeMetricFamily("pylb_hotspot_factor", SERIES["pylb_hotspot_factor"], value=s.hotspot_factor)
+        if s.ttft_prediction_error is not None:
+            err = gauge("pylb_ttft_prediction_error_seconds", ("quantile",))
+            for q, v in zip(("0.5", "0.9"), s.ttft_prediction_error):
+                err.add_metric([q], v)
+            yield err
         healthy = gauge("pylb_replica_healthy")
         inflight = gauge("pylb_replica_inflight_requests")
         unpre = gauge("pylb_replica_unprefilled_requests")

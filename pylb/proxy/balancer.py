@@ -34,7 +34,7 @@ from pylb.fleet.fleet import Fleet
 from pylb.fleet.kv_feed import KvFeed
 from pylb.observability.metrics import ProxyMetrics, ProxySnapshot, ReplicaSnapshot
 from pylb.router import registry
-from pylb.router.interface import Dispatch, Router, RoutingRequest
+from pylb.router.interface import Dispatch, Overloaded, Router, RoutingRequest
 from pylb.router.policy import PolicyOptionError
 from pylb.router.request import RequestLimits
 
@@ -106,6 +106,8 @@ class Balancer:
             fut = disp.submit(rreq, failed_replica)
         except QueueLimitReached:
             raise QueueFull(f"pylb's queue is full ({rs.max_queued} requests waiting); retry later", headers={"Retry-After": "1"}) from None
+        except Overloaded as exc:  # admission control: waiting would be hopeless
+            raise QueueFull(f"pylb is overloaded: {exc}; retry later", headers={"Retry-After": str(max(1, math.ceil(exc.predicted_ttft)))}) from None
         except RouterFault as exc:
             raise ProxyError(str(exc), status=500) from None
         if fut.done():  # the common case: dispatched by the poll that followed the submit
@@ -162,6 +164,7 @@ class Balancer:
             hotspot_factor=self.dispatcher.hotspot_factor(),
             predicted_known=self.dispatcher.predicted_known,
             replicas=reps,
+            ttft_prediction_error=self.router.ttft_prediction_error(),
         )
 
 

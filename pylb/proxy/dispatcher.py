@@ -47,7 +47,7 @@ import numpy as np
 
 from pylb.observability.metrics import ProxyMetrics, ReplicaLoad
 from pylb.router.driver import RouterDriver
-from pylb.router.interface import Dispatch, ReplicaMetrics, Router, RoutingRequest, Usage
+from pylb.router.interface import Dispatch, Overloaded, ReplicaMetrics, Router, RoutingRequest, Usage
 
 log = logging.getLogger("pylb.dispatcher")
 
@@ -136,7 +136,8 @@ class Dispatcher:
         `failed_replica` marks a retry: the request's previous attempt failed there (and was
         completed with usage None); the router gets `retry(request, failed_replica, now)`, so it
         can place the request on its other candidate. Raises QueueLimitReached past `max_queued`,
-        RouterFault when the router raises."""
+        the router's `Overloaded` when its admission control refuses the request, RouterFault
+        when the router raises anything else."""
         if len(self.driver.queued) >= self.max_queued:
             raise QueueLimitReached()
         fut: asyncio.Future[Dispatch] = asyncio.get_running_loop().create_future()
@@ -144,6 +145,8 @@ class Dispatcher:
         t0 = time.perf_counter()
         try:
             self.driver.submit(request, now, failed_replica)
+        except Overloaded:  # admission control: the caller answers 429
+            raise
         except Exception as exc:
             self.metrics.count_background_error("router")
             log.exception("router.submit failed")

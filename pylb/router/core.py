@@ -8,6 +8,15 @@ model, hotspot migration and membership. It is the only writer of `ReplicaState`
 drivers read its state through `CoreView` (`view`), which has no method that changes anything.
 
 Life of a request
+  admit     with `RouterOptions.admission_factor` f > 0, a request is refused at once
+            (`Overloaded`; the proxy answers 429) when its predicted TTFT exceeds f x slo_ttft on
+            every replica and no replica is idle (counting, with the "cheapest" order, only the
+            queued requests that go before it): in overload it would miss the SLO anyway, and
+            queueing it would push the requests behind it past the SLO too. Under load this
+            sheds the longest prompts first (their own prefill is in the prediction); a replica
+            with no backlog always admits, so a long prompt on a quiet fleet is never refused.
+            Measured (BENCHMARKS.md, "Regime matrix"): using only the backlog (leaving the
+            request's own prefill out) sheds more requests and helps far less.
   submit    the policy chooses a replica (`advance(now)`, then the pure `choose`); the request
             joins that replica's queue and the policy records the choice (`on_choice`); queues are
             ordered by (priority desc, rank, arrival, submission), where rank is set by
@@ -32,7 +41,11 @@ seconds while anything is queued (the timer also drives hotspot detection by wai
 
 Predicted TTFT of request r on replica i (the `RouterView.predicted_ttft` every policy sees):
     (queued_tokens_i + unprefilled_tokens_i + uncached_i(r)) x prefill_seconds_per_token_i
-and of replica i itself the same without r.
+and of replica i itself the same without r. Its error is measured: each request carries the
+TTFT predicted when it was queued (plus the time it had waited, after a migration), and its
+first token gives |predicted - observed|, observed = first token - submit; P50 and P90 over the
+last `PREDICTION_WINDOW` first tokens are `ttft_prediction_error()` (the proxy's
+`pylb_ttft_prediction_error_seconds`, the regime matrix's prediction error column).
 
 Hotspot migration (policies with `migrates = True`; DualMap §4.3): on every poll, a replica h
 with queued requests is *hot* when its predicted TTFT exceeds `slo_ttft` or its oldest queued
@@ -85,7 +98,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -94,11 +107,14 @@ import numpy as np
 from pylb import native
 
 from .event_mirror import EventMirror
-from .interface import Dispatch, ReplicaId, ReplicaMetrics, ReplicaState, Router, RouterOptions, RoutingRequest, Usage
+from .interface import Dispatch, Overloaded, ReplicaId, ReplicaMetrics, ReplicaState, Router, RouterOptions, RoutingRequest, Usage
 from .policy import BRANCHES, Choice, Policy
 from .ttft import PrefillTimeEstimator, blended
 
 _QUEUED, _DISPATCHED, _PREFILLED, _UNPLACED = 0, 1, 2, 3
+
+PREDICTION_WINDOW = 1000
+"""First tokens over which the TTFT prediction error is measured (`ttft_prediction_error`)."""
 
 
 @dataclass(slots=True)
@@ -131,6 +147,8 @@ class _Entry:
     version: int = 0  # bumped whenever it leaves a queue: heap items of older versions are stale
     dispatched_at: float = math.nan
     ahead: int = 0  # un-prefilled tokens on the replica at dispatch, its own included
+    submitted_at: float = math.nan
+    predicted: float = math.nan  # predicted TTFT from submit, when it was (last) queued
 
 
 @dataclass(slots=True, eq=False)
@@ -217,6 +235,9 @@ class CoreRouter(Router):
         self.decisions: Counter[str] = Counter()
         """Decisions by branch (`pylb.router.policy.BRANCHES`), as `pylb_decisions_total` counts them."""
         self.migrations = 0
+        self.rejections = 0
+        """Requests refused by admission control (`Overloaded`)."""
+        self._prediction_errors: deque[float] = deque(maxlen=PREDICTION_WINDOW)
 
     # ---- RouterView (the read-only part; `view` hands out only this) -----------------------
 
@@ -263,6 +284,28 @@ class CoreRouter(Router):
         s = self.replicas[replica]
         return (s.queued_tokens + s.unprefilled_tokens + own_tokens) * s.prefill_seconds_per_token
 
+    def _admission_ttft(self, request: RoutingRequest, replica: int, limit: float) -> float:
+        """The request's TTFT on `replica` as admission control judges it: 0 on an idle replica;
+        otherwise counting only the queued requests its queue order puts ahead of it (with
+        "cheapest", those of higher priority or no more uncached tokens), not the whole queue
+        as `predicted_ttft` does (a short prompt overtakes long ones). The queue is scanned only
+        when the answer is near `limit`."""
+        s = self.replicas[replica]
+        if s.queued_tokens + s.unprefilled_tokens == 0:
+            return 0.0
+        full = self.predicted_ttft(request, replica)
+        if full <= limit or self.options.queue_order != "cheapest":
+            return full
+        own = self.uncached_tokens(request, replica)
+        rate = s.prefill_seconds_per_token
+        if (s.unprefilled_tokens + own) * rate > limit:
+            return full  # hopeless before counting the queue
+        ahead = 0
+        for item in self._queues[replica].order:  # (-priority, rank = cost, arrival, seq, version, entry)
+            if _live(item) and (-item[0] > request.priority or (-item[0] == request.priority and item[1] <= own)):
+                ahead += item[-1].cost
+        return (s.unprefilled_tokens + ahead + own) * rate
+
     def _new_entry(self, request: RoutingRequest, known_message: str) -> _Entry:
         """Track a request (ValueError naming it, with `known_message`, if it is tracked already,
         or when its block hashes were made with other hashing parameters than the router's)."""
@@ -284,6 +327,14 @@ class CoreRouter(Router):
         """Queue the request where the policy chooses (held unplaced while there is no replica)."""
         self._tick(now)
         e = self._new_entry(request, "was already submitted and is not complete")
+        e.submitted_at = self.now
+        limit = self.options.admission_factor * self.options.slo_ttft
+        if limit > 0 and self.replicas:
+            best = min(self._admission_ttft(request, i, limit) for i in range(len(self.replicas)))
+            if best > limit:
+                del self._entries[request.request_id]
+                self.rejections += 1
+                raise Overloaded(best, limit)
         if self.replicas:
             self._place(e)
         else:
@@ -327,6 +378,8 @@ class CoreRouter(Router):
         s = self.replicas[e.replica]
         s._unprefilled_requests -= 1
         s._unprefilled_tokens -= e.cost
+        if not math.isnan(e.predicted):
+            self._prediction_errors.append(abs(e.predicted - (now - e.submitted_at)))
         est = self._queues[e.replica].estimator
         assert est is not None
         latency = now - e.dispatched_at
@@ -412,6 +465,7 @@ class CoreRouter(Router):
         `on_choice`: the request was counted when it was first placed."""
         self._tick(now)
         e = self._new_entry(request, "is still known to the router; complete it first")
+        e.submitted_at = request.arrival if math.isfinite(request.arrival) else self.now
         if not self.replicas:
             self._unplaced.append(e)
             return
@@ -523,6 +577,15 @@ class CoreRouter(Router):
         for e in pending:
             self._place(e)
 
+    def ttft_prediction_error(self) -> tuple[float, float] | None:
+        """P50 and P90 of |predicted - observed| TTFT over the last `PREDICTION_WINDOW` first
+        tokens: predicted when the request was queued (again after a migration), observed from
+        submit (for a retry: from its arrival) to first token."""
+        if not self._prediction_errors:
+            return None
+        p50, p90 = np.percentile(np.fromiter(self._prediction_errors, float), [50, 90])
+        return float(p50), float(p90)
+
     def next_wakeup(self, now: float) -> float | None:
         """`now + dispatch_interval` while requests are queued, else no timer."""
         return now + self.options.dispatch_interval if self._queued_total else None
@@ -577,6 +640,7 @@ class CoreRouter(Router):
         s._queued_requests += 1
         s._queued_tokens += e.cost
         self._queued_total += 1
+        e.predicted = (self.now - e.submitted_at) + self.replica_ttft(r)
         q = self._queues[r]
         v = e.version
         order = self.options.queue_order

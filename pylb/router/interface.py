@@ -267,6 +267,7 @@ class RouterOptions:
     queue_order: str = setting("cheapest", f"order of a replica's queue after priority: {', '.join(QUEUE_ORDERS)} (fewest uncached tokens, longest cached prefix, or arrival first)", check=one_of(*QUEUE_ORDERS))
     starvation_s: float = setting(30.0, "a request queued this long goes next on its replica, whatever its rank", check=positive)
     dispatch_interval: float = setting(0.05, "seconds between the router's timer polls while requests are queued", check=positive)
+    admission_factor: float = setting(0.0, "admission control: refuse a request (`Overloaded`) when its predicted TTFT exceeds this x slo_ttft on every replica and none is idle; 0 admits everything", check=at_least(0))
     hot_wait_s: float = setting(3.0, "a replica is hot (its queue migrates) when its oldest queued request waited this long", check=positive)
     migration_scan: int = setting(16, "queued requests examined per hot replica per poll when migrating", check=at_least(1))
     prefill_seconds_per_token: float = setting(1.0e-4, "seed of a replica's per-token prefill time (s), until learned: the router's TTFT prediction and the proxy's non-streamed prefill estimate", check=positive)
@@ -424,6 +425,22 @@ class RouterView(Protocol):
         """Predicted TTFT on `replica` of a request with nothing to compute."""
 
 
+class Overloaded(Exception):
+    """`Router.submit` refuses a request that would wait hopelessly long (admission control,
+    `RouterOptions.admission_factor`): the proxy answers 429 with `Retry-After`, the simulator
+    counts the request as rejected.
+
+    Attributes:
+        predicted_ttft: the request's lowest predicted TTFT over the replicas, seconds.
+        limit: the TTFT above which requests are refused (admission_factor x slo_ttft), seconds.
+    """
+
+    def __init__(self, predicted_ttft: float, limit: float) -> None:
+        super().__init__(f"predicted time to first token {predicted_ttft:.1f} s on every replica, over the admission limit of {limit:.1f} s")
+        self.predicted_ttft = predicted_ttft
+        self.limit = limit
+
+
 class Router(ABC):
     """The router contract (see the module docstring for the call sequence).
 
@@ -450,7 +467,8 @@ class Router(ABC):
         scaled arrival time; proxy: when the HTTP request has been parsed). The router queues
         it; it is sent only when a later `poll` returns a `Dispatch` for it. Raises ValueError
         for a request it cannot take (an id it still tracks; hashes made with other parameters
-        than its own, `RouterOptions.check_hashing`).
+        than its own, `RouterOptions.check_hashing`), and `Overloaded` for one its admission
+        control refuses (the router then does not track it).
         """
 
     def retry(self, request: RoutingRequest, failed_replica: ReplicaId, now: float) -> None:
@@ -510,6 +528,12 @@ class Router(ABC):
         whenever replicas join or leave. Requests queued for a replica that left must be
         re-placed, not dropped.
         """
+
+    def ttft_prediction_error(self) -> tuple[float, float] | None:
+        """P50 and P90 of |predicted - observed| TTFT (seconds) over the router's recent first
+        tokens, where observed is first token minus submit; None when the router does not
+        predict, or has seen no first token yet."""
+        return None
 
     def next_wakeup(self, now: float) -> float | None:
         """The next time the router wants `poll` called even if no event happens, or None.

@@ -54,7 +54,7 @@ import numpy as np
 
 from pylb import native
 from pylb.router.driver import RouterDriver
-from pylb.router.interface import DEFAULT_BLOCK_CHARS, BlockHashing, ReplicaId, Router, RoutingRequest
+from pylb.router.interface import DEFAULT_BLOCK_CHARS, BlockHashing, Overloaded, ReplicaId, Router, RoutingRequest
 from pylb.workload.types import BYTES_PER_TOKEN, WorkloadRequest
 
 from .engine import Engine, RequestRejected, StepResult
@@ -471,7 +471,11 @@ def simulate(
                     break
                 arrival[i] = t
                 next_arrival += 1
-                driver.submit(_routing_request(workload[i], t, profile.block_size if kv_events else 0), now)
+                try:
+                    driver.submit(_routing_request(workload[i], t, profile.block_size if kv_events else 0), now)
+                except Overloaded:  # admission control refused it: a miss, like an engine rejection
+                    rejected[i] = True
+                    ended(i)
             poll(now)
         elif kind == _SCRAPE:
             stats["scrapes"] += 1

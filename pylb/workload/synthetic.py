@@ -50,6 +50,44 @@ prefix + a unique suffix, so a request can reuse exactly L tokens of cache. Arri
     rate            5.0      request arrivals per second (Poisson, > 0)
     seed            0        RNG seed; also part of every text key
 
+Sessions with regime knobs (`sessions`): the workload shapes a router meets, one knob each.
+Sessions start as a Poisson process; a session's prompts sit under a chain of `shared_depth`
+shared prefixes of `shared_tokens` each (a tenant's system prompt, then an application's tool
+specification, ...), where level k has `fanout` children under each level k-1 prefix, picked
+Zipf(`zipf_s`) (so a few prefixes are hot and many are rare). Turn 1 is the shared chain + a
+unique first message (lognormal, mean `prompt_tokens`, sigma `prompt_sigma`); every later turn
+is the previous prompt + `append_tokens` (the answer and a new message), so the reuse share is
+set by how many sessions continue and the reuse distance by the gap between turns. Three kinds
+of session: a single request (share 1 - `reuse_share` - `agent_share`), a chat of 1 + a
+geometric number of turns (mean `turns`, gap exponential with mean `think_time_s`), and a
+tool-agent loop (share `agent_share`): mean `agent_turns` steps, `agent_think_s` apart (a tool
+call's latency), each adding `agent_append_tokens` (a tool result) and asking for
+`agent_output_tokens`. Prompts are cut at `max_prompt_tokens` (0: no cap; a cut prompt keeps
+its prefix, so it still reuses). Session start rate = `rate` / (mean requests per session), so
+`rate` is the mean request rate; the first `requests` requests by arrival are kept.
+
+    parameter            default  meaning
+    requests             1000     requests kept (>= 1)
+    rate                 2.0      mean request arrivals per second (> 0)
+    prompt_tokens        1024     mean unique tokens of a session's first message (>= 1)
+    prompt_sigma         0.8      lognormal sigma of the first message's length (>= 0)
+    shared_depth         1        levels of shared prefix above each session (>= 0)
+    shared_tokens        1024     tokens per shared level (>= 1)
+    fanout               8        prefixes per level under each parent (>= 1)
+    zipf_s               1.0      Zipf exponent of the pick at each level (>= 0)
+    reuse_share          0.7      share of sessions that are multi-turn chats (0..1)
+    turns                4.0      mean turns of a chat (>= 1)
+    think_time_s         20.0     mean gap between a chat's turns, seconds (>= 0)
+    append_tokens        256      tokens a chat turn adds (>= 1)
+    output_tokens        256      max_tokens of a chat or single request (>= 1)
+    agent_share          0.0      share of sessions that are tool-agent loops (0..1 - reuse_share)
+    agent_turns          12.0     mean steps of an agent loop (>= 1)
+    agent_think_s        1.0      mean gap between agent steps, seconds (>= 0)
+    agent_append_tokens  128      tokens an agent step adds (>= 1)
+    agent_output_tokens  64       max_tokens of an agent step (>= 1)
+    max_prompt_tokens    0        prompt cap in tokens (0: none)
+    seed                 0        RNG seed; also part of every text key
+
 The defaults live only in the functions' signatures; the CLI's `synthetic:NAME:key=value,...`
 specs (`pylb.workload.loaders`) read them from there.
 """
@@ -57,6 +95,7 @@ specs (`pylb.workload.loaders`) read them from there.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from functools import partial
 
@@ -211,7 +250,102 @@ def zipf_prefixes(
     return out
 
 
-GENERATORS: dict[str, Callable[..., list[WorkloadRequest]]] = {"multi-turn": multi_turn, "zipf": zipf_prefixes}
+def _zipf_pick(rng: np.random.Generator, n: int, s: float) -> int:
+    w = 1.0 / np.arange(1, n + 1, dtype=np.float64) ** s
+    return int(rng.choice(n, p=w / w.sum()))
+
+
+def sessions(
+    *,
+    requests: int = 1000,
+    rate: float = 2.0,
+    prompt_tokens: int = 1024,
+    prompt_sigma: float = 0.8,
+    shared_depth: int = 1,
+    shared_tokens: int = 1024,
+    fanout: int = 8,
+    zipf_s: float = 1.0,
+    reuse_share: float = 0.7,
+    turns: float = 4.0,
+    think_time_s: float = 20.0,
+    append_tokens: int = 256,
+    output_tokens: int = 256,
+    agent_share: float = 0.0,
+    agent_turns: float = 12.0,
+    agent_think_s: float = 1.0,
+    agent_append_tokens: int = 128,
+    agent_output_tokens: int = 64,
+    max_prompt_tokens: int = 0,
+    seed: int = 0,
+) -> list[WorkloadRequest]:
+    """Single requests, chats and tool-agent loops under Zipf-picked shared prefix chains (see
+    the module comment). Request ids `ss-{session}-t{turn}`, `session_id` `ss-{session}`."""
+    for name, value, low in (("requests", requests, 1), ("prompt_tokens", prompt_tokens, 1), ("prompt_sigma", prompt_sigma, 0),
+                             ("shared_depth", shared_depth, 0), ("shared_tokens", shared_tokens, 1), ("fanout", fanout, 1),
+                             ("zipf_s", zipf_s, 0), ("reuse_share", reuse_share, 0), ("turns", turns, 1),
+                             ("think_time_s", think_time_s, 0), ("append_tokens", append_tokens, 1),
+                             ("output_tokens", output_tokens, 1), ("agent_share", agent_share, 0), ("agent_turns", agent_turns, 1),
+                             ("agent_think_s", agent_think_s, 0), ("agent_append_tokens", agent_append_tokens, 1),
+                             ("agent_output_tokens", agent_output_tokens, 1), ("max_prompt_tokens", max_prompt_tokens, 0)):  # fmt: skip
+        _check(name, value, low)
+    _check("rate", rate, 0, strict=True)
+    if reuse_share + agent_share > 1:
+        raise ValueError(f"reuse_share + agent_share must be <= 1, got {reuse_share!r} + {agent_share!r}")
+    rng = np.random.default_rng(seed)
+    single = 1.0 - reuse_share - agent_share
+    per_session = single + reuse_share * turns + agent_share * agent_turns
+    session_rate = rate / per_session
+    out: list[WorkloadRequest] = []
+    t = 0.0
+    s = 0
+    cutoff = math.inf  # the `requests`-th earliest arrival so far: later sessions cannot add an earlier one
+    while t <= cutoff:
+        kind = rng.choice(3, p=[single, reuse_share, agent_share])
+        segments: tuple[tuple[str, int], ...] = ()
+        path = ""
+        for _level in range(shared_depth):
+            path += f"/{_zipf_pick(rng, fanout, zipf_s)}"
+            segments += ((f"ss:{seed}:shared{path}", shared_tokens),)
+        first = max(1, int(round(rng.lognormal(math.log(prompt_tokens) - prompt_sigma**2 / 2, prompt_sigma))))
+        segments += ((f"ss:{seed}:s{s}:m0", first),)
+        if kind == 0:
+            n_turns, gap, add, out_tokens = 1, 0.0, 0, output_tokens
+        elif kind == 1:
+            n_turns, gap, add, out_tokens = int(rng.geometric(1.0 / turns)), think_time_s, append_tokens, output_tokens
+        else:
+            n_turns, gap, add, out_tokens = int(rng.geometric(1.0 / agent_turns)), agent_think_s, agent_append_tokens, agent_output_tokens
+        at = t
+        for n in range(1, n_turns + 1):
+            if n > 1:
+                segments += ((f"ss:{seed}:s{s}:m{n - 1}", add),)
+                at += float(rng.exponential(gap)) if gap > 0 else 0.0
+            tokens = sum(k for _, k in segments)
+            if max_prompt_tokens:
+                tokens = min(tokens, max_prompt_tokens)
+            out.append(
+                WorkloadRequest(
+                    request_id=f"ss-{s}-t{n}",
+                    arrival_s=at,
+                    prompt_tokens=tokens,
+                    output_tokens=out_tokens,
+                    make_text=partial(_cut_text, segments, tokens),
+                    session_id=f"ss-{s}",
+                )
+            )
+        s += 1
+        t += float(rng.exponential(1.0 / session_rate))
+        if len(out) >= requests:
+            cutoff = float(np.partition(np.fromiter((r.arrival_s for r in out), float), requests - 1)[requests - 1])
+    out.sort(key=lambda r: r.arrival_s)
+    return out[:requests]
+
+
+def _cut_text(segments: tuple[tuple[str, int], ...], tokens: int) -> str:
+    """The segments' text cut to `tokens` tokens (the `make_text` of `sessions`)."""
+    return _concat(segments)[: tokens * BYTES_PER_TOKEN]
+
+
+GENERATORS: dict[str, Callable[..., list[WorkloadRequest]]] = {"multi-turn": multi_turn, "sessions": sessions, "zipf": zipf_prefixes}
 """Synthetic workloads by the name used in `synthetic:NAME` trace specs."""
 
-__all__ = ["GENERATORS", "multi_turn", "text_of", "token_text", "zipf_prefixes"]
+__all__ = ["GENERATORS", "multi_turn", "sessions", "text_of", "token_text", "zipf_prefixes"]

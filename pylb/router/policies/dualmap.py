@@ -11,8 +11,14 @@ Design
    consistent-hash rings (256 virtual nodes per replica), a != b with >= 2 replicas. Distinct
    prefixes spread by the power of two choices; one prefix always has the same two replicas.
 3. Affinity: prefer the candidate whose cache (the core's mirror) holds the longer leading match
-   of the prompt; on a tie (e.g. a new prefix), the one with less prefill backlog (queued plus
-   un-prefilled tokens times its per-token time), then fewer requests owed, then ring 0's. (The
+   of the prompt; on a tie, the one with less prefill backlog (queued plus un-prefilled tokens
+   times its per-token time), then fewer requests owed, then ring 0's; when neither holds
+   anything of the prompt above the floor (a new prefix: nothing to keep warm), the fleet's
+   replica with the least backlog (option `tie`, default "fleet"; "ring" keeps the choice to the
+   two candidates, the paper's rule), and the better-loaded candidate becomes its alternate. The
+   prefix's later requests find it through step 6. Measured in the regime matrix (BENCHMARKS.md):
+   the power of two choices leaves more imbalance than the fleet's least-loaded replica on
+   traffic with little reuse (Azure, the new prefixes of Mooncake). (The
    request's own cost is the same on both at a tie; comparing full predicted TTFTs would let
    noise in the learned per-token times of two idle replicas decide, and at low load send every
    tie to whichever replica happened to measure fastest.) Matches
@@ -24,7 +30,11 @@ Design
    rarely ends on a key-block boundary (a system prompt of any length), so the floor also covers
    the part of the key's own block that the hot prefix's other groups share: the shortest common
    prefix seen between two requests with different keys under the same hot prefix (remembered
-   for the last 1024 hot prefixes). Without that, the replica that served a new system prompt
+   for the last 1024 hot prefixes; two requests of which one extends the other are one
+   conversation whose key went deeper as it grew, not two groups, and are not compared: on a
+   fast tool-agent loop, the loop itself is a hot prefix, and comparing its steps raised the
+   floor to the whole previous step, so the step that holds it lost its affinity, measured in
+   the regime matrix). Without that, the replica that served a new system prompt
    first holds a few blocks more of every later prompt than the others, and steps 3 and 6 send
    it all of them until it is hot (seen at start-up: every request on one replica for seconds).
 4. SLO switch: if the preferred candidate's predicted TTFT (queued + un-prefilled + own uncached
@@ -42,7 +52,13 @@ Design
 6. Follow the cache (pylb; option `follow_cache`): when a replica off the two rings holds a
    longer match above the hot floor than both candidates (a conversation that an earlier spill
    or migration moved there), it replaces the worse-matched candidate, so the next turn goes where
-   its prefix is rather than back to the ring owners, which hold less of it.
+   its prefix is rather than back to the ring owners, which hold less of it. A turn whose
+   previous turn is still queued (the mirror learns a prefix only at dispatch) follows it too:
+   DualMap remembers where each queued prompt waits (by its last block's chained hash, until it
+   is dispatched), and a prompt that extends a queued one counts it as held there. Without
+   that, under load a fast tool-agent loop's next step arrives while the previous one waits in
+   the router's queue, matches nothing, and is placed as a new prefix, away from its cache
+   (measured in the regime matrix, agent workload on 910B: hit 83 % -> 92 %).
 7. Spill (pylb; option `spill`, off by default): when both candidates predict a TTFT over the
    SLO, the request goes to the fleet's replica with the lowest predicted TTFT, if that one
    predicts it within the SLO (the admission-time twin of step 5's neighbours).
@@ -57,12 +73,17 @@ lookup, one mirror match.
 
 Options (`RouterOptions.extra`, or `pylb simulate --policy dualmap:key=value`), for ablations:
     migration  (bool, default true)   hotspot migration on/off
-    slo_switch (str, default rescue)  step 4: "rescue", "paper" (the paper's rule) or "off"
-                                      (always the better-cached candidate)
+    slo_switch (str, default rescue)  step 4: "rescue", "paper" (the paper's rule), "balance"
+                                      (rescue, or a 2x imbalance) or "off" (always the better-cached
+                                      candidate)
     key_depth  (int, default 0)       0 = adaptive key; d >= 1 = key fixed at depth d
     neighbours (bool, default true)   step 5: migrate to a neighbour when the alternate is hot
     follow_cache (bool, default true) step 6 on/off
     spill      (str, default off)     step 7: "fleet" or "off"
+    tie        (str, default fleet)   step 3, a prompt neither candidate holds: "fleet" or "ring"
+    balance_ratio (float, default 2)  slo_switch="balance" (step 4's rescue, and also switch when
+                                      the other candidate's predicted TTFT x ratio < the preferred
+                                      one's, at any SLO): measured mixed, so not the default
 Parameters from the paper: SLO/2 switch threshold, 200-request window, 6.12 % expansion share,
 3 s hotspot wait; 512-token key blocks and 256 virtual nodes are pylb's defaults.
 """
@@ -83,7 +104,7 @@ from ..prefix import PrefixKeyer
 from ..registry import register
 
 
-SLO_SWITCH_RULES = ("rescue", "paper", "off")
+SLO_SWITCH_RULES = ("rescue", "paper", "off", "balance")
 """Values of the `slo_switch` option."""
 
 SPILL_RULES = ("off", "fleet")
@@ -91,6 +112,9 @@ SPILL_RULES = ("off", "fleet")
 
 HOT_TAILS_KEPT = 1024
 """Hot prefixes whose shared tail (step 3's floor) DualMap remembers; the oldest is forgotten."""
+
+QUEUED_KEPT = 8192
+"""Queued prompts step 6 remembers (entries leave at dispatch; past this, the oldest is forgotten)."""
 
 
 def _backlog(s: ReplicaState) -> float:
@@ -108,11 +132,13 @@ class DualMap(Policy):
         """DualMap's options (see the module docstring)."""
 
         migration: bool = setting(True, "hotspot migration on/off")
-        slo_switch: str = setting("rescue", "step 4: rescue, paper (the paper's rule) or off", check=one_of(*SLO_SWITCH_RULES))
+        slo_switch: str = setting("rescue", "step 4: rescue, paper (the paper's rule), balance (rescue, or the other candidate balance_ratio x faster) or off", check=one_of(*SLO_SWITCH_RULES))
         key_depth: int = setting(0, "0 = adaptive prefix key; d >= 1 = key fixed at depth d", check=at_least(0))
         neighbours: bool = setting(True, "step 5: migrate to a neighbour when the alternate is hot")
         follow_cache: bool = setting(True, "step 6 on/off")
         spill: str = setting("off", "step 7: fleet or off", check=one_of(*SPILL_RULES))
+        balance_ratio: float = setting(2.0, "slo_switch=balance: also switch when the other candidate's predicted TTFT x this < the preferred one's", check=at_least(1))
+        tie: str = setting("fleet", "step 3's tie when neither candidate holds the prompt: ring (the less loaded candidate) or fleet (the fleet's least loaded replica)", check=one_of("ring", "fleet"))
 
     def __init__(self, options: RouterOptions) -> None:
         super().__init__(options)
@@ -121,6 +147,8 @@ class DualMap(Policy):
         self.slo_switch = str(self.option("slo_switch"))
         self.follow_cache = bool(self.option("follow_cache"))
         self.spill = str(self.option("spill")) == "fleet"
+        self.tie_fleet = str(self.option("tie")) == "fleet"
+        self.balance_ratio = float(self.option("balance_ratio"))
         self.slo = options.slo_ttft
         self.keyer = PrefixKeyer(options, fixed_depth=self.option("key_depth"))
         self.ring: native.DualRing | None = None
@@ -129,10 +157,16 @@ class DualMap(Policy):
         # hot prefix (its boundary hash) -> (key, block hashes) of its last request, and the
         # shortest common prefix seen between two of its requests with different keys (or None)
         self._hot_tails: dict[int, tuple[int, np.ndarray, int | None]] = {}
+        # prompts placed and not yet dispatched: last block hash -> (replica, request id), and
+        # request id -> that hash
+        self._queued: dict[int, tuple[int, str]] = {}
+        self._queued_last: dict[str, int] = {}
 
     def on_membership(self, replicas: Sequence[ReplicaId]) -> None:
         """Rebuild both rings over the new replicas (off the request path)."""
         self.ring = native.DualRing(list(replicas)) if replicas else None
+        self._queued.clear()  # replica indices change with the membership
+        self._queued_last.clear()
 
     def choose(self, request: RoutingRequest, view: RouterView) -> Choice:
         """Better-cached candidate, unless its predicted TTFT > slo/2 (then the other, if it is
@@ -150,6 +184,9 @@ class DualMap(Policy):
         if self.follow_cache:
             c = int(np.argmax(cached))
             cc = max(0, int(cached[c]) - floor)
+            p, held = self._queued_prefix(request, floor + max(ca, cb, cc))
+            if p is not None and p < len(view.replicas):  # an earlier turn still queued there
+                c, cc = p, held - floor
             if cc > max(ca, cb):  # held off the rings (spilled or migrated there): replaces the worse candidate
                 if ca <= cb:
                     a, ca = c, cc
@@ -158,14 +195,19 @@ class DualMap(Policy):
         ta, tb = view.predicted_ttft(request, a), view.predicted_ttft(request, b)
         faster = a if ta <= tb else b
         if ca == cb:
-            pick, branch = min((a, b), key=lambda i: (_backlog(view.replicas[i]), view.replicas[i].load, i != a)), "load"
+            pool = range(len(view.replicas)) if self.tie_fleet and ca == 0 else (a, b)
+            pick, branch = min(pool, key=lambda i: (_backlog(view.replicas[i]), view.replicas[i].load, i not in (a, b), i != a)), "load"
+            if pick not in (a, b):  # held by neither: the new prefix's other candidate is the better-loaded ring owner
+                b = a if _backlog(view.replicas[a]) <= _backlog(view.replicas[b]) else b
         else:
             pick, branch = (a if ca > cb else b), "affinity"
             t_pick, t_other = (ta, tb) if pick == a else (tb, ta)
             budget = self.switch_budget
             if self.slo_switch == "paper" and t_pick > budget and t_other < t_pick:
                 pick, branch = faster, "slo-switch"
-            elif self.slo_switch == "rescue" and t_pick > budget and t_other <= budget:
+            elif self.slo_switch in ("rescue", "balance") and t_pick > budget and t_other <= budget:
+                pick, branch = (b if pick == a else a), "slo-switch"
+            elif self.slo_switch == "balance" and t_other * self.balance_ratio < t_pick:
                 pick, branch = (b if pick == a else a), "slo-switch"
         if self.spill and min(ta, tb) > self.slo:
             best = min(range(len(view.replicas)), key=lambda i: (view.predicted_ttft(request, i), i))
@@ -174,16 +216,43 @@ class DualMap(Policy):
         return Choice(pick, b if pick == a else a, branch=branch, note=(pending, tail))
 
     def on_choice(self, request: RoutingRequest, choice: Choice, view: RouterView) -> None:
-        """Count the request in the adaptive key's window and remember its hot-prefix tail (once
-        per placement, never for a retry)."""
+        """Count the request in the adaptive key's window, remember its hot-prefix tail and,
+        until it is dispatched, where it is queued (once per placement, never for a retry)."""
         pending, tail = choice.note
         self.keyer.record(pending)
+        if self.follow_cache and len(request.block_hashes):
+            last = int(request.block_hashes[-1])
+            self._queued.pop(last, None)
+            self._queued[last] = (int(choice.replica), request.request_id)
+            self._queued_last[request.request_id] = last
+            if len(self._queued) > QUEUED_KEPT:
+                del self._queued[next(iter(self._queued))]
+            if len(self._queued_last) > QUEUED_KEPT:
+                del self._queued_last[next(iter(self._queued_last))]
         if tail is not None:
             parent, entry = tail
             self._hot_tails.pop(parent, None)
             self._hot_tails[parent] = entry
             if len(self._hot_tails) > HOT_TAILS_KEPT:
                 del self._hot_tails[next(iter(self._hot_tails))]
+
+    def on_dispatch(self, request: RoutingRequest, replica: int, view: RouterView) -> None:
+        """The request left its queue: the mirror holds its prefix from now on."""
+        last = self._queued_last.pop(request.request_id, None)
+        if last is not None:
+            self._queued.pop(last, None)
+
+    def _queued_prefix(self, request: RoutingRequest, longer_than: int) -> tuple[int | None, int]:
+        """(replica, blocks) of the longest prefix of the prompt, longer than `longer_than`
+        blocks, that is a whole queued request's prompt (step 6's queued turn); (None, 0) if none."""
+        if not self._queued:
+            return None, 0
+        hashes = request.block_hashes
+        for k in range(len(hashes) - 1, longer_than - 1, -1):  # the prompt's own last block too
+            hit = self._queued.get(int(hashes[k]))
+            if hit is not None and hit[1] != request.request_id:  # (not itself, asked again)
+                return hit[0], k + 1
+        return None, 0
 
     def _hot_floor(self, request: RoutingRequest, key: int, depth: int) -> tuple[int, tuple | None]:
         """Router blocks at the start of the prompt that a hot prefix shared by many groups covers
@@ -203,6 +272,7 @@ class DualMap(Policy):
             if last_key != key:  # another group: what the two share is the hot prefix's
                 n = min(len(hashes), len(last_hashes))
                 same = hashes[:n] == last_hashes[:n]  # chained hashes: equal up to the first difference
-                common = n if same.all() else int(same.argmin())
-                shared = common if shared is None else min(shared, common)
+                if not same.all():  # (one prompt extending the other is one conversation, its key deeper now)
+                    common = int(same.argmin())
+                    shared = common if shared is None else min(shared, common)
         return (floor if shared is None else max(floor, shared)), (parent, (key, hashes, shared))

@@ -1,0 +1,70 @@
+"""bench/regime_matrix.py's pieces on literal cases: the single-cache hit rates, the capacity
+search, the interpolated capacity and the "short" verdict; and one tiny cell end to end (a few
+seconds), so the script does not rot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import regime_matrix as rm  # noqa: E402
+
+from pylb.sim.cluster import SimRequest  # noqa: E402
+from pylb.sim.profiles import load_profile  # noqa: E402
+from pylb.sim.report import RunMetrics  # noqa: E402
+
+
+def sim(rid: str, t: float, blocks: list[int], tokens: int) -> SimRequest:
+    h = np.array(blocks, dtype=np.uint64)
+    return SimRequest(rid, t, tokens, 4, h, h)
+
+
+def test_cache_hits_lead_prefix_lru_and_cap() -> None:
+    work = [sim("a", 0, [1, 2, 3], 48), sim("b", 1, [1, 2, 9], 48), sim("c", 2, [1, 2, 3], 32), sim("d", 3, [7], 16)]
+    assert rm.cache_hits(work, 16, math.inf).tolist() == [0, 32, 31, 0]  # c: 3 blocks held, capped at P - 1
+    # a 3-block LRU: b's block 9 and d's 7 push out the oldest blocks
+    assert rm.cache_hits(work, 16, 3).tolist() == [0, 32, 31, 0]
+    assert rm.cache_hits(work, 16, 1).tolist() == [0, 0, 0, 0]
+
+
+def metrics(qps: float, attainment: float) -> RunMetrics:
+    return RunMetrics("p", qps, qps, 10, 10, 1.0, 1.0, 1.0, attainment, 0.5, 1.0, 0.0)
+
+
+def test_capacity_search_and_interpolation() -> None:
+    def run_at(scale: float) -> RunMetrics:  # passes up to scale 3
+        return metrics(scale, 0.95 if scale <= 3.0 else 0.8)
+
+    qps, scale, runs = rm.capacity(run_at, 1.0, 0.1, 8, 1.25)
+    assert scale is not None and 3.0 / 1.1 <= qps <= 3.0 and len(runs) <= 8
+    policy = {"runs": [{"qps": 2.0, "slo_attainment": 0.95}, {"qps": 4.0, "slo_attainment": 0.85}, {"qps": 1.0, "slo_attainment": 1.0}]}
+    assert rm.interpolated_capacity(policy) == pytest.approx(3.0)  # 90 % halfway between 95 % at 2 and 85 % at 4
+    assert rm.interpolated_capacity({"runs": [{"qps": 1.0, "slo_attainment": 0.5}]}) == 0.0
+    cell = {"work_bound_infinite_cache": 10.0}
+    assert rm.verdict(cell, 12.0) == "short" and rm.verdict(cell, 5.0) == "" and rm.verdict(cell, 0.0) == "none"
+    capped = rm.capacity(lambda s: metrics(s, 1.0), 1.0, 0.1, 8, 2.0, max_scale=5.0)
+    assert capped[1] is not None and capped[1] <= 5.0  # never above the cap, however well it passes
+
+
+def test_one_small_cell_end_to_end(tmp_path: Path) -> None:
+    args = argparse.Namespace(min_requests=60, max_requests=60, span=1.0, tolerance=0.3, max_runs=2, traces=rm.TRACES)
+    cell = rm.run_cell("chat", load_profile("cpu-small-llama"), 2, ["dualmap", "min-ttft"], args)
+    assert cell["requests"] == 60 and cell["slo_ttft"] == 0.5
+    assert 0 <= cell["hit_fleet_cache"] <= cell["hit_infinite_cache"] <= 1
+    assert cell["work_bound_no_cache"] <= cell["work_bound_fleet_cache"] <= cell["work_bound_infinite_cache"]
+    for spec in ("dualmap", "min-ttft"):
+        p = cell["policies"][spec]
+        assert 1 <= len(p["runs"]) <= 2 and p["capacity"] >= 0
+    out = tmp_path / "cells.json"
+    out.write_text(json.dumps({"cells": [cell]}))
+    text = rm.table([str(out)])
+    assert "| chat | cpu-small-llama | 2 | 0.5 |" in text

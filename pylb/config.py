@@ -101,6 +101,11 @@ def http_urls(v: Any) -> str | None:
     return None
 
 
+def _readable_file(v: Any) -> str | None:
+    """Empty, or a readable file."""
+    return None if not v or os.access(v, os.R_OK) else "must name a readable file"
+
+
 def path_string(v: Any) -> str | None:
     """An absolute URL path."""
     return None if v.startswith("/") else "must be a URL path starting with /"
@@ -129,6 +134,10 @@ class ServerSettings:
     max_buffered_body_bytes: int = setting(512 * 1024 * 1024, "request-body bytes held at once for all requests; beyond, 503 with Retry-After", check=at_least(1024))
     max_header_bytes: int = setting(16384, "longest request line or header line accepted (longer: 400)", check=at_least(1024))
     max_headers: int = setting(100, "most header lines in a request (more: 400)", check=at_least(8))
+    api_keys: list = setting([], "client API keys accepted as Authorization: Bearer KEY on /v1/ (none here and no api_keys_file: no authentication)")
+    api_keys_file: str = setting("", "file of accepted client keys as SHA-256 hex digests, one per line (# comments); adds to server.api_keys", check=_readable_file)
+    admin_host: str = setting("127.0.0.1", "address of the admin listener (server.admin_port)")
+    admin_port: int = setting(0, "serve /metrics, /health and /ready on this port only, not on server.port (0: no admin listener)", check=port_number)
     expose_replicas: bool = setting(True, "name replicas by their address in x-pylb-replica and error messages (false: an opaque id)")
 
 
@@ -293,7 +302,8 @@ class UpstreamSettings:
     retry_deadline_s: float = setting(10.0, "no retry starts later than this after the request arrived", check=non_negative)
     retry_statuses: list = setting([502, 503, 504], "replica HTTP statuses that are retried (connection errors always are)")
     max_idle_per_replica: int = setting(32, "idle pooled connections kept per replica; more are closed when released", check=at_least(0))
-    ca_file: str = setting("", "https:// replicas: PEM file of the CAs to trust (empty: the system's)")
+    ca_file: str = setting("", "https:// replicas: PEM file of the CAs to trust (empty: the system's)", check=_readable_file)
+    forward_authorization: bool = setting(False, "pass the client's Authorization header on to the replica (off: replicas never see client keys)")
     tls_verify: bool = setting(True, "https:// replicas: verify the certificate and host name")
 
 

@@ -164,16 +164,18 @@ def _strip_pairs(headers: Any, skip: frozenset[str] | set[str]) -> list[tuple[st
 
 
 _REQUEST_SKIP_RAW = frozenset(h.encode() for h in _REQUEST_SKIP | {"x-request-id"})
+_REQUEST_SKIP_RAW_AUTH = _REQUEST_SKIP_RAW | {b"authorization"}
 
 
-def _raw_request_headers(raw: tuple[tuple[bytes, bytes], ...], request_id: str) -> bytes:
+def _raw_request_headers(raw: tuple[tuple[bytes, bytes], ...], request_id: str, skip: frozenset[bytes] = _REQUEST_SKIP_RAW) -> bytes:
     """The client's headers as an encoded block for the replica: hop-by-hop ones (and those the
-    Connection header names), Host, Content-Length and Expect dropped, X-Request-Id set."""
+    Connection header names), Host, Content-Length, Content-Encoding and Expect dropped (and
+    those in `skip`), X-Request-Id set."""
     out = []
     extra: set[bytes] | None = None
     for k, v in raw:
         low = k.lower()
-        if low in _REQUEST_SKIP_RAW:
+        if low in skip:
             if low == b"connection":
                 extra = {h.strip().lower() for h in v.split(b",")}
             continue
@@ -268,6 +270,23 @@ class _ClientErrorLog(logging.LoggerAdapter):
         self.logger.log(min(level, logging.INFO), "malformed or broken client request", extra={"error": f"{type(exc).__name__}: {reason}".rstrip(": ")})
 
 
+def load_key_digests(keys: list[str], keys_file: str) -> frozenset[str]:
+    """The SHA-256 hex digests of the accepted client keys: of `keys`, and the lines of
+    `keys_file` (digests already; blank lines and # comments skipped). Raises ConfigError for a
+    line that is not a digest."""
+    digests = {hashlib.sha256(k.encode()).hexdigest() for k in keys}
+    if keys_file:
+        with open(keys_file, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                line = line.split("#", 1)[0].strip().lower()
+                if not line:
+                    continue
+                if not re.fullmatch(r"[0-9a-f]{64}", line):
+                    raise ConfigError("server.api_keys_file", keys_file, f"line {n} is not a SHA-256 hex digest (make one with: printf %s KEY | sha256sum)")
+                digests.add(line)
+    return frozenset(digests)
+
+
 def create_router(rs: RouterSettings) -> Router:
     """The router of the settings: the policy spec `rs.policy` (`NAME[:key=value...]`, as
     `pylb simulate --policy` takes it) around a core with `rs.router_options()`.
@@ -317,6 +336,10 @@ class ProxyServer:
         self._retry_after = str(max(1, math.ceil(fs.health_interval_s * fs.healthy_threshold)))
         self._retry_statuses = frozenset(settings.upstream.retry_statuses)
         self._eject_statuses = frozenset(fs.eject_statuses)
+        self._skip_raw = _REQUEST_SKIP_RAW if settings.upstream.forward_authorization else _REQUEST_SKIP_RAW_AUTH
+        self._key_digests = load_key_digests(settings.server.api_keys, settings.server.api_keys_file)
+        self._admin_runner: web.AppRunner | None = None
+        self.admin_port: int | None = None
         self._ssl = client_ssl_context(settings.upstream.ca_file, settings.upstream.tls_verify) if self._uses_tls() else None
         self.fleet.ssl = self._ssl
         self.fleet.on_eject = self._on_eject
@@ -360,16 +383,36 @@ class ProxyServer:
         return f"http://{self.settings.server.host}:{self.port}"
 
     def make_app(self) -> web.Application:
-        """The aiohttp application."""
+        """The aiohttp application (with /metrics, /health and /ready unless an admin listener serves them)."""
         app = web.Application(middlewares=[self._gate, self._edge], client_max_size=self.settings.server.max_body_bytes)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
         app.router.add_route("*", "/v1/{tail:.*}", self._forward)
+        if not self.settings.server.admin_port:
+            self._add_admin_routes(app)
+        return app
+
+    def _add_admin_routes(self, app: web.Application) -> None:
         app.router.add_get("/health", self._health)
         app.router.add_get("/ready", self._ready)
         app.router.add_get("/metrics", self._metrics_page)
-        return app
+
+    async def _start_admin(self) -> None:
+        """The admin listener (`server.admin_host`:`server.admin_port`): /metrics, /health, /ready."""
+        ss = self.settings.server
+        app = web.Application(middlewares=[self._edge])
+        self._add_admin_routes(app)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=_CLEANUP_GRACE_S, keepalive_timeout=ss.keepalive_timeout_s)
+        await runner.setup()
+        site = web.TCPSite(runner, ss.admin_host, ss.admin_port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._admin_runner = runner
+        self.admin_port = int(runner.addresses[0][1])
 
     async def start(self, reuse_port: bool = False) -> int:
         """Open the client session, probe the replicas, bind and serve; returns the port."""
@@ -403,6 +446,14 @@ class ProxyServer:
                 self._guard.close()
                 await runner.cleanup()
                 raise
+            if ss.admin_port:
+                try:
+                    await self._start_admin()
+                except BaseException:
+                    self._guard.close()
+                    self._listener.close()
+                    await runner.cleanup()
+                    raise
         except BaseException:
             await self.fleet.stop()
             await self._session.close()
@@ -441,6 +492,9 @@ class ProxyServer:
         self._runner = None
         if self._guard is not None:
             self._guard.close()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+            self._admin_runner = None
         await self.fleet.stop()
         self.dispatcher.close()
         if self._session is not None:
@@ -518,6 +572,9 @@ class ProxyServer:
             if problem is not None:
                 self.metrics.count_request("other", 400)
                 answer = error_response(400, problem, "path")
+            elif api and self._key_digests and not self._authorized(request):
+                self.metrics.count_request("other", 401)
+                return error_response(401, "missing or invalid API key: send Authorization: Bearer <key>", None, {"WWW-Authenticate": "Bearer"})
             elif api and self._draining:
                 self.metrics.count_request("other", 503)
                 answer = error_response(503, "pylb is shutting down; retry on another instance", None, {"Retry-After": self._retry_after})
@@ -530,6 +587,10 @@ class ProxyServer:
                 self._active -= 1
             if guard is not None:
                 guard.finished(request)
+
+    def _authorized(self, request: web.Request) -> bool:
+        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hashlib.sha256(key.strip().encode()).hexdigest() in self._key_digests
 
     @web.middleware
     async def _edge(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -638,7 +699,7 @@ class ProxyServer:
 
     async def _route(self, request: web.Request, rreq: RoutingRequest, body: bytes, ex: _Exchange) -> web.StreamResponse:
         us = self.settings.upstream
-        headers = _raw_request_headers(request.raw_headers, rreq.request_id)
+        headers = _raw_request_headers(request.raw_headers, rreq.request_id, self._skip_raw)
         target = request.raw_path
         deadline = rreq.arrival + us.retry_deadline_s
         retries = 0
@@ -902,7 +963,7 @@ class ProxyServer:
         self._turn += 1
         replica = healthy[self._turn % len(healthy)]
         rid = self._request_id(request)
-        headers = _raw_request_headers(request.raw_headers, rid)
+        headers = _raw_request_headers(request.raw_headers, rid, self._skip_raw)
         held = [0]
         try:
             body = await self._read_body(request, held)

@@ -418,3 +418,31 @@ def free_port_on(hosts: list[str]) -> int:
         except OSError:
             continue
     raise RuntimeError("no port free on every test address")
+
+
+async def raw(port: int, data: bytes, *, wait: float = 3.0) -> bytes:
+    """Send `data` on a fresh connection to 127.0.0.1:`port` and return the answer: until its
+    Content-Length is in, the server closes, or `wait` seconds pass."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    out = b""
+    try:
+        writer.write(data)
+        await writer.drain()
+    except ConnectionError:
+        pass
+    try:
+        while True:
+            chunk = await asyncio.wait_for(reader.read(65536), wait)
+            if not chunk:
+                break
+            out += chunk
+            if b"\r\n\r\n" in out:
+                head, _, body = out.partition(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), None)
+                if length is not None and len(body) >= length:
+                    break
+    except (asyncio.TimeoutError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+    return out

@@ -18,34 +18,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy_support import HoldRouter, ScriptedReplica, running_proxy, scrape, scripted, settings, value, wait_for
+from proxy_support import HoldRouter, raw, ScriptedReplica, running_proxy, scrape, scripted, settings, value, wait_for
 
 JSON = {"Content-Type": "application/json"}
-
-
-async def raw(port: int, data: bytes, *, wait: float = 3.0) -> bytes:
-    """Send `data` on a fresh connection and return what comes back until the server closes or
-    `wait` seconds pass."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(data)
-    await writer.drain()
-    out = b""
-    try:
-        while True:
-            chunk = await asyncio.wait_for(reader.read(65536), wait)
-            if not chunk:
-                break
-            out += chunk
-            if b"\r\n\r\n" in out:
-                head, _, body = out.partition(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), None)
-                if length is not None and len(body) >= length:
-                    break
-    except asyncio.TimeoutError:
-        pass
-    finally:
-        writer.close()
-    return out
 
 
 def status_of(answer: bytes) -> int:

@@ -132,3 +132,68 @@ async def test_sigterm_drains_a_real_pylb_serve() -> None:
             _, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, err.decode()[-2000:]
         assert time.monotonic() - t0 < 5 + 2
+
+
+async def test_reload_applies_live_settings_and_rejects_restart_only_ones_as_a_whole() -> None:
+    async with scripted(2) as (a, b), running_proxy(settings([a.url])) as proxy:
+        assert list(proxy.fleet.healthy) == [a.url]
+        with pytest.raises(ConfigError) as exc:
+            await proxy.reload(settings([a.url, b.url], server__port=1234))
+        assert exc.value.field == "server.port" and list(proxy.fleet.healthy) == [a.url]
+        changed = await proxy.reload(settings([a.url, b.url], server__api_keys=["k"], server__body_timeout_s=7.0))
+        assert set(changed) == {"fleet.backends", "server.api_keys", "server.body_timeout_s"}
+        assert list(proxy.fleet.healthy) == [a.url, b.url] and proxy.settings.server.body_timeout_s == 7.0
+        async with aiohttp.ClientSession() as s:
+            async with s.post(proxy.url + "/v1/completions", json={"prompt": "x"}) as r:
+                assert r.status == 401
+        await proxy.reload(settings([b.url]))
+        assert list(proxy.fleet.healthy) == [b.url]
+
+
+async def test_sighup_reloads_a_real_pylb_serve(tmp_path: Path) -> None:
+    async with scripted(2) as (a, b):
+        cfg = tmp_path / "pylb.yaml"
+        cfg.write_text(f"fleet:\n  backends: [{a.url}]\n  health_interval_s: 0.1\n")
+        port = free_port_on(["127.0.0.1"])
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-P", "-m", "pylb.cli", "serve", "--config", str(cfg), "--port", str(port), "--policy", "round-robin",
+            env={k: v for k, v in os.environ.items() if not k.startswith("PYLB_")}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+
+        async def replicas_seen(s: aiohttp.ClientSession) -> set[str]:
+            seen = set()
+            for i in range(6):
+                async with s.post(url + "/v1/completions", json={"prompt": f"x{i}"}) as r:
+                    assert r.status == 200
+                    seen.add(r.headers["x-pylb-replica"])
+            return seen
+
+        try:
+            async with aiohttp.ClientSession() as s:
+                for _ in range(300):
+                    try:
+                        async with s.get(url + "/ready") as r:
+                            if r.status == 200:
+                                break
+                    except aiohttp.ClientError:
+                        pass
+                    await asyncio.sleep(0.05)
+                assert await replicas_seen(s) == {a.url}
+                cfg.write_text(f"fleet:\n  backends: [{a.url}, {b.url}]\n  health_interval_s: 0.1\n")
+                proc.send_signal(signal.SIGHUP)
+                for _ in range(100):
+                    await asyncio.sleep(0.05)
+                    if len(await replicas_seen(s)) == 2:
+                        break
+                assert await replicas_seen(s) == {a.url, b.url}
+                cfg.write_text("fleet:\n  backends: [not a url]\n")  # invalid: rejected, pylb goes on
+                proc.send_signal(signal.SIGHUP)
+                await asyncio.sleep(0.5)
+                assert await replicas_seen(s) == {a.url, b.url}
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = await asyncio.wait_for(proc.communicate(), 30)
+        text = err.decode()
+        assert proc.returncode == 0, text[-2000:]
+        assert "pylb reloaded its settings (fleet.backends)" in text and "reload rejected" in text

@@ -504,6 +504,46 @@ class ProxyServer:
             await self._pool.close()
             self._pool = None
 
+    RESTART_ONLY = (
+        "server.host", "server.port", "server.workers", "server.admin_host", "server.admin_port", "router", "discovery",
+        "fleet.discovery", "fleet.health_interval_s", "fleet.scrape_interval_s", "upstream.ca_file", "upstream.tls_verify", "logging",
+    )  # fmt: skip
+    """Settings (or whole sections) that `reload` cannot change while pylb runs."""
+
+    async def reload(self, new: Settings) -> list[str]:
+        """Apply `new` settings while serving (SIGHUP): the replica list (static discovery:
+        new replicas are probed before they join, removed ones leave), health, ejection and
+        scrape settings, upstream timeouts and retries, the client-side limits, API keys, the
+        replica naming. Rejected as a whole, with ConfigError naming the first offending
+        setting, when one in `RESTART_ONLY` differs or the keys file is bad; nothing is applied
+        then. Returns the settings ("section.name") that changed."""
+        old_d, new_d = self.settings.to_dict(), new.to_dict()
+        changed = [f"{sec}.{k}" for sec in new_d for k in new_d[sec] if new_d[sec][k] != old_d[sec][k]]
+        for key in changed:
+            if key in self.RESTART_ONLY or key.split(".", 1)[0] in self.RESTART_ONLY:
+                sec, name = key.split(".", 1)
+                raise ConfigError(key, new_d[sec][name], "cannot change while pylb runs (restart pylb for it); nothing was reloaded")
+        digests = load_key_digests(new.server.api_keys, new.server.api_keys_file)
+        ss, us, fs = new.server, new.upstream, new.fleet
+        self.settings = new
+        self.fleet.settings = fs
+        self._key_digests = digests
+        self._skip_raw = _REQUEST_SKIP_RAW if us.forward_authorization else _REQUEST_SKIP_RAW_AUTH
+        self._retry_statuses = frozenset(us.retry_statuses)
+        self._eject_statuses = frozenset(fs.eject_statuses)
+        self._retry_after = str(max(1, math.ceil(fs.health_interval_s * fs.healthy_threshold)))
+        self._bodies.limit = ss.max_buffered_body_bytes
+        if self._guard is not None:
+            self._guard.max_connections = fit_to_descriptors(ss.max_connections)
+            self._guard.header_timeout, self._guard.idle_timeout = ss.header_timeout_s, ss.keepalive_timeout_s
+        if self._pool is not None:
+            p = self._pool
+            p.connect_timeout, p.read_timeout, p.keepalive, p.max_idle = us.connect_timeout_s, us.read_timeout_s, us.keepalive_s, us.max_idle_per_replica
+        if "fleet.backends" in changed and fs.discovery == "static":
+            await self.fleet.set_members({url.rstrip("/"): True for url in fs.backends})
+        log.info("settings reloaded", extra={"changed": changed})
+        return changed
+
     def _fail_queued(self) -> None:
         """Answer every request waiting in pylb's queue with 503 (pylb is stopping)."""
         for fut in list(self._queued):

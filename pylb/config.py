@@ -102,6 +102,11 @@ def http_urls(v: Any) -> str | None:
     return None
 
 
+def _readable_file(v: Any) -> str | None:
+    """Empty, or a readable file."""
+    return None if not v or os.access(v, os.R_OK) else "must name a readable file"
+
+
 def path_string(v: Any) -> str | None:
     """An absolute URL path."""
     return None if v.startswith("/") else "must be a URL path starting with /"
@@ -121,6 +126,20 @@ class ServerSettings:
     )
     max_body_bytes: int = setting(32 * 1024 * 1024, "largest request body accepted; larger ones get 413", check=at_least(1024))
     shutdown_timeout_s: float = setting(10.0, "on SIGTERM/SIGINT, how long in-flight requests may finish", check=non_negative)
+    header_timeout_s: float = setting(10.0, "a client's request line and headers must arrive within this long (else 408 and close)", check=positive)
+    body_timeout_s: float = setting(60.0, "a request body must arrive within this long after its headers (else 408)", check=positive)
+    keepalive_timeout_s: float = setting(15.0, "an idle client connection (keep-alive, or never used) is closed after this long", check=positive)
+    max_connections: int = setting(
+        4096, "open client connections at most; beyond, the longest-idle one is closed (503 when none is idle); lowered to fit the descriptor limit", check=at_least(8)
+    )
+    max_buffered_body_bytes: int = setting(512 * 1024 * 1024, "request-body bytes held at once for all requests; beyond, 503 with Retry-After", check=at_least(1024))
+    max_header_bytes: int = setting(16384, "longest request line or header line accepted (longer: 400)", check=at_least(1024))
+    max_headers: int = setting(100, "most header lines in a request (more: 400)", check=at_least(8))
+    api_keys: list = setting([], "client API keys accepted as Authorization: Bearer KEY on /v1/ (none here and no api_keys_file: no authentication)")
+    api_keys_file: str = setting("", "file of accepted client keys as SHA-256 hex digests, one per line (# comments); adds to server.api_keys", check=_readable_file)
+    admin_host: str = setting("127.0.0.1", "address of the admin listener (server.admin_port)")
+    admin_port: int = setting(0, "serve /metrics, /health and /ready on this port only, not on server.port (0: no admin listener)", check=port_number)
+    expose_replicas: bool = setting(True, "name replicas by their address in x-pylb-replica and error messages (false: an opaque id)")
 
 
 _CORE_FIELDS = {f.name: f for f in dataclasses.fields(RouterOptions)}
@@ -225,10 +244,14 @@ class FleetSettings:
     unhealthy_threshold: int = setting(2, "consecutive failed probes that take a healthy replica out", check=at_least(1))
     healthy_threshold: int = setting(2, "consecutive good probes that bring an unhealthy replica back", check=at_least(1))
     eject_connect_errors: int = setting(1, "consecutive connection errors on requests that eject a replica at once (passive)", check=at_least(1))
-    eject_5xx: int = setting(3, "consecutive 5xx answers to requests that eject a replica (passive)", check=at_least(1))
+    eject_5xx: int = setting(3, "consecutive answers with a status in fleet.eject_statuses that eject a replica (passive)", check=at_least(1))
+    eject_statuses: list = setting(
+        [502, 503, 504], "replica statuses that count towards fleet.eject_5xx (a 500 answers one request: it never ejects; a dead engine fails /health)"
+    )
     ejection_s: float = setting(5.0, "a passively ejected replica stays out at least this long before probes may bring it back", check=non_negative)
     metrics_path: str = setting("/metrics", "path of the replicas' Prometheus metrics", check=path_string)
     scrape_interval_s: float = setting(0.5, "seconds between scrapes of each replica's metrics", check=positive)
+    max_metrics_bytes: int = setting(8 * 1024 * 1024, "a replica's /metrics page larger than this fails the scrape", check=at_least(1024))
     scrape_timeout_s: float = setting(5.0, "a scrape without a whole answer after this long fails (a slow one delays only that replica's next scrape)", check=positive)
     discovery: str = setting(
         "static", "where the replica list comes from: static (fleet.backends), dns or k8s (see the discovery section)", check=one_of("static", "dns", "k8s")
@@ -314,6 +337,10 @@ class UpstreamSettings:
     max_retries: int = setting(2, "retries of a request on another replica, only before its first byte reached the client", check=at_least(0))
     retry_deadline_s: float = setting(10.0, "no retry starts later than this after the request arrived", check=non_negative)
     retry_statuses: list = setting([502, 503, 504], "replica HTTP statuses that are retried (connection errors always are)")
+    max_idle_per_replica: int = setting(32, "idle pooled connections kept per replica; more are closed when released", check=at_least(0))
+    ca_file: str = setting("", "https:// replicas: PEM file of the CAs to trust (empty: the system's)", check=_readable_file)
+    forward_authorization: bool = setting(False, "pass the client's Authorization header on to the replica (off: replicas never see client keys)")
+    tls_verify: bool = setting(True, "https:// replicas: verify the certificate and host name")
 
 
 @dataclass(frozen=True)
@@ -558,9 +585,10 @@ def _check_relations(s: Settings, sources: Mapping[str, str]) -> None:
             # the one the user set breaks the pair
             raise ConfigError("router.block_chars", s.router.block_chars, f"router.key_block_tokens {exc.reason}", sources["router.block_chars"]) from None
         raise ConfigError(key, value, exc.reason, sources.get(key, "default")) from None
-    for code in s.upstream.retry_statuses:
-        if not 500 <= code <= 599:
-            raise ConfigError("upstream.retry_statuses", s.upstream.retry_statuses, f"{code} is not a 5xx status", sources.get("upstream.retry_statuses", "default"))
+    for key, codes in (("upstream.retry_statuses", s.upstream.retry_statuses), ("fleet.eject_statuses", s.fleet.eject_statuses)):
+        for code in codes:
+            if not 500 <= code <= 599:
+                raise ConfigError(key, codes, f"{code} is not a 5xx status", sources.get(key, "default"))
     _check_discovery(s, sources)
     c = s.cache
     if c.enabled and c.embedder == "openai":

@@ -220,13 +220,15 @@ class ScriptedReplica:
     `mode` for generation requests: "ok" (JSON answer, or `events` SSE events when streamed),
     "status" (answer `status` with a vLLM-style error), "hang" (never answer), "drop" (close the
     connection without answering), "die" (start a stream, send `events` events, then reset the
-    connection), "slow" (answer after `delay` seconds). A stream ends `done_delay` seconds after
+    connection), "stall" (send `events` events, then nothing, holding the connection), "truncate"
+    (send `events` events and end the stream without `data: [DONE]`), "slow" (answer after
+    `delay` seconds). A stream ends `done_delay` seconds after
     its `data: [DONE]` event (vLLM ends its streams in a later write). With `stale_after` set, a
     connection idle that long is closed, unanswered, when its next request arrives (a server that
     closes idle keep-alive connections, as uvicorn does after 5 s, at the worst moment: just as
     the client reuses one); those are counted in `stale_closed`. `health` is the /health status
-    (or "hang", or "flap": 200 and 500 by turns); `/metrics` answers after `metrics_delay` seconds (calls counted in
-    `metrics_calls`). Every generation request is recorded in `requests` (headers, body); handlers
+    (or "hang", or "flap": 200 and 500 by turns); `/metrics` answers `metrics_page` after `metrics_delay` seconds (calls counted in
+    `metrics_calls`). `start(ssl_context)` serves HTTPS. Every generation request is recorded in `requests` (headers, body); handlers
     cancelled by a client going away are counted in `aborted`.
     """
 
@@ -246,13 +248,14 @@ class ScriptedReplica:
         self.health_calls = 0
         self.metrics_delay = 0.0
         self.metrics_calls = 0
+        self.metrics_page = METRICS_PAGE
         self.requests: list[tuple[dict[str, str], bytes]] = []
         self.aborted = 0
         self.active = 0
         self._runner: web.AppRunner | None = None
         self.url = ""
 
-    async def start(self) -> str:
+    async def start(self, ssl_context: Any = None) -> str:
         app = web.Application(middlewares=[self._keep_alive])
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
@@ -262,9 +265,9 @@ class ScriptedReplica:
         app.router.add_route("*", "/v1/echo", self._echo)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=ssl_context)
         await site.start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        self.url = f"{'https' if ssl_context else 'http'}://127.0.0.1:{self._runner.addresses[0][1]}"
         return self.url
 
     async def stop(self) -> None:
@@ -291,7 +294,7 @@ class ScriptedReplica:
         self.metrics_calls += 1
         if self.metrics_delay:
             await asyncio.sleep(self.metrics_delay)
-        return web.Response(text=METRICS_PAGE)
+        return web.Response(text=self.metrics_page)
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "vllm"}]})
@@ -359,6 +362,11 @@ class ScriptedReplica:
                 request.transport.abort()
                 await asyncio.sleep(0.05)
                 return resp
+            if mode == "stall":
+                await asyncio.sleep(3600)
+            if mode == "truncate":
+                await resp.write_eof()
+                return resp
             if (payload.get("stream_options") or {}).get("include_usage"):
                 usage = {"prompt_tokens": 11, "completion_tokens": self.events, "total_tokens": 11 + self.events, "prompt_tokens_details": {"cached_tokens": 4}}
                 await resp.write(b"data: " + json.dumps({"id": "cmpl-s", "choices": [], "usage": usage}).encode() + b"\n\n")
@@ -410,3 +418,31 @@ def free_port_on(hosts: list[str]) -> int:
         except OSError:
             continue
     raise RuntimeError("no port free on every test address")
+
+
+async def raw(port: int, data: bytes, *, wait: float = 3.0) -> bytes:
+    """Send `data` on a fresh connection to 127.0.0.1:`port` and return the answer: until its
+    Content-Length is in, the server closes, or `wait` seconds pass."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    out = b""
+    try:
+        writer.write(data)
+        await writer.drain()
+    except ConnectionError:
+        pass
+    try:
+        while True:
+            chunk = await asyncio.wait_for(reader.read(65536), wait)
+            if not chunk:
+                break
+            out += chunk
+            if b"\r\n\r\n" in out:
+                head, _, body = out.partition(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), None)
+                if length is not None and len(body) >= length:
+                    break
+    except (asyncio.TimeoutError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+    return out

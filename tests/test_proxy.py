@@ -92,7 +92,7 @@ async def test_router_sees_first_token_then_complete_with_usage() -> None:
 
 
 async def test_headers_request_id_and_body_forwarded_as_received() -> None:
-    async with scripted(1) as (rep,), running_proxy(settings([rep.url])) as proxy, aiohttp.ClientSession() as s:
+    async with scripted(1) as (rep,), running_proxy(settings([rep.url], upstream__forward_authorization=True)) as proxy, aiohttp.ClientSession() as s:
         body = b'{ "prompt" :"hi",   "model":"m",\n "max_tokens": 2, "zzz": [1, 2.50] }'
         headers = {
             "Content-Type": "application/json",

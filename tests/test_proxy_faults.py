@@ -265,10 +265,10 @@ async def test_retries_are_bounded_then_the_last_answer_is_forwarded() -> None:
 
 async def test_5xx_answers_eject_after_the_threshold() -> None:
     async with scripted(2) as (bad, good), running_proxy(settings([bad.url, good.url], fleet__eject_5xx=2, upstream__max_retries=0)) as proxy:
-        bad.mode, bad.status = "status", 500
+        bad.mode, bad.status = "status", 503
         async with aiohttp.ClientSession() as s:
             codes = [(await post(s, proxy.url, {"prompt": "x"}))[0] for _ in range(6)]
-        assert codes.count(500) == 2 and codes.count(200) == 4
+        assert codes.count(503) == 2 and codes.count(200) == 4
         assert list(proxy.fleet.healthy) == [good.url]
         assert value(await scrape(proxy), "pylb_ejections_total", replica=bad.url, reason="5xx") == 1
 

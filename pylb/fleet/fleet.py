@@ -11,7 +11,8 @@ Health, as a state machine per replica:
     unknown --first probe ok--> healthy          unknown --first probe fails--> unhealthy
     healthy --`unhealthy_threshold` consecutive failed probes--> unhealthy      (reason "probe")
     healthy --`eject_connect_errors` consecutive connection errors on requests--> unhealthy ("connect")
-    healthy --`eject_5xx` consecutive 5xx answers to requests--> unhealthy      (reason "5xx")
+    healthy --`eject_5xx` consecutive answers in `eject_statuses` (502/503/504; the proxy reports
+              only those: a 500 answers one request)--> unhealthy              (reason "5xx")
     unhealthy --`healthy_threshold` consecutive good probes, and at least `ejection_s` after a
                 passive ejection--> healthy
 
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,6 +65,21 @@ from .discovery import Discovery, Members
 from .scrape import ScrapeError, parse_vllm_metrics
 
 log = logging.getLogger("pylb.fleet")
+
+_PROBE_BODY_BYTES = 64 * 1024
+"""At most this much of a health probe's answer is read (its status is what counts)."""
+
+
+async def _read_page(resp: aiohttp.ClientResponse, limit: int) -> str:
+    """A /metrics answer as text; ScrapeError past `limit` bytes (checked while reading)."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise ScrapeError(f"metrics page of {resp.content_length} bytes, more than fleet.max_metrics_bytes ({limit})")
+    data = bytearray()
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        data += chunk
+        if len(data) > limit:
+            raise ScrapeError(f"metrics page larger than fleet.max_metrics_bytes ({limit})")
+    return data.decode("utf-8")
 
 
 @dataclass(slots=True)
@@ -114,19 +131,23 @@ class Fleet:
         self._scrapes: dict[str, asyncio.Task[None]] = {}  # replica -> its scrape in flight
         self.discovery = discovery
         """The source of the replica list when it is dynamic (None: `settings.backends`, fixed)."""
+        self.ssl: ssl.SSLContext | None = None
+        """The TLS context for https:// replicas (None: the system's defaults); set before `start`."""
+        self.on_eject: Callable[[str, str], None] | None = None
+        """Called with (replica, reason) when a replica leaves rotation ("probe", "connect", "5xx")."""
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Open the probe session, run one probe round, publish the membership, start the loops."""
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=2, keepalive_timeout=30)
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=2, keepalive_timeout=30, ssl=self.ssl if self.ssl is not None else True)
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
         if self.discovery is not None:
             self._tasks.append(await self.discovery.start(self.set_members, lambda: self.metrics.count_background_error("discovery")))
         await asyncio.gather(*(self._probe(r) for r in self.replicas.values()))
         self._publish(force=True)
         # the baseline of the observed hit rate, and the router's first load signal
-        await asyncio.gather(*(self._scrape(self.replicas[url]) for url in self._healthy))
+        await asyncio.gather(*(self._scrape_guarded(self.replicas[url]) for url in self._healthy))
         self._tasks += [
             asyncio.create_task(self._loop("health", self.settings.health_interval_s, self._probe_all), name="pylb-health"),
             asyncio.create_task(self._loop("scrape", self.settings.scrape_interval_s, self._start_scrapes), name="pylb-scrape"),
@@ -195,6 +216,8 @@ class Fleet:
         self.metrics.count_ejection(r.url, reason)
         log.warning("replica out of rotation", extra={"replica": r.url, "reason": reason, "error": r.last_error})
         self._publish()
+        if self.on_eject is not None:
+            self.on_eject(r.url, reason)
 
     # ---- membership from discovery --------------------------------------------------------------------
 
@@ -246,7 +269,7 @@ class Fleet:
         try:
             timeout = aiohttp.ClientTimeout(total=s.health_timeout_s)
             async with self._session.get(r.url + s.health_path, timeout=timeout) as resp:
-                await resp.read()
+                await resp.content.read(_PROBE_BODY_BYTES)
                 ok = resp.status == 200
                 if not ok:
                     r.last_error = f"health probe: HTTP {resp.status}"
@@ -293,7 +316,7 @@ class Fleet:
             async with self._session.get(r.url + s.metrics_path, timeout=timeout) as resp:
                 if resp.status != 200:
                     raise ScrapeError(f"HTTP {resp.status}")
-                text = await resp.text()
+                text = await _read_page(resp, s.max_metrics_bytes)
             m = parse_vllm_metrics(text)
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ScrapeError, UnicodeDecodeError) as exc:
             self.metrics.count_scrape_error(r.url)

@@ -30,6 +30,7 @@ A missing series reads as 0. A page with none of the `vllm:` request gauges rais
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -79,6 +80,8 @@ def parse_vllm_metrics(text: str) -> ReplicaMetrics:
         for family in text_string_to_metric_families(filter_lines(text)):
             for sample in family.samples:
                 name = sample.name
+                if not math.isfinite(sample.value):
+                    raise ScrapeError(f"{name} is {sample.value}, not a finite number")
                 seen.add(name)
                 if name in _SUMMED:
                     sums[name] += sample.value

@@ -90,7 +90,7 @@ SERIES: dict[str, str] = {
     "pylb_decisions_total": "routing decisions by branch (affinity, slo-switch, spill, load, migration, retry, fallback; 'unknown' when the router does not say)",
     "pylb_retries_total": "requests re-sent to another replica before their first byte, by reason",
     "pylb_ejections_total": "replicas taken out of rotation, by replica and reason (probe, connect, 5xx)",
-    "pylb_upstream_errors_total": "failed exchanges with replicas, by replica and kind (connect, timeout, status, stream)",
+    "pylb_upstream_errors_total": "failed exchanges with replicas, by replica and kind (connect, timeout, status, stream, truncated: a stream ended without [DONE])",
     "pylb_scrape_errors_total": "failed /metrics scrapes, by replica",
     "pylb_background_errors_total": "unexpected failures of background tasks, by task (they are logged and the task goes on)",
     "pylb_ttft_seconds": "time to first token seen by pylb (arrival to first streamed chunk), streamed requests",

@@ -39,7 +39,7 @@ from pylb.router.policy import PolicyOptionError
 from pylb.router.request import RequestLimits
 
 from .dispatcher import Dispatcher, QueueLimitReached, RouterFault
-from .errors import ProxyError, QueueFull, QueueTimeout
+from .errors import NoReplica, ProxyError, QueueFull, QueueTimeout
 
 
 def create_router(rs: RouterSettings) -> Router:
@@ -84,6 +84,8 @@ class Balancer:
             discovery=create_discovery(settings), on_removed=self.dispatcher.forget_replica,
         )  # fmt: skip
         self.limits = RequestLimits.from_settings(rs)
+        self.queued: set[asyncio.Future[Dispatch]] = set()
+        """Futures of the requests waiting in pylb's queue (a front end that stops fails them)."""
         fs = settings.fleet
         self.retry_after = str(max(1, math.ceil(fs.health_interval_s * fs.healthy_threshold)))
         """`Retry-After` seconds of a 503 for want of a healthy replica: about when one can be back."""
@@ -114,9 +116,13 @@ class Balancer:
             return fut.result()
         timeout = rs.queue_timeout_s - (disp.now() - rreq.arrival)
         handle = asyncio.get_running_loop().call_later(max(0.0, timeout), _expire, fut)
+        self.queued.add(fut)
         try:
             return await fut
         except asyncio.CancelledError:
+            disp.abandon(rreq.request_id)
+            raise
+        except NoReplica:  # pylb is stopping (the front end failed the queued requests)
             disp.abandon(rreq.request_id)
             raise
         except QueueTimeout:
@@ -126,6 +132,7 @@ class Balancer:
             raise ProxyError(str(exc), status=503, headers={"Retry-After": self.retry_after}) from None
         finally:
             handle.cancel()
+            self.queued.discard(fut)
 
     def estimate_first_token(self, rreq: RoutingRequest, replica: str) -> asyncio.TimerHandle | None:
         """For a non-streamed request just sent to `replica`: a timer that delivers its estimated

@@ -19,9 +19,12 @@ from aiohttp import web
 
 ERROR_TYPES: dict[int, str] = {
     400: "BadRequestError",
+    401: "AuthenticationError",
     404: "NotFoundError",
     405: "MethodNotAllowedError",
+    408: "RequestTimeoutError",
     413: "BadRequestError",
+    415: "BadRequestError",
     429: "RateLimitError",
     499: "ClientClosedRequest",
     500: "InternalServerError",

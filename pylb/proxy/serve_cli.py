@@ -12,6 +12,11 @@ Every setting (`pylb.config`) can also come from the YAML file and from PYLB_* e
 variables; precedence is flag > environment > file > default. `pylb serve --print-config` prints
 the effective settings as YAML (a starting point for a config file) and exits.
 
+SIGHUP reloads the settings (file, environment, flags) and applies what can change live (the
+replica list, health/ejection/scrape settings, upstream timeouts and retries, client limits, API
+keys; `ProxyServer.reload`); a reload that is invalid or changes a setting that needs a restart is
+rejected as a whole and logged, and pylb goes on with the running settings.
+
 Exit status: 0 after a clean shutdown (SIGINT or SIGTERM: pylb stops accepting, lets in-flight
 requests finish for up to `server.shutdown_timeout_s`, and exits); 2 for a bad setting or no
 backend (the message names the setting, value and reason: an unknown policy or policy option
@@ -83,12 +88,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"pylb serve: {exc}", file=sys.stderr)
         return 2
     if settings.server.workers == 1:
-        return serve(settings)
-    return _serve_workers(settings)
+        return serve(settings, args=args)
+    return _serve_workers(settings, args)
 
 
-def serve(settings: Settings, reuse_port: bool = False) -> int:
-    """Run one proxy until SIGINT/SIGTERM (uvloop when available). Returns the exit status."""
+def serve(settings: Settings, reuse_port: bool = False, args: argparse.Namespace | None = None) -> int:
+    """Run one proxy until SIGINT/SIGTERM (uvloop when available); on SIGHUP, reload the
+    settings from `args` (flags, environment, the YAML file) when given. Returns the exit status."""
     from pylb.observability.logging import configure_logging
 
     configure_logging(settings.logging.level, settings.logging.format)
@@ -99,12 +105,12 @@ def serve(settings: Settings, reuse_port: bool = False) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
         runner = asyncio.run
     try:
-        return int(runner(_serve(settings, reuse_port)))
+        return int(runner(_serve(settings, reuse_port, args)))
     except KeyboardInterrupt:  # pragma: no cover - a second Ctrl-C during shutdown
         return 0
 
 
-async def _serve(settings: Settings, reuse_port: bool) -> int:
+async def _serve(settings: Settings, reuse_port: bool, args: argparse.Namespace | None = None) -> int:
     from pylb.proxy.server import ProxyServer
 
     try:
@@ -125,6 +131,15 @@ async def _serve(settings: Settings, reuse_port: bool) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+    if args is not None:
+
+        def on_hup() -> None:
+            task = asyncio.create_task(_reload(proxy, args))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
     publisher = asyncio.create_task(_worker_duties(proxy, stop)) if proxy.metrics.workers is not None else None
     try:
         await stop.wait()
@@ -137,6 +152,17 @@ async def _serve(settings: Settings, reuse_port: bool) -> int:
         await proxy.stop()
         proxy.metrics.publish()  # the final state: its dispatch counters stay in the other workers' sums
     return 0
+
+
+async def _reload(proxy: Any, args: argparse.Namespace) -> None:
+    """SIGHUP: read the settings again and apply them, or keep the running ones and say why."""
+    try:
+        new = config.load_from_args(args)
+        changed = await proxy.reload(new)
+    except ConfigError as exc:
+        log.error("reload rejected; the running settings stay", extra={"error": str(exc)})
+        return
+    print(f"pylb reloaded its settings ({', '.join(changed) or 'nothing changed'})", file=sys.stderr, flush=True)
 
 
 async def _worker_duties(proxy: Any, stop: asyncio.Event) -> None:
@@ -158,29 +184,29 @@ async def _worker_duties(proxy: Any, stop: asyncio.Event) -> None:
         await asyncio.sleep(PUBLISH_INTERVAL_S)
 
 
-def _worker(settings: Settings, index: int, metrics_folder: str) -> None:
+def _worker(settings: Settings, index: int, metrics_folder: str, args: argparse.Namespace | None = None) -> None:
     from pylb.observability.metrics import share_with_workers
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards SIGTERM
     share_with_workers(metrics_folder, index)
-    sys.exit(serve(settings, reuse_port=True))
+    sys.exit(serve(settings, reuse_port=True, args=args))
 
 
-def _serve_workers(settings: Settings) -> int:
+def _serve_workers(settings: Settings, args: argparse.Namespace | None = None) -> int:
     from pylb.observability.metrics import MULTIPROC_ENV
 
     ctx = multiprocessing.get_context("spawn")
     folder = tempfile.mkdtemp(prefix="pylb-metrics-")
     os.environ[MULTIPROC_ENV] = folder  # read by prometheus-client when each worker imports it
     try:
-        return _run_workers(ctx, settings, folder)
+        return _run_workers(ctx, settings, folder, args)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _run_workers(ctx: Any, settings: Settings, folder: str) -> int:
+def _run_workers(ctx: Any, settings: Settings, folder: str, args: argparse.Namespace | None = None) -> int:
     procs = [
-        ctx.Process(target=_worker, args=(settings, i, folder), name=f"pylb-worker-{i}") for i in range(settings.server.workers)
+        ctx.Process(target=_worker, args=(settings, i, folder, args), name=f"pylb-worker-{i}") for i in range(settings.server.workers)
     ]
     for p in procs:
         p.start()
@@ -190,8 +216,14 @@ def _run_workers(ctx: Any, settings: Settings, folder: str) -> int:
             if p.is_alive() and p.pid is not None:
                 p.terminate()
 
+    def forward_hup(signum: int, frame: object) -> None:
+        for p in procs:
+            if p.is_alive() and p.pid is not None:
+                os.kill(p.pid, signal.SIGHUP)
+
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGHUP, forward_hup)
     codes = []
     for p in procs:
         p.join()

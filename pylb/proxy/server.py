@@ -78,8 +78,13 @@ router with the stream's usage.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
+import math
+import re
+import ssl
+import sys
 import time
 import uuid
 from collections.abc import Awaitable
@@ -100,6 +105,7 @@ from pylb.router.request import CHAT, COMPLETIONS, RequestError, build_request, 
 from .balancer import Balancer
 from .balancer import create_router as create_router  # re-exported: `pylb serve`, tests and bench build routers from here
 from .errors import NoReplica, ProxyError, UpstreamFailed, error_response, sse_error_event
+from .guard import BodyBudget, ConnectionGuard, fit_to_descriptors, read_body, target_problem
 from .upstream import UpstreamPool, UpstreamResponse
 
 if TYPE_CHECKING:
@@ -113,7 +119,7 @@ HOP_BY_HOP = frozenset(
 )
 """Headers that concern one connection only (RFC 9110 §7.6.1) and are never forwarded."""
 
-_REQUEST_SKIP = HOP_BY_HOP | {"host", "content-length", "expect"}
+_REQUEST_SKIP = HOP_BY_HOP | {"host", "content-length", "expect", "content-encoding"}  # pylb forwards bodies decoded
 _RESPONSE_SKIP = HOP_BY_HOP | {"content-length"}
 
 UPSTREAM_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
@@ -124,6 +130,10 @@ CLIENT_HIGH_WATER = 256 * 1024
 
 CLIENT_LOW_WATER = 64 * 1024
 """... and below which it reads again."""
+
+_CLEANUP_GRACE_S = 1.0
+"""At shutdown, how long the requests cut at `server.shutdown_timeout_s` get to end (their error
+event written, their connections closed)."""
 
 def _strip(headers: CIMultiDictProxy[str] | CIMultiDict[str], skip: frozenset[str] | set[str]) -> CIMultiDict[str]:
     """A copy of `headers` without `skip` and without the headers the Connection header names."""
@@ -155,16 +165,18 @@ def _strip_pairs(headers: Any, skip: frozenset[str] | set[str]) -> list[tuple[st
 
 
 _REQUEST_SKIP_RAW = frozenset(h.encode() for h in _REQUEST_SKIP | {"x-request-id"})
+_REQUEST_SKIP_RAW_AUTH = _REQUEST_SKIP_RAW | {b"authorization"}
 
 
-def _raw_request_headers(raw: tuple[tuple[bytes, bytes], ...], request_id: str) -> bytes:
+def _raw_request_headers(raw: tuple[tuple[bytes, bytes], ...], request_id: str, skip: frozenset[bytes] = _REQUEST_SKIP_RAW) -> bytes:
     """The client's headers as an encoded block for the replica: hop-by-hop ones (and those the
-    Connection header names), Host, Content-Length and Expect dropped, X-Request-Id set."""
+    Connection header names), Host, Content-Length, Content-Encoding and Expect dropped (and
+    those in `skip`), X-Request-Id set."""
     out = []
     extra: set[bytes] | None = None
     for k, v in raw:
         low = k.lower()
-        if low in _REQUEST_SKIP_RAW:
+        if low in skip:
             if low == b"connection":
                 extra = {h.strip().lower() for h in v.split(b",")}
             continue
@@ -231,6 +243,52 @@ class _Retry(Exception):
         self.response = response
 
 
+def client_ssl_context(ca_file: str, verify: bool) -> ssl.SSLContext:
+    """The TLS context for https:// replicas: the system's CAs or `ca_file`'s; `verify` False
+    skips the certificate and host name checks. Raises ConfigError for an unreadable CA file."""
+    try:
+        ctx = ssl.create_default_context(cafile=ca_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("upstream.ca_file", ca_file, f"cannot load CA certificates: {exc}") from None
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class _ClientErrorLog(logging.LoggerAdapter):
+    """aiohttp's server logger: a malformed request is the client's problem, logged at info level
+    as its error class and a short reason, never with the request's raw bytes (which hold its
+    Authorization header and its prompt)."""
+
+    _RAW = re.compile(r"(:\s*)?(b['\"]|\n).*", re.S)
+
+    def log(self, level: int, msg: object, *args: object, exc_info: Any = None, **kwargs: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else (sys.exc_info()[1] if exc_info else None)
+        if exc is None:
+            self.logger.log(min(level, logging.INFO), "client connection: %s", str(msg)[:120])
+            return
+        reason = self._RAW.sub("", str(getattr(exc, "message", "") or ""))[:120]
+        self.logger.log(min(level, logging.INFO), "malformed or broken client request", extra={"error": f"{type(exc).__name__}: {reason}".rstrip(": ")})
+
+
+def load_key_digests(keys: list[str], keys_file: str) -> frozenset[str]:
+    """The SHA-256 hex digests of the accepted client keys: of `keys`, and the lines of
+    `keys_file` (digests already; blank lines and # comments skipped). Raises ConfigError for a
+    line that is not a digest."""
+    digests = {hashlib.sha256(k.encode()).hexdigest() for k in keys}
+    if keys_file:
+        with open(keys_file, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                line = line.split("#", 1)[0].strip().lower()
+                if not line:
+                    continue
+                if not re.fullmatch(r"[0-9a-f]{64}", line):
+                    raise ConfigError("server.api_keys_file", keys_file, f"line {n} is not a SHA-256 hex digest (make one with: printf %s KEY | sha256sum)")
+                digests.add(line)
+    return frozenset(digests)
+
+
 class ProxyServer:
     """pylb's HTTP proxy (see the module comment). Use `await start()` / `await stop()`, or
     `async with ProxyServer(settings) as proxy: ... proxy.url ...`.
@@ -254,7 +312,37 @@ class ProxyServer:
         self._id_prefix = uuid.uuid4().hex[:16]
         self._retry_after = b.retry_after
         self._retry_statuses = frozenset(settings.upstream.retry_statuses)
+        self._eject_statuses = frozenset(settings.fleet.eject_statuses)
+        self._skip_raw = _REQUEST_SKIP_RAW if settings.upstream.forward_authorization else _REQUEST_SKIP_RAW_AUTH
+        self._key_digests = load_key_digests(settings.server.api_keys, settings.server.api_keys_file)
+        self._admin_runner: web.AppRunner | None = None
+        self.admin_port: int | None = None
+        self._ssl = client_ssl_context(settings.upstream.ca_file, settings.upstream.tls_verify) if self._uses_tls() else None
+        self.fleet.ssl = self._ssl
+        self.fleet.on_eject = self._on_eject
+        self._guard: ConnectionGuard | None = None
+        self._listener: asyncio.AbstractServer | None = None
+        self._bodies = BodyBudget(settings.server.max_buffered_body_bytes)
+        self._active = 0  # /v1/ requests being served
+        self._draining = False  # stopping: /ready says 503, new /v1/ requests get 503
+        self._cut = False  # the shutdown timeout passed: what is still open is cut
         self.metrics.attach(self.snapshot)
+
+    def _uses_tls(self) -> bool:
+        return any(u.startswith("https://") for u in self.settings.fleet.backends) or self.settings.discovery.scheme == "https"
+
+    def _label(self, replica: str) -> str:
+        """How clients see a replica: its base URL, or an opaque stable id (`server.expose_replicas`)."""
+        if self.settings.server.expose_replicas:
+            return replica
+        return "replica-" + hashlib.sha256(replica.encode()).hexdigest()[:10]
+
+    def _public(self, text: str, replica: str) -> str:
+        """`text` for a client: the replica's address replaced by its label when hidden."""
+        if self.settings.server.expose_replicas:
+            return text
+        label = self._label(replica)
+        return text.replace(replica, label).replace(replica.split("://", 1)[-1], label)
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -271,26 +359,46 @@ class ProxyServer:
         return f"http://{self.settings.server.host}:{self.port}"
 
     def make_app(self) -> web.Application:
-        """The aiohttp application."""
-        app = web.Application(middlewares=[self._edge], client_max_size=self.settings.server.max_body_bytes)
+        """The aiohttp application (with /metrics, /health and /ready unless an admin listener serves them)."""
+        app = web.Application(middlewares=[self._gate, self._edge], client_max_size=self.settings.server.max_body_bytes)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
         app.router.add_route("*", "/v1/{tail:.*}", self._forward)
+        if not self.settings.server.admin_port:
+            self._add_admin_routes(app)
+        return app
+
+    def _add_admin_routes(self, app: web.Application) -> None:
         app.router.add_get("/health", self._health)
         app.router.add_get("/ready", self._ready)
         app.router.add_get("/metrics", self._metrics_page)
         if self.cache is not None:
             self.cache.add_routes(app)
-        return app
+
+    async def _start_admin(self) -> None:
+        """The admin listener (`server.admin_host`:`server.admin_port`): /metrics, /health, /ready."""
+        ss = self.settings.server
+        app = web.Application(middlewares=[self._edge])
+        self._add_admin_routes(app)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=_CLEANUP_GRACE_S, keepalive_timeout=ss.keepalive_timeout_s)
+        await runner.setup()
+        site = web.TCPSite(runner, ss.admin_host, ss.admin_port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._admin_runner = runner
+        self.admin_port = int(runner.addresses[0][1])
 
     async def start(self, reuse_port: bool = False) -> int:
         """Open the client session, probe the replicas, bind and serve; returns the port."""
         if self._runner is not None:
             raise RuntimeError("proxy already started")
-        us = self.settings.upstream
-        self._pool = UpstreamPool(us.connect_timeout_s, us.read_timeout_s, us.keepalive_s)
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=us.keepalive_s)
+        us, ss = self.settings.upstream, self.settings.server
+        self._pool = UpstreamPool(us.connect_timeout_s, us.read_timeout_s, us.keepalive_s, ssl=self._ssl, max_idle=us.max_idle_per_replica)
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=us.keepalive_s, ssl=self._ssl if self._ssl is not None else True)
         self._session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,
@@ -300,15 +408,30 @@ class ProxyServer:
         try:
             await self.fleet.start()
             runner = web.AppRunner(
-                self.make_app(), handler_cancellation=True, access_log=None, shutdown_timeout=self.settings.server.shutdown_timeout_s
-            )
+                self.make_app(), handler_cancellation=True, access_log=None, shutdown_timeout=_CLEANUP_GRACE_S,
+                keepalive_timeout=ss.keepalive_timeout_s, max_line_size=ss.max_header_bytes, max_field_size=ss.max_header_bytes,
+                max_headers=ss.max_headers, auto_decompress=False, logger=_ClientErrorLog(logging.getLogger("pylb.proxy.client"), {}),
+            )  # fmt: skip
             await runner.setup()
-            site = web.TCPSite(runner, self.settings.server.host, self.settings.server.port, reuse_port=reuse_port or None)
+            assert runner.server is not None
+            self._guard = ConnectionGuard(fit_to_descriptors(ss.max_connections), ss.header_timeout_s, ss.keepalive_timeout_s)
             try:
-                await site.start()
+                loop = asyncio.get_running_loop()
+                self._listener = await loop.create_server(
+                    self._guard.wrap(runner.server), ss.host, ss.port, reuse_port=reuse_port or None, backlog=1024
+                )
             except BaseException:
+                self._guard.close()
                 await runner.cleanup()
                 raise
+            if ss.admin_port:
+                try:
+                    await self._start_admin()
+                except BaseException:
+                    self._guard.close()
+                    self._listener.close()
+                    await runner.cleanup()
+                    raise
         except BaseException:
             await self.fleet.stop()
             await self._session.close()
@@ -316,16 +439,40 @@ class ProxyServer:
             self._session = None
             raise
         self._runner = runner
-        self._port = int(runner.addresses[0][1])
+        self._port = int(self._listener.sockets[0].getsockname()[1])
         log.info("pylb serving", extra={"url": self.url, "policy": self.settings.router.policy, "backends": list(self.fleet.replicas)})
         return self._port
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (up to the shutdown timeout), close."""
+        """Drain and close: /ready answers 503 and new connections are refused at once, queued
+        requests get 503 with Retry-After, requests in flight may finish for
+        `server.shutdown_timeout_s`; then what is still open is cut (a stream gets an error event,
+        then its end) and every connection is closed. Returns within the timeout plus
+        `_CLEANUP_GRACE_S`."""
         if self._runner is None:
             return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.server.shutdown_timeout_s
+        self._draining = True
+        if self._listener is not None:
+            self._listener.close()
+        self._fail_queued()
+        while self._active and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        if self._active:
+            self._cut = True
+            if self._pool is not None:
+                self._pool.abort_active("pylb is shutting down")
+            grace = loop.time() + _CLEANUP_GRACE_S
+            while self._active and loop.time() < grace:
+                await asyncio.sleep(0.01)
         await self._runner.cleanup()
         self._runner = None
+        if self._guard is not None:
+            self._guard.close()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+            self._admin_runner = None
         await self.fleet.stop()
         if self.kv is not None:
             await self.kv.stop()
@@ -338,6 +485,61 @@ class ProxyServer:
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+
+    RESTART_ONLY = (
+        "server.host", "server.port", "server.workers", "server.admin_host", "server.admin_port", "router", "discovery",
+        "fleet.discovery", "fleet.health_interval_s", "fleet.scrape_interval_s", "upstream.ca_file", "upstream.tls_verify", "logging",
+    )  # fmt: skip
+    """Settings (or whole sections) that `reload` cannot change while pylb runs."""
+
+    async def reload(self, new: Settings) -> list[str]:
+        """Apply `new` settings while serving (SIGHUP): the replica list (static discovery:
+        new replicas are probed before they join, removed ones leave), health, ejection and
+        scrape settings, upstream timeouts and retries, the client-side limits, API keys, the
+        replica naming. Rejected as a whole, with ConfigError naming the first offending
+        setting, when one in `RESTART_ONLY` differs or the keys file is bad; nothing is applied
+        then. Returns the settings ("section.name") that changed."""
+        old_d, new_d = self.settings.to_dict(), new.to_dict()
+        changed = [f"{sec}.{k}" for sec in new_d for k in new_d[sec] if new_d[sec][k] != old_d[sec][k]]
+        for key in changed:
+            if key in self.RESTART_ONLY or key.split(".", 1)[0] in self.RESTART_ONLY:
+                sec, name = key.split(".", 1)
+                raise ConfigError(key, new_d[sec][name], "cannot change while pylb runs (restart pylb for it); nothing was reloaded")
+        digests = load_key_digests(new.server.api_keys, new.server.api_keys_file)
+        ss, us, fs = new.server, new.upstream, new.fleet
+        self.settings = self.balancer.settings = new
+        self.fleet.settings = fs
+        self._key_digests = digests
+        self._skip_raw = _REQUEST_SKIP_RAW if us.forward_authorization else _REQUEST_SKIP_RAW_AUTH
+        self._retry_statuses = frozenset(us.retry_statuses)
+        self._eject_statuses = frozenset(fs.eject_statuses)
+        self._retry_after = self.balancer.retry_after = str(max(1, math.ceil(fs.health_interval_s * fs.healthy_threshold)))
+        self._bodies.limit = ss.max_buffered_body_bytes
+        if self._guard is not None:
+            self._guard.max_connections = fit_to_descriptors(ss.max_connections)
+            self._guard.header_timeout, self._guard.idle_timeout = ss.header_timeout_s, ss.keepalive_timeout_s
+        if self._pool is not None:
+            p = self._pool
+            p.connect_timeout, p.read_timeout, p.keepalive, p.max_idle = us.connect_timeout_s, us.read_timeout_s, us.keepalive_s, us.max_idle_per_replica
+        if "fleet.backends" in changed and fs.discovery == "static":
+            await self.fleet.set_members({url.rstrip("/"): True for url in fs.backends})
+        log.info("settings reloaded", extra={"changed": changed})
+        return changed
+
+    def _fail_queued(self) -> None:
+        """Answer every request waiting in pylb's queue with 503 (pylb is stopping)."""
+        for fut in list(self.balancer.queued):
+            if not fut.done():
+                fut.set_exception(NoReplica("pylb is shutting down; retry on another instance", headers={"Retry-After": self._retry_after}))
+
+    def _on_eject(self, replica: str, reason: str) -> None:
+        """The fleet took `replica` out of rotation. Ejected by its health probes (hung, or
+        dead), its requests in flight that have been silent for as long as the probes took to
+        decide fail now (before their first byte: retried elsewhere; mid-stream: an error event),
+        instead of after `upstream.read_timeout_s`."""
+        if reason == "probe" and self._pool is not None:
+            fs = self.settings.fleet
+            self._pool.expedite(replica, fs.health_interval_s * fs.unhealthy_threshold + fs.health_timeout_s)
 
     async def __aenter__(self) -> ProxyServer:
         await self.start()
@@ -353,6 +555,42 @@ class ProxyServer:
         return self.balancer.snapshot(self._in_progress)
 
     # ---- the error edge ---------------------------------------------------------------------------
+
+    @web.middleware
+    async def _gate(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """The client-side checks before anything else (`pylb.proxy.guard`): the request target
+        (400 for anything but a clean origin-form path), and 503 for API requests while pylb
+        stops; the connection guard's book-keeping around every request."""
+        guard = self._guard
+        if guard is not None:
+            guard.started(request)
+        api = request.path.startswith("/v1/")
+        if api:
+            self._active += 1
+        try:
+            problem = target_problem(request.raw_path)
+            if problem is not None:
+                self.metrics.count_request("other", 400)
+                answer = error_response(400, problem, "path")
+            elif api and self._key_digests and not self._authorized(request):
+                self.metrics.count_request("other", 401)
+                return error_response(401, "missing or invalid API key: send Authorization: Bearer <key>", None, {"WWW-Authenticate": "Bearer"})
+            elif api and self._draining:
+                self.metrics.count_request("other", 503)
+                answer = error_response(503, "pylb is shutting down; retry on another instance", None, {"Retry-After": self._retry_after})
+            else:
+                return await handler(request)
+            answer.force_close()  # and close the connection
+            return answer
+        finally:
+            if api:
+                self._active -= 1
+            if guard is not None:
+                guard.finished(request)
+
+    def _authorized(self, request: web.Request) -> bool:
+        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hashlib.sha256(key.strip().encode()).hexdigest() in self._key_digests
 
     @web.middleware
     async def _edge(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -406,11 +644,9 @@ class ProxyServer:
         token = request_id_var.set(rid)
         ex = _Exchange(rid, endpoint, t_start)
         self._in_progress += 1
+        held = [0]
         try:
-            try:
-                body = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                raise ProxyError(f"request body larger than {self.settings.server.max_body_bytes} bytes", param="body", status=413) from None
+            body = await self._read_body(request, held)
             payload = parse_json_body(body)
             rreq = build_request(kind, payload, rid, self.dispatcher.now(), self.limits)
             if self.kv is not None:
@@ -446,6 +682,7 @@ class ProxyServer:
             log.exception("unhandled error while routing")
             return error_response(500, "internal error in pylb (logged)", headers={"x-request-id": rid})
         finally:
+            self._bodies.give(held[0])
             self._in_progress -= 1
             e2e = time.perf_counter() - t_start
             self.metrics.count_request(endpoint, ex.status)
@@ -466,9 +703,13 @@ class ProxyServer:
                 )
             request_id_var.reset(token)
 
+    async def _read_body(self, request: web.Request, held: list[int]) -> bytes:
+        ss = self.settings.server
+        return await read_body(request, ss.max_body_bytes, ss.body_timeout_s, self._bodies, held)
+
     async def _route(self, request: web.Request, rreq: RoutingRequest, body: bytes, ex: _Exchange) -> web.StreamResponse:
         us = self.settings.upstream
-        headers = _raw_request_headers(request.raw_headers, rreq.request_id)
+        headers = _raw_request_headers(request.raw_headers, rreq.request_id, self._skip_raw)
         target = request.raw_path
         deadline = rreq.arrival + us.retry_deadline_s
         retries = 0
@@ -483,6 +724,8 @@ class ProxyServer:
                 return await self._attempt(request, rreq, body, headers, d, target, ex)
             except _Retry as r:
                 ex.error = r.message
+                if self._cut:
+                    raise NoReplica("pylb is shutting down; retry on another instance", headers={"Retry-After": self._retry_after}) from None
                 if retries < us.max_retries and self.dispatcher.now() < deadline and self.fleet.healthy:
                     retries += 1
                     failed = d.replica
@@ -493,7 +736,7 @@ class ProxyServer:
                     return r.response
                 if not self.fleet.healthy:
                     raise NoReplica(f"no healthy replica left ({r.message})", headers={"Retry-After": self._retry_after}) from None
-                raise UpstreamFailed(f"the replica failed before answering: {r.message}") from None
+                raise UpstreamFailed(self._public(f"the replica failed before answering: {r.message}", d.replica)) from None
 
     async def _wait_dispatch(self, rreq: RoutingRequest, failed_replica: str | None = None) -> Dispatch:
         return await self.balancer.wait_dispatch(rreq, failed_replica)
@@ -526,12 +769,13 @@ class ProxyServer:
                 raise self._failed(rid, replica, exc, "while reading the answer") from None
             resp = web.Response(status=status, body=data, headers=self._response_headers(up, rid, replica))
             if status >= 500:
-                self.fleet.report_5xx(replica, status)
+                if status in self._eject_statuses:  # the replica says it cannot serve; a 500 answers this request only
+                    self.fleet.report_5xx(replica, status)
                 self.metrics.count_upstream_error(replica, "status")
                 disp.complete(rid, replica, None)
                 done = True
                 if status in self._retry_statuses:
-                    raise _Retry("status", f"replica {replica} answered HTTP {status}", resp)
+                    raise _Retry("status", f"replica {self._label(replica)} answered HTTP {status}", resp)
                 return resp
             self.fleet.report_success(replica)
             if status == 200:
@@ -557,9 +801,10 @@ class ProxyServer:
         """Book-keeping of a failed exchange; returns the _Retry to raise."""
         kind = "timeout" if isinstance(exc, asyncio.TimeoutError) else "connect"
         self.dispatcher.complete(rid, replica, None)
-        self.fleet.report_connect_error(replica, f"{type(exc).__name__}: {exc}")
-        self.metrics.count_upstream_error(replica, kind)
-        return _Retry(kind, f"replica {replica} failed {when}: {type(exc).__name__}: {exc}".rstrip(": "))
+        if not self._cut:  # pylb cut it while stopping: no evidence against the replica
+            self.fleet.report_connect_error(replica, f"{type(exc).__name__}: {exc}")
+            self.metrics.count_upstream_error(replica, kind)
+        return _Retry(kind, self._public(f"replica {replica} failed {when}: {type(exc).__name__}: {exc}".rstrip(": "), replica))
 
     async def _stream(
         self, request: web.Request, rreq: RoutingRequest, up: UpstreamResponse, replica: str, ex: _Exchange, t_sent: float
@@ -577,10 +822,9 @@ class ProxyServer:
         self.metrics.observe_ttft(ex.endpoint, ex.ttft)
         out = web.StreamResponse(status=up.status, headers=self._response_headers(up, rid, replica))
         await out.prepare(request)
-        if not first:  # the stream ended at once
-            disp.complete(rid, replica, Usage(rreq.prompt_tokens, 0, 0, reported=False))
-            self.fleet.report_success(replica)
-            await out.write_eof()
+        if not first:  # the stream ended at once, without its [DONE] event
+            disp.complete(rid, replica, None)
+            await self._end_truncated(out, replica, ex)
             return out, True
         await out.write(first)  # sends the head with it
         splice = _Splice(request.transport, up, out.headers.get("Transfer-Encoding", "").lower() == "chunked", first, ex.record)
@@ -593,27 +837,46 @@ class ProxyServer:
             if splice.delivered:  # ... after the stream's last event: it has the whole answer
                 self._stream_succeeded(rreq, replica, splice, ex)
             raise
-        # the client has the whole answer when the replica's answer ended and every piece of it
-        # reached the client's socket, or when its `data: [DONE]` event did
-        whole = splice.delivered or (failed is None and not splice.gone)
+        # the client has the whole answer when the stream's last event, `data: [DONE]`, reached
+        # its socket; a stream that ends without it was cut short (a replica shutting down)
+        whole = splice.delivered
         if not whole and splice.gone:  # the client went away mid-stream
             ex.status, ex.error = 499, "client closed the connection"
             disp.complete(rid, replica, None)
             return out, True  # the caller closes the upstream answer, which aborts it
         if whole:
             self._stream_succeeded(rreq, replica, splice, ex)
+        elif failed is None:
+            disp.complete(rid, replica, None)
+            await self._end_truncated(out, replica, ex)
+            return out, True
+        elif self._cut:
+            disp.complete(rid, replica, None)
+            ex.status, ex.error = 503, "cut by pylb's shutdown"
+            await out.write(sse_error_event(503, "pylb shut down before this stream ended"))
         else:
-            assert failed is not None
             self._failed(rid, replica, failed, "mid-stream")
             ex.status = 502  # counted and logged as failed, though the client saw a 200 head
             ex.error = f"replica failed mid-stream: {type(failed).__name__}: {failed}"
-            await out.write(sse_error_event(502, f"the replica serving this stream failed: {type(failed).__name__}: {failed}".rstrip(": ")))
+            await out.write(sse_error_event(502, self._public(f"the replica serving this stream failed: {type(failed).__name__}: {failed}".rstrip(": "), replica)))
         try:
             await out.write_eof()
         except ConnectionResetError:  # the client left before the body's last chunk
             if not whole:
                 ex.status, ex.error = 499, "client closed the connection"
         return out, True
+
+    async def _end_truncated(self, out: web.StreamResponse, replica: str, ex: _Exchange) -> None:
+        """A stream the replica ended without `data: [DONE]`: an error for the client (an error
+        event, then the end), counted as an upstream error of kind "truncated" (not held against
+        the replica's health: a replica that is shutting down does this, and its probes tell)."""
+        self.metrics.count_upstream_error(replica, "truncated")
+        ex.status, ex.error = 502, "the replica ended the stream before its final event"
+        try:
+            await out.write(sse_error_event(502, "the replica ended this stream before its final event"))
+            await out.write_eof()
+        except ConnectionResetError:
+            ex.status = 499
 
     def _stream_succeeded(self, rreq: RoutingRequest, replica: str, splice: _Splice, ex: _Exchange) -> None:
         """Book-keeping of a stream the client received whole: the replica answered well, the
@@ -627,7 +890,7 @@ class ProxyServer:
 
     def _response_headers(self, up: UpstreamResponse | aiohttp.ClientResponse, rid: str, replica: str) -> CIMultiDict[str]:
         h: CIMultiDict[str] = CIMultiDict(_strip_pairs(up.headers, _RESPONSE_SKIP))
-        h["x-pylb-replica"] = replica
+        h["x-pylb-replica"] = self._label(replica)
         h["x-request-id"] = rid
         return h
 
@@ -679,17 +942,18 @@ class ProxyServer:
         self._turn += 1
         replica = healthy[self._turn % len(healthy)]
         rid = self._request_id(request)
-        headers = _raw_request_headers(request.raw_headers, rid)
+        headers = _raw_request_headers(request.raw_headers, rid, self._skip_raw)
+        held = [0]
         try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise ProxyError(f"request body larger than {self.settings.server.max_body_bytes} bytes", param="body", status=413) from None
-        try:
-            up = await self._pool.request(replica, request.method, request.raw_path, headers, body)
-        except UPSTREAM_ERRORS as exc:
-            self.fleet.report_connect_error(replica, f"{type(exc).__name__}: {exc}")
-            self.metrics.count_upstream_error(replica, "connect")
-            raise UpstreamFailed(f"replica {replica} failed: {type(exc).__name__}: {exc}") from None
+            body = await self._read_body(request, held)
+            try:
+                up = await self._pool.request(replica, request.method, request.raw_path, headers, body)
+            except UPSTREAM_ERRORS as exc:
+                self.fleet.report_connect_error(replica, f"{type(exc).__name__}: {exc}")
+                self.metrics.count_upstream_error(replica, "connect")
+                raise UpstreamFailed(self._public(f"replica {replica} failed: {type(exc).__name__}: {exc}", replica)) from None
+        finally:
+            self._bodies.give(held[0])
         try:
             out = web.StreamResponse(status=up.status, headers=self._response_headers(up, rid, replica))
             await out.prepare(request)
@@ -710,8 +974,9 @@ class ProxyServer:
 
     async def _ready(self, request: web.Request) -> web.StreamResponse:
         healthy = len(self.fleet.healthy)
-        body = {"ready": healthy > 0, "healthy_replicas": healthy, "replicas": len(self.fleet.replicas)}
-        return web.json_response(body, status=200 if healthy else 503)
+        ready = healthy > 0 and not self._draining
+        body = {"ready": ready, "healthy_replicas": healthy, "replicas": len(self.fleet.replicas), **({"draining": True} if self._draining else {})}
+        return web.json_response(body, status=200 if ready else 503)
 
     async def _metrics_page(self, request: web.Request) -> web.StreamResponse:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})

@@ -36,16 +36,24 @@ on an asyncio `Protocol` (uvloop's when `pylb serve` runs):
   `Connection: close`; `UpstreamResponse.close()` before the end closes the connection, which is
   how a client disconnect aborts the request on the replica. Idle connections older than
   `keepalive` seconds are closed when next looked at; a connection the replica closes while idle
-  leaves the pool at once (one whose close is under way is never taken).
+  leaves the pool at once (one whose close is under way is never taken). At most `max_idle`
+  connections per replica stay idle (more are closed when released), and a sweep every
+  `keepalive` / 2 seconds closes the idle ones past `keepalive`, so a burst leaves no crowd of
+  idle connections behind.
+- `https://` replicas are reached over TLS with the pool's `ssl` context (`UpstreamPool(ssl=...)`).
+- `expedite(base_url, silence)` shortens the read timeout of a replica's open exchanges (the
+  proxy calls it when health probes eject the replica: a hung replica's requests fail within
+  `silence` instead of `read_timeout`); `abort_active()` fails every open exchange (shutdown).
 
-Only what the proxy needs: no TLS (replicas are reached over plain HTTP), no proxies, no
-redirects, no cookies, no compression handling (bytes pass through as they are).
+Only what the proxy needs: no proxies, no redirects, no cookies, no compression handling
+(bytes pass through as they are).
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import ssl as ssl_mod
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from urllib.parse import urlsplit
@@ -83,6 +91,7 @@ class _Conn(asyncio.Protocol):
         self.closed = False
         self.used = 0
         self.idle_since = 0.0
+        self.limit = 0.0  # a read timeout shorter than the pool's, for this exchange (expedite)
         self._reset()
 
     def _reset(self) -> None:
@@ -102,6 +111,7 @@ class _Conn(asyncio.Protocol):
         self.last_rx = 0.0
         self.watchdog: asyncio.TimerHandle | None = None
         self.sink: Callable[[bytes], None] | None = None
+        self.limit = 0.0
 
     # ---- protocol callbacks -----------------------------------------------------------------------
 
@@ -352,6 +362,8 @@ class _Conn(asyncio.Protocol):
     # ---- read timeout -------------------------------------------------------------------------------
 
     def arm_watchdog(self, timeout: float) -> None:
+        if self.limit > 0:
+            timeout = self.limit if timeout <= 0 else min(timeout, self.limit)
         if timeout > 0 and self.watchdog is None:
             self.watchdog = self.loop.call_at(self.last_rx + timeout, self._check_silence, timeout)
 
@@ -520,38 +532,83 @@ class UpstreamResponse:
 class UpstreamPool:
     """Keep-alive connections to replicas, by base URL (see the module comment)."""
 
-    def __init__(self, connect_timeout: float = 5.0, read_timeout: float = 0.0, keepalive: float = 30.0) -> None:
+    def __init__(
+        self, connect_timeout: float = 5.0, read_timeout: float = 0.0, keepalive: float = 30.0, *, ssl: ssl_mod.SSLContext | None = None, max_idle: int = 32
+    ) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.keepalive = keepalive
+        self.ssl = ssl
+        self.max_idle = max_idle
         self._idle: dict[str, list[_Conn]] = {}
         self._all: set[_Conn] = set()
-        self._addr: dict[str, tuple[str, int, str]] = {}
+        self._addr: dict[str, tuple[str, int, str, bool]] = {}
+        self._reaper: asyncio.TimerHandle | None = None
         self.closed = False
 
-    def _address(self, base_url: str) -> tuple[str, int, str]:
+    def _address(self, base_url: str) -> tuple[str, int, str, bool]:
         a = self._addr.get(base_url)
         if a is None:
             parts = urlsplit(base_url)
-            if parts.scheme != "http" or not parts.hostname:
-                raise UpstreamError(f"unsupported replica URL {base_url!r}: plain http://host:port only")
-            port = parts.port or 80
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise UpstreamError(f"unsupported replica URL {base_url!r}: http:// or https://host:port only")
+            tls = parts.scheme == "https"
+            port = parts.port or (443 if tls else 80)
             host = parts.hostname
             host_header = parts.netloc.rsplit("@", 1)[-1]
-            a = self._addr[base_url] = (host, port, host_header)
+            a = self._addr[base_url] = (host, port, host_header, tls)
         return a
 
     async def _connect(self, base_url: str) -> _Conn:
-        host, port, _ = self._address(base_url)
+        host, port, _, tls = self._address(base_url)
         loop = asyncio.get_running_loop()
+        ctx = (self.ssl or ssl_mod.create_default_context()) if tls else None
         try:
-            _, conn = await asyncio.wait_for(loop.create_connection(lambda: _Conn(self, base_url), host, port), self.connect_timeout)
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _Conn(self, base_url), host, port, ssl=ctx, server_hostname=host if tls else None), self.connect_timeout
+            )
         except asyncio.TimeoutError:
             raise UpstreamTimeout(f"connecting to {base_url} timed out after {self.connect_timeout:g} s") from None
+        except ssl_mod.SSLError as exc:
+            raise UpstreamError(f"TLS with {base_url} failed: {exc.reason or exc}") from None
         except OSError as exc:
             raise UpstreamError(f"cannot connect to {base_url}: {exc.strerror or exc}") from None
         self._all.add(conn)
+        if self._reaper is None and not self.closed:
+            self._reaper = loop.call_later(max(0.05, self.keepalive / 2), self._reap)
         return conn
+
+    def _reap(self) -> None:
+        """Close the idle connections past `keepalive` (every keepalive / 2 seconds)."""
+        self._reaper = None
+        if self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for idle in list(self._idle.values()):
+            for c in [c for c in idle if now - c.idle_since >= self.keepalive]:
+                self._close_conn(c)
+        if self._all:
+            self._reaper = loop.call_later(max(0.05, self.keepalive / 2), self._reap)
+
+    def expedite(self, base_url: str, silence: float) -> int:
+        """Give the open exchanges with `base_url` a read timeout of `silence` seconds since their
+        last byte (they fail now when silent that long already); returns how many there are."""
+        n = 0
+        for c in list(self._all):
+            if c.key == base_url and c.state != _DONE and (c.head_future is not None or c.state != _HEAD):
+                c.limit = silence
+                c.cancel_watchdog()
+                c.arm_watchdog(self.read_timeout)
+                n += 1
+        return n
+
+    def abort_active(self, reason: str) -> None:
+        """Fail every open exchange (`UpstreamError(reason)`) and close its connection."""
+        for c in list(self._all):
+            if c.state != _DONE and (c.head_future is not None or c.state != _HEAD):
+                c._fail(UpstreamError(reason))
+                self._close_conn(c)
 
     def _take_idle(self, base_url: str) -> _Conn | None:
         idle = self._idle.get(base_url)
@@ -575,7 +632,7 @@ class UpstreamPool:
         Host and Content-Length are added here and must not be among them."""
         if self.closed:
             raise UpstreamError("the upstream pool is closed")
-        _, _, host_header = self._address(base_url)
+        host_header = self._address(base_url)[2]
         if not isinstance(headers, bytes):
             headers = "".join(f"{k}: {v}\r\n" for k, v in headers).encode("latin-1", "replace")
         length = f"Content-Length: {len(body)}\r\n" if body or method in ("POST", "PUT", "PATCH") else ""
@@ -621,10 +678,14 @@ class UpstreamPool:
     def _release(self, conn: _Conn) -> None:
         conn.cancel_watchdog()
         if conn.state == _DONE and conn.keep_alive and not conn.closed and not self.closed and conn.error is None and not conn.paused:
+            idle = self._idle.setdefault(conn.key, [])
+            if len(idle) >= self.max_idle:
+                self._close_conn(conn)
+                return
             conn.idle_since = conn.loop.time()
             conn.head_future = None
             conn.waiter = None
-            self._idle.setdefault(conn.key, []).append(conn)
+            idle.append(conn)
         else:
             self._close_conn(conn)
 
@@ -650,6 +711,9 @@ class UpstreamPool:
     async def close(self) -> None:
         """Close every connection."""
         self.closed = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         for conn in list(self._all):
             self._close_conn(conn)
         self._idle.clear()

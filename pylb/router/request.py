@@ -109,10 +109,20 @@ class RequestLimits:
         return cls(s.block_chars, s.completions_default_max_tokens, s.chat_default_max_tokens)
 
 
+MAX_INT_DIGITS = 20
+"""JSON integers longer than this (no token id, count or priority is) are read as an out-of-range
+float, which the field's check rejects by name; Python's own limit (4,300 digits) would fail the
+whole body without naming the field, and parsing a huge integer costs quadratic time."""
+
+
+def _json_int(text: str) -> int | float:
+    return int(text) if len(text) <= MAX_INT_DIGITS else (math.inf if not text.startswith("-") else -math.inf)
+
+
 def parse_json_body(body: bytes) -> dict[str, Any]:
     """The request body as a JSON object; RequestError("body", ...) when it is not one."""
     try:
-        data = json.loads(body.decode("utf-8"))
+        data = json.loads(body.decode("utf-8"), parse_int=_json_int)
     except UnicodeDecodeError:
         raise RequestError("body", "the request body is not valid UTF-8") from None
     except json.JSONDecodeError as exc:
@@ -329,12 +339,20 @@ def _int(body: Mapping[str, Any], name: str, minimum: int | None, default: int |
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError(name, f"{name} must be an integer, got {_tname(value)}")
     if isinstance(value, float):
+        if math.isinf(value):
+            raise RequestError(name, f"{name} is out of range (an integer of more than {MAX_INT_DIGITS} digits)")
         if not (math.isfinite(value) and value.is_integer()):
             raise RequestError(name, f"{name} must be an integer, got {value!r}")
         value = int(value)
     if minimum is not None and value < minimum:
         raise RequestError(name, f"{name} must be at least {minimum}, got {value}")
+    if not -MAX_FIELD_INT <= value <= MAX_FIELD_INT:
+        raise RequestError(name, f"{name} must be at most {MAX_FIELD_INT} in magnitude, got {value}")
     return value
+
+
+MAX_FIELD_INT = 2**53
+"""The largest magnitude of an integer field routing reads (max_tokens, n, priority)."""
 
 
 def _tname(v: Any) -> str:

@@ -126,10 +126,12 @@ async def test_sigterm_drains_a_real_pylb_serve() -> None:
                     assert r.status == 503
                 text = (await resp.read()).decode()
                 assert '"error"' not in text and text.rstrip().endswith("data: [DONE]")
-        finally:
-            if proc.returncode is None:
+        finally:  # it is draining: give it the time to exit on its own before a second signal
+            try:
+                _, err = await asyncio.wait_for(proc.communicate(), 10)
+            except asyncio.TimeoutError:
                 proc.send_signal(signal.SIGTERM)
-            _, err = await asyncio.wait_for(proc.communicate(), 30)
+                _, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, err.decode()[-2000:]
         assert time.monotonic() - t0 < 5 + 2
 

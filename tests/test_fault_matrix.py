@@ -172,7 +172,7 @@ async def test_replica_killed_mid_run_then_restarted() -> None:
         async def kill() -> None:
             victim.signal(signal.SIGKILL)
 
-        outcomes = await run_load(proxy.url, 120, 24, kill)
+        outcomes = await run_load(proxy.url, 120, 24, kill, fault_after=0.05)
         victim.start()
         back = await back_in_rotation(proxy, victim.url, 30)
         after = await run_load(proxy.url, 12, 12)
@@ -182,14 +182,16 @@ async def test_replica_killed_mid_run_then_restarted() -> None:
 
 
 async def test_replica_hung_with_requests_in_flight_then_resumed() -> None:
-    async with sim_fleet([4.0, 4.0, 4.0]) as reps, running_proxy(proxy_settings([r.url for r in reps])) as proxy:
+    # real-time speed and an early fault: the load must still be running when the replica hangs,
+    # however idle the machine is
+    async with sim_fleet([1.0, 1.0, 1.0]) as reps, running_proxy(proxy_settings([r.url for r in reps])) as proxy:
         victim = reps[1]
 
         async def stop() -> None:
             victim.signal(signal.SIGSTOP)
 
         t0 = time.monotonic()
-        outcomes = await run_load(proxy.url, 120, 24, stop)
+        outcomes = await run_load(proxy.url, 120, 24, stop, fault_after=0.05)
         took = time.monotonic() - t0
         assert victim.url not in proxy.fleet.healthy
         victim.signal(signal.SIGCONT)

@@ -31,16 +31,16 @@ The machine is shared: the load average is printed with the results; compare onl
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from bench_support import free_port, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -127,12 +127,6 @@ def run_lookup(args: argparse.Namespace) -> dict:
 # ---- proxy ----------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def backend_main(port: int) -> None:
     """bench_proxy's instant backend, answering completions with finish_reason stop (storable)."""
     sys.path.insert(0, str(Path(__file__).parent))
@@ -144,21 +138,6 @@ def backend_main(port: int) -> None:
     bench_proxy._JSON_BODY = body
     bench_proxy.backend_main(port)
     uvloop  # noqa: B018 - imported so a missing uvloop fails here, not in the child
-
-
-async def _wait_ready(url: str) -> None:
-    import aiohttp
-
-    async with aiohttp.ClientSession() as s:
-        for _ in range(300):
-            try:
-                async with s.get(url) as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"{url} not ready")
 
 
 async def _latencies(url: str, prompts: list[str], auth: bool) -> tuple[list[float], set[str]]:
@@ -181,18 +160,18 @@ async def _latencies(url: str, prompts: list[str], auth: bool) -> tuple[list[flo
 def run_proxy(args: argparse.Namespace) -> dict:
     import uvloop
 
-    bport, off_port, on_port = _free_port(), _free_port(), _free_port()
+    bport, off_port, on_port = free_port(), free_port(), free_port()
     procs = [subprocess.Popen([sys.executable, __file__, "backend", str(bport)])]
     base = [sys.executable, "-P", "-m", "pylb.cli", "serve", "--backend", f"http://127.0.0.1:{bport}", "--policy", "round-robin",
             "--log-level", "warning", "--no-logging-access-log"]  # fmt: skip
     try:
-        uvloop.run(_wait_ready(f"http://127.0.0.1:{bport}/health"))
+        uvloop.run(wait_ready(f"http://127.0.0.1:{bport}/health"))
         procs.append(subprocess.Popen([*base, "--port", str(off_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         procs.append(subprocess.Popen([*base, "--port", str(on_port), "--cache-enabled", "--cache-embedder", "hashing"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
         direct, off, on = (f"http://127.0.0.1:{p}" for p in (bport, off_port, on_port))
-        uvloop.run(_wait_ready(off + "/ready"))
-        uvloop.run(_wait_ready(on + "/ready"))
+        uvloop.run(wait_ready(off + "/ready"))
+        uvloop.run(wait_ready(on + "/ready"))
         print(f"proxy: {args.requests} requests per measurement, one at a time; load average {load()}")
         n = args.requests
         warm = [f"warm-up prompt {i}: tell me about topic {i}" for i in range(200)]

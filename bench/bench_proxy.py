@@ -48,6 +48,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_support import free_port, wait_ready
+
 REPO = Path(__file__).resolve().parents[1]
 
 # ---- the instant backend -------------------------------------------------------------------------
@@ -140,28 +142,6 @@ def backend_main(port: int) -> None:
 
 
 # ---- the client ----------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _wait_ready(url: str, timeout: float = 30.0) -> None:
-    import aiohttp
-
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            try:
-                async with s.get(url) as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"{url} did not become ready")
 
 
 async def latency(url: str, n: int, concurrency: int) -> list[float]:
@@ -262,7 +242,7 @@ def main() -> int:
 
     import uvloop
 
-    bport, pport = _free_port(), _free_port()
+    bport, pport = free_port(), free_port()
     backend = subprocess.Popen([sys.executable, __file__, "--backend-only", str(bport)])
     env = dict(os.environ)
     cmd = [
@@ -274,9 +254,9 @@ def main() -> int:
     proxy = None
     try:
         direct_url, pylb_url = f"http://127.0.0.1:{bport}", f"http://127.0.0.1:{pport}"
-        uvloop.run(_wait_ready(direct_url + "/health"))
+        uvloop.run(wait_ready(direct_url + "/health"))
         proxy = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        uvloop.run(_wait_ready(pylb_url + "/ready"))
+        uvloop.run(wait_ready(pylb_url + "/ready"))
         results: dict[str, object] = {"workers": args.workers, "policy": args.policy, "access_log": args.access_log, "cpus": os.cpu_count()}
         results["load_average_start"] = os.getloadavg()
         print(f"pylb bench: {os.cpu_count()} CPUs, pylb workers={args.workers}, policy={args.policy}, access log {'on' if args.access_log else 'off'}; "

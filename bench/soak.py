@@ -27,7 +27,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -38,13 +37,9 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench_support import free_port, wait_ready
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def proc_stats(pid: int) -> tuple[float, int]:
@@ -55,20 +50,6 @@ def proc_stats(pid: int) -> tuple[float, int]:
             if line.startswith("VmRSS:"):
                 rss = int(line.split()[1]) / 1024
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
-
-
-async def wait_ready(url: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            try:
-                async with s.get(url) as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
-    raise RuntimeError(f"{url} not ready")
 
 
 async def one(s: aiohttp.ClientSession, url: str, i: int, kind: str, out: Counter[str]) -> None:
@@ -145,7 +126,7 @@ async def drive(url: str, pid: int, n: int, rate: float, concurrency: int, sampl
         for smp in fam.samples:
             if smp.name == "pylb_requests_total" and smp.labels.get("endpoint") == "completions":
                 counted[smp.labels["code"]] = smp.value
-    rest = samples[max(1, len(samples) // 10) :]
+    rest = samples[max(1, len(samples) // 10) :] or samples  # a run too short for a warm-up keeps every sample
 
     def spread(values: list[float]) -> float:
         mean = sum(values) / len(values)
@@ -194,7 +175,7 @@ def main() -> int:
         pylb = subprocess.Popen([*py, "serve", *backends, "--port", str(pport), "--policy", "round-robin", "--no-logging-access-log"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         url = f"http://127.0.0.1:{pport}"
-        asyncio.run(wait_ready(url + "/ready"))
+        asyncio.run(wait_ready(url + "/ready", timeout=60.0, interval=0.2))
         load0 = os.getloadavg()
         res = asyncio.run(drive(url, pylb.pid, args.requests, args.rate, args.concurrency, args.sample_s))
         res.update(command=" ".join(["bench/soak.py", *sys.argv[1:]]), load_average_start=load0, load_average_end=os.getloadavg())

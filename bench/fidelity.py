@@ -16,7 +16,7 @@ and whether the simulator ranks pylb's targets in the same order as the real run
 share, then TTFT p50). Real values are the harness's means over its repetitions (min-max in the
 JSON). Targets map to simulated routers so:
 
-    pylb ARGS                  the router `pylb serve ARGS` builds (`pylb.proxy.server.create_router`)
+    pylb ARGS                  the router `pylb serve ARGS` builds (`pylb.proxy.balancer.create_router`)
     sglang / vllm-router       pylb's analog of their policy, dispatching at once as they do
       --policy cache_aware       -> cache-aware        (SGLang's algorithm, `pylb/router/policies/cache_aware.py`)
       --policy power_of_two      -> least-load         (with two replicas, the less loaded of both)
@@ -77,7 +77,7 @@ def sim_router(spec: str, slo_ttft: float) -> tuple[str, Router]:
     kind, args = words[0], words[1:]
     if kind == "pylb":
         from pylb import config
-        from pylb.proxy.server import create_router
+        from pylb.proxy.balancer import create_router
 
         parser = argparse.ArgumentParser()
         config.add_arguments(parser)

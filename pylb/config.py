@@ -137,6 +137,8 @@ class ServerSettings:
     max_headers: int = setting(100, "most header lines in a request (more: 400)", check=at_least(8))
     api_keys: list = setting([], "client API keys accepted as Authorization: Bearer KEY on /v1/ (none here and no api_keys_file: no authentication)")
     api_keys_file: str = setting("", "file of accepted client keys as SHA-256 hex digests, one per line (# comments); adds to server.api_keys", check=_readable_file)
+    tls_cert: str = setting("", "PEM certificate (chain) for HTTPS on the client side, with server.tls_key (empty: plain HTTP)", check=_readable_file)
+    tls_key: str = setting("", "PEM private key of server.tls_cert", check=_readable_file)
     admin_host: str = setting("127.0.0.1", "address of the admin listener (server.admin_port)")
     admin_port: int = setting(0, "serve /metrics, /health and /ready on this port only, not on server.port (0: no admin listener)", check=port_number)
     expose_replicas: bool = setting(True, "name replicas by their address in x-pylb-replica and error messages (false: an opaque id)")

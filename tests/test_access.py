@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import openai
@@ -199,3 +200,71 @@ async def test_sighup_reloads_a_real_pylb_serve(tmp_path: Path) -> None:
         text = err.decode()
         assert proc.returncode == 0, text[-2000:]
         assert "pylb reloaded its settings (fleet.backends)" in text and "reload rejected" in text
+
+
+# ---- HTTPS towards clients -----------------------------------------------------------------------------
+
+
+def _peer_certificate(port: int, ca: Path) -> bytes:
+    """The DER certificate pylb's listener presents to a new TLS connection."""
+    import socket
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw_sock, ctx.wrap_socket(raw_sock, server_hostname="127.0.0.1") as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+async def test_https_for_clients_with_certificate_reload(tmp_path: Path) -> None:
+    import ssl
+
+    from conftest import make_self_signed
+
+    crt, key = make_self_signed(tmp_path, "first")
+    crt2, key2 = make_self_signed(tmp_path, "second")
+    async with scripted(1) as (rep,), running_proxy(settings([rep.url], server__tls_cert=str(crt), server__tls_key=str(key))) as proxy:
+        assert proxy.url.startswith("https://127.0.0.1:")
+        trusted = ssl.create_default_context(cafile=str(crt))
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trusted)) as s:
+            async with s.post(proxy.url + "/v1/completions", json={"prompt": "x"}) as r:
+                assert r.status == 200 and r.headers["x-pylb-replica"] == rep.url
+            async with s.post(proxy.url + "/v1/completions", json={"prompt": "s", "stream": True}) as r:
+                assert r.status == 200 and (await r.read()).rstrip().endswith(b"data: [DONE]")
+        async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0, http_client=_httpx_client(crt)) as client:
+            assert (await client.completions.create(model="m", prompt="x", max_tokens=1)).choices
+        # a plain-HTTP client gets no answer from the TLS listener
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(aiohttp.ClientError):
+                async with s.post(proxy.url.replace("https://", "http://") + "/v1/completions", json={"prompt": "x"}) as r:
+                    await r.read()
+        first = await asyncio.to_thread(_peer_certificate, proxy.port, crt)
+        # a reload with a new pair: new connections get the new certificate
+        new = settings([rep.url], server__tls_cert=str(crt2), server__tls_key=str(key2))
+        assert set(await proxy.reload(new)) == {"server.tls_cert", "server.tls_key"}
+        second = await asyncio.to_thread(_peer_certificate, proxy.port, crt2)
+        assert first != second
+        # turning TLS off needs a restart: rejected as a whole, the running pair stays
+        with pytest.raises(ConfigError) as exc:
+            await proxy.reload(settings([rep.url]))
+        assert exc.value.field == "server.tls_cert" and "restart" in str(exc.value)
+        assert await asyncio.to_thread(_peer_certificate, proxy.port, crt2) == second
+    assert len(rep.requests) == 3
+
+
+def _httpx_client(ca: Path) -> Any:
+    """The OpenAI SDK's own HTTP client, trusting `ca`."""
+    import ssl
+
+    return openai.DefaultAsyncHttpxClient(verify=ssl.create_default_context(cafile=str(ca)))
+
+
+def test_a_certificate_without_its_key_is_a_config_error(cert: tuple[Path, Path]) -> None:
+    crt, key = cert
+    with pytest.raises(ConfigError) as exc:
+        ProxyServer(settings(["http://127.0.0.1:1"], server__tls_cert=str(crt)))
+    assert exc.value.field == "server.tls_key"
+    with pytest.raises(ConfigError) as exc:
+        ProxyServer(settings(["http://127.0.0.1:1"], server__tls_cert=str(key), server__tls_key=str(key)))  # a key is no certificate
+    assert exc.value.field == "server.tls_cert" and "cannot load" in str(exc.value)

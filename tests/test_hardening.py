@@ -9,9 +9,7 @@ import asyncio
 import gzip
 import json
 import logging
-import shutil
 import ssl
-import subprocess
 import time
 from pathlib import Path
 
@@ -196,19 +194,6 @@ async def test_a_huge_metrics_page_fails_the_scrape() -> None:
 
 
 # ---- 6. https replicas -------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def cert(tmp_path: Path) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl CLI not installed")
-    key, crt = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(crt), "-days", "2",
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return crt, key
 
 
 async def test_https_replicas_work_with_a_ca_file(cert: tuple[Path, Path]) -> None:

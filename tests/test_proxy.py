@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from pylb.observability.metrics import SERIES
-from pylb.proxy.server import usage_from_sse_tail
+from pylb.proxy.usage import usage_from_sse_tail
 from pylb.router.interface import Usage
 from pylb.sim.server import GEN_TOKEN_TEXT
 
@@ -229,7 +229,7 @@ async def test_client_closing_right_after_done_is_a_success(caplog: pytest.LogCa
             rep.done_delay = delay
             got = await stream_until_done(proxy.port, body)
             assert b" 200 " in got.split(b"\r\n")[0]
-        await wait_for(lambda: proxy._in_progress == 0 and len(router.of("complete")) == len(delays), what="handlers done")
+        await wait_for(lambda: proxy.routed.in_progress == 0 and len(router.of("complete")) == len(delays), what="handlers done")
         m = await scrape(proxy)
     # the client received every event: a success, counted and completed as one, nothing logged
     assert value(m, "pylb_requests_total", endpoint="completions", code="499") == 0

@@ -11,7 +11,8 @@ import pytest
 
 from pylb import cli, config
 from pylb.config import ConfigError, RouterSettings, Settings
-from pylb.proxy.server import ProxyServer, create_router
+from pylb.proxy.balancer import create_router
+from pylb.proxy.server import ProxyServer
 from pylb.router.core import CoreRouter
 from pylb.router.interface import RouterOptions
 

@@ -61,7 +61,7 @@ from google.protobuf import struct_pb2
 
 from pylb.observability.logging import ACCESS_LOGGER, request_id_var
 from pylb.proxy.errors import ProxyError, error_body
-from pylb.proxy.server import usage_from_json, usage_from_sse_tail
+from pylb.proxy.usage import usage_from_json, usage_from_sse_tail
 from pylb.router.interface import RoutingRequest, Usage
 from pylb.router.request import CHAT, COMPLETIONS, RequestError, build_request, parse_json_body
 

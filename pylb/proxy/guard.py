@@ -42,6 +42,7 @@ import json
 import logging
 import re
 import resource
+import sys
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -320,3 +321,19 @@ def _decode(raw: bytes, encoding: str, max_bytes: int, take: Callable[[int], Non
         raise ProxyError(f"request body larger than {max_bytes} bytes once decoded", param="body", status=413)
     take(len(out))
     return out
+
+
+class ClientErrorLog(logging.LoggerAdapter):
+    """aiohttp's server logger: a malformed request is the client's problem, logged at info level
+    as its error class and a short reason, never with the request's raw bytes (which hold its
+    Authorization header and its prompt)."""
+
+    _RAW = re.compile(r"(:\s*)?(b['\"]|\n).*", re.S)
+
+    def log(self, level: int, msg: object, *args: object, exc_info: Any = None, **kwargs: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else (sys.exc_info()[1] if exc_info else None)
+        if exc is None:
+            self.logger.log(min(level, logging.INFO), "client connection: %s", str(msg)[:120])
+            return
+        reason = self._RAW.sub("", str(getattr(exc, "message", "") or ""))[:120]
+        self.logger.log(min(level, logging.INFO), "malformed or broken client request", extra={"error": f"{type(exc).__name__}: {reason}".rstrip(": ")})

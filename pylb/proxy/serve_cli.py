@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         print(NO_BACKEND_HELP, file=sys.stderr)
         return 2
     try:  # an unknown policy or a bad policy option fails here, before any worker starts
-        from pylb.proxy.server import create_router
+        from pylb.proxy.balancer import create_router
 
         create_router(settings.router)
     except ConfigError as exc:

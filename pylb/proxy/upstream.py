@@ -68,6 +68,11 @@ MAX_HEAD = 64 * 1024
 """Largest status line plus headers accepted from a replica."""
 
 
+UPSTREAM_ERRORS: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError)
+"""Exceptions that mean an exchange with a replica through the pool failed (`UpstreamError` and
+`UpstreamTimeout` among them)."""
+
+
 class UpstreamError(ConnectionError):
     """The exchange with the replica failed (refused, reset, closed early, malformed answer)."""
 

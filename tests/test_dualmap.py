@@ -235,6 +235,49 @@ def test_a_cache_tie_goes_to_the_candidate_with_less_backlog_then_fewer_requests
     assert choose(p, req, View([32, 32], [0.9, 0.1])).replica == a  # not noise in the TTFT estimate
 
 
+def test_tie_cost_counts_the_uncached_part_of_the_prompt() -> None:
+    """tie=cost: above the hot floor neither candidate holds more, but one holds the hot prefix
+    below it; its own prefill is cheaper there, which outweighs a smaller backlog elsewhere up to
+    that saving."""
+    p, a, b, req = two_replica_dualmap(tie="cost")
+    cached = [0, 0]
+    cached[a] = 32  # all of the prompt's first 32 router blocks (16 tokens each): 512 tokens
+    queued = [0, 0]
+    queued[a] = 400  # less than the 512 tokens it saves
+    view = View(cached, [0.0, 0.0], queued)
+    view.cached_blocks = lambda request: np.zeros(2, dtype=np.int64)  # type: ignore[method-assign]  # a tie above the floor
+    assert choose(p, req, view).replica == a
+    queued[a] = 600  # more than it saves: the other candidate
+    view2 = View(cached, [0.0, 0.0], queued)
+    view2.cached_blocks = lambda request: np.zeros(2, dtype=np.int64)  # type: ignore[method-assign]
+    assert choose(p, req, view2).replica == b
+    plain, a2, b2, _ = two_replica_dualmap()  # the default compares backlog alone
+    view3 = View(cached, [0.0, 0.0], [400 if i == a2 else 0 for i in range(2)])
+    view3.cached_blocks = lambda request: np.zeros(2, dtype=np.int64)  # type: ignore[method-assign]
+    assert choose(plain, req, view3).replica == b2
+
+
+def test_hot_share_fleet_needs_a_replicas_fair_share_to_deepen_the_key() -> None:
+    """hot_share=fleet: with 2 replicas a prefix holding 25 % of the traffic is not hot (one
+    replica carries 50 %), with 16 it is; the paper's share deepens it in both."""
+    def depths(policy: DualMap, groups: int) -> Counter[int]:
+        out: Counter[int] = Counter()
+        for i in range(200):
+            g = i % groups
+            h = np.concatenate([np.arange(1 + 100 * g, 33 + 100 * g, dtype=U64), np.arange(10_000 * (i + 1), 10_000 * (i + 1) + 40, dtype=U64)])
+            out[policy.keyer.key(rr(f"r{i}", h))[1]] += 1
+        return out
+
+    for n, deepens in ((2, False), (16, True)):
+        fleet = DualMap(RouterOptions(extra={"hot_share": "fleet"}))
+        fleet.on_membership([f"r{i}" for i in range(n)])
+        assert fleet.keyer.table.expand_share == pytest.approx(max(0.0612, 1 / n))
+        assert (depths(fleet, 4)[2] > 100) is deepens, n
+        paper = DualMap(RouterOptions())
+        paper.on_membership([f"r{i}" for i in range(n)])
+        assert depths(paper, 4)[2] > 100
+
+
 def test_the_hot_floor_ignores_a_universal_prefix() -> None:
     """Depth-2 key: a candidate holding only the first (hot, universal) key block is no better
     than an empty one; one holding more of the prompt is."""

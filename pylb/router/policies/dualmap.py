@@ -80,7 +80,16 @@ Options (`RouterOptions.extra`, or `pylb simulate --policy dualmap:key=value`), 
     neighbours (bool, default true)   step 5: migrate to a neighbour when the alternate is hot
     follow_cache (bool, default true) step 6 on/off
     spill      (str, default off)     step 7: "fleet" or "off"
-    tie        (str, default fleet)   step 3, a prompt neither candidate holds: "fleet" or "ring"
+    tie        (str, default fleet)   step 3, a prompt neither candidate holds: "fleet" or "ring";
+                                      "cost" / "fleet-cost": the same pools, but a tie goes to the
+                                      least backlog plus the request's own uncached prefill (at
+                                      one per-token time for all), so a replica holding the hot
+                                      prefix below the floor wins while its backlog is smaller
+                                      than the prefill it saves
+    hot_share  (str, default paper)   step 1's expansion share: "paper" (6.12 %) or "fleet": at
+                                      least 1/N, one replica's fair share of the traffic (on a
+                                      small fleet a prefix with 12 % of the traffic is no hotspot,
+                                      and deepening its key spreads its group over every replica)
     balance_ratio (float, default 2)  slo_switch="balance" (step 4's rescue, and also switch when
                                       the other candidate's predicted TTFT x ratio < the preferred
                                       one's, at any SLO): measured mixed, so not the default
@@ -138,7 +147,8 @@ class DualMap(Policy):
         follow_cache: bool = setting(True, "step 6 on/off")
         spill: str = setting("off", "step 7: fleet or off", check=one_of(*SPILL_RULES))
         balance_ratio: float = setting(2.0, "slo_switch=balance: also switch when the other candidate's predicted TTFT x this < the preferred one's", check=at_least(1))
-        tie: str = setting("fleet", "step 3's tie when neither candidate holds the prompt: ring (the less loaded candidate) or fleet (the fleet's least loaded replica)", check=one_of("ring", "fleet"))
+        hot_share: str = setting("paper", "step 1's expansion share: paper (6.12 % of the window) or fleet (at least one replica's fair share, 1/N of the window)", check=one_of("paper", "fleet"))
+        tie: str = setting("fleet", "step 3's tie when neither candidate holds the prompt: ring (the less loaded candidate) or fleet (the fleet's least loaded replica)", check=one_of("ring", "fleet", "cost", "fleet-cost"))
 
     def __init__(self, options: RouterOptions) -> None:
         super().__init__(options)
@@ -147,10 +157,13 @@ class DualMap(Policy):
         self.slo_switch = str(self.option("slo_switch"))
         self.follow_cache = bool(self.option("follow_cache"))
         self.spill = str(self.option("spill")) == "fleet"
-        self.tie_fleet = str(self.option("tie")) == "fleet"
+        self.tie_fleet = str(self.option("tie")) in ("fleet", "fleet-cost")
+        self.tie_cost = str(self.option("tie")) in ("cost", "fleet-cost")
         self.balance_ratio = float(self.option("balance_ratio"))
         self.slo = options.slo_ttft
-        self.keyer = PrefixKeyer(options, fixed_depth=self.option("key_depth"))
+        self.key_depth = int(self.option("key_depth"))
+        self.hot_share_fleet = str(self.option("hot_share")) == "fleet"
+        self.keyer = PrefixKeyer(options, fixed_depth=self.key_depth)
         self.ring: native.DualRing | None = None
         self.switch_budget = options.slo_ttft / 2
         self.blocks_per_key = options.blocks_per_key_block
@@ -165,8 +178,21 @@ class DualMap(Policy):
     def on_membership(self, replicas: Sequence[ReplicaId]) -> None:
         """Rebuild both rings over the new replicas (off the request path)."""
         self.ring = native.DualRing(list(replicas)) if replicas else None
+        if self.hot_share_fleet and not self.key_depth and replicas:
+            self._fit_hot_share(len(replicas))
         self._queued.clear()  # replica indices change with the membership
         self._queued_last.clear()
+
+    def _fit_hot_share(self, n: int) -> None:
+        """`hot_share=fleet`: a prefix is hot (its key goes one block deeper) only when it holds
+        more than one replica's fair share of the traffic, 1/N, and never less than the paper's
+        share; the shrink share keeps the paper's ratio to it. The window restarts when the share
+        changes (a membership change)."""
+        d = native.PREFIX_KEY_DEFAULTS
+        expand = max(float(d["expand_share"]), 1.0 / n)
+        if expand != self.keyer.table.expand_share:
+            shrink = expand * float(d["shrink_share"]) / float(d["expand_share"])
+            self.keyer = PrefixKeyer(self.options, fixed_depth=0, expand_share=expand, shrink_share=shrink)
 
     def choose(self, request: RoutingRequest, view: RouterView) -> Choice:
         """Better-cached candidate, unless its predicted TTFT > slo/2 (then the other, if it is
@@ -196,7 +222,13 @@ class DualMap(Policy):
         faster = a if ta <= tb else b
         if ca == cb:
             pool = range(len(view.replicas)) if self.tie_fleet and ca == 0 else (a, b)
-            pick, branch = min(pool, key=lambda i: (_backlog(view.replicas[i]), view.replicas[i].load, i not in (a, b), i != a)), "load"
+            if self.tie_cost:  # backlog plus the request's own uncached prefill at one per-token time
+                t = sum(view.replicas[i].prefill_seconds_per_token for i in pool) / len(pool)
+                cost = {i: _backlog(view.replicas[i]) + view.uncached_tokens(request, i) * t for i in pool}
+                pick = min(pool, key=lambda i: (cost[i], view.replicas[i].load, i not in (a, b), i != a))
+            else:
+                pick = min(pool, key=lambda i: (_backlog(view.replicas[i]), view.replicas[i].load, i not in (a, b), i != a))
+            branch = "load"
             if pick not in (a, b):  # held by neither: the new prefix's other candidate is the better-loaded ring owner
                 b = a if _backlog(view.replicas[a]) <= _backlog(view.replicas[b]) else b
         else:

@@ -224,7 +224,8 @@ def test_slo_switch_when_the_affine_candidate_would_exceed_half_the_slo() -> Non
 
 
 def test_a_cache_tie_goes_to_the_candidate_with_less_backlog_then_fewer_requests() -> None:
-    p, a, b, req = two_replica_dualmap()
+    """Without the placement window (tie_window_s=0), or with equal work placed in it."""
+    p, a, b, req = two_replica_dualmap(tie_window_s=0)
     queued, inflight = [0, 0], [0, 0]
     queued[a], queued[b] = 700, 200
     c = choose(p, req, View([32, 32], [0.0, 0.0], queued, inflight))
@@ -258,7 +259,7 @@ def test_tie_cost_counts_the_uncached_part_of_the_prompt() -> None:
 
 
 def test_hot_share_fleet_needs_a_replicas_fair_share_to_deepen_the_key() -> None:
-    """hot_share=fleet: with 2 replicas a prefix holding 25 % of the traffic is not hot (one
+    """hot_share=fleet (the default): with 2 replicas a prefix holding 25 % of the traffic is not hot (one
     replica carries 50 %), with 16 it is; the paper's share deepens it in both."""
     def depths(policy: DualMap, groups: int) -> Counter[int]:
         out: Counter[int] = Counter()
@@ -269,13 +270,29 @@ def test_hot_share_fleet_needs_a_replicas_fair_share_to_deepen_the_key() -> None
         return out
 
     for n, deepens in ((2, False), (16, True)):
-        fleet = DualMap(RouterOptions(extra={"hot_share": "fleet"}))
+        fleet = DualMap(RouterOptions())  # the default
         fleet.on_membership([f"r{i}" for i in range(n)])
         assert fleet.keyer.table.expand_share == pytest.approx(max(0.0612, 1 / n))
         assert (depths(fleet, 4)[2] > 100) is deepens, n
-        paper = DualMap(RouterOptions())
+        paper = DualMap(RouterOptions(extra={"hot_share": "paper"}))
         paper.on_membership([f"r{i}" for i in range(n)])
         assert depths(paper, 4)[2] > 100
+
+
+def test_a_tie_goes_where_the_least_work_was_placed_in_the_window() -> None:
+    """tie_window_s (default 60 s): new prefix groups are spread by the prefill work placed on
+    each replica in the window, before the instantaneous backlog (0 everywhere at low load)."""
+    p, a, b, req = two_replica_dualmap()
+    idle = View([0, 0], [0.0, 0.0])
+    first = choose(p, req, idle)  # (records it: its work, all of its tokens, is placed there)
+    other = rr("q2", np.arange(500, 580, dtype=U64))
+    assert choose(p, other, idle).replica != first.replica
+    late = View([0, 0], [0.0, 0.0], now=61.0)  # a window later the first placement is forgotten
+    p.on_choice(other, Choice(first.replica, None, note=(None, None)), late)
+    assert p.placed is not None and p.placed.get(f"r{first.replica}") == other.prompt_tokens
+    off = DualMap(RouterOptions(extra={"tie_window_s": 0}))
+    off.on_membership(["r0", "r1"])
+    assert off.placed is None
 
 
 def test_the_hot_floor_ignores_a_universal_prefix() -> None:

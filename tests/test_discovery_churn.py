@@ -38,7 +38,7 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("PYLB_")}
 
 
-async def _wait_line(path: Path, needle: str, proc: asyncio.subprocess.Process, timeout: float = 30.0) -> str:
+async def _wait_line(path: Path, needle: str, proc: asyncio.subprocess.Process, timeout: float = 90.0) -> str:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while loop.time() < deadline:

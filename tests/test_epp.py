@@ -408,3 +408,32 @@ async def test_full_duplex_streamed_body_is_routed_at_its_end_and_sent_back() ->
             assert got.rstrip().endswith(b"data: [DONE]")
             assert all(epp.balancer.dispatcher.load(u).inflight == 0 for u in urls)
             assert epp.balancer.metrics.requests.get("chat", "200") == 1
+
+
+def test_router_reassign_moves_in_flight_and_prefill_accounting() -> None:
+    """The hook behind the served endpoint and the subset hint: `Router.reassign` (the core's)
+    through `RouterDriver.move`; the policy sees a completion on the old replica and a dispatch
+    on the new one."""
+    from policy_fakes import core, req
+
+    from pylb.router.driver import RouterDriver
+
+    r = core(3)
+    d = RouterDriver(r)
+    d.membership(["r0", "r1", "r2"], 0.0)
+    d.submit(req("0/a", tokens=40), 0.0)
+    (disp, _), *_ = d.poll(0.0)
+    assert disp.replica == "r0"
+    st = r.view.replica
+    assert (st("r0").inflight_requests, st("r0").unprefilled_requests) == (1, 1)
+    assert not d.move("0/a", "r0", 0.1) and not d.move("nope", "r1", 0.1) and not d.move("0/a", "r9", 0.1)
+    assert d.move("0/a", "r2", 0.1)
+    assert (st("r0").inflight_requests, st("r0").unprefilled_requests, st("r0").unprefilled_tokens) == (0, 0, 0)
+    assert (st("r2").inflight_requests, st("r2").unprefilled_requests, st("r2").unprefilled_tokens) == (1, 1, 40)
+    assert d.counts["r0"].dispatched == 0 and d.counts["r2"].dispatched == 1
+    assert r.policy.completed == [("0/a", 0)] and r.policy.dispatched[-1] == ("0/a", 2)  # type: ignore[attr-defined]
+    d.first_token("0/a", "r2", 0.2)
+    assert d.move("0/a", "r1", 0.3)  # after the first token: in flight only
+    assert (st("r1").inflight_requests, st("r1").unprefilled_requests) == (1, 0) and st("r2").inflight_requests == 0
+    d.complete("0/a", "r1", 0.4, Usage(40, 4, 0))
+    assert all(st(n).inflight_requests == 0 and st(n).unprefilled_requests == 0 for n in ("r0", "r1", "r2"))

@@ -6,7 +6,10 @@ Envoy's ext_proc filter opens one bidirectional `envoy.service.ext_proc.v3.Exter
 Process` stream per HTTP request and sends the request's phases on it, each answered in order.
 pylb expects the processing mode of `examples/envoy-epp.yaml`: request headers SEND, request body
 BUFFERED (the whole body in one message: routing reads the prompt before Envoy picks a host),
-response headers SEND, response body STREAMED (every chunk, as it passes).
+response headers SEND, response body STREAMED (every chunk, as it passes); or GIE's reference
+mode, FULL_DUPLEX_STREAMED bodies (named in the `protocol_config` of Envoy's first message):
+pylb then holds the headers' answer until the body is whole, answers it with the pick, and sends
+every body piece back, as that mode wants.
 
     request_headers   the method and `:path` decide the kind: POST /v1/completions and
                       /v1/chat/completions are routed (answered CONTINUE, the decision waits for
@@ -55,8 +58,8 @@ GIE's endpoint-picker protocol (gateway-api-inference-extension, docs/proposals/
                       in-flight and prefill accounting moves to the replica that served
                       (`Router.reassign`) and `pylb_retries_total{reason="epp_fallback"}` counts it.
 
-Left out: FULL_DUPLEX_STREAMED body mode (GIE's reference deployments use it; pylb answers the
-BUFFERED request body, and a body in pieces is refused with a 500 naming the setting).
+A STREAMED request body (pieces, the headers already gone upstream) is refused with a 500 naming
+the setting: the request could no longer be routed.
 """
 
 from __future__ import annotations

@@ -36,7 +36,9 @@ async def running_epp(s: Settings, router: Router | None = None) -> AsyncIterato
 
 
 def header_map(headers: dict[str, str]) -> ext_proc.HttpHeaders:
-    return ext_proc.HttpHeaders(headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in headers.items()]))
+    return ext_proc.HttpHeaders(
+        headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in headers.items()])
+    )
 
 
 def filter_metadata(namespaces: dict[str, dict[str, Any]]) -> base_pb2.Metadata:
@@ -51,7 +53,9 @@ def filter_metadata(namespaces: dict[str, dict[str, Any]]) -> base_pb2.Metadata:
 
 def set_headers(common: ext_proc.CommonResponse) -> dict[str, str]:
     """The headers a CommonResponse sets, by name."""
-    return {o.header.key: (o.header.raw_value.decode() if o.header.raw_value else o.header.value) for o in common.header_mutation.set_headers}
+    return {
+        o.header.key: (o.header.raw_value.decode() if o.header.raw_value else o.header.value) for o in common.header_mutation.set_headers
+    }
 
 
 class Exchange:
@@ -77,7 +81,13 @@ class Exchange:
         return ans
 
     async def request(
-        self, path: str, payload: Any, *, method: str = "POST", headers: dict[str, str] | None = None, metadata: dict[str, dict[str, Any]] | None = None
+        self,
+        path: str,
+        payload: Any,
+        *,
+        method: str = "POST",
+        headers: dict[str, str] | None = None,
+        metadata: dict[str, dict[str, Any]] | None = None,
     ) -> ext_proc.ProcessingResponse:
         """The request phases; returns pylb's last answer (the body's, or an ImmediateResponse).
         `payload` is JSON-encoded unless it is bytes; `metadata` goes with the headers, as
@@ -116,7 +126,8 @@ class Exchange:
         md = filter_metadata({"envoy.lb": {DEST + "-served": to}} if served_metadata else {})
         ans = await self._ask(
             ext_proc.ProcessingRequest(
-                response_headers=header_map({":status": str(resp.status), "content-type": resp.headers.get("content-type", "")}), metadata_context=md
+                response_headers=header_map({":status": str(resp.status), "content-type": resp.headers.get("content-type", "")}),
+                metadata_context=md,
             )
         )
         self.response_added = set_headers(ans.response_headers.response)

@@ -148,7 +148,10 @@ async def test_no_healthy_replica_is_503_with_retry_after() -> None:
 async def test_queue_full_is_429() -> None:
     router = HoldRouter(with_cancel=True)
     async with fake_fleet(1) as servers:
-        async with running_epp(epp_settings([servers[0].url], router__max_queued=1), router=router) as epp, FakeEnvoy(epp.grpc_target) as envoy:
+        async with (
+            running_epp(epp_settings([servers[0].url], router__max_queued=1), router=router) as epp,
+            FakeEnvoy(epp.grpc_target) as envoy,
+        ):
             held = envoy.open()
             waiting = asyncio.create_task(held.request("/v1/completions", COMPLETION))
             await wait_for(lambda: epp.balancer.dispatcher.queue_depth == 1, what="the first request queued")
@@ -326,13 +329,19 @@ async def test_subset_hint_limits_the_pick_and_an_empty_intersection_is_503() ->
             assert all(load(u).inflight == 0 and load(u).unprefilled_requests == 0 for u in urls)
             # as a comma-separated string, too
             ex = envoy.open()
-            await ex.request("/v1/completions", COMPLETION, metadata={"envoy.lb.subset_hint": {"x-gateway-destination-endpoint-subset": dest_of(urls[0])}})
+            await ex.request(
+                "/v1/completions",
+                COMPLETION,
+                metadata={"envoy.lb.subset_hint": {"x-gateway-destination-endpoint-subset": dest_of(urls[0])}},
+            )
             assert ex.value == dest_of(urls[0])
             await ex.relay(await ex.forward())
             # none of the subset is a healthy replica: 503, nothing routed
             for subset in (["10.255.0.1:8000"], []):
                 ex = envoy.open()
-                ans = await ex.request("/v1/completions", COMPLETION, metadata={"envoy.lb.subset_hint": {"x-gateway-destination-endpoint-subset": subset}})
+                ans = await ex.request(
+                    "/v1/completions", COMPLETION, metadata={"envoy.lb.subset_hint": {"x-gateway-destination-endpoint-subset": subset}}
+                )
                 assert ans.immediate_response.status.code == 503
                 assert "subset" in json.loads(ans.immediate_response.body)["error"]["message"]
             assert sum(load(u).dispatched for u in urls) == 7
@@ -383,7 +392,8 @@ async def test_full_duplex_streamed_body_is_routed_at_its_end_and_sent_back() ->
             h = {":method": "POST", ":path": "/v1/chat/completions", "content-type": "application/json"}
             await call.write(
                 ext_proc.ProcessingRequest(
-                    request_headers=header_map(h), protocol_config=ext_proc.ProtocolConfiguration(request_body_mode=duplex, response_body_mode=duplex)
+                    request_headers=header_map(h),
+                    protocol_config=ext_proc.ProtocolConfiguration(request_body_mode=duplex, response_body_mode=duplex),
                 )
             )
             await call.write(ext_proc.ProcessingRequest(request_body=ext_proc.HttpBody(body=body[:10])))
@@ -395,8 +405,12 @@ async def test_full_duplex_streamed_body_is_routed_at_its_end_and_sent_back() ->
             second = await call.read()
             sent = second.request_body.response.body_mutation.streamed_response
             assert sent.body == body and sent.end_of_stream
-            async with envoy.session.post(f"http://{dest}/v1/chat/completions", data=body, headers={"content-type": "application/json"}) as resp:
-                await call.write(ext_proc.ProcessingRequest(response_headers=header_map({":status": "200", "content-type": "text/event-stream"})))
+            async with envoy.session.post(
+                f"http://{dest}/v1/chat/completions", data=body, headers={"content-type": "application/json"}
+            ) as resp:
+                await call.write(
+                    ext_proc.ProcessingRequest(response_headers=header_map({":status": "200", "content-type": "text/event-stream"}))
+                )
                 assert (await call.read()).HasField("response_headers")
                 got = b""
                 async for piece in resp.content.iter_any():

@@ -62,7 +62,11 @@ def envoy_config(gateway_port: int, epp_port: int, admin_port: int, replicas: li
     cfg = yaml.safe_load(EXAMPLE.read_text())
     if duplex:
         (listener,) = cfg["static_resources"]["listeners"]
-        (ext,) = [f for f in listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"] if f["name"] == "envoy.filters.http.ext_proc"]
+        (ext,) = [
+            f
+            for f in listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+            if f["name"] == "envoy.filters.http.ext_proc"
+        ]
         ext["typed_config"]["processing_mode"] = {
             "request_header_mode": "SEND", "request_body_mode": "FULL_DUPLEX_STREAMED", "request_trailer_mode": "SEND",
             "response_header_mode": "SEND", "response_body_mode": "FULL_DUPLEX_STREAMED", "response_trailer_mode": "SEND",
@@ -88,7 +92,9 @@ def envoy(tmp_path: Path, epp_port: int, replicas: list[str], duplex: bool = Fal
     cfg_path.write_text(yaml.safe_dump(envoy_config(gateway, epp_port, admin, replicas, duplex)))
     log = open(tmp_path / "envoy.log", "wb")
     proc = subprocess.Popen(
-        [ENVOY, "-c", str(cfg_path), "--disable-hot-restart", "--concurrency", "1", "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT
+        [ENVOY, "-c", str(cfg_path), "--disable-hot-restart", "--concurrency", "1", "--log-level", "warning"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         yield f"http://127.0.0.1:{gateway}"
@@ -133,7 +139,10 @@ async def served_counts(urls: list[str]) -> dict[str, float]:
             async with s.get(u + "/metrics") as r:
                 text = await r.text()
             out[u] = sum(
-                sample.value for fam in text_string_to_metric_families(text) for sample in fam.samples if sample.name == "vllm:request_success_total"
+                sample.value
+                for fam in text_string_to_metric_families(text)
+                for sample in fam.samples
+                if sample.name == "vllm:request_success_total"
             )
     return out
 
@@ -155,7 +164,9 @@ async def test_requests_through_envoy_land_on_the_replica_pylb_chose(tmp_path: P
                             model="pylb-sim", messages=[{"role": "user", "content": prompt}], max_tokens=4, stream=stream
                         )
                     else:
-                        raw = await client.completions.with_raw_response.create(model="pylb-sim", prompt=prompt, max_tokens=4, stream=stream)
+                        raw = await client.completions.with_raw_response.create(
+                            model="pylb-sim", prompt=prompt, max_tokens=4, stream=stream
+                        )
                     replica = raw.headers["x-pylb-replica"]  # added by pylb epp on the response path
                     body = raw.parse()
                     if stream:
@@ -176,7 +187,9 @@ async def test_requests_through_envoy_land_on_the_replica_pylb_chose(tmp_path: P
                 await wait_for(lambda: all(epp.balancer.dispatcher.load(u).inflight == 0 for u in urls), what="nothing in flight")
                 assert all(epp.balancer.dispatcher.load(u).unprefilled_requests == 0 for u in urls)
                 assert sum(epp.balancer.dispatcher.load(u).dispatched for u in urls) == 12
-                assert epp.balancer.metrics.requests.get("chat", "200") == 6 and epp.balancer.metrics.requests.get("completions", "200") == 6
+                assert (
+                    epp.balancer.metrics.requests.get("chat", "200") == 6 and epp.balancer.metrics.requests.get("completions", "200") == 6
+                )
                 assert epp.balancer.metrics.ttft.count("chat") == 3 and epp.balancer.metrics.ttft.count("completions") == 3
                 assert len(set(chosen)) >= 2  # four prefix groups over three replicas
                 # a path pylb does not route: named with the request headers, replicas in turn
@@ -206,7 +219,10 @@ async def test_429_and_503_reach_the_client_through_envoy(tmp_path: Path) -> Non
 
     s = settings([dead_url()], epp__grpc_port=0, epp__metrics_port=0)
     async with gateway(tmp_path, s) as (epp, url):
-        async with aiohttp.ClientSession() as c, c.post(url + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]}) as r:
+        async with (
+            aiohttp.ClientSession() as c,
+            c.post(url + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]}) as r,
+        ):
             assert r.status == 503 and "Retry-After" in r.headers
             assert (await r.json())["error"]["type"] == "ServiceUnavailableError"
         async with aiohttp.ClientSession() as c, c.post(url + "/v1/chat/completions", data=b"{broken") as r:
@@ -267,7 +283,9 @@ async def test_full_duplex_streamed_mode_through_envoy(tmp_path: Path) -> None:
                             model="pylb-sim", messages=[{"role": "user", "content": f"duplex {i}"}], max_tokens=3, stream=stream
                         )
                     else:
-                        raw = await client.completions.with_raw_response.create(model="pylb-sim", prompt=f"duplex {i}", max_tokens=3, stream=stream)
+                        raw = await client.completions.with_raw_response.create(
+                            model="pylb-sim", prompt=f"duplex {i}", max_tokens=3, stream=stream
+                        )
                     body = raw.parse()
                     if stream:
                         assert [c async for c in body]

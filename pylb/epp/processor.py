@@ -120,7 +120,9 @@ def _headers(msg: ext_proc.HttpHeaders) -> dict[str, str]:
 
 def immediate(status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None) -> ext_proc.ProcessingResponse:
     """An ImmediateResponse with pylb's OpenAI-style JSON error: Envoy answers the client with it."""
-    mutation = ext_proc.HeaderMutation(set_headers=[_header("content-type", "application/json")] + [_header(k, v) for k, v in (headers or {}).items()])
+    mutation = ext_proc.HeaderMutation(
+        set_headers=[_header("content-type", "application/json")] + [_header(k, v) for k, v in (headers or {}).items()]
+    )
     return ext_proc.ProcessingResponse(
         immediate_response=ext_proc.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=status),  # the enum StatusCode numbers are the HTTP codes
@@ -139,7 +141,9 @@ _FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
 
 def _streamed(phase: str, body: bytes, end: bool) -> ext_proc.ProcessingResponse:
     """FULL_DUPLEX_STREAMED: the body piece Envoy passes on is the one the processor sends back."""
-    common = ext_proc.CommonResponse(body_mutation=ext_proc.BodyMutation(streamed_response=ext_proc.StreamedBodyResponse(body=body, end_of_stream=end)))
+    common = ext_proc.CommonResponse(
+        body_mutation=ext_proc.BodyMutation(streamed_response=ext_proc.StreamedBodyResponse(body=body, end_of_stream=end))
+    )
     if phase == "request_body":
         return ext_proc.ProcessingResponse(request_body=ext_proc.BodyResponse(response=common))
     return ext_proc.ProcessingResponse(response_body=ext_proc.BodyResponse(response=common))
@@ -192,7 +196,9 @@ class Processor(ext_proc_grpc.ExternalProcessorServicer):
         self._ids = 0
         self._id_prefix = uuid.uuid4().hex[:16]
 
-    async def Process(self, request_iterator: AsyncIterator[ext_proc.ProcessingRequest], context: Any) -> AsyncIterator[ext_proc.ProcessingResponse]:  # noqa: N802 - the gRPC method's name
+    async def Process(
+        self, request_iterator: AsyncIterator[ext_proc.ProcessingRequest], context: Any
+    ) -> AsyncIterator[ext_proc.ProcessingResponse]:  # noqa: N802 - the gRPC method's name
         """One HTTP request's phases in, one answer per phase out (see the module comment)."""
         ex = _Exchange()
         self.in_progress += 1
@@ -355,7 +361,9 @@ class Processor(ext_proc_grpc.ExternalProcessorServicer):
         m = self.balancer.metrics
         m.count_retry("epp_fallback")
         if replica is None:
-            log.warning("the data plane served the request on an endpoint pylb does not know", extra={"served": served, "picked": ex.replica})
+            log.warning(
+                "the data plane served the request on an endpoint pylb does not know", extra={"served": served, "picked": ex.replica}
+            )
             return
         if self.balancer.move(ex.rid, replica):
             if ex.est is not None:  # the estimate ran against the other replica's prefill rate
@@ -367,7 +375,9 @@ class Processor(ext_proc_grpc.ExternalProcessorServicer):
         """The answer naming `replicas` (the chosen one, then the fallbacks): the header, the
         same value in the dynamic metadata, a fresh route."""
         dest = ",".join(destination(r) for r in replicas)
-        common = ext_proc.CommonResponse(header_mutation=ext_proc.HeaderMutation(set_headers=[_header(self.header, dest)]), clear_route_cache=True)
+        common = ext_proc.CommonResponse(
+            header_mutation=ext_proc.HeaderMutation(set_headers=[_header(self.header, dest)]), clear_route_cache=True
+        )
         meta = struct_pb2.Struct()
         meta.update({self.namespace: {self.header: dest}})
         if phase == "request_headers":
@@ -386,7 +396,8 @@ class Processor(ext_proc_grpc.ExternalProcessorServicer):
             # headers went upstream and the request cannot be routed any more
             ex.status = 500
             return immediate(
-                500, "pylb epp needs the whole request body before the headers go on: set Envoy's ext_proc request_body_mode to BUFFERED or FULL_DUPLEX_STREAMED"
+                500,
+                "pylb epp needs the whole request body before the headers go on: set Envoy's ext_proc request_body_mode to BUFFERED or FULL_DUPLEX_STREAMED",
             )
         return await self._route(ex, "request_body")
 
@@ -428,7 +439,11 @@ class Processor(ext_proc_grpc.ExternalProcessorServicer):
         eligible = self._eligible(ex)
         if not eligible:
             ex.status, ex.error = 503, ex.error or "no healthy replica"
-            return immediate(503, self._none_eligible(ex, "to serve the request; retry later"), headers={"Retry-After": self.balancer.retry_after, "x-request-id": ex.rid})
+            return immediate(
+                503,
+                self._none_eligible(ex, "to serve the request; retry later"),
+                headers={"Retry-After": self.balancer.retry_after, "x-request-id": ex.rid},
+            )
         try:
             d = await self.balancer.wait_dispatch(rreq)
         except ProxyError as exc:
@@ -444,7 +459,11 @@ class Processor(ext_proc_grpc.ExternalProcessorServicer):
                 if not best or not self.balancer.move(ex.rid, best[0]):
                     self.balancer.dispatcher.complete(ex.rid, replica, None)
                     ex.status, ex.error = 503, "subset hint: the router's choice is outside it and could not be moved"
-                    return immediate(503, "no replica of the data plane's subset hint could take the request; retry later", headers={"Retry-After": self.balancer.retry_after, "x-request-id": ex.rid})
+                    return immediate(
+                        503,
+                        "no replica of the data plane's subset hint could take the request; retry later",
+                        headers={"Retry-After": self.balancer.retry_after, "x-request-id": ex.rid},
+                    )
                 replica = best[0]
         ex.rreq, ex.replica = rreq, replica
         ex.est = self.balancer.estimate_first_token(rreq, ex.replica)
@@ -470,7 +489,9 @@ class Processor(ext_proc_grpc.ExternalProcessorServicer):
                 fleet.report_success(replica)
         ex.sse = ex.rreq is not None and ex.rreq.stream and ex.status == 200 and h.get("content-type", "").startswith("text/event-stream")
         ans = ext_proc.ProcessingResponse(
-            response_headers=ext_proc.HeadersResponse(response=ext_proc.CommonResponse(header_mutation=ext_proc.HeaderMutation(set_headers=set_headers)))
+            response_headers=ext_proc.HeadersResponse(
+                response=ext_proc.CommonResponse(header_mutation=ext_proc.HeaderMutation(set_headers=set_headers))
+            )
         )
         if msg.end_of_stream:
             self._finish(ex, ended=True)

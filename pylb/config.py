@@ -365,6 +365,13 @@ class EppSettings:
         "x-gateway-destination-endpoint", "epp: request header, and dynamic metadata key, that names the chosen replica as ip:port"
     )
     metadata_namespace: str = setting("envoy.lb", "epp: dynamic metadata namespace of the chosen replica (Envoy must list it in receiving_namespaces)")
+    fallbacks: int = setting(
+        2, "epp: replicas named after the chosen one (ip:port,ip:port,...), next best first, for the data plane to retry on; "
+        "0 names one (all an ORIGINAL_DST cluster reads)", check=in_range(0, 16),
+    )  # fmt: skip
+    subset_namespace: str = setting(
+        "envoy.lb.subset_hint", "epp: filter metadata namespace where the data plane may list the endpoints pylb picks among (key: destination_header + '-subset')"
+    )
 # ---- the semantic cache (issue 14; the cache lives in pylb/cache/) ------------------------------------
 
 

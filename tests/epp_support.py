@@ -16,7 +16,7 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 
 from pylb.config import Settings
 from pylb.epp.server import EppServer
@@ -36,12 +36,26 @@ async def running_epp(s: Settings, router: Router | None = None) -> AsyncIterato
 
 
 def header_map(headers: dict[str, str]) -> ext_proc.HttpHeaders:
-    return ext_proc.HttpHeaders(headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in headers.items()]))
+    return ext_proc.HttpHeaders(
+        headers=base_pb2.HeaderMap(headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in headers.items()])
+    )
+
+
+def filter_metadata(namespaces: dict[str, dict[str, Any]]) -> base_pb2.Metadata:
+    """Envoy's metadata_context: namespace -> untyped struct."""
+    md = base_pb2.Metadata()
+    for ns, fields in namespaces.items():
+        st = struct_pb2.Struct()
+        st.update(fields)
+        md.filter_metadata[ns].CopyFrom(st)
+    return md
 
 
 def set_headers(common: ext_proc.CommonResponse) -> dict[str, str]:
     """The headers a CommonResponse sets, by name."""
-    return {o.header.key: (o.header.raw_value.decode() if o.header.raw_value else o.header.value) for o in common.header_mutation.set_headers}
+    return {
+        o.header.key: (o.header.raw_value.decode() if o.header.raw_value else o.header.value) for o in common.header_mutation.set_headers
+    }
 
 
 class Exchange:
@@ -53,7 +67,9 @@ class Exchange:
         self.path = ""
         self.body = b""
         self.request_headers: dict[str, str] = {}
-        self.dest: str | None = None
+        self.dest: str | None = None  # the replica pylb chose (the first address it named)
+        self.value: str | None = None  # the whole destination value: chosen, then fallbacks
+        self.fallbacks: list[str] = []
         self.metadata: dict[str, Any] = {}
         self.clear_route_cache = False
         self.response_added: dict[str, str] = {}
@@ -64,14 +80,23 @@ class Exchange:
         assert ans is not grpc.aio.EOF, "pylb ended the stream without an answer"
         return ans
 
-    async def request(self, path: str, payload: Any, *, method: str = "POST", headers: dict[str, str] | None = None) -> ext_proc.ProcessingResponse:
+    async def request(
+        self,
+        path: str,
+        payload: Any,
+        *,
+        method: str = "POST",
+        headers: dict[str, str] | None = None,
+        metadata: dict[str, dict[str, Any]] | None = None,
+    ) -> ext_proc.ProcessingResponse:
         """The request phases; returns pylb's last answer (the body's, or an ImmediateResponse).
-        `payload` is JSON-encoded unless it is bytes."""
+        `payload` is JSON-encoded unless it is bytes; `metadata` goes with the headers, as
+        Envoy's forwarding_namespaces do (e.g. a subset hint)."""
         self.path = path
         self.body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         h = {":method": method, ":path": path, ":authority": "gateway", "content-type": "application/json", **(headers or {})}
         self.request_headers = h
-        ans = await self._ask(ext_proc.ProcessingRequest(request_headers=header_map(h)))
+        ans = await self._ask(ext_proc.ProcessingRequest(request_headers=header_map(h), metadata_context=filter_metadata(metadata or {})))
         if ans.HasField("immediate_response"):
             return ans
         if ans.request_headers.response.header_mutation.set_headers:
@@ -84,18 +109,26 @@ class Exchange:
         return ans
 
     def _note(self, common: ext_proc.CommonResponse, ans: ext_proc.ProcessingResponse) -> None:
-        self.dest = set_headers(common)[DEST]
+        self.value = set_headers(common)[DEST]
+        self.dest, *self.fallbacks = self.value.split(",")
         self.clear_route_cache = common.clear_route_cache
         self.metadata = json_format.MessageToDict(ans.dynamic_metadata)
 
-    async def forward(self) -> aiohttp.ClientResponse:
-        """Send the request to the replica pylb named, and its response headers to pylb."""
+    async def forward(self, to: str | None = None, served_metadata: bool = False) -> aiohttp.ClientResponse:
+        """Send the request to the replica pylb chose (or `to`, ip:port: as a data plane that
+        fell back), and its response headers to pylb; with `served_metadata`, the endpoint that
+        served goes with them (envoy.lb / x-gateway-destination-endpoint-served)."""
         assert self.dest is not None
+        to = to or self.dest
         h = {k: v for k, v in self.request_headers.items() if not k.startswith(":")}
-        h[DEST] = self.dest
-        resp = await self.session.request(self.request_headers[":method"], f"http://{self.dest}{self.path}", data=self.body, headers=h)
+        h[DEST] = to
+        resp = await self.session.request(self.request_headers[":method"], f"http://{to}{self.path}", data=self.body, headers=h)
+        md = filter_metadata({"envoy.lb": {DEST + "-served": to}} if served_metadata else {})
         ans = await self._ask(
-            ext_proc.ProcessingRequest(response_headers=header_map({":status": str(resp.status), "content-type": resp.headers.get("content-type", "")}))
+            ext_proc.ProcessingRequest(
+                response_headers=header_map({":status": str(resp.status), "content-type": resp.headers.get("content-type", "")}),
+                metadata_context=md,
+            )
         )
         self.response_added = set_headers(ans.response_headers.response)
         return resp

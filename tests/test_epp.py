@@ -49,7 +49,8 @@ async def test_routes_chat_and_completions_streamed_and_not() -> None:
                     assert status == 200, body
                     assert ex.dest is not None and f"http://{ex.dest}" in urls
                     assert ex.clear_route_cache
-                    assert ex.metadata == {"envoy.lb": {DEST: ex.dest}}
+                    assert ex.metadata == {"envoy.lb": {DEST: ex.value}}  # the header's value
+                    assert ex.value == ",".join([ex.dest, *ex.fallbacks]) and len(ex.fallbacks) == 1  # 2 replicas: 1 other
                     assert ex.response_added["x-pylb-replica"] == f"http://{ex.dest}"
                     if stream:
                         assert body.rstrip().endswith(b"data: [DONE]")
@@ -147,7 +148,10 @@ async def test_no_healthy_replica_is_503_with_retry_after() -> None:
 async def test_queue_full_is_429() -> None:
     router = HoldRouter(with_cancel=True)
     async with fake_fleet(1) as servers:
-        async with running_epp(epp_settings([servers[0].url], router__max_queued=1), router=router) as epp, FakeEnvoy(epp.grpc_target) as envoy:
+        async with (
+            running_epp(epp_settings([servers[0].url], router__max_queued=1), router=router) as epp,
+            FakeEnvoy(epp.grpc_target) as envoy,
+        ):
             held = envoy.open()
             waiting = asyncio.create_task(held.request("/v1/completions", COMPLETION))
             await wait_for(lambda: epp.balancer.dispatcher.queue_depth == 1, what="the first request queued")
@@ -278,3 +282,172 @@ async def test_pylb_epp_process_serves_and_stops_on_sigterm(tmp_path: Path) -> N
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+# ---- GIE's endpoint-picker protocol: fallbacks, subset hint, served endpoint --------------------------
+
+
+def dest_of(url: str) -> str:
+    return url.removeprefix("http://")
+
+
+async def test_fallbacks_name_other_replicas_after_the_choice() -> None:
+    async with fake_fleet(4) as servers:
+        urls = [s.url for s in servers]
+        for n, expect in ((2, 2), (0, 0), (8, 3)):  # the setting, capped by the other healthy replicas
+            async with running_epp(epp_settings(urls, epp__fallbacks=n)) as epp, FakeEnvoy(epp.grpc_target) as envoy:
+                ex, status, _ = await envoy.roundtrip("/v1/completions", COMPLETION)
+                assert status == 200
+                assert len(ex.fallbacks) == expect and len({ex.dest, *ex.fallbacks}) == 1 + expect
+                assert all(f"http://{d}" in urls for d in ex.fallbacks)
+                assert ex.metadata == {"envoy.lb": {DEST: ex.value}}
+                # a path pylb does not route gets fallbacks too
+                other = envoy.open()
+                await other.request("/v1/models", b"", method="GET")
+                assert len(other.fallbacks) == expect
+                await other.relay(await other.forward())
+                assert all(epp.balancer.dispatcher.load(u).inflight == 0 for u in urls)
+
+
+async def test_subset_hint_limits_the_pick_and_an_empty_intersection_is_503() -> None:
+    async with fake_fleet(3) as servers:
+        urls = [s.url for s in servers]
+        async with running_epp(epp_settings(urls)) as epp, FakeEnvoy(epp.grpc_target) as envoy:
+            allowed = [dest_of(urls[1]), dest_of(urls[2])]
+            hint = {"envoy.lb.subset_hint": {"x-gateway-destination-endpoint-subset": allowed + ["10.255.0.1:8000"]}}
+            picked = []
+            for i in range(6):  # round-robin would put two of them on urls[0]
+                ex = envoy.open()
+                ans = await ex.request("/v1/chat/completions", {**CHAT, "stream": i % 2 == 1}, metadata=hint)
+                assert ans.HasField("request_body")
+                assert ex.dest in allowed and ex.fallbacks and set(ex.fallbacks) <= set(allowed) and ex.dest not in ex.fallbacks
+                await ex.relay(await ex.forward())
+                picked.append(ex.dest)
+            assert set(picked) == set(allowed)
+            load = epp.balancer.dispatcher.load
+            assert load(urls[0]).dispatched == 0 and load(urls[1]).dispatched + load(urls[2]).dispatched == 6
+            assert all(load(u).inflight == 0 and load(u).unprefilled_requests == 0 for u in urls)
+            # as a comma-separated string, too
+            ex = envoy.open()
+            await ex.request(
+                "/v1/completions",
+                COMPLETION,
+                metadata={"envoy.lb.subset_hint": {"x-gateway-destination-endpoint-subset": dest_of(urls[0])}},
+            )
+            assert ex.value == dest_of(urls[0])
+            await ex.relay(await ex.forward())
+            # none of the subset is a healthy replica: 503, nothing routed
+            for subset in (["10.255.0.1:8000"], []):
+                ex = envoy.open()
+                ans = await ex.request(
+                    "/v1/completions", COMPLETION, metadata={"envoy.lb.subset_hint": {"x-gateway-destination-endpoint-subset": subset}}
+                )
+                assert ans.immediate_response.status.code == 503
+                assert "subset" in json.loads(ans.immediate_response.body)["error"]["message"]
+            assert sum(load(u).dispatched for u in urls) == 7
+            m = await scrape_epp(epp)
+            assert value(m, "pylb_requests_total", endpoint="completions", code="503") == 2
+
+
+async def test_served_endpoint_moves_the_accounting_to_the_replica_that_served() -> None:
+    async with fake_fleet(2) as servers:
+        urls = [s.url for s in servers]
+        async with running_epp(epp_settings(urls)) as epp, FakeEnvoy(epp.grpc_target) as envoy:
+            load = epp.balancer.dispatcher.load
+            ex = envoy.open()
+            await ex.request("/v1/chat/completions", {**CHAT, "stream": True})
+            picked, other = f"http://{ex.dest}", f"http://{ex.fallbacks[0]}"
+            assert load(picked).inflight == 1 and load(other).inflight == 0
+            resp = await ex.forward(to=ex.fallbacks[0], served_metadata=True)  # as if the pick was down
+            assert ex.response_added["x-pylb-replica"] == other
+            assert load(picked).inflight == 0 and load(other).inflight == 1
+            assert load(other).unprefilled_requests == 1  # no token yet
+            await ex.relay(resp)
+            assert all(load(u).inflight == 0 and load(u).unprefilled_requests == 0 for u in urls)
+            assert load(picked).dispatched == 0 and load(other).dispatched == 1
+            # the served endpoint is the pick: nothing moves
+            ex2 = envoy.open()
+            await ex2.request("/v1/completions", COMPLETION)
+            await ex2.relay(await ex2.forward(served_metadata=True))
+            m = await scrape_epp(epp)
+            assert value(m, "pylb_retries_total", reason="epp_fallback") == 1
+            assert value(m, "pylb_requests_total", endpoint="chat", code="200") == 1
+
+
+async def test_full_duplex_streamed_body_is_routed_at_its_end_and_sent_back() -> None:
+    """FULL_DUPLEX_STREAMED (GIE's reference mode): Envoy sends the headers and the body pieces
+    without waiting; pylb answers once the body is whole, headers (the pick) then body (sent back,
+    as this mode wants), and echoes the response body pieces."""
+    from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
+
+    from epp_support import header_map
+
+    duplex = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+    async with fake_fleet(2) as servers:
+        urls = [s.url for s in servers]
+        async with running_epp(epp_settings(urls)) as epp, FakeEnvoy(epp.grpc_target) as envoy:
+            call = envoy.stub.Process()
+            body = json.dumps({**CHAT, "stream": True}).encode()
+            h = {":method": "POST", ":path": "/v1/chat/completions", "content-type": "application/json"}
+            await call.write(
+                ext_proc.ProcessingRequest(
+                    request_headers=header_map(h),
+                    protocol_config=ext_proc.ProtocolConfiguration(request_body_mode=duplex, response_body_mode=duplex),
+                )
+            )
+            await call.write(ext_proc.ProcessingRequest(request_body=ext_proc.HttpBody(body=body[:10])))
+            await call.write(ext_proc.ProcessingRequest(request_body=ext_proc.HttpBody(body=body[10:], end_of_stream=True)))
+            first = await call.read()
+            assert first.HasField("request_headers")
+            dest = first.request_headers.response.header_mutation.set_headers[0].header.raw_value.decode().split(",")[0]
+            assert first.request_headers.response.clear_route_cache and f"http://{dest}" in urls
+            second = await call.read()
+            sent = second.request_body.response.body_mutation.streamed_response
+            assert sent.body == body and sent.end_of_stream
+            async with envoy.session.post(
+                f"http://{dest}/v1/chat/completions", data=body, headers={"content-type": "application/json"}
+            ) as resp:
+                await call.write(
+                    ext_proc.ProcessingRequest(response_headers=header_map({":status": "200", "content-type": "text/event-stream"}))
+                )
+                assert (await call.read()).HasField("response_headers")
+                got = b""
+                async for piece in resp.content.iter_any():
+                    await call.write(ext_proc.ProcessingRequest(response_body=ext_proc.HttpBody(body=piece)))
+                    got += (await call.read()).response_body.response.body_mutation.streamed_response.body
+            await call.write(ext_proc.ProcessingRequest(response_body=ext_proc.HttpBody(body=b"", end_of_stream=True)))
+            assert (await call.read()).response_body.response.body_mutation.streamed_response.end_of_stream
+            await call.done_writing()
+            assert got.rstrip().endswith(b"data: [DONE]")
+            assert all(epp.balancer.dispatcher.load(u).inflight == 0 for u in urls)
+            assert epp.balancer.metrics.requests.get("chat", "200") == 1
+
+
+def test_router_reassign_moves_in_flight_and_prefill_accounting() -> None:
+    """The hook behind the served endpoint and the subset hint: `Router.reassign` (the core's)
+    through `RouterDriver.move`; the policy sees a completion on the old replica and a dispatch
+    on the new one."""
+    from policy_fakes import core, req
+
+    from pylb.router.driver import RouterDriver
+
+    r = core(3)
+    d = RouterDriver(r)
+    d.membership(["r0", "r1", "r2"], 0.0)
+    d.submit(req("0/a", tokens=40), 0.0)
+    (disp, _), *_ = d.poll(0.0)
+    assert disp.replica == "r0"
+    st = r.view.replica
+    assert (st("r0").inflight_requests, st("r0").unprefilled_requests) == (1, 1)
+    assert not d.move("0/a", "r0", 0.1) and not d.move("nope", "r1", 0.1) and not d.move("0/a", "r9", 0.1)
+    assert d.move("0/a", "r2", 0.1)
+    assert (st("r0").inflight_requests, st("r0").unprefilled_requests, st("r0").unprefilled_tokens) == (0, 0, 0)
+    assert (st("r2").inflight_requests, st("r2").unprefilled_requests, st("r2").unprefilled_tokens) == (1, 1, 40)
+    assert d.counts["r0"].dispatched == 0 and d.counts["r2"].dispatched == 1
+    assert r.policy.completed == [("0/a", 0)] and r.policy.dispatched[-1] == ("0/a", 2)  # type: ignore[attr-defined]
+    d.first_token("0/a", "r2", 0.2)
+    assert d.move("0/a", "r1", 0.3)  # after the first token: in flight only
+    assert (st("r1").inflight_requests, st("r1").unprefilled_requests) == (1, 0) and st("r2").inflight_requests == 0
+    d.complete("0/a", "r1", 0.4, Usage(40, 4, 0))
+    assert all(st(n).inflight_requests == 0 and st(n).unprefilled_requests == 0 for n in ("r0", "r1", "r2"))

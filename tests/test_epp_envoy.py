@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import openai
@@ -54,9 +55,26 @@ pytestmark = [
 ]
 
 
-def envoy_config(gateway_port: int, epp_port: int, admin_port: int) -> dict[str, Any]:
-    """examples/envoy-epp.yaml with its three ports changed (and nothing else)."""
+def envoy_config(gateway_port: int, epp_port: int, admin_port: int, replicas: list[str], duplex: bool = False) -> dict[str, Any]:
+    """examples/envoy-epp.yaml with its three ports and the replicas' addresses changed (and,
+    with `duplex`, the processing mode of GIE's reference deployments: FULL_DUPLEX_STREAMED
+    bodies both ways, trailers sent)."""
     cfg = yaml.safe_load(EXAMPLE.read_text())
+    if duplex:
+        (listener,) = cfg["static_resources"]["listeners"]
+        (ext,) = [
+            f
+            for f in listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+            if f["name"] == "envoy.filters.http.ext_proc"
+        ]
+        ext["typed_config"]["processing_mode"] = {
+            "request_header_mode": "SEND", "request_body_mode": "FULL_DUPLEX_STREAMED", "request_trailer_mode": "SEND",
+            "response_header_mode": "SEND", "response_body_mode": "FULL_DUPLEX_STREAMED", "response_trailer_mode": "SEND",
+        }  # fmt: skip
+    (vllm,) = [c for c in cfg["static_resources"]["clusters"] if c["name"] == "vllm"]
+    vllm["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
+        {"endpoint": {"address": {"socket_address": {"address": urlsplit(u).hostname, "port_value": urlsplit(u).port}}}} for u in replicas
+    ]
     (listener,) = cfg["static_resources"]["listeners"]
     listener["address"]["socket_address"]["port_value"] = gateway_port
     (epp,) = [c for c in cfg["static_resources"]["clusters"] if c["name"] == "pylb_epp"]
@@ -66,15 +84,17 @@ def envoy_config(gateway_port: int, epp_port: int, admin_port: int) -> dict[str,
 
 
 @contextmanager
-def envoy(tmp_path: Path, epp_port: int) -> Iterator[str]:
+def envoy(tmp_path: Path, epp_port: int, replicas: list[str], duplex: bool = False) -> Iterator[str]:
     """A real Envoy in front of pylb epp on `epp_port`; yields the gateway's base URL."""
     assert ENVOY is not None
     gateway, admin = free_port_on(["127.0.0.1"]), free_port_on(["127.0.0.1"])
     cfg_path = tmp_path / "envoy.yaml"
-    cfg_path.write_text(yaml.safe_dump(envoy_config(gateway, epp_port, admin)))
+    cfg_path.write_text(yaml.safe_dump(envoy_config(gateway, epp_port, admin, replicas, duplex)))
     log = open(tmp_path / "envoy.log", "wb")
     proc = subprocess.Popen(
-        [ENVOY, "-c", str(cfg_path), "--disable-hot-restart", "--concurrency", "1", "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT
+        [ENVOY, "-c", str(cfg_path), "--disable-hot-restart", "--concurrency", "1", "--log-level", "warning"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         yield f"http://127.0.0.1:{gateway}"
@@ -104,9 +124,9 @@ async def wait_listening(url: str, timeout: float = 30.0) -> None:
 
 
 @asynccontextmanager
-async def gateway(tmp_path: Path, s: Settings, router: Any = None) -> AsyncIterator[tuple[Any, str]]:
+async def gateway(tmp_path: Path, s: Settings, router: Any = None, duplex: bool = False) -> AsyncIterator[tuple[Any, str]]:
     async with running_epp(s, router=router) as epp:
-        with envoy(tmp_path, epp.grpc_port) as url:
+        with envoy(tmp_path, epp.grpc_port, list(s.fleet.backends), duplex) as url:
             await wait_listening(url)
             yield epp, url
 
@@ -119,7 +139,10 @@ async def served_counts(urls: list[str]) -> dict[str, float]:
             async with s.get(u + "/metrics") as r:
                 text = await r.text()
             out[u] = sum(
-                sample.value for fam in text_string_to_metric_families(text) for sample in fam.samples if sample.name == "vllm:request_success_total"
+                sample.value
+                for fam in text_string_to_metric_families(text)
+                for sample in fam.samples
+                if sample.name == "vllm:request_success_total"
             )
     return out
 
@@ -141,7 +164,9 @@ async def test_requests_through_envoy_land_on_the_replica_pylb_chose(tmp_path: P
                             model="pylb-sim", messages=[{"role": "user", "content": prompt}], max_tokens=4, stream=stream
                         )
                     else:
-                        raw = await client.completions.with_raw_response.create(model="pylb-sim", prompt=prompt, max_tokens=4, stream=stream)
+                        raw = await client.completions.with_raw_response.create(
+                            model="pylb-sim", prompt=prompt, max_tokens=4, stream=stream
+                        )
                     replica = raw.headers["x-pylb-replica"]  # added by pylb epp on the response path
                     body = raw.parse()
                     if stream:
@@ -162,7 +187,9 @@ async def test_requests_through_envoy_land_on_the_replica_pylb_chose(tmp_path: P
                 await wait_for(lambda: all(epp.balancer.dispatcher.load(u).inflight == 0 for u in urls), what="nothing in flight")
                 assert all(epp.balancer.dispatcher.load(u).unprefilled_requests == 0 for u in urls)
                 assert sum(epp.balancer.dispatcher.load(u).dispatched for u in urls) == 12
-                assert epp.balancer.metrics.requests.get("chat", "200") == 6 and epp.balancer.metrics.requests.get("completions", "200") == 6
+                assert (
+                    epp.balancer.metrics.requests.get("chat", "200") == 6 and epp.balancer.metrics.requests.get("completions", "200") == 6
+                )
                 assert epp.balancer.metrics.ttft.count("chat") == 3 and epp.balancer.metrics.ttft.count("completions") == 3
                 assert len(set(chosen)) >= 2  # four prefix groups over three replicas
                 # a path pylb does not route: named with the request headers, replicas in turn
@@ -192,8 +219,87 @@ async def test_429_and_503_reach_the_client_through_envoy(tmp_path: Path) -> Non
 
     s = settings([dead_url()], epp__grpc_port=0, epp__metrics_port=0)
     async with gateway(tmp_path, s) as (epp, url):
-        async with aiohttp.ClientSession() as c, c.post(url + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]}) as r:
+        async with (
+            aiohttp.ClientSession() as c,
+            c.post(url + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]}) as r,
+        ):
             assert r.status == 503 and "Retry-After" in r.headers
             assert (await r.json())["error"]["type"] == "ServiceUnavailableError"
         async with aiohttp.ClientSession() as c, c.post(url + "/v1/chat/completions", data=b"{broken") as r:
             assert r.status == 400 and (await r.json())["error"]["param"] == "body"
+
+
+async def test_a_dead_pick_falls_back_and_pylb_moves_its_accounting(tmp_path: Path) -> None:
+    """A replica dies and pylb has not noticed yet (its health interval is long): Envoy cannot
+    connect to pylb's pick, retries on the next address pylb named, and reports the endpoint that
+    served; pylb moves the request's accounting there, so nothing stays in flight on the dead one."""
+    async with fake_fleet(3) as servers:
+        urls = [srv.url for srv in servers]
+        s = settings(urls, epp__grpc_port=0, epp__metrics_port=0, fleet__health_interval_s=60.0, fleet__scrape_interval_s=60.0)
+        async with gateway(tmp_path, s) as (epp, url):
+            dead = urls[0]
+            await servers[0].stop()
+            client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+            try:
+                served = []
+                for i in range(6):  # round-robin: two picks of each replica, two of them dead
+                    stream = i % 2 == 1
+                    raw = await client.chat.completions.with_raw_response.create(
+                        model="pylb-sim", messages=[{"role": "user", "content": f"question {i}"}], max_tokens=3, stream=stream
+                    )
+                    body = raw.parse()
+                    if stream:
+                        assert [c async for c in body]
+                    else:
+                        assert body.usage.completion_tokens == 3
+                    served.append(raw.headers["x-pylb-replica"])
+            finally:
+                await client.close()
+            assert dead not in served and len(served) == 6
+            counts = await served_counts(urls[1:])
+            assert sum(counts.values()) == 6
+            assert epp.balancer.metrics.retries.get("epp_fallback") == 2
+            d = epp.balancer.dispatcher
+            await wait_for(lambda: all(d.load(u).inflight == 0 for u in urls), what="nothing in flight")
+            assert all(d.load(u).unprefilled_requests == 0 for u in urls)
+            assert d.load(dead).dispatched == 0 and sum(d.load(u).dispatched for u in urls[1:]) == 6
+            assert epp.balancer.metrics.requests.get("chat", "200") == 6
+
+
+async def test_full_duplex_streamed_mode_through_envoy(tmp_path: Path) -> None:
+    """GIE's reference processing mode (FULL_DUPLEX_STREAMED both ways, trailers sent): the same
+    answers, each landing on the replica pylb chose, the accounting back to zero."""
+    async with fake_fleet(2) as servers:
+        urls = [srv.url for srv in servers]
+        s = settings(urls, epp__grpc_port=0, epp__metrics_port=0)
+        async with gateway(tmp_path, s, duplex=True) as (epp, url):
+            client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+            try:
+                for i in range(4):
+                    stream = i % 2 == 1
+                    before = await served_counts(urls)
+                    if i < 2:
+                        raw = await client.chat.completions.with_raw_response.create(
+                            model="pylb-sim", messages=[{"role": "user", "content": f"duplex {i}"}], max_tokens=3, stream=stream
+                        )
+                    else:
+                        raw = await client.completions.with_raw_response.create(
+                            model="pylb-sim", prompt=f"duplex {i}", max_tokens=3, stream=stream
+                        )
+                    body = raw.parse()
+                    if stream:
+                        assert [c async for c in body]
+                    else:
+                        assert body.usage.completion_tokens == 3
+                    replica = raw.headers["x-pylb-replica"]
+                    for _ in range(250):
+                        after = await served_counts(urls)
+                        if after != before:
+                            break
+                        await asyncio.sleep(0.02)
+                    assert [u for u in urls if after[u] > before[u]] == [replica]
+            finally:
+                await client.close()
+            d = epp.balancer.dispatcher
+            await wait_for(lambda: all(d.load(u).inflight == 0 for u in urls), what="nothing in flight")
+            assert epp.balancer.metrics.requests.get("chat", "200") == 2 and epp.balancer.metrics.requests.get("completions", "200") == 2

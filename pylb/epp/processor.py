@@ -6,7 +6,10 @@ Envoy's ext_proc filter opens one bidirectional `envoy.service.ext_proc.v3.Exter
 Process` stream per HTTP request and sends the request's phases on it, each answered in order.
 pylb expects the processing mode of `examples/envoy-epp.yaml`: request headers SEND, request body
 BUFFERED (the whole body in one message: routing reads the prompt before Envoy picks a host),
-response headers SEND, response body STREAMED (every chunk, as it passes).
+response headers SEND, response body STREAMED (every chunk, as it passes); or GIE's reference
+mode, FULL_DUPLEX_STREAMED bodies (named in the `protocol_config` of Envoy's first message):
+pylb then holds the headers' answer until the body is whole, answers it with the pick, and sends
+every body piece back, as that mode wants.
 
     request_headers   the method and `:path` decide the kind: POST /v1/completions and
                       /v1/chat/completions are routed (answered CONTINUE, the decision waits for
@@ -35,10 +38,28 @@ ends before the response did (the client went away, Envoy gave up) completes the
 router with `usage=None` (counted 499), and one that ends while queued withdraws it, exactly as
 the proxy's client disconnect. Every request is counted once in `pylb_requests_total`.
 
-Left out: GIE's fallback list (`ip:port,ip:port`: pylb names one replica, the one its accounting
-holds the request on; Envoy's original-destination cluster takes one address) and the subset
-hint (`envoy.lb.subset_hint` in the request's metadata: pylb picks among the replicas it
-discovers itself).
+GIE's endpoint-picker protocol (gateway-api-inference-extension, docs/proposals/
+004-endpoint-picker-protocol), beyond the single destination:
+
+    fallbacks         the destination is `ip:port,ip:port,...`: the router's choice first, then
+                      up to `epp.fallbacks` other eligible replicas, best first by the router's
+                      predicted TTFT for this request (queue, un-prefilled work, uncached prompt
+                      tokens there). A data plane with retries goes down the list (Envoy: the
+                      override_host load-balancing policy); 0 names one replica, which is what an
+                      ORIGINAL_DST cluster can read. Header and metadata carry the same value.
+    subset hint       `envoy.lb.subset_hint` / `x-gateway-destination-endpoint-subset` in the
+                      request's filter metadata (a list of ip:port): pylb picks only among the
+                      healthy replicas named there; none -> 503. The router is not told the
+                      subset: when its choice falls outside, the subset's best replica by the
+                      router's prediction takes the request and the accounting moves there.
+    served endpoint   `envoy.lb` / `x-gateway-destination-endpoint-served` in the metadata of the
+                      response phases (Envoy: override_host's selected_host_key, forwarded by
+                      ext_proc's forwarding_namespaces): when it is not pylb's pick, the router's
+                      in-flight and prefill accounting moves to the replica that served
+                      (`Router.reassign`) and `pylb_retries_total{reason="epp_fallback"}` counts it.
+
+A STREAMED request body (pieces, the headers already gone upstream) is refused with a 500 naming
+the setting: the request could no longer be routed.
 """
 
 from __future__ import annotations
@@ -54,6 +75,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_proc_grpc
 from envoy.type.v3 import http_status_pb2
@@ -98,7 +120,9 @@ def _headers(msg: ext_proc.HttpHeaders) -> dict[str, str]:
 
 def immediate(status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None) -> ext_proc.ProcessingResponse:
     """An ImmediateResponse with pylb's OpenAI-style JSON error: Envoy answers the client with it."""
-    mutation = ext_proc.HeaderMutation(set_headers=[_header("content-type", "application/json")] + [_header(k, v) for k, v in (headers or {}).items()])
+    mutation = ext_proc.HeaderMutation(
+        set_headers=[_header("content-type", "application/json")] + [_header(k, v) for k, v in (headers or {}).items()]
+    )
     return ext_proc.ProcessingResponse(
         immediate_response=ext_proc.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=status),  # the enum StatusCode numbers are the HTTP codes
@@ -112,6 +136,17 @@ def immediate(status: int, message: str, param: str | None = None, headers: dict
 _CONTINUE_HEADERS = ext_proc.ProcessingResponse(request_headers=ext_proc.HeadersResponse())
 _CONTINUE_BODY = ext_proc.ProcessingResponse(request_body=ext_proc.BodyResponse())
 _CONTINUE_RESPONSE_BODY = ext_proc.ProcessingResponse(response_body=ext_proc.BodyResponse())
+_FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+
+
+def _streamed(phase: str, body: bytes, end: bool) -> ext_proc.ProcessingResponse:
+    """FULL_DUPLEX_STREAMED: the body piece Envoy passes on is the one the processor sends back."""
+    common = ext_proc.CommonResponse(
+        body_mutation=ext_proc.BodyMutation(streamed_response=ext_proc.StreamedBodyResponse(body=body, end_of_stream=end))
+    )
+    if phase == "request_body":
+        return ext_proc.ProcessingResponse(request_body=ext_proc.BodyResponse(response=common))
+    return ext_proc.ProcessingResponse(response_body=ext_proc.BodyResponse(response=common))
 
 
 @dataclass(slots=True)
@@ -135,6 +170,11 @@ class _Exchange:
     answer_overflow: bool = False
     ttft: float | None = None
     error: str | None = None
+    duplex_request: bool = False  # FULL_DUPLEX_STREAMED request body (from Envoy's protocol_config)
+    duplex_response: bool = False  # FULL_DUPLEX_STREAMED response body
+    headers_pending: bool = False  # duplex: the request headers' answer waits for the body
+    subset: set[str] | None = None  # the data plane's subset hint (ip:port), None without one
+    served_seen: bool = False  # the data plane reported the endpoint that served
 
 
 class Processor(ext_proc_grpc.ExternalProcessorServicer):
@@ -146,27 +186,49 @@ class Processor(ext_proc_grpc.ExternalProcessorServicer):
         s = epp.settings
         self.header = s.epp.destination_header
         self.namespace = s.epp.metadata_namespace
+        self.served_key = f"{self.header}-served"
+        self.subset_namespace = s.epp.subset_namespace
+        self.subset_key = f"{self.header}-subset"
+        self.fallbacks = s.epp.fallbacks
         self.max_body = s.server.max_body_bytes
         self.in_progress = 0
         self._turn = 0
         self._ids = 0
         self._id_prefix = uuid.uuid4().hex[:16]
 
-    async def Process(self, request_iterator: AsyncIterator[ext_proc.ProcessingRequest], context: Any) -> AsyncIterator[ext_proc.ProcessingResponse]:  # noqa: N802 - the gRPC method's name
+    async def Process(
+        self, request_iterator: AsyncIterator[ext_proc.ProcessingRequest], context: Any
+    ) -> AsyncIterator[ext_proc.ProcessingResponse]:  # noqa: N802 - the gRPC method's name
         """One HTTP request's phases in, one answer per phase out (see the module comment)."""
         ex = _Exchange()
         self.in_progress += 1
         try:
             async for msg in request_iterator:
+                if msg.HasField("protocol_config"):  # the first message says the body modes
+                    pc = msg.protocol_config
+                    ex.duplex_request = pc.request_body_mode == _FULL_DUPLEX
+                    ex.duplex_response = pc.response_body_mode == _FULL_DUPLEX
                 phase = msg.WhichOneof("request")
                 if phase == "request_headers":
+                    ex.subset = self._subset_hint(msg)
                     ans = self._request_headers(ex, msg.request_headers)
                     request_id_var.set(ex.rid)  # each stream runs in its own task, so in its own context
+                    if ex.duplex_request and ans is _CONTINUE_HEADERS:
+                        ex.headers_pending = True  # answered with the pick, once the body is in
+                        continue
+                elif ex.duplex_request and phase in ("request_body", "request_trailers"):
+                    for ans in await self._duplex_request(ex, msg):
+                        yield ans
+                        if ans.HasField("immediate_response"):
+                            return
+                    continue
                 elif phase == "request_body":
                     ans = await self._request_body(ex, msg.request_body)
                 elif phase == "response_headers":
+                    self._served(ex, msg)
                     ans = self._response_headers(ex, msg.response_headers)
                 elif phase == "response_body":
+                    self._served(ex, msg)
                     ans = self._response_body(ex, msg.response_body)
                 elif phase == "request_trailers":
                     ans = ext_proc.ProcessingResponse(request_trailers=ext_proc.TrailersResponse())
@@ -214,18 +276,108 @@ class Processor(ext_proc_grpc.ExternalProcessorServicer):
 
     def _forward(self, ex: _Exchange) -> ext_proc.ProcessingResponse:
         """A path pylb does not route (e.g. /v1/models): the healthy replicas in turn."""
-        healthy = list(self.balancer.fleet.healthy)
+        healthy = self._eligible(ex)
         if not healthy:
             ex.status = 503
-            return immediate(503, "no healthy replica to forward the request to", headers={"Retry-After": self.balancer.retry_after})
+            return immediate(503, self._none_eligible(ex, "to forward the request to"), headers={"Retry-After": self.balancer.retry_after})
         self._turn += 1
-        ex.replica = healthy[self._turn % len(healthy)]
-        return self._pick(ex.replica, "request_headers")
+        k = self._turn % len(healthy)
+        order = healthy[k:] + healthy[:k]
+        ex.replica = order[0]
+        return self._pick(order[: 1 + self.fallbacks], "request_headers")
 
-    def _pick(self, replica: str, phase: str) -> ext_proc.ProcessingResponse:
-        """The answer naming `replica`: the header, the dynamic metadata, a fresh route."""
-        dest = destination(replica)
-        common = ext_proc.CommonResponse(header_mutation=ext_proc.HeaderMutation(set_headers=[_header(self.header, dest)]), clear_route_cache=True)
+    # ---- GIE: subset hint, fallbacks, served endpoint --------------------------------------------------
+
+    def _subset_hint(self, msg: ext_proc.ProcessingRequest) -> set[str] | None:
+        """The endpoints (ip:port) the data plane allows, from the request's filter metadata
+        (`envoy.lb.subset_hint` / `x-gateway-destination-endpoint-subset`: a list, or a
+        comma-separated string); None when it sets none."""
+        ns = msg.metadata_context.filter_metadata.get(self.subset_namespace)
+        if ns is None or self.subset_key not in ns.fields:
+            return None
+        v = ns.fields[self.subset_key]
+        kind = v.WhichOneof("kind")
+        if kind == "list_value":
+            items = [x.string_value for x in v.list_value.values if x.WhichOneof("kind") == "string_value"]
+        elif kind == "string_value":
+            items = v.string_value.split(",")
+        else:
+            items = []
+        return {i.strip() for i in items if i.strip()}
+
+    def _eligible(self, ex: _Exchange) -> list[str]:
+        """The healthy replicas the request may go to: all, or those its subset hint names."""
+        healthy = list(self.balancer.fleet.healthy)
+        if ex.subset is None:
+            return healthy
+        return [r for r in healthy if destination(r) in ex.subset]
+
+    def _none_eligible(self, ex: _Exchange, what: str) -> str:
+        if ex.subset is None:
+            return f"no healthy replica {what}"
+        ex.error = "subset hint: no healthy replica in it"
+        return f"no healthy replica among the {len(ex.subset)} endpoint(s) of the data plane's subset hint {what}"
+
+    def _ranked(self, rreq: RoutingRequest, among: list[str], exclude: str) -> list[str]:
+        """`among` less `exclude`, best first by the router's predicted TTFT for `rreq` (its
+        queue, un-prefilled work and uncached prompt tokens there); by in-flight count when the
+        router cannot predict."""
+        view = self.balancer.router.view
+        index = {st.name: st.index for st in view.replicas}
+        others = [r for r in among if r != exclude]
+
+        def key(r: str) -> tuple[float, float]:
+            i = index.get(r)
+            if i is None:
+                return (float("inf"), 0.0)
+            try:
+                return (view.predicted_ttft(rreq, i), float(view.replicas[i].inflight_requests))
+            except Exception:  # a router without predictions: least in flight
+                return (0.0, float(view.replicas[i].inflight_requests))
+
+        return sorted(others, key=key)
+
+    def _by_destination(self, dest: str) -> str | None:
+        """The replica (base URL) whose ip:port is `dest`."""
+        for r in self.balancer.fleet.replicas:
+            if destination(r) == dest:
+                return r
+        return None
+
+    def _served(self, ex: _Exchange, msg: ext_proc.ProcessingRequest) -> None:
+        """GIE's served endpoint (`envoy.lb` / `x-gateway-destination-endpoint-served` in the
+        request's metadata, from the data plane): when it is not the replica pylb picked, the
+        data plane fell back; move the router's accounting to the replica that served."""
+        if ex.served_seen or ex.rreq is None or ex.replica is None:
+            return
+        ns = msg.metadata_context.filter_metadata.get(self.namespace)
+        if ns is None or self.served_key not in ns.fields:
+            return
+        ex.served_seen = True
+        served = ns.fields[self.served_key].string_value.strip()
+        if not served or served == destination(ex.replica):
+            return
+        replica = self._by_destination(served)
+        m = self.balancer.metrics
+        m.count_retry("epp_fallback")
+        if replica is None:
+            log.warning(
+                "the data plane served the request on an endpoint pylb does not know", extra={"served": served, "picked": ex.replica}
+            )
+            return
+        if self.balancer.move(ex.rid, replica):
+            if ex.est is not None:  # the estimate ran against the other replica's prefill rate
+                ex.est.cancel()
+                ex.est = self.balancer.estimate_first_token(ex.rreq, replica)
+            ex.replica = replica
+
+    def _pick(self, replicas: list[str], phase: str) -> ext_proc.ProcessingResponse:
+        """The answer naming `replicas` (the chosen one, then the fallbacks): the header, the
+        same value in the dynamic metadata, a fresh route."""
+        dest = ",".join(destination(r) for r in replicas)
+        common = ext_proc.CommonResponse(
+            header_mutation=ext_proc.HeaderMutation(set_headers=[_header(self.header, dest)]), clear_route_cache=True
+        )
         meta = struct_pb2.Struct()
         meta.update({self.namespace: {self.header: dest}})
         if phase == "request_headers":
@@ -240,28 +392,83 @@ class Processor(ext_proc_grpc.ExternalProcessorServicer):
             ex.status = 413
             return immediate(413, f"request body larger than {self.max_body} bytes", "body", {"x-request-id": ex.rid})
         if not msg.end_of_stream:
-            # Envoy sends the body in pieces only when its processing mode is not BUFFERED: by
-            # then the headers went upstream and the request cannot be routed any more
+            # Envoy sends the body in pieces when its processing mode is STREAMED: by then the
+            # headers went upstream and the request cannot be routed any more
             ex.status = 500
-            return immediate(500, "pylb epp needs the whole request body in one message: set Envoy's ext_proc request_body_mode to BUFFERED")
+            return immediate(
+                500,
+                "pylb epp needs the whole request body before the headers go on: set Envoy's ext_proc request_body_mode to BUFFERED or FULL_DUPLEX_STREAMED",
+            )
+        return await self._route(ex, "request_body")
+
+    async def _duplex_request(self, ex: _Exchange, msg: ext_proc.ProcessingRequest) -> list[ext_proc.ProcessingResponse]:
+        """FULL_DUPLEX_STREAMED request body (and trailers): Envoy sends the pieces without
+        waiting; pylb collects them, routes at the end of the body (or at the trailers), then
+        answers in order: the headers (the pick), the body (sent back whole), the trailers."""
+        trailers = msg.WhichOneof("request") == "request_trailers"
+        if not ex.headers_pending:  # a path routed with the headers: pass the pieces on
+            if trailers:
+                return [ext_proc.ProcessingResponse(request_trailers=ext_proc.TrailersResponse())]
+            return [_streamed("request_body", msg.request_body.body, msg.request_body.end_of_stream)]
+        if not trailers:
+            ex.body += msg.request_body.body
+            if len(ex.body) > self.max_body:
+                ex.status = 413
+                return [immediate(413, f"request body larger than {self.max_body} bytes", "body", {"x-request-id": ex.rid})]
+            if not msg.request_body.end_of_stream:
+                return []
+        body = bytes(ex.body)
+        ans = await self._route(ex, "request_headers")
+        if ans.HasField("immediate_response"):
+            return [ans]
+        ex.headers_pending = False
+        out = [ans, _streamed("request_body", body, not trailers)]
+        if trailers:
+            out.append(ext_proc.ProcessingResponse(request_trailers=ext_proc.TrailersResponse()))
+        return out
+
+    async def _route(self, ex: _Exchange, phase: str) -> ext_proc.ProcessingResponse:
+        """The whole body is in: parse, route, and answer `phase` with the pick (or an error)."""
+        assert ex.kind is not None
         try:
             payload = parse_json_body(bytes(ex.body))
             rreq = build_request(ex.kind, payload, ex.rid, self.balancer.dispatcher.now(), self.balancer.limits)
         except RequestError as exc:
             ex.status, ex.error = 400, exc.message
             return immediate(400, exc.message, exc.field, {"x-request-id": ex.rid})
-        if not self.balancer.fleet.healthy:
-            ex.status, ex.error = 503, "no healthy replica"
-            return immediate(503, "no healthy replica to serve the request; retry later", headers={"Retry-After": self.balancer.retry_after, "x-request-id": ex.rid})
+        eligible = self._eligible(ex)
+        if not eligible:
+            ex.status, ex.error = 503, ex.error or "no healthy replica"
+            return immediate(
+                503,
+                self._none_eligible(ex, "to serve the request; retry later"),
+                headers={"Retry-After": self.balancer.retry_after, "x-request-id": ex.rid},
+            )
         try:
             d = await self.balancer.wait_dispatch(rreq)
         except ProxyError as exc:
             ex.status, ex.error = exc.status, exc.message
             return immediate(exc.status, exc.message, exc.param, {**exc.headers, "x-request-id": ex.rid})
-        ex.rreq, ex.replica = rreq, d.replica
-        ex.est = self.balancer.estimate_first_token(rreq, d.replica)
+        replica = d.replica
+        if ex.subset is not None:
+            eligible = self._eligible(ex)  # again: health may have changed while it waited
+            if replica not in eligible:
+                # the router chose outside the subset: the subset's best by the router's own
+                # prediction takes it, and the router's accounting moves there
+                best = self._ranked(rreq, eligible, replica)
+                if not best or not self.balancer.move(ex.rid, best[0]):
+                    self.balancer.dispatcher.complete(ex.rid, replica, None)
+                    ex.status, ex.error = 503, "subset hint: the router's choice is outside it and could not be moved"
+                    return immediate(
+                        503,
+                        "no replica of the data plane's subset hint could take the request; retry later",
+                        headers={"Retry-After": self.balancer.retry_after, "x-request-id": ex.rid},
+                    )
+                replica = best[0]
+        ex.rreq, ex.replica = rreq, replica
+        ex.est = self.balancer.estimate_first_token(rreq, ex.replica)
         ex.body = bytearray()
-        return self._pick(d.replica, "request_body")
+        return self._pick([ex.replica] + self._ranked(rreq, eligible, ex.replica)[: self.fallbacks], phase)
 
     # ---- response path ---------------------------------------------------------------------------
 
@@ -282,7 +489,9 @@ class Processor(ext_proc_grpc.ExternalProcessorServicer):
                 fleet.report_success(replica)
         ex.sse = ex.rreq is not None and ex.rreq.stream and ex.status == 200 and h.get("content-type", "").startswith("text/event-stream")
         ans = ext_proc.ProcessingResponse(
-            response_headers=ext_proc.HeadersResponse(response=ext_proc.CommonResponse(header_mutation=ext_proc.HeaderMutation(set_headers=set_headers)))
+            response_headers=ext_proc.HeadersResponse(
+                response=ext_proc.CommonResponse(header_mutation=ext_proc.HeaderMutation(set_headers=set_headers))
+            )
         )
         if msg.end_of_stream:
             self._finish(ex, ended=True)
@@ -307,6 +516,8 @@ class Processor(ext_proc_grpc.ExternalProcessorServicer):
                     ex.answer = bytearray()
         if msg.end_of_stream:
             self._finish(ex, ended=True)
+        if ex.duplex_response:
+            return _streamed("response_body", chunk, msg.end_of_stream)
         return _CONTINUE_RESPONSE_BODY
 
     def _usage(self, ex: _Exchange) -> Usage | None:

@@ -134,6 +134,17 @@ class Balancer:
             handle.cancel()
             self.queued.discard(fut)
 
+    def move(self, request_id: str, replica: str) -> bool:
+        """The request in flight is served by `replica`, not by the replica its dispatch named
+        (`pylb epp`: the data plane fell back, or a subset hint narrowed the choice): move the
+        router's accounting there. False when nothing moved."""
+        disp = self.dispatcher
+        now = disp.now()
+        if not disp.driver.move(request_id, replica, now):
+            return False
+        disp._poll(now)  # the old replica's budget was freed
+        return True
+
     def estimate_first_token(self, rreq: RoutingRequest, replica: str) -> asyncio.TimerHandle | None:
         """For a non-streamed request just sent to `replica`: a timer that delivers its estimated
         first-token event at prompt tokens x the replica's learned per-token prefill time (seeded

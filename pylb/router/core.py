@@ -409,6 +409,38 @@ class CoreRouter(Router):
         if usage is not None and usage.reported and usage.prompt_tokens > 0:
             self._learn_token_ratio(e.req, usage.prompt_tokens)
 
+    def reassign(self, request_id: str, replica: ReplicaId, now: float) -> bool:
+        """Move a dispatched request's in-flight (and, before its first token, un-prefilled)
+        accounting to `replica`; the policy sees it complete on the old replica and dispatched on
+        the new one, and the mirror learns the new replica holds its prefix."""
+        self._tick(now)
+        e = self._entries.get(request_id)
+        names = [s.name for s in self.replicas]
+        if e is None or e.state not in (_DISPATCHED, _PREFILLED) or replica not in names:
+            return False
+        new = names.index(replica)
+        if new == e.replica:
+            return True
+        if e.replica >= 0:
+            s = self.replicas[e.replica]
+            if e.state == _DISPATCHED:
+                s._unprefilled_requests -= 1
+                s._unprefilled_tokens -= e.cost
+            s._inflight_requests -= 1
+            self.policy.on_complete(request_id, e.replica, self._view)
+        t = self.replicas[new]
+        e.cost = self._uncached(e.req, int(self.cached_blocks(e.req)[new]))
+        if e.state == _DISPATCHED:
+            t._unprefilled_requests += 1
+            t._unprefilled_tokens += e.cost
+        t._inflight_requests += 1
+        e.replica = new
+        if len(e.req.block_hashes):
+            self.mirror.insert(new, e.req.block_hashes)
+            self._mirror_version += 1
+        self.policy.on_dispatch(e.req, new, self._view)
+        return True
+
     _RATIO_LEARNING_RATE = 0.05
     _RATIO_RESIZE_STEP = 0.05
 

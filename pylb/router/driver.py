@@ -19,6 +19,8 @@ copies of the same loop:
                                                the request is dropped at its dispatch (above)
     first_token / complete / metrics / membership  -> the router's hooks, each at most once
                                                per request where the router expects that
+    move(id, replica, now)                  -> router.reassign: a request in flight is served by
+                                               another replica than its dispatch named
 
 Nothing here is asynchronous and nothing reads a clock: the caller passes `now`. The caller
 polls after every event (`poll`) and arms its own timer from `router.next_wakeup`. Errors of the
@@ -158,6 +160,30 @@ class RouterDriver:
         if self.active.pop(request_id, None) is None:
             return False
         self._call("on_complete", self.router.on_complete, request_id, replica, now, usage)
+        return True
+
+    def move(self, request_id: str, replica: ReplicaId, now: float) -> bool:
+        """The request in flight is served by `replica`, not where it was dispatched: move the
+        router's accounting (`router.reassign`) and the dispatch counters there. False when it
+        is not in flight, or the router did not move it (the accounting then stays put)."""
+        sent = self.active.get(request_id)
+        if sent is None or sent.replica == replica:
+            return False
+        try:
+            moved = self.router.reassign(request_id, replica, now)
+        except Exception as exc:
+            self.on_router_error("reassign", exc)
+            return False
+        if not moved:
+            return False
+        old = self.counts.get(sent.replica)
+        if old is not None and old.dispatched > 0:
+            old.dispatched -= 1
+        counts = self.counts.get(replica)
+        if counts is None:
+            counts = self.counts[replica] = DispatchCounts()
+        counts.dispatched += 1
+        sent.replica = replica
         return True
 
     def metrics(self, replica: ReplicaId, m: ReplicaMetrics, now: float) -> None:

@@ -498,6 +498,15 @@ class Router(ABC):
         membership and a request that was submitted and not yet dispatched.
         """
 
+    def reassign(self, request_id: str, replica: ReplicaId, now: float) -> bool:
+        """A dispatched request is being served by `replica`, not by the replica it was
+        dispatched to (a data plane in front of pylb tried its fallbacks, or pylb narrowed the
+        choice to a subset after the dispatch): move its in-flight and un-prefilled accounting
+        there. Returns True when moved; False when the router does not hold the request in
+        flight, `replica` is not a member, or the router cannot move requests (this default),
+        and then the driver keeps the accounting where it is."""
+        return False
+
     def on_first_token(self, request_id: str, replica: ReplicaId, now: float) -> None:
         """The replica produced the request's first output token (its prefill is done).
 

@@ -16,7 +16,7 @@ from policy_fakes import choose
 from pylb import native
 from pylb.router import registry
 from pylb.router.core import CoreRouter
-from pylb.router.interface import RouterOptions, RoutingRequest
+from pylb.router.interface import ReplicaMetrics, RouterOptions, RoutingRequest
 from pylb.router.policies.consistent_hash import ConsistentHash
 from pylb.router.policies.dualmap import DualMap
 from pylb.router.policy import Choice, PolicyOptionError, ReplicaState
@@ -88,6 +88,7 @@ class View:
     inflight: list[int] | None = None
     options: RouterOptions = field(default_factory=RouterOptions)
     now: float = 0.0
+    token_ratio: float = 1.0
 
     @property
     def replicas(self) -> list[ReplicaState]:
@@ -283,6 +284,7 @@ def test_a_tie_goes_where_the_least_work_was_placed_in_the_window() -> None:
     """tie_window_s (default 60 s): new prefix groups are spread by the prefill work placed on
     each replica in the window, before the instantaneous backlog (0 everywhere at low load)."""
     p, a, b, req = two_replica_dualmap()
+    p._alone = lambda view: True  # type: ignore[method-assign]  # (judged from scrapes: next test)
     idle = View([0, 0], [0.0, 0.0])
     first = choose(p, req, idle)  # (records it: its work, all of its tokens, is placed there)
     other = rr("q2", np.arange(500, 580, dtype=U64))
@@ -293,6 +295,39 @@ def test_a_tie_goes_where_the_least_work_was_placed_in_the_window() -> None:
     off = DualMap(RouterOptions(extra={"tie_window_s": 0}))
     off.on_membership(["r0", "r1"])
     assert off.placed is None
+
+
+@dataclass
+class ScrapedView(View):
+    """A View whose replicas carry a scrape: `queries` prompt tokens asked of each, seen at `now`."""
+
+    queries: list[int] = field(default_factory=list)
+
+    @property
+    def replicas(self) -> list[ReplicaState]:
+        return [
+            ReplicaState(f"r{i}", i, metrics=ReplicaMetrics(0, 0, 0.0, q, 0, 16, 1000), metrics_at=self.now, prefill_seconds_per_token=1e-3)
+            for i, q in enumerate(self.queries)
+        ]
+
+
+def test_the_window_is_used_only_while_this_router_places_most_of_the_fleets_work() -> None:
+    """Several pylb instances each place a share of the fleet's work; judged from the replicas'
+    counters, an instance that placed less than ALONE_SHARE of the prompt tokens over at least
+    ALONE_EVIDENCE_S seconds of scrapes breaks ties without its window, as the others do."""
+    req = rr("q", np.arange(1, 80, dtype=U64))  # 79 blocks of 16 tokens: 1,264 tokens
+
+    def alone_after(second_scrape: list[int], at: float) -> bool:
+        p = DualMap(RouterOptions())
+        p.on_membership(["r0", "r1"])
+        p.on_choice(req, Choice(0, 1, note=(None, None)), ScrapedView([0, 0], [0.0, 0.0], now=0.0, queries=[0, 0]))
+        p.on_choice(req, Choice(0, 1, note=(None, None)), ScrapedView([0, 0], [0.0, 0.0], now=at, queries=second_scrape))
+        return p._alone(ScrapedView([0, 0], [0.0, 0.0], now=at, queries=second_scrape))
+
+    assert alone_after([1264, 0], at=3.0)  # the replicas were asked for what this router placed
+    assert not alone_after([1264, 1264], at=3.0)  # twice that: another router placed as much
+    assert not alone_after([1264, 0], at=1.0)  # too short a span to judge
+    assert not DualMap(RouterOptions())._alone(View([0, 0], [0.0, 0.0]))  # no scrapes at all
 
 
 def test_the_hot_floor_ignores_a_universal_prefix() -> None:

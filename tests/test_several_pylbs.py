@@ -40,12 +40,12 @@ one key block deep and the group keeps its pair of replicas; a hot group would b
 other replicas on purpose (its key deepens past the shared prefix), which is load balancing,
 not disagreement."""
 
-POLICY = "dualmap:tie_window_s=0"
-"""dualmap as several pylb instances should run it: without step 3's placement window, which
-spreads new prefix groups by the work each instance itself placed, so that two instances, each
-seeing half the traffic, can send one new group to different replicas (measured here with the
-window on: 75 % of a group's requests on its replica against 100 % for one pylb). With the
-window off a new group goes by backlog, then the ring, which every instance computes alike."""
+POLICY = "dualmap"
+"""dualmap at its defaults. Its step 3 window (new prefix groups spread by the work this instance
+placed lately) is used only while an instance's own requests are most of the fleet's work, judged
+from the replicas' counters; with two instances each places about half, so they break ties by
+backlog and ring order, which they compute alike (with the window used regardless: 75 % of a
+group's requests on its replica against 100 % for one pylb)."""
 
 PER_GROUP = 4
 PREFIX_CHARS = 3000

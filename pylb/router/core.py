@@ -192,6 +192,11 @@ class CoreView:
         """The replicas in index order (read-only states)."""
         return self._core.replicas
 
+    @property
+    def token_ratio(self) -> float:
+        """Replica tokens per estimated prompt token (`CoreRouter.token_ratio`)."""
+        return self._core.token_ratio
+
 
 class CoreRouter(Router):
     """The router core around one `Policy` (see the module docstring).

@@ -424,6 +424,10 @@ class RouterView(Protocol):
     def replica_ttft(self, replica: int) -> float:
         """Predicted TTFT on `replica` of a request with nothing to compute."""
 
+    @property
+    def token_ratio(self) -> float:
+        """Replica tokens per estimated prompt token, learned from reported usage (1.0 before any)."""
+
 
 class Overloaded(Exception):
     """`Router.submit` refuses a request that would wait hopelessly long (admission control,

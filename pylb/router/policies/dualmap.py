@@ -24,7 +24,12 @@ Design
    candidates, the paper's rule), and the better-loaded candidate becomes its alternate. The
    window spreads new prefix groups by the work they brought, as preble-e2's window and sglang's
    smallest-tree fallback do: at low load every backlog reads 0 and the old rule's next key
-   (requests owed) placed groups unevenly. The
+   (requests owed) placed groups unevenly. The window is one router's own; several pylb
+   instances in front of one fleet would each place a new group by their own history and split
+   it, so it is used only while this router placed at least 60 % of the prompt tokens the
+   replicas' own counters (`vllm:prefix_cache_queries_total`) show over at least 2 s of scrapes;
+   otherwise, and before that evidence, a tie goes by backlog, requests owed, then ring order,
+   which every instance computes alike. The
    prefix's later requests find it through step 6. Measured in the regime matrix (BENCHMARKS.md):
    the power of two choices leaves more imbalance than the fleet's least-loaded replica on
    traffic with little reuse (Azure, the new prefixes of Mooncake). (The
@@ -114,6 +119,8 @@ Parameters from the paper: SLO/2 switch threshold, 200-request window, 6.12 % ex
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -137,6 +144,13 @@ SPILL_RULES = ("off", "fleet")
 
 HOT_TAILS_KEPT = 1024
 """Hot prefixes whose shared tail (step 3's floor) DualMap remembers; the oldest is forgotten."""
+
+ALONE_SHARE = 0.6
+"""Step 3's window is used while this router placed at least this share of the prompt tokens the
+replicas were asked for (one of two pylb instances places about half)."""
+
+ALONE_EVIDENCE_S = 2.0
+"""... judged over at least this many seconds of scrapes (before: not alone)."""
 
 QUEUED_KEPT = 8192
 """Queued prompts step 6 remembers (entries leave at dispatch; past this, the oldest is forgotten)."""
@@ -179,6 +193,11 @@ class DualMap(Policy):
         self.balance_ratio = float(self.option("balance_ratio"))
         window = float(self.option("tie_window_s"))
         self.placed = WindowLoad(window) if window > 0 else None
+        # step 3's window is used only while this router's own requests are most of the fleet's
+        # work: (time, prompt tokens) it placed, and per replica (scrape time, prompt tokens the
+        # engine was asked for) in the window
+        self._own: deque[tuple[float, int]] = deque()
+        self._engine: dict[ReplicaId, deque[tuple[float, int]]] = {}
         self.slo = options.slo_ttft
         self.key_depth = int(self.option("key_depth"))
         self.hot_share_fleet = str(self.option("hot_share")) == "fleet"
@@ -202,6 +221,8 @@ class DualMap(Policy):
         self._queued.clear()  # replica indices change with the membership
         if self.placed is not None:
             self.placed.keep(replicas)
+        for name in [n for n in self._engine if n not in set(replicas)]:
+            del self._engine[name]
         self._queued_last.clear()
 
     def _fit_hot_share(self, n: int) -> None:
@@ -247,7 +268,7 @@ class DualMap(Policy):
                 t = sum(view.replicas[i].prefill_seconds_per_token for i in pool) / len(pool)
                 cost = {i: _backlog(view.replicas[i]) + view.uncached_tokens(request, i) * t for i in pool}
                 pick = min(pool, key=lambda i: (cost[i], view.replicas[i].load, i not in (a, b), i != a))
-            elif self.placed is not None:
+            elif self.placed is not None and self._alone(view):
                 placed = self.placed
                 pick = min(pool, key=lambda i: (placed.get(view.replicas[i].name), _backlog(view.replicas[i]), view.replicas[i].load, i not in (a, b), i != a))
             else:
@@ -277,8 +298,14 @@ class DualMap(Policy):
         pending, tail = choice.note
         self.keyer.record(pending)
         if self.placed is not None:
-            self.placed.expire(view.now)
-            self.placed.add(view.replicas[choice.replica].name, view.now, view.uncached_tokens(request, choice.replica))
+            now = view.now
+            self.placed.expire(now)
+            self.placed.add(view.replicas[choice.replica].name, now, view.uncached_tokens(request, choice.replica))
+            self._own.append((now, request.prompt_tokens))
+            while self._own and self._own[0][0] < now - 2 * self.placed.window:
+                self._own.popleft()
+            for r in view.replicas:
+                self._note_scrape(r, now)
         if self.follow_cache and len(request.block_hashes):
             last = int(request.block_hashes[-1])
             self._queued.pop(last, None)
@@ -300,6 +327,34 @@ class DualMap(Policy):
         last = self._queued_last.pop(request.request_id, None)
         if last is not None:
             self._queued.pop(last, None)
+
+    def _note_scrape(self, replica: ReplicaState, now: float) -> None:
+        """Remember the replica's `vllm:prefix_cache_queries_total` (prompt tokens it was asked
+        to prefill, from every client) at each new scrape, for `_alone`."""
+        m, at = replica.metrics, replica.metrics_at
+        if m is None or at is None or self.placed is None:
+            return
+        seen = self._engine.setdefault(replica.name, deque())
+        if not seen or seen[-1][0] != at:
+            seen.append((at, m.prefix_cache_queries))
+        while len(seen) > 1 and seen[1][0] <= now - self.placed.window:
+            seen.popleft()
+
+    def _alone(self, view: RouterView) -> bool:
+        """Whether this router placed most of the prompt tokens the fleet was asked for in the
+        window (at least `ALONE_SHARE` of them, counted in the replicas' own tokens), judged from
+        the replicas' counters. Several pylb instances in front of one fleet each place a share
+        of it; their placement windows would differ, so they break ties by backlog and ring order
+        instead, which they compute alike. Without `ALONE_EVIDENCE_S` of scrapes yet: not alone."""
+        engine, start, end = 0, math.inf, -math.inf
+        for seen in self._engine.values():
+            if len(seen) > 1:
+                engine += max(0, seen[-1][1] - seen[0][1])
+                start, end = min(start, seen[0][0]), max(end, seen[-1][0])
+        if engine <= 0 or end - start < ALONE_EVIDENCE_S:
+            return False
+        own = sum(tokens for at, tokens in self._own if start < at <= end)  # placed over the same span
+        return own * view.token_ratio >= ALONE_SHARE * engine
 
     def _queued_prefix(self, request: RoutingRequest, longer_than: int) -> tuple[int | None, int]:
         """(replica, blocks) of the longest prefix of the prompt, longer than `longer_than`

@@ -10,7 +10,9 @@ How to read it
    rows (the cost does not depend on the values). Sides alternate call by call so both see the
    same load; per cell: P50 and P99 latency of one call, lookups per second at P50 (B / P50),
    and the numpy/pylb ratio of P50s (> 1: pylb faster). Each pylb result is checked against
-   numpy's (similarities within 1e-4).
+   numpy's (similarities within 1e-4). The `unit` columns time the call the cache makes
+   (`keys_unit=True`: its rows are stored unit-length, so the key norms are skipped); the BLAS
+   libraries and the kernels they run (threadpoolctl, when installed) are printed first.
 2. `proxy` (three processes: an instant backend that answers every completion at once with
    `finish_reason: stop`, `pylb serve` with the cache off and `pylb serve` with the cache on,
    hashing embedder; a client on this machine sends one request at a time): P50/P99 latency
@@ -68,10 +70,27 @@ def numpy_lookup(q: np.ndarray, keys_normalised: np.ndarray, k: int) -> tuple[np
     return np.take_along_axis(part, order, 1), np.take_along_axis(ps, order, 1)
 
 
+def blas_info() -> list[dict]:
+    """The BLAS libraries loaded in this process (numpy's and pylb's) with their kernel and threads."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return []
+    return [
+        {k: i.get(k) for k in ("internal_api", "filepath", "version", "architecture", "num_threads")}
+        for i in threadpool_info()
+        if i.get("user_api") == "blas"
+    ]
+
+
 def run_lookup(args: argparse.Namespace) -> dict:
     from pylb import native
 
     rng = np.random.default_rng(0)
+    blas = blas_info()
+    print("OPENBLAS_CORETYPE=" + os.environ.get("OPENBLAS_CORETYPE", "(unset)"), "OPENBLAS_L2_SIZE=" + os.environ.get("OPENBLAS_L2_SIZE", "(unset)"))
+    for i in blas:
+        print(f"  {i['filepath']}: {i['internal_api']} {i['version']}, kernel {i['architecture']}, {i['num_threads']} threads")
     cuda = None
     if args.cuda:
         import cupy as cp
@@ -79,7 +98,7 @@ def run_lookup(args: argparse.Namespace) -> dict:
         cuda = cp
     rows = []
     print(f"lookup: k={args.k}, load average {load()}")
-    print(f"{'N':>8} {'D':>4} {'B':>3} | {'pylb P50':>9} {'P99':>8} {'lookups/s':>10} | {'numpy P50':>9} {'P99':>8} {'lookups/s':>10} | {'numpy/pylb':>10}"
+    print(f"{'N':>8} {'D':>4} {'B':>3} | {'pylb P50':>9} {'P99':>8} {'lookups/s':>10} | {'unit P50':>9} {'P99':>8} | {'numpy P50':>9} {'P99':>8} {'lookups/s':>10} | {'numpy/pylb':>10} {'numpy/unit':>10}"
           + (f" | {'GPU P50':>8} {'P99':>8} {'lookups/s':>10} {'cpu/gpu':>8}" if cuda else ""))  # fmt: skip
     for n in args.sizes:
         for d in args.dims:
@@ -89,30 +108,37 @@ def run_lookup(args: argparse.Namespace) -> dict:
             for b in args.batches:
                 q = rng.standard_normal((b, d), dtype=np.float32)
                 reps = max(3, min(args.reps, int(args.budget_s / max(1e-6, 2 * n * d * b * 2e-10 + 1e-4))))
-                pylb_t, numpy_t, gpu_t = [], [], []
+                pylb_t, unit_t, numpy_t, gpu_t = [], [], [], []
                 _, ps = native.topk_similarity(q, keys, args.k)
                 _, ns = numpy_lookup(q, keys, args.k)
                 assert np.allclose(ps, ns, atol=1e-4), "pylb and numpy disagree"
+                _, us = native.topk_similarity(q, keys, args.k, keys_unit=True)
+                assert np.allclose(us, ns, atol=1e-4), "pylb (unit keys) and numpy disagree"
                 for _ in range(reps):
                     t0 = time.perf_counter()
                     native.topk_similarity(q, keys, args.k)
                     t1 = time.perf_counter()
                     numpy_lookup(q, keys, args.k)
                     t2 = time.perf_counter()
+                    native.topk_similarity(q, keys, args.k, keys_unit=True)
+                    t3 = time.perf_counter()
                     pylb_t.append(t1 - t0)
                     numpy_t.append(t2 - t1)
+                    unit_t.append(t3 - t2)
                     if cuda:
                         qd = cuda.asarray(q)
                         cuda.cuda.Device().synchronize()
-                        t3 = time.perf_counter()
+                        t4 = time.perf_counter()
                         native.topk_similarity(qd, keys_dev, args.k)
                         cuda.cuda.Device().synchronize()
-                        gpu_t.append(time.perf_counter() - t3)
+                        gpu_t.append(time.perf_counter() - t4)
                 p50, p99, n50, n99 = pct(pylb_t, 0.5), pct(pylb_t, 0.99), pct(numpy_t, 0.5), pct(numpy_t, 0.99)
+                u50, u99 = pct(unit_t, 0.5), pct(unit_t, 0.99)
                 row = {"n": n, "d": d, "b": b, "reps": reps, "pylb_p50_ms": p50 * 1e3, "pylb_p99_ms": p99 * 1e3, "pylb_lookups_per_s": b / p50,
-                       "numpy_p50_ms": n50 * 1e3, "numpy_p99_ms": n99 * 1e3, "numpy_lookups_per_s": b / n50, "numpy_over_pylb": n50 / p50}  # fmt: skip
-                line = (f"{n:>8} {d:>4} {b:>3} | {p50 * 1e3:>8.3f}m {p99 * 1e3:>7.3f}m {b / p50:>10,.0f} | {n50 * 1e3:>8.3f}m {n99 * 1e3:>7.3f}m "
-                        f"{b / n50:>10,.0f} | {n50 / p50:>10.2f}")  # fmt: skip
+                       "numpy_p50_ms": n50 * 1e3, "numpy_p99_ms": n99 * 1e3, "numpy_lookups_per_s": b / n50, "numpy_over_pylb": n50 / p50,
+                       "unit_p50_ms": u50 * 1e3, "unit_p99_ms": u99 * 1e3, "numpy_over_unit": n50 / u50}  # fmt: skip
+                line = (f"{n:>8} {d:>4} {b:>3} | {p50 * 1e3:>8.3f}m {p99 * 1e3:>7.3f}m {b / p50:>10,.0f} | {u50 * 1e3:>8.3f}m {u99 * 1e3:>7.3f}m | {n50 * 1e3:>8.3f}m {n99 * 1e3:>7.3f}m "
+                        f"{b / n50:>10,.0f} | {n50 / p50:>10.2f} {n50 / u50:>10.2f}")  # fmt: skip
                 if cuda:
                     g50, g99 = pct(gpu_t, 0.5), pct(gpu_t, 0.99)
                     row.update({"gpu_p50_ms": g50 * 1e3, "gpu_p99_ms": g99 * 1e3, "gpu_lookups_per_s": b / g50, "cpu_over_gpu": p50 / g50})
@@ -121,7 +147,7 @@ def run_lookup(args: argparse.Namespace) -> dict:
                 print(line, flush=True)
             del keys, keys_dev
     print(f"load average at the end: {load()}")
-    return {"k": args.k, "rows": rows}
+    return {"k": args.k, "blas": blas, "rows": rows}
 
 
 # ---- proxy ----------------------------------------------------------------------------------------

@@ -133,7 +133,7 @@ class CacheMirror:
 
 # ---- batched similarity -------------------------------------------------------------------------
 def topk_similarity_cpu(
-    queries: npt.ArrayLike, keys: npt.ArrayLike, k: int
+    queries: npt.ArrayLike, keys: npt.ArrayLike, k: int, keys_unit: bool = False
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """Cosine top-k of float32 queries [B, D] against keys [N, D] on the CPU (see `pylb.native.topk_similarity`)."""
 def _topk_similarity_cuda_ptr(

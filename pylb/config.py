@@ -393,6 +393,8 @@ class CacheSettings:
     threshold: float = setting(0.9, "cosine similarity at or above which a neighbour may answer (the guards must pass too)", check=in_range(0.0, 1.0))
     thresholds: dict = setting({}, "per-model thresholds (model name -> cosine), overriding cache.threshold")
     semantic: bool = setting(True, "look up near neighbours (false: exact matches and in-flight joins only)")
+    near_threshold: float = setting(0.0, "a miss whose nearest neighbour scores at least this is routed to the replica that answered that neighbour, "
+                                    "when that replica is healthy and not hot (0: off)", check=in_range(0.0, 1.0))
     tenant_header: str = setting("", "header naming the tenant (empty: the Authorization header); a request without one is never cached", check=_header_name)
     opt_in_models: list = setting([], "models whose sampled (temperature > 0) requests may be cached too")
     ttl_s: float = setting(3600.0, "an entry is dropped this long after it was stored", check=positive)

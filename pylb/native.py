@@ -59,7 +59,7 @@ topk_similarity_cpu = _core.topk_similarity_cpu
 _DEVICES = ("auto", "cpu", "cuda")
 
 
-def topk_similarity(queries: Any, keys: Any, k: int, device: str = "auto") -> tuple[Any, Any]:
+def topk_similarity(queries: Any, keys: Any, k: int, device: str = "auto", keys_unit: bool = False) -> tuple[Any, Any]:
     """Indices and cosine similarities of the ``k`` best keys for each query.
 
     ``queries`` is float32 ``[B, D]``, ``keys`` float32 ``[N, D]``: numpy arrays, or CUDA arrays
@@ -74,6 +74,8 @@ def topk_similarity(queries: Any, keys: Any, k: int, device: str = "auto") -> tu
       squares overflow float32 (|value| > ~1e19) are treated as zero vectors.
     - ``device``: ``"auto"`` runs where the inputs are; ``"cpu"`` needs host arrays; ``"cuda"``
       copies host arrays to the current CUDA device and returns numpy arrays.
+    - ``keys_unit``: the caller promises unit-length keys (not checked); the CPU then skips their
+      norms and scores plain dot products (the GPU computes the norms anyway).
 
     Raises ``TypeError`` for a dtype other than float32, ``ValueError`` for a bad shape, a
     D mismatch, ``k`` < 1 or an unknown device, ``RuntimeError`` when CUDA is asked for but pylb
@@ -99,7 +101,7 @@ def topk_similarity(queries: Any, keys: Any, k: int, device: str = "auto") -> tu
             raise ValueError("device='cpu' but the inputs are CUDA arrays; copy them to the host first (cupy.asnumpy)")
         return _topk_similarity_cuda(queries, keys, k)
     if device == "cpu" or device == "auto":
-        return _core.topk_similarity_cpu(queries, keys, k)
+        return _core.topk_similarity_cpu(queries, keys, k, keys_unit)
     cp = _require_cuda()
     q = _host_matrix(queries, "queries")
     x = _host_matrix(keys, "keys")

@@ -274,3 +274,31 @@ def test_store_entry_found_exactly_at_once_and_by_similarity_once_it_has_its_vec
     store.remove(e)
     store.set_vector(e, emb.embed_now([p.query])[0])  # dropped meanwhile: nothing happens
     assert store.searchable() == 0 and len(store) == 0
+
+
+# ---- the native lookup the store makes ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("b", [1, 3, 4, 5, 64])  # the sgemv path (B <= 4) and the GEMM path
+def test_topk_with_unit_keys_matches_numpy(b: int) -> None:
+    rng = np.random.default_rng(b)
+    keys = rng.standard_normal((5000, 48), dtype=np.float32)
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    q = rng.standard_normal((b, 48), dtype=np.float32)
+    s = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ keys.T
+    want = np.argsort(-s, axis=1, kind="stable")[:, :5]
+    for unit in (False, True):
+        idx, sim = native.topk_similarity(q, keys, 5, keys_unit=unit)
+        assert (idx == want).all()
+        assert np.allclose(sim, np.take_along_axis(s, want, 1), atol=1e-5)
+    # keys_unit is a promise, not a check: keys twice as long score twice the cosine
+    _, sim2 = native.topk_similarity(q, 2 * keys, 5, keys_unit=True)
+    assert np.allclose(sim2, 2 * np.take_along_axis(s, want, 1), atol=1e-5)
+
+
+def test_store_keeps_unit_rows() -> None:
+    st = CacheStore(ttl_s=60, max_entries=10, max_bytes=1 << 20, device="cpu")
+    e = entry(plan(chat("a question")), 0.0)
+    st.put(e, np.array([3.0, 4.0], np.float32))
+    [[(found, sim)]] = st.search(e.partition, np.array([[0.6, 0.8]], np.float32), 1, 0.0)
+    assert found is e and sim == pytest.approx(1.0)

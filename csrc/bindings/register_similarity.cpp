@@ -40,7 +40,7 @@ std::size_t checked_k(long long k) {
   return static_cast<std::size_t>(k);
 }
 
-py::tuple topk_similarity_cpu(const py::handle& queries, const py::handle& keys, long long k) {
+py::tuple topk_similarity_cpu(const py::handle& queries, const py::handle& keys, long long k, bool keys_unit) {
   const std::size_t kk = checked_k(k);
   const FloatMatrix q = as_float_matrix(queries, "queries");
   const FloatMatrix x = as_float_matrix(keys, "keys");
@@ -63,7 +63,7 @@ py::tuple topk_similarity_cpu(const py::handle& queries, const py::handle& keys,
     // of the two fresh output arrays are touched, and no Python object. Errors surface as C++
     // exceptions, rethrown once the GIL is back.
     py::gil_scoped_release release;
-    topk_cosine_cpu(qp, xp, B, N, D, cols, ip, sp);
+    topk_cosine_cpu(qp, xp, B, N, D, cols, ip, sp, 0, keys_unit);
   }
   return py::make_tuple(index, similarity);
 }
@@ -91,11 +91,12 @@ void topk_similarity_cuda_ptr(std::uintptr_t queries, std::uintptr_t keys, long 
 }  // namespace
 
 void register_similarity(py::module_& m) {
-  m.def("topk_similarity_cpu", &topk_similarity_cpu, py::arg("queries"), py::arg("keys"), py::arg("k"),
+  m.def("topk_similarity_cpu", &topk_similarity_cpu, py::arg("queries"), py::arg("keys"), py::arg("k"), py::arg("keys_unit") = false,
         "Cosine top-k on the CPU. queries: float32 [B, D], keys: float32 [N, D] (C-contiguous copies are made\n"
         "of other layouts; other dtypes raise TypeError), k >= 1 (clamped to N). Returns (indices int64 [B, min(k, N)],\n"
         "similarities float32 [B, min(k, N)]), per row by similarity descending, ties by smaller index; a zero\n"
-        "vector has similarity 0 to everything; NaN similarities (NaN/inf inputs) rank last. Releases the GIL.");
+        "vector has similarity 0 to everything; NaN similarities (NaN/inf inputs) rank last. keys_unit=True: the\n"
+        "keys are unit length (not checked): their norms are not computed. Releases the GIL.");
   m.def("_topk_similarity_cuda_ptr", &topk_similarity_cuda_ptr, py::arg("queries_ptr"), py::arg("keys_ptr"),
         py::arg("B"), py::arg("N"), py::arg("D"), py::arg("k"), py::arg("out_index_ptr"), py::arg("out_similarity_ptr"),
         py::arg("stream_ptr") = 0, py::arg("device") = -1,

@@ -64,9 +64,15 @@ class BoundedHeap {
 }  // namespace
 
 void topk_cosine_cpu(const float* queries, const float* keys, std::size_t B, std::size_t N, std::size_t D,
-                     std::size_t k, std::int64_t* out_index, float* out_similarity, std::size_t tile_keys) {
+                     std::size_t k, std::int64_t* out_index, float* out_similarity, std::size_t tile_keys,
+                     bool keys_unit) {
   check_sizes(N, D, k);
-  if (tile_keys == 0) tile_keys = kDefaultTileKeys;
+  // Few queries: one sgemv per query and L2-sized key tile (no packing of the key tile, which
+  // dominates an sgemm with so few rows, and small enough that OpenBLAS stays on this thread).
+  const bool gemv = B <= kGemvMaxQueries && D > 0;
+  if (tile_keys == 0) {
+    tile_keys = gemv ? std::clamp<std::size_t>(kGemvTileBytes / (D * sizeof(float)), 64, kDefaultTileKeys) : kDefaultTileKeys;
+  }
   tile_keys = std::min(tile_keys, N);
   if (B == 0) return;
 
@@ -80,7 +86,7 @@ void topk_cosine_cpu(const float* queries, const float* keys, std::size_t B, std
 
   const std::size_t qblock = std::min(B, kQueryBlock);
   std::vector<float> scores(qblock * tile_keys);
-  std::vector<float> inv_norm(tile_keys);
+  std::vector<float> inv_norm(tile_keys, 1.0f);
   std::vector<std::uint64_t> heaps(B * k);
   std::vector<std::size_t> heap_sizes(B, 0);
 
@@ -88,10 +94,18 @@ void topk_cosine_cpu(const float* queries, const float* keys, std::size_t B, std
   for (std::size_t j0 = 0; j0 < N; j0 += tile_keys) {
     const std::size_t nt = std::min(tile_keys, N - j0);
     const float* kt = keys + j0 * D;
-    for (std::size_t j = 0; j < nt; ++j) inv_norm[j] = detail::inverse_norm(kt + j * D, D);
+    if (!keys_unit) {
+      for (std::size_t j = 0; j < nt; ++j) inv_norm[j] = detail::inverse_norm(kt + j * D, D);
+    }
     for (std::size_t b0 = 0; b0 < B; b0 += qblock) {
       const std::size_t nb = std::min(qblock, B - b0);
-      if (D == 0) {
+      if (gemv) {
+        // scores[r, 0:nt] = kt[0:nt, :] . qn[b0 + r, :]  (row-major nt x D times a D-vector)
+        for (std::size_t r = 0; r < nb; ++r) {
+          cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(nt), static_cast<int>(D), 1.0f, kt, static_cast<int>(D),
+                      qn.data() + (b0 + r) * D, 1, 0.0f, scores.data() + r * nt, 1);
+        }
+      } else if (D == 0) {
         std::fill(scores.begin(), scores.begin() + static_cast<std::ptrdiff_t>(nb * nt), 0.0f);
       } else {
         // scores[nb, nt] = qn[b0:b0+nb, :] . kt[0:nt, :]^T  (row-major; leading dimensions D, D, nt)

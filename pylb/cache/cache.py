@@ -17,7 +17,10 @@ request to a replica and returns its response). For one request, in order:
   4. similarity: when the partition holds entries, a micro-batched lookup (`pylb.cache.batcher`)
      finds its nearest entries; the first one with similarity >= the model's threshold that
      passes the token-difference guards (`pylb.cache.guards`) answers.
-  5. miss: `route`, recording the answer's bytes; the answer is stored when it is a 200 whose
+  5. miss: `route`, recording the answer's bytes (a *near* miss, whose nearest neighbour scores
+     at least `cache.near_threshold`, passes that neighbour's replica as an affinity hint: it
+     likely holds the shared prefix; the router honours it only when that replica is healthy and
+     not hot); the answer is stored when it is a 200 whose
      every choice finished with `stop` (a streamed one must end with `data: [DONE]` and carry no
      error event), is not over `cache.max_answer_bytes`, and the request allowed storing. The
      first answer of an empty partition (no lookup ran, so no embedding yet) is found by exact
@@ -60,8 +63,13 @@ log = logging.getLogger("pylb.cache")
 STATE_KEY: Any = web.RequestKey("pylb_cache", str) if hasattr(web, "RequestKey") else "pylb_cache"  # typed keys: aiohttp >= 3.11
 """The request key under which `serve` notes hit / miss / bypass for the response header."""
 
-Route = Callable[[list[bytes] | None], Awaitable[web.StreamResponse]]
-"""The proxy's normal path: sends the request upstream; streamed pieces go to the list when given."""
+Route = Callable[..., Awaitable[web.StreamResponse]]
+"""The proxy's normal path, `route(record)`: sends the request upstream; streamed pieces go to the
+list when given. A proxy that passes `served_by` to `serve` also accepts
+`route(record, affinity_hint=replica)` (sets `RoutingRequest.affinity_hint`)."""
+
+ServedBy = Callable[[], "str | None"]
+"""Returns the replica (router name) that served the routed request, once `route` returned."""
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -133,9 +141,10 @@ class CacheMetrics(Collector):
         self.errors = Counts("pylb_cache_errors_total", "lookups that failed (embedder errors); the request went upstream", ["stage"])
         self.lookup = Hist("pylb_cache_lookup_seconds", "time from a request's arrival to the cache's decision, by outcome", ["result"], LATENCY_BUCKETS)
         self.batch = Hist("pylb_cache_batch_size", "semantic lookups per batch", [], BATCH_BUCKETS)
+        self.near = Counts("pylb_cache_near_misses_total", "misses routed with their nearest neighbour's replica as an affinity hint", ["model"])
 
     def collect(self) -> Iterator[Any]:
-        for f in (self.requests, self.bypass, self.refusals, self.not_stored, self.false_hits, self.errors, self.lookup, self.batch):
+        for f in (self.requests, self.bypass, self.refusals, self.not_stored, self.false_hits, self.errors, self.lookup, self.batch, self.near):
             yield f.family()
         entries = GaugeMetricFamily("pylb_cache_entries", "entries in the cache, by model", labels=["model"])
         size = GaugeMetricFamily("pylb_cache_bytes", "answer bytes in the cache, by model", labels=["model"])
@@ -182,9 +191,12 @@ class SemanticCache:
         if state is not None and "x-pylb-cache" not in response.headers:
             response.headers["x-pylb-cache"] = state
 
-    async def serve(self, request: web.Request, kind: str, payload: Any, route: Route) -> web.StreamResponse:
+    async def serve(self, request: web.Request, kind: str, payload: Any, route: Route, served_by: ServedBy | None = None) -> web.StreamResponse:
         """Answer `request` (parsed JSON `payload`, `kind` "chat" or "completions") from the cache,
-        or through `route` (see the module comment)."""
+        or through `route` (see the module comment). `served_by`, when given, names the replica
+        that served a routed answer (stored with the entry, for near-miss hints) and says that
+        `route` takes an `affinity_hint`; without it the entry keeps the answer's
+        `x-pylb-replica` and no hint is passed."""
         t0 = time.perf_counter()
         plan = plan_request(kind, payload, request.headers, self.tenants, self.opt_in) if isinstance(payload, dict) else "the body is not an object"
         if isinstance(plan, str):
@@ -194,6 +206,7 @@ class SemanticCache:
             return await route(None)
         now = time.monotonic()
         vector: np.ndarray | None = None
+        hint: str | None = None
         if plan.lookup:
             e = self.store.get_exact(plan.exact_key, now)
             if e is not None:
@@ -212,6 +225,9 @@ class SemanticCache:
                     log.warning("semantic lookup failed; the request goes upstream", extra={"error": f"{type(exc).__name__}: {exc}"})
                     neighbours = []
                 threshold = self.threshold(plan.model)
+                near = self.settings.near_threshold
+                if near > 0 and neighbours and neighbours[0][1] >= near and not neighbours[0][0].removed:
+                    hint = neighbours[0][0].replica
                 for e, sim in neighbours:
                     if sim < threshold or e.removed:
                         break
@@ -221,9 +237,11 @@ class SemanticCache:
                         continue
                     self.store.touch(e)
                     return await self._replay(request, plan, e, "hit_semantic", t0)
-        return await self._miss(request, plan, route, vector, t0)
+        return await self._miss(request, plan, route, vector, t0, served_by, hint)
 
-    async def _miss(self, request: web.Request, plan: CachePlan, route: Route, vector: np.ndarray | None, t0: float) -> web.StreamResponse:
+    async def _miss(
+        self, request: web.Request, plan: CachePlan, route: Route, vector: np.ndarray | None, t0: float, served_by: ServedBy | None, hint: str | None
+    ) -> web.StreamResponse:
         request[STATE_KEY] = "miss"
         self.metrics.requests.inc(plan.model, "miss")
         self.metrics.lookup.observe(time.perf_counter() - t0, "miss")
@@ -234,8 +252,12 @@ class SemanticCache:
         entry: Entry | None = None
         try:
             record = _Recording(self.settings.max_answer_bytes) if plan.stream else None
-            resp = await route(record)
-            entry = self._entry_of(plan, resp, record)
+            if hint is not None and served_by is not None:
+                self.metrics.near.inc(plan.model)
+                resp = await route(record, affinity_hint=hint)
+            else:
+                resp = await route(record)
+            entry = self._entry_of(plan, resp, record, served_by)
             if entry is not None:
                 self.store.put(entry, vector if self.settings.semantic else None)
                 if vector is None and self.settings.semantic:
@@ -248,7 +270,7 @@ class SemanticCache:
                 del self._inflight[plan.exact_key]
                 fut.set_result(entry)
 
-    def _entry_of(self, plan: CachePlan, resp: web.StreamResponse, record: _Recording | None) -> Entry | None:
+    def _entry_of(self, plan: CachePlan, resp: web.StreamResponse, record: _Recording | None, served_by: ServedBy | None = None) -> Entry | None:
         """The entry to store for `resp`, None (counted with its reason) when it must not be stored."""
         reason = None
         if not plan.store:
@@ -281,7 +303,7 @@ class SemanticCache:
             model=plan.model,
             tenant=plan.tenant,
             answer=Answer(body, resp.headers.get("Content-Type", resp.content_type), plan.stream),
-            replica=resp.headers.get("x-pylb-replica"),
+            replica=served_by() if served_by is not None else resp.headers.get("x-pylb-replica"),
             created=now,
             expires=now + self.settings.ttl_s,
         )

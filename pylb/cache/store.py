@@ -6,7 +6,7 @@ Entries live in partitions (`pylb.cache.keys`: tenant + the whole request with t
 Each partition keeps its entries' query embeddings as the rows of one float32 matrix, grown by
 doubling; a removed entry's row is filled with the partition's last row, so rows [0, n) are always
 the live entries and a lookup is one exact `pylb.native.topk_similarity` call over them (no
-approximate index: at cache sizes -- thousands to a million rows -- exact search is a few ms on a
+approximate index: rows are stored unit-length, so the lookup skips key norms; at cache sizes -- thousands to a million rows -- exact search is a few ms on a
 CPU core and far less on a GPU, see bench/bench_cache.py). With `device` "cuda" (or "auto" on a
 pylb built with CUDA, with a device and CuPy present) each partition also keeps a device copy of
 its matrix, refreshed on the first lookup after a change, so keys stay on the device.
@@ -151,7 +151,7 @@ class CacheStore:
             idx_d, sim_d = native.topk_similarity(cp.asarray(queries), p.device_keys, k)
             idx, sim = cp.asnumpy(idx_d), cp.asnumpy(sim_d)
         else:
-            idx, sim = native.topk_similarity(queries, p.keys[:n], k)
+            idx, sim = native.topk_similarity(queries, p.keys[:n], k, keys_unit=True)
         out = []
         for row_i, row_s in zip(idx.tolist(), sim.tolist()):
             hits = [(p.entries[i], s) for i, s in zip(row_i, row_s) if p.entries[i].expires > now]
@@ -196,7 +196,8 @@ class CacheStore:
             grown = np.zeros((2 * n, p.keys.shape[1]), np.float32)
             grown[:n] = p.keys
             p.keys = grown
-        p.keys[n] = vector
+        norm = float(np.linalg.norm(vector))
+        p.keys[n] = vector / norm if norm > 0 else vector  # unit rows: lookups skip the key norms
         p.entries.append(e)
         e.row = n
         p.device_keys = None

@@ -177,11 +177,12 @@ class RoutedPath:
                 resp = await self._route(request, rreq, body, ex)
             else:  # the semantic cache answers, or calls the normal path (recording the answer)
 
-                def route(record: list[bytes] | None) -> Awaitable[web.StreamResponse]:
+                def route(record: list[bytes] | None, affinity_hint: str | None = None) -> Awaitable[web.StreamResponse]:
                     ex.record = record
+                    rreq.affinity_hint = affinity_hint
                     return self._route(request, rreq, body, ex)
 
-                resp = await self.cache.serve(request, endpoint, payload, route)
+                resp = await self.cache.serve(request, endpoint, payload, route, lambda: ex.replica)
             ex.status = ex.status or resp.status
             return resp
         except RequestError as exc:

@@ -23,7 +23,9 @@ Life of a request
             `RouterOptions.queue_order`: "cheapest" (default) = the request's uncached prompt
             tokens on that replica, fewest first; "cached" = its cached prefix there, longest
             first (DESIGN.md §4's order); "fifo" = none. A request that has waited
-            `starvation_s` goes first whatever its rank, oldest first.
+            `starvation_s` goes first whatever its rank, oldest first. A request with an
+            `affinity_hint` (the semantic cache's near misses) joins the hinted replica instead
+            when it is a member and not hot (below); the policy's choice becomes its alternate.
   poll      for every replica with a queue, while it has budget, the head of its queue is
             dispatched. Budget: un-prefilled requests in flight < `max_unprefilled_requests` AND
             un-prefilled tokens in flight < `max_unprefilled_tokens` (tokens the mirror thinks
@@ -240,6 +242,9 @@ class CoreRouter(Router):
         self.decisions: Counter[str] = Counter()
         """Decisions by branch (`pylb.router.policy.BRANCHES`), as `pylb_decisions_total` counts them."""
         self.migrations = 0
+        self.hints = Counter[str]()
+        """Affinity hints (`RoutingRequest.affinity_hint`) by outcome: honoured, same (the policy chose
+        it anyway), unknown (not a member), hot."""
         self.rejections = 0
         """Requests refused by admission control (`Overloaded`)."""
         self._prediction_errors: deque[float] = deque(maxlen=PREDICTION_WINDOW)
@@ -660,11 +665,28 @@ class CoreRouter(Router):
         alt = None if choice.alternate is None else int(choice.alternate)
         if alt is not None and (not 0 <= alt < n or alt == r):
             alt = None
+        if e.req.affinity_hint is not None:
+            choice, r, alt = self._honour_hint(e.req.affinity_hint, choice, r, alt)
         e.alternate = alt
         branch = choice.branch if choice.branch in BRANCHES else "fallback"
         self.decisions[branch] += 1
         self._enqueue(e, r, branch, self.cached_blocks(e.req).copy())
         self.policy.on_choice(e.req, choice, self._view)
+
+    def _honour_hint(self, hint: ReplicaId, choice: Choice, r: int, alt: int | None) -> tuple[Choice, int, int | None]:
+        """The placement with a request's affinity hint applied: the hinted replica when it is a
+        member and not hot (the policy's choice becomes its alternate), else the policy's choice."""
+        h = self._index.get(hint)
+        if h is None:
+            self.hints["unknown"] += 1
+        elif h == r:
+            self.hints["same"] += 1
+        elif self._hot(h, self.now):
+            self.hints["hot"] += 1
+        else:
+            self.hints["honoured"] += 1
+            return Choice(h, r, "affinity", choice.note), h, r
+        return choice, r, alt
 
     def _enqueue(self, e: _Entry, r: int, branch: str, cached: np.ndarray) -> None:
         req = e.req

@@ -141,6 +141,10 @@ class RoutingRequest:
             With `RouterOptions.cache_state` "events" the router matches them against the
             events-fed mirror; without them the request is matched on the predicted mirror.
         engine_block_size: tokens per engine block of `engine_keys` (0 when there are none).
+        affinity_hint: a replica the caller would like (e.g. the semantic cache's: the replica
+            that answered this request's nearest neighbour, which likely holds a shared prefix),
+            or None. Advisory: the core honours it only when that replica is a member and not
+            hot; otherwise the policy's own choice stands.
     """
 
     request_id: str
@@ -155,6 +159,7 @@ class RoutingRequest:
     hashing: BlockHashing = TEXT_HASHING
     engine_keys: np.ndarray | None = None
     engine_block_size: int = 0
+    affinity_hint: ReplicaId | None = None
 
 
 class Dispatch(NamedTuple):

@@ -18,6 +18,12 @@
 // fold, while the GEMM is still wide enough to run at full speed (on a 2-core Xeon, tiles of
 // 2k-16k keys were indistinguishable within run-to-run noise).
 // Queries go in blocks of up to 256 (kQueryBlock) so the score tile stays bounded for any B.
+// Up to kGemvMaxQueries queries skip the GEMM: per key tile of ~kGemvTileBytes (L2-sized) one
+// cblas_sgemv per query. An sgemm with so few rows spends most of its time packing the key tile,
+// and a small gemv stays on the calling thread (OpenBLAS threads only large ones), so a single
+// lookup does not wake BLAS threads on a busy host. With keys_unit the caller promises unit-length
+// keys (the semantic cache normalises at store time): the per-tile norm pass is skipped and the
+// dot product is the similarity (a key that is not unit length then scores its plain dot product).
 //
 // How (CUDA, similarity_cuda.cu, only when built with PYLB_WITH_CUDA): the same steps on device:
 // query normalisation and key inverse norms in kernels, cuBLAS sgemm per key tile, then an exact
@@ -46,6 +52,8 @@ namespace pylb {
 inline constexpr std::size_t kMaxSimilarityKeys = 0x7FFFFFFFu;
 inline constexpr std::size_t kDefaultTileKeys = 4096;
 inline constexpr std::size_t kQueryBlock = 256;
+inline constexpr std::size_t kGemvMaxQueries = 4;
+inline constexpr std::size_t kGemvTileBytes = 256 * 1024;
 
 // The rank key of (similarity s, key index i): an unsigned 64-bit integer that is larger exactly
 // when (s, i) comes first in the result order (s descending, then i ascending). High 32 bits: s's
@@ -116,10 +124,12 @@ inline std::size_t topk_columns(std::size_t k, std::size_t n) noexcept { return 
 
 // CPU top-k. Preconditions (checked; std::invalid_argument otherwise): 1 <= k <= N <= kMaxSimilarityKeys,
 // D <= INT_MAX. B may be 0; D may be 0 (every similarity is then 0). Writes out_index[B * k] and
-// out_similarity[B * k], row-major. tile_keys = 0 takes kDefaultTileKeys. Thread-safe (no shared
-// state); uses the BLAS library's own threads for the GEMM.
+// out_similarity[B * k], row-major. tile_keys = 0 takes the default (kDefaultTileKeys, or an
+// L2-sized tile on the gemv path). keys_unit: skip the key norms (see above). Thread-safe (no
+// shared state); uses the BLAS library's own threads for the GEMM.
 void topk_cosine_cpu(const float* queries, const float* keys, std::size_t B, std::size_t N, std::size_t D,
-                     std::size_t k, std::int64_t* out_index, float* out_similarity, std::size_t tile_keys = 0);
+                     std::size_t k, std::int64_t* out_index, float* out_similarity, std::size_t tile_keys = 0,
+                     bool keys_unit = false);
 
 // True when this library was built with the CUDA kernels (PYLB_WITH_CUDA).
 bool similarity_built_with_cuda() noexcept;

@@ -153,7 +153,7 @@ def main() -> int:
     nofile = raise_nofile(4 * args.streams + 1024)  # client sockets here, in pylb twice, at the replicas
     py = [sys.executable, "-P", "-m", "pylb.cli"]
     reps = subprocess.Popen(
-        [*py, "sim-replicas", "--replicas", str(args.replicas), "--base-port", "0", "--speed", str(args.speed), "--max-model-len", "1000000"],
+        [*py, "sim-replicas", "--replicas", str(args.replicas), "--base-port", "0", "--speed", str(args.speed), "--max-model-len", "200000"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     pylb = None

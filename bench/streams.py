@@ -1,11 +1,11 @@
 """Many concurrent open streams through `pylb serve`, held, with pylb's memory sampled: what one
 open stream costs pylb in bytes.
 
-    .venv/bin/python bench/streams.py --streams 2000 --hold-s 30      # the issue's run (~1-2 min)
+    .venv/bin/python bench/streams.py --streams 2000 --hold-s 10      # the issue's run (~1 min)
     .venv/bin/python bench/streams.py --streams 200 --hold-s 5        # a quick look
 
 Three kinds of processes: `pylb sim-replicas` (`--replicas` fake vLLM replicas, run at `--speed`
-times real time, slow, so that each stream emits a token every few seconds), `pylb serve` in front
+times real time, slow, so that each stream emits a few tokens a second), `pylb serve` in front
 of them (round-robin, access log off), and this client. The client raises its descriptor limit to
 the hard limit (the children inherit it), warms pylb up with a few short requests, reads pylb's
 idle resident memory, then opens `--streams` streamed completions (`ignore_eos`, more tokens than
@@ -144,7 +144,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--streams", type=int, default=2000)
     ap.add_argument("--replicas", type=int, default=8, help="fake replicas (each runs at most 256 requests at once)")
-    ap.add_argument("--speed", type=float, default=0.005, help="engine speed vs real time (slow: a token every few seconds per stream)")
+    ap.add_argument("--speed", type=float, default=0.05, help="engine speed vs real time (slow: ~3 tokens a second per stream)")
     ap.add_argument("--hold-s", type=float, default=30.0)
     ap.add_argument("--sample-s", type=float, default=1.0)
     ap.add_argument("--open-timeout-s", type=float, default=120.0)

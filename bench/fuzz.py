@@ -1,9 +1,12 @@
 """Long fuzz runs of pylb's parsers of untrusted input (issue 16 §2): the OpenAI request model
-(completions and chat bodies, through `parse_json_body` + `build_request`) and the vLLM /metrics
-parser (`parse_vllm_metrics`).
+(completions and chat bodies, through `parse_json_body` + `build_request`), the vLLM /metrics
+parser (`parse_vllm_metrics`) and the vLLM KV-event decoder (`kv-events`: ZMQ messages
+`[topic, seq, payload]` through `KvEventSubscriber.handle`, as the subscriber gets them off the
+socket; every bad message must be counted in `decode_errors` and skipped, never raise).
 
     .venv/bin/python bench/fuzz.py --cases 1000000            # per target
     .venv/bin/python bench/fuzz.py --cases 20000 --seed 7     # a short run
+    .venv/bin/python bench/fuzz.py --cases 100000 --targets kv-events
 
 How to read it: per target, the cases run, their rate, how many were accepted and how many were
 rejected (by the field named: every rejection of a request must name one), the unexpected
@@ -28,6 +31,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import msgpack
+
+from pylb.fleet.kv_events import AllBlocksCleared, KvEventBatch, KvEventSubscriber
 from pylb.fleet.scrape import ScrapeError, parse_vllm_metrics
 from pylb.router.request import CHAT, COMPLETIONS, RequestError, build_request, parse_json_body
 
@@ -103,6 +109,100 @@ def metrics_page(rng: random.Random) -> str:
     return mutate(rng, text.encode()).decode("utf-8", "replace") if rng.random() < 0.2 else text
 
 
+EVENT_TYPES = ["BlockStored", "BlockRemoved", "AllBlocksCleared", "Nope", ""]
+EVENT_FIELDS = ["type", "block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium", "lora_name", "extra_keys"]
+
+
+def kv_value(rng: random.Random, depth: int = 0) -> Any:
+    """A msgpack-encodable value: ints up to 64 bits either sign, floats (NaN, inf), bytes, strings, lists, maps."""
+    r = rng.random()
+    if depth > 3 or r < 0.5:
+        return rng.choice([
+            0, -1, 1, 2**63 - 1, -(2**63), 2**64 - 1, rng.getrandbits(64), rng.randint(-(2**63), 2**63 - 1), 16, 0.5, float("nan"), float("inf"),
+            None, True, False, "", "GPU", "cpu", "x" * rng.randint(0, 40), rng.randbytes(rng.choice([0, 8, 32, 33])), rng.choice(EVENT_TYPES),
+        ])  # fmt: skip
+    if r < 0.8:
+        return [kv_value(rng, depth + 1) for _ in range(rng.randint(0, 6))]
+    return {kv_value(rng, 4) if rng.random() < 0.2 else rng.choice(EVENT_FIELDS): kv_value(rng, depth + 1) for _ in range(rng.randint(0, 5))}
+
+
+def kv_event(rng: random.Random) -> Any:
+    """One event, near vLLM's shape (a map with a type, or a tagged array) with fields of random types."""
+    kind = rng.choice(EVENT_TYPES)
+    if rng.random() < 0.5:
+        d: dict[Any, Any] = {"type": kind}
+        for f in rng.sample(EVENT_FIELDS[1:], rng.randint(0, len(EVENT_FIELDS) - 1)):
+            if f == "block_hashes" and rng.random() < 0.6:
+                d[f] = [rng.choice([rng.getrandbits(64), rng.randbytes(32), kv_value(rng, 3)]) for _ in range(rng.randint(0, 8))]
+            elif f == "block_size" and rng.random() < 0.6:
+                d[f] = rng.choice([16, 32, 0, -1, 2**63 - 1])
+            else:
+                d[f] = kv_value(rng, 2)
+        return d
+    if rng.random() < 0.8:
+        return [kind, *[kv_value(rng, 2) for _ in range(rng.randint(0, 9))]]
+    return kv_value(rng)
+
+
+def kv_message(rng: random.Random, seq: int) -> list[bytes]:
+    """Frames `[topic, seq, payload]`: mostly well framed with a random batch; some with bad frames or raw bytes."""
+    r = rng.random()
+    if r < 0.05:
+        return [rng.randbytes(rng.randint(0, 20)) for _ in range(rng.choice([0, 1, 2, 4]))]
+    seq_frame = seq.to_bytes(8, "big") if rng.random() < 0.95 else rng.randbytes(rng.choice([0, 7, 9]))
+    if r < 0.15:
+        payload = rng.randbytes(rng.randint(0, 64))
+    else:
+        batch: Any = [rng.choice([1.5, 0, float("nan"), "x", None]), [kv_event(rng) for _ in range(rng.randint(0, 4))]]
+        if rng.random() < 0.3:
+            batch.append(kv_value(rng, 3))
+        if rng.random() < 0.1:
+            batch = rng.choice([kv_value(rng), {"ts": 1.0, "events": batch[1]}, batch[1]])
+        payload = msgpack.packb(batch, use_bin_type=rng.random() < 0.8)
+        if rng.random() < 0.2:
+            payload = mutate(rng, payload)
+    return [b"kv@" if rng.random() < 0.9 else rng.randbytes(3), seq_frame, payload]
+
+
+class CountingSink:
+    """A KV-event sink that only counts what reaches it."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.resyncs = 0
+
+    def on_kv_batch(self, replica: str, batch: KvEventBatch) -> None:
+        self.batches += 1
+        for e in batch.events:  # what a real sink reads first
+            if e.applies and not isinstance(e, AllBlocksCleared):
+                int(e.keys.sum())
+
+    def on_kv_resync(self, replica: str, reason: str) -> None:
+        self.resyncs += 1
+
+
+def fuzz_kv_events(cases: int, rng: random.Random) -> dict[str, Any]:
+    """Each message through the subscriber's `handle`: delivered, or counted in decode_errors; nothing else."""
+    import logging
+
+    logging.getLogger("pylb").setLevel(logging.ERROR)  # each skipped message logs a warning
+    sink = CountingSink()
+    sub = KvEventSubscriber("r0", "tcp://127.0.0.1:1", sink)  # type: ignore[arg-type]
+    unexpected, examples = Counter[str](), []
+    for i in range(cases):
+        frames = kv_message(rng, i)
+        before = sub.stats.decode_errors + sub.stats.batches
+        try:
+            sub.handle(frames)
+            if sub.stats.decode_errors + sub.stats.batches != before + 1:
+                raise AssertionError("a message was neither delivered nor counted as a decode error")
+        except Exception as exc:  # noqa: BLE001 - what the run looks for
+            unexpected[type(exc).__name__] += 1
+            if len(examples) < 5:
+                examples.append(f"{type(exc).__name__}: {exc} <- {[f[:80] for f in frames]!r}")
+    return {"accepted": sub.stats.batches, "rejected": sub.stats.decode_errors, "delivered": sink.batches, "unexpected": dict(unexpected), "examples": examples}
+
+
 def fuzz_requests(kind: str, cases: int, rng: random.Random) -> dict[str, Any]:
     accepted, fields, unexpected = 0, Counter[str](), Counter[str]()
     examples: list[str] = []
@@ -142,13 +242,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", type=int, default=1_000_000, help="cases per target (default 1,000,000)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--targets", default="completions,chat,metrics,kv-events", help="comma-separated targets (default all)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "fuzz.json"))
     args = ap.parse_args()
     rng = random.Random(args.seed)
     results: dict[str, Any] = {"command": " ".join(["bench/fuzz.py", *sys.argv[1:]]), "load_average": os.getloadavg(), "targets": {}}
     bad = 0
-    for name, run in (("completions", lambda: fuzz_requests(COMPLETIONS, args.cases, rng)), ("chat", lambda: fuzz_requests(CHAT, args.cases, rng)),
-                      ("metrics", lambda: fuzz_metrics(args.cases, rng))):  # fmt: skip
+    targets = {"completions": lambda: fuzz_requests(COMPLETIONS, args.cases, rng), "chat": lambda: fuzz_requests(CHAT, args.cases, rng),
+               "metrics": lambda: fuzz_metrics(args.cases, rng), "kv-events": lambda: fuzz_kv_events(args.cases, rng)}  # fmt: skip
+    chosen = [t.strip() for t in args.targets.split(",") if t.strip()]
+    for t in chosen:
+        if t not in targets:
+            ap.error(f"argument --targets: unknown target {t!r} (one of {', '.join(targets)})")
+    for name in chosen:
+        run = targets[name]
         rss0, t0 = rss_mb(), time.perf_counter()
         res = run()
         dt = time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""`.ci/run`'s system check: it looks for the files CMakeLists.txt looks for (xxhash.h and libxxhash,
+"""`.ci/run`'s system check: it looks for the files CMakeLists.txt looks for (xxhash.h, used header-only,
 cblas.h and libopenblas, openssl/sha.h and libcrypto), where CMake looks for them, so that a machine that has them is not sent
 to apt (which needs root and network). Checked on made-up file trees through CI_SYSROOT."""
 
@@ -70,6 +70,12 @@ def test_header_without_library_is_missing(tmp_path: Path, multiarch: str) -> No
     touch(tmp_path, f"/usr/lib/{multiarch}/libopenblas.so")
     (tmp_path / "usr/lib/libcrypto.so").unlink()
     assert missing(tmp_path) == {"libssl-dev"}
+
+
+def test_xxhash_header_alone_is_enough(tmp_path: Path, multiarch: str) -> None:
+    # xxHash is compiled header-only (XXH_INLINE_ALL): no libxxhash is linked, so none is looked for.
+    touch(tmp_path, "/usr/include/xxhash.h", f"/usr/include/{multiarch}/cblas.h", f"/usr/lib/{multiarch}/libopenblas.so", *OPENSSL)
+    assert missing(tmp_path) == set()
 
 
 def test_cblas_only_under_an_unsearched_folder_is_missing(tmp_path: Path, multiarch: str) -> None:

@@ -259,3 +259,36 @@ async def test_scripted_faults_leave_every_request_served(case: str) -> None:
         finally:
             await odd.stop()
 
+
+
+async def test_membership_churn_every_second_leaves_every_request_served() -> None:
+    # Two steady replicas and two that leave and rejoin the static list by turns, one reload a
+    # second (what SIGHUP does), while the load runs: a replica removed with requests in flight
+    # lets them finish, a re-added one is probed before it serves. Timing of the steady
+    # replicas' clients against a fault-free run is measured in bench/churn.py, not here.
+    async with sim_fleet([4.0, 4.0, 4.0, 4.0]) as reps:
+        urls = [r.url for r in reps]
+        async with running_proxy(proxy_settings(urls)) as proxy:
+            baseline = await run_load(proxy.url, 40, 8)
+            assert baseline[("served", 200)] == 40, baseline
+            reloads: list[list[str]] = []
+            seen: set[frozenset[str]] = set()
+
+            async def churn() -> None:
+                for k in range(6):
+                    members = urls[:2] + ([urls[2]] if k % 2 else [urls[3]])
+                    await proxy.reload(proxy_settings(members))
+                    reloads.append(members)
+                    for _ in range(10):
+                        seen.add(frozenset(proxy.fleet.healthy))
+                        await asyncio.sleep(0.1)
+
+            outcomes = await run_load(proxy.url, 240, 12, churn, fault_after=0.0)
+            assert outcomes[("served", 200)] == 240, outcomes
+            assert len(reloads) == 6
+            assert any(urls[2] in m for m in seen) and any(urls[3] in m for m in seen), seen  # both churned replicas served in turn
+            await proxy.reload(proxy_settings(urls))
+            back = max([await back_in_rotation(proxy, u, 10) for u in urls])
+            outcomes.update(baseline)
+            await check_invariant("membership churn (a reload every second, 2 of 4 replicas in and out)", proxy, outcomes,
+                                  f"6 reloads; all back {back:.1f} s after the last")  # fmt: skip

@@ -1,6 +1,8 @@
 // Feature-hashing text embedder: see include/pylb/text_embed.hpp for the algorithm.
 #include "pylb/text_embed.hpp"
 
+// XXH_INLINE_ALL: xxHash is header-only here (the system header), so the extension links no libxxhash.
+#define XXH_INLINE_ALL
 #include <xxhash.h>
 
 #include <cmath>

@@ -158,13 +158,16 @@ def _decode_event(raw: Any) -> KvEvent:
         if not isinstance(hashes, list):
             raise KvEventDecodeError("BlockStored.block_hashes must be a list")
         parent = get("parent_block_hash")
+        token_ids = get("token_ids")
+        if token_ids is not None and not isinstance(token_ids, list):
+            raise KvEventDecodeError(f"BlockStored.token_ids must be a list, got {type(token_ids).__name__}")
         block_size = get("block_size")
         if not isinstance(block_size, int) or block_size <= 0:
             raise KvEventDecodeError(f"BlockStored.block_size must be a positive int, got {block_size!r}")
         return BlockStored(
             keys=block_keys(hashes),
             parent_key=None if parent is None else block_key(parent),
-            token_ids=list(get("token_ids") or ()),
+            token_ids=list(token_ids or ()),
             block_size=block_size,
             medium=get("medium"),
             lora_name=get("lora_name"),
@@ -184,7 +187,7 @@ def decode_payload(payload: bytes, seq: int = -1) -> KvEventBatch:
     """Decode one msgpack `KVEventBatch` payload (KvEventDecodeError when it is not one)."""
     try:
         raw = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-    except (ValueError, msgpack.UnpackException) as exc:
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:  # TypeError: a map key that is a map or an array
         raise KvEventDecodeError(f"not msgpack: {exc}") from None
     if isinstance(raw, dict):  # a map-encoded batch (not what vLLM sends, but unambiguous)
         raw = [raw.get("ts"), raw.get("events"), raw.get("data_parallel_rank")]

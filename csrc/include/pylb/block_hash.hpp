@@ -8,7 +8,7 @@
 // block, two prompts share their first k hashes exactly when they share their first k blocks,
 // which is what vLLM's automatic prefix caching keys its KV blocks on. The chaining is the one
 // python-xxhash reproduces with `xxh3_64_intdigest(block, seed=prev)`.
-// xxHash is the system library (Debian libxxhash-dev); nothing of it is vendored.
+// xxHash is the system header (Debian libxxhash-dev), compiled inline; nothing of it is vendored.
 #pragma once
 
 #include <cstddef>

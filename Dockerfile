@@ -28,7 +28,7 @@ RUN python -m venv /opt/pylb \
 
 FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS runtime
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libopenblas0-pthread libxxhash0 libssl3 libstdc++6 \
+ && apt-get install -y --no-install-recommends libopenblas0-pthread libssl3 libstdc++6 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin pylb
 COPY --from=build /opt/pylb /opt/pylb

@@ -1,9 +1,10 @@
-"""Helpers the benchmark scripts share: a free loopback port, and waiting for a server to answer 200."""
+"""Helpers the benchmark scripts share: a free loopback port, waiting for a server to answer 200, and the URLs of a `pylb sim-replicas` process."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 import time
 
 
@@ -29,3 +30,16 @@ async def wait_ready(url: str, timeout: float = 30.0, interval: float = 0.1) -> 
                 pass
             await asyncio.sleep(interval)
     raise RuntimeError(f"{url} did not become ready within {timeout:g} s")
+
+
+def read_replica_urls(proc: subprocess.Popen, n: int) -> list[str]:
+    """The base URLs a `pylb sim-replicas` process prints as its replicas come up (its stdout
+    must be a text pipe); raises RuntimeError if it exits before `n` are up."""
+    urls: list[str] = []
+    assert proc.stdout is not None
+    while len(urls) < n:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError("sim-replicas exited")
+        urls += [w.rstrip(",") for w in line.split() if w.startswith("http://")]
+    return urls

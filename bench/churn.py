@@ -35,7 +35,7 @@ from typing import Any
 
 import aiohttp
 
-from bench_support import free_port, wait_ready
+from bench_support import free_port, read_replica_urls, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,13 +109,7 @@ def main() -> int:
     pylb = None
     tmpdir = tempfile.TemporaryDirectory()
     try:
-        urls: list[str] = []
-        assert reps.stdout is not None
-        while len(urls) < 4:
-            line = reps.stdout.readline()
-            if not line:
-                raise RuntimeError("sim-replicas exited")
-            urls += [w.rstrip(",") for w in line.split() if w.startswith("http://")]
+        urls = read_replica_urls(reps, 4)
         steady = set(urls[:2])
         port = free_port()
         cfg = Path(tmpdir.name) / "pylb.yaml"

@@ -37,7 +37,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench_support import free_port, wait_ready
+from bench_support import free_port, read_replica_urls, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -163,13 +163,7 @@ def main() -> int:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     pylb = None
     try:
-        urls: list[str] = []
-        assert reps.stdout is not None
-        while len(urls) < 4:
-            line = reps.stdout.readline()
-            if not line:
-                raise RuntimeError("sim-replicas exited")
-            urls += [w.rstrip(",") for w in line.split() if w.startswith("http://")]
+        urls = read_replica_urls(reps, 4)
         del rport
         backends = [a for u in urls for a in ("--backend", u)]
         pylb = subprocess.Popen([*py, "serve", *backends, "--port", str(pport), "--policy", "round-robin", "--no-logging-access-log"],

@@ -36,7 +36,7 @@ from typing import Any
 
 import aiohttp
 
-from bench_support import free_port, wait_ready
+from bench_support import free_port, read_replica_urls, wait_ready
 from soak import proc_stats
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,13 +158,7 @@ def main() -> int:
     )  # fmt: skip
     pylb = None
     try:
-        urls: list[str] = []
-        assert reps.stdout is not None
-        while len(urls) < args.replicas:
-            line = reps.stdout.readline()
-            if not line:
-                raise RuntimeError("sim-replicas exited")
-            urls += [w.rstrip(",") for w in line.split() if w.startswith("http://")]
+        urls = read_replica_urls(reps, args.replicas)
         pport = free_port()
         backends = [a for u in urls for a in ("--backend", u)]
         pylb = subprocess.Popen([*py, "serve", *backends, "--port", str(pport), "--policy", "round-robin", "--no-logging-access-log"],

@@ -1,10 +1,11 @@
-"""Helpers the benchmark scripts share: a free loopback port, waiting for a server to answer 200, and the URLs of a `pylb sim-replicas` process."""
+"""Helpers the benchmark scripts share: a free loopback port, waiting for a server to answer 200, the URLs of a `pylb sim-replicas` process, and a `pylb serve` in front of them."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 import subprocess
+import sys
 import time
 
 
@@ -43,3 +44,20 @@ def read_replica_urls(proc: subprocess.Popen, n: int) -> list[str]:
             raise RuntimeError("sim-replicas exited")
         urls += [w.rstrip(",") for w in line.split() if w.startswith("http://")]
     return urls
+
+
+def start_pylb(urls: list[str], *extra: str) -> tuple[subprocess.Popen, str]:
+    """A `pylb serve --policy round-robin` process in front of `urls` on a free loopback port
+    (output discarded), once its /ready answers 200; returns it and its base URL."""
+    port = free_port()
+    backends = [a for u in urls for a in ("--backend", u)]
+    cmd = [sys.executable, "-P", "-m", "pylb.cli", "serve", *backends, "--port", str(port), "--policy", "round-robin", "--no-logging-access-log", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        asyncio.run(wait_ready(url + "/ready", timeout=60.0, interval=0.2))
+    except BaseException:
+        proc.terminate()
+        proc.wait(30)
+        raise
+    return proc, url

@@ -37,7 +37,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench_support import free_port, read_replica_urls, wait_ready
+from bench_support import read_replica_urls, start_pylb
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,19 +157,13 @@ def main() -> int:
     ap.add_argument("--sample-s", type=float, default=5.0)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "soak.json"))
     args = ap.parse_args()
-    rport, pport = free_port(), free_port()
     py = [sys.executable, "-P", "-m", "pylb.cli"]
     reps = subprocess.Popen([*py, "sim-replicas", "--replicas", "4", "--base-port", "0", "--speed", "20", "--output-len", "16", "--max-model-len", "8192"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     pylb = None
     try:
         urls = read_replica_urls(reps, 4)
-        del rport
-        backends = [a for u in urls for a in ("--backend", u)]
-        pylb = subprocess.Popen([*py, "serve", *backends, "--port", str(pport), "--policy", "round-robin", "--no-logging-access-log"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        url = f"http://127.0.0.1:{pport}"
-        asyncio.run(wait_ready(url + "/ready", timeout=60.0, interval=0.2))
+        pylb, url = start_pylb(urls)
         load0 = os.getloadavg()
         res = asyncio.run(drive(url, pylb.pid, args.requests, args.rate, args.concurrency, args.sample_s))
         res.update(command=" ".join(["bench/soak.py", *sys.argv[1:]]), load_average_start=load0, load_average_end=os.getloadavg())

@@ -36,7 +36,7 @@ from typing import Any
 
 import aiohttp
 
-from bench_support import free_port, read_replica_urls, wait_ready
+from bench_support import read_replica_urls, start_pylb
 from soak import proc_stats
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,12 +159,7 @@ def main() -> int:
     pylb = None
     try:
         urls = read_replica_urls(reps, args.replicas)
-        pport = free_port()
-        backends = [a for u in urls for a in ("--backend", u)]
-        pylb = subprocess.Popen([*py, "serve", *backends, "--port", str(pport), "--policy", "round-robin", "--no-logging-access-log"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        url = f"http://127.0.0.1:{pport}"
-        asyncio.run(wait_ready(url + "/ready", timeout=60.0, interval=0.2))
+        pylb, url = start_pylb(urls)
         load0 = os.getloadavg()
         res = asyncio.run(hold(url, pylb.pid, args.streams, args.hold_s, args.sample_s, args.open_timeout_s))
         res.update(

@@ -198,6 +198,7 @@ class DualMap(Policy):
         # engine was asked for) in the window
         self._own: deque[tuple[float, int]] = deque()
         self._engine: dict[ReplicaId, deque[tuple[float, int]]] = {}
+        self._is_alone = False  # `_alone`'s verdict at the last new scrape (read by `choose`)
         self.slo = options.slo_ttft
         self.key_depth = int(self.option("key_depth"))
         self.hot_share_fleet = str(self.option("hot_share")) == "fleet"
@@ -268,7 +269,7 @@ class DualMap(Policy):
                 t = sum(view.replicas[i].prefill_seconds_per_token for i in pool) / len(pool)
                 cost = {i: _backlog(view.replicas[i]) + view.uncached_tokens(request, i) * t for i in pool}
                 pick = min(pool, key=lambda i: (cost[i], view.replicas[i].load, i not in (a, b), i != a))
-            elif self.placed is not None and self._alone(view):
+            elif self.placed is not None and self._is_alone:
                 placed = self.placed
                 pick = min(pool, key=lambda i: (placed.get(view.replicas[i].name), _backlog(view.replicas[i]), view.replicas[i].load, i not in (a, b), i != a))
             else:
@@ -304,8 +305,8 @@ class DualMap(Policy):
             self._own.append((now, request.prompt_tokens))
             while self._own and self._own[0][0] < now - 2 * self.placed.window:
                 self._own.popleft()
-            for r in view.replicas:
-                self._note_scrape(r, now)
+            if any([self._note_scrape(r, now) for r in view.replicas]):  # a new scrape: judge again
+                self._is_alone = self._alone(view)
         if self.follow_cache and len(request.block_hashes):
             last = int(request.block_hashes[-1])
             self._queued.pop(last, None)
@@ -328,24 +329,27 @@ class DualMap(Policy):
         if last is not None:
             self._queued.pop(last, None)
 
-    def _note_scrape(self, replica: ReplicaState, now: float) -> None:
+    def _note_scrape(self, replica: ReplicaState, now: float) -> bool:
         """Remember the replica's `vllm:prefix_cache_queries_total` (prompt tokens it was asked
-        to prefill, from every client) at each new scrape, for `_alone`."""
+        to prefill, from every client) at each new scrape, for `_alone`; True for a new one."""
         m, at = replica.metrics, replica.metrics_at
         if m is None or at is None or self.placed is None:
-            return
+            return False
         seen = self._engine.setdefault(replica.name, deque())
-        if not seen or seen[-1][0] != at:
+        new = not seen or seen[-1][0] != at
+        if new:
             seen.append((at, m.prefix_cache_queries))
         while len(seen) > 1 and seen[1][0] <= now - self.placed.window:
             seen.popleft()
+        return new
 
     def _alone(self, view: RouterView) -> bool:
         """Whether this router placed most of the prompt tokens the fleet was asked for in the
         window (at least `ALONE_SHARE` of them, counted in the replicas' own tokens), judged from
         the replicas' counters. Several pylb instances in front of one fleet each place a share
         of it; their placement windows would differ, so they break ties by backlog and ring order
-        instead, which they compute alike. Without `ALONE_EVIDENCE_S` of scrapes yet: not alone."""
+        instead, which they compute alike. Without `ALONE_EVIDENCE_S` of scrapes yet: not alone.
+        Judged in `on_choice` when a new scrape arrived (O(window) then), not per request."""
         engine, start, end = 0, math.inf, -math.inf
         for seen in self._engine.values():
             if len(seen) > 1:

@@ -409,11 +409,7 @@ class CoreRouter(Router):
         del self._entries[request_id]
         if e.replica < 0:
             return
-        s = self.replicas[e.replica]
-        if e.state == _DISPATCHED:
-            s._unprefilled_requests -= 1
-            s._unprefilled_tokens -= e.cost
-        s._inflight_requests -= 1
+        self._count_in_flight(e, e.replica, -1)
         e.state = -1
         self.policy.on_complete(request_id, e.replica, self._view)
         if usage is not None and usage.reported and usage.prompt_tokens > 0:
@@ -425,25 +421,16 @@ class CoreRouter(Router):
         the new one, and the mirror learns the new replica holds its prefix."""
         self._tick(now)
         e = self._entries.get(request_id)
-        names = [s.name for s in self.replicas]
-        if e is None or e.state not in (_DISPATCHED, _PREFILLED) or replica not in names:
+        new = self._index.get(replica)
+        if e is None or e.state not in (_DISPATCHED, _PREFILLED) or new is None:
             return False
-        new = names.index(replica)
         if new == e.replica:
             return True
         if e.replica >= 0:
-            s = self.replicas[e.replica]
-            if e.state == _DISPATCHED:
-                s._unprefilled_requests -= 1
-                s._unprefilled_tokens -= e.cost
-            s._inflight_requests -= 1
+            self._count_in_flight(e, e.replica, -1)
             self.policy.on_complete(request_id, e.replica, self._view)
-        t = self.replicas[new]
         e.cost = self._uncached(e.req, int(self.cached_blocks(e.req)[new]))
-        if e.state == _DISPATCHED:
-            t._unprefilled_requests += 1
-            t._unprefilled_tokens += e.cost
-        t._inflight_requests += 1
+        self._count_in_flight(e, new, +1)
         e.replica = new
         if len(e.req.block_hashes):
             self.mirror.insert(new, e.req.block_hashes)
@@ -720,6 +707,15 @@ class CoreRouter(Router):
         e.version += 1
         self._stale += 3 if self.policy.migrates else 2
 
+    def _count_in_flight(self, e: _Entry, r: int, sign: int) -> None:
+        """Add (sign +1) or take back (-1) a dispatched entry's share of replica r's in-flight
+        requests and, before its first token, its un-prefilled requests and tokens."""
+        s = self.replicas[r]
+        if e.state == _DISPATCHED:
+            s._unprefilled_requests += sign
+            s._unprefilled_tokens += sign * e.cost
+        s._inflight_requests += sign
+
     def _dispatch(self, e: _Entry, r: int, now: float, out: list[Dispatch]) -> None:
         s = self.replicas[r]
         self._dequeue(e)
@@ -728,9 +724,7 @@ class CoreRouter(Router):
         e.state = _DISPATCHED
         e.dispatched_at = now
         e.ahead = s.unprefilled_tokens + e.cost
-        s._unprefilled_requests += 1
-        s._unprefilled_tokens += e.cost
-        s._inflight_requests += 1
+        self._count_in_flight(e, r, +1)
         if self.events is not None and e.req.engine_keys is not None:
             self._compare(e.req, r, s.name)
             self.events.record_dispatch(r, e.req.engine_keys, now)

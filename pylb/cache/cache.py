@@ -63,10 +63,10 @@ log = logging.getLogger("pylb.cache")
 STATE_KEY: Any = web.RequestKey("pylb_cache", str) if hasattr(web, "RequestKey") else "pylb_cache"  # typed keys: aiohttp >= 3.11
 """The request key under which `serve` notes hit / miss / bypass for the response header."""
 
-Route = Callable[..., Awaitable[web.StreamResponse]]
-"""The proxy's normal path, `route(record)`: sends the request upstream; streamed pieces go to the
-list when given. A proxy that passes `served_by` to `serve` also accepts
-`route(record, affinity_hint=replica)` (sets `RoutingRequest.affinity_hint`)."""
+Route = Callable[[list[bytes] | None, "str | None"], Awaitable[web.StreamResponse]]
+"""The proxy's normal path, `route(record, affinity_hint)`: sends the request upstream (with the
+replica named by `affinity_hint` preferred, `RoutingRequest.affinity_hint`); streamed pieces go to
+the list when given."""
 
 ServedBy = Callable[[], "str | None"]
 """Returns the replica (router name) that served the routed request, once `route` returned."""
@@ -191,19 +191,17 @@ class SemanticCache:
         if state is not None and "x-pylb-cache" not in response.headers:
             response.headers["x-pylb-cache"] = state
 
-    async def serve(self, request: web.Request, kind: str, payload: Any, route: Route, served_by: ServedBy | None = None) -> web.StreamResponse:
+    async def serve(self, request: web.Request, kind: str, payload: Any, route: Route, served_by: ServedBy) -> web.StreamResponse:
         """Answer `request` (parsed JSON `payload`, `kind` "chat" or "completions") from the cache,
-        or through `route` (see the module comment). `served_by`, when given, names the replica
-        that served a routed answer (stored with the entry, for near-miss hints) and says that
-        `route` takes an `affinity_hint`; without it the entry keeps the answer's
-        `x-pylb-replica` and no hint is passed."""
+        or through `route` (see the module comment). `served_by` names the replica that served a
+        routed answer (stored with the entry, for near-miss hints)."""
         t0 = time.perf_counter()
         plan = plan_request(kind, payload, request.headers, self.tenants, self.opt_in) if isinstance(payload, dict) else "the body is not an object"
         if isinstance(plan, str):
             request[STATE_KEY] = "bypass"
             self.metrics.bypass.inc(plan)
             self.metrics.requests.inc(str(payload.get("model", "")) if isinstance(payload, dict) else "", "bypass")
-            return await route(None)
+            return await route(None, None)
         now = time.monotonic()
         vector: np.ndarray | None = None
         hint: str | None = None
@@ -240,7 +238,7 @@ class SemanticCache:
         return await self._miss(request, plan, route, vector, t0, served_by, hint)
 
     async def _miss(
-        self, request: web.Request, plan: CachePlan, route: Route, vector: np.ndarray | None, t0: float, served_by: ServedBy | None, hint: str | None
+        self, request: web.Request, plan: CachePlan, route: Route, vector: np.ndarray | None, t0: float, served_by: ServedBy, hint: str | None
     ) -> web.StreamResponse:
         request[STATE_KEY] = "miss"
         self.metrics.requests.inc(plan.model, "miss")
@@ -252,11 +250,9 @@ class SemanticCache:
         entry: Entry | None = None
         try:
             record = _Recording(self.settings.max_answer_bytes) if plan.stream else None
-            if hint is not None and served_by is not None:
+            if hint is not None:
                 self.metrics.near.inc(plan.model)
-                resp = await route(record, affinity_hint=hint)
-            else:
-                resp = await route(record)
+            resp = await route(record, hint)
             entry = self._entry_of(plan, resp, record, served_by)
             if entry is not None:
                 self.store.put(entry, vector if self.settings.semantic else None)
@@ -270,7 +266,7 @@ class SemanticCache:
                 del self._inflight[plan.exact_key]
                 fut.set_result(entry)
 
-    def _entry_of(self, plan: CachePlan, resp: web.StreamResponse, record: _Recording | None, served_by: ServedBy | None = None) -> Entry | None:
+    def _entry_of(self, plan: CachePlan, resp: web.StreamResponse, record: _Recording | None, served_by: ServedBy) -> Entry | None:
         """The entry to store for `resp`, None (counted with its reason) when it must not be stored."""
         reason = None
         if not plan.store:
@@ -303,7 +299,7 @@ class SemanticCache:
             model=plan.model,
             tenant=plan.tenant,
             answer=Answer(body, resp.headers.get("Content-Type", resp.content_type), plan.stream),
-            replica=served_by() if served_by is not None else resp.headers.get("x-pylb-replica"),
+            replica=served_by(),
             created=now,
             expires=now + self.settings.ttl_s,
         )

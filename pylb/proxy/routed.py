@@ -177,7 +177,7 @@ class RoutedPath:
                 resp = await self._route(request, rreq, body, ex)
             else:  # the semantic cache answers, or calls the normal path (recording the answer)
 
-                def route(record: list[bytes] | None, affinity_hint: str | None = None) -> Awaitable[web.StreamResponse]:
+                def route(record: list[bytes] | None, affinity_hint: str | None) -> Awaitable[web.StreamResponse]:
                     ex.record = record
                     rreq.affinity_hint = affinity_hint
                     return self._route(request, rreq, body, ex)

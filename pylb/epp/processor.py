@@ -323,17 +323,16 @@ class Processor(ext_proc_grpc.ExternalProcessorServicer):
         queue, un-prefilled work and uncached prompt tokens there); by in-flight count when the
         router cannot predict."""
         view = self.balancer.router.view
-        index = {st.name: st.index for st in view.replicas}
         others = [r for r in among if r != exclude]
 
         def key(r: str) -> tuple[float, float]:
-            i = index.get(r)
-            if i is None:
+            st = view.replica(r)
+            if st is None:
                 return (float("inf"), 0.0)
             try:
-                return (view.predicted_ttft(rreq, i), float(view.replicas[i].inflight_requests))
+                return (view.predicted_ttft(rreq, st.index), float(st.inflight_requests))
             except Exception:  # a router without predictions: least in flight
-                return (0.0, float(view.replicas[i].inflight_requests))
+                return (0.0, float(st.inflight_requests))
 
         return sorted(others, key=key)
 

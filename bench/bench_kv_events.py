@@ -7,7 +7,11 @@ How to read it
   the C++ core (OpenSSL SHA-256), `hash python` = the same chain in Python (hashlib + a CBOR
   encoder; checked equal to the native one), `match` = the events mirror's leading match over 4
   replicas. The routing cost a request adds is tokenize + hash native + match. Target: < 1 ms
-  for 8k tokens.
+  for 8k tokens. (Text tokenized whole: the line cache is off for this part.)
+- chat keying, per conversation size: `keys_for("chat")` end to end (chat template, tokenize,
+  hash) with every prompt tokenized whole, and with the line cache (pylb.router.line_tokens)
+  cold (a conversation never seen) and warm (the next turn of a conversation keyed before: the
+  history's lines are cached, the new message is not); `render` is the chat template alone.
 - events/s: block events (stored + removed) decoded from msgpack frames and applied to a router
   core's events mirror (4 replicas, BlockStored of 16 blocks, then their BlockRemoved). Target
   >= 500k block events/s.
@@ -105,6 +109,51 @@ def keying(keyer: EngineKeyer) -> list[dict]:
     return rows
 
 
+def chat_history(tokens: int, keyer: EngineKeyer) -> list[dict]:
+    """A conversation of about `tokens` tokens: a system prompt of short rules, then turns of a
+    few lines each (the shape a chat or agent client resends on every turn)."""
+    words = "router cache block token replica prefix engine event queue latency memory hash stream model request".split()
+    rng = np.random.default_rng(tokens)
+
+    def lines(n: int) -> str:
+        return "\n".join(" ".join(words[int(w)] for w in rng.integers(0, len(words), size=int(rng.integers(4, 14)))) + "." for _ in range(n))
+
+    msgs = [{"role": "system", "content": lines(40)}]
+    while True:
+        text = keyer.render_chat(msgs)
+        assert text is not None
+        if len(keyer.tokenizer.encode(text, add_special_tokens=False).ids) >= tokens:
+            return msgs
+        msgs.append({"role": "user" if len(msgs) % 2 else "assistant", "content": lines(int(rng.integers(1, 8)))})
+
+
+def chat_keying(lines: EngineKeyer, whole: EngineKeyer) -> list[dict]:
+    """keys_for("chat") end to end (render, tokenize, hash): `whole` tokenizes every prompt whole
+    (line cache off); `lines` with the line cache, `cold` = a history never seen, `warm` = the
+    same history plus one new user message after the history was keyed once (the next turn)."""
+    rows = []
+    for n in (1024, 8192, 32768):
+        history = chat_history(n, whole)
+        next_turn = [*history, {"role": "user", "content": "one more question about the replica cache, please."}]
+        a, b = whole.keys_for("chat", {"messages": next_turn}), lines.keys_for("chat", {"messages": next_turn})
+        assert a is not None and b is not None and a.keys.tolist() == b.keys.tolist(), "line cache changed the keys"
+        t_whole = best_of(lambda: whole.keys_for("chat", {"messages": next_turn}), number=3)
+
+        def cold() -> None:
+            lines.lines.clear()
+            lines.keys_for("chat", {"messages": next_turn})
+
+        t_cold = best_of(cold, number=3)
+        lines.lines.clear()
+        lines.keys_for("chat", {"messages": history})
+        t_warm = best_of(lambda: lines.keys_for("chat", {"messages": next_turn}), number=5)
+        text = whole.render_chat(next_turn)
+        t_render = best_of(lambda: whole.render_chat(next_turn), number=5)
+        rows.append({"tokens": len(whole.tokenizer.encode(text, add_special_tokens=False).ids), "messages": len(next_turn),
+                     "whole_ms": t_whole * 1e3, "lines_cold_ms": t_cold * 1e3, "lines_warm_ms": t_warm * 1e3, "render_ms": t_render * 1e3})  # fmt: skip
+    return rows
+
+
 def events_per_second() -> dict:
     rng = np.random.default_rng(0)
     router = registry.create("dualmap", RouterOptions(cache_state="events"))
@@ -152,12 +201,13 @@ def memory() -> dict:
 
 
 def main() -> None:
-    keyer = EngineKeyer(TOKENIZER, BLOCK)
+    keyer = EngineKeyer(TOKENIZER, BLOCK, line_cache_tokens=0)
     result = {
         "command": "python " + " ".join(["bench/bench_kv_events.py", *sys.argv[1:]]),
         "load_average": os.getloadavg(),
         "block_size": BLOCK,
         "keying": keying(keyer),
+        "chat_keying": chat_keying(EngineKeyer(TOKENIZER, BLOCK), keyer),
         "events": events_per_second(),
         "memory": memory(),
     }
@@ -166,6 +216,10 @@ def main() -> None:
     for r in result["keying"]:
         print(f"{r['tokens']:>7} {r['blocks']:>6} {r['tokenize_ms']:>12.3f} {r['hash_native_ms']:>12.3f} {r['hash_python_ms']:>11.3f} "
               f"{r['match_ms']:>9.4f} {r['added_routing_ms']:>9.3f}")  # fmt: skip
+    print("chat keys_for (render + tokenize + hash), ms:")
+    print(f"{'tokens':>7} {'messages':>8} {'whole':>8} {'lines cold':>11} {'lines warm':>11} {'render':>8}")
+    for r in result["chat_keying"]:
+        print(f"{r['tokens']:>7} {r['messages']:>8} {r['whole_ms']:>8.3f} {r['lines_cold_ms']:>11.3f} {r['lines_warm_ms']:>11.3f} {r['render_ms']:>8.3f}")
     ev = result["events"]
     print(f"block events/s: decode {ev['decode_block_events_per_s']:,.0f}, decode + apply {ev['decode_apply_block_events_per_s']:,.0f}")
     print("memory per block: " + ", ".join(f"{k} {v:.1f} B" for k, v in result["memory"].items()))

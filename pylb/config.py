@@ -325,6 +325,7 @@ class KvEventsSettings:
     block_size: int = setting(16, "the engine's KV block size in tokens (vLLM --block-size; must match the replicas)", check=at_least(1))
     hash_seed: str = setting("vllm-none-hash", "vLLM's NONE_HASH seed (its PYTHONHASHSEED when set there)")
     tokenizer_threads: int = setting(2, "threads that tokenize and hash prompts, off the event loop", check=at_least(1))
+    line_cache_tokens: int = setting(4_000_000, "tokens of prompt lines kept tokenized, so a line seen before is not tokenized again (exact; 0: off)", check=at_least(0))
     max_prompt_bytes: int = setting(1 << 20, "prompts longer than this are not tokenized (bounded cost; they are matched on the predicted mirror)", check=at_least(1))
     backoff_max_s: float = setting(30.0, "longest wait between retries of a failed subscriber socket (doubling from 0.1 s)", check=positive)
 

@@ -104,7 +104,7 @@ def make_keyer(settings: Settings) -> Keyer:
     k = settings.kv_events
     if k.tokenizer == "sim":
         return SimKeyer(k.block_size)
-    return EngineKeyer(k.tokenizer, k.block_size, k.chat_template or None, k.hash_seed)
+    return EngineKeyer(k.tokenizer, k.block_size, k.chat_template or None, k.hash_seed, k.line_cache_tokens)
 
 
 class KvFeed(KvEventSink):

@@ -35,7 +35,9 @@ request is routed on the predicted mirror alone, never refused for that.
 
 Cost (bench/bench_kv_events.py measures it): tokenizing is the main cost, O(prompt length),
 run by the proxy in a thread pool off the event loop (the `tokenizers` library releases the
-GIL while it encodes); hashing is one SHA-256 per block in the native core.
+GIL while it encodes); lines already seen are not tokenized again (`pylb.router.line_tokens`:
+exact, checked per tokenizer at start-up, off where a token could cross a line); hashing is one
+SHA-256 per block in the native core.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from pylb import native
+from pylb.router.line_tokens import LineTokenizer
 
 DEFAULT_HASH_SEED = "vllm-none-hash"
 """vLLM's NONE_HASH seed for sha256_cbor when PYTHONHASHSEED is not set (DEFAULT_NONE_HASH_SEED)."""
@@ -77,9 +80,13 @@ class EngineKeyer:
         chat_template: a Jinja chat template file; None: the folder's chat_template.jinja, else
             tokenizer_config.json's "chat_template".
         hash_seed: the NONE_HASH seed (vLLM's PYTHONHASHSEED when set there).
+        line_cache_tokens: bound of the line cache (`pylb.router.line_tokens`) in tokens; 0 turns
+            it off (every prompt is tokenized whole).
     """
 
-    def __init__(self, tokenizer_path: str | Path, block_size: int, chat_template: str | Path | None = None, hash_seed: str = DEFAULT_HASH_SEED) -> None:
+    def __init__(
+        self, tokenizer_path: str | Path, block_size: int, chat_template: str | Path | None = None, hash_seed: str = DEFAULT_HASH_SEED, line_cache_tokens: int = 4_000_000
+    ) -> None:
         if block_size <= 0:
             raise EngineKeyerError(f"block_size must be a positive number of tokens, got {block_size}")
         try:
@@ -104,6 +111,7 @@ class EngineKeyer:
         self.block_size = int(block_size)
         self.parent = native.engine_none_hash(hash_seed)
         self.template = _load_template(folder, chat_template, config)
+        self.lines = LineTokenizer(self.tokenizer, line_cache_tokens)
 
     # ---- keys ------------------------------------------------------------------------------------
 
@@ -116,27 +124,32 @@ class EngineKeyer:
         """The prompt's token ids as vLLM computes them for a "completions" or "chat" body, or
         None when pylb cannot reproduce them (a batch of prompts, non-text content, a template
         error)."""
+        ids = self._ids(kind, body)
+        return None if ids is None else ids.tolist()
+
+    def keys_for(self, kind: str, body: Mapping[str, Any]) -> EngineKeys | None:
+        """Engine keys of an OpenAI request body ("completions" or "chat"), or None (see
+        `token_ids`). Pure CPU work; the proxy runs it in a thread."""
+        ids = self._ids(kind, body)
+        return None if ids is None else self.keys_for_ids(ids)
+
+    def _ids(self, kind: str, body: Mapping[str, Any]) -> np.ndarray | None:
+        """`token_ids` as uint32 (text is tokenized through the line cache)."""
         if kind == "completions":
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
                 prompt = prompt[0]  # a batch of one
             if isinstance(prompt, str):
-                return list(self.tokenizer.encode(prompt, add_special_tokens=True).ids)
+                return self.lines.encode(prompt, add_special_tokens=True)
             if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in prompt):
-                return list(prompt)
+                return np.asarray(prompt, dtype=np.uint32)
             return None
         if kind == "chat":
             text = self.render_chat(body.get("messages"), body.get("tools"))
             if text is None:
                 return None
-            return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+            return self.lines.encode(text, add_special_tokens=False)
         return None
-
-    def keys_for(self, kind: str, body: Mapping[str, Any]) -> EngineKeys | None:
-        """Engine keys of an OpenAI request body ("completions" or "chat"), or None (see
-        `token_ids`). Pure CPU work; the proxy runs it in a thread."""
-        ids = self.token_ids(kind, body)
-        return None if ids is None else self.keys_for_ids(ids)
 
     # ---- chat ------------------------------------------------------------------------------------
 

@@ -57,6 +57,7 @@ KV_SERIES: dict[str, str] = {
     "pylb_kv_predicted_hit_rate": "per replica and mirror: cached / prompt tokens of keyed dispatches (compare pylb_observed_prefix_cache_hit_rate)",
     "pylb_kv_keyed_requests_total": "requests by keying result (keyed, unkeyable, too_large)",
     "pylb_kv_keying_seconds": "time to tokenize and hash one request (in the thread pool)",
+    "pylb_kv_tokenizer_chunks_total": "prompt chunks (whole lines) by outcome: cached (tokenized before, taken from the line cache) or tokenized",
 }
 """The series of the KV-events feed (present only with router.cache_state: events)."""
 
@@ -254,3 +255,9 @@ class _KvCollector(Collector):
             keyed.add_metric([k], v)
         yield keyed
         yield f.keying_seconds.family()
+        chunks = fam("pylb_kv_tokenizer_chunks_total", ["outcome"], True)
+        lines = getattr(f.keyer, "lines", None)  # an EngineKeyer's line cache; SimKeyer does not tokenize
+        seen, tokenized = (lines.chunks_seen, lines.chunks_encoded) if lines is not None else (0, 0)
+        chunks.add_metric(["cached"], seen - tokenized)
+        chunks.add_metric(["tokenized"], tokenized)
+        yield chunks

@@ -189,10 +189,11 @@ class Fixed(Policy):
 
     name = "fixed"
 
-    def __init__(self, options: RouterOptions, migrates: bool = False, neighbours: bool = True) -> None:
+    def __init__(self, options: RouterOptions, migrates: bool = False, neighbours: bool = True, holders: bool = False) -> None:
         super().__init__(options)
         self.migrates = migrates  # type: ignore[misc]
         self.migrates_to_neighbours = neighbours  # type: ignore[misc]
+        self.migrates_to_holders = holders  # type: ignore[misc]
         self.memberships: list[list[str]] = []
         self.dispatched: list[tuple[str, int]] = []
         self.completed: list[tuple[str, int]] = []
@@ -217,9 +218,9 @@ def req(rid: str, tokens: int = 100, arrival: float = 0.0, priority: int = 0, ha
     return RoutingRequest(rid, np.array(hashes, dtype=np.uint64), tokens, 4, arrival, priority=priority)
 
 
-def core(n: int = 2, migrates: bool = False, neighbours: bool = True, **opts: object) -> CoreRouter:
+def core(n: int = 2, migrates: bool = False, neighbours: bool = True, holders: bool = False, **opts: object) -> CoreRouter:
     o = RouterOptions(**opts)  # type: ignore[arg-type]
-    r = CoreRouter(Fixed(o, migrates, neighbours), o)
+    r = CoreRouter(Fixed(o, migrates, neighbours, holders), o)
     r.on_membership([f"r{i}" for i in range(n)], 0.0)
     return r
 

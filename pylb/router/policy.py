@@ -108,6 +108,9 @@ class Policy(ABC):
     migrates_to_neighbours: ClassVar[bool] = True
     """When migrating: whether a request whose alternate cannot take it may move to a neighbour
     (the replica where its predicted TTFT is lowest), not only to its alternate."""
+    migrates_to_holders: ClassVar[bool] = False
+    """When migrating: whether a request may move only to a replica whose mirror holds at least as
+    much of its prompt as the hot replica's (a move then never recomputes a cached prefix)."""
     Options: ClassVar[type | None] = None
     """The policy's options (read from `RouterOptions.extra`): a dataclass of `setting` fields."""
     option_defaults: ClassVar[dict[str, Any]] = {}

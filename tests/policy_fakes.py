@@ -12,6 +12,8 @@ request id, and `core` the router core around it. `ReplicaState` is read-only to
 
 from __future__ import annotations
 
+import math
+
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -193,7 +195,7 @@ class Fixed(Policy):
         super().__init__(options)
         self.migrates = migrates  # type: ignore[misc]
         self.migrates_to_neighbours = neighbours  # type: ignore[misc]
-        self.migrates_to_holders = holders  # type: ignore[misc]
+        self.migration_work_limit = 1.0 if holders else math.inf  # type: ignore[misc]
         self.memberships: list[list[str]] = []
         self.dispatched: list[tuple[str, int]] = []
         self.completed: list[tuple[str, int]] = []

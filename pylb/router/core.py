@@ -59,9 +59,9 @@ is lower than h's and the target does not turn hot by it (predicted TTFT there <
 no request there waiting >= hot_wait_s), until h is no longer hot. When the alternate fails
 those tests (it is as hot as h: both candidates of a busy prefix group), the request may move to
 a *neighbour* instead, the replica where its predicted TTFT is lowest, under the same tests
-(policies with `migrates_to_neighbours`). Policies with `migrates_to_holders` move a request only
-to a replica whose mirror holds at least as much of its prompt as h's (no move recomputes a cached
-prefix). On the DualMap profile, where TTFTs are bound by the
+(policies with `migrates_to_neighbours`). A policy's `migration_work_limit` L allows a move only to a
+replica where the request must compute at most L times the prompt tokens it must compute on h
+(1: where at least as much of it is cached; DualMap's default: no limit). On the DualMap profile, where TTFTs are bound by the
 SLO rather than by compute, this raises dualmap's capacity (BENCHMARKS.md, "DualMap
 ablations"). A moved request keeps h as its alternate. (Without the "not hot" test, requests
 bounce between two hot replicas, several migrations per request.)
@@ -810,19 +810,28 @@ class CoreRouter(Router):
 
     def _helps(self, e: _Entry, h: int, target: int, now: float) -> bool:
         """Moving e from h to target lowers its predicted TTFT and does not make target hot (and,
-        for policies with `migrates_to_holders`, target holds at least as much of e's prompt)."""
+        within the policy's `migration_work_limit`)."""
         assert e.cached is not None
-        if self.policy.migrates_to_holders and e.cached[target] < e.cached[h]:
+        if not self._within_work_limit(e, h, target):
             return False
         after = self._ttft_with(target, self._uncached(e.req, int(e.cached[target])))
         return after < self.replica_ttft(h) and after <= self.options.slo_ttft and not self._waited_too_long(target, now)
+
+    def _within_work_limit(self, e: _Entry, h: int, target: int) -> bool:
+        """e's uncached prompt tokens on target are within the policy's migration_work_limit times
+        those on h."""
+        assert e.cached is not None
+        limit = self.policy.migration_work_limit
+        if limit == math.inf:
+            return True
+        return self._uncached(e.req, int(e.cached[target])) <= limit * self._uncached(e.req, int(e.cached[h]))
 
     def _lowest_ttft(self, e: _Entry, h: int) -> int | None:
         """The replica other than h where e's predicted TTFT is lowest."""
         assert e.cached is not None
         best, best_t = None, math.inf
         for i in range(len(self.replicas)):
-            if i == h or (self.policy.migrates_to_holders and e.cached[i] < e.cached[h]):
+            if i == h or not self._within_work_limit(e, h, i):
                 continue
             t = self._ttft_with(i, self._uncached(e.req, int(e.cached[i])))
             if t < best_t:

@@ -108,9 +108,10 @@ class Policy(ABC):
     migrates_to_neighbours: ClassVar[bool] = True
     """When migrating: whether a request whose alternate cannot take it may move to a neighbour
     (the replica where its predicted TTFT is lowest), not only to its alternate."""
-    migrates_to_holders: ClassVar[bool] = False
-    """When migrating: whether a request may move only to a replica whose mirror holds at least as
-    much of its prompt as the hot replica's (a move then never recomputes a cached prefix)."""
+    migration_work_limit: ClassVar[float] = math.inf
+    """When migrating: a request may move only to a replica where it must compute at most this many
+    times the prompt tokens it must compute on the hot one (1: only where at least as much of it is
+    cached; inf: anywhere)."""
     Options: ClassVar[type | None] = None
     """The policy's options (read from `RouterOptions.extra`): a dataclass of `setting` fields."""
     option_defaults: ClassVar[dict[str, Any]] = {}

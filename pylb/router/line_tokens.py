@@ -96,6 +96,8 @@ class LineTokenizer:
         self.tokenizer = tokenizer
         self.cache_tokens = int(cache_tokens)
         self._chunks = chunk_pattern(chunk_chars)
+        # encode_batch_fast (tokenizers >= 0.21) skips the offsets; older versions have encode_batch
+        self._encode_batch = getattr(tokenizer, "encode_batch_fast", None) or tokenizer.encode_batch
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._held = 0
         self._lock = threading.Lock()
@@ -130,7 +132,7 @@ class LineTokenizer:
             self.chunks_encoded += len(missing)
         if missing:
             todo = list(missing)
-            encoded = self.tokenizer.encode_batch_fast(todo, add_special_tokens=False)  # releases the GIL
+            encoded = self._encode_batch(todo, add_special_tokens=False)  # releases the GIL
             with self._lock:
                 for chunk, enc in zip(todo, encoded):
                     ids = np.asarray(enc.ids, dtype=np.uint32)

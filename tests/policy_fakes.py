@@ -13,7 +13,6 @@ request id, and `core` the router core around it. `ReplicaState` is read-only to
 from __future__ import annotations
 
 import math
-
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field

@@ -1,7 +1,7 @@
 """Tokenizing by lines with a cache (pylb.router.line_tokens) gives exactly the ids of tokenizing
 the whole text, on random texts, for the tiny Llama's GPT-2-style tokenizer and GPT-2-style and
-Llama-3-style ones trained here; tokenizers that could let a token cross a line are refused (and then tokenized
-whole, still exactly)."""
+Llama-3-style ones trained here; tokenizers that could let a token cross a line are refused (and
+then tokenized whole, still exactly)."""
 
 from __future__ import annotations
 

@@ -59,11 +59,11 @@ is lower than h's and the target does not turn hot by it (predicted TTFT there <
 no request there waiting >= hot_wait_s), until h is no longer hot. When the alternate fails
 those tests (it is as hot as h: both candidates of a busy prefix group), the request may move to
 a *neighbour* instead, the replica where its predicted TTFT is lowest, under the same tests
-(policies with `migrates_to_neighbours`). A policy's `migration_work_limit` L allows a move only to a
-replica where the request must compute at most L times the prompt tokens it must compute on h
-(1: where at least as much of it is cached; DualMap's default: no limit). On the DualMap profile, where TTFTs are bound by the
+(policies with `migrates_to_neighbours`). On the DualMap profile, where TTFTs are bound by the
 SLO rather than by compute, this raises dualmap's capacity (BENCHMARKS.md, "DualMap
-ablations"). A moved request keeps h as its alternate. (Without the "not hot" test, requests
+ablations"). A policy's `migration_work_limit` L allows a move only to a replica where the
+request must compute at most L times the prompt tokens it must compute on h (1: only where at
+least as much of it is cached; default: no limit). A moved request keeps h as its alternate. (Without the "not hot" test, requests
 bounce between two hot replicas, several migrations per request.)
 
 Mirror size: a replica's mirror holds its KV cache's tokens (`vllm:cache_config_info`, or
@@ -809,8 +809,8 @@ class CoreRouter(Router):
         return best
 
     def _helps(self, e: _Entry, h: int, target: int, now: float) -> bool:
-        """Moving e from h to target lowers its predicted TTFT and does not make target hot (and,
-        within the policy's `migration_work_limit`)."""
+        """Moving e from h to target keeps within the policy's `migration_work_limit`, lowers e's
+        predicted TTFT and does not make target hot."""
         assert e.cached is not None
         if not self._within_work_limit(e, h, target):
             return False

@@ -117,7 +117,23 @@ class LineTokenizer:
         """The token ids `tokenizer.encode(text, add_special_tokens=...)` gives, as uint32."""
         if self.reason is not None:
             return np.asarray(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids, dtype=np.uint32)
-        chunks = self._chunks.findall(text)
+        return self._from_chunks(self._chunks.findall(text), add_special_tokens)
+
+    def clear(self) -> None:
+        """Forget every cached chunk."""
+        with self._lock:
+            self._cache.clear()
+            self._held = 0
+
+    @property
+    def held_tokens(self) -> int:
+        """Tokens held in the cache now."""
+        return self._held
+
+    # ---- internals -------------------------------------------------------------------------------
+
+    def _from_chunks(self, chunks: list[str], add_special_tokens: bool) -> np.ndarray:
+        """The ids of a text cut into `chunks`: each chunk from the cache or tokenized (and cached)."""
         parts: list[np.ndarray | None] = []
         missing: dict[str, list[int]] = {}
         with self._lock:
@@ -144,19 +160,6 @@ class LineTokenizer:
             assert self._prefix is not None and self._suffix is not None
             body = [self._prefix, *body, self._suffix]
         return np.concatenate(body) if body else np.zeros(0, dtype=np.uint32)
-
-    def clear(self) -> None:
-        """Forget every cached chunk."""
-        with self._lock:
-            self._cache.clear()
-            self._held = 0
-
-    @property
-    def held_tokens(self) -> int:
-        """Tokens held in the cache now."""
-        return self._held
-
-    # ---- internals -------------------------------------------------------------------------------
 
     def _remember(self, chunk: str, ids: np.ndarray) -> None:
         """Cache a chunk's ids (lock held), evicting the least recently used past the bound."""
@@ -191,17 +194,10 @@ class LineTokenizer:
         special tokens), else the first difference."""
         added = [t.content for t in self.tokenizer.get_added_tokens_decoder().values()]
         sample = SELF_CHECK_TEXT + "".join(f"{t}\nline after {t}\n{t}" for t in added[:64]) + "\nlast"
-        self.reason, chunks = None, self._chunks
-        self._chunks = chunk_pattern(1)  # cut at every line: every cut is checked
-        try:
-            return self._compare(sample)
-        finally:
-            self._chunks = chunks
-
-    def _compare(self, sample: str) -> str | None:
+        every_line = chunk_pattern(1).findall(sample)  # a chunk per line: every cut is checked
         for special in (False, True):
             whole = self.tokenizer.encode(sample, add_special_tokens=special).ids
-            lined = self.encode(sample, special).tolist()
+            lined = self._from_chunks(every_line, special).tolist()
             if whole != lined:
                 at = next((i for i, (a, b) in enumerate(zip(whole, lined)) if a != b), min(len(whole), len(lined)))
                 return f"self-check: tokenizing by lines differs from the whole text at token {at}"

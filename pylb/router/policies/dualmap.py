@@ -143,9 +143,10 @@ SLO_SWITCH_RULES = ("rescue", "paper", "off", "balance")
 """Values of the `slo_switch` option."""
 
 SPILL_RULES = ("off", "fleet")
+"""Values of the `spill` option."""
+
 MIGRATION_WORK_LIMITS = {"any": math.inf, "holders": 1.0}
 """Option migrate_to -> the policy's migration_work_limit (see `pylb.router.core`)."""
-"""Values of the `spill` option."""
 
 HOT_TAILS_KEPT = 1024
 """Hot prefixes whose shared tail (step 3's floor) DualMap remembers; the oldest is forgotten."""

@@ -14,7 +14,19 @@ same number of replicas, rate scale and SLO, once per target, and prints per tar
 
 and whether the simulator ranks pylb's targets in the same order as the real runs did (by SLO
 share, then TTFT p50). Real values are the harness's means over its repetitions (min-max in the
-JSON). Targets map to simulated routers so:
+JSON).
+
+Slowdown fit (`--factors 1,1.1,...`): `pylb calibrate` measures one idle replica and keeps the
+least of its repeats, while in the harness two replicas, the router and the client share the
+machine's cores, so every step of a loaded replica takes longer than calibrated. With several
+factors, every target is simulated once per factor with every step time multiplied by it
+(`Profile.slowed`), and the factor with the least *fit error* is reported, per results file and
+over all of them: the mean over targets of |SLO share error| / 5 points + |ln(p50 sim / real)| /
+ln 1.25, the two bounds below as units (a target within both scores at most 2). A factor that
+holds across rates and routers describes the machine, not one run; `--write-profile OUT.yaml`
+writes the profile slowed by the overall best factor, with the command in its header. The table
+is printed at that factor (at the first one when only one is given). Targets map to simulated
+routers so:
 
     pylb ARGS                  the router `pylb serve ARGS` builds (`pylb.proxy.balancer.create_router`)
     sglang / vllm-router       pylb's analog of their policy, dispatching at once as they do
@@ -25,13 +37,14 @@ JSON). Targets map to simulated routers so:
 Usage (from the repository root; needs `bench/peers/` from the harness):
 
     python bench/fidelity.py --results docs/results/peers_chat.json [--results ...] \\
-        --profile cpu-small-llama [--json docs/results/fidelity.json]
+        --profile cpu-small-llama [--factors 1,1.2,1.4] [--write-profile OUT.yaml] [--json docs/results/fidelity.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
@@ -125,6 +138,18 @@ class Row:
     def slo_ok(self) -> bool:
         return abs(self.sim_slo - self.real_slo) * 100 <= SLO_POINTS
 
+    @property
+    def fit_error(self) -> float:
+        """|SLO share error| in units of SLO_POINTS plus |ln p50 ratio| in units of ln(1 + P50_RATIO)."""
+        if not (self.sim_p50 > 0 and self.real_p50 > 0):
+            return math.inf
+        return abs(self.sim_slo - self.real_slo) * 100 / SLO_POINTS + abs(math.log(self.sim_p50 / self.real_p50)) / math.log(1 + P50_RATIO)
+
+
+def fit_error(rows: list[Row]) -> float:
+    """Mean `Row.fit_error` over rows (inf without any)."""
+    return sum(r.fit_error for r in rows) / len(rows) if rows else math.inf
+
 
 def real_context(results_path: Path) -> dict[str, Any]:
     """What the harness recorded about its real runs: command, workload, load average per target."""
@@ -137,41 +162,46 @@ def real_context(results_path: Path) -> dict[str, Any]:
     }
 
 
-def compare(results_path: Path, profile: Profile, workloads: Any) -> list[Row]:
-    """Simulate every target of one harness results file; one Row each."""
+def compare(results_path: Path, profiles: list[Profile], workloads: Any) -> list[list[Row]]:
+    """Simulate every target of one harness results file once per profile (the profiles share
+    one geometry: slowed variants of one profile); per profile, one Row per target."""
     doc = json.loads(results_path.read_text())
     spec = doc["workload"]["spec"]
     replicas = int(doc["replicas"]["count"])
     slo = float(doc["slo_ttft_s"])
     scale = float(doc.get("rate_scale", 1.0))
     requests = workloads.load(spec)
-    prepared = prepare_workload(requests, profile.block_size)
-    rows = []
-    for name, t in doc["targets"].items():
-        kind = shlex.split(t["spec"].partition("=")[2])[0]
-        try:
-            described, router = sim_router(t["spec"], slo)
-        except ValueError as exc:
-            print(f"fidelity: {results_path.name} target {name}: skipped: {exc}", file=sys.stderr)
-            continue
-        res = simulate(prepared, profile, replicas, router, rate_scale=scale, scrape_interval=DEFAULT_SCRAPE_INTERVAL)
-        m = summarize(res, name, slo)
-        rows.append(
-            Row(
-                results=results_path.name,
-                target=name,
-                kind=kind,
-                simulated_as=described,
-                reps=int(t["reps"]),
-                real_hit=t["hit_rate"]["mean"],
-                sim_hit=m.hit_rate,
-                real_p50=t["ttft_p50"]["mean"],
-                sim_p50=m.ttft_p50 or float("nan"),
-                real_slo=t["slo_attainment"]["mean"],
-                sim_slo=m.slo_attainment,
+    prepared = prepare_workload(requests, profiles[0].block_size)
+    out: list[list[Row]] = []
+    for profile in profiles:
+        rows: list[Row] = []
+        for name, t in doc["targets"].items():
+            kind = shlex.split(t["spec"].partition("=")[2])[0]
+            try:
+                described, router = sim_router(t["spec"], slo)
+            except ValueError as exc:
+                if profile is profiles[0]:
+                    print(f"fidelity: {results_path.name} target {name}: skipped: {exc}", file=sys.stderr)
+                continue
+            res = simulate(prepared, profile, replicas, router, rate_scale=scale, scrape_interval=DEFAULT_SCRAPE_INTERVAL)
+            m = summarize(res, name, slo)
+            rows.append(
+                Row(
+                    results=results_path.name,
+                    target=name,
+                    kind=kind,
+                    simulated_as=described,
+                    reps=int(t["reps"]),
+                    real_hit=t["hit_rate"]["mean"],
+                    sim_hit=m.hit_rate,
+                    real_p50=t["ttft_p50"]["mean"],
+                    sim_p50=m.ttft_p50 or float("nan"),
+                    real_slo=t["slo_attainment"]["mean"],
+                    sim_slo=m.slo_attainment,
+                )
             )
-        )
-    return rows
+        out.append(rows)
+    return out
 
 
 def ranking(rows: list[Row], real: bool) -> list[str]:
@@ -197,32 +227,70 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+def parse_factors(text: str) -> list[float]:
+    """`--factors`: comma-separated positive numbers (argparse reports the value on error)."""
+    try:
+        factors = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not factors or any(not (math.isfinite(f) and f > 0) for f in factors):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return factors
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", action="append", required=True, metavar="FILE", help="bench/peers/run.py results JSON (repeatable)")
     parser.add_argument("--profile", default="cpu-small-llama", metavar="NAME|FILE", help="calibrated profile (default cpu-small-llama)")
+    parser.add_argument("--factors", type=parse_factors, default=[1.0], metavar="F,F,...",
+                        help="step-time slowdown factors to try; the best fit is reported (default 1)")  # fmt: skip
+    parser.add_argument("--write-profile", metavar="OUT.yaml", help="write the profile slowed by the best factor over all files")
     parser.add_argument("--json", metavar="OUT", help="write the rows and the rankings as JSON")
     args = parser.parse_args(argv)
-    profile = load_profile(args.profile)
+    base = load_profile(args.profile)
+    profiles = [base.slowed(f) if f != 1 else base for f in args.factors]
     workloads = _workloads_module()
     command = [a if not os.path.isabs(a) else os.path.basename(a) for a in sys.argv[1:]]  # results by name
     doc: dict[str, Any] = {"command": "python bench/fidelity.py " + " ".join(shlex.quote(a) for a in command),
-                           "profile": profile.to_dict(), "load_avg": os.getloadavg(), "files": []}  # fmt: skip
-    all_rows: list[Row] = []
+                           "profile": base.to_dict(), "factors": args.factors, "load_avg": os.getloadavg(), "files": []}  # fmt: skip
+    by_factor: list[list[Row]] = [[] for _ in profiles]
     for path in map(Path, args.results):
-        rows = compare(path, profile, workloads)
-        all_rows += rows
+        per_factor = compare(path, profiles, workloads)
+        errors = [fit_error(rows) for rows in per_factor]
+        best = errors.index(min(errors))
+        for k, rows in enumerate(per_factor):
+            by_factor[k] += rows
+        rows = per_factor[best]
         pylb_rows = [r for r in rows if r.kind == "pylb"]
         real_rank, sim_rank = ranking(pylb_rows, True), ranking(pylb_rows, False)
         all_real, all_sim = ranking(rows, True), ranking(rows, False)
-        doc["files"].append({"results": path.name, **real_context(path), "pylb_ranking_real": real_rank,
+        doc["files"].append({"results": path.name, **real_context(path), "fit_error": dict(zip(map(str, args.factors), errors)),
+                             "best_factor": args.factors[best], "pylb_ranking_real": real_rank,
                              "pylb_ranking_sim": sim_rank, "ranking_real": all_real, "ranking_sim": all_sim})  # fmt: skip
+        if len(profiles) > 1:
+            print(f"{path.name}: fit error by factor " + ", ".join(f"x{f:g} {e:.2f}" for f, e in zip(args.factors, errors))
+                  + f" -> best x{args.factors[best]:g}")  # fmt: skip
         print(f"{path.name}: pylb targets ranked (SLO share, then p50): real {real_rank}, simulated {sim_rank}"
               f" -> {'same' if real_rank == sim_rank else 'DIFFERENT'}; all targets: real {all_real}, simulated {all_sim}")  # fmt: skip
-    print(table(all_rows))
-    print(f"load average {os.getloadavg()[0]:.2f}; profile {profile.name}")
+    errors = [fit_error(rows) for rows in by_factor]
+    best = errors.index(min(errors))
+    factor = args.factors[best]
+    if len(profiles) > 1:
+        print("all files: fit error by factor " + ", ".join(f"x{f:g} {e:.2f}" for f, e in zip(args.factors, errors)) + f" -> best x{factor:g}")
+    print(table(by_factor[best]))
+    print(f"load average {os.getloadavg()[0]:.2f}; profile {base.name} x {factor:g}")
+    if args.write_profile:
+        from pylb.sim.calibrate import profile_yaml
+
+        why = f"fitted by bench/fidelity.py to {len(args.results)} side-by-side results file(s), fit error {errors[best]:.2f}"
+        slowed = base.slowed(factor, name=Path(args.write_profile).stem, why=why)
+        Path(args.write_profile).write_text(profile_yaml(slowed, [doc["command"]]))
+        print(f"wrote {args.write_profile}")
     if args.json:
-        doc["rows"] = [asdict(r) | {"hit_ok": r.hit_ok, "p50_ok": r.p50_ok, "slo_ok": r.slo_ok} for r in all_rows]
+        doc["best_factor"] = factor
+        doc["fit_error"] = dict(zip(map(str, args.factors), errors))
+        doc["rows"] = [asdict(r) | {"hit_ok": r.hit_ok, "p50_ok": r.p50_ok, "slo_ok": r.slo_ok} for r in by_factor[best]]
+        doc["rows_by_factor"] = {str(f): [asdict(r) for r in rows] for f, rows in zip(args.factors, by_factor)}
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     return 0
 

@@ -232,6 +232,7 @@ def test_simulator_units_keep_bytes_and_costs_per_byte() -> None:
     assert (sim.block_size, sim.num_blocks, sim.max_num_batched_tokens, sim.max_num_seqs) == (16, 256, 1024, 128)
     assert (sim.c0, sim.c_prefill, sim.c_decode, sim.c_attn, sim.c_prefill_attn) == (0.01, 2e-4, 1e-3, 2e-6, 4e-7)
     assert "2.000 bytes of pylb word text per replica token" in sim.description
+    assert sim.request_overhead == 0.003  # seconds: the same in either unit
     raw = cal.profile("r", "replica")
     assert (raw.block_size, raw.num_blocks, raw.max_num_batched_tokens, raw.c_prefill, raw.c_attn, raw.c_prefill_attn) == (
         32, 256, 2048, 1e-4, 1e-6, 1e-7

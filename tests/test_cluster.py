@@ -386,3 +386,58 @@ def test_schedule_cancel_and_bad_events() -> None:
         ClusterEvent(1.0, "explode", "replica-0")
     with pytest.raises(ValueError, match="schedule event 0.*not in rotation"):
         simulate(wl, FAST, 1, RoundRobinRouter(), schedule=[ClusterEvent(0.0, "remove", "replica-7")])
+
+
+# ---- request overhead: dispatch -> the engine's queue ----------------------------------------------
+
+
+def test_request_overhead_delays_every_request_by_its_amount_and_costs_a_gated_router_idle_time() -> None:
+    import dataclasses
+
+    one = dataclasses.replace(FAST, name="one-at-a-time", c_prefill=1e-3)  # ~0.2 s per prompt: a queue forms
+    late = dataclasses.replace(one, request_overhead=0.05)
+    wl = prepare_workload(workload(12, gap=0.0), one.block_size)
+    gated = RouterOptions(max_unprefilled_requests=1)  # the next dispatch waits for the previous first token
+    at_once = simulate(wl, one, 1, RoundRobinRouter(gated))
+    delayed = simulate(wl, late, 1, RoundRobinRouter(gated))
+    assert np.all(~np.isnan(delayed.completion)) and not delayed.rejected.any()
+    # the first request reaches an idle engine 50 ms after its dispatch: its TTFT grows by exactly that
+    assert delayed.ttft[0] == pytest.approx(at_once.ttft[0] + 0.05)
+    # with one request in flight at a time, the engine idles for the overhead before each prompt
+    assert delayed.first_token[-1] - at_once.first_token[-1] == pytest.approx(12 * 0.05, rel=0.05)
+    # a router that sends everything at once pays the overhead once, not per request
+    eager = simulate(wl, late, 1, RoundRobinRouter())
+    assert eager.first_token[-1] < delayed.first_token[-1] - 0.4
+
+
+def test_request_overhead_survives_cancels_and_failures_in_transit() -> None:
+
+    from pylb.sim.cluster import ClusterEvent
+
+    slow = Profile("slow", block_size=16, num_blocks=4096, max_num_seqs=64, max_num_batched_tokens=512, c0=0.02,
+                   c_prefill=2e-4, c_decode=1e-3, c_attn=0.0, request_overhead=0.1)  # fmt: skip
+    wl = prepare_workload(workload(40, gap=0.01, out=20), slow.block_size)
+    # r3 is cancelled while on its way to the engine (dispatched at 0.03, arrives at 0.13); replica-0
+    # fails at 0.35 with requests in transit to it: they are re-placed, none is delivered to the dead engine
+    res = simulate(wl, slow, 2, RoundRobinRouter(), schedule=[ClusterEvent(0.08, "cancel", "r3"), ClusterEvent(0.35, "fail", "replica-0")])
+    ended = ~np.isnan(res.completion) | res.failed
+    assert ended.all()  # none lost
+    assert res.failed[3] and np.isnan(res.first_token[3])
+    assert res.stats["retries"] > 0
+    assert not np.any((res.replica == 0) & ~np.isnan(res.completion) & (res.completion > 0.35))
+    assert (res.first_token[~np.isnan(res.first_token)] - res.dispatch[~np.isnan(res.first_token)] >= 0.1 - 1e-9).all()
+
+
+def test_slowed_profile_scales_every_time_and_keeps_the_geometry() -> None:
+    from pylb.sim.profiles import ProfileError
+
+    p = Profile("p", block_size=16, num_blocks=100, max_num_seqs=8, max_num_batched_tokens=256, c0=0.01, c_prefill=1e-4,
+                c_decode=1e-3, c_attn=1e-6, c_prefill_attn=1e-8, request_overhead=0.004)  # fmt: skip
+    s = p.slowed(1.5, why="fitted")
+    assert s.name == "p-x1.5" and "x 1.5: fitted" in s.description
+    assert (s.block_size, s.num_blocks, s.max_num_seqs, s.max_num_batched_tokens) == (16, 100, 8, 256)
+    assert s.step_time(100, 3, 500, 50) == pytest.approx(1.5 * p.step_time(100, 3, 500, 50))
+    assert s.request_overhead == pytest.approx(0.006)
+    for bad in (0, -1.0, float("nan"), True, "2"):
+        with pytest.raises(ProfileError, match="slowdown factor"):
+            p.slowed(bad)  # type: ignore[arg-type]

@@ -60,7 +60,8 @@ same bytes, max_num_batched_tokens divided by r; c0, c_decode and max_num_seqs a
 sequence and stay. (Generated tokens stay one token each: a simulated one stands for one real one.)
 `--units replica` writes the fitted values as measured, in the replica's tokens.
 
-The fixed request overhead is reported, not written: the engine model has no such term.
+The fixed request overhead is written as the profile's `request_overhead`: the simulator delays
+every dispatched request by it before it reaches the engine's queue.
 
 Exit status: 0 written; 1 the replica cannot be reached, is not a vLLM replica, or failed a
 probe; 2 bad flags (the message names the flag and value); 3 the replica is busy (requests
@@ -441,7 +442,7 @@ class Calibration:
             )
         else:
             how += "; in the replica's own tokens"
-        how += f"; fixed request overhead {f.overhead * 1e3:.1f} ms per TTFT not modelled"
+        how += f"; fixed request overhead {f.overhead * 1e3:.1f} ms per TTFT (request_overhead)"
         data = {
             "name": name,
             "description": how,
@@ -454,6 +455,7 @@ class Calibration:
             "c_decode": _sig(f.c_decode),
             "c_attn": _sig(f.c_attn * r),
             "c_prefill_attn": _sig(f.c_prefill_attn * r * r),
+            "request_overhead": _sig(max(0.0, f.overhead)),
         }
         return profile_from_dict(data, name=name, source="calibrated profile")
 
@@ -620,7 +622,7 @@ def header_lines(cal: Calibration, command: str, units: str, notes: Sequence[str
         ),
         "Fit in replica tokens: "
         + ", ".join(f"{k} {getattr(f, k):.4g}" for k in FIT_TERMS)
-        + " (seconds; overhead = TTFT minus the prefill step, not part of the engine model).",
+        + " (seconds; overhead = TTFT minus the prefill step: the profile's request_overhead).",
         f"Prefix-cache hits during the probes: {cal.cache_hit_tokens} of {cal.probe_prompt_tokens} prompt tokens.",
         "",
         *cal.residual_table(),
@@ -756,7 +758,7 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {out}: block_size {profile.block_size}, num_blocks {profile.num_blocks}, c0 {profile.c0:.4g} s, "
         f"c_prefill {profile.c_prefill:.4g} s, c_decode {profile.c_decode:.4g} s, c_attn {profile.c_attn:.4g} s, "
         f"c_prefill_attn {profile.c_prefill_attn:.4g} s "
-        f"({config.units} tokens; overhead {cal.fit.overhead * 1e3:.1f} ms not in the profile)"
+        f"request_overhead {profile.request_overhead * 1e3:.1f} ms ({config.units} tokens)"
     )
     return 0
 

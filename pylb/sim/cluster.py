@@ -67,7 +67,7 @@ _FUSE_STEPS = 1 << 30  # no cap on fused decode steps in virtual time
 _IDLE_GRACE_S = 60.0  # keep scraping this long while only the router holds undispatched requests
 
 # event kinds, in their order at equal times
-_STEP_END, _ARRIVAL, _SCRAPE, _WAKEUP, _SCHEDULE = 0, 1, 2, 3, 4
+_STEP_END, _ARRIVAL, _SCRAPE, _WAKEUP, _SCHEDULE, _ENGINE_IN = 0, 1, 2, 3, 4, 5
 
 
 class SimulationError(RuntimeError):
@@ -296,6 +296,9 @@ def simulate(
     wake_at: float | None = None
     next_arrival = 0
     idle_since: float | None = None
+    overhead = profile.request_overhead  # dispatch -> the engine's queue (0: at once)
+    sends = np.zeros(n, dtype=np.int64)  # dispatches of each request so far (a delivery is of the last one)
+    in_transit = 0  # requests dispatched and not yet in their engine
 
     def push(t: float, kind: int, arg: int = 0, ver: int = 0) -> None:
         heapq.heappush(heap, (t, kind, next(seq), arg, ver))
@@ -335,8 +338,20 @@ def simulate(
         if progress is not None:
             progress(1)
 
+    def deliver(i: int, e: int, now: float) -> None:
+        """Request i enters engine e's queue (or is rejected by it: a miss, reported to the router)."""
+        req = workload[i]
+        try:
+            engines[e].add_request(req.request_id, req.prompt_tokens, req.output_tokens, req.engine_hashes, now)
+        except RequestRejected:
+            rejected[i] = True
+            driver.complete(req.request_id, names[e], now, None)
+            ended(i)
+            return
+        after_change(e, now)
+
     def poll(now: float) -> None:
-        nonlocal wake_at
+        nonlocal wake_at, in_transit
         stats["polls"] += 1
         for d, q in driver.poll(now):
             if q.abandoned:
@@ -346,18 +361,15 @@ def simulate(
             if e is None or rep not in in_rotation:
                 raise SimulationError(f"router dispatched {rid!r} to unknown replica {rep!r} (in rotation: {', '.join(in_rotation) or 'none'})")
             i = index_of[rid]
-            req = workload[i]
             replica_of[i] = e
             dispatch[i] = now
             stats["dispatches"] += 1
-            try:
-                engines[e].add_request(rid, req.prompt_tokens, req.output_tokens, req.engine_hashes, now)
-            except RequestRejected:
-                rejected[i] = True
-                driver.complete(rid, rep, now, None)
-                ended(i)
-                continue
-            after_change(e, now)
+            sends[i] += 1
+            if overhead > 0:  # the request reaches the engine's queue later (`Profile.request_overhead`)
+                in_transit += 1
+                push(now + overhead, _ENGINE_IN, i, int(sends[i]))
+            else:
+                deliver(i, e, now)
         w = driver.next_wakeup(now)
         if w is not None and w > now and (wake_at is None or w < wake_at):
             wake_at = w
@@ -477,7 +489,7 @@ def simulate(
                 driver.metrics(rep, engines[name_index[rep]].metrics_snapshot(now), now)
             poll(now)
             assert scrape_interval is not None
-            if wake_at is not None or any(p is not None for p in step_pending):
+            if wake_at is not None or in_transit or any(p is not None for p in step_pending):
                 idle_since = None
                 push(now + scrape_interval, _SCRAPE)
                 continue
@@ -495,6 +507,18 @@ def simulate(
             )
             if math.isfinite(t_next):  # idle until the next arrival or change: skip the scrapes that would repeat
                 push(now + max(1, math.ceil((t_next - now) / scrape_interval)) * scrape_interval, _SCRAPE)
+        elif kind == _ENGINE_IN:
+            in_transit -= 1
+            i = arg
+            rid = workload[i].request_id
+            sent = driver.active.get(rid)
+            e = int(replica_of[i])
+            # still this dispatch and still active there: not cancelled, and its replica did not fail
+            # (a failure completes its requests and re-places the unstarted ones); a replica taken
+            # out of rotation still serves what was sent to it
+            if ver == sends[i] and sent is not None and sent.replica == names[e]:
+                deliver(i, e, now)
+                poll(now)
         elif kind == _WAKEUP:
             if wake_at is None or now != wake_at:
                 continue

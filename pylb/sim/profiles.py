@@ -23,7 +23,7 @@ step takes no time.
 
 Profiles come by name from `PROFILES`, or from a YAML file with exactly the fields
 `block_size, num_blocks, max_num_seqs, max_num_batched_tokens, c0, c_prefill, c_decode, c_attn`
-(and optionally `c_prefill_attn`, `name`, `description`); `load_profile(name_or_path)` accepts either and raises
+(and optionally `c_prefill_attn`, `request_overhead`, `name`, `description`); `load_profile(name_or_path)` accepts either and raises
 `ProfileError` naming the field, the value and the reason for anything else. Measured profiles
 ship as such files in `profile_data/` (written by `pylb calibrate`, their header comment says
 how) and join `PROFILES` under their file name.
@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,11 @@ class Profile:
         c_attn: seconds per token of KV context attended in the step.
         description: where the numbers come from.
         c_prefill_attn: seconds per causal attention pair among the prompt tokens computed in the step.
+        request_overhead: seconds between a request's dispatch and its arrival in the engine's
+            queue (HTTP, tokenization and scheduling in vLLM's API server; `pylb calibrate`
+            measures it as TTFT minus the prefill step); 0 puts it there at once. The simulator
+            delays each dispatched request by it, so a router that waits for first tokens
+            before dispatching more (a small dispatch budget) pays it as idle engine time.
     """
 
     name: str
@@ -77,12 +82,14 @@ class Profile:
     c_attn: float
     description: str = ""
     c_prefill_attn: float = 0.0
+    request_overhead: float = 0.0
 
     def __post_init__(self) -> None:
         for f in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens"):
             _check_int(f, getattr(self, f))
         for f in COST_FIELDS:
             _check_cost(f, getattr(self, f))
+        _check_cost("request_overhead", self.request_overhead)
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -107,6 +114,18 @@ class Profile:
     def to_dict(self) -> dict[str, Any]:
         """The profile as plain data (the YAML fields plus name and description)."""
         return asdict(self)
+
+    def slowed(self, factor: float, name: str | None = None, why: str = "") -> Profile:
+        """The same replica with every step (and its request overhead) `factor` times as long
+        (the geometry unchanged): a replica that shares its cores with the rest of a loaded fleet runs
+        slower than the idle one `pylb calibrate` measured (`bench/fidelity.py --factors` fits
+        the factor against real runs). `name` defaults to NAME-xFACTOR; `why` is appended to the
+        description. Raises ProfileError for a factor that is not a positive number."""
+        if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor) and factor > 0):
+            raise ProfileError(f"slowdown factor: expected a positive number, got {factor!r}")
+        costs = {f: getattr(self, f) * factor for f in (*COST_FIELDS, "request_overhead")}
+        note = f"{self.name} with every step time and the request overhead x {factor:g}" + (f": {why}" if why else "")
+        return replace(self, name=name or f"{self.name}-x{factor:g}", description=f"{self.description}\n{note}".strip(), **costs)
 
 
 COST_FIELDS = ("c0", "c_prefill", "c_decode", "c_attn", "c_prefill_attn")
@@ -219,7 +238,7 @@ YAML_FIELDS: tuple[str, ...] = (
 )
 """Fields a YAML profile must have (times in seconds)."""
 
-_OPTIONAL_YAML_FIELDS = ("name", "description", "c_prefill_attn")
+_OPTIONAL_YAML_FIELDS = ("name", "description", "c_prefill_attn", "request_overhead")
 
 
 def profile_from_dict(data: Any, *, name: str = "custom", source: str = "profile") -> Profile:
@@ -239,8 +258,9 @@ def profile_from_dict(data: Any, *, name: str = "custom", source: str = "profile
     if missing:
         raise ProfileError(f"{source}: missing profile field(s) {', '.join(missing)}")
     kwargs = {f: data[f] for f in YAML_FIELDS}
-    if "c_prefill_attn" in data:
-        kwargs["c_prefill_attn"] = data["c_prefill_attn"]
+    for f in ("c_prefill_attn", "request_overhead"):
+        if f in data:
+            kwargs[f] = data[f]
     label = data.get("name", name)
     desc = data.get("description", "")
     if not isinstance(label, str) or not label:

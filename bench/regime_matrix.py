@@ -95,10 +95,13 @@ TRACES = "../shared/traces"
 MOONCAKE = "mooncake_conversation_trace.jsonl"
 AZURE = "AzureLLMInferenceTrace_conv.csv"
 CPU_PROFILE = "cpu-small-llama"
+FLEET_CPU_PROFILE = "cpu-small-llama-fleet"
+"""The CPU profile slowed to the side-by-side harness's loaded fleet (`bench/fidelity.py`): its
+cells are built and judged as the CPU profile's."""
 CPU_MAX_PROMPT = 896
 """Prompt cap on the CPU profile (simulated tokens; the harness's: ~1,700 real tokens of 2,048)."""
 
-CELL_SLO = {"h100-llama3.1-8b": 5.0, "dualmap-910b": 5.0, CPU_PROFILE: 0.5}
+CELL_SLO = {"h100-llama3.1-8b": 5.0, "dualmap-910b": 5.0, CPU_PROFILE: 0.5, FLEET_CPU_PROFILE: 0.5}
 """TTFT SLO of each profile's cells (seconds); the router is told the same SLO."""
 
 DEFAULT_POLICIES = ("dualmap", "weighted-score", "min-ttft", "preble-e2", "cache-aware")
@@ -272,12 +275,17 @@ def _write(path: str, doc: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def is_cpu(profile: Profile) -> bool:
+    """Whether the cells of `profile` use the CPU-scaled workloads (the CPU profile and its fleet twin)."""
+    return profile.name in (CPU_PROFILE, FLEET_CPU_PROFILE)
+
+
 def cell_slo(workload_name: str, profile: Profile, args: argparse.Namespace) -> float:
     """The profile's SLO (`CELL_SLO`), unless fewer than 90 % of the workload's requests could
     meet it even alone on an idle replica with a never-forgetting cache (no policy could pass):
     then twice the idle-replica TTFT of the 90th percentile request, rounded up to 0.1 s."""
     slo = CELL_SLO.get(profile.name, 5.0)
-    pilot = prepare_workload(build_workload(workload_name, args.min_requests, profile.name == CPU_PROFILE, args.traces), profile.block_size)
+    pilot = prepare_workload(build_workload(workload_name, args.min_requests, is_cpu(profile), args.traces), profile.block_size)
     prompt = np.array([r.prompt_tokens for r in pilot], float)
     ttft = idle_ttft(profile, prompt, cache_hits(pilot, profile.block_size, math.inf))
     if float(np.mean(ttft <= slo)) >= DEFAULT_SLO_TARGET:
@@ -287,7 +295,7 @@ def cell_slo(workload_name: str, profile: Profile, args: argparse.Namespace) -> 
 
 def run_cell(workload_name: str, profile: Profile, replicas: int, policies: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """Every policy's capacity in one cell, with the cell's bounds."""
-    cpu = profile.name == CPU_PROFILE
+    cpu = is_cpu(profile)
     slo = cell_slo(workload_name, profile, args)
     # size: enough requests to last `--span` seconds at the never-forgetting work bound (sized
     # on a pilot of --min-requests), within --min-requests and --max-requests

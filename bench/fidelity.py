@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     base = load_profile(args.profile)
     profiles = [base.slowed(f) if f != 1 else base for f in args.factors]
     workloads = _workloads_module()
-    command = [a if not os.path.isabs(a) else os.path.basename(a) for a in sys.argv[1:]]  # results by name
+    given = sys.argv[1:] if argv is None else argv
+    command = [a if not os.path.isabs(a) else os.path.basename(a) for a in given]  # results by name
     doc: dict[str, Any] = {"command": "python bench/fidelity.py " + " ".join(shlex.quote(a) for a in command),
                            "profile": base.to_dict(), "factors": args.factors, "load_avg": os.getloadavg(), "files": []}  # fmt: skip
     by_factor: list[list[Row]] = [[] for _ in profiles]

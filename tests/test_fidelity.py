@@ -1,0 +1,61 @@
+"""bench/fidelity.py's slowdown fit: "real" runs made by the simulator itself with a profile slowed
+by a known factor must be matched best by that factor, and the written profile must be that one."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import fidelity  # noqa: E402
+
+from pylb.sim.profiles import COST_FIELDS, load_profile, load_profile_file  # noqa: E402
+
+SPEC = "synthetic:multi-turn:groups=2,sessions=16,turns=3,system_tokens=256,user_tokens=32,answer_tokens=8,rate=6,think_time_s=0.5"
+TARGETS = {"pylb": "pylb=pylb", "sglang-ca": "sglang-ca=sglang --policy cache_aware", "vllmr-x": "vllmr-x=vllm-router --policy random"}
+
+
+def harness_results(path: Path, measured: dict[str, tuple[float, float, float]] | None = None) -> None:
+    """A bench/peers/run.py results file for SPEC on 2 replicas; `measured`: target -> (hit, p50, SLO share)."""
+    targets = {}
+    for name, spec in TARGETS.items():
+        hit, p50, slo = (measured or {}).get(name, (0.5, 0.1, 0.5))
+        targets[name] = {"spec": spec, "reps": 1, "hit_rate": {"mean": hit}, "ttft_p50": {"mean": p50}, "slo_attainment": {"mean": slo}}
+    doc = {"command": "python bench/peers/run.py ...", "workload": {"spec": SPEC}, "replicas": {"count": 2}, "slo_ttft_s": 0.3, "rate_scale": 1.0, "targets": targets}
+    path.write_text(json.dumps(doc))
+
+
+def test_the_fit_recovers_the_slowdown_that_made_the_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = load_profile("cpu-small-llama")
+    truth = base.slowed(1.5)
+    results = tmp_path / "peers.json"
+    harness_results(results)
+    (rows,) = fidelity.compare(results, [truth], fidelity._workloads_module())
+    assert [r.target for r in rows] == ["pylb", "sglang-ca"]  # no simulated analog of vllm-router's random: skipped
+    assert "no simulated analog" in capsys.readouterr().err
+    harness_results(results, {r.target: (r.sim_hit, r.sim_p50, r.sim_slo) for r in rows})  # the "real" runs
+
+    out = tmp_path / "fleet.yaml"
+    assert fidelity.main(["--results", str(results), "--factors", "1,1.5,2.5", "--write-profile", str(out), "--json", str(tmp_path / "f.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "-> best x1.5" in printed
+    doc = json.loads((tmp_path / "f.json").read_text())
+    assert doc["best_factor"] == 1.5 and doc["fit_error"]["1.5"] == 0.0 < doc["fit_error"]["1.0"]
+    assert all(r["slo_ok"] and r["p50_ok"] and r["hit_ok"] for r in doc["rows"])
+    written = load_profile_file(out)
+    assert written.name == "fleet" and (written.block_size, written.num_blocks) == (base.block_size, base.num_blocks)
+    for f in (*COST_FIELDS, "request_overhead"):
+        assert getattr(written, f) == pytest.approx(1.5 * getattr(base, f), rel=1e-3)
+    assert "fidelity.py" in out.read_text().splitlines()[0]  # the command in the header
+
+
+def test_factors_must_be_positive_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    for bad in ("1,x", "0", "1,-2", ""):
+        with pytest.raises(SystemExit):
+            fidelity.main(["--results", "r.json", "--factors", bad])
+        assert "--factors" in capsys.readouterr().err

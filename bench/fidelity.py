@@ -30,9 +30,12 @@ routers so:
 
     pylb ARGS                  the router `pylb serve ARGS` builds (`pylb.proxy.balancer.create_router`)
     sglang / vllm-router       pylb's analog of their policy, dispatching at once as they do
-      --policy cache_aware       -> cache-aware        (SGLang's algorithm, `pylb/router/policies/cache_aware.py`)
+      sglang --policy cache_aware -> cache-aware       (SGLang's algorithm, `pylb/router/policies/cache_aware.py`)
       --policy power_of_two      -> least-load         (with two replicas, the less loaded of both)
       --policy round_robin       -> round-robin
+      vllm-router --policy cache_aware: none. Its real hit rate on the chat workload is
+      power_of_two's (48 %, against 77 % for SGLang's), so SGLang's algorithm does not describe
+      it (measured 2026-12-06, docs/results/peers_chat_5x3_20261206.json); it is skipped.
 
 Usage (from the repository root; needs `bench/peers/` from the harness):
 
@@ -64,7 +67,13 @@ HIT_POINTS = 3.0
 P50_RATIO = 0.25
 SLO_POINTS = 5.0
 
-ANALOGS: dict[str, str] = {"cache_aware": "cache-aware", "power_of_two": "least-load", "round_robin": "round-robin"}
+ANALOGS: dict[tuple[str, str], str] = {
+    ("sglang", "cache_aware"): "cache-aware",
+    ("sglang", "power_of_two"): "least-load",
+    ("sglang", "round_robin"): "round-robin",
+    ("vllm-router", "power_of_two"): "least-load",
+    ("vllm-router", "round_robin"): "round-robin",
+}
 """Peer router policy -> the pylb policy that stands for it in the simulator."""
 
 DEFAULT_PEER_POLICY = {"sglang": "cache_aware", "vllm-router": "round_robin"}
@@ -99,9 +108,10 @@ def sim_router(spec: str, slo_ttft: float) -> tuple[str, Router]:
     policy = DEFAULT_PEER_POLICY.get(kind, "")
     if "--policy" in args:
         policy = args[args.index("--policy") + 1]
-    analog = ANALOGS.get(policy)
+    analog = ANALOGS.get((kind, policy))
     if analog is None:
-        raise ValueError(f"no simulated analog for {kind} --policy {policy!r} (known: {', '.join(ANALOGS)})")
+        known = ", ".join(f"{k} {p}" for k, p in ANALOGS)
+        raise ValueError(f"no simulated analog for {kind} --policy {policy!r} (known: {known})")
     options = RouterOptions(
         slo_ttft=slo_ttft,
         max_unprefilled_tokens=_AT_ONCE.max_unprefilled_tokens,

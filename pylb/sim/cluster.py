@@ -15,6 +15,9 @@ clock, with a heap of timed events:
     wakeup      the time router.next_wakeup asked for
     schedule    a `ClusterEvent` of the run's schedule: a replica added, removed or failed, a
                 client that gives up (scale-out and churn, measured offline)
+    engine in   with a profile's `request_overhead` > 0: a dispatched request reaches its
+                engine's queue that long after its dispatch (dropped if it was cancelled or its
+                replica failed meanwhile: the failure already re-placed it)
 
 While the whole cluster is idle (no engine working, nothing held by the router, no timer set),
 scrapes are skipped up to the next arrival: they would only repeat the same snapshot.
@@ -26,9 +29,9 @@ first token are retried on another replica, as the proxy retries an attempt that
 its first byte (`router.retry`); those already streaming fail (`SimResult.failed`).
 
 After every event the router is polled; each dispatch adds the request to its engine at that
-instant (an idle engine starts a step immediately; a busy one takes it at its next step).
-Events at the same instant run in the order step end, arrival, scrape, wakeup, schedule, then
-by insertion. Decode-only stretches are simulated as fused engine steps (see `pylb.sim.engine`),
+instant, or `request_overhead` later (an idle engine starts a step immediately; a busy one takes
+it at its next step). Events at the same instant run in the order step end, arrival, scrape,
+wakeup, schedule, engine in, then by insertion. Decode-only stretches are simulated as fused engine steps (see `pylb.sim.engine`),
 which keeps a whole-trace run to seconds without changing the timeline.
 
 Workloads are prepared once (`prepare_workload`): every prompt's text is built, hashed for the

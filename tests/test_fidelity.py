@@ -59,3 +59,16 @@ def test_factors_must_be_positive_numbers(capsys: pytest.CaptureFixture[str]) ->
         with pytest.raises(SystemExit):
             fidelity.main(["--results", "r.json", "--factors", bad])
         assert "--factors" in capsys.readouterr().err
+
+
+def test_the_shipped_fleet_profile_is_the_calibrated_one_slowed() -> None:
+    # cpu-small-llama-fleet was written by `bench/fidelity.py --write-profile` (BENCHMARKS.md,
+    # "Fidelity under the fleet's own load"): recalibrating cpu-small-llama means refitting it
+    base, fleet = load_profile("cpu-small-llama"), load_profile("cpu-small-llama-fleet")
+    factor = fleet.c_prefill / base.c_prefill
+    assert factor == pytest.approx(1.4)
+    assert (fleet.block_size, fleet.num_blocks, fleet.max_num_seqs, fleet.max_num_batched_tokens) == (
+        base.block_size, base.num_blocks, base.max_num_seqs, base.max_num_batched_tokens
+    )  # fmt: skip
+    for f in (*COST_FIELDS, "request_overhead"):
+        assert getattr(fleet, f) == pytest.approx(factor * getattr(base, f))

@@ -14,7 +14,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import fidelity  # noqa: E402
 
-from pylb.sim.profiles import COST_FIELDS, load_profile, load_profile_file  # noqa: E402
+from pylb.sim.profiles import TIME_FIELDS, load_profile, load_profile_file  # noqa: E402
 
 SPEC = "synthetic:multi-turn:groups=2,sessions=16,turns=3,system_tokens=256,user_tokens=32,answer_tokens=8,rate=6,think_time_s=0.5"
 TARGETS = {"pylb": "pylb=pylb", "sglang-ca": "sglang-ca=sglang --policy cache_aware", "vllmr-x": "vllmr-x=vllm-router --policy random"}
@@ -49,7 +49,7 @@ def test_the_fit_recovers_the_slowdown_that_made_the_runs(tmp_path: Path, capsys
     assert all(r["slo_ok"] and r["p50_ok"] and r["hit_ok"] for r in doc["rows"])
     written = load_profile_file(out)
     assert written.name == "fleet" and (written.block_size, written.num_blocks) == (base.block_size, base.num_blocks)
-    for f in (*COST_FIELDS, "request_overhead"):
+    for f in TIME_FIELDS:
         assert getattr(written, f) == pytest.approx(1.5 * getattr(base, f), rel=1e-3)
     assert "fidelity.py" in out.read_text().splitlines()[0]  # the command in the header
 
@@ -70,5 +70,5 @@ def test_the_shipped_fleet_profile_is_the_calibrated_one_slowed() -> None:
     assert (fleet.block_size, fleet.num_blocks, fleet.max_num_seqs, fleet.max_num_batched_tokens) == (
         base.block_size, base.num_blocks, base.max_num_seqs, base.max_num_batched_tokens
     )  # fmt: skip
-    for f in (*COST_FIELDS, "request_overhead"):
+    for f in TIME_FIELDS:
         assert getattr(fleet, f) == pytest.approx(factor * getattr(base, f))

@@ -87,9 +87,8 @@ class Profile:
     def __post_init__(self) -> None:
         for f in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens"):
             _check_int(f, getattr(self, f))
-        for f in COST_FIELDS:
+        for f in TIME_FIELDS:
             _check_cost(f, getattr(self, f))
-        _check_cost("request_overhead", self.request_overhead)
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -123,13 +122,16 @@ class Profile:
         description. Raises ProfileError for a factor that is not a positive number."""
         if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor) and factor > 0):
             raise ProfileError(f"slowdown factor: expected a positive number, got {factor!r}")
-        costs = {f: getattr(self, f) * factor for f in (*COST_FIELDS, "request_overhead")}
+        costs = {f: getattr(self, f) * factor for f in TIME_FIELDS}
         note = f"{self.name} with every step time and the request overhead x {factor:g}" + (f": {why}" if why else "")
         return replace(self, name=name or f"{self.name}-x{factor:g}", description=f"{self.description}\n{note}".strip(), **costs)
 
 
 COST_FIELDS = ("c0", "c_prefill", "c_decode", "c_attn", "c_prefill_attn")
 """The step-time constants, in seconds."""
+
+TIME_FIELDS = (*COST_FIELDS, "request_overhead")
+"""Every field in seconds: the step-time constants and the request overhead (`Profile.slowed` scales them)."""
 
 
 def prefill_pairs(new_tokens: int, cached_tokens: int) -> int:
@@ -238,7 +240,9 @@ YAML_FIELDS: tuple[str, ...] = (
 )
 """Fields a YAML profile must have (times in seconds)."""
 
-_OPTIONAL_YAML_FIELDS = ("name", "description", "c_prefill_attn", "request_overhead")
+_OPTIONAL_TIMES = ("c_prefill_attn", "request_overhead")
+"""Times a YAML profile may leave out (0 then)."""
+_OPTIONAL_YAML_FIELDS = ("name", "description", *_OPTIONAL_TIMES)
 
 
 def profile_from_dict(data: Any, *, name: str = "custom", source: str = "profile") -> Profile:
@@ -258,7 +262,7 @@ def profile_from_dict(data: Any, *, name: str = "custom", source: str = "profile
     if missing:
         raise ProfileError(f"{source}: missing profile field(s) {', '.join(missing)}")
     kwargs = {f: data[f] for f in YAML_FIELDS}
-    for f in ("c_prefill_attn", "request_overhead"):
+    for f in _OPTIONAL_TIMES:
         if f in data:
             kwargs[f] = data[f]
     label = data.get("name", name)

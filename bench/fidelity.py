@@ -51,9 +51,11 @@ import math
 import os
 import shlex
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from pylb.router import registry
 from pylb.router.interface import Router, RouterOptions
@@ -135,6 +137,8 @@ class Row:
     sim_p50: float
     real_slo: float
     sim_slo: float
+    phases: dict[str, list[float | None]] = field(default_factory=dict)
+    """Engine phases, each [real, simulated] (`engine_phases`); empty when the results lack them."""
 
     @property
     def hit_ok(self) -> bool:
@@ -154,6 +158,39 @@ class Row:
         if not (self.sim_p50 > 0 and self.real_p50 > 0):
             return math.inf
         return abs(self.sim_slo - self.real_slo) * 100 / SLO_POINTS + abs(math.log(self.sim_p50 / self.real_p50)) / math.log(1 + P50_RATIO)
+
+
+PHASES = ("wait_prefill_s", "decode_s", "preemptions", "engine_steps")
+"""Engine phases compared per target: mean seconds per request from entering the engine to its
+first token (vLLM: queue + prefill time), mean seconds from the first token to the last (decode
+time), and per run the preemptions and engine steps of the whole fleet."""
+
+
+def real_phases(target: dict[str, Any]) -> dict[str, float | None] | None:
+    """A harness target's engine phases (means over repetitions), None when it did not record them."""
+    ph = target.get("engine_phases")
+    if not ph or ph.get("queue_mean") is None or ph.get("prefill_mean") is None:
+        return None
+    return {
+        "wait_prefill_s": ph["queue_mean"] + ph["prefill_mean"],
+        "decode_s": ph.get("decode_mean"),
+        "preemptions": ph.get("preemptions"),
+        "engine_steps": ph.get("engine_steps"),
+    }
+
+
+def sim_phases(res: Any) -> dict[str, float | None]:
+    """The same phases of one simulated run (`SimResult`): from entering the engine's queue
+    (`SimResult.enqueued`) to the first token, and from the first token to the last."""
+    done = ~np.isnan(res.first_token) & ~np.isnan(res.completion)
+    wait = res.first_token[done] - res.enqueued[done]
+    decode = res.completion[done] - res.first_token[done]
+    return {
+        "wait_prefill_s": float(wait.mean()) if done.any() else None,
+        "decode_s": float(decode.mean()) if done.any() else None,
+        "preemptions": float(res.stats.get("preemptions", 0)),
+        "engine_steps": float(res.stats.get("engine_steps", 0)),
+    }
 
 
 def fit_error(rows: list[Row]) -> float:
@@ -195,6 +232,8 @@ def compare(results_path: Path, profiles: list[Profile], workloads: Any) -> list
                 continue
             res = simulate(prepared, profile, replicas, router, rate_scale=scale, scrape_interval=DEFAULT_SCRAPE_INTERVAL)
             m = summarize(res, name, slo)
+            real_ph, sim_ph = real_phases(t), sim_phases(res)
+            phases = {k: [real_ph[k], sim_ph[k]] for k in PHASES} if real_ph else {}
             rows.append(
                 Row(
                     results=results_path.name,
@@ -208,6 +247,7 @@ def compare(results_path: Path, profiles: list[Profile], workloads: Any) -> list
                     sim_p50=m.ttft_p50 or float("nan"),
                     real_slo=t["slo_attainment"]["mean"],
                     sim_slo=m.slo_attainment,
+                    phases=phases,
                 )
             )
         out.append(rows)
@@ -237,15 +277,72 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-def parse_factors(text: str) -> list[float]:
-    """`--factors`: comma-separated positive numbers (argparse reports the value on error)."""
+def phases_table(rows: list[Row]) -> str:
+    """Markdown table of the engine phases, real / simulated, for the rows that have them ('' if none)."""
+    have = [r for r in rows if r.phases]
+    if not have:
+        return ""
+
+    def pair(v: list[float | None], scale: float, fmt: str) -> str:
+        real, sim = v
+        if real is None or sim is None:
+            return "-"
+        ratio = f" ({sim / real:.2f}x)" if real else ""
+        return f"{real * scale:{fmt}} / {sim * scale:{fmt}}{ratio}"
+
+    out = [
+        "| results | target | queue + prefill ms real / sim | decode ms real / sim | preemptions real / sim | engine steps real / sim |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in have:
+        p = r.phases
+        out.append(
+            f"| {r.results} | {r.target} | {pair(p['wait_prefill_s'], 1e3, '.0f')} | {pair(p['decode_s'], 1e3, '.0f')} | "
+            f"{pair(p['preemptions'], 1, '.0f')} | {pair(p['engine_steps'], 1, '.0f')} |"
+        )
+    return "\n".join(out)
+
+
+def _parse_numbers(text: str, flag: str, positive: bool) -> list[float]:
+    """Comma-separated numbers for `flag` (argparse reports the value on error)."""
     try:
-        factors = [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not factors or any(not (math.isfinite(f) and f > 0) for f in factors):
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
-    return factors
+        raise argparse.ArgumentTypeError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+    bad = [v for v in values if not math.isfinite(v) or v < 0 or (positive and v == 0)]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"{flag}: expected {'positive' if positive else 'non-negative'} numbers, got {text!r}")
+    return values
+
+
+def parse_factors(text: str) -> list[float]:
+    """`--factors`: comma-separated positive numbers."""
+    return _parse_numbers(text, "--factors", positive=True)
+
+
+def parse_overheads(text: str) -> list[float]:
+    """`--overheads`: comma-separated non-negative seconds."""
+    return _parse_numbers(text, "--overheads", positive=False)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One candidate model: the profile slowed by `factor`, with `loaded_overhead` seconds of
+    request overhead at a working replica (None: the profile's own)."""
+
+    factor: float
+    loaded_overhead: float | None
+
+    @property
+    def label(self) -> str:
+        return f"x{self.factor:g}" + ("" if self.loaded_overhead is None else f" loaded {self.loaded_overhead * 1e3:g} ms")
+
+    def profile(self, base: Profile, name: str | None = None, why: str = "") -> Profile:
+        p = base.slowed(self.factor, name=name, why=why) if self.factor != 1 or name else base
+        if self.loaded_overhead is None:
+            return p
+        note = f"loaded_request_overhead {self.loaded_overhead * 1e3:g} ms (fitted)"
+        return replace(p, loaded_request_overhead=self.loaded_overhead, description=f"{p.description}; {note}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,54 +351,61 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="cpu-small-llama", metavar="NAME|FILE", help="calibrated profile (default cpu-small-llama)")
     parser.add_argument("--factors", type=parse_factors, default=[1.0], metavar="F,F,...",
                         help="step-time slowdown factors to try; the best fit is reported (default 1)")  # fmt: skip
-    parser.add_argument("--write-profile", metavar="OUT.yaml", help="write the profile slowed by the best factor over all files")
+    parser.add_argument("--overheads", type=parse_overheads, default=None, metavar="S,S,...",
+                        help="loaded request overheads to try with every factor, seconds (default: the profile's own)")  # fmt: skip
+    parser.add_argument("--write-profile", metavar="OUT.yaml", help="write the profile of the best variant over all files")
     parser.add_argument("--json", metavar="OUT", help="write the rows and the rankings as JSON")
     args = parser.parse_args(argv)
     base = load_profile(args.profile)
-    profiles = [base.slowed(f) if f != 1 else base for f in args.factors]
+    variants = [Variant(f, o) for f in args.factors for o in (args.overheads or [None])]
+    profiles = [v.profile(base) for v in variants]
+    labels = [v.label for v in variants]
     workloads = _workloads_module()
     given = sys.argv[1:] if argv is None else argv
     command = [a if not os.path.isabs(a) else os.path.basename(a) for a in given]  # results by name
     doc: dict[str, Any] = {"command": "python bench/fidelity.py " + " ".join(shlex.quote(a) for a in command),
-                           "profile": base.to_dict(), "factors": args.factors, "load_avg": os.getloadavg(), "files": []}  # fmt: skip
-    by_factor: list[list[Row]] = [[] for _ in profiles]
+                           "profile": base.to_dict(), "factors": args.factors, "overheads": args.overheads,
+                           "load_avg": os.getloadavg(), "files": []}  # fmt: skip
+    by_variant: list[list[Row]] = [[] for _ in profiles]
     for path in map(Path, args.results):
-        per_factor = compare(path, profiles, workloads)
-        errors = [fit_error(rows) for rows in per_factor]
+        per_variant = compare(path, profiles, workloads)
+        errors = [fit_error(rows) for rows in per_variant]
         best = errors.index(min(errors))
-        for k, rows in enumerate(per_factor):
-            by_factor[k] += rows
-        rows = per_factor[best]
+        for k, rows in enumerate(per_variant):
+            by_variant[k] += rows
+        rows = per_variant[best]
         pylb_rows = [r for r in rows if r.kind == "pylb"]
         real_rank, sim_rank = ranking(pylb_rows, True), ranking(pylb_rows, False)
         all_real, all_sim = ranking(rows, True), ranking(rows, False)
-        doc["files"].append({"results": path.name, **real_context(path), "fit_error": dict(zip(map(str, args.factors), errors)),
-                             "best_factor": args.factors[best], "pylb_ranking_real": real_rank,
+        doc["files"].append({"results": path.name, **real_context(path), "fit_error": dict(zip(labels, errors)),
+                             "best": labels[best], "pylb_ranking_real": real_rank,
                              "pylb_ranking_sim": sim_rank, "ranking_real": all_real, "ranking_sim": all_sim})  # fmt: skip
         if len(profiles) > 1:
-            print(f"{path.name}: fit error by factor " + ", ".join(f"x{f:g} {e:.2f}" for f, e in zip(args.factors, errors))
-                  + f" -> best x{args.factors[best]:g}")  # fmt: skip
+            print(f"{path.name}: fit error " + ", ".join(f"{lab} {e:.2f}" for lab, e in zip(labels, errors)) + f" -> best {labels[best]}")
         print(f"{path.name}: pylb targets ranked (SLO share, then p50): real {real_rank}, simulated {sim_rank}"
               f" -> {'same' if real_rank == sim_rank else 'DIFFERENT'}; all targets: real {all_real}, simulated {all_sim}")  # fmt: skip
-    errors = [fit_error(rows) for rows in by_factor]
+    errors = [fit_error(rows) for rows in by_variant]
     best = errors.index(min(errors))
-    factor = args.factors[best]
     if len(profiles) > 1:
-        print("all files: fit error by factor " + ", ".join(f"x{f:g} {e:.2f}" for f, e in zip(args.factors, errors)) + f" -> best x{factor:g}")
-    print(table(by_factor[best]))
-    print(f"load average {os.getloadavg()[0]:.2f}; profile {base.name} x {factor:g}")
+        print("all files: fit error " + ", ".join(f"{lab} {e:.2f}" for lab, e in zip(labels, errors)) + f" -> best {labels[best]}")
+    print(table(by_variant[best]))
+    if phases := phases_table(by_variant[best]):
+        print("\nInside the engines (vLLM's own histograms against the simulated engines):\n" + phases)
+    print(f"load average {os.getloadavg()[0]:.2f}; profile {base.name} {labels[best]}")
     if args.write_profile:
         from pylb.sim.calibrate import profile_yaml
 
         why = f"fitted by bench/fidelity.py to {len(args.results)} side-by-side results file(s), fit error {errors[best]:.2f}"
-        slowed = base.slowed(factor, name=Path(args.write_profile).stem, why=why)
-        Path(args.write_profile).write_text(profile_yaml(slowed, [doc["command"]]))
+        fitted = variants[best].profile(base, name=Path(args.write_profile).stem, why=why)
+        Path(args.write_profile).write_text(profile_yaml(fitted, [doc["command"]]))
         print(f"wrote {args.write_profile}")
     if args.json:
-        doc["best_factor"] = factor
-        doc["fit_error"] = dict(zip(map(str, args.factors), errors))
-        doc["rows"] = [asdict(r) | {"hit_ok": r.hit_ok, "p50_ok": r.p50_ok, "slo_ok": r.slo_ok} for r in by_factor[best]]
-        doc["rows_by_factor"] = {str(f): [asdict(r) for r in rows] for f, rows in zip(args.factors, by_factor)}
+        doc["best"] = labels[best]
+        doc["best_factor"] = variants[best].factor
+        doc["best_loaded_overhead"] = variants[best].loaded_overhead
+        doc["fit_error"] = dict(zip(labels, errors))
+        doc["rows"] = [asdict(r) | {"hit_ok": r.hit_ok, "p50_ok": r.p50_ok, "slo_ok": r.slo_ok} for r in by_variant[best]]
+        doc["rows_by_variant"] = {lab: [asdict(r) for r in rows] for lab, rows in zip(labels, by_variant)}
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     return 0
 

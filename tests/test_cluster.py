@@ -411,6 +411,23 @@ def test_request_overhead_delays_every_request_by_its_amount_and_costs_a_gated_r
     assert eager.first_token[-1] < delayed.first_token[-1] - 0.4
 
 
+def test_a_working_engine_takes_the_loaded_overhead_and_an_idle_one_the_idle_overhead() -> None:
+    import dataclasses
+
+    one = dataclasses.replace(FAST, name="one", c_prefill=1e-3, request_overhead=0.01)  # ~0.2 s per prompt
+    loaded = dataclasses.replace(one, loaded_request_overhead=0.3)
+    assert loaded.busy_request_overhead == 0.3 and one.busy_request_overhead == 0.01  # (0: the idle value)
+    wl = prepare_workload(workload(3, gap=0.0), one.block_size)
+    res = simulate(wl, loaded, 1, RoundRobinRouter())
+    # all three are dispatched at 0: the engine is idle then, so each reaches it 10 ms later
+    assert res.enqueued == pytest.approx([0.01, 0.01, 0.01])
+    spaced = prepare_workload(workload(3, gap=0.1), one.block_size)  # the 2nd and 3rd find it prefilling
+    res = simulate(spaced, loaded, 1, RoundRobinRouter())
+    assert res.enqueued - res.dispatch == pytest.approx([0.01, 0.3, 0.3])
+    base = simulate(spaced, one, 1, RoundRobinRouter())
+    assert res.ttft[0] == pytest.approx(base.ttft[0]) and res.first_token[2] > base.first_token[2]
+
+
 def test_request_overhead_survives_cancels_and_failures_in_transit() -> None:
 
     from pylb.sim.cluster import ClusterEvent
@@ -433,12 +450,12 @@ def test_slowed_profile_scales_every_time_and_keeps_the_geometry() -> None:
     from pylb.sim.profiles import ProfileError
 
     p = Profile("p", block_size=16, num_blocks=100, max_num_seqs=8, max_num_batched_tokens=256, c0=0.01, c_prefill=1e-4,
-                c_decode=1e-3, c_attn=1e-6, c_prefill_attn=1e-8, request_overhead=0.004)  # fmt: skip
+                c_decode=1e-3, c_attn=1e-6, c_prefill_attn=1e-8, request_overhead=0.004, loaded_request_overhead=0.2)  # fmt: skip
     s = p.slowed(1.5, why="fitted")
     assert s.name == "p-x1.5" and "x 1.5: fitted" in s.description
     assert (s.block_size, s.num_blocks, s.max_num_seqs, s.max_num_batched_tokens) == (16, 100, 8, 256)
     assert s.step_time(100, 3, 500, 50) == pytest.approx(1.5 * p.step_time(100, 3, 500, 50))
-    assert s.request_overhead == pytest.approx(0.006)
+    assert s.request_overhead == pytest.approx(0.006) and s.loaded_request_overhead == pytest.approx(0.3)
     for bad in (0, -1.0, float("nan"), True, "2"):
         with pytest.raises(ProfileError, match="slowdown factor"):
             p.slowed(bad)  # type: ignore[arg-type]

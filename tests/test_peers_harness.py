@@ -130,6 +130,9 @@ def test_smoke_run_with_fake_replicas_and_pylb(tmp_path: Path) -> None:
         assert sum(r["requests"] for r in run["per_replica"]) == 12  # every request seen by the replicas' counters
         assert 0 < run["hit_rate"] <= ideal + 1e-9  # caches start empty: never above one unbounded cache
         assert 1.0 <= run["hotspot"] <= 2.0 and run["request_throughput"] > 0 and run["load_avg_mean"] >= 0
+        phases = run["engine_phases"]  # from the replicas' own histograms (the fake exports TTFT, E2E, step tokens)
+        assert 0 < phases["ttft_engine_mean"] <= phases["e2e_engine_mean"] and phases["engine_steps"] >= 12
+        assert phases["preemptions"] == 0
     rr = [r for r in res["runs"] if r["target"] == "rr"]
     assert all(r["hotspot"] == 1.0 for r in rr)  # round-robin alternates: 6 requests each
     stats = res["targets"]["dm"]["hit_rate"]

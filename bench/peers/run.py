@@ -89,23 +89,65 @@ MEASURES = ("slo_attainment", "hit_rate", "ttft_p50", "ttft_p90", "ttft_p99", "h
 # ---- replicas' counters ---------------------------------------------------------------------------
 
 
+ENGINE_PHASES = {
+    "queue": "vllm:request_queue_time_seconds",
+    "prefill": "vllm:request_prefill_time_seconds",
+    "decode": "vllm:request_decode_time_seconds",
+    "ttft_engine": "vllm:time_to_first_token_seconds",
+    "e2e_engine": "vllm:e2e_request_latency_seconds",
+    "step_tokens": "vllm:iteration_tokens_total",
+}
+"""Histograms of vLLM's own per-request phases (and tokens per engine step) whose sums and counts the
+harness records per replica: where a request's time went inside the engine (waiting, prefill, decode),
+which the simulator's engine model must reproduce (`bench/fidelity.py` compares them)."""
+
+ENGINE_COUNTERS = {"preemptions": "vllm:num_preemptions_total", "frontend_cpu_s": "process_cpu_seconds_total"}
+"""Counters recorded beside them: preemptions, and the CPU seconds of the replica's API-server process."""
+
+
 async def replica_counters(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
-    """One replica's cumulative counters and current queue from its /metrics page."""
+    """One replica's cumulative counters and current queue from its /metrics page: prefix-cache
+    tokens, requests finished, and `<phase>_sum` / `<phase>_count` of each `ENGINE_PHASES` histogram
+    and each `ENGINE_COUNTERS` value the page has (a fake replica lacks some)."""
     async with session.get(f"{url}/metrics", timeout=aiohttp.ClientTimeout(total=10)) as resp:
         text = await resp.text()
     m = parse_vllm_metrics(text)
-    requests = 0.0
-    for family in text_string_to_metric_families(
-        "\n".join(line for line in text.splitlines() if line.startswith("vllm:request_success_total")) + "\n"
-    ):
-        requests += sum(s.value for s in family.samples if s.name == "vllm:request_success_total")
-    return {
+    out: dict[str, float] = {
         "hits": m.prefix_cache_hits,
         "queries": m.prefix_cache_queries,
         "prompt_tokens": m.prompt_tokens,
-        "requests": requests,
+        "requests": 0.0,
         "busy": m.num_requests_running + m.num_requests_waiting,
     }
+    wanted = {"vllm:request_success_total": "requests"}
+    for key, hist in ENGINE_PHASES.items():
+        wanted[f"{hist}_sum"], wanted[f"{hist}_count"] = f"{key}_sum", f"{key}_count"
+    wanted.update({name: key for key, name in ENGINE_COUNTERS.items()})
+    prefixes = tuple(wanted)
+    lines = [line for line in text.splitlines() if line.startswith(prefixes)]
+    for family in text_string_to_metric_families("\n".join(lines) + "\n"):
+        for sample in family.samples:
+            key = wanted.get(sample.name)
+            if key is not None:
+                out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
+def engine_phases(per_replica: list[dict[str, float]]) -> dict[str, float | None]:
+    """Fleet-wide means from per-replica counter deltas: seconds per request in each vLLM phase
+    (queue, prefill, decode, engine TTFT and E2E), tokens per engine step, engine steps,
+    preemptions and the API servers' CPU seconds; None where no replica reported it."""
+    out: dict[str, float | None] = {}
+    for key in ENGINE_PHASES:
+        s = [r[f"{key}_sum"] for r in per_replica if f"{key}_sum" in r]
+        c = [r[f"{key}_count"] for r in per_replica if f"{key}_count" in r]
+        out[f"{key}_mean"] = sum(s) / sum(c) if c and sum(c) > 0 else None
+    steps = [r["step_tokens_count"] for r in per_replica if "step_tokens_count" in r]
+    out["engine_steps"] = sum(steps) if steps else None
+    for key in ENGINE_COUNTERS:
+        vals = [r[key] for r in per_replica if key in r]
+        out[key] = sum(vals) if vals else None
+    return out
 
 
 async def snapshot(urls: list[str]) -> list[dict[str, float]]:
@@ -218,7 +260,7 @@ async def run_one(target: Target, rep: int, args: argparse.Namespace, fleet: Fle
             after = await wait_idle(fleet.urls)
         finally:
             procs.stop(proc)
-    per_replica = [{k: a[k] - b[k] for k in ("hits", "queries", "prompt_tokens", "requests")} for a, b in zip(after, before)]
+    per_replica = [{k: a[k] - b[k] for k in a if k != "busy" and k in b} for a, b in zip(after, before)]
     hits = sum(r["hits"] for r in per_replica)
     queries = sum(r["queries"] for r in per_replica)
     reqs = [r["requests"] for r in per_replica]
@@ -243,6 +285,7 @@ async def run_one(target: Target, rep: int, args: argparse.Namespace, fleet: Fle
         "load_avg_max": max(sampler.samples, default=load_end),
         "lock_wait_s": lock_wait_s,
         "per_replica": per_replica,
+        "engine_phases": engine_phases(per_replica),
         "summary": asdict(s),
     }
     if args.keep_requests:
@@ -259,6 +302,11 @@ def aggregate(runs: list[dict[str, Any]], targets: list[Target]) -> dict[str, di
         for key in MEASURES:
             vals = [r[key] for r in mine if r[key] is not None]
             stats[key] = {"mean": statistics.fmean(vals), "min": min(vals), "max": max(vals)} if vals else None
+        phases: dict[str, float | None] = {}
+        for key in sorted({k for r in mine for k in r.get("engine_phases", {})}):
+            vals = [r["engine_phases"][key] for r in mine if r.get("engine_phases", {}).get(key) is not None]
+            phases[key] = statistics.fmean(vals) if vals else None
+        stats["engine_phases"] = phases
         out[t.name] = stats
     return out
 

@@ -16,8 +16,9 @@ clock, with a heap of timed events:
     schedule    a `ClusterEvent` of the run's schedule: a replica added, removed or failed, a
                 client that gives up (scale-out and churn, measured offline)
     engine in   with a profile's `request_overhead` > 0: a dispatched request reaches its
-                engine's queue that long after its dispatch (dropped if it was cancelled or its
-                replica failed meanwhile: the failure already re-placed it)
+                engine's queue that long after its dispatch, or `busy_request_overhead` after
+                it when that engine is working at the dispatch (dropped if it was cancelled or
+                its replica failed meanwhile: the failure already re-placed it)
 
 While the whole cluster is idle (no engine working, nothing held by the router, no timer set),
 scrapes are skipped up to the next arrival: they would only repeat the same snapshot.
@@ -186,7 +187,9 @@ class SimResult:
     rejected has no first token). `replica` is the index into `replicas` (every replica the run
     had, added ones last), -1 if never dispatched. `failed` marks requests that ended without
     completing: their replica failed while they streamed, or their client gave up (schedule).
-    `end_time` is the last arrival, dispatch or completion.
+    `end_time` is the last arrival, dispatch or completion. `enqueued` is when the request's last
+    dispatch reached its engine's queue (dispatch + the profile's request overhead; empty when a
+    result was built without it).
     """
 
     replicas: list[ReplicaId]
@@ -205,6 +208,7 @@ class SimResult:
     wall_s: float
     stats: dict[str, int | float] = field(default_factory=dict)
     failed: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    enqueued: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @property
     def num_requests(self) -> int:
@@ -282,6 +286,7 @@ def simulate(
     arrival = np.full(n, np.nan)
     dispatch = np.full(n, np.nan)
     first_token = np.full(n, np.nan)
+    enqueued = np.full(n, np.nan)
     completion = np.full(n, np.nan)
     replica_of = np.full(n, -1, dtype=np.int64)
     cached = np.zeros(n, dtype=np.int64)
@@ -299,7 +304,8 @@ def simulate(
     wake_at: float | None = None
     next_arrival = 0
     idle_since: float | None = None
-    overhead = profile.request_overhead  # dispatch -> the engine's queue (0: at once)
+    overhead = profile.request_overhead  # dispatch -> an idle engine's queue (0: at once)
+    busy_overhead = profile.busy_request_overhead  # dispatch -> a working engine's queue
     sends = np.zeros(n, dtype=np.int64)  # dispatches of each request so far (a delivery is of the last one)
     in_transit = 0  # requests dispatched and not yet in their engine
 
@@ -344,6 +350,7 @@ def simulate(
     def deliver(i: int, e: int, now: float) -> None:
         """Request i enters engine e's queue (or is rejected by it: a miss, reported to the router)."""
         req = workload[i]
+        enqueued[i] = now
         try:
             engines[e].add_request(req.request_id, req.prompt_tokens, req.output_tokens, req.engine_hashes, now)
         except RequestRejected:
@@ -368,9 +375,10 @@ def simulate(
             dispatch[i] = now
             stats["dispatches"] += 1
             sends[i] += 1
-            if overhead > 0:  # the request reaches the engine's queue later (`Profile.request_overhead`)
+            delay = busy_overhead if engines[e].has_work() else overhead
+            if delay > 0:  # the request reaches the engine's queue later (`Profile.request_overhead`)
                 in_transit += 1
-                push(now + overhead, _ENGINE_IN, i, int(sends[i]))
+                push(now + delay, _ENGINE_IN, i, int(sends[i]))
             else:
                 deliver(i, e, now)
         w = driver.next_wakeup(now)
@@ -549,6 +557,7 @@ def simulate(
         wall_s=time.perf_counter() - wall_start,
         stats={**stats, "preemptions": sum(e.num_preemptions for e in engines), "engine_steps": sum(e.steps_total for e in engines)},
         failed=failed,
+        enqueued=enqueued,
     )
 
 

@@ -23,7 +23,7 @@ step takes no time.
 
 Profiles come by name from `PROFILES`, or from a YAML file with exactly the fields
 `block_size, num_blocks, max_num_seqs, max_num_batched_tokens, c0, c_prefill, c_decode, c_attn`
-(and optionally `c_prefill_attn`, `request_overhead`, `name`, `description`); `load_profile(name_or_path)` accepts either and raises
+(and optionally `c_prefill_attn`, `request_overhead`, `loaded_request_overhead`, `name`, `description`); `load_profile(name_or_path)` accepts either and raises
 `ProfileError` naming the field, the value and the reason for anything else. Measured profiles
 ship as such files in `profile_data/` (written by `pylb calibrate`, their header comment says
 how) and join `PROFILES` under their file name.
@@ -69,6 +69,13 @@ class Profile:
             measures it as TTFT minus the prefill step); 0 puts it there at once. The simulator
             delays each dispatched request by it, so a router that waits for first tokens
             before dispatching more (a small dispatch budget) pays it as idle engine time.
+        loaded_request_overhead: the same delay for a request sent to a replica whose engine is
+            working (requests running or waiting): on a CPU replica the API server waits for a
+            core that the engine and its neighbours keep busy, so it takes far longer than on an
+            idle one. The larger of this and `request_overhead` applies (0: the idle value).
+            `pylb calibrate` cannot see it on an idle replica; `bench/fidelity.py --overheads`
+            fits it to real runs, whose vLLM histograms show it (engine TTFT minus queue and
+            prefill time).
     """
 
     name: str
@@ -83,6 +90,7 @@ class Profile:
     description: str = ""
     c_prefill_attn: float = 0.0
     request_overhead: float = 0.0
+    loaded_request_overhead: float = 0.0
 
     def __post_init__(self) -> None:
         for f in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens"):
@@ -94,6 +102,11 @@ class Profile:
     def kv_capacity_tokens(self) -> int:
         """Tokens the whole KV cache holds (num_blocks * block_size)."""
         return self.num_blocks * self.block_size
+
+    @property
+    def busy_request_overhead(self) -> float:
+        """Seconds from dispatch to a working engine's queue: max(request_overhead, loaded_request_overhead)."""
+        return max(self.request_overhead, self.loaded_request_overhead)
 
     @property
     def zero_cost(self) -> bool:
@@ -123,15 +136,15 @@ class Profile:
         if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor) and factor > 0):
             raise ProfileError(f"slowdown factor: expected a positive number, got {factor!r}")
         costs = {f: getattr(self, f) * factor for f in TIME_FIELDS}
-        note = f"{self.name} with every step time and the request overhead x {factor:g}" + (f": {why}" if why else "")
+        note = f"{self.name} with every step time and the request overheads x {factor:g}" + (f": {why}" if why else "")
         return replace(self, name=name or f"{self.name}-x{factor:g}", description=f"{self.description}\n{note}".strip(), **costs)
 
 
 COST_FIELDS = ("c0", "c_prefill", "c_decode", "c_attn", "c_prefill_attn")
 """The step-time constants, in seconds."""
 
-TIME_FIELDS = (*COST_FIELDS, "request_overhead")
-"""Every field in seconds: the step-time constants and the request overhead (`Profile.slowed` scales them)."""
+TIME_FIELDS = (*COST_FIELDS, "request_overhead", "loaded_request_overhead")
+"""Every field in seconds: the step-time constants and the request overheads (`Profile.slowed` scales them)."""
 
 
 def prefill_pairs(new_tokens: int, cached_tokens: int) -> int:
@@ -240,7 +253,7 @@ YAML_FIELDS: tuple[str, ...] = (
 )
 """Fields a YAML profile must have (times in seconds)."""
 
-_OPTIONAL_TIMES = ("c_prefill_attn", "request_overhead")
+_OPTIONAL_TIMES = ("c_prefill_attn", "request_overhead", "loaded_request_overhead")
 """Times a YAML profile may leave out (0 then)."""
 _OPTIONAL_YAML_FIELDS = ("name", "description", *_OPTIONAL_TIMES)
 

@@ -25,8 +25,20 @@ over all of them: the mean over targets of |SLO share error| / 5 points + |ln(p5
 ln 1.25, the two bounds below as units (a target within both scores at most 2). A factor that
 holds across rates and routers describes the machine, not one run; `--write-profile OUT.yaml`
 writes the profile slowed by the overall best factor, with the command in its header. The table
-is printed at that factor (at the first one when only one is given). Targets map to simulated
-routers so:
+is printed at that factor (at the first one when only one is given).
+
+Loaded overhead (`--overheads 0,0.1,...`): with it, every factor is tried with every value of the
+profile's `loaded_request_overhead` (the delay between dispatch and a *working* engine's queue:
+on a CPU replica the API server then waits for a core the engine keeps busy), and the best pair
+is reported and written.
+
+Inside the engines: when the harness recorded vLLM's own histograms (`engine_phases`, see
+`bench/peers/run.py`), a second table compares, per target, the mean time from entering the
+engine's queue to the first token (vLLM: queue + prefill time), the mean decode time, the
+preemptions and the engine steps with the simulated engines' (`SimResult.enqueued`,
+`SimResult.stats`). Those say which part of the model is off; the fit error does not use them.
+
+Targets map to simulated routers so:
 
     pylb ARGS                  the router `pylb serve ARGS` builds (`pylb.proxy.balancer.create_router`)
     sglang / vllm-router       pylb's analog of their policy, dispatching at once as they do
@@ -40,7 +52,8 @@ routers so:
 Usage (from the repository root; needs `bench/peers/` from the harness):
 
     python bench/fidelity.py --results docs/results/peers_chat.json [--results ...] \\
-        --profile cpu-small-llama [--factors 1,1.2,1.4] [--write-profile OUT.yaml] [--json docs/results/fidelity.json]
+        --profile cpu-small-llama [--factors 1,1.2,1.4] [--overheads 0,0.2,0.4] [--write-profile OUT.yaml] \\
+        [--json docs/results/fidelity.json]
 """
 
 from __future__ import annotations

@@ -18,7 +18,10 @@ C B A, ...):
    requests per replica (delta of `vllm:request_success_total`, every finish reason), the hotspot
    factor (busiest replica's requests / the mean), the achieved rate (completed requests per
    second of wall time), errors by kind, and the machine's load average (1-minute value at the
-   start and end of the run, and the mean and max of 1-second samples during it).
+   start and end of the run, and the mean and max of 1-second samples during it); and, where the
+   replicas export them, vLLM's own phases (`engine_phases`: mean queue, prefill and decode time
+   and engine TTFT per request, engine steps, preemptions, the API servers' CPU seconds), which
+   `bench/fidelity.py` compares with the simulated engines.
 
 On a shared machine, `--nice -10` runs the replicas, the router and the client ahead of other
 work (recorded in the results): their niceness and, because Linux shares the CPU fairly between

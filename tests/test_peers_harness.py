@@ -133,6 +133,7 @@ def test_smoke_run_with_fake_replicas_and_pylb(tmp_path: Path) -> None:
         phases = run["engine_phases"]  # from the replicas' own histograms (the fake exports TTFT, E2E, step tokens)
         assert 0 < phases["ttft_engine_mean"] <= phases["e2e_engine_mean"] and phases["engine_steps"] >= 12
         assert phases["preemptions"] == 0
+        assert run["router_cpu_s"] is not None and 0 <= run["router_cpu_s"] < 60 and run["client_cpu_s"] > 0
     rr = [r for r in res["runs"] if r["target"] == "rr"]
     assert all(r["hotspot"] == 1.0 for r in rr)  # round-robin alternates: 6 requests each
     stats = res["targets"]["dm"]["hit_rate"]

@@ -21,7 +21,9 @@ C B A, ...):
    start and end of the run, and the mean and max of 1-second samples during it); and, where the
    replicas export them, vLLM's own phases (`engine_phases`: mean queue, prefill and decode time
    and engine TTFT per request, engine steps, preemptions, the API servers' CPU seconds), which
-   `bench/fidelity.py` compares with the simulated engines.
+   `bench/fidelity.py` compares with the simulated engines; and the CPU seconds the router's
+   processes and the replay client took during the replay (`router_cpu_s`, `client_cpu_s`: on a
+   machine whose cores the replicas use, a router's own CPU is taken from the engines).
 
 On a shared machine, `--nice -10` runs the replicas, the router and the client ahead of other
 work (recorded in the results): their niceness and, because Linux shares the CPU fairly between
@@ -86,7 +88,7 @@ from workloads import describe, load  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_VLLM_ARGS = "--num-gpu-blocks-override 256 --block-size 32"
 MEASURES = ("slo_attainment", "hit_rate", "ttft_p50", "ttft_p90", "ttft_p99", "hotspot", "request_throughput",
-            "errors", "load_avg_mean")  # fmt: skip
+            "errors", "load_avg_mean", "router_cpu_s", "client_cpu_s")  # fmt: skip
 
 
 # ---- replicas' counters ---------------------------------------------------------------------------
@@ -134,6 +136,28 @@ async def replica_counters(session: aiohttp.ClientSession, url: str) -> dict[str
             if key is not None:
                 out[key] = out.get(key, 0.0) + sample.value
     return out
+
+
+def group_cpu_seconds(pgid: int) -> float | None:
+    """User + system CPU seconds of every live process in process group `pgid` (a router and any
+    children it started; the harness starts each router in its own group), from /proc; None
+    where /proc cannot be read (not Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, seen = 0, False
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+            seen = True
+    return total / tick if seen else None
 
 
 def engine_phases(per_replica: list[dict[str, float]]) -> dict[str, float | None]:
@@ -255,10 +279,12 @@ async def run_one(target: Target, rep: int, args: argparse.Namespace, fleet: Fle
             sampler = LoadSampler()
             load_start = os.getloadavg()[0]
             sampler.start()
+            router_cpu_start, client_cpu_start = group_cpu_seconds(proc.pid), time.process_time()
             started = datetime.now(timezone.utc).isoformat(timespec="seconds")
             result = await replay(workload, url, model=model, endpoint=args.endpoint, rate_scale=args.rate_scale,
                                   slo_ttft_s=args.slo_ttft, timeout_s=args.request_timeout, progress=not args.no_progress)  # fmt: skip
             await sampler.stop()
+            router_cpu_end, client_cpu_s = group_cpu_seconds(proc.pid), time.process_time() - client_cpu_start
             load_end = os.getloadavg()[0]
             after = await wait_idle(fleet.urls)
         finally:
@@ -287,6 +313,10 @@ async def run_one(target: Target, rep: int, args: argparse.Namespace, fleet: Fle
         "load_avg_mean": statistics.fmean(sampler.samples) if sampler.samples else load_end,
         "load_avg_max": max(sampler.samples, default=load_end),
         "lock_wait_s": lock_wait_s,
+        # CPU the router and the replay client took during the replay: on a machine whose cores the
+        # replicas use, a router's own CPU is taken from the engines
+        "router_cpu_s": router_cpu_end - router_cpu_start if router_cpu_start is not None and router_cpu_end is not None else None,
+        "client_cpu_s": client_cpu_s,
         "per_replica": per_replica,
         "engine_phases": engine_phases(per_replica),
         "summary": asdict(s),
@@ -324,13 +354,14 @@ def markdown_table(agg: dict[str, dict[str, Any]], slo_ttft: float) -> str:
         return f"{m:{fmt}} ({lo:{fmt}}-{hi:{fmt}})"
 
     head = (f"| target | reps | within SLO (TTFT <= {slo_ttft * 1000:g} ms) | prefix-cache hit (vLLM counters) | "
-            "TTFT p50 ms | TTFT p99 ms | hotspot | achieved req/s | errors | load avg |")  # fmt: skip
-    lines = [head, "| " + " | ".join(["---"] * 10) + " |"]
+            "TTFT p50 ms | TTFT p99 ms | hotspot | achieved req/s | errors | load avg | router CPU s |")  # fmt: skip
+    lines = [head, "| " + " | ".join(["---"] * 11) + " |"]
     for name, s in agg.items():
         lines.append(
             f"| {name} | {s['reps']} | {cell(s['slo_attainment'], 100, '.1f')} % | {cell(s['hit_rate'], 100, '.1f')} % | "
             f"{cell(s['ttft_p50'], 1000, '.0f')} | {cell(s['ttft_p99'], 1000, '.0f')} | {cell(s['hotspot'], 1, '.2f')} | "
-            f"{cell(s['request_throughput'], 1, '.2f')} | {cell(s['errors'], 1, '.0f')} | {cell(s['load_avg_mean'], 1, '.1f')} |"
+            f"{cell(s['request_throughput'], 1, '.2f')} | {cell(s['errors'], 1, '.0f')} | {cell(s['load_avg_mean'], 1, '.1f')} | "
+            f"{cell(s.get('router_cpu_s'), 1, '.1f')} |"
         )
     return "\n".join(lines)
 

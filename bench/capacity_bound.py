@@ -100,10 +100,11 @@ def decode_work(profile: Profile, prompt: np.ndarray, output: np.ndarray) -> np.
     return profile.c_decode * steps + profile.c_attn * context
 
 
-def idle_ttft(profile: Profile, prompt: np.ndarray, hit: np.ndarray) -> np.ndarray:
-    """TTFT of each request alone on an idle replica (its chunked prefill, with c0 per step)."""
+def idle_ttft(profile: Profile, prompt: np.ndarray, hit: np.ndarray, overhead: float = 0.0) -> np.ndarray:
+    """TTFT of each request alone on an idle replica (its chunked prefill, with c0 per step),
+    plus `overhead` seconds between dispatch and the engine's queue."""
     chunks = np.maximum(1.0, np.ceil((prompt - hit) / profile.max_num_batched_tokens))
-    return chunks * profile.c0 + prefill_work(profile, prompt, hit)
+    return overhead + chunks * profile.c0 + prefill_work(profile, prompt, hit)
 
 
 def main() -> None:

@@ -661,6 +661,31 @@ def load_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = Non
     return load_settings(flags_from_args(args), env=env, config_path=getattr(args, "config", None))
 
 
+def command_settings(
+    args: argparse.Namespace, command: str, no_backend_help: str, check: typing.Callable[[Settings], None] | None = None
+) -> Settings | int:
+    """The settings of `pylb COMMAND` from its parsed flags (with `--print-config`), or the exit
+    status where the command should stop: 2 for a bad setting (`check` may raise ConfigError for
+    the command's own rules; the message goes to stderr) or for no backend without discovery
+    (`no_backend_help` to stderr), 0 after printing the effective settings for --print-config."""
+    import sys
+
+    try:
+        settings = load_from_args(args)
+        if check is not None:
+            check(settings)
+    except ConfigError as exc:
+        print(f"pylb {command}: {exc}", file=sys.stderr)
+        return 2
+    if getattr(args, "print_config", False):
+        sys.stdout.write(settings.to_yaml())
+        return 0
+    if not settings.fleet.backends and settings.fleet.discovery == "static":
+        print(no_backend_help, file=sys.stderr)
+        return 2
+    return settings
+
+
 def settings_table_markdown() -> str:
     """A Markdown table of every setting: YAML key, flag, environment variable, default, meaning."""
     lines = ["| setting (YAML) | flag | environment | default | meaning |", "| --- | --- | --- | --- | --- |"]

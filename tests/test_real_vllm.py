@@ -18,9 +18,11 @@ group stays on one replica and fits; with round-robin both replicas see every gr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -70,22 +72,22 @@ async def wait_healthy(urls: list[str], timeout_s: float) -> None:
                 await asyncio.sleep(1)
 
 
-@pytest.fixture(scope="module")
-def vllm_replicas(tmp_path_factory: pytest.TempPathFactory):
-    logs = tmp_path_factory.mktemp("vllm")
+@contextlib.contextmanager
+def real_replicas(logs: Path, extra_args: Callable[[int], list[str]] = lambda core: [], timeout_s: float = 240) -> Iterator[list[str]]:
+    """Two real vLLM replicas (96 KV blocks of 32 tokens; replica i pinned to core i, with
+    `extra_args(i)` appended to its flags), healthy within `timeout_s`; their URLs. They are
+    stopped on exit (terminate, then kill after 30 s), their logs in `logs`."""
     procs, urls, log_files = [], [], []
-    for core in (0, 1):
-        port = free_port()
-        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=str(core))
-        log = open(logs / f"replica-{core}.log", "w")
-        log_files.append(log)
-        procs.append(subprocess.Popen(
-            ["bash", str(SERVE_SH), VENV, MODEL, str(port), "--num-gpu-blocks-override", "96", "--block-size", "32"],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
-        ))
-        urls.append(f"http://127.0.0.1:{port}")
     try:
-        asyncio.run(wait_healthy(urls, timeout_s=240))
+        for core in (0, 1):
+            port = free_port()
+            env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=str(core))
+            log = open(logs / f"replica-{core}.log", "w")
+            log_files.append(log)
+            argv = ["bash", str(SERVE_SH), VENV, MODEL, str(port), "--num-gpu-blocks-override", "96", "--block-size", "32", *extra_args(core)]
+            procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env))
+            urls.append(f"http://127.0.0.1:{port}")
+        asyncio.run(wait_healthy(urls, timeout_s=timeout_s))
         yield urls
     finally:
         for p in procs:
@@ -100,12 +102,22 @@ def vllm_replicas(tmp_path_factory: pytest.TempPathFactory):
             log.close()
 
 
+@pytest.fixture(scope="module")
+def vllm_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    with real_replicas(tmp_path_factory.mktemp("vllm")) as urls:
+        yield urls
+
+
 async def hit_rate_through_pylb(backends: list[str], policy: str, tag: str) -> float:
     """Fleet prefix-cache hit rate (vLLM's counters) of the workload sent through `pylb serve`."""
     with pylb_proxy(backends, policy) as (url, proc):
         await wait_ready(url, proc)
         hits0, queries0 = await prefix_cache_counters(backends)
-        result = await replay(shared_prefix_workload(tag), url, concurrency_limit=4, timeout_s=120)
+        # 5 groups (an odd number: round-robin does not partition them by accident, as it does 8
+        # interleaved groups on 2 replicas) of ~1,000 tokens each: one replica's 3,072-token cache
+        # holds 3 of them, so a router that splits the groups 3/2 keeps every prefix, while each
+        # round-robin replica cycles through all 5 and LRU evicts each before it is reused
+        result = await replay(shared_prefix_workload(tag, groups=5), url, concurrency_limit=4, timeout_s=120)
         assert result.summary.errors == 0, result.summary.errors_by_kind
         hits1, queries1 = await prefix_cache_counters(backends)
     return (hits1 - hits0) / (queries1 - queries0)

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pylb.config import load_settings
-from pylb.demo import free_port
 from pylb.fleet.scrape import parse_vllm_metrics
 from pylb.proxy.server import ProxyServer
 from pylb.workload.replay import replay
@@ -43,40 +42,20 @@ SERVE_SH = Path(os.environ.get("PYLB_VLLM_SERVE", Path(__file__).resolve().paren
 if not (VENV and MODEL):
     pytest.skip("set PYLB_VLLM_VENV and PYLB_VLLM_MODEL (see ../shared/vllm/install.sh) to run", allow_module_level=True)
 
-from test_real_vllm import shared_prefix_workload, wait_healthy  # noqa: E402 - after the skip
+from test_real_vllm import real_replicas, shared_prefix_workload  # noqa: E402 - after the skip
 
 
 @pytest.fixture(scope="module")
-def vllm_kv_replicas(tmp_path_factory: pytest.TempPathFactory):
+def vllm_kv_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[tuple[str, str]]]:
     logs = tmp_path_factory.mktemp("vllm-kv")
-    procs, reps, log_files = [], [], []
-    for core in (0, 1):
-        port = free_port()
+
+    def kv_events(core: int) -> list[str]:
         sock = f"ipc://{logs}/kv-{core}.sock"
-        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=str(core))
-        log = open(logs / f"replica-{core}.log", "w")
-        log_files.append(log)
-        procs.append(subprocess.Popen(
-            ["bash", str(SERVE_SH), VENV, MODEL, str(port), "--num-gpu-blocks-override", "96", "--block-size", "32",
-             "--prefix-caching-hash-algo", "sha256_cbor",
-             "--kv-events-config", f'{{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"{sock}"}}'],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
-        ))  # fmt: skip
-        reps.append((f"http://127.0.0.1:{port}", sock))
-    try:
-        asyncio.run(wait_healthy([u for u, _ in reps], timeout_s=400))
-        yield reps
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        for log in log_files:
-            log.close()
+        return ["--prefix-caching-hash-algo", "sha256_cbor",
+                "--kv-events-config", f'{{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"{sock}"}}']  # fmt: skip
+
+    with real_replicas(logs, kv_events, timeout_s=400) as urls:
+        yield [(url, f"ipc://{logs}/kv-{core}.sock") for core, url in enumerate(urls)]
 
 
 async def counters(urls: list[str]) -> dict[str, tuple[int, int]]:

@@ -39,19 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of `pylb epp`."""
-    try:
-        settings = config.load_from_args(args)
+
+    def one_process(settings: Settings) -> None:
         if settings.server.workers > 1:
             raise ConfigError("server.workers", settings.server.workers, "pylb epp runs one process (run more pods behind Envoy instead)")
-    except ConfigError as exc:
-        print(f"pylb epp: {exc}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        sys.stdout.write(settings.to_yaml())
-        return 0
-    if not settings.fleet.backends and settings.fleet.discovery == "static":
-        print(NO_BACKEND_HELP, file=sys.stderr)
-        return 2
+
+    settings = config.command_settings(args, "epp", NO_BACKEND_HELP, one_process)
+    if isinstance(settings, int):
+        return settings
     try:
         import grpc  # noqa: F401 - the optional extra's presence
         import envoy.service.ext_proc.v3  # noqa: F401

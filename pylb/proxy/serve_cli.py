@@ -67,19 +67,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of `pylb serve`."""
-    try:
-        settings = config.load_from_args(args)
+
+    def fixed_port_for_workers(settings: Settings) -> None:
         if settings.server.workers > 1 and settings.server.port == 0:
             raise ConfigError("server.workers", settings.server.workers, "several workers need a fixed port (server.port is 0)")
-    except ConfigError as exc:
-        print(f"pylb serve: {exc}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        sys.stdout.write(settings.to_yaml())
-        return 0
-    if not settings.fleet.backends and settings.fleet.discovery == "static":
-        print(NO_BACKEND_HELP, file=sys.stderr)
-        return 2
+
+    settings = config.command_settings(args, "serve", NO_BACKEND_HELP, fixed_port_for_workers)
+    if isinstance(settings, int):
+        return settings
     try:  # an unknown policy or a bad policy option fails here, before any worker starts
         from pylb.proxy.balancer import create_router
 

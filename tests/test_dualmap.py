@@ -297,6 +297,22 @@ def test_a_tie_goes_where_the_least_work_was_placed_in_the_window() -> None:
     assert off.placed is None
 
 
+def test_tie_near_lets_the_window_choose_only_among_replicas_that_would_start_the_request_about_as_soon() -> None:
+    """tie_near: a replica whose backlog exceeds the least backlog by more than the request's own
+    prefill is left out of the window's comparison (the window would send the request behind it)."""
+    for near in (False, True):
+        p, a, b, req = two_replica_dualmap(tie_near=near)
+        p._is_alone = True
+        assert p.placed is not None
+        p.placed.add(f"r{b}", 0.0, 5000)  # b got more work in the window: the window prefers a
+        own = req.prompt_tokens  # 1,264 tokens at 1 ms each: 1.26 s of its own prefill
+        queued = [0, 0]
+        queued[a] = own + 100  # a's backlog is more than that ahead of b's (0)
+        assert choose(p, req, View([0, 0], [0.0, 0.0], queued)).replica == (b if near else a)
+        queued[a] = own - 100  # within it: the window decides
+        assert choose(p, req, View([0, 0], [0.0, 0.0], queued)).replica == a
+
+
 @dataclass
 class ScrapedView(View):
     """A View whose replicas carry a scrape: `queries` prompt tokens asked of each, seen at `now`."""

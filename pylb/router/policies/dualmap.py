@@ -109,6 +109,12 @@ Options (`RouterOptions.extra`, or `pylb simulate --policy dualmap:key=value`), 
                                       brought, as preble-e2's window and sglang's smallest-tree
                                       fallback do, not by an instantaneous backlog that is 0 on
                                       every replica at low load
+    tie_near   (bool, default false)  step 3's window compares only the replicas whose backlog is
+                                      within the request's own prefill time (its uncached tokens
+                                      at that replica's per-token time) of the least backlog: at
+                                      low load every replica qualifies and the window decides as
+                                      before; under load it no longer sends a new prefix behind a
+                                      queue that another replica does not have
     hot_share  (str, default fleet)   step 1's expansion share: "paper" (6.12 %) or "fleet": at
                                       least 1/N, one replica's fair share of the traffic (on a
                                       small fleet a prefix with 12 % of the traffic is no hotspot,
@@ -187,6 +193,7 @@ class DualMap(Policy):
         hot_share: str = setting("fleet", "step 1's expansion share: paper (6.12 % of the window) or fleet (at least one replica's fair share, 1/N of the window)", check=one_of("paper", "fleet"))
         tie_window_s: float = setting(60.0, "step 3's tie: > 0 compares the prefill work placed on each replica in the last tie_window_s seconds first (0: off)", check=at_least(0))
         tie: str = setting("fleet", "step 3's tie when neither candidate holds the prompt: ring (the less loaded candidate) or fleet (the fleet's least loaded replica)", check=one_of("ring", "fleet", "cost", "fleet-cost"))
+        tie_near: bool = setting(False, "step 3's window compares only the replicas whose backlog is within the request's own prefill time of the least backlog")
 
     def __init__(self, options: RouterOptions) -> None:
         super().__init__(options)
@@ -201,6 +208,7 @@ class DualMap(Policy):
         self.balance_ratio = float(self.option("balance_ratio"))
         window = float(self.option("tie_window_s"))
         self.placed = WindowLoad(window) if window > 0 else None
+        self.tie_near = bool(self.option("tie_near"))
         # step 3's window is used only while this router's own requests are most of the fleet's
         # work: (time, prompt tokens) it placed, and per replica (scrape time, prompt tokens the
         # engine was asked for) in the window
@@ -279,6 +287,10 @@ class DualMap(Policy):
                 pick = min(pool, key=lambda i: (cost[i], view.replicas[i].load, i not in (a, b), i != a))
             elif self.placed is not None and self._is_alone:
                 placed = self.placed
+                if self.tie_near:  # the window decides among the replicas that would start it about as soon
+                    backlog = {i: _backlog(view.replicas[i]) for i in pool}
+                    least = min(backlog.values())
+                    pool = [i for i in pool if backlog[i] <= least + view.uncached_tokens(request, i) * view.replicas[i].prefill_seconds_per_token]
                 pick = min(pool, key=lambda i: (placed.get(view.replicas[i].name), _backlog(view.replicas[i]), view.replicas[i].load, i not in (a, b), i != a))
             else:
                 pick = min(pool, key=lambda i: (_backlog(view.replicas[i]), view.replicas[i].load, i not in (a, b), i != a))

@@ -298,7 +298,7 @@ def test_a_tie_goes_where_the_least_work_was_placed_in_the_window() -> None:
 
 
 def test_tie_near_lets_the_window_choose_only_among_replicas_that_would_start_the_request_about_as_soon() -> None:
-    """tie_near: a replica whose backlog exceeds the least backlog by more than the request's own
+    """tie_near (on by default): a replica whose backlog exceeds the least backlog by more than the request's own
     prefill is left out of the window's comparison (the window would send the request behind it)."""
     for near in (False, True):
         p, a, b, req = two_replica_dualmap(tie_near=near)

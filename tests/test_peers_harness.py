@@ -95,9 +95,28 @@ def test_target_specs() -> None:
     assert argv[-2:] == ["--policy", "cache_aware"]
     with pytest.raises(ValueError, match="--vllm-router-venv"):
         procs.router_argv(procs.Target.parse("v=vllm-router"), ["http://127.0.0.1:1"], 9000, procs.RouterPaths(None, None))
+    pylb = procs.Target.parse("p=pylb --router-cache-state events --kv-events-tokenizer {model}")
+    argv = procs.router_argv(pylb, ["http://127.0.0.1:1", "http://127.0.0.1:2"], 9000, procs.RouterPaths(None, None),
+                             ["ipc:///l/kv-0.sock", "tcp://127.0.0.1:5600"], "/models/tiny")  # fmt: skip
+    pairs = [argv[i + 1] for i, a in enumerate(argv) if a == "--kv-events-endpoint"]
+    assert pairs == ["http://127.0.0.1:1=ipc:///l/kv-0.sock", "http://127.0.0.1:2=tcp://127.0.0.1:5600"]
+    assert argv[-2:] == ["--kv-events-tokenizer", "/models/tiny"]
     for bad in ("pylb", "x=nginx", "=pylb", "x="):
         with pytest.raises(ValueError, match="NAME=KIND"):
             procs.Target.parse(bad)
+
+
+def test_each_replica_gets_its_own_kv_event_endpoint(tmp_path: Path) -> None:
+    config = '{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"ipc://{logs}/kv-{replica}.sock"}'
+    args = ["--block-size", "32", "--kv-events-config", config]
+    second = procs.replica_args(args, 1, tmp_path)
+    assert second[:3] == ["--block-size", "32", "--kv-events-config"]
+    assert procs.kv_events_endpoint(second) == f"ipc://{tmp_path}/kv-1.sock"
+    assert procs.kv_events_endpoint(["--kv-events-config={\"enable_kv_cache_events\":true,\"endpoint\":\"tcp://*:5601\"}"]) == "tcp://127.0.0.1:5601"
+    assert procs.kv_events_endpoint(["--kv-events-config", '{"enable_kv_cache_events":false}']) is None
+    assert procs.kv_events_endpoint(["--block-size", "32"]) is None
+    with pytest.raises(ValueError, match="not JSON"):
+        procs.kv_events_endpoint(["--kv-events-config", "{endpoint"])
 
 
 def test_cli_rejects_bad_targets() -> None:
@@ -134,6 +153,8 @@ def test_smoke_run_with_fake_replicas_and_pylb(tmp_path: Path) -> None:
         assert 0 < phases["ttft_engine_mean"] <= phases["e2e_engine_mean"] and phases["engine_steps"] >= 12
         assert phases["preemptions"] == 0
         assert run["router_cpu_s"] is not None and 0 <= run["router_cpu_s"] < 60 and run["client_cpu_s"] > 0
+        # pylb's own view, from its /metrics: what it predicted (round-robin predicts from the same mirror)
+        assert 0 <= run["predicted_hit_rate"] <= 1 and 0 <= run["ttft_error_p50"] <= run["ttft_error_p90"]
     rr = [r for r in res["runs"] if r["target"] == "rr"]
     assert all(r["hotspot"] == 1.0 for r in rr)  # round-robin alternates: 6 requests each
     stats = res["targets"]["dm"]["hit_rate"]

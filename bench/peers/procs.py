@@ -13,13 +13,19 @@ and SIGKILL to what is left of the group in any case. The harness calls `stop_al
 Replicas:
   vllm  `serve.sh VENV MODEL PORT ARGS` per replica, replica i pinned to core i
         (VLLM_CPU_OMP_THREADS_BIND=i), VLLM_SERVER_DEV_MODE=1 so that
-        `POST /reset_prefix_cache` exists; ready when `GET /health` answers 200.
+        `POST /reset_prefix_cache` exists; ready when `GET /health` answers 200. In ARGS,
+        `{replica}` becomes the replica's index and `{logs}` the run's log folder, so that each
+        replica gets its own KV-event endpoint (`--kv-events-config` with
+        `"endpoint":"ipc://{logs}/kv-{replica}.sock"`); those endpoints are handed to pylb.
   fake  one `pylb sim-replicas --replicas N --base-port 0 ARGS` (simulated vLLM engines behind
         vLLM's real HTTP API and metric names); it has no cache-reset endpoint, so a fresh cache
         means restarting it (about a second).
 
 Routers (`Target`), each given the replicas' URLs:
-  pylb         `python -m pylb.cli serve --host 127.0.0.1 --port P --backend URL ... ARGS`
+  pylb         `python -m pylb.cli serve --host 127.0.0.1 --port P --backend URL ... ARGS`,
+               plus `--kv-events-endpoint URL=ENDPOINT` per replica that publishes KV events
+               (used only with `--router-cache-state events`); `{model}` in ARGS becomes the
+               vLLM model folder (its tokenizer.json, for `--kv-events-tokenizer {model}`)
   sglang       `VENV/bin/python -m sglang_router.launch_router --host 127.0.0.1 --port P
                --worker-urls URL ... --prometheus-host 127.0.0.1 --prometheus-port Q ARGS`
   vllm-router  `VENV/bin/vllm-router` with the same flags as sglang
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shlex
 import signal
@@ -148,12 +155,14 @@ class VllmConfig:
 
 
 class Fleet:
-    """N replicas; `urls` after `start()`. `reset_caches()` empties their prefix caches."""
+    """N replicas; `urls` after `start()` (and `kv_endpoints`, the ZMQ endpoint of each replica
+    that publishes KV events, else empty). `reset_caches()` empties their prefix caches."""
 
     reset_method = "restart"
 
     def __init__(self, procs: Procs, n: int) -> None:
         self.procs, self.n, self.urls = procs, n, []
+        self.kv_endpoints: list[str] = []
         self._procs: list[subprocess.Popen[bytes]] = []
 
     async def start(self) -> None:
@@ -183,10 +192,15 @@ class VllmFleet(Fleet):
     async def start(self) -> None:
         cores = os.cpu_count() or 1
         ports = [free_port() for _ in range(self.n)]
+        self.kv_endpoints = []
         for i, port in enumerate(ports):
             env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=str(i % cores), VLLM_SERVER_DEV_MODE="1")
-            argv = ["bash", self.config.serve_sh, self.config.venv, self.config.model, str(port), *self.config.args]
+            args = replica_args(self.config.args, i, self.procs.log_dir)
+            argv = ["bash", self.config.serve_sh, self.config.venv, self.config.model, str(port), *args]
             self._procs.append(self.procs.start(f"vllm-{i}", argv, env))
+            endpoint = kv_events_endpoint(args)
+            if endpoint:
+                self.kv_endpoints.append(endpoint)
         self.urls = [f"http://127.0.0.1:{p}" for p in ports]
         for i, (url, proc) in enumerate(zip(self.urls, self._procs)):
             await wait_http_ok(f"{url}/health", proc, self.procs, self.start_timeout_s, f"vLLM replica {i}")
@@ -201,6 +215,30 @@ class VllmFleet(Fleet):
                     if resp.status != 200:
                         body = (await resp.text())[:500]
                         raise RuntimeError(f"POST {url}/reset_prefix_cache answered {resp.status}: {body}")
+
+
+def replica_args(args: list[str], index: int, logs: Path) -> list[str]:
+    """Replica `index`'s vLLM flags: `{replica}` and `{logs}` replaced in each of `args`."""
+    return [a.replace("{replica}", str(index)).replace("{logs}", str(logs)) for a in args]
+
+
+def kv_events_endpoint(args: list[str]) -> str | None:
+    """The endpoint a subscriber connects to for the KV events these vLLM flags publish, or None
+    when they publish none. vLLM binds a `tcp://*:PORT` endpoint (connect to 127.0.0.1:PORT) and
+    an `ipc://` one (connect to the same path)."""
+    for i, a in enumerate(args):
+        value = args[i + 1] if a == "--kv-events-config" and i + 1 < len(args) else a.partition("=")[2] if a.startswith("--kv-events-config=") else None
+        if value is None:
+            continue
+        try:
+            config = json.loads(value)
+        except ValueError as e:
+            raise ValueError(f"--vllm-args: --kv-events-config {value!r} is not JSON ({e})") from None
+        if not config.get("enable_kv_cache_events") or config.get("publisher", "zmq") != "zmq":
+            return None
+        endpoint = str(config.get("endpoint", "tcp://*:5557"))
+        return endpoint.replace("tcp://*:", "tcp://127.0.0.1:")
+    return None
 
 
 class FakeFleet(Fleet):
@@ -264,13 +302,17 @@ class RouterPaths:
     vllm_router_venv: str | None
 
 
-def router_argv(target: Target, backends: list[str], port: int, paths: RouterPaths) -> list[str]:
-    """The command line that starts `target` on 127.0.0.1:`port` in front of `backends`."""
+def router_argv(target: Target, backends: list[str], port: int, paths: RouterPaths,
+                kv_endpoints: list[str] | None = None, model: str = "") -> list[str]:  # fmt: skip
+    """The command line that starts `target` on 127.0.0.1:`port` in front of `backends` (for
+    pylb: with each backend's KV-event endpoint, if any, and `{model}` in its args replaced)."""
     if target.kind == "pylb":
         argv = [sys.executable, "-m", "pylb.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
         for url in backends:
             argv += ["--backend", url]
-        return argv + target.args
+        for url, endpoint in zip(backends, kv_endpoints or []):
+            argv += ["--kv-events-endpoint", f"{url}={endpoint}"]
+        return argv + [a.replace("{model}", model) for a in target.args]
     venv = paths.sglang_venv if target.kind == "sglang" else paths.vllm_router_venv
     if not venv:
         flag = "--sglang-venv" if target.kind == "sglang" else "--vllm-router-venv"
@@ -280,10 +322,11 @@ def router_argv(target: Target, backends: list[str], port: int, paths: RouterPat
             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()), *target.args]  # fmt: skip
 
 
-async def start_router(target: Target, backends: list[str], procs: Procs, paths: RouterPaths, timeout_s: float = 120.0) -> tuple[str, subprocess.Popen[bytes]]:
-    """Start a router and wait until it is ready; returns its URL and process."""
+async def start_router(target: Target, fleet: Fleet, procs: Procs, paths: RouterPaths, model: str = "",
+                       timeout_s: float = 120.0) -> tuple[str, subprocess.Popen[bytes]]:  # fmt: skip
+    """Start a router in front of `fleet` and wait until it is ready; returns its URL and process."""
     port = free_port()
-    proc = procs.start(f"router-{target.name}", router_argv(target, backends, port, paths))
+    proc = procs.start(f"router-{target.name}", router_argv(target, fleet.urls, port, paths, fleet.kv_endpoints, model))
     url = f"http://127.0.0.1:{port}"
     ready = f"{url}/ready" if target.kind == "pylb" else f"{url}/v1/models"
     try:

@@ -23,7 +23,10 @@ C B A, ...):
    and engine TTFT per request, engine steps, preemptions, the API servers' CPU seconds), which
    `bench/fidelity.py` compares with the simulated engines; and the CPU seconds the router's
    processes and the replay client took during the replay (`router_cpu_s`, `client_cpu_s`: on a
-   machine whose cores the replicas use, a router's own CPU is taken from the engines).
+   machine whose cores the replicas use, a router's own CPU is taken from the engines); and for a
+   pylb target, what it says of its own predictions at the end of the run (its `/metrics`): the
+   fleet hit rate it predicted at dispatch (`predicted_hit_rate`, beside vLLM's counted one) and
+   the P50 / P90 absolute error of its predicted against observed TTFT (`ttft_error_p50/p90`).
 
 On a shared machine, `--nice -10` runs the replicas, the router and the client ahead of other
 work (recorded in the results): their niceness and, because Linux shares the CPU fairly between
@@ -88,7 +91,11 @@ from workloads import describe, load  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_VLLM_ARGS = "--num-gpu-blocks-override 256 --block-size 32"
 MEASURES = ("slo_attainment", "hit_rate", "ttft_p50", "ttft_p90", "ttft_p99", "hotspot", "request_throughput",
-            "errors", "load_avg_mean", "router_cpu_s", "client_cpu_s")  # fmt: skip
+            "errors", "load_avg_mean", "router_cpu_s", "client_cpu_s", "predicted_hit_rate", "ttft_error_p50", "ttft_error_p90")  # fmt: skip
+# what a pylb target says of its own predictions (its /metrics at the end of a run), as record keys
+PYLB_VIEW = {"predicted_hit_rate": ("pylb_predicted_prefix_cache_hit_rate", {"replica": "fleet"}),
+             "ttft_error_p50": ("pylb_ttft_prediction_error_seconds", {"quantile": "0.5"}),
+             "ttft_error_p90": ("pylb_ttft_prediction_error_seconds", {"quantile": "0.9"})}  # fmt: skip
 
 
 # ---- replicas' counters ---------------------------------------------------------------------------
@@ -135,6 +142,23 @@ async def replica_counters(session: aiohttp.ClientSession, url: str) -> dict[str
             key = wanted.get(sample.name)
             if key is not None:
                 out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
+async def pylb_view(url: str) -> dict[str, float | None]:
+    """pylb's own view of a run from its `/metrics`: the fleet hit rate it predicted at dispatch and
+    the P50 / P90 absolute error of its TTFT predictions (`PYLB_VIEW`); None where absent."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{url}/metrics", timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            text = await resp.text()
+    out: dict[str, float | None] = dict.fromkeys(PYLB_VIEW)
+    names = {name for name, _ in PYLB_VIEW.values()}
+    lines = [line for line in text.splitlines() if line.startswith(tuple(names))]
+    for family in text_string_to_metric_families("\n".join(lines) + "\n"):
+        for sample in family.samples:
+            for key, (name, labels) in PYLB_VIEW.items():
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    out[key] = sample.value
     return out
 
 
@@ -273,7 +297,7 @@ async def run_one(target: Target, rep: int, args: argparse.Namespace, fleet: Fle
     with locked(args.lock) as lock_wait_s:
         await wait_idle(fleet.urls)
         await fleet.reset_caches()
-        url, proc = await start_router(target, fleet.urls, procs, paths)
+        url, proc = await start_router(target, fleet, procs, paths, model=os.path.abspath(args.vllm_model) if args.vllm_model else "")
         try:
             before = await wait_idle(fleet.urls)
             sampler = LoadSampler()
@@ -287,6 +311,7 @@ async def run_one(target: Target, rep: int, args: argparse.Namespace, fleet: Fle
             router_cpu_end, client_cpu_s = group_cpu_seconds(proc.pid), time.process_time() - client_cpu_start
             load_end = os.getloadavg()[0]
             after = await wait_idle(fleet.urls)
+            view = await pylb_view(url) if target.kind == "pylb" else dict.fromkeys(PYLB_VIEW)
         finally:
             procs.stop(proc)
     per_replica = [{k: a[k] - b[k] for k in a if k != "busy" and k in b} for a, b in zip(after, before)]
@@ -317,6 +342,7 @@ async def run_one(target: Target, rep: int, args: argparse.Namespace, fleet: Fle
         # replicas use, a router's own CPU is taken from the engines
         "router_cpu_s": router_cpu_end - router_cpu_start if router_cpu_start is not None and router_cpu_end is not None else None,
         "client_cpu_s": client_cpu_s,
+        **view,
         "per_replica": per_replica,
         "engine_phases": engine_phases(per_replica),
         "summary": asdict(s),
@@ -333,7 +359,7 @@ def aggregate(runs: list[dict[str, Any]], targets: list[Target]) -> dict[str, di
         mine = [r for r in runs if r["target"] == t.name]
         stats: dict[str, Any] = {"spec": t.spec, "reps": len(mine)}
         for key in MEASURES:
-            vals = [r[key] for r in mine if r[key] is not None]
+            vals = [r[key] for r in mine if r.get(key) is not None]
             stats[key] = {"mean": statistics.fmean(vals), "min": min(vals), "max": max(vals)} if vals else None
         phases: dict[str, float | None] = {}
         for key in sorted({k for r in mine for k in r.get("engine_phases", {})}):
@@ -354,14 +380,16 @@ def markdown_table(agg: dict[str, dict[str, Any]], slo_ttft: float) -> str:
         return f"{m:{fmt}} ({lo:{fmt}}-{hi:{fmt}})"
 
     head = (f"| target | reps | within SLO (TTFT <= {slo_ttft * 1000:g} ms) | prefix-cache hit (vLLM counters) | "
-            "TTFT p50 ms | TTFT p99 ms | hotspot | achieved req/s | errors | load avg | router CPU s |")  # fmt: skip
-    lines = [head, "| " + " | ".join(["---"] * 11) + " |"]
+            "TTFT p50 ms | TTFT p99 ms | hotspot | achieved req/s | errors | load avg | router CPU s | "
+            "pylb's predicted hit | pylb's TTFT error p50 / p90 ms |")  # fmt: skip
+    lines = [head, "| " + " | ".join(["---"] * 13) + " |"]
     for name, s in agg.items():
         lines.append(
             f"| {name} | {s['reps']} | {cell(s['slo_attainment'], 100, '.1f')} % | {cell(s['hit_rate'], 100, '.1f')} % | "
             f"{cell(s['ttft_p50'], 1000, '.0f')} | {cell(s['ttft_p99'], 1000, '.0f')} | {cell(s['hotspot'], 1, '.2f')} | "
             f"{cell(s['request_throughput'], 1, '.2f')} | {cell(s['errors'], 1, '.0f')} | {cell(s['load_avg_mean'], 1, '.1f')} | "
-            f"{cell(s.get('router_cpu_s'), 1, '.1f')} |"
+            f"{cell(s.get('router_cpu_s'), 1, '.1f')} | {cell(s.get('predicted_hit_rate'), 100, '.1f')} % | "
+            f"{cell(s.get('ttft_error_p50'), 1000, '.0f')} / {cell(s.get('ttft_error_p90'), 1000, '.0f')} |"
         )
     return "\n".join(lines)
 

@@ -22,6 +22,11 @@ Design
    replica with the least prefill work placed on it in the last 60 s (option `tie_window_s`),
    then the least backlog (option `tie`, default "fleet"; "ring" keeps the choice to the two
    candidates, the paper's rule), and the better-loaded candidate becomes its alternate. The
+   window chooses only among the replicas that would start the request about as soon as the
+   least backlogged one (backlog within the request's own prefill time of the least; option
+   `tie_near`): at low load that is every replica, under load the window no longer sends a new
+   prefix behind a queue another replica does not have (on two real vLLM replicas replaying
+   Mooncake's conversations: 11.0 % within a 0.5 s SLO against 6.5 % without; BENCHMARKS.md). The
    window spreads new prefix groups by the work they brought, as preble-e2's window and sglang's
    smallest-tree fallback do: at low load every backlog reads 0 and the old rule's next key
    (requests owed) placed groups unevenly. The window is one router's own; several pylb
@@ -109,7 +114,7 @@ Options (`RouterOptions.extra`, or `pylb simulate --policy dualmap:key=value`), 
                                       brought, as preble-e2's window and sglang's smallest-tree
                                       fallback do, not by an instantaneous backlog that is 0 on
                                       every replica at low load
-    tie_near   (bool, default false)  step 3's window compares only the replicas whose backlog is
+    tie_near   (bool, default true)   step 3's window compares only the replicas whose backlog is
                                       within the request's own prefill time (its uncached tokens
                                       at that replica's per-token time) of the least backlog: at
                                       low load every replica qualifies and the window decides as
@@ -193,7 +198,7 @@ class DualMap(Policy):
         hot_share: str = setting("fleet", "step 1's expansion share: paper (6.12 % of the window) or fleet (at least one replica's fair share, 1/N of the window)", check=one_of("paper", "fleet"))
         tie_window_s: float = setting(60.0, "step 3's tie: > 0 compares the prefill work placed on each replica in the last tie_window_s seconds first (0: off)", check=at_least(0))
         tie: str = setting("fleet", "step 3's tie when neither candidate holds the prompt: ring (the less loaded candidate) or fleet (the fleet's least loaded replica)", check=one_of("ring", "fleet", "cost", "fleet-cost"))
-        tie_near: bool = setting(False, "step 3's window compares only the replicas whose backlog is within the request's own prefill time of the least backlog")
+        tie_near: bool = setting(True, "step 3's window compares only the replicas whose backlog is within the request's own prefill time of the least backlog")
 
     def __init__(self, options: RouterOptions) -> None:
         super().__init__(options)

@@ -285,7 +285,7 @@ class DualMap(Policy):
         ta, tb = view.predicted_ttft(request, a), view.predicted_ttft(request, b)
         faster = a if ta <= tb else b
         if ca == cb:
-            pool = range(len(view.replicas)) if self.tie_fleet and ca == 0 else (a, b)
+            pool: Sequence[int] = range(len(view.replicas)) if self.tie_fleet and ca == 0 else (a, b)
             if self.tie_cost:  # backlog plus the request's own uncached prefill at one per-token time
                 t = sum(view.replicas[i].prefill_seconds_per_token for i in pool) / len(pool)
                 cost = {i: _backlog(view.replicas[i]) + view.uncached_tokens(request, i) * t for i in pool}

@@ -1,5 +1,6 @@
 """Soak run of `pylb serve` (issue 16 §3): a steady mix of requests for a long time, with pylb's
-resources sampled throughout.
+resources sampled throughout (resident memory, descriptors, and the asyncio tasks alive in its
+event loop, `pylb_event_loop_tasks`).
 
     .venv/bin/python bench/soak.py --requests 1000000 --rate 400     # the issue's run (~45 min)
     .venv/bin/python bench/soak.py --requests 20000 --rate 200       # a short run (~2 min)
@@ -13,7 +14,8 @@ clients' counts with pylb's own `pylb_requests_total`.
 
 How to read it: RSS and descriptors after warm-up (the first 10 % of the samples) should stay
 flat (the report gives the spread of the rest as a fraction of their mean; target within 10 %),
-descriptors should come back to their idle count once the load stops (no leaked sockets), and
+descriptors should come back to their idle count once the load stops (no leaked sockets), the
+event loop's tasks to their count before the load (no leaked tasks), and
 `pylb_requests_total` must equal what the clients saw (a client that left mid-stream is a 499, or a
 200 when the whole stream had reached it first). The load
 average is printed (the development machine is shared). Results go to stdout and
@@ -76,22 +78,34 @@ async def one(s: aiohttp.ClientSession, url: str, i: int, kind: str, out: Counte
         out[f"client error {type(exc).__name__}"] += 1
 
 
+async def event_loop_tasks(s: aiohttp.ClientSession, url: str) -> int:
+    """pylb's `pylb_event_loop_tasks` (asyncio tasks alive in its loop), from its /metrics."""
+    async with s.get(url + "/metrics", timeout=aiohttp.ClientTimeout(total=30)) as r:
+        text = await r.text()
+    line = next(line for line in text.splitlines() if line.startswith("pylb_event_loop_tasks "))
+    return int(float(line.split()[1]))
+
+
 async def drive(url: str, pid: int, n: int, rate: float, concurrency: int, sample_s: float) -> dict[str, Any]:
     rng = random.Random(0)
     out: Counter[str] = Counter()
-    samples: list[tuple[float, float, int]] = []
+    samples: list[tuple[float, float, int, int]] = []
     sem = asyncio.Semaphore(concurrency)
-    t0 = time.monotonic()
     done = asyncio.Event()
+    async with aiohttp.ClientSession() as s:
+        idle_tasks_before = await event_loop_tasks(s, url)
+    t0 = time.monotonic()
 
     async def sampler() -> None:
-        while not done.is_set():
-            rss, fds = proc_stats(pid)
-            samples.append((round(time.monotonic() - t0, 1), round(rss, 1), fds))
-            try:
-                await asyncio.wait_for(done.wait(), sample_s)
-            except asyncio.TimeoutError:
-                pass
+        async with aiohttp.ClientSession() as metrics_session:
+            while not done.is_set():
+                rss, fds = proc_stats(pid)
+                tasks = await event_loop_tasks(metrics_session, url)
+                samples.append((round(time.monotonic() - t0, 1), round(rss, 1), fds, tasks))
+                try:
+                    await asyncio.wait_for(done.wait(), sample_s)
+                except asyncio.TimeoutError:
+                    pass
 
     async def guarded(s: aiohttp.ClientSession, i: int, kind: str) -> None:
         try:
@@ -119,8 +133,10 @@ async def drive(url: str, pid: int, n: int, rate: float, concurrency: int, sampl
     idle_rss, idle_fds = proc_stats(pid)
     done.set()
     await sampling
-    async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
-        text = await r.text()
+    async with aiohttp.ClientSession() as s:
+        idle_tasks_after = await event_loop_tasks(s, url)
+        async with s.get(url + "/metrics") as r:
+            text = await r.text()
     counted: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
         for smp in fam.samples:
@@ -137,6 +153,7 @@ async def drive(url: str, pid: int, n: int, rate: float, concurrency: int, sampl
         "pylb_requests_total": counted, "counts_match": counts_match(out, counted),
         "rss_mb_after_warmup": [min(x[1] for x in rest), max(x[1] for x in rest)], "rss_spread": spread([x[1] for x in rest]),
         "fds_after_warmup": [min(x[2] for x in rest), max(x[2] for x in rest)], "fds_idle_after": idle_fds, "rss_mb_idle_after": round(idle_rss, 1),
+        "tasks_after_warmup": [min(x[3] for x in rest), max(x[3] for x in rest)], "tasks_idle_before": idle_tasks_before, "tasks_idle_after": idle_tasks_after,
         "samples": samples,
     }  # fmt: skip
 
@@ -178,6 +195,7 @@ def main() -> int:
     print(f"client counts {res['client_counts']}; pylb_requests_total {res['pylb_requests_total']}; match: {res['counts_match']}")
     print(f"after warm-up: RSS {res['rss_mb_after_warmup'][0]}-{res['rss_mb_after_warmup'][1]} MB (spread {res['rss_spread']:.1%}), "
           f"descriptors {res['fds_after_warmup'][0]}-{res['fds_after_warmup'][1]}, idle after the load: {res['fds_idle_after']} descriptors, {res['rss_mb_idle_after']} MB")  # fmt: skip
+    print(f"event-loop tasks: {res['tasks_idle_before']} idle before, {res['tasks_after_warmup'][0]}-{res['tasks_after_warmup'][1]} under load, {res['tasks_idle_after']} idle after")
     print(f"results in {args.out}")
     return 0 if res["counts_match"] else 1
 

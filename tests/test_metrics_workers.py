@@ -64,12 +64,12 @@ def test_merge_snapshots_sums_loads_and_keeps_counters_of_exited_workers() -> No
                            dispatched=dispatched, dispatched_prompt_tokens=tokens, predicted_cached_tokens=cached)  # fmt: skip
         return ReplicaSnapshot(url, healthy, load, observed_queries=queries, observed_hits=queries // 2, kv_cache_usage=kv)
 
-    a = ProxySnapshot(1, 2, 1.5, True, [rep("r1", True, 1, 10, 1000, 400, 500, 0.5), rep("r2", True, 0, 5, 500, 100, 300, None)])
-    b = ProxySnapshot(2, 1, 2.0, True, [rep("r1", True, 2, 7, 700, 300, 520, 0.6), rep("r2", False, 1, 3, 300, 0, 290, 0.2)])
-    gone = ProxySnapshot(9, 9, 8.0, True, [rep("r1", True, 9, 4, 400, 0, 600, 0.9), rep("r2", True, 9, 1, 100, 0, 10, 0.9)])
+    a = ProxySnapshot(1, 2, 1.5, True, [rep("r1", True, 1, 10, 1000, 400, 500, 0.5), rep("r2", True, 0, 5, 500, 100, 300, None)], event_loop_tasks=12)
+    b = ProxySnapshot(2, 1, 2.0, True, [rep("r1", True, 2, 7, 700, 300, 520, 0.6), rep("r2", False, 1, 3, 300, 0, 290, 0.2)], event_loop_tasks=9)
+    gone = ProxySnapshot(9, 9, 8.0, True, [rep("r1", True, 9, 4, 400, 0, 600, 0.9), rep("r2", True, 9, 1, 100, 0, 10, 0.9)], event_loop_tasks=50)
     assert snapshot_from_dict(__import__("dataclasses").asdict(b)) == b  # what goes through the folder comes back whole
     m = merge_snapshots([(a, True), (b, True), (gone, False)])
-    assert (m.queue_depth, m.in_progress, m.hotspot_factor, m.predicted_known) == (3, 3, 2.0, True)  # live workers only
+    assert (m.queue_depth, m.in_progress, m.hotspot_factor, m.predicted_known, m.event_loop_tasks) == (3, 3, 2.0, True, 21)  # live workers only
     r1, r2 = m.replicas
     assert (r1.load.inflight, r1.load.unprefilled_tokens) == (3, 30)  # live workers' work in progress
     assert (r1.load.dispatched, r1.load.dispatched_prompt_tokens, r1.load.predicted_cached_tokens) == (21, 2100, 700)  # all

@@ -175,6 +175,7 @@ async def test_health_ready_and_metrics_pages() -> None:
         assert value(m, "pylb_observed_prefix_cache_hit_rate", replica="fleet") == pytest.approx(176 / 360)
         assert value(m, "pylb_hotspot_factor") == 1.0
         assert value(m, "pylb_queue_depth") == 0 and value(m, "pylb_requests_in_progress") == 0
+        assert value(m, "pylb_event_loop_tasks") >= 1  # at least the handler answering this scrape
 
 
 async def test_client_disconnect_aborts_the_request_on_the_replica() -> None:

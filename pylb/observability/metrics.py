@@ -44,7 +44,7 @@ proxy is made:
   counters, so summing `observed` would count each token N times). Each worker publishes its
   `ProxySnapshot` as JSON in the folder every `PUBLISH_INTERVAL_S` and whenever it answers a
   scrape; the answering worker merges its fresh snapshot with the others' (`merge_snapshots`:
-  queue depth, in-flight and un-prefilled work summed over live workers; dispatch counters
+  queue depth, in-flight and un-prefilled work and event-loop tasks summed over live workers; dispatch counters
   summed over all workers, exited ones included; observed cache counters the largest any
   worker saw; a replica healthy only when every live worker has it in rotation; scraped
   replica gauges from the freshest worker; hotspot factor the worst live worker's), and
@@ -98,6 +98,7 @@ SERIES: dict[str, str] = {
     "pylb_queue_wait_seconds": "time requests waited in pylb's router-side queue",
     "pylb_routing_decision_seconds": "router CPU time per routing event (submit plus poll)",
     "pylb_queue_depth": "requests waiting in pylb's router-side queues",
+    "pylb_event_loop_tasks": "asyncio tasks alive in pylb's event loop (summed over workers): flat under steady load, back to its idle count after; growth is a leak",
     "pylb_replica_healthy": "1 when the replica is in rotation, else 0",
     "pylb_replica_inflight_requests": "requests dispatched to the replica and not finished",
     "pylb_replica_unprefilled_requests": "dispatched requests whose first token has not come yet",
@@ -154,6 +155,7 @@ class ProxySnapshot:
     predicted_known: bool = False
     replicas: Sequence[ReplicaSnapshot] = field(default_factory=list)
     ttft_prediction_error: tuple[float, float] | None = None
+    event_loop_tasks: int = 0
 
 
 def _add_ratio(family: GaugeMetricFamily, labels: list[str], num: float, den: float) -> None:
@@ -180,6 +182,7 @@ class _StateCollector(Collector):
         yield g
         yield GaugeMetricFamily("pylb_requests_in_progress", SERIES["pylb_requests_in_progress"], value=s.in_progress)
         yield GaugeMetricFamily("pylb_hotspot_factor", SERIES["pylb_hotspot_factor"], value=s.hotspot_factor)
+        yield GaugeMetricFamily("pylb_event_loop_tasks", SERIES["pylb_event_loop_tasks"], value=s.event_loop_tasks)
         if s.ttft_prediction_error is not None:
             err = gauge("pylb_ttft_prediction_error_seconds", ("quantile",))
             for q, v in zip(("0.5", "0.9"), s.ttft_prediction_error):
@@ -515,6 +518,7 @@ def merge_snapshots(parts: Sequence[tuple[ProxySnapshot, bool]]) -> ProxySnapsho
         in_progress=sum(s.in_progress for s in live),
         hotspot_factor=max((s.hotspot_factor for s in live), default=0.0),
         predicted_known=any(snap.predicted_known for snap, _ in parts),
+        event_loop_tasks=sum(s.event_loop_tasks for s in live),
         replicas=list(replicas.values()),
     )
 

@@ -183,7 +183,16 @@ class Balancer:
             predicted_known=self.dispatcher.predicted_known,
             replicas=reps,
             ttft_prediction_error=self.router.ttft_prediction_error(),
+            event_loop_tasks=_event_loop_tasks(),
         )
+
+
+def _event_loop_tasks() -> int:
+    """Tasks alive in the running event loop (0 when called outside one)."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:
+        return 0
 
 
 def _expire(fut: asyncio.Future[Dispatch]) -> None:

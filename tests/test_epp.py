@@ -424,6 +424,25 @@ async def test_full_duplex_streamed_body_is_routed_at_its_end_and_sent_back() ->
             assert epp.balancer.metrics.requests.get("chat", "200") == 1
 
 
+def test_router_reassign_moves_the_mirrors_credit_with_the_request() -> None:
+    """After a move the old replica is no longer credited with the blocks its dispatch added (it
+    never saw the request; what it held before stays), and the new one holds the prompt."""
+    from policy_fakes import core, req
+
+    r = core(2)
+    r.submit(req("0/warm", tokens=64, hashes=[11, 12]), 0.0)
+    assert [d.replica for d in r.poll(0.0)] == ["r0"]
+    r.on_complete("0/warm", "r0", 0.1, None)
+    r.submit(req("0/x", tokens=128, hashes=[11, 12, 13, 14]), 0.2)
+    assert [d.replica for d in r.poll(0.2)] == ["r0"]
+    probe = req("probe", hashes=[11, 12, 13, 14])
+    assert list(r.cached_blocks(probe)) == [4, 0]  # credited at dispatch
+    assert r.reassign("0/x", "r1", 0.3)
+    assert list(r.cached_blocks(probe)) == [2, 4]  # r0 keeps what it held before; r1 holds the prompt
+    assert r.reassign("0/x", "r0", 0.4)  # and back: r1 had nothing before
+    assert list(r.cached_blocks(probe)) == [4, 0]
+
+
 def test_router_reassign_moves_in_flight_and_prefill_accounting() -> None:
     """The hook behind the served endpoint and the subset hint: `Router.reassign` (the core's)
     through `RouterDriver.move`; the policy sees a completion on the old replica and a dispatch

@@ -43,6 +43,20 @@ def test_event_mirror_applies_events_and_recent_dispatches() -> None:
     assert m.match(keys(7)).tolist() == [1]
 
 
+def test_a_forgotten_dispatch_leaves_the_engines_own_blocks() -> None:
+    """`forget_dispatch` (a request moved to another replica) drops pylb's recent dispatch there,
+    in both generations, and never what the engine's events reported."""
+    m = EventMirror(grace_s=2.0)
+    m.add_replica()
+    m.stored(0, keys(1, 2))
+    m.record_dispatch(0, keys(1, 2, 3, 4), now=10.0)
+    m.advance(11.1)  # now in the older generation
+    m.record_dispatch(0, keys(1, 2, 3), now=11.2)
+    assert m.match(keys(1, 2, 3, 4)).tolist() == [4]
+    m.forget_dispatch(0, keys(3, 4))
+    assert m.match(keys(1, 2, 3, 4)).tolist() == [2]
+
+
 def request(rid: str, text: bytes, engine: np.ndarray | None, block_size: int = 32) -> RoutingRequest:
     return RoutingRequest(rid, native.block_hashes(text, 64), prompt_tokens=len(text) // 4, max_tokens=4, arrival=0.0,
                           engine_keys=engine, engine_block_size=block_size if engine is not None else 0)  # fmt: skip

@@ -151,6 +151,7 @@ class _Entry:
     version: int = 0  # bumped whenever it leaves a queue: heap items of older versions are stale
     dispatched_at: float = math.nan
     ahead: int = 0  # un-prefilled tokens on the replica at dispatch, its own included
+    mirror_held: int = 0  # leading blocks the predicted mirror held on `replica` before the dispatch credited it with the rest
     submitted_at: float = math.nan
     predicted: float = math.nan  # predicted TTFT from submit, when it was (last) queued
 
@@ -270,7 +271,8 @@ class CoreRouter(Router):
         if self._match_for != key or self._match_req is not request:
             if not self.replicas:
                 self._match_val = np.zeros(0, np.int64)
-            elif ev is not None and request.engine_keys is not None and request.engine_block_size > 0:
+            elif not self._predicted_mirror_matches(request):
+                assert ev is not None and request.engine_keys is not None
                 engine_blocks = ev.match(request.engine_keys)
                 self._match_val = np.floor_divide(engine_blocks * request.engine_block_size, self._tpb).astype(np.int64)
             else:
@@ -278,6 +280,10 @@ class CoreRouter(Router):
             self._match_for = key
             self._match_req = request
         return self._match_val
+
+    def _predicted_mirror_matches(self, request: RoutingRequest) -> bool:
+        """Whether `cached_blocks` answers from the predicted mirror (else from the events mirror)."""
+        return self.events is None or request.engine_keys is None or request.engine_block_size <= 0
 
     def uncached_tokens(self, request: RoutingRequest, replica: int) -> int:
         """Prompt tokens `replica` would compute for the request (mirror estimate, >= 0)."""
@@ -420,7 +426,12 @@ class CoreRouter(Router):
     def reassign(self, request_id: str, replica: ReplicaId, now: float) -> bool:
         """Move a dispatched request's in-flight (and, before its first token, un-prefilled)
         accounting to `replica`; the policy sees it complete on the old replica and dispatched on
-        the new one, and the mirror learns the new replica holds its prefix."""
+        the new one. The mirrors move with it: the old replica loses the blocks its dispatch
+        credited it with (those it did not hold before; it never saw the request), and the new
+        one is credited with the prompt. (Should another request of the same prefix have been
+        dispatched to the old replica in between, it loses that credit too until its engine's
+        events or its next dispatch there restore it; moves are rare: an endpoint picker's
+        fallback.)"""
         self._tick(now)
         e = self._entries.get(request_id)
         new = self._index.get(replica)
@@ -428,15 +439,24 @@ class CoreRouter(Router):
             return False
         if new == e.replica:
             return True
+        hashes, keys = e.req.block_hashes, e.req.engine_keys
         if e.replica >= 0:
             self._count_in_flight(e, e.replica, -1)
             self.policy.on_complete(request_id, e.replica, self._view)
+            if len(hashes) > e.mirror_held:
+                self.mirror.remove(e.replica, hashes[e.mirror_held :])
+                self._mirror_version += 1
+            if self.events is not None and keys is not None:
+                self.events.forget_dispatch(e.replica, keys)
         e.cost = self._uncached(e.req, int(self.cached_blocks(e.req)[new]))
         self._count_in_flight(e, new, +1)
         e.replica = new
-        if len(e.req.block_hashes):
-            self.mirror.insert(new, e.req.block_hashes)
+        if len(hashes):
+            e.mirror_held = int(self.mirror.match(hashes)[new])
+            self.mirror.insert(new, hashes)
             self._mirror_version += 1
+        if self.events is not None and keys is not None:
+            self.events.record_dispatch(new, keys, now)
         self.policy.on_dispatch(e.req, new, self._view)
         return True
 
@@ -731,6 +751,7 @@ class CoreRouter(Router):
             self._compare(e.req, r, s.name)
             self.events.record_dispatch(r, e.req.engine_keys, now)
         if len(e.req.block_hashes):
+            e.mirror_held = cached if self._predicted_mirror_matches(e.req) else int(self.mirror.match(e.req.block_hashes)[r])
             self.mirror.insert(r, e.req.block_hashes)
             self._mirror_version += 1
         e.cached = None

@@ -120,6 +120,14 @@ class EventMirror:
             self._recent[0].insert(i, keys)
             self.version += 1
 
+    def forget_dispatch(self, i: int, keys: np.ndarray) -> None:
+        """pylb's dispatch of these keys to replica i did not happen there (the request was served
+        elsewhere): drop them from i's recent dispatches (its observed blocks stay)."""
+        if len(keys):
+            for r in self._recent:
+                r.remove(i, keys)
+            self.version += 1
+
     def advance(self, now: float) -> None:
         """Rotate the recent-dispatch generations when grace_s / 2 has passed."""
         if now - self._rotated_at < self.grace_s / 2:

@@ -32,7 +32,7 @@ async def test_openai_sdk_completions_and_chat_stream_and_not() -> None:
     async with fake_fleet(2) as fleet, running_proxy(settings([s.url for s in fleet])) as proxy, client(proxy) as c:
         urls = {s.url for s in fleet}
         raw = await c.completions.with_raw_response.create(model=MODEL, prompt=PROMPT, max_tokens=5, extra_body={"ignore_eos": True})
-        assert raw.headers["x-pylb-replica"] in urls and raw.headers["x-request-id"]
+        assert raw.headers["x-pylb-replica"] in urls and raw.headers["x-request-id"] and raw.headers["x-pylb-attempts"] == "1"
         r = raw.parse()
         assert r.choices[0].text == GEN_TOKEN_TEXT * 5 and r.usage.completion_tokens == 5 and r.usage.prompt_tokens == 90
 

@@ -154,7 +154,7 @@ async def test_retry_on_5xx_goes_to_another_replica() -> None:
         async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as c:
             for _ in range(4):
                 raw = await c.completions.with_raw_response.create(model="m", prompt="hello")
-                assert raw.headers["x-pylb-replica"] == good.url
+                assert raw.headers["x-pylb-replica"] == good.url and raw.headers["x-pylb-attempts"] == "2"
         # round-robin sends every first attempt to the bad replica, every retry to the good one
         assert len(bad.requests) == 4 and len(good.requests) == 4
         m = await scrape(proxy)
@@ -194,6 +194,7 @@ async def test_retry_hook_of_the_router_is_used_when_present() -> None:
         async with aiohttp.ClientSession() as s:
             status, _, headers = await post(s, proxy.url, {"prompt": "x"})
         assert status == 200 and headers["x-pylb-replica"] == good.url
+        assert headers["x-pylb-attempts"] == "2"  # the bad replica, then the good one
     (ev,) = router.of("retry")
     assert ev[2] == bad.url
     assert len(router.of("submit", ev[1])) == 1  # the retry went through the hook, not submit

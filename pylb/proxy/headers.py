@@ -9,7 +9,8 @@ drops `Host` (the replica's own is written by the connection pool), `Content-Len
 `X-Request-Id` (pylb sets the one it uses) and, unless `upstream.forward_authorization` says
 otherwise, `Authorization` (a client's key for pylb is not a key for the replicas). Towards a
 client, the replica's `Content-Length` is dropped (aiohttp frames the answer) and every answer
-names the replica (`x-pylb-replica`, its label) and the request (`x-request-id`).
+names the replica (`x-pylb-replica`, its label), the request (`x-request-id`) and how many
+replicas were tried before this answer (`x-pylb-attempts`: 1, or more after retries).
 
 Routed requests build their upstream header block from the raw header pairs as bytes
 (`raw_request_headers`), without decoding them to `str` and back.
@@ -93,11 +94,13 @@ def raw_request_headers(raw: tuple[tuple[bytes, bytes], ...], request_id: str, s
     return b"".join(out)
 
 
-def response_headers(upstream_headers: Any, request_id: str, replica_label: str) -> CIMultiDict[str]:
+def response_headers(upstream_headers: Any, request_id: str, replica_label: str, attempts: int = 1) -> CIMultiDict[str]:
     """The headers of a replica's answer as the client gets them: `RESPONSE_SKIP` dropped,
-    `x-pylb-replica` and `x-request-id` set."""
+    `x-pylb-replica`, `x-pylb-attempts` (this answer's attempt, 1 without retries) and
+    `x-request-id` set."""
     h: CIMultiDict[str] = CIMultiDict(strip_header_pairs(upstream_headers, RESPONSE_SKIP))
     h["x-pylb-replica"] = replica_label
+    h["x-pylb-attempts"] = str(attempts)
     h["x-request-id"] = request_id
     return h
 

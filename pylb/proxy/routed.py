@@ -16,7 +16,7 @@ stream is spliced: each piece read from the replica is written to the client's s
 upstream connection's data callback (`_Splice`), with no task switch per chunk, and the replica
 is paused while the client's socket buffer is full. Other answers
 (non-streamed, or errors) are read whole and sent with their status and headers. Every response
-carries `x-pylb-replica` (the replica's base URL) and `x-request-id`.
+carries `x-pylb-replica` (the replica's base URL), `x-pylb-attempts` and `x-request-id`.
 
 Non-streamed requests and prefill. vLLM sends nothing of a non-streamed answer until it is
 complete, so pylb cannot see when its prefill ended. Two ways were possible: turn the request into
@@ -290,7 +290,7 @@ class RoutedPath:
             except UPSTREAM_ERRORS as exc:
                 done = True
                 raise self._failed(rid, replica, exc, "while reading the answer") from None
-            resp = web.Response(status=status, body=data, headers=response_headers(up.headers, rid, self.names.label(replica)))
+            resp = web.Response(status=status, body=data, headers=response_headers(up.headers, rid, self.names.label(replica), ex.attempts))
             if status >= 500:
                 if status in self.eject_statuses:  # the replica says it cannot serve; a 500 answers this request only
                     self.fleet.report_5xx(replica, status)
@@ -339,7 +339,7 @@ class RoutedPath:
         disp.first_token(rid, replica)
         ex.ttft = now - ex.t_start
         self.metrics.observe_ttft(ex.endpoint, ex.ttft)
-        out = web.StreamResponse(status=up.status, headers=response_headers(up.headers, rid, self.names.label(replica)))
+        out = web.StreamResponse(status=up.status, headers=response_headers(up.headers, rid, self.names.label(replica), ex.attempts))
         await out.prepare(request)
         if not first:  # the stream ended at once, without its [DONE] event
             disp.complete(rid, replica, None)

@@ -47,6 +47,14 @@ Usage (from the repository root; paths are examples):
         --target 'pylb=pylb' --target 'sglang-ca=sglang --policy cache_aware' \\
         --target 'vllmr-p2=vllm-router --policy power_of_two' --reps 3 --out bench/results/peers.json
 
+pylb on vLLM's KV events (`router.cache_state: events`): give each replica its own event endpoint
+and pylb the model's tokenizer (the harness hands pylb each replica's endpoint):
+
+    python bench/peers/run.py ... --vllm-args "--num-gpu-blocks-override 256 --block-size 32 \\
+        --prefix-caching-hash-algo sha256_cbor --kv-events-config \\
+        '{\"enable_kv_cache_events\":true,\"publisher\":\"zmq\",\"endpoint\":\"ipc://{logs}/kv-{replica}.sock\"}'" \\
+        --target 'pylb=pylb' --target 'pylb-events=pylb --router-cache-state events --kv-events-tokenizer {model} --kv-events-block-size 32'
+
 The peer routers, each in its own virtual environment (any folders; pass them as below):
 
     python3 -m venv SGLANG_VENV && SGLANG_VENV/bin/pip install sglang-router==0.3.2

@@ -169,6 +169,7 @@ ROUTER_OPTION_FIELDS: dict[str, str] = {
     "migration_scan": "migration_scan",
     "prefill_s_per_token": "prefill_seconds_per_token",
     "prefill_learning_rate": "prefill_learning_rate",
+    "prefill_intercept": "prefill_intercept",
     "cache_capacity_tokens": "cache_capacity_tokens",
     "cache_state": "cache_state",
     "events_grace_s": "events_grace_s",
@@ -210,6 +211,7 @@ class RouterSettings:
     migration_scan: int = _core("migration_scan")
     prefill_s_per_token: float = _core("prefill_seconds_per_token")
     prefill_learning_rate: float = _core("prefill_learning_rate")
+    prefill_intercept: bool = _core("prefill_intercept")
     cache_capacity_tokens: int = _core("cache_capacity_tokens")
     cache_state: str = _core("cache_state")
     events_grace_s: float = _core("events_grace_s")

@@ -226,6 +226,40 @@ def test_ttft_estimator_converges_to_the_observed_rate() -> None:
     assert est.samples == 200
 
 
+def test_the_affine_estimator_separates_a_per_request_constant_from_the_per_token_time() -> None:
+    """prefill_intercept: latencies of 0.3 s + 1e-4 s per token ahead are fitted as such; through
+    the origin the same data inflate the slope (short queues under-, long ones over-predicted)."""
+    affine, origin = PrefillTimeEstimator(1e-4, 0.05, affine=True), PrefillTimeEstimator(1e-4, 0.05)
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        tokens = int(rng.integers(200, 20_000))
+        d = (0.3 + 1e-4 * tokens) * rng.uniform(0.95, 1.05)
+        affine.observe(d, tokens)
+        origin.observe(d, tokens)
+    assert affine.seconds_per_token == pytest.approx(1e-4, rel=0.1) and affine.intercept_seconds == pytest.approx(0.3, rel=0.15)
+    assert origin.intercept_seconds == 0 and origin.seconds_per_token > 1.1e-4
+    same = PrefillTimeEstimator(1e-4, 0.05, affine=True)
+    for _ in range(200):  # every observation with the same tokens ahead: no intercept can be told apart
+        same.observe(0.5, 1000)
+    assert same.intercept_seconds == 0 and same.seconds_per_token == pytest.approx(5e-4, rel=0.01)
+
+
+def test_the_core_adds_the_learned_intercept_to_its_predictions() -> None:
+    r = core(prefill_seconds_per_token=1e-3, max_unprefilled_requests=1, prefill_intercept=True)
+    t = 0.0
+    for k in range(300):
+        tokens = 200 + (k * 37) % 1800
+        r.submit(req(f"1/{k}", tokens=tokens), t)
+        r.poll(t)
+        t += 0.2 + 5e-5 * tokens
+        r.on_first_token(f"1/{k}", "r1", t)
+        r.on_complete(f"1/{k}", "r1", t, Usage(tokens, 4))
+    s = r.replicas[1]
+    assert s.prefill_seconds_per_token == pytest.approx(5e-5, rel=0.05) and s.ttft_intercept_s == pytest.approx(0.2, rel=0.05)
+    assert r.replica_ttft(1) == pytest.approx(s.ttft_intercept_s)  # nothing queued: the constant alone
+    assert core().replicas[0].ttft_intercept_s == 0  # off by default
+
+
 def test_core_learns_prefill_time_from_first_tokens() -> None:
     r = core(prefill_seconds_per_token=1e-3, max_unprefilled_requests=1)
     assert [s.prefill_seconds_per_token for s in r.replicas] == [1e-3, 1e-3]  # the seed

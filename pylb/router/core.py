@@ -113,7 +113,7 @@ from pylb import native
 from .event_mirror import EventMirror
 from .interface import Dispatch, Overloaded, ReplicaId, ReplicaMetrics, ReplicaState, Router, RouterOptions, RoutingRequest, Usage
 from .policy import BRANCHES, Choice, Policy
-from .ttft import PrefillTimeEstimator, blended
+from .ttft import PrefillTimeEstimator, blended, blended_intercept
 
 _QUEUED, _DISPATCHED, _PREFILLED, _UNPLACED = 0, 1, 2, 3
 
@@ -238,7 +238,7 @@ class CoreRouter(Router):
         self._match_for: tuple[int, int, int] | None = None  # (id(request), mirror versions) of _match_val
         self._match_val: np.ndarray = np.zeros(0, dtype=np.int64)
         self._match_req: RoutingRequest | None = None  # keeps id() of the memo valid
-        self._fleet_estimator = PrefillTimeEstimator(o.prefill_seconds_per_token, o.prefill_learning_rate)
+        self._fleet_estimator = PrefillTimeEstimator(o.prefill_seconds_per_token, o.prefill_learning_rate, o.prefill_intercept)
         self._queued_total = 0
         self._stale = 0
         self._view = CoreView(self)
@@ -298,9 +298,10 @@ class CoreRouter(Router):
         return self._ttft_with(replica, 0)
 
     def _ttft_with(self, replica: int, own_tokens: int) -> float:
-        """The predicted-TTFT formula: (queued + un-prefilled + own_tokens) x seconds per token."""
+        """The predicted-TTFT formula: (queued + un-prefilled + own_tokens) x seconds per token
+        (plus the learned per-request constant with `prefill_intercept`)."""
         s = self.replicas[replica]
-        return (s.queued_tokens + s.unprefilled_tokens + own_tokens) * s.prefill_seconds_per_token
+        return (s.queued_tokens + s.unprefilled_tokens + own_tokens) * s.prefill_seconds_per_token + s.ttft_intercept_s
 
     def _admission_ttft(self, request: RoutingRequest, replica: int, limit: float) -> float:
         """The request's TTFT on `replica` as admission control judges it: 0 on an idle replica;
@@ -315,14 +316,14 @@ class CoreRouter(Router):
         if full <= limit or self.options.queue_order != "cheapest":
             return full
         own = self.uncached_tokens(request, replica)
-        rate = s.prefill_seconds_per_token
-        if (s.unprefilled_tokens + own) * rate > limit:
+        rate, const = s.prefill_seconds_per_token, s.ttft_intercept_s
+        if (s.unprefilled_tokens + own) * rate + const > limit:
             return full  # hopeless before counting the queue
         ahead = 0
         for item in self._queues[replica].order:  # (-priority, rank = cost, arrival, seq, version, entry)
             if _live(item) and (-item[0] > request.priority or (-item[0] == request.priority and item[1] <= own)):
                 ahead += item[-1].cost
-        return (s.unprefilled_tokens + ahead + own) * rate
+        return (s.unprefilled_tokens + ahead + own) * rate + const
 
     def _new_entry(self, request: RoutingRequest, known_message: str) -> _Entry:
         """Track a request (ValueError naming it, with `known_message`, if it is tracked already,
@@ -407,6 +408,8 @@ class CoreRouter(Router):
         for q, rs in zip(self._queues, self.replicas):  # every replica leans on the fleet estimate
             assert q.estimator is not None
             rs._prefill_seconds_per_token = blended(q.estimator, fleet)
+            if self.options.prefill_intercept:
+                rs._ttft_intercept_s = blended_intercept(q.estimator, fleet)
 
     def on_complete(self, request_id: str, replica: ReplicaId, now: float, usage: Usage | None) -> None:
         """Forget the request; free its in-flight slot (and budget, if it never got a first token)."""
@@ -592,7 +595,7 @@ class CoreRouter(Router):
             if self.events is not None:
                 self.events.add_replica()
             states.append(ReplicaState(n, 0, prefill_seconds_per_token=fleet_rate, cache_capacity_blocks=self._default_capacity))
-            queues.append(_Queue(estimator=PrefillTimeEstimator(fleet_rate, self.options.prefill_learning_rate)))
+            queues.append(_Queue(estimator=PrefillTimeEstimator(fleet_rate, self.options.prefill_learning_rate, self.options.prefill_intercept)))
         for k, s in enumerate(states):
             s._index = k
         self._mirror_version += 1

@@ -37,6 +37,16 @@ so a replica that has served nothing yet (it just joined, or no policy picked it
 at the fleet's rate rather than at the seed, which would make it look slower (or faster) than
 every busy replica and keep it out of (or flood it with) the traffic.
 
+Option `prefill_intercept` (off by default): fit d = c + a x s instead, with the same weights and
+decay (two more decayed means, of 1/a and of d/a, and the 2x2 normal equations), and predict
+c + (queued + unprefilled + uncached) x s. On a real vLLM the request path outside the engine
+(tokenizing, the API server's hop to the engine core and back) costs a roughly constant time per
+request that grows when the replica is busy (174-365 ms per request measured on a loaded CPU
+replica, BENCHMARKS.md "Inside the engines"); through the origin that constant inflates the
+per-token slope, so a long queue is over-predicted and a short one under-predicted. The fit falls
+back to the origin when the observations do not determine an intercept (all a alike) or give a
+negative one.
+
 Sources: the linear prefill-time model of DualMap's SLO-aware routing (arXiv 2602.06502) and of
 Preble; the decayed ratio estimator is the standard EWMA of rate = time / work.
 """
@@ -60,6 +70,12 @@ def blended(own: PrefillTimeEstimator, fleet: PrefillTimeEstimator) -> float:
     return (n * own.seconds_per_token + SHRINK_SAMPLES * fleet.seconds_per_token) / (n + SHRINK_SAMPLES)
 
 
+def blended_intercept(own: PrefillTimeEstimator, fleet: PrefillTimeEstimator) -> float:
+    """A replica's per-request constant, shrunk towards the fleet's as `blended` does."""
+    n = own.samples
+    return (n * own.intercept_seconds + SHRINK_SAMPLES * fleet.intercept_seconds) / (n + SHRINK_SAMPLES)
+
+
 class PrefillTimeEstimator:
     """Learns seconds per uncached prompt token from (latency, tokens ahead) observations.
 
@@ -68,9 +84,9 @@ class PrefillTimeEstimator:
         learning_rate: weight w of each observation in the decayed sums, 0 < w <= 1.
     """
 
-    __slots__ = ("_seconds", "_tokens", "_rate", "samples")
+    __slots__ = ("_seconds", "_tokens", "_rate", "samples", "_affine", "_inv_tokens", "_seconds_per_token", "_fit")
 
-    def __init__(self, seed_seconds_per_token: float, learning_rate: float = 0.05) -> None:
+    def __init__(self, seed_seconds_per_token: float, learning_rate: float = 0.05, affine: bool = False) -> None:
         if not (seed_seconds_per_token > 0 and math.isfinite(seed_seconds_per_token)):
             raise ValueError(f"seed_seconds_per_token must be a positive number, got {seed_seconds_per_token!r}")
         if not 0 < learning_rate <= 1:
@@ -80,11 +96,33 @@ class PrefillTimeEstimator:
         self._rate = learning_rate
         self.samples = 0
         """Observations so far."""
+        self._affine = affine
+        # with `affine`: decayed means of 1/a and d/a (the prior's one observation: a = A0, d = s0 A0)
+        self._inv_tokens = 1.0 / PRIOR_TOKENS
+        self._seconds_per_token = seed_seconds_per_token
+        self._fit = (seed_seconds_per_token, 0.0)  # (slope, intercept)
 
     @property
     def seconds_per_token(self) -> float:
         """The current estimate s (seconds per uncached prompt token)."""
-        return self._seconds / self._tokens
+        return self._fit[0] if self._affine else self._seconds / self._tokens
+
+    @property
+    def intercept_seconds(self) -> float:
+        """The fitted per-request constant c (0 unless `affine`)."""
+        return self._fit[1]
+
+    def _refit(self) -> None:
+        """Solve the weighted normal equations c E[1/a] + s = E[d/a], c + s E[a] = E[d]."""
+        inv, a, q, d = self._inv_tokens, self._tokens, self._seconds_per_token, self._seconds
+        det = inv * a - 1.0  # >= 0 (Jensen), 0 when every a was the same
+        if det > 1e-3:
+            s = (inv * d - q) / det
+            c = (q * a - d) / det
+            if s > 0 and c >= 0:
+                self._fit = (s, c)
+                return
+        self._fit = (d / a, 0.0)
 
     def observe(self, latency_s: float, tokens_ahead: int) -> None:
         """Add one observation: `latency_s` from dispatch to first token with `tokens_ahead`
@@ -95,6 +133,11 @@ class PrefillTimeEstimator:
         if not (latency_s >= 0 and math.isfinite(latency_s)):
             return
         w = self._rate
+        a = max(1, tokens_ahead)
         self._seconds += w * (latency_s - self._seconds)
-        self._tokens += w * (max(1, tokens_ahead) - self._tokens)
+        self._tokens += w * (a - self._tokens)
         self.samples += 1
+        if self._affine:
+            self._inv_tokens += w * (1.0 / a - self._inv_tokens)
+            self._seconds_per_token += w * (latency_s / a - self._seconds_per_token)
+            self._refit()

@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -128,6 +129,8 @@ class Replica:
         argv = [*self.py, "sim-replicas", "--replicas", "1", "--base-port", str(self.port), "--speed", str(speed or self.speed), "--output-len", "16"]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         read_replica_urls(self.proc, 1)
+        # keep reading its output: a full pipe would block the replica on its next log line
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # type: ignore[union-attr]
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

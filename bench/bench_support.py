@@ -6,7 +6,9 @@ import asyncio
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterable
 
 
 def free_port() -> int:
@@ -33,16 +35,26 @@ async def wait_ready(url: str, timeout: float = 30.0, interval: float = 0.1) -> 
     raise RuntimeError(f"{url} did not become ready within {timeout:g} s")
 
 
+def _drain(stream: Iterable[str]) -> None:
+    for _ in stream:
+        pass
+
+
 def read_replica_urls(proc: subprocess.Popen, n: int) -> list[str]:
     """The base URLs a `pylb sim-replicas` process prints as its replicas come up (its stdout
-    must be a text pipe); raises RuntimeError if it exits before `n` are up."""
+    must be a text pipe); raises RuntimeError if it exits before `n` are up. The rest of its
+    output is then read and dropped by a daemon thread: a pipe nobody reads fills after some
+    64 KB of log lines and then blocks the replicas on their next one (seen in a long soak: every
+    replica stopped answering, pylb answered 503; and in slow-paced stream runs)."""
     urls: list[str] = []
-    assert proc.stdout is not None
+    stdout = proc.stdout
+    assert stdout is not None
     while len(urls) < n:
-        line = proc.stdout.readline()
+        line = stdout.readline()
         if not line:
             raise RuntimeError("sim-replicas exited")
         urls += [w.rstrip(",") for w in line.split() if w.startswith("http://")]
+    threading.Thread(target=_drain, args=(stdout,), daemon=True).start()
     return urls
 
 

@@ -37,9 +37,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -128,15 +128,17 @@ class Replica:
     def start(self, speed: float | None = None) -> None:
         argv = [*self.py, "sim-replicas", "--replicas", "1", "--base-port", str(self.port), "--speed", str(speed or self.speed), "--output-len", "16"]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        read_replica_urls(self.proc, 1)
-        # keep reading its output: a full pipe would block the replica on its next log line
-        threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # type: ignore[union-attr]
+        read_replica_urls(self.proc, 1)  # (its later output is drained, not left to fill the pipe)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)
             self.proc.terminate()
             self.proc.wait(30)
+
+    def restart(self, speed: float | None = None) -> None:
+        self.stop()
+        self.start(speed)
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -146,6 +148,14 @@ class Replica:
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
+
+
+REPLICA_FAULTS: dict[str, tuple[Callable[[Replica], None], Callable[[Replica], None]]] = {
+    "kill": (Replica.kill, Replica.start),
+    "hang": (lambda r: r.signal(signal.SIGSTOP), lambda r: r.signal(signal.SIGCONT)),
+    "slow": (lambda r: r.restart(r.speed / 50), Replica.restart),
+}
+"""How each fault on one replica begins and ends (churn acts on pylb's replica list instead)."""
 
 
 def run_fault(fault: str, url: str, replicas: list[Replica], cfg: Path, pylb: subprocess.Popen, args: argparse.Namespace) -> dict[str, Any]:
@@ -162,26 +172,15 @@ def run_fault(fault: str, url: str, replicas: list[Replica], cfg: Path, pylb: su
         events["sighup"] += 1
 
     def begin() -> None:
-        if fault == "kill":
-            faulty.kill()
-        elif fault == "hang":
-            faulty.signal(signal.SIGSTOP)
-        elif fault == "slow":
-            faulty.stop()
-            faulty.start(faulty.speed / 50)
+        REPLICA_FAULTS[fault][0](faulty)
         events[fault] += 1
 
     def end() -> None:
         if fault == "churn":
             write_config(cfg, port, urls)
             pylb.send_signal(signal.SIGHUP)
-        elif fault == "kill":
-            faulty.start()
-        elif fault == "hang":
-            faulty.signal(signal.SIGCONT)
-        elif fault == "slow":
-            faulty.stop()
-            faulty.start()
+        else:
+            REPLICA_FAULTS[fault][1](faulty)
         asyncio.run(wait_in_rotation(url, urls))
 
     results: dict[str, list[tuple[int, float, str]]] = {"fault_free": [], "fault": []}

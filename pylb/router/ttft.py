@@ -84,7 +84,7 @@ class PrefillTimeEstimator:
         learning_rate: weight w of each observation in the decayed sums, 0 < w <= 1.
     """
 
-    __slots__ = ("_seconds", "_tokens", "_rate", "samples", "_affine", "_inv_tokens", "_seconds_per_token", "_fit")
+    __slots__ = ("_seconds", "_tokens", "_rate", "samples", "_affine", "_inv_tokens", "_latency_per_token", "_fit")
 
     def __init__(self, seed_seconds_per_token: float, learning_rate: float = 0.05, affine: bool = False) -> None:
         if not (seed_seconds_per_token > 0 and math.isfinite(seed_seconds_per_token)):
@@ -99,7 +99,7 @@ class PrefillTimeEstimator:
         self._affine = affine
         # with `affine`: decayed means of 1/a and d/a (the prior's one observation: a = A0, d = s0 A0)
         self._inv_tokens = 1.0 / PRIOR_TOKENS
-        self._seconds_per_token = seed_seconds_per_token
+        self._latency_per_token = seed_seconds_per_token
         self._fit = (seed_seconds_per_token, 0.0)  # (slope, intercept)
 
     @property
@@ -114,7 +114,7 @@ class PrefillTimeEstimator:
 
     def _refit(self) -> None:
         """Solve the weighted normal equations c E[1/a] + s = E[d/a], c + s E[a] = E[d]."""
-        inv, a, q, d = self._inv_tokens, self._tokens, self._seconds_per_token, self._seconds
+        inv, a, q, d = self._inv_tokens, self._tokens, self._latency_per_token, self._seconds
         det = inv * a - 1.0  # >= 0 (Jensen), 0 when every a was the same
         if det > 1e-3:
             s = (inv * d - q) / det
@@ -139,5 +139,5 @@ class PrefillTimeEstimator:
         self.samples += 1
         if self._affine:
             self._inv_tokens += w * (1.0 / a - self._inv_tokens)
-            self._seconds_per_token += w * (latency_s / a - self._seconds_per_token)
+            self._latency_per_token += w * (latency_s / a - self._latency_per_token)
             self._refit()

@@ -55,11 +55,28 @@ pytestmark = [
 ]
 
 
-def envoy_config(gateway_port: int, epp_port: int, admin_port: int, replicas: list[str], duplex: bool = False) -> dict[str, Any]:
+def envoy_config(
+    gateway_port: int, epp_port: int, admin_port: int, replicas: list[str], duplex: bool = False, subset: list[str] | None = None
+) -> dict[str, Any]:
     """examples/envoy-epp.yaml with its three ports and the replicas' addresses changed (and,
     with `duplex`, the processing mode of GIE's reference deployments: FULL_DUPLEX_STREAMED
-    bodies both ways, trailers sent)."""
+    bodies both ways, trailers sent; with `subset`, Envoy's set_metadata filter before ext_proc
+    writes that list of ip:port as the GIE subset hint, `envoy.lb.subset_hint` /
+    `x-gateway-destination-endpoint-subset`, as a gateway does for an InferencePool's subset)."""
     cfg = yaml.safe_load(EXAMPLE.read_text())
+    if subset is not None:
+        (listener,) = cfg["static_resources"]["listeners"]
+        filters = listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+        set_hint = {
+            "name": "envoy.filters.http.set_metadata",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.set_metadata.v3.Config",
+                "metadata": [
+                    {"metadata_namespace": "envoy.lb.subset_hint", "value": {"x-gateway-destination-endpoint-subset": subset}}
+                ],
+            },
+        }
+        filters.insert(0, set_hint)  # before ext_proc, which forwards the namespace to pylb
     if duplex:
         (listener,) = cfg["static_resources"]["listeners"]
         (ext,) = [
@@ -84,12 +101,12 @@ def envoy_config(gateway_port: int, epp_port: int, admin_port: int, replicas: li
 
 
 @contextmanager
-def envoy(tmp_path: Path, epp_port: int, replicas: list[str], duplex: bool = False) -> Iterator[str]:
+def envoy(tmp_path: Path, epp_port: int, replicas: list[str], duplex: bool = False, subset: list[str] | None = None) -> Iterator[str]:
     """A real Envoy in front of pylb epp on `epp_port`; yields the gateway's base URL."""
     assert ENVOY is not None
     gateway, admin = free_port_on(["127.0.0.1"]), free_port_on(["127.0.0.1"])
     cfg_path = tmp_path / "envoy.yaml"
-    cfg_path.write_text(yaml.safe_dump(envoy_config(gateway, epp_port, admin, replicas, duplex)))
+    cfg_path.write_text(yaml.safe_dump(envoy_config(gateway, epp_port, admin, replicas, duplex, subset)))
     log = open(tmp_path / "envoy.log", "wb")
     proc = subprocess.Popen(
         [ENVOY, "-c", str(cfg_path), "--disable-hot-restart", "--concurrency", "1", "--log-level", "warning"],
@@ -124,9 +141,11 @@ async def wait_listening(url: str, timeout: float = 30.0) -> None:
 
 
 @asynccontextmanager
-async def gateway(tmp_path: Path, s: Settings, router: Any = None, duplex: bool = False) -> AsyncIterator[tuple[Any, str]]:
+async def gateway(
+    tmp_path: Path, s: Settings, router: Any = None, duplex: bool = False, subset: list[str] | None = None
+) -> AsyncIterator[tuple[Any, str]]:
     async with running_epp(s, router=router) as epp:
-        with envoy(tmp_path, epp.grpc_port, list(s.fleet.backends), duplex) as url:
+        with envoy(tmp_path, epp.grpc_port, list(s.fleet.backends), duplex, subset) as url:
             await wait_listening(url)
             yield epp, url
 
@@ -306,3 +325,58 @@ async def test_full_duplex_streamed_mode_through_envoy(tmp_path: Path) -> None:
             d = epp.balancer.dispatcher
             await wait_for(lambda: all(d.load(u).inflight == 0 for u in urls), what="nothing in flight")
             assert epp.balancer.metrics.requests.get("chat", "200") == 2 and epp.balancer.metrics.requests.get("completions", "200") == 2
+
+
+async def test_a_subset_hint_set_by_envoy_limits_the_pick(tmp_path: Path) -> None:
+    """A filter before ext_proc (here Envoy's set_metadata) names a subset of the replicas in
+    `envoy.lb.subset_hint`; Envoy forwards it to pylb, which picks only inside it (fallbacks
+    included): every request, whatever its prefix, lands on the subset's replicas. A subset that
+    names no replica pylb knows is a 503 that reaches the client."""
+    async with fake_fleet(3) as servers:
+        urls = [srv.url for srv in servers]
+        inside = urls[1:]
+        hint = [f"{urlsplit(u).hostname}:{urlsplit(u).port}" for u in inside]
+        s = settings(urls, epp__grpc_port=0, epp__metrics_port=0, router__policy="dualmap")
+        async with gateway(tmp_path, s, subset=hint) as (epp, url):
+            client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+            try:
+                served: list[str] = []
+                for i in range(9):
+                    stream = i % 2 == 1
+                    raw = await client.chat.completions.with_raw_response.create(
+                        model="pylb-sim",
+                        messages=[{"role": "user", "content": f"group {i}: " + "a shared context " * 20}],
+                        max_tokens=3,
+                        stream=stream,
+                    )
+                    body = raw.parse()
+                    if stream:
+                        assert [c async for c in body]
+                    else:
+                        assert body.usage.completion_tokens == 3
+                    served.append(raw.headers["x-pylb-replica"])
+            finally:
+                await client.close()
+            assert set(served) <= set(inside), served
+            counts: dict[str, float] = {}
+            for _ in range(250):  # a replica counts a request as it finishes it
+                counts = await served_counts(urls)
+                if sum(counts.values()) == 9:
+                    break
+                await asyncio.sleep(0.02)
+            assert counts[urls[0]] == 0 and sum(counts[u] for u in inside) == 9, counts
+            d = epp.balancer.dispatcher
+            await wait_for(lambda: all(d.load(u).inflight == 0 for u in urls), what="nothing in flight")
+            assert d.load(urls[0]).dispatched == 0
+
+    async with fake_fleet(2) as servers:
+        urls = [srv.url for srv in servers]
+        s = settings(urls, epp__grpc_port=0, epp__metrics_port=0)
+        async with gateway(tmp_path, s, subset=["10.255.0.1:8000"]) as (epp, url):
+            async with (
+                aiohttp.ClientSession() as c,
+                c.post(url + "/v1/chat/completions", json={"model": "pylb-sim", "messages": [{"role": "user", "content": "x"}]}) as r,
+            ):
+                assert r.status == 503
+                assert "subset" in (await r.json())["error"]["message"]
+            assert sum((await served_counts(urls)).values()) == 0

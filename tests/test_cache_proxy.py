@@ -191,3 +191,93 @@ async def test_answers_over_the_size_limit_are_not_stored() -> None:
                         assert raw.parse().choices[0].finish_reason == "stop"
         m = await scrape(proxy)
         assert value(m, "pylb_cache_not_stored_total", reason="too large") == 4
+
+
+# ---- join: identical requests follow the one already upstream -----------------------------------
+
+
+def stream_body(content: str) -> dict[str, Any]:
+    return {"model": MODEL, "temperature": 0, "max_tokens": 64, "stream": True, "messages": [SYSTEM, {"role": "user", "content": content}]}
+
+
+AUTH = {"Authorization": "Bearer alice"}
+
+
+async def read_stream(s: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[str, float, bytes]:
+    """(x-pylb-cache, seconds to the first body bytes, the whole body) of a streamed request."""
+    t0 = asyncio.get_running_loop().time()
+    async with s.post(url + "/v1/chat/completions", json=body, headers=AUTH) as r:
+        assert r.status == 200
+        first = await r.content.readany()
+        t_first = asyncio.get_running_loop().time() - t0
+        return r.headers["x-pylb-cache"], t_first, first + await r.read()
+
+
+async def test_streamed_followers_receive_the_leaders_tokens_as_they_arrive() -> None:
+    """A streamed request identical to one already streaming joins it live: its first bytes come
+    while the leader's stream is still running (not after its end), its bytes are the leader's,
+    and the replica sees one request."""
+    async with fake_fleet(1, output_len=30, speed=0.02) as fleet, running_proxy(cache_settings([s.url for s in fleet])) as proxy:
+        url = proxy.url
+        async with aiohttp.ClientSession() as s:
+            loop = asyncio.get_running_loop()
+            async with s.post(url + "/v1/chat/completions", json=stream_body("count to thirty"), headers=AUTH) as r:
+                assert r.headers["x-pylb-cache"] == "miss"
+                leader = await r.content.readany()
+                t_join = loop.time()
+                followers = [asyncio.create_task(read_stream(s, url, stream_body("count to thirty"))) for _ in range(3)]
+                leader += await r.read()
+                leader_rest = loop.time() - t_join
+            results = await asyncio.gather(*followers)
+        assert leader.rstrip().endswith(b"data: [DONE]") and leader.count(b"data:") >= 30
+        for cache, _, body in results:
+            assert cache == "hit" and body == leader
+        # the followers started after the leader's first piece, and the leader streamed on for
+        # about 1.5 s (30 tokens at 50 ms): each follower's first bytes came well before that end
+        firsts = [t for _, t, _ in results]
+        assert leader_rest > 0.8 and max(firsts) < leader_rest / 2, f"leader streamed {leader_rest:.2f} s more; followers' first bytes after {firsts}"
+        assert await dispatched(proxy) == 1
+        m = await scrape(proxy)
+        assert value(m, "pylb_cache_requests_total", model=MODEL, result="hit_join") == 3
+        await wait_for(lambda: len(proxy.cache.store) == 1, what="the stream stored")
+
+
+async def test_identical_concurrent_streams_cost_one_upstream_request() -> None:
+    async with fake_fleet(2, speed=1.0) as fleet, running_proxy(cache_settings([s.url for s in fleet])) as proxy:
+        async with aiohttp.ClientSession() as s:
+            results = await asyncio.gather(*(read_stream(s, proxy.url, stream_body("Explain TCP slow start")) for _ in range(8)))
+        assert sorted(h for h, _, _ in results) == ["hit"] * 7 + ["miss"]
+        assert len({b for _, _, b in results}) == 1
+        assert await dispatched(proxy) == 1
+
+
+async def test_a_follower_of_a_cut_stream_ends_with_an_error_and_one_of_a_failed_leader_goes_upstream() -> None:
+    async with fake_fleet(1, output_len=30, speed=0.02) as fleet, running_proxy(cache_settings([s.url for s in fleet])) as proxy:
+        url = proxy.url
+        async with aiohttp.ClientSession() as s:
+            # the leader's client leaves mid-stream: pylb aborts the upstream answer; the follower,
+            # which already has pieces, gets an error event and the end, as a cut stream does
+            r = await s.post(url + "/v1/chat/completions", json=stream_body("a story"), headers=AUTH)
+            await r.content.readany()
+            follower = asyncio.create_task(read_stream(s, url, stream_body("a story")))
+            await wait_for(lambda: proxy.cache.metrics.requests.get(MODEL, "hit_join") == 1, what="the follower joined")
+            r.close()
+            cache, _, body = await follower
+            assert cache == "hit"
+            assert b'"error"' in body and b"cut before its end" in body and body.rstrip().endswith(b"data: [DONE]")
+            assert body.count(b"data:") < 30
+            assert len(proxy.cache.store) == 0
+
+            # a leader that ends without a piece (the replica refuses it): the followers go upstream
+            bad = {**stream_body("a story"), "max_tokens": 10**6}
+            answers = []
+
+            async def post() -> None:
+                async with s.post(url + "/v1/chat/completions", json=bad, headers=AUTH) as r:
+                    answers.append((r.status, r.headers["x-pylb-cache"]))
+
+            await asyncio.gather(*(post() for _ in range(3)))
+            assert answers == [(400, "miss")] * 3
+        assert await dispatched(proxy) == 4
+        m = await scrape(proxy)
+        assert value(m, "pylb_cache_requests_total", model=MODEL, result="hit_join") == 1

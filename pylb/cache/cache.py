@@ -8,12 +8,19 @@ request to a replica and returns its response). For one request, in order:
   1. plan: is it cacheable, and under which partition and exact key (`pylb.cache.keys`)? If not,
      `route` at once (`x-pylb-cache: bypass`).
   2. exact: an entry under the exact key answers at once (`x-pylb-cache: hit`).
-  3. join: an identical request (same exact key) already on its way upstream: wait for its answer
-     and replay it; if it ends without a storable answer (an error, a length cut, a client that
-     left), go upstream as well. So N identical concurrent requests cost one upstream request
-     when the first one succeeds. A follower waits for the whole answer, then replays it: it
-     does not see the leader's tokens as they arrive (a simplification: its TTFT is the leader's
-     end-to-end time).
+  3. join: an identical request (same exact key) already on its way upstream (the *leader*)
+     is followed instead of sent again. So N identical concurrent requests cost one upstream
+     request when the first one succeeds.
+     - A streamed follower joins the stream live: it receives the leader's SSE pieces from the
+       first one on, each as it arrives (its TTFT is the leader's, not the leader's end-to-end
+       time). Until the leader's first piece, nothing is sent; if the leader ends without one
+       (an error status, no capacity), the follower goes upstream itself. Once it has sent
+       pieces it ends as the leader's stream ends: whole, or, when the leader's stream was cut
+       (its replica failed, or its client left and pylb aborted it), with an error event, as a
+       client of a cut stream gets. A leader whose pieces outgrew `cache.max_answer_bytes`
+       keeps no copy from the start, so a request arriving after that goes upstream.
+     - A JSON follower waits for the leader's answer and replays the stored entry; when the
+       answer was not stored (an error, a length cut, a client that left) it goes upstream.
   4. similarity: when the partition holds entries, a micro-batched lookup (`pylb.cache.batcher`)
      finds its nearest entries; the first one with similarity >= the model's threshold that
      passes the token-difference guards (`pylb.cache.guards`) answers.
@@ -41,6 +48,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -110,22 +118,59 @@ def finished_with_stop(body: bytes, stream: bool) -> str | None:
 
 
 class _Recording(list[bytes]):
-    """The pieces of a streamed answer, up to `limit` bytes (then it only notes the overflow, so a
-    long stream that cannot be stored costs no memory)."""
+    """The pieces of a streamed answer as the proxy relays them: kept up to `limit` bytes for the
+    store (then it only notes the overflow, so a long stream that cannot be stored costs no
+    memory), and handed at once to the identical requests following it live (`follow`)."""
 
     def __init__(self, limit: int) -> None:
         super().__init__()
         self.limit = limit
         self.size = 0
         self.overflow = False
+        self.ended = False
+        self.followers: list[asyncio.Queue[bytes | None]] = []
 
     def append(self, piece: bytes) -> None:
+        for q in self.followers:
+            q.put_nowait(piece)
         self.size += len(piece)
         if self.size > self.limit:
             self.overflow = True
             self.clear()
         elif not self.overflow:
             super().append(piece)
+
+    def follow(self) -> asyncio.Queue[bytes | None] | None:
+        """A queue of the answer's pieces from the first one (those so far at once, the rest as
+        they come), then None at its end; None when the answer has ended or its first pieces are
+        no longer kept."""
+        if self.ended or self.overflow:
+            return None
+        q: asyncio.Queue[bytes | None] = asyncio.Queue()
+        for piece in self:
+            q.put_nowait(piece)
+        self.followers.append(q)
+        return q
+
+    def unfollow(self, q: asyncio.Queue[bytes | None]) -> None:
+        """Stop handing pieces to `q` (its client left, or it has the whole answer)."""
+        if q in self.followers:
+            self.followers.remove(q)
+
+    def end(self) -> None:
+        """The answer ended (whole or not): every follower's queue gets its None."""
+        self.ended = True
+        for q in self.followers:
+            q.put_nowait(None)
+
+
+@dataclass
+class _Flight:
+    """A cacheable request on its way upstream, which identical requests join: `done` gets its
+    entry (None when its answer was not stored); `record` carries a streamed answer's pieces."""
+
+    done: asyncio.Future[Entry | None]
+    record: _Recording | None
 
 
 class CacheMetrics(Collector):
@@ -168,7 +213,7 @@ class SemanticCache:
         self.batcher = LookupBatcher(
             self.embedder, self.store, settings.batch_window_ms / 1000.0, settings.max_batch, clock=time.monotonic, on_batch=self._on_batch
         )
-        self._inflight: dict[bytes, asyncio.Future[Entry | None]] = {}
+        self._inflight: dict[bytes, _Flight] = {}
         self._background: set[asyncio.Task[None]] = set()
 
     def _on_batch(self, n: int) -> None:
@@ -211,10 +256,15 @@ class SemanticCache:
                 return await self._replay(request, plan, e, "hit_exact", t0)
             leader = self._inflight.get(plan.exact_key)
             if leader is not None:
-                joined = await asyncio.shield(leader)
-                if joined is not None and not joined.removed:
-                    self.store.touch(joined)
-                    return await self._replay(request, plan, joined, "hit_join", t0)
+                if leader.record is not None:
+                    followed = await self._follow(request, plan, leader.record, t0)
+                    if followed is not None:
+                        return followed
+                else:
+                    joined = await asyncio.shield(leader.done)
+                    if joined is not None and not joined.removed:
+                        self.store.touch(joined)
+                        return await self._replay(request, plan, joined, "hit_join", t0)
             elif self.settings.semantic and self.store.partition_size(plan.partition) > 0:
                 try:
                     vector, neighbours = await self.batcher.lookup(plan.partition, plan.query)
@@ -243,13 +293,13 @@ class SemanticCache:
         request[STATE_KEY] = "miss"
         self.metrics.requests.inc(plan.model, "miss")
         self.metrics.lookup.observe(time.perf_counter() - t0, "miss")
-        fut: asyncio.Future[Entry | None] | None = None
-        if plan.exact_key not in self._inflight:
-            fut = asyncio.get_running_loop().create_future()
-            self._inflight[plan.exact_key] = fut
+        record = _Recording(self.settings.max_answer_bytes) if plan.stream else None
+        flight: _Flight | None = None
+        if plan.exact_key not in self._inflight:  # else an identical request leads, and this one is not joinable
+            flight = _Flight(asyncio.get_running_loop().create_future(), record)
+            self._inflight[plan.exact_key] = flight
         entry: Entry | None = None
         try:
-            record = _Recording(self.settings.max_answer_bytes) if plan.stream else None
             if hint is not None:
                 self.metrics.near.inc(plan.model)
             resp = await route(record, hint)
@@ -262,9 +312,11 @@ class SemanticCache:
                     self._spawn(self._embed_later(entry))
             return resp
         finally:
-            if fut is not None:
+            if record is not None:
+                record.end()
+            if flight is not None:
                 del self._inflight[plan.exact_key]
-                fut.set_result(entry)
+                flight.done.set_result(entry)
 
     def _entry_of(self, plan: CachePlan, resp: web.StreamResponse, record: _Recording | None, served_by: ServedBy) -> Entry | None:
         """The entry to store for `resp`, None (counted with its reason) when it must not be stored."""
@@ -317,6 +369,41 @@ class SemanticCache:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _follow(self, request: web.Request, plan: CachePlan, record: _Recording, t0: float) -> web.StreamResponse | None:
+        """Relay the leader's stream to this identical request, each piece as the leader's
+        replica sends it; None (nothing sent) when there is nothing to follow: the leader's
+        pieces from the start are gone, or it ended without a piece (then the caller goes
+        upstream). A stream that ends without `data: [DONE]` gets an error event, as a cut stream
+        does in the proxy."""
+        from pylb.proxy.errors import sse_error_event
+
+        queue = record.follow()
+        if queue is None:
+            return None
+        try:
+            piece = await queue.get()
+            if piece is None:
+                return None
+            request[STATE_KEY] = "hit"
+            self.metrics.requests.inc(plan.model, "hit_join")
+            self.metrics.lookup.observe(time.perf_counter() - t0, "hit")
+            resp = web.StreamResponse(
+                status=200,
+                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "x-request-id": request_id_var.get() or ""},
+            )
+            await resp.prepare(request)
+            tail = b""
+            while piece is not None:
+                await resp.write(piece)
+                tail = (tail + piece)[-32:]
+                piece = await queue.get()
+            if not tail.rstrip().endswith(b"data: [DONE]"):
+                await resp.write(sse_error_event(502, "the identical request whose answer this stream follows was cut before its end"))
+            await resp.write_eof()
+            return resp
+        finally:
+            record.unfollow(queue)
 
     async def _replay(self, request: web.Request, plan: CachePlan, e: Entry, result: str, t0: float) -> web.StreamResponse:
         request[STATE_KEY] = "hit"

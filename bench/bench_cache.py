@@ -21,6 +21,13 @@ How to read it
    its partition -- which grows to --requests entries -- and stores its answer) and for *hits*
    (the same request again: answered by pylb without the backend). Added latency on a miss =
    cache-on miss P50 - cache-off P50 (target <= 1 ms).
+3. `join` (pylb serve with the cache on, hashing embedder, in front of one fake vLLM replica,
+   `pylb sim-replicas` with the H100 profile at --speed, 32 output tokens): per round a streamed
+   request (the leader), then after --delay-s --followers identical streamed requests at once.
+   With the cache on they join the leader's stream live; with it off (a second pylb) each is a
+   request of its own on the replica. Per side: P50/P99 of the followers' time to their first
+   bytes, and of the leader's remaining time when they came (what a follower waited before live
+   joins: the leader's whole answer), and the requests the replica served.
 
 The machine is shared: the load average is printed with the results; compare only within one run.
 
@@ -28,6 +35,7 @@ The machine is shared: the load average is printed with the results; compare onl
     .venv/bin/python bench/bench_cache.py lookup --sizes 1000000 --dims 384
     .venv/bin/python bench/bench_cache.py lookup --cuda                # also the GPU (PYLB_CUDA=ON build + CuPy)
     .venv/bin/python bench/bench_cache.py proxy
+    .venv/bin/python bench/bench_cache.py join
 """
 
 from __future__ import annotations
@@ -231,6 +239,82 @@ def run_proxy(args: argparse.Namespace) -> dict:
                 p.kill()
 
 
+# ---- join -----------------------------------------------------------------------------------------
+
+
+async def _join_rounds(url: str, rounds: int, followers: int, delay_s: float, tag: str) -> dict[str, list[float]]:
+    """Per round: a streamed leader, then after `delay_s` `followers` identical streamed requests at
+    once; each one's time to its first body bytes, and the leader's time from the followers' start
+    to its end."""
+    import asyncio
+
+    import aiohttp
+
+    headers = {"Authorization": "Bearer bench"}
+    out: dict[str, list[float]] = {"follower_first_s": [], "leader_rest_s": [], "leader_first_s": []}
+
+    async def one(s: aiohttp.ClientSession, body: dict) -> tuple[float, float, str]:
+        t0 = time.perf_counter()
+        async with s.post(url + "/v1/chat/completions", json=body, headers=headers) as r:
+            assert r.status == 200, r.status
+            await r.content.readany()
+            first = time.perf_counter()
+            data = await r.read()
+            assert data.rstrip().endswith(b"data: [DONE]") and b'"error"' not in data, "a stream cut short"
+            return first - t0, time.perf_counter(), r.headers.get("x-pylb-cache", "-")
+
+    async with aiohttp.ClientSession() as s:
+        for i in range(rounds):
+            body = {"model": "pylb-sim", "temperature": 0, "stream": True, "max_tokens": 64,
+                    "messages": [{"role": "user", "content": f"{tag} round {i}: tell me a short story"}]}  # fmt: skip
+            leader = asyncio.create_task(one(s, body))
+            await asyncio.sleep(delay_s)
+            t_start = time.perf_counter()
+            rest = await asyncio.gather(*(one(s, body) for _ in range(followers)))
+            lead_first, lead_end, _ = await leader
+            out["leader_first_s"].append(lead_first)
+            out["leader_rest_s"].append(lead_end - t_start)
+            out["follower_first_s"] += [first for first, _, _ in rest]
+    return out
+
+
+def run_join(args: argparse.Namespace) -> dict:
+    import uvloop
+
+    rport, on_port, off_port = free_port(), free_port(), free_port()
+    procs = [subprocess.Popen([sys.executable, "-P", "-m", "pylb.cli", "sim-replicas", "--base-port", str(rport), "--speed", str(args.speed),
+                               "--output-len", "32"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]  # fmt: skip
+    base = [sys.executable, "-P", "-m", "pylb.cli", "serve", "--backend", f"http://127.0.0.1:{rport}", "--log-level", "warning",
+            "--no-logging-access-log"]  # fmt: skip
+    try:
+        uvloop.run(wait_ready(f"http://127.0.0.1:{rport}/health"))
+        procs.append(subprocess.Popen([*base, "--port", str(on_port), "--cache-enabled", "--cache-embedder", "hashing"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+        procs.append(subprocess.Popen([*base, "--port", str(off_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        on, off = f"http://127.0.0.1:{on_port}", f"http://127.0.0.1:{off_port}"
+        uvloop.run(wait_ready(on + "/ready"))
+        uvloop.run(wait_ready(off + "/ready"))
+        print(f"join: {args.rounds} rounds of 1 leader + {args.followers} identical followers {args.delay_s} s later; "
+              f"replica speed {args.speed}; load average {load()}")  # fmt: skip
+        out = {}
+        print(f"{'side':<10} {'follower first P50 ms':>22} {'P99 ms':>8} {'leader rest P50 ms':>19} {'leader first P50 ms':>20}")
+        for side, url in (("cache on", on), ("cache off", off)):
+            r = uvloop.run(_join_rounds(url, args.rounds, args.followers, args.delay_s, side))
+            out[side] = {k: {"p50_ms": pct(v, 0.5) * 1e3, "p99_ms": pct(v, 0.99) * 1e3} for k, v in r.items()}
+            o = out[side]
+            print(f"{side:<10} {o['follower_first_s']['p50_ms']:>22.2f} {o['follower_first_s']['p99_ms']:>8.2f} "
+                  f"{o['leader_rest_s']['p50_ms']:>19.1f} {o['leader_first_s']['p50_ms']:>20.2f}")  # fmt: skip
+        print(f"load average at the end: {load()}")
+        return {"rounds": args.rounds, "followers": args.followers, "delay_s": args.delay_s, "speed": args.speed, "sides": out}
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -244,6 +328,11 @@ def main() -> int:
     lk.add_argument("--cuda", action="store_true", help="also time the GPU (keys on the device)")
     px = sub.add_parser("proxy")
     px.add_argument("--requests", type=int, default=2000)
+    jn = sub.add_parser("join")
+    jn.add_argument("--rounds", type=int, default=20)
+    jn.add_argument("--followers", type=int, default=4)
+    jn.add_argument("--delay-s", type=float, default=0.2, help="seconds between a leader and its followers")
+    jn.add_argument("--speed", type=float, default=0.25, help="the fake replica's engine speed (lower: slower answers)")
     be = sub.add_parser("backend")
     be.add_argument("port", type=int)
     args = ap.parse_args()
@@ -251,7 +340,7 @@ def main() -> int:
         backend_main(args.port)
         return 0
     t0 = time.time()
-    result = run_lookup(args) if args.what == "lookup" else run_proxy(args)
+    result = {"lookup": run_lookup, "proxy": run_proxy, "join": run_join}[args.what](args)
     result.update({"command": " ".join(["python", "bench/bench_cache.py", *sys.argv[1:]]), "load_average_end": os.getloadavg(),
                    "cpus": os.cpu_count(), "wall_s": time.time() - t0})  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)

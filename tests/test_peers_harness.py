@@ -155,6 +155,9 @@ def test_smoke_run_with_fake_replicas_and_pylb(tmp_path: Path) -> None:
         assert run["router_cpu_s"] is not None and 0 <= run["router_cpu_s"] < 60 and run["client_cpu_s"] > 0
         # pylb's own view, from its /metrics: what it predicted (round-robin predicts from the same mirror)
         assert 0 <= run["predicted_hit_rate"] <= 1 and 0 <= run["ttft_error_p50"] <= run["ttft_error_p90"]
+        # ... and its decisions by branch: every request decided once, by a branch the policy has
+        decided = sum(run[f"decisions_{b}"] or 0 for b in ("affinity", "load", "slo_switch", "spill", "migration", "retry", "fallback"))
+        assert decided >= 12 and (run["target"] != "rr" or run["decisions_load"] == 12)
     rr = [r for r in res["runs"] if r["target"] == "rr"]
     assert all(r["hotspot"] == 1.0 for r in rr)  # round-robin alternates: 6 requests each
     stats = res["targets"]["dm"]["hit_rate"]

@@ -103,7 +103,10 @@ MEASURES = ("slo_attainment", "hit_rate", "ttft_p50", "ttft_p90", "ttft_p99", "h
 # what a pylb target says of its own predictions (its /metrics at the end of a run), as record keys
 PYLB_VIEW = {"predicted_hit_rate": ("pylb_predicted_prefix_cache_hit_rate", {"replica": "fleet"}),
              "ttft_error_p50": ("pylb_ttft_prediction_error_seconds", {"quantile": "0.5"}),
-             "ttft_error_p90": ("pylb_ttft_prediction_error_seconds", {"quantile": "0.9"})}  # fmt: skip
+             "ttft_error_p90": ("pylb_ttft_prediction_error_seconds", {"quantile": "0.9"}),
+             # its routing decisions by branch: which of its mechanisms acted in the run
+             **{f"decisions_{b.replace('-', '_')}": ("pylb_decisions_total", {"branch": b})
+                for b in ("affinity", "load", "slo-switch", "spill", "migration", "retry", "fallback")}}  # fmt: skip
 
 
 # ---- replicas' counters ---------------------------------------------------------------------------
@@ -154,8 +157,9 @@ async def replica_counters(session: aiohttp.ClientSession, url: str) -> dict[str
 
 
 async def pylb_view(url: str) -> dict[str, float | None]:
-    """pylb's own view of a run from its `/metrics`: the fleet hit rate it predicted at dispatch and
-    the P50 / P90 absolute error of its TTFT predictions (`PYLB_VIEW`); None where absent."""
+    """pylb's own view of a run from its `/metrics`: the fleet hit rate it predicted at dispatch,
+    the P50 / P90 absolute error of its TTFT predictions and its decisions by branch (`PYLB_VIEW`);
+    None where absent."""
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{url}/metrics", timeout=aiohttp.ClientTimeout(total=10)) as resp:
             text = await resp.text()

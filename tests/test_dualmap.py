@@ -137,6 +137,21 @@ def four_replica_dualmap(**extra: object) -> tuple[DualMap, int, int, int, Routi
     return p, a, b, c, req
 
 
+def test_tie_holders_spreads_a_shared_match_over_every_replica_holding_it() -> None:
+    """tie_holders: both candidates hold the same match and no replica holds more, so every
+    replica holding as much is as good a home: the least backlogged of them takes it (here c,
+    off the rings); a replica holding less is not in the pool; without the option, the two
+    candidates only."""
+    p, a, b, c, req = four_replica_dualmap(tie_holders=True, tie_window_s=0)
+    d = ({0, 1, 2, 3} - {a, b, c}).pop()
+    cached, queued = [40] * 4, [500] * 4
+    cached[d], queued[c], queued[d] = 10, 100, 0  # d is idle but holds less
+    choice = choose(p, req, View(cached, [1.0] * 4, queued))
+    assert (choice.replica, choice.branch) == (c, "load") and choice.alternate in (a, b)
+    plain, pa, pb, pc, preq = four_replica_dualmap(tie_window_s=0)
+    assert choose(plain, preq, View(cached, [1.0] * 4, queued)).replica in (pa, pb)
+
+
 def test_follow_cache_takes_a_replica_off_the_rings_that_holds_more() -> None:
     p, a, b, c, req = four_replica_dualmap()
     cached, ttft = [0] * 4, [1.0] * 4

@@ -108,6 +108,15 @@ Options (`RouterOptions.extra`, or `pylb simulate --policy dualmap:key=value`), 
                                       one per-token time for all), so a replica holding the hot
                                       prefix below the floor wins while its backlog is smaller
                                       than the prefill it saves
+    tie_holders (bool, default false) step 3's tie when both candidates hold the same match above
+                                      the floor and no replica holds more (a system prompt or group
+                                      prompt every replica has by now): the pool is every replica
+                                      holding as much, not the two candidates, as Preble spreads a
+                                      prefix over its equal-longest holders by load. In the regime
+                                      matrix (8 and 32 replicas; on 2 the holders are the
+                                      candidates): 8 cells gain 3-17 %, 6 lose 4-14 % (long x 910B
+                                      x 32: 0.86), 12 level; the start-up transients ("short"
+                                      cells) gain up to 1.73x. Mixed, so off (BENCHMARKS.md)
     tie_window_s (float, default 60)  step 3's tie: > 0 compares first the prefill work (uncached
                                       tokens) placed on each replica in that many seconds, then
                                       the backlog: new prefix groups are spread by the work they
@@ -198,6 +207,7 @@ class DualMap(Policy):
         hot_share: str = setting("fleet", "step 1's expansion share: paper (6.12 % of the window) or fleet (at least one replica's fair share, 1/N of the window)", check=one_of("paper", "fleet"))
         tie_window_s: float = setting(60.0, "step 3's tie: > 0 compares the prefill work placed on each replica in the last tie_window_s seconds first (0: off)", check=at_least(0))
         tie: str = setting("fleet", "step 3's tie when neither candidate holds the prompt: ring (the less loaded candidate) or fleet (the fleet's least loaded replica)", check=one_of("ring", "fleet", "cost", "fleet-cost"))
+        tie_holders: bool = setting(False, "step 3's tie when both candidates hold the same match, the longest any replica holds: among every replica holding as much (fleet ties only)")
         tie_near: bool = setting(True, "step 3's window compares only the replicas whose backlog is within the request's own prefill time of the least backlog")
 
     def __init__(self, options: RouterOptions) -> None:
@@ -214,6 +224,7 @@ class DualMap(Policy):
         window = float(self.option("tie_window_s"))
         self.placed = WindowLoad(window) if window > 0 else None
         self.tie_near = bool(self.option("tie_near"))
+        self.tie_holders = bool(self.option("tie_holders"))
         # step 3's window is used only while this router's own requests are most of the fleet's
         # work: (time, prompt tokens) it placed, and per replica (scrape time, prompt tokens the
         # engine was asked for) in the window
@@ -285,7 +296,12 @@ class DualMap(Policy):
         ta, tb = view.predicted_ttft(request, a), view.predicted_ttft(request, b)
         faster = a if ta <= tb else b
         if ca == cb:
-            pool: Sequence[int] = range(len(view.replicas)) if self.tie_fleet and ca == 0 else (a, b)
+            pool: Sequence[int] = (a, b)
+            if self.tie_fleet and ca == 0:
+                pool = range(len(view.replicas))
+            elif self.tie_fleet and self.tie_holders and int(np.max(cached)) - floor <= ca:
+                # both hold the longest match anyone holds: every replica holding as much is as good
+                pool = [i for i in range(len(view.replicas)) if int(cached[i]) - floor >= ca]
             if self.tie_cost:  # backlog plus the request's own uncached prefill at one per-token time
                 t = sum(view.replicas[i].prefill_seconds_per_token for i in pool) / len(pool)
                 cost = {i: _backlog(view.replicas[i]) + view.uncached_tokens(request, i) * t for i in pool}

@@ -160,6 +160,16 @@ def run_lookup(args: argparse.Namespace) -> dict:
 # ---- proxy ----------------------------------------------------------------------------------------
 
 
+def stop(procs: list[subprocess.Popen]) -> None:
+    """Terminate the bench's child processes, last started first (killed after 10 s)."""
+    for p in reversed(procs):
+        p.terminate()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def backend_main(port: int) -> None:
     """bench_proxy's instant backend, answering completions with finish_reason stop (storable)."""
     sys.path.insert(0, str(Path(__file__).parent))
@@ -231,12 +241,7 @@ def run_proxy(args: argparse.Namespace) -> dict:
               f"(the backend path through pylb: {out['pylb cache off']['p50_ms']:.3f} ms); load average at the end: {load()}")
         return {"requests": n, "paths": out, "miss_added_p50_ms": added}
     finally:
-        for p in reversed(procs):
-            p.terminate()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
 
 
 # ---- join -----------------------------------------------------------------------------------------
@@ -307,12 +312,7 @@ def run_join(args: argparse.Namespace) -> dict:
         print(f"load average at the end: {load()}")
         return {"rounds": args.rounds, "followers": args.followers, "delay_s": args.delay_s, "speed": args.speed, "sides": out}
     finally:
-        for p in reversed(procs):
-            p.terminate()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
 
 
 def main() -> int:

@@ -166,6 +166,20 @@ async def served_counts(urls: list[str]) -> dict[str, float]:
     return out
 
 
+async def chat_and_check(client: openai.AsyncOpenAI, content: str, stream: bool) -> str:
+    """One chat request of 3 tokens through the gateway, its answer checked (a stream with
+    chunks, or a body with its 3 completion tokens); returns the replica that served it."""
+    raw = await client.chat.completions.with_raw_response.create(
+        model="pylb-sim", messages=[{"role": "user", "content": content}], max_tokens=3, stream=stream
+    )
+    body = raw.parse()
+    if stream:
+        assert [c async for c in body]
+    else:
+        assert body.usage.completion_tokens == 3
+    return raw.headers["x-pylb-replica"]
+
+
 async def test_requests_through_envoy_land_on_the_replica_pylb_chose(tmp_path: Path) -> None:
     async with fake_fleet(3) as servers:
         urls = [srv.url for srv in servers]
@@ -265,16 +279,7 @@ async def test_a_dead_pick_falls_back_and_pylb_moves_its_accounting(tmp_path: Pa
             try:
                 served = []
                 for i in range(6):  # round-robin: two picks of each replica, two of them dead
-                    stream = i % 2 == 1
-                    raw = await client.chat.completions.with_raw_response.create(
-                        model="pylb-sim", messages=[{"role": "user", "content": f"question {i}"}], max_tokens=3, stream=stream
-                    )
-                    body = raw.parse()
-                    if stream:
-                        assert [c async for c in body]
-                    else:
-                        assert body.usage.completion_tokens == 3
-                    served.append(raw.headers["x-pylb-replica"])
+                    served.append(await chat_and_check(client, f"question {i}", stream=i % 2 == 1))
             finally:
                 await client.close()
             assert dead not in served and len(served) == 6
@@ -342,19 +347,7 @@ async def test_a_subset_hint_set_by_envoy_limits_the_pick(tmp_path: Path) -> Non
             try:
                 served: list[str] = []
                 for i in range(9):
-                    stream = i % 2 == 1
-                    raw = await client.chat.completions.with_raw_response.create(
-                        model="pylb-sim",
-                        messages=[{"role": "user", "content": f"group {i}: " + "a shared context " * 20}],
-                        max_tokens=3,
-                        stream=stream,
-                    )
-                    body = raw.parse()
-                    if stream:
-                        assert [c async for c in body]
-                    else:
-                        assert body.usage.completion_tokens == 3
-                    served.append(raw.headers["x-pylb-replica"])
+                    served.append(await chat_and_check(client, f"group {i}: " + "a shared context " * 20, stream=i % 2 == 1))
             finally:
                 await client.close()
             assert set(served) <= set(inside), served

@@ -281,3 +281,23 @@ async def test_a_follower_of_a_cut_stream_ends_with_an_error_and_one_of_a_failed
         assert await dispatched(proxy) == 4
         m = await scrape(proxy)
         assert value(m, "pylb_cache_requests_total", model=MODEL, result="hit_join") == 1
+
+
+async def test_a_follower_that_leaves_does_not_disturb_the_leader_or_the_others() -> None:
+    """One follower's client closes its connection mid-stream: the leader and the other follower
+    get the whole answer, the answer is stored, pylb keeps serving."""
+    async with fake_fleet(1, output_len=30, speed=0.02) as fleet, running_proxy(cache_settings([s.url for s in fleet])) as proxy:
+        url = proxy.url
+        async with aiohttp.ClientSession() as s:
+            leader = asyncio.create_task(read_stream(s, url, stream_body("a long poem")))
+            await wait_for(lambda: len(proxy.cache._inflight) == 1, what="the leader in flight")
+            stayer = asyncio.create_task(read_stream(s, url, stream_body("a long poem")))
+            r = await s.post(url + "/v1/chat/completions", json=stream_body("a long poem"), headers=AUTH)
+            assert r.headers["x-pylb-cache"] == "hit"
+            await r.content.readany()
+            r.close()  # this follower leaves
+            (_, _, whole), (cache, _, same) = await leader, await stayer
+        assert whole.rstrip().endswith(b"data: [DONE]") and same == whole and cache == "hit"
+        await wait_for(lambda: len(proxy.cache.store) == 1, what="the answer stored")
+        assert not proxy.cache._inflight
+        assert await dispatched(proxy) == 1

@@ -115,8 +115,7 @@ Options (`RouterOptions.extra`, or `pylb simulate --policy dualmap:key=value`), 
                                       prefix over its equal-longest holders by load. In the regime
                                       matrix (8 and 32 replicas; on 2 the holders are the
                                       candidates): 8 cells gain 3-17 %, 6 lose 4-14 % (long x 910B
-                                      x 32: 0.86), 11 level; the start-up transients ("short"
-                                      cells) gain up to 1.73x. Mixed, so off (BENCHMARKS.md)
+                                      x 32: 0.86), 11 level. Mixed, so off (BENCHMARKS.md)
     tie_window_s (float, default 60)  step 3's tie: > 0 compares first the prefill work (uncached
                                       tokens) placed on each replica in that many seconds, then
                                       the backlog: new prefix groups are spread by the work they

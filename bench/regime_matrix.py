@@ -234,12 +234,15 @@ def capacity(run_at: Callable[[float], RunMetrics], start: float, tolerance: flo
     step = first_step
     if ok(start):
         lo = start
-        while len(runs) < max_runs and lo * step <= max_scale:
-            if ok(lo * step):
-                lo *= step
+        # up by a growing step; the last step stops at the ceiling itself, so a policy that passes
+        # everything is found there (a "short" cell) and not wherever its step overshot it
+        while len(runs) < max_runs and lo < max_scale:
+            nxt = min(lo * step, max_scale)
+            if ok(nxt):
+                lo = nxt
                 step *= step
             else:
-                hi = lo * step
+                hi = nxt
                 break
     else:
         hi = start

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -247,7 +248,7 @@ def run_proxy(args: argparse.Namespace) -> dict:
 # ---- join -----------------------------------------------------------------------------------------
 
 
-async def _join_rounds(url: str, rounds: int, followers: int, delay_s: float, tag: str) -> dict[str, list[float]]:
+async def _join_rounds(url: str, rounds: int, followers: int, delay_s: float, tag: str, max_tokens: int) -> dict[str, list[float]]:
     """Per round: a streamed leader, then after `delay_s` `followers` identical streamed requests at
     once; each one's time to its first body bytes, and the leader's time from the followers' start
     to its end."""
@@ -270,7 +271,7 @@ async def _join_rounds(url: str, rounds: int, followers: int, delay_s: float, ta
 
     async with aiohttp.ClientSession() as s:
         for i in range(rounds):
-            body = {"model": "pylb-sim", "temperature": 0, "stream": True, "max_tokens": 64,
+            body = {"model": "pylb-sim", "temperature": 0, "stream": True, "max_tokens": max_tokens,
                     "messages": [{"role": "user", "content": f"{tag} round {i}: tell me a short story"}]}  # fmt: skip
             leader = asyncio.create_task(one(s, body))
             await asyncio.sleep(delay_s)
@@ -287,32 +288,48 @@ def run_join(args: argparse.Namespace) -> dict:
     import uvloop
 
     rport, on_port, off_port = free_port(), free_port(), free_port()
-    procs = [subprocess.Popen([sys.executable, "-P", "-m", "pylb.cli", "sim-replicas", "--base-port", str(rport), "--speed", str(args.speed),
-                               "--output-len", "32"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]  # fmt: skip
+    if args.vllm:  # one real vLLM CPU replica (../shared/vllm/serve.sh), serving the model as pylb-sim
+        venv, _, model = args.vllm.partition(":")
+        serve = REPO.parent / "shared" / "vllm" / "serve.sh"
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        with open(RESULTS / "join_vllm.log", "wb") as log:  # the child keeps its own descriptor
+            replica = subprocess.Popen(["bash", str(serve), venv, model, str(rport)], env={**os.environ, "MODEL_NAME": "pylb-sim"},
+                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    else:
+        replica = subprocess.Popen([sys.executable, "-P", "-m", "pylb.cli", "sim-replicas", "--base-port", str(rport), "--speed", str(args.speed),
+                                    "--output-len", "32"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    procs = [replica]
     base = [sys.executable, "-P", "-m", "pylb.cli", "serve", "--backend", f"http://127.0.0.1:{rport}", "--log-level", "warning",
             "--no-logging-access-log"]  # fmt: skip
     try:
-        uvloop.run(wait_ready(f"http://127.0.0.1:{rport}/health"))
+        uvloop.run(wait_ready(f"http://127.0.0.1:{rport}/health", timeout=180.0 if args.vllm else 30.0))
         procs.append(subprocess.Popen([*base, "--port", str(on_port), "--cache-enabled", "--cache-embedder", "hashing"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
         procs.append(subprocess.Popen([*base, "--port", str(off_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         on, off = f"http://127.0.0.1:{on_port}", f"http://127.0.0.1:{off_port}"
         uvloop.run(wait_ready(on + "/ready"))
         uvloop.run(wait_ready(off + "/ready"))
+        what = "one real vLLM replica" if args.vllm else f"replica speed {args.speed}"
         print(f"join: {args.rounds} rounds of 1 leader + {args.followers} identical followers {args.delay_s} s later; "
-              f"replica speed {args.speed}; load average {load()}")  # fmt: skip
+              f"{what}; load average {load()}")  # fmt: skip
         out = {}
         print(f"{'side':<10} {'follower first P50 ms':>22} {'P99 ms':>8} {'leader rest P50 ms':>19} {'leader first P50 ms':>20}")
         for side, url in (("cache on", on), ("cache off", off)):
-            r = uvloop.run(_join_rounds(url, args.rounds, args.followers, args.delay_s, side))
+            r = uvloop.run(_join_rounds(url, args.rounds, args.followers, args.delay_s, side, args.max_tokens))
             out[side] = {k: {"p50_ms": pct(v, 0.5) * 1e3, "p99_ms": pct(v, 0.99) * 1e3} for k, v in r.items()}
             o = out[side]
             print(f"{side:<10} {o['follower_first_s']['p50_ms']:>22.2f} {o['follower_first_s']['p99_ms']:>8.2f} "
                   f"{o['leader_rest_s']['p50_ms']:>19.1f} {o['leader_first_s']['p50_ms']:>20.2f}")  # fmt: skip
         print(f"load average at the end: {load()}")
-        return {"rounds": args.rounds, "followers": args.followers, "delay_s": args.delay_s, "speed": args.speed, "sides": out}
+        return {"rounds": args.rounds, "followers": args.followers, "delay_s": args.delay_s, "speed": args.speed, "max_tokens": args.max_tokens,
+                "vllm": bool(args.vllm), "sides": out}
     finally:
         stop(procs)
+        if args.vllm:  # vLLM's engine processes are in the replica's session
+            try:
+                os.killpg(replica.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def main() -> int:
@@ -333,6 +350,8 @@ def main() -> int:
     jn.add_argument("--followers", type=int, default=4)
     jn.add_argument("--delay-s", type=float, default=0.2, help="seconds between a leader and its followers")
     jn.add_argument("--speed", type=float, default=0.25, help="the fake replica's engine speed (lower: slower answers)")
+    jn.add_argument("--max-tokens", type=int, default=64, help="tokens per answer (a fake replica stops at 32)")
+    jn.add_argument("--vllm", metavar="VENV:MODEL", help="a real vLLM CPU replica instead (../shared/vllm/install.sh VENV MODEL)")
     be = sub.add_parser("backend")
     be.add_argument("port", type=int)
     args = ap.parse_args()

@@ -259,7 +259,7 @@ async def _join_rounds(url: str, rounds: int, followers: int, delay_s: float, ta
     headers = {"Authorization": "Bearer bench"}
     out: dict[str, list[float]] = {"follower_first_s": [], "leader_rest_s": [], "leader_first_s": []}
 
-    async def one(s: aiohttp.ClientSession, body: dict) -> tuple[float, float, str]:
+    async def one(s: aiohttp.ClientSession, body: dict) -> tuple[float, float]:
         t0 = time.perf_counter()
         async with s.post(url + "/v1/chat/completions", json=body, headers=headers) as r:
             assert r.status == 200, r.status
@@ -267,7 +267,7 @@ async def _join_rounds(url: str, rounds: int, followers: int, delay_s: float, ta
             first = time.perf_counter()
             data = await r.read()
             assert data.rstrip().endswith(b"data: [DONE]") and b'"error"' not in data, "a stream cut short"
-            return first - t0, time.perf_counter(), r.headers.get("x-pylb-cache", "-")
+            return first - t0, time.perf_counter()
 
     async with aiohttp.ClientSession() as s:
         for i in range(rounds):
@@ -277,10 +277,10 @@ async def _join_rounds(url: str, rounds: int, followers: int, delay_s: float, ta
             await asyncio.sleep(delay_s)
             t_start = time.perf_counter()
             rest = await asyncio.gather(*(one(s, body) for _ in range(followers)))
-            lead_first, lead_end, _ = await leader
+            lead_first, lead_end = await leader
             out["leader_first_s"].append(lead_first)
             out["leader_rest_s"].append(lead_end - t_start)
-            out["follower_first_s"] += [first for first, _, _ in rest]
+            out["follower_first_s"] += [first for first, _ in rest]
     return out
 
 

@@ -395,6 +395,15 @@ class CacheSettings:
     dim: int = setting(384, "hashing embedder: vector size", check=in_range(8, 65536))
     threshold: float = setting(0.9, "cosine similarity at or above which a neighbour may answer (the guards must pass too)", check=in_range(0.0, 1.0))
     thresholds: dict = setting({}, "per-model thresholds (model name -> cosine), overriding cache.threshold")
+    threshold_policy: str = setting("fixed", "how a neighbour that passes the threshold and the guards is decided: fixed (it answers) or verified "
+                                    "(a per-entry threshold learned online under cache.max_error_rate; unsure candidates go to a replica and teach it)",
+                                    check=one_of("fixed", "verified"))
+    max_error_rate: float = setting(0.01, "verified policy: the error rate allowed among candidate hits (delta of the vCache paper)", check=fraction)
+    verified_floor: float = setting(0.0, "verified policy: the least similarity a neighbour needs to be a candidate "
+                                    "(0: the model's threshold, so it never answers where the fixed policy would not)", check=in_range(0.0, 1.0))
+    verify_share: float = setting(0.0, "share of semantic hits re-run in the background on an idle replica and compared "
+                                  "(a different answer drops the entry; 0: none)", check=in_range(0.0, 1.0))
+    verify_max_inflight: int = setting(2, "re-runs of cache.verify_share in flight at most (more are skipped)", check=in_range(1, 64))
     semantic: bool = setting(True, "look up near neighbours (false: exact matches and in-flight joins only)")
     near_threshold: float = setting(0.0, "a miss whose nearest neighbour scores at least this is routed to the replica that answered that neighbour, "
                                     "when that replica is healthy and not hot (0: off)", check=in_range(0.0, 1.0))

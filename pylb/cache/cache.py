@@ -23,7 +23,11 @@ request to a replica and returns its response). For one request, in order:
        answer was not stored (an error, a length cut, a client that left) it goes upstream.
   4. similarity: when the partition holds entries, a micro-batched lookup (`pylb.cache.batcher`)
      finds its nearest entries; the first one with similarity >= the model's threshold that
-     passes the token-difference guards (`pylb.cache.guards`) answers.
+     passes the token-difference guards (`pylb.cache.guards`) is the candidate. With
+     `cache.threshold_policy` fixed it answers. With verified, `pylb.cache.verified` decides
+     from the candidate's labels under `cache.max_error_rate`: exploit (it answers) or explore
+     (the request goes on as a miss, and the replica's answer, when it may be stored, is
+     compared with the candidate's: one label for the candidate at that similarity).
   5. miss: `route`, recording the answer's bytes (a *near* miss, whose nearest neighbour scores
      at least `cache.near_threshold`, passes that neighbour's replica as an affinity hint: it
      likely holds the shared prefix; the router honours it only when that replica is healthy and
@@ -32,6 +36,14 @@ request to a replica and returns its response). For one request, in order:
      error event), is not over `cache.max_answer_bytes`, and the request allowed storing. The
      first answer of an empty partition (no lookup ran, so no embedding yet) is found by exact
      key at once and by similarity once its embedding, computed after the answer went out, is back.
+
+Verification (`cache.verify_share`, either policy): that share of the semantic hits is re-run,
+after the hit went out, in a background task on an idle replica (`rerun`, given by the proxy: a
+healthy replica with nothing queued or in flight in the router's view, sent through the router
+at a lower priority; none idle, no re-run). Its answer is compared with the entry's: a label, and
+a different answer drops the entry (`pylb_cache_detected_false_hits_total`). At most
+`cache.verify_max_inflight` re-runs at once; the proxy cancels them when it stops. A re-run never
+touches the request that got the hit.
 
 A hit replays the stored body byte for byte: a streamed answer as one write of its SSE events
 (the `id` and `created` of the original, so a client sees the answer it would have had), a JSON
@@ -43,8 +55,10 @@ the hit drops the entry and counts a false hit.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -65,6 +79,7 @@ from .batcher import LookupBatcher
 from .embedders import Embedder, create_embedder
 from .keys import CachePlan, TenantKeys, plan_request
 from .store import Answer, CacheStore, Entry
+from .verified import Labels, VerifiedPolicy, same_answer
 
 log = logging.getLogger("pylb.cache")
 
@@ -78,6 +93,11 @@ the list when given."""
 
 ServedBy = Callable[[], "str | None"]
 """Returns the replica (router name) that served the routed request, once `route` returned."""
+
+Rerun = Callable[[], Awaitable["tuple[int, bytes] | None"]]
+"""Sends the request once more, to an idle replica, outside the client's exchange: (status, whole
+body), or None when no replica is idle (the proxy's `RoutedPath.rerun_on_idle`). Called while
+the request's handler runs (it captures the request then); awaited in the background."""
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -187,10 +207,17 @@ class CacheMetrics(Collector):
         self.lookup = Hist("pylb_cache_lookup_seconds", "time from a request's arrival to the cache's decision, by outcome", ["result"], LATENCY_BUCKETS)
         self.batch = Hist("pylb_cache_batch_size", "semantic lookups per batch", [], BATCH_BUCKETS)
         self.near = Counts("pylb_cache_near_misses_total", "misses routed with their nearest neighbour's replica as an affinity hint", ["model"])
+        self.decisions = Counts("pylb_cache_verified_decisions_total", "candidates decided by the verified policy, by decision (exploit, explore)", ["model", "decision"])
+        self.labels = Counts("pylb_cache_labels_total", "labels recorded on entries, by source (explore, verify) and label (correct, wrong)", ["model", "source", "label"])
+        self.detected = Counts("pylb_cache_detected_false_hits_total", "semantic hits whose re-run on an idle replica answered differently (entry dropped)", ["model"])
+        self.verify_skipped = Counts("pylb_cache_verify_skipped_total", "re-runs of served hits not made or not compared, by reason", ["reason"])
+        self.verifying = 0
 
     def collect(self) -> Iterator[Any]:
-        for f in (self.requests, self.bypass, self.refusals, self.not_stored, self.false_hits, self.errors, self.lookup, self.batch, self.near):
+        for f in (self.requests, self.bypass, self.refusals, self.not_stored, self.false_hits, self.errors, self.lookup, self.batch, self.near,
+                  self.decisions, self.labels, self.detected, self.verify_skipped):  # fmt: skip
             yield f.family()
+        yield GaugeMetricFamily("pylb_cache_verifications_in_flight", "re-runs of served hits in flight", value=self.verifying)
         entries = GaugeMetricFamily("pylb_cache_entries", "entries in the cache, by model", labels=["model"])
         size = GaugeMetricFamily("pylb_cache_bytes", "answer bytes in the cache, by model", labels=["model"])
         for model, (n, b) in self.store.stats().items():
@@ -203,8 +230,10 @@ class CacheMetrics(Collector):
 class SemanticCache:
     """See the module comment. Build with the `cache` settings; `await close()` at shutdown."""
 
-    def __init__(self, settings: CacheSettings, embedder: Embedder | None = None) -> None:
+    def __init__(self, settings: CacheSettings, embedder: Embedder | None = None, rng: random.Random | None = None) -> None:
         self.settings = settings
+        self.rng = rng or random.Random()
+        self.verified = VerifiedPolicy(settings.max_error_rate, self.rng) if settings.threshold_policy == "verified" else None
         self.store = CacheStore(settings.ttl_s, settings.max_entries, settings.max_bytes, settings.device)
         self.embedder = embedder or create_embedder(settings.embedder, dim=settings.dim, url=settings.embedder_url, model=settings.embedder_model)
         self.tenants = TenantKeys(settings.tenant_header)
@@ -215,6 +244,7 @@ class SemanticCache:
         )
         self._inflight: dict[bytes, _Flight] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._verifying: set[asyncio.Task[None]] = set()
 
     def _on_batch(self, n: int) -> None:
         self.metrics.batch.observe(n)
@@ -223,6 +253,13 @@ class SemanticCache:
         """The similarity a neighbour needs for `model`."""
         t = self.settings.thresholds.get(model)
         return float(t) if isinstance(t, (int, float)) else self.settings.threshold
+
+    def floor(self, model: str) -> float:
+        """The similarity a neighbour needs to be a candidate for `model`: the threshold, or
+        with the verified policy `cache.verified_floor` when set."""
+        if self.verified is not None and self.settings.verified_floor > 0:
+            return self.settings.verified_floor
+        return self.threshold(model)
 
     # ---- the proxy's hooks ------------------------------------------------------------------------
 
@@ -236,10 +273,13 @@ class SemanticCache:
         if state is not None and "x-pylb-cache" not in response.headers:
             response.headers["x-pylb-cache"] = state
 
-    async def serve(self, request: web.Request, kind: str, payload: Any, route: Route, served_by: ServedBy) -> web.StreamResponse:
+    async def serve(
+        self, request: web.Request, kind: str, payload: Any, route: Route, served_by: ServedBy, rerun: Rerun | None = None
+    ) -> web.StreamResponse:
         """Answer `request` (parsed JSON `payload`, `kind` "chat" or "completions") from the cache,
         or through `route` (see the module comment). `served_by` names the replica that served a
-        routed answer (stored with the entry, for near-miss hints)."""
+        routed answer (stored with the entry, for near-miss hints); `rerun` sends the request
+        again to an idle replica (verification; None: never verified)."""
         t0 = time.perf_counter()
         plan = plan_request(kind, payload, request.headers, self.tenants, self.opt_in) if isinstance(payload, dict) else "the body is not an object"
         if isinstance(plan, str):
@@ -250,6 +290,7 @@ class SemanticCache:
         now = time.monotonic()
         vector: np.ndarray | None = None
         hint: str | None = None
+        candidate: tuple[Entry, float] | None = None
         if plan.lookup:
             e = self.store.get_exact(plan.exact_key, now)
             if e is not None:
@@ -272,24 +313,35 @@ class SemanticCache:
                     self.metrics.errors.inc("lookup")
                     log.warning("semantic lookup failed; the request goes upstream", extra={"error": f"{type(exc).__name__}: {exc}"})
                     neighbours = []
-                threshold = self.threshold(plan.model)
+                floor = self.floor(plan.model)
                 near = self.settings.near_threshold
                 if near > 0 and neighbours and neighbours[0][1] >= near and not neighbours[0][0].removed:
                     hint = neighbours[0][0].replica
                 for e, sim in neighbours:
-                    if sim < threshold or e.removed:
+                    if sim < floor or e.removed:
                         break
                     reason = guards.refusal(plan.query, e.query)
                     if reason is not None:
                         self.metrics.refusals.inc(reason)
                         continue
+                    if self.verified is not None:
+                        exploit = self.verified.exploit(e.labels, sim)
+                        self.metrics.decisions.inc(plan.model, "exploit" if exploit else "explore")
+                        if not exploit:
+                            candidate = (e, sim)
+                            break
                     self.store.touch(e)
-                    return await self._replay(request, plan, e, "hit_semantic", t0)
-        return await self._miss(request, plan, route, vector, t0, served_by, hint)
+                    resp = await self._replay(request, plan, e, "hit_semantic", t0)
+                    self._maybe_verify(plan, e, sim, rerun)
+                    return resp
+        return await self._miss(request, plan, route, vector, t0, served_by, hint, candidate)
 
     async def _miss(
-        self, request: web.Request, plan: CachePlan, route: Route, vector: np.ndarray | None, t0: float, served_by: ServedBy, hint: str | None
+        self, request: web.Request, plan: CachePlan, route: Route, vector: np.ndarray | None, t0: float, served_by: ServedBy, hint: str | None,
+        candidate: tuple[Entry, float] | None = None,
     ) -> web.StreamResponse:
+        """Route the request upstream and store its answer when it may be; an explored
+        `candidate` (entry, similarity) gets a label from that answer."""
         request[STATE_KEY] = "miss"
         self.metrics.requests.inc(plan.model, "miss")
         self.metrics.lookup.observe(time.perf_counter() - t0, "miss")
@@ -304,6 +356,11 @@ class SemanticCache:
                 self.metrics.near.inc(plan.model)
             resp = await route(record, hint)
             entry = self._entry_of(plan, resp, record, served_by)
+            if entry is not None and candidate is not None:
+                e, sim = candidate
+                same = same_answer(e.answer.body, e.answer.stream, entry.answer.body, entry.answer.stream)
+                if same is not None:
+                    self._label(e, sim, same, "explore")
             if entry is not None:
                 self.store.put(entry, vector if self.settings.semantic else None)
                 if vector is None and self.settings.semantic:
@@ -364,6 +421,67 @@ class SemanticCache:
             log.warning("embedding a stored answer failed; it is found by exact matches only", extra={"error": f"{type(exc).__name__}: {exc}"})
             return
         self.store.set_vector(entry, vector)
+
+    # ---- labels and verification -------------------------------------------------------------------
+
+    def _label(self, e: Entry, similarity: float, correct: bool, source: str) -> None:
+        if e.labels is None:
+            e.labels = Labels()
+        e.labels.add(similarity, correct)
+        self.metrics.labels.inc(e.model, source, "correct" if correct else "wrong")
+
+    def _maybe_verify(self, plan: CachePlan, e: Entry, similarity: float, rerun: Rerun | None) -> None:
+        """With probability `cache.verify_share`, re-run the request that `e` just answered, in
+        the background (see the module comment)."""
+        share = self.settings.verify_share
+        if rerun is None or share <= 0 or self.rng.random() >= share:
+            return
+        if len(self._verifying) >= self.settings.verify_max_inflight:
+            self.metrics.verify_skipped.inc("busy")
+            return
+        answer = rerun()  # now: it captures the request, whose handler is about to return
+        task = asyncio.ensure_future(self._verify(plan, e, similarity, answer))
+        self._verifying.add(task)
+        self.metrics.verifying = len(self._verifying)
+        task.add_done_callback(lambda t: self._verified(t, answer))
+
+    def _verified(self, task: asyncio.Task[None], answer: Awaitable[Any]) -> None:
+        self._verifying.discard(task)
+        self.metrics.verifying = len(self._verifying)
+        if inspect.iscoroutine(answer) and inspect.getcoroutinestate(answer) == inspect.CORO_CREATED:
+            answer.close()  # cancelled before it started
+
+    async def _verify(self, plan: CachePlan, e: Entry, similarity: float, answer: Awaitable[tuple[int, bytes] | None]) -> None:
+        try:
+            got = await answer
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.metrics.verify_skipped.inc("error")
+            log.warning("re-running a cache hit failed", extra={"entry": e.id, "error": f"{type(exc).__name__}: {exc}"})
+            return
+        if got is None:
+            self.metrics.verify_skipped.inc("no idle replica")
+            return
+        status, body = got
+        same = same_answer(e.answer.body, e.answer.stream, body, plan.stream) if status == 200 and finished_with_stop(body, plan.stream) is None else None
+        if same is None:
+            self.metrics.verify_skipped.inc("not comparable")
+            return
+        self._label(e, similarity, same, "verify")
+        if not same and not e.removed:
+            self.store.remove(e)
+            self.metrics.detected.inc(e.model)
+            log.info("a cache hit re-run on an idle replica answered differently; entry dropped",
+                     extra={"entry": e.id, "model": e.model, "similarity": round(similarity, 4)})  # fmt: skip
+
+    async def stop_verifying(self) -> None:
+        """Cancel the re-runs in flight and wait for them to end (the proxy stops)."""
+        tasks = list(self._verifying)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -444,7 +562,8 @@ class SemanticCache:
         return web.json_response({"dropped": entry_id})
 
     async def close(self) -> None:
-        """Wait for stores in progress, release the embedder."""
+        """Cancel re-runs, wait for stores in progress, release the embedder."""
+        await self.stop_verifying()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self.embedder.close()

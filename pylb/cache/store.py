@@ -55,6 +55,7 @@ class Entry:
     hits: int = 0
     row: int = -1  # its row in the partition's key matrix; -1 when it has no vector
     removed: bool = False
+    labels: Any = None  # `pylb.cache.verified.Labels` once a label was recorded (cache.threshold_policy verified, or verification)
 
     @property
     def size(self) -> int:

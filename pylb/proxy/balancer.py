@@ -134,6 +134,20 @@ class Balancer:
             handle.cancel()
             self.queued.discard(fut)
 
+    def idle_replicas(self) -> list[str]:
+        """Healthy replicas with nothing queued for them or in flight on them in the router's
+        view, in configuration order; none while pylb's queue holds requests (background work,
+        such as the semantic cache's re-runs, must not compete with clients)."""
+        if self.dispatcher.queue_depth:
+            return []
+        view = self.router.view
+        out = []
+        for name in self.fleet.healthy:
+            s = view.replica(name)
+            if s is not None and s.load == 0:
+                out.append(name)
+        return out
+
     def move(self, request_id: str, replica: str) -> bool:
         """The request in flight is served by `replica`, not by the replica its dispatch named
         (`pylb epp`: the data plane fell back, or a subset hint narrowed the choice): move the

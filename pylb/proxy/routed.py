@@ -62,6 +62,7 @@ router with the stream's usage.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -182,7 +183,10 @@ class RoutedPath:
                     rreq.affinity_hint = affinity_hint
                     return self._route(request, rreq, body, ex)
 
-                resp = await self.cache.serve(request, endpoint, payload, route, lambda: ex.replica)
+                def rerun() -> Awaitable[tuple[int, bytes] | None]:
+                    return self.rerun_on_idle(request, rreq, body)
+
+                resp = await self.cache.serve(request, endpoint, payload, route, lambda: ex.replica, rerun)
             ex.status = ex.status or resp.status
             return resp
         except RequestError as exc:
@@ -315,6 +319,58 @@ class RoutedPath:
                 disp.complete(rid, replica, None)
             if up is not None:
                 up.close()  # a no-op on a fully read answer; aborts an unfinished one upstream
+
+    def rerun_on_idle(self, request: web.Request, rreq: RoutingRequest, body: bytes) -> Awaitable[tuple[int, bytes] | None]:
+        """Send the request once more, outside the client's exchange (the semantic cache's
+        verification of a hit): captures the request's target and headers now, and the returned
+        awaitable gives (status, whole body), or None when no replica was idle or the attempt
+        failed. The re-run goes through the router as its own request (id `<id>.verify<n>`, one
+        priority below the client's, an affinity hint for the first idle replica) so that the
+        router counts its load; it is sent only to a replica that was idle, with no retries, and
+        is not counted among pylb's client requests."""
+        self._ids += 1
+        rid = f"{rreq.request_id}.verify{self._ids}"
+        headers = raw_request_headers(request.raw_headers, rid, self.skip_raw)
+        again = dataclasses.replace(rreq, request_id=rid, priority=rreq.priority - 1)
+        return self._rerun(again, request.raw_path, headers, body)
+
+    async def _rerun(self, rreq: RoutingRequest, target: str, headers: bytes, body: bytes) -> tuple[int, bytes] | None:
+        idle = self.balancer.idle_replicas()
+        if not idle or self.pool is None or self.cut:
+            return None
+        disp = self.dispatcher
+        rreq.affinity_hint = idle[0]
+        rreq.arrival = disp.now()
+        try:
+            d = await self.balancer.wait_dispatch(rreq)
+        except ProxyError:
+            return None
+        replica = d.replica
+        if replica not in idle:
+            if not self.balancer.move(rreq.request_id, idle[0]):
+                disp.complete(rreq.request_id, replica, None)  # busy by now, and the router cannot move it: not sent
+                return None
+            replica = idle[0]
+        done = False
+        up: UpstreamResponse | None = None
+        try:
+            up = await self.pool.request(replica, "POST", target, headers, body)
+            data = await up.read()
+            if up.status == 200:
+                disp.first_token(rreq.request_id, replica)
+                disp.complete(rreq.request_id, replica, usage_from_sse_tail(data[-4096:]) if rreq.stream else usage_from_json_body(data))
+            else:
+                disp.complete(rreq.request_id, replica, None)
+            done = True
+            return up.status, data
+        except UPSTREAM_ERRORS as exc:
+            log.info("re-run of a cache hit failed", extra={"replica": replica, "error": f"{type(exc).__name__}: {exc}"})
+            return None
+        finally:
+            if not done:  # failed, or cancelled (pylb stops): the replica's work is abandoned
+                disp.complete(rreq.request_id, replica, None)
+            if up is not None:
+                up.close()
 
     def _failed(self, rid: str, replica: str, exc: BaseException, when: str) -> AttemptFailed:
         """Book-keeping of a failed exchange; returns the AttemptFailed to raise."""

@@ -213,6 +213,8 @@ class ProxyServer:
         self._draining = True
         if self._listener is not None:
             self._listener.close()
+        if self.cache is not None:
+            await self.cache.stop_verifying()  # background re-runs of cache hits: cancelled, not drained
         self._fail_queued()
         while self._active and loop.time() < deadline:
             await asyncio.sleep(0.01)

@@ -7,8 +7,17 @@ How to read it: every distinct `a` of tests/data/cache_pairs.tsv is stored, ever
 guards (pylb's decision); `threshold` = the threshold alone (most semantic caches). Cross-tenant
 false hits are zero by construction (a tenant is a partition; tests/test_cache_proxy.py).
 
+The second table is the sequential stream (`pylb.cache.quality.evaluate_stream`): every distinct
+text of the set arrives once, in a random order per seed, and is answered from the texts stored
+before it; `fixed` is threshold + guards, `verified` the per-entry learned threshold under the
+error bound `delta` (`pylb.cache.verified`), its candidates at or above `floor` (guards first).
+`opps` = texts whose paraphrase was stored before them, `hit%` = correct hits / opps, `false` =
+false hits, `explore` = candidates sent to a replica for a label, `detect` = false hits found by
+re-running `verify` of the hits; counts summed over the seeds.
+
     python bench/cache_quality.py                    # hashing, and minilm when the [minilm] extra is installed
     python bench/cache_quality.py --out bench/results/cache_quality.json
+    python bench/cache_quality.py --seeds 50 --stream-threshold 0.85 --deltas 0.01,0.05,0.1 --verify-share 0.05
 """
 
 from __future__ import annotations
@@ -21,16 +30,31 @@ import sys
 from pathlib import Path
 
 from pylb.cache.embedders import EmbedderError, HashingEmbedder, MiniLMEmbedder
-from pylb.cache.quality import evaluate, load_pairs
+from pylb.cache.quality import StreamOutcome, evaluate, evaluate_stream, load_pairs
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "cache_pairs.tsv"
 KINDS = ("related", "opposite", "number", "identifier", "entity")
+STREAM_KINDS = (*KINDS, "unrelated")
+
+
+def stream_rows(pairs: list, vectors: dict, threshold: float, floors: list[float], deltas: list[float], share: float, seeds: int) -> list[StreamOutcome]:
+    """The fixed policy at `threshold`, then the verified one for each floor and delta."""
+    rows = [evaluate_stream(pairs, vectors, "fixed", threshold, seeds)]
+    for floor in floors:
+        for delta in deltas:
+            rows.append(evaluate_stream(pairs, vectors, "verified", floor, seeds, max_error_rate=delta, verify_share=share))
+    return rows
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", default=str(DATA))
     ap.add_argument("--thresholds", default="0.5,0.6,0.7,0.75,0.8,0.85,0.9,0.95")
+    ap.add_argument("--seeds", type=int, default=20, help="random orders of the stream")
+    ap.add_argument("--stream-threshold", type=float, default=0.85, help="the fixed policy's threshold, and the verified policy's first floor")
+    ap.add_argument("--floors", default="", help="more floors for the verified policy (comma-separated), e.g. 0.7")
+    ap.add_argument("--deltas", default="0.01,0.05,0.1", help="max error rates of the verified policy")
+    ap.add_argument("--verify-share", type=float, default=0.05, help="share of hits re-run for a label")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     pairs = load_pairs(args.pairs)
@@ -52,6 +76,21 @@ def main() -> int:
                   + " ".join(f"{o.false_hits.get(k, 0):>10}" for k in KINDS))  # fmt: skip
             results.append({"embedder": emb.name, "policy": policy, "threshold": o.threshold, "hit_rate": o.hit_rate,
                             "precision": o.precision, "hits": o.hits, "false_hits": o.false_hits})  # fmt: skip
+        vectors = {**{p.a: a[i] for i, p in enumerate(pairs)}, **{p.b: b[i] for i, p in enumerate(pairs)}}
+        floors = [args.stream_threshold] + [float(f) for f in args.floors.split(",") if f]
+        deltas = [float(d) for d in args.deltas.split(",")]
+        print(f"\n{emb.name}, stream: every distinct text once, {args.seeds} random orders (counts summed)")
+        print(f"{'policy':<9} {'floor':>5} {'delta':>5} {'verify':>6} {'lookups':>7} {'opps':>5} {'hit%':>6} {'prec':>6} {'hits':>5} {'false':>5} "
+              f"{'explore':>7} {'labels':>6} {'detect':>6}  " + " ".join(f"{k:>10}" for k in STREAM_KINDS))  # fmt: skip
+        for o in stream_rows(pairs, vectors, args.stream_threshold, floors, deltas, args.verify_share, args.seeds):
+            delta = f"{o.max_error_rate:>5.2f}" if o.policy == "verified" else f"{'-':>5}"
+            print(f"{o.policy:<9} {o.threshold:>5.2f} {delta} {o.verify_share:>6.2f} {o.lookups:>7} {o.opportunities:>5} {100 * o.hit_rate:>5.1f}% "
+                  f"{o.precision:>6.3f} {o.hits:>5} {o.false:>5} {o.explorations:>7} {o.labels:>6} {o.detected:>6}  "
+                  + " ".join(f"{o.false_hits.get(k, 0):>10}" for k in STREAM_KINDS))  # fmt: skip
+            results.append({"embedder": emb.name, "stream": True, "policy": o.policy, "floor": o.threshold, "max_error_rate": o.max_error_rate,
+                            "verify_share": o.verify_share, "seeds": o.seeds, "lookups": o.lookups, "opportunities": o.opportunities,
+                            "hits": o.hits, "correct": o.correct, "hit_rate": o.hit_rate, "precision": o.precision, "explorations": o.explorations,
+                            "labels": o.labels, "detected": o.detected, "false_hits": o.false_hits})  # fmt: skip
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "pairs": args.pairs, "results": results}, indent=1))

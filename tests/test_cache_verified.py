@@ -12,6 +12,7 @@ import asyncio
 import json
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,8 @@ import openai
 import pytest
 from aiohttp import web
 
+from pylb.cache.embedders import HashingEmbedder
+from pylb.cache.quality import evaluate_stream, load_pairs
 from pylb.cache.verified import PRIOR_FIT, Labels, VerifiedPolicy, answer_text, fit_logistic, same_answer
 from pylb.config import ConfigError, load_settings
 
@@ -124,6 +127,25 @@ def test_answer_text_and_comparison() -> None:
     assert same_answer(chat_json("Paris."), False, chat_json("Lyon."), False) is False
     assert answer_text(b"not json", False) is None and answer_text(b'{"error": {}}', False) is None
     assert same_answer(b"[1]", False, chat_json("x"), False) is None
+
+
+# ---- the sequential evaluation (bench/cache_quality.py's second table) -----------------------------
+
+
+def test_the_stream_evaluation_counts_what_each_policy_did() -> None:
+    pairs = load_pairs(Path(__file__).parent / "data" / "cache_pairs.tsv")
+    texts = sorted({t for p in pairs for t in (p.a, p.b)})
+    vectors = dict(zip(texts, HashingEmbedder(384).embed_now(texts)))
+    fixed = evaluate_stream(pairs, vectors, "fixed", 0.85, seeds=4)
+    verified = evaluate_stream(pairs, vectors, "verified", 0.85, seeds=4, max_error_rate=0.05, verify_share=1.0)
+    assert fixed.explorations == fixed.labels == 0 and fixed.hits > 0 and fixed.lookups == verified.lookups == 4 * (len(texts) - 1)
+    assert verified.explorations > 0 and verified.labels == verified.explorations + verified.hits
+    assert verified.hits < fixed.hits and verified.false <= fixed.false  # it only turns the fixed policy's candidates into explorations
+    assert verified.detected == verified.false  # every hit re-run: every false one found
+    for o in (fixed, verified):  # the guards run first under both
+        assert not {k: v for k, v in o.false_hits.items() if k in ("opposite", "number", "entity")}
+    with pytest.raises(ValueError, match="policy"):
+        evaluate_stream(pairs, vectors, "learned", 0.85)
 
 
 # ---- the proxy ---------------------------------------------------------------------------------------

@@ -10,10 +10,27 @@ as most semantic caches decide). A hit is correct when the pair is a paraphrase 
 the entry found is its own `a`; every other hit is a false hit. Reported per policy: paraphrase
 hit rate (correct hits / paraphrase pairs), precision (correct hits / hits) and false hits by
 kind. Used by bench/cache_quality.py and tests/test_cache_quality.py.
+
+The verified policy (`pylb.cache.verified`) learns from labels as requests arrive, so it is
+measured on a stream instead (`evaluate_stream`): every distinct text of the pairs (each `a` and
+each `b`) arrives once, in a random order per seed, into one partition, as the cache would see
+them. A text looks up the texts stored before it; the nearest one with similarity >= the floor
+that the guards pass is the candidate. The fixed policy answers with it when its similarity is at
+least the threshold; the verified policy exploits or explores. A hit is correct when the two texts
+have the same meaning (the same class, where the classes join the texts of paraphrase pairs), and
+nothing is stored for it; a miss or an exploration stores its text. An exploration's label is the
+oracle's (same class or not), as a comparison of the replica's answers would give with answers
+that differ exactly when the meanings do; with `verify_share` that share of the hits (either
+policy, as in the proxy) also gets its label, and a wrong one drops the entry (a detected false hit). Counted per policy:
+lookups (texts arriving with something stored), opportunities (texts whose class was stored
+before them: the hits a perfect cache would make), correct and false hits (by the kind of the
+pair the two texts come from, "unrelated" when none), explorations, labels and detected false
+hits.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +39,7 @@ import numpy as np
 from pylb import native
 
 from . import guards as guard_mod
+from .verified import Labels, VerifiedPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,4 +118,124 @@ def evaluate(pairs: list[Pair], a_vectors: np.ndarray, b_vectors: np.ndarray, th
                 else:
                     o.false_hits[p.kind] = o.false_hits.get(p.kind, 0) + 1
             out.append(o)
+    return out
+
+
+# ---- the sequential stream (threshold policies that learn) ----------------------------------------
+
+
+@dataclass(slots=True)
+class StreamOutcome:
+    """One policy's counts over the stream, summed over seeds."""
+
+    policy: str  # "fixed" or "verified"
+    threshold: float  # fixed: the threshold; verified: the floor of candidates
+    max_error_rate: float = 0.0  # verified: delta
+    verify_share: float = 0.0
+    seeds: int = 0
+    lookups: int = 0
+    opportunities: int = 0
+    correct: int = 0
+    hits: int = 0
+    explorations: int = 0
+    labels: int = 0
+    detected: int = 0
+    false_hits: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def false(self) -> int:
+        return self.hits - self.correct
+
+    @property
+    def hit_rate(self) -> float:
+        """Correct hits / opportunities."""
+        return self.correct / self.opportunities if self.opportunities else 0.0
+
+    @property
+    def precision(self) -> float:
+        return self.correct / self.hits if self.hits else 1.0
+
+
+def _classes(pairs: list[Pair]) -> tuple[list[str], dict[str, int], dict[frozenset[str], str]]:
+    """The distinct texts, each text's meaning class (paraphrase pairs joined), the kind of each pair."""
+    texts: list[str] = []
+    for p in pairs:
+        for t in (p.a, p.b):
+            if t not in texts:
+                texts.append(t)
+    parent = {t: t for t in texts}
+
+    def root(t: str) -> str:
+        while parent[t] != t:
+            parent[t] = parent[parent[t]]
+            t = parent[t]
+        return t
+
+    for p in pairs:
+        if p.same:
+            parent[root(p.a)] = root(p.b)
+    ids: dict[str, int] = {}
+    cls = {t: ids.setdefault(root(t), len(ids)) for t in texts}
+    kinds = {frozenset((p.a, p.b)): p.kind for p in pairs}
+    return texts, cls, kinds
+
+
+def evaluate_stream(
+    pairs: list[Pair], vectors: dict[str, np.ndarray], policy: str, threshold: float, seeds: int = 20,
+    max_error_rate: float = 0.01, verify_share: float = 0.0, k: int = 4,
+) -> StreamOutcome:
+    """The policy's outcome on `seeds` random orders of the pairs' distinct texts (see the
+    module comment). `vectors` maps each text to its unit embedding; `policy` is "fixed" or
+    "verified" (then `threshold` is the floor of candidates)."""
+    if policy not in ("fixed", "verified"):
+        raise ValueError(f"policy must be fixed or verified, got {policy!r}")
+    texts, cls, kinds = _classes(pairs)
+    out = StreamOutcome(policy, threshold, max_error_rate if policy == "verified" else 0.0, verify_share, seeds)
+    for seed in range(seeds):
+        rng = random.Random(seed)
+        learner = VerifiedPolicy(max_error_rate, random.Random(seed + 10_000)) if policy == "verified" else None
+        order = texts[:]
+        rng.shuffle(order)
+        stored: list[str] = []
+        labels: dict[str, Labels] = {}
+        for q in order:
+            if not stored:
+                stored.append(q)
+                continue
+            out.lookups += 1
+            if any(cls[t] == cls[q] for t in stored):
+                out.opportunities += 1
+            keys = np.stack([vectors[t] for t in stored])
+            sims = keys @ vectors[q]
+            candidate: tuple[str, float] | None = None
+            for j in np.argsort(-sims)[:k]:
+                t, sim = stored[j], float(sims[j])
+                if sim < threshold:
+                    break
+                if guard_mod.refusal(q, t) is None:
+                    candidate = (t, sim)
+                    break
+            if candidate is None:
+                stored.append(q)
+                continue
+            t, sim = candidate
+            right = cls[t] == cls[q]
+            if learner is not None and not learner.exploit(labels.get(t), sim):
+                out.explorations += 1
+                out.labels += 1
+                labels.setdefault(t, Labels()).add(sim, right)
+                stored.append(q)
+                continue
+            out.hits += 1
+            if right:
+                out.correct += 1
+            else:
+                kind = kinds.get(frozenset((q, t)), "unrelated")
+                out.false_hits[kind] = out.false_hits.get(kind, 0) + 1
+            if verify_share > 0 and rng.random() < verify_share:
+                out.labels += 1
+                labels.setdefault(t, Labels()).add(sim, right)
+                if not right:
+                    out.detected += 1
+                    stored.remove(t)
     return out

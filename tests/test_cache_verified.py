@@ -237,10 +237,11 @@ async def test_an_exploration_answers_with_the_replica_and_labels_the_candidate(
         rep.answers[q3] = "Lyon."
         assert await ask(c, q3) == ("miss", "Lyon.")  # a different answer: a wrong label
         assert rep.asked == [Q1, q2, q3]
-        await wait_for(lambda: len(proxy.cache.store) == 3, what="the explorations' answers stored")
-        seen = [o for e in proxy.cache.store._exact.values() if e.labels is not None for o in e.labels.observations]
-        assert entry.labels is not None and entry.labels.observations[0][1] is True
-        assert sorted(c for _, c in seen) == [False, True] and all(0.6 <= s <= 1.0 + 1e-6 for s, _ in seen)
+        await wait_for(lambda: len(proxy.cache.store) == 3 and proxy.cache.store.searchable() == 2, what="the explorations' answers stored")
+        # q2's answer matched: stored for exact matches only, so q3 found the labelled entry again
+        assert entry.labels is not None and [c for _, c in entry.labels.observations] == [True, False]
+        assert all(0.6 <= s < 1.0 for s, _ in entry.labels.observations)
+        assert (await ask(c, q2)) == ("hit", rep.default)  # exact
         assert not entry.removed  # an exploration's wrong label teaches; it does not drop the entry
         force(proxy, 0.0)  # exploit: the entry answers from the cache
         assert await ask(c, "What is the capital of France ?") == ("hit", rep.default)
@@ -250,6 +251,7 @@ async def test_an_exploration_answers_with_the_replica_and_labels_the_candidate(
         assert value(m, "pylb_cache_labels_total", model=MODEL, source="explore", label="correct") == 1
         assert value(m, "pylb_cache_labels_total", model=MODEL, source="explore", label="wrong") == 1
         assert value(m, "pylb_cache_requests_total", model=MODEL, result="miss") == 3
+        assert value(m, "pylb_cache_requests_total", model=MODEL, result="hit_exact") == 1
 
 
 async def test_a_hit_re_run_on_an_idle_replica_that_disagrees_drops_the_entry() -> None:

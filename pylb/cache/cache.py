@@ -27,7 +27,9 @@ request to a replica and returns its response). For one request, in order:
      `cache.threshold_policy` fixed it answers. With verified, `pylb.cache.verified` decides
      from the candidate's labels under `cache.max_error_rate`: exploit (it answers) or explore
      (the request goes on as a miss, and the replica's answer, when it may be stored, is
-     compared with the candidate's: one label for the candidate at that similarity).
+     compared with the candidate's: one label for the candidate at that similarity; an answer
+     that matched is stored for exact matches only, so that later neighbours keep finding the
+     labelled entry instead of an unlabelled twin, as in the paper).
   5. miss: `route`, recording the answer's bytes (a *near* miss, whose nearest neighbour scores
      at least `cache.near_threshold`, passes that neighbour's replica as an affinity hint: it
      likely holds the shared prefix; the router honours it only when that replica is healthy and
@@ -356,14 +358,17 @@ class SemanticCache:
                 self.metrics.near.inc(plan.model)
             resp = await route(record, hint)
             entry = self._entry_of(plan, resp, record, served_by)
+            semantic = self.settings.semantic
             if entry is not None and candidate is not None:
                 e, sim = candidate
                 same = same_answer(e.answer.body, e.answer.stream, entry.answer.body, entry.answer.stream)
                 if same is not None:
                     self._label(e, sim, same, "explore")
+                if same:  # the candidate was right: stored for exact matches only, so that its
+                    semantic = False  # neighbours keep finding the labelled entry, not a twin without labels
             if entry is not None:
-                self.store.put(entry, vector if self.settings.semantic else None)
-                if vector is None and self.settings.semantic:
+                self.store.put(entry, vector if semantic else None)
+                if vector is None and semantic:
                     # the partition was empty (no lookup ran): found by exact key at once, and by
                     # similarity once its embedding, computed after the answer went out, is there
                     self._spawn(self._embed_later(entry))

@@ -18,7 +18,8 @@ them. A text looks up the texts stored before it; the nearest one with similarit
 that the guards pass is the candidate. The fixed policy answers with it when its similarity is at
 least the threshold; the verified policy exploits or explores. A hit is correct when the two texts
 have the same meaning (the same class, where the classes join the texts of paraphrase pairs), and
-nothing is stored for it; a miss or an exploration stores its text. An exploration's label is the
+nothing is stored for it; a miss stores its text, and so does an exploration whose label was
+wrong (one whose label was right adds nothing a later text can find by similarity, as in the cache). An exploration's label is the
 oracle's (same class or not), as a comparison of the replica's answers would give with answers
 that differ exactly when the meanings do; with `verify_share` that share of the hits (either
 policy, as in the proxy) also gets its label, and a wrong one drops the entry (a detected false hit). Counted per policy:
@@ -224,7 +225,8 @@ def evaluate_stream(
                 out.explorations += 1
                 out.labels += 1
                 labels.setdefault(t, Labels()).add(sim, right)
-                stored.append(q)
+                if not right:  # as the cache does: a matching answer is stored for exact matches only
+                    stored.append(q)
                 continue
             out.hits += 1
             if right:

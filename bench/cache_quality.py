@@ -10,7 +10,9 @@ false hits are zero by construction (a tenant is a partition; tests/test_cache_p
 The second table is the sequential stream (`pylb.cache.quality.evaluate_stream`): every distinct
 text of the set arrives once, in a random order per seed, and is answered from the texts stored
 before it; `fixed` is threshold + guards, `verified` the per-entry learned threshold under the
-error bound `delta` (`pylb.cache.verified`), its candidates at or above `floor` (guards first).
+error bound `delta` (`pylb.cache.verified`), its candidates at or above `floor` (guards first):
+`pooled xF` learns from the labels of all entries (the cache's way; the pooled curve widened by F
+times ENTRY_SPREAD into each entry's prior), `per-entry` (`--per-entry`) from the entry's own only.
 `opps` = texts whose paraphrase was stored before them, `hit%` = correct hits / opps, `false` =
 false hits, `explore` = candidates sent to a replica for a label, `detect` = false hits found by
 re-running `verify` of the hits; counts summed over the seeds.
@@ -18,6 +20,7 @@ re-running `verify` of the hits; counts summed over the seeds.
     python bench/cache_quality.py                    # hashing, and minilm when the [minilm] extra is installed
     python bench/cache_quality.py --out bench/results/cache_quality.json
     python bench/cache_quality.py --seeds 50 --stream-threshold 0.85 --deltas 0.01,0.05,0.1 --verify-share 0.05
+    python bench/cache_quality.py --embedders minilm --thresholds 0.85 --floors 0.7,0.8 --deltas 0.01,0.05 --per-entry --spreads 1,0
 """
 
 from __future__ import annotations
@@ -37,12 +40,19 @@ KINDS = ("related", "opposite", "number", "identifier", "entity")
 STREAM_KINDS = (*KINDS, "unrelated")
 
 
-def stream_rows(pairs: list, vectors: dict, threshold: float, floors: list[float], deltas: list[float], share: float, seeds: int) -> list[StreamOutcome]:
-    """The fixed policy at `threshold`, then the verified one for each floor and delta."""
+def stream_rows(
+    pairs: list, vectors: dict, threshold: float, floors: list[float], deltas: list[float], share: float, seeds: int,
+    spreads: tuple[float, ...] = (1.0,), per_entry: bool = False,
+) -> list[StreamOutcome]:
+    """The fixed policy at `threshold`, then the verified one for each floor and delta: per
+    entry only (when `per_entry`), then pooled, once per spread."""
     rows = [evaluate_stream(pairs, vectors, "fixed", threshold, seeds)]
     for floor in floors:
         for delta in deltas:
-            rows.append(evaluate_stream(pairs, vectors, "verified", floor, seeds, max_error_rate=delta, verify_share=share))
+            if per_entry:
+                rows.append(evaluate_stream(pairs, vectors, "verified", floor, seeds, max_error_rate=delta, verify_share=share, pooled=False))
+            for spread in spreads:
+                rows.append(evaluate_stream(pairs, vectors, "verified", floor, seeds, max_error_rate=delta, verify_share=share, spread=spread))
     return rows
 
 
@@ -55,15 +65,20 @@ def main() -> int:
     ap.add_argument("--floors", default="", help="more floors for the verified policy (comma-separated), e.g. 0.7")
     ap.add_argument("--deltas", default="0.01,0.05,0.1", help="max error rates of the verified policy")
     ap.add_argument("--verify-share", type=float, default=0.05, help="share of hits re-run for a label")
+    ap.add_argument("--spreads", default="1", help="the verified policy's ENTRY_SPREAD, scaled (comma-separated factors; 0: the pooled curve alone)")
+    ap.add_argument("--per-entry", action="store_true", help="also the verified policy without the pool (every entry learns from its own labels only)")
+    ap.add_argument("--embedders", default="hashing,minilm", help="comma-separated: hashing, minilm (skipped, with a note, when the [minilm] extra is missing)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     pairs = load_pairs(args.pairs)
     thresholds = [float(t) for t in args.thresholds.split(",")]
-    embedders = [HashingEmbedder(384)]
-    try:
-        embedders.append(MiniLMEmbedder())
-    except EmbedderError as exc:
-        print(f"(minilm skipped: {exc})", file=sys.stderr)
+    names = [n.strip() for n in args.embedders.split(",") if n.strip()]
+    embedders: list = [HashingEmbedder(384)] if "hashing" in names else []
+    if "minilm" in names:
+        try:
+            embedders.append(MiniLMEmbedder())
+        except EmbedderError as exc:
+            print(f"(minilm skipped: {exc})", file=sys.stderr)
     print(f"{len(pairs)} pairs ({sum(p.same for p in pairs)} paraphrases), load average {os.getloadavg()[0]:.2f}")
     results = []
     for emb in embedders:
@@ -80,14 +95,16 @@ def main() -> int:
         floors = [args.stream_threshold] + [float(f) for f in args.floors.split(",") if f]
         deltas = [float(d) for d in args.deltas.split(",")]
         print(f"\n{emb.name}, stream: every distinct text once, {args.seeds} random orders (counts summed)")
-        print(f"{'policy':<9} {'floor':>5} {'delta':>5} {'verify':>6} {'lookups':>7} {'opps':>5} {'hit%':>6} {'prec':>6} {'hits':>5} {'false':>5} "
+        print(f"{'policy':<16} {'floor':>5} {'delta':>5} {'verify':>6} {'lookups':>7} {'opps':>5} {'hit%':>6} {'prec':>6} {'hits':>5} {'false':>5} "
               f"{'explore':>7} {'labels':>6} {'detect':>6}  " + " ".join(f"{k:>10}" for k in STREAM_KINDS))  # fmt: skip
-        for o in stream_rows(pairs, vectors, args.stream_threshold, floors, deltas, args.verify_share, args.seeds):
+        spreads = tuple(float(x) for x in args.spreads.split(","))
+        for o in stream_rows(pairs, vectors, args.stream_threshold, floors, deltas, args.verify_share, args.seeds, spreads, args.per_entry):
             delta = f"{o.max_error_rate:>5.2f}" if o.policy == "verified" else f"{'-':>5}"
-            print(f"{o.policy:<9} {o.threshold:>5.2f} {delta} {o.verify_share:>6.2f} {o.lookups:>7} {o.opportunities:>5} {100 * o.hit_rate:>5.1f}% "
+            name = o.policy if o.policy == "fixed" else (f"pooled x{o.spread:g}" if o.pooled else "per-entry")
+            print(f"{name:<16} {o.threshold:>5.2f} {delta} {o.verify_share:>6.2f} {o.lookups:>7} {o.opportunities:>5} {100 * o.hit_rate:>5.1f}% "
                   f"{o.precision:>6.3f} {o.hits:>5} {o.false:>5} {o.explorations:>7} {o.labels:>6} {o.detected:>6}  "
                   + " ".join(f"{o.false_hits.get(k, 0):>10}" for k in STREAM_KINDS))  # fmt: skip
-            results.append({"embedder": emb.name, "stream": True, "policy": o.policy, "floor": o.threshold, "max_error_rate": o.max_error_rate,
+            results.append({"embedder": emb.name, "stream": True, "policy": o.policy, "pooled": o.pooled, "spread": o.spread, "floor": o.threshold, "max_error_rate": o.max_error_rate,
                             "verify_share": o.verify_share, "seeds": o.seeds, "lookups": o.lookups, "opportunities": o.opportunities,
                             "hits": o.hits, "correct": o.correct, "hit_rate": o.hit_rate, "precision": o.precision, "explorations": o.explorations,
                             "labels": o.labels, "detected": o.detected, "false_hits": o.false_hits})  # fmt: skip

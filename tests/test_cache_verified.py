@@ -1,7 +1,8 @@
 """The verified threshold policy (`pylb.cache.verified`) and the cache's verification of hits.
 
 The learner on its own (few labels explore, many correct labels exploit, wrong labels stop the
-hits), the answer comparison, the proxy's two label sources with real sockets (an exploration
+hits; the model's pooled labels decide for an entry without its own, and its own wrong labels
+overrule them), the answer comparison, the proxy's two label sources with real sockets (an exploration
 answers with the replica's answer and labels the candidate; a served hit re-run on an idle
 replica that answers differently drops its entry; a hung re-run is cancelled when pylb stops),
 and the settings' checks."""
@@ -22,7 +23,7 @@ from aiohttp import web
 
 from pylb.cache.embedders import HashingEmbedder
 from pylb.cache.quality import evaluate_stream, load_pairs
-from pylb.cache.verified import PRIOR_FIT, Labels, VerifiedPolicy, answer_text, fit_logistic, same_answer
+from pylb.cache.verified import BIN, ENTRY_SPREAD, MAX_POOLED, PRIOR_COV, PRIOR_FIT, PRIOR_MEAN, Labels, Pool, VerifiedPolicy, answer_text, fit_counts, fit_logistic, same_answer
 from pylb.config import ConfigError, load_settings
 
 from proxy_support import MODEL, ScriptedReplica, running_proxy, scrape, settings, value, wait_for
@@ -95,6 +96,106 @@ def test_the_fit_is_finite_and_sane_for_zero_to_two_labels() -> None:
     assert fit_logistic(np.array([0.99] * 20), np.zeros(20)).threshold() > 0.99  # all wrong: P(correct) = 1/2 only above the labels, or never
     labelled = labels((0.9, True, 300))
     assert len(labelled) == 256  # bounded: the oldest go
+
+
+# ---- the pool: labels shared by the entries of a model ---------------------------------------------
+
+
+def teach(p: VerifiedPolicy, model: str, s: float, correct: int, wrong: int = 0, entries: int = 50) -> list[Labels]:
+    """`correct` and `wrong` labels at `s`, recorded on `entries` other entries of `model` (round robin)."""
+    others = [Labels() for _ in range(entries)]
+    for i, c in enumerate([True] * correct + [False] * wrong):
+        p.record(others[i % entries], s, c, model)
+    return others
+
+
+def test_an_entry_without_labels_exploits_once_the_pool_says_s_is_safe() -> None:
+    p = VerifiedPolicy(0.05)
+    assert p.exploit_probability(None, 0.95, "m") < 0.06  # an empty pool: the wide prior, as without one
+    teach(p, "m", 0.95, 300)
+    assert p.exploit_probability(None, 0.95, "m") == 1.0
+    assert p.exploit_probability(Labels(), 0.97, "m") == 1.0  # an entry whose labels were all dropped: the same
+    assert p.exploit_probability(None, 0.80, "m") < 0.5  # far below what the pool saw: still unsure
+    assert p.exploit_probability(None, 0.95, "other") < 0.06  # another model's pool is its own
+    assert p.exploit_probability(None, 0.95) < 0.06  # no model: the entry's own labels only
+    # an unlabelled entry is not the pool: its spread keeps it more careful than the pooled curve itself
+    assert p.error_bound(None, 0.95, "m") > p.pools["m"].fit().error_bound(0.95)
+    strict = VerifiedPolicy(0.01)
+    teach(strict, "m", 0.95, 300)
+    assert 0.2 < strict.exploit_probability(None, 0.95, "m") < 1.0  # 300 labels: not yet enough for delta 0.01
+    teach(strict, "m", 0.95, MAX_POOLED)
+    assert strict.exploit_probability(None, 0.95, "m") == 1.0
+    unpooled = VerifiedPolicy(0.05, pooled=False)
+    teach(unpooled, "m", 0.95, 300)
+    assert not unpooled.pools and unpooled.exploit_probability(None, 0.95, "m") < 0.06
+
+
+def test_wrong_pooled_labels_stop_it() -> None:
+    p = VerifiedPolicy(0.05)
+    teach(p, "m", 0.95, 270, wrong=30)  # 10 % wrong at 0.95 in the model's traffic
+    assert p.exploit_probability(None, 0.95, "m") < 0.5
+    assert p.exploit_probability(None, 0.99, "m") < 0.5
+    later = VerifiedPolicy(0.05)
+    teach(later, "m", 0.95, 300)
+    assert later.exploit_probability(None, 0.95, "m") == 1.0
+    bounds = [later.error_bound(None, 0.95, "m")]
+    for _ in range(3):
+        teach(later, "m", 0.95, 0, wrong=10)  # wrong labels arrive: the bound rises with each batch
+        bounds.append(later.error_bound(None, 0.95, "m"))
+    assert bounds == sorted(bounds) and bounds[-1] > 0.1
+    assert later.exploit_probability(None, 0.95, "m") < 0.5
+
+
+def test_an_entrys_own_wrong_labels_stop_it_even_when_the_pool_says_safe() -> None:
+    p = VerifiedPolicy(0.05)
+    teach(p, "m", 0.95, 1000)
+    stale = Labels()
+    assert p.exploit_probability(stale, 0.95, "m") == 1.0
+    for _ in range(3):
+        p.record(stale, 0.95, False, "m")
+    assert stale.wrong == 3 and len(p.pools["m"]) == 1003
+    assert p.exploit_probability(None, 0.95, "m") == 1.0  # the pool: 3 wrong in 1003, still safe for the others
+    assert p.exploit_probability(stale, 0.95, "m") < 0.5  # this entry: stopped
+    assert p.exploit_probability(stale, 0.99, "m") < 0.5
+    # and its own correct labels move it the other way, from a pool that is unsure
+    q = VerifiedPolicy(0.05)
+    teach(q, "m", 0.95, 50, wrong=10)
+    good = Labels()
+    before = q.error_bound(good, 0.95, "m")
+    for _ in range(100):
+        q.record(good, 0.95, True, "m")
+    assert q.error_bound(good, 0.95, "m") < before / 2 < q.error_bound(None, 0.95, "m")
+
+
+def test_an_entry_is_not_counted_twice_and_fits_are_cached() -> None:
+    p = VerifiedPolicy(0.05)
+    only = Labels()
+    for _ in range(150):
+        p.record(only, 0.93, True, "m")  # the pool holds this entry's labels alone
+    # left out of its own prior: the pool adds nothing to what the entry's own labels say
+    own = fit_logistic(np.full(150, 0.93), np.ones(150), PRIOR_MEAN, PRIOR_COV + ENTRY_SPREAD)
+    assert np.allclose(p.fit(only, "m").mean, own.mean) and np.allclose(p.fit(only, "m").cov, own.cov)
+    twice = fit_logistic(np.full(300, 0.93), np.ones(300), PRIOR_MEAN, PRIOR_COV + ENTRY_SPREAD)
+    assert p.error_bound(only, 0.93, "m") > 1.5 * twice.error_bound(0.93)
+    pool = p.pools["m"]
+    assert pool.fit() is pool.fit() and only.fit(pool, p.spread) is only.fit(pool, p.spread)  # no refit without a new label
+    fit = only.fit(pool, p.spread)
+    teach(p, "m", 0.93, 1)
+    assert only.fit(pool, p.spread) is not fit  # the pool changed: refitted
+    # bounded: the oldest pooled labels go, and their bins with them
+    big = Pool()
+    for i in range(MAX_POOLED + 10):
+        big.add(0.5 if i < 10 else 0.9, i >= 10)
+    assert len(big) == MAX_POOLED and int(big.total.sum()) == MAX_POOLED and int(big.correct.sum()) == MAX_POOLED
+    assert big.total[round(0.5 / BIN)] == 0
+    # the binned fit is the fit of the labels (to the bins' resolution)
+    s = np.array([0.8, 0.85, 0.9, 0.9, 0.95])
+    y = np.array([0.0, 1.0, 0.0, 1.0, 1.0])
+    binned = Pool()
+    for si, yi in zip(s, y):
+        binned.add(float(si), bool(yi))
+    assert np.allclose(binned.fit().mean, fit_logistic(s, y).mean, atol=1e-6)
+    assert fit_counts(np.zeros(len(binned.total), np.int64), np.zeros(len(binned.total), np.int64)) is PRIOR_FIT
 
 
 def test_max_error_rate_is_checked() -> None:
@@ -240,6 +341,7 @@ async def test_an_exploration_answers_with_the_replica_and_labels_the_candidate(
         await wait_for(lambda: len(proxy.cache.store) == 3 and proxy.cache.store.searchable() == 2, what="the explorations' answers stored")
         # q2's answer matched: stored for exact matches only, so q3 found the labelled entry again
         assert entry.labels is not None and [c for _, c in entry.labels.observations] == [True, False]
+        assert len(proxy.cache.verified.pools[MODEL]) == 2  # counted in the model's pool too
         assert all(0.6 <= s < 1.0 for s, _ in entry.labels.observations)
         assert (await ask(c, q2)) == ("hit", rep.default)  # exact
         assert not entry.removed  # an exploration's wrong label teaches; it does not drop the entry

@@ -25,11 +25,12 @@ request to a replica and returns its response). For one request, in order:
      finds its nearest entries; the first one with similarity >= the model's threshold that
      passes the token-difference guards (`pylb.cache.guards`) is the candidate. With
      `cache.threshold_policy` fixed it answers. With verified, `pylb.cache.verified` decides
-     from the candidate's labels under `cache.max_error_rate`: exploit (it answers) or explore
-     (the request goes on as a miss, and the replica's answer, when it may be stored, is
-     compared with the candidate's: one label for the candidate at that similarity; an answer
-     that matched is stored for exact matches only, so that later neighbours keep finding the
-     labelled entry instead of an unlabelled twin, as in the paper).
+     from the candidate's labels and its model's pooled labels under `cache.max_error_rate`:
+     exploit (it answers) or explore (the request goes on as a miss, and the replica's answer,
+     when it may be stored, is compared with the candidate's: one label for the candidate at
+     that similarity, counted in the model's pool too; an answer that matched is stored for
+     exact matches only, so that later neighbours keep finding the labelled entry instead of an
+     unlabelled twin, as in the paper).
   5. miss: `route`, recording the answer's bytes (a *near* miss, whose nearest neighbour scores
      at least `cache.near_threshold`, passes that neighbour's replica as an affinity hint: it
      likely holds the shared prefix; the router honours it only when that replica is healthy and
@@ -327,7 +328,7 @@ class SemanticCache:
                         self.metrics.refusals.inc(reason)
                         continue
                     if self.verified is not None:
-                        exploit = self.verified.exploit(e.labels, sim)
+                        exploit = self.verified.exploit(e.labels, sim, plan.model)
                         self.metrics.decisions.inc(plan.model, "exploit" if exploit else "explore")
                         if not exploit:
                             candidate = (e, sim)
@@ -432,7 +433,10 @@ class SemanticCache:
     def _label(self, e: Entry, similarity: float, correct: bool, source: str) -> None:
         if e.labels is None:
             e.labels = Labels()
-        e.labels.add(similarity, correct)
+        if self.verified is not None:  # counted in the model's pool too
+            self.verified.record(e.labels, similarity, correct, e.model)
+        else:
+            e.labels.add(similarity, correct)
         self.metrics.labels.inc(e.model, source, "correct" if correct else "wrong")
 
     def _maybe_verify(self, plan: CachePlan, e: Entry, similarity: float, rerun: Rerun | None) -> None:

@@ -26,7 +26,8 @@ policy, as in the proxy) also gets its label, and a wrong one drops the entry (a
 lookups (texts arriving with something stored), opportunities (texts whose class was stored
 before them: the hits a perfect cache would make), correct and false hits (by the kind of the
 pair the two texts come from, "unrelated" when none), explorations, labels and detected false
-hits.
+hits. The verified policy pools the labels of all entries (one model), as the cache does, unless
+`pooled=False`; the pool starts empty with each seed, so it learns only from that one pass.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ import numpy as np
 from pylb import native
 
 from . import guards as guard_mod
-from .verified import Labels, VerifiedPolicy
+from .verified import ENTRY_SPREAD, Labels, VerifiedPolicy
+
+MODEL = "stream"
+"""The one model (so the one pool) of the stream evaluation."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +138,8 @@ class StreamOutcome:
     max_error_rate: float = 0.0  # verified: delta
     verify_share: float = 0.0
     seeds: int = 0
+    pooled: bool = False  # verified: labels pooled across entries (the cache's way) or per entry only
+    spread: float = 0.0  # verified and pooled: ENTRY_SPREAD times this widened the pooled fit
     lookups: int = 0
     opportunities: int = 0
     correct: int = 0
@@ -183,18 +189,21 @@ def _classes(pairs: list[Pair]) -> tuple[list[str], dict[str, int], dict[frozens
 
 def evaluate_stream(
     pairs: list[Pair], vectors: dict[str, np.ndarray], policy: str, threshold: float, seeds: int = 20,
-    max_error_rate: float = 0.01, verify_share: float = 0.0, k: int = 4,
+    max_error_rate: float = 0.01, verify_share: float = 0.0, k: int = 4, pooled: bool = True, spread: float = 1.0,
 ) -> StreamOutcome:
     """The policy's outcome on `seeds` random orders of the pairs' distinct texts (see the
     module comment). `vectors` maps each text to its unit embedding; `policy` is "fixed" or
-    "verified" (then `threshold` is the floor of candidates)."""
+    "verified" (then `threshold` is the floor of candidates, and `pooled` whether the learner
+    pools the labels of all entries, as the cache does, or learns per entry only; the pooled
+    fit is widened into an entry's prior by `spread` times `pylb.cache.verified.ENTRY_SPREAD`)."""
     if policy not in ("fixed", "verified"):
         raise ValueError(f"policy must be fixed or verified, got {policy!r}")
     texts, cls, kinds = _classes(pairs)
-    out = StreamOutcome(policy, threshold, max_error_rate if policy == "verified" else 0.0, verify_share, seeds)
+    out = StreamOutcome(policy, threshold, max_error_rate if policy == "verified" else 0.0, verify_share, seeds,
+                        pooled=pooled and policy == "verified", spread=spread if pooled and policy == "verified" else 0.0)
     for seed in range(seeds):
         rng = random.Random(seed)
-        learner = VerifiedPolicy(max_error_rate, random.Random(seed + 10_000)) if policy == "verified" else None
+        learner = VerifiedPolicy(max_error_rate, random.Random(seed + 10_000), pooled=pooled, spread=spread * ENTRY_SPREAD) if policy == "verified" else None
         order = texts[:]
         rng.shuffle(order)
         stored: list[str] = []
@@ -221,10 +230,10 @@ def evaluate_stream(
                 continue
             t, sim = candidate
             right = cls[t] == cls[q]
-            if learner is not None and not learner.exploit(labels.get(t), sim):
+            if learner is not None and not learner.exploit(labels.get(t), sim, MODEL):
                 out.explorations += 1
                 out.labels += 1
-                labels.setdefault(t, Labels()).add(sim, right)
+                learner.record(labels.setdefault(t, Labels()), sim, right, MODEL)
                 if not right:  # as the cache does: a matching answer is stored for exact matches only
                     stored.append(q)
                 continue
@@ -236,7 +245,11 @@ def evaluate_stream(
                 out.false_hits[kind] = out.false_hits.get(kind, 0) + 1
             if verify_share > 0 and rng.random() < verify_share:
                 out.labels += 1
-                labels.setdefault(t, Labels()).add(sim, right)
+                entry = labels.setdefault(t, Labels())
+                if learner is not None:
+                    learner.record(entry, sim, right, MODEL)
+                else:
+                    entry.add(sim, right)
                 if not right:
                     out.detected += 1
                     stored.remove(t)

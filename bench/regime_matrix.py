@@ -38,8 +38,9 @@ replicas have a 2,048-token context and 4,420 tokens of KV, so token counts are 
 N: enough requests to last `--span` seconds (60) at the cell's never-forgetting work bound, at
 least `--min-requests` and at most `--max-requests` (the CPU budget); the search never goes above
 twice that bound (a pass there would only mean a workload too short to load the fleet). Policy
-specs may carry `+admitF` (admission_factor F) and `@S` (the router told an S-second SLO instead
-of the cell's), e.g. `dualmap+admit1` or `dualmap@5`.
+specs may carry `+admitF` (admission_factor F), `#K` (a K-token key block, `key_block_tokens`) and
+`@S` (the router told an S-second SLO instead of the cell's), e.g. `dualmap+admit1`, `dualmap#128`
+or `dualmap@5`.
 
 Usage (from the repository root; the full matrix takes hours of one core, so pick cells):
 
@@ -322,9 +323,11 @@ def run_cell(workload_name: str, profile: Profile, replicas: int, policies: list
     first_step = 1.25
     for spec in policies:
         label, _, router_slo = spec.partition("@")  # "dualmap@5" = dualmap told a 5 s SLO
+        label, _, key_block = label.partition("#")  # "dualmap#128" = 128-token key blocks
         label, _, admission = label.partition("+admit")  # "dualmap+admit1" = admission_factor 1
         options = RouterOptions(slo_ttft=float(router_slo) if router_slo else slo, seed=0,
-                                admission_factor=float(admission) if admission else 0.0)  # fmt: skip
+                                admission_factor=float(admission) if admission else 0.0,
+                                **({"key_block_tokens": int(key_block)} if key_block else {}))  # fmt: skip
         extras: dict[float, dict[str, Any]] = {}
 
         def run_at(scale: float, label: str = label, options: RouterOptions = options, spec: str = spec) -> RunMetrics:
@@ -356,7 +359,7 @@ def run_cell(workload_name: str, profile: Profile, replicas: int, policies: list
 def run_matrix(args: argparse.Namespace) -> None:
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     for p in policies:
-        registry.parse_spec(p.partition("@")[0].partition("+admit")[0])  # fail early on a bad name
+        registry.parse_spec(p.partition("@")[0].partition("#")[0].partition("+admit")[0])  # fail early on a bad name
     doc: dict[str, Any] = {
         "command": "python " + " ".join(shlex.quote(a) for a in ["bench/regime_matrix.py", *sys.argv[1:]]),
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -301,19 +301,7 @@ class DualMap(Policy):
             elif self.tie_fleet and self.tie_holders and int(np.max(cached)) - floor <= ca:
                 # both hold the longest match anyone holds: every replica holding as much is as good
                 pool = [i for i in range(len(view.replicas)) if int(cached[i]) - floor >= ca]
-            if self.tie_cost:  # backlog plus the request's own uncached prefill at one per-token time
-                t = sum(view.replicas[i].prefill_seconds_per_token for i in pool) / len(pool)
-                cost = {i: _backlog(view.replicas[i]) + view.uncached_tokens(request, i) * t for i in pool}
-                pick = min(pool, key=lambda i: (cost[i], view.replicas[i].load, i not in (a, b), i != a))
-            elif self.placed is not None and self._is_alone:
-                placed = self.placed
-                if self.tie_near:  # the window decides among the replicas that would start it about as soon
-                    backlog = {i: _backlog(view.replicas[i]) for i in pool}
-                    least = min(backlog.values())
-                    pool = [i for i in pool if backlog[i] <= least + view.uncached_tokens(request, i) * view.replicas[i].prefill_seconds_per_token]
-                pick = min(pool, key=lambda i: (placed.get(view.replicas[i].name), _backlog(view.replicas[i]), view.replicas[i].load, i not in (a, b), i != a))
-            else:
-                pick = min(pool, key=lambda i: (_backlog(view.replicas[i]), view.replicas[i].load, i not in (a, b), i != a))
+            pick = self._least_loaded(pool, request, view, a, b)
             branch = "load"
             if pick not in (a, b):  # held by neither: the new prefix's other candidate is the better-loaded ring owner
                 b = a if _backlog(view.replicas[a]) <= _backlog(view.replicas[b]) else b
@@ -332,6 +320,23 @@ class DualMap(Policy):
             if view.predicted_ttft(request, best) <= self.slo:
                 return Choice(best, pick, branch="spill", note=(pending, tail))
         return Choice(pick, b if pick == a else a, branch=branch, note=(pending, tail))
+
+    def _least_loaded(self, pool: Sequence[int], request: RoutingRequest, view: RouterView, a: int, b: int) -> int:
+        """Step 3's tie rule over `pool`: the least prefill placed in the window among the
+        replicas near the least backlog (`tie_near`), then the least backlog, requests owed,
+        the candidates before others and `a` before `b` (or by cost with `tie=cost`)."""
+        if self.tie_cost:  # backlog plus the request's own uncached prefill at one per-token time
+            t = sum(view.replicas[i].prefill_seconds_per_token for i in pool) / len(pool)
+            cost = {i: _backlog(view.replicas[i]) + view.uncached_tokens(request, i) * t for i in pool}
+            return min(pool, key=lambda i: (cost[i], view.replicas[i].load, i not in (a, b), i != a))
+        if self.placed is not None and self._is_alone:
+            placed = self.placed
+            if self.tie_near:  # the window decides among the replicas that would start it about as soon
+                backlog = {i: _backlog(view.replicas[i]) for i in pool}
+                least = min(backlog.values())
+                pool = [i for i in pool if backlog[i] <= least + view.uncached_tokens(request, i) * view.replicas[i].prefill_seconds_per_token]
+            return min(pool, key=lambda i: (placed.get(view.replicas[i].name), _backlog(view.replicas[i]), view.replicas[i].load, i not in (a, b), i != a))
+        return min(pool, key=lambda i: (_backlog(view.replicas[i]), view.replicas[i].load, i not in (a, b), i != a))
 
     def on_choice(self, request: RoutingRequest, choice: Choice, view: RouterView) -> None:
         """Count the request in the adaptive key's window, remember its hot-prefix tail and,

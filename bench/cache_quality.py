@@ -110,7 +110,7 @@ def main() -> int:
                             "labels": o.labels, "detected": o.detected, "false_hits": o.false_hits})  # fmt: skip
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "pairs": args.pairs, "results": results}, indent=1))
+        Path(args.out).write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "pairs": os.path.relpath(args.pairs), "results": results}, indent=1))
     return 0
 
 

@@ -55,21 +55,34 @@ async def test_fake_replica_publishes_vllm_frames() -> None:
     ctx = zmq.asyncio.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
-    async with srv:
-        sub.connect(srv.kv_events_endpoint)
-        prompt = "wxyz" * 64  # 64 simulated tokens: 16 blocks of 4
-        async with aiohttp.ClientSession() as http:
-            stored: list[int] = []
-            for _ in range(40):  # until the subscription is up and a step's events arrive
+    try:
+        async with srv, aiohttp.ClientSession() as http:
+            sub.connect(srv.kv_events_endpoint)
+
+            async def complete(prompt: str) -> None:
                 async with http.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 2}) as r:
                     assert r.status == 200
+
+            # a SUB socket misses what is published before its connection is up: send warm-up
+            # prompts until one batch arrives, then the prompt whose blocks are checked
+            for i in range(40):
+                await complete(f"warm-up {i:04d} " * 8)  # whole blocks: a batch of BlockStored
                 if await sub.poll(200):
-                    b = decode_frames(await sub.recv_multipart())
-                    stored += [int(k) for e in b.events if isinstance(e, BlockStored) for k in e.keys]
                     break
-        assert stored == SimKeyer(4).keys_for("completions", {"prompt": prompt}).keys.tolist()  # type: ignore[union-attr]
-    sub.close(0)
-    ctx.term()
+            else:
+                pytest.fail("no KV-event batch arrived")
+            while await sub.poll(100):  # the warm-ups' other batches
+                await sub.recv_multipart()
+            prompt = "wxyz" * 64  # 64 simulated tokens: 16 blocks of 4
+            await complete(prompt)
+            stored: list[int] = []
+            while not stored and await sub.poll(2000):
+                b = decode_frames(await sub.recv_multipart())
+                stored += [int(k) for e in b.events if isinstance(e, BlockStored) for k in e.keys]
+            assert stored == SimKeyer(4).keys_for("completions", {"prompt": prompt}).keys.tolist()  # type: ignore[union-attr]
+    finally:
+        sub.close(0)
+        ctx.term()
 
 
 async def test_proxy_routes_on_the_engines_events() -> None:

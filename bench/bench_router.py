@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=4000)
     ap.add_argument("--replicas", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--policy", default="all")
+    ap.add_argument("--policy", default="all", help="comma-separated policy specs; NAME#K gives it K-token key blocks (e.g. dualmap#512)")
     args = ap.parse_args(argv)
     work = prepare_workload(load_workload(args.trace, limit=args.limit), 16)
     reqs = [RoutingRequest(w.request_id, w.router_hashes, w.prompt_tokens, w.output_tokens, w.arrival_s, prompt_hash=w.prompt_hash) for w in work]
@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     for policy in policies:
         samples = []
         for _ in range(args.repeats):
-            router = registry.create(policy, RouterOptions())
+            name, _, key_block = policy.partition("#")
+            router = registry.create(name, RouterOptions(**({"key_block_tokens": int(key_block)} if key_block else {})))
             router.on_membership(names, 0.0)
             t0 = time.perf_counter()
             for k, r in enumerate(reqs):

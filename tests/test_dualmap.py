@@ -25,6 +25,11 @@ from pylb.router.prefix import PrefixKeyer, boundary_hashes, short_key
 U64 = np.uint64
 
 
+KEY_512 = {"key_block_tokens": 512}
+"""The key-block size the mechanism tests below are written in: 32 router blocks (512 tokens) per
+key block, so their hand-made hash arrays read as whole key blocks (the default is 64 tokens)."""
+
+
 def rr(rid: str, hashes: Sequence[int], tokens: int | None = None, prompt_hash: int | None = None) -> RoutingRequest:
     h = np.array(hashes, dtype=U64)
     return RoutingRequest(rid, h, tokens if tokens is not None else 16 * len(h), 8, 0.0, prompt_hash=prompt_hash)
@@ -52,7 +57,7 @@ def test_short_keys_are_pure_functions_of_the_prompt() -> None:
 
 
 def test_keyer_adaptive_and_fixed() -> None:
-    o = RouterOptions()
+    o = RouterOptions(**KEY_512)
     fixed = PrefixKeyer(o, fixed_depth=2)
     h = np.arange(1, 101, dtype=U64)
     assert fixed.key(rr("x", h)) == (64, 2)
@@ -63,9 +68,31 @@ def test_keyer_adaptive_and_fixed() -> None:
     assert adaptive.key(rr("y", h[:10])) == (10, 0)
 
 
+def test_short_prompts_keep_one_key_per_conversation_with_the_default_key_block() -> None:
+    """Default 64-token key blocks (4 router blocks): prompts of 12-20 router blocks (200-320
+    tokens) under four hot 128-token group prompts are keyed by their conversation, so its turns
+    keep one key (and two candidates) while two conversations of a group get different keys.
+    With 512-token blocks the same prompts are shorter than one key block and each turn gets a
+    key of its own (the whole prompt): why the default changed (BENCHMARKS.md)."""
+    def prompt(conv: int, turn: int) -> np.ndarray:
+        group = conv % 4
+        return np.array([100 * group + j for j in range(1, 9)] + [1000 * conv + j for j in range(1, 5 + 4 * turn)], dtype=U64)
+
+    for options, one_key in ((RouterOptions(), True), (RouterOptions(**KEY_512), False)):
+        keyer = PrefixKeyer(options)
+        for i in range(200):  # 50 conversations, 4 turns each, interleaved: every group prompt is hot
+            keyer.key(rr(f"w{i}", prompt(i % 50, i // 50)))
+        turns = [keyer.key(rr(f"c{t}", prompt(7, t))) for t in range(3)]
+        other = keyer.key(rr("o", prompt(11, 0)))  # conversation 11: the same group as 7
+        assert (len({k for k, _ in turns}) == 1) is one_key, options.key_block_tokens
+        assert other[0] != turns[0][0]
+    assert PrefixKeyer(RouterOptions()).max_depth == 128  # the deepest key is 8192 tokens at any size
+    assert PrefixKeyer(RouterOptions(**KEY_512)).max_depth == 16
+
+
 def test_key_deepens_under_a_universal_system_prompt() -> None:
     """Every prompt starts with the same key block; past min_samples it is hot, and keys move to depth 2."""
-    o = RouterOptions()
+    o = RouterOptions(**KEY_512)
     keyer = PrefixKeyer(o)
     depths = []
     for i in range(100):
@@ -185,7 +212,7 @@ def test_a_turn_follows_its_previous_turn_while_that_one_is_still_queued() -> No
 
 
 def test_the_hot_floor_ignores_two_turns_of_one_conversation() -> None:
-    p = DualMap(RouterOptions(slo_ttft=5.0))
+    p = DualMap(RouterOptions(slo_ttft=5.0, **KEY_512))
     p.on_membership(["r0", "r1"])
     first = rr("t1", np.arange(1, 80, dtype=U64))
     later = rr("t2", np.arange(1, 120, dtype=U64))  # extends t1: the same conversation
@@ -286,13 +313,29 @@ def test_hot_share_fleet_needs_a_replicas_fair_share_to_deepen_the_key() -> None
         return out
 
     for n, deepens in ((2, False), (16, True)):
-        fleet = DualMap(RouterOptions())  # the default
+        fleet = DualMap(RouterOptions(**KEY_512))  # the default hot share
         fleet.on_membership([f"r{i}" for i in range(n)])
         assert fleet.keyer.table.expand_share == pytest.approx(max(0.0612, 1 / n))
         assert (depths(fleet, 4)[2] > 100) is deepens, n
-        paper = DualMap(RouterOptions(extra={"hot_share": "paper"}))
+        paper = DualMap(RouterOptions(extra={"hot_share": "paper"}, **KEY_512))
         paper.on_membership([f"r{i}" for i in range(n)])
         assert depths(paper, 4)[2] > 100
+
+
+def test_a_fresh_router_expands_a_universal_prefix_after_two_requests_at_any_fleet_size() -> None:
+    """hot_share=fleet raises the expansion share to 1/N; min_samples shrinks with it, so that while
+    the window fills a prefix still expands once two requests hold it (as at the paper's share).
+    Before, a fresh 2-replica router keyed its first 10 prompts under a universal system prompt by
+    that prompt alone, and the mirror sent them all to the replica that cached it first."""
+    for n, samples in ((2, 4), (4, 8), (8, 16), (32, 20)):
+        p = DualMap(RouterOptions())
+        p.on_membership([f"r{i}" for i in range(n)])
+        assert p.keyer.table.min_samples == samples, n
+        depths = []
+        for i in range(3):  # a universal 8-key-block system prompt, then a question of its own
+            h = np.concatenate([np.arange(1, 33, dtype=U64), np.arange(1000 * (i + 1), 1000 * (i + 1) + 8, dtype=U64)])
+            depths.append(p.keyer.key(rr(f"r{i}", h))[1])
+        assert depths[0] == 1 and depths[2] == 9, (n, depths)  # past the system prompt from the third request
 
 
 def test_a_tie_goes_where_the_least_work_was_placed_in_the_window() -> None:
@@ -364,7 +407,7 @@ def test_the_window_is_used_only_while_this_router_places_most_of_the_fleets_wor
 def test_the_hot_floor_ignores_a_universal_prefix() -> None:
     """Depth-2 key: a candidate holding only the first (hot, universal) key block is no better
     than an empty one; one holding more of the prompt is."""
-    p = DualMap(RouterOptions(slo_ttft=5.0, extra={"key_depth": 2}))
+    p = DualMap(RouterOptions(slo_ttft=5.0, extra={"key_depth": 2}, **KEY_512))
     p.on_membership(["r0", "r1"])
     req = rr("q", np.arange(1, 80, dtype=U64))
     a, b = p.ring.candidates(64)  # type: ignore[union-attr]  # the depth-2 key: boundary h[63] = 64

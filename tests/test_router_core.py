@@ -449,7 +449,8 @@ def test_router_options_are_validated() -> None:
     with pytest.raises(ValueError, match="whole number of router blocks"):
         RouterOptions(key_block_tokens=3)
     o = RouterOptions()
-    assert (o.tokens_per_block, o.blocks_per_key_block) == (16, 32)
+    assert (o.tokens_per_block, o.blocks_per_key_block) == (16, 4)  # 64-token key blocks
+    assert RouterOptions(key_block_tokens=512).blocks_per_key_block == 32
 
 
 def test_policy_specs() -> None:

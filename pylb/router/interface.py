@@ -266,7 +266,7 @@ class RouterOptions:
     seed: int = setting(0, "seed for any randomness in the policy")
     block_chars: int = setting(DEFAULT_BLOCK_CHARS, "bytes of prompt text per router hash block (~16 tokens); token-id prompts use block_chars/4 ids", check=at_least(TOKEN_ID_BYTES))
     chars_per_token: int = setting(BYTES_PER_TOKEN, "bytes of prompt text per token, for converting router blocks to tokens", check=at_least(1))
-    key_block_tokens: int = setting(512, "tokens per key block of DualMap's prefix key; a whole number of router blocks (x 4 bytes a multiple of block_chars)", check=at_least(1))
+    key_block_tokens: int = setting(64, "tokens per key block of DualMap's prefix key (its granularity; the deepest key is 8192 tokens at any size); a whole number of router blocks (x 4 bytes a multiple of block_chars)", check=at_least(1))
     max_unprefilled_tokens: int = setting(8192, "dispatch budget per replica: prompt tokens sent and not yet prefilled, at most", check=at_least(1))
     max_unprefilled_requests: int = setting(16, "dispatch budget per replica: requests sent and not yet prefilled, at most", check=at_least(1))
     queue_order: str = setting("cheapest", f"order of a replica's queue after priority: {', '.join(QUEUE_ORDERS)} (fewest uncached tokens, longest cached prefix, or arrival first)", check=one_of(*QUEUE_ORDERS))

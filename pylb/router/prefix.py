@@ -4,7 +4,7 @@ Design (DESIGN.md §3-4; DualMap, arXiv 2602.06502)
 -------------------------------------------------
 A request carries chained hashes of its prompt in router blocks of `block_chars` bytes
 (64 B, about 16 tokens): h[j] names the whole prefix up to the end of block j. The prefix key is
-taken at *key-block* granularity (`key_block_tokens`, 512 by default = 2048 bytes = K = 32 router
+taken at *key-block* granularity (`key_block_tokens`, 64 by default = 256 bytes = K = 4 router
 blocks), and the hash at the end of key block d (1-based) names the prefix of depth d:
 
     boundaries = [h[K-1], h[2K-1], ..., h[dK-1]]          d = len(h) // K full key blocks
@@ -25,8 +25,20 @@ router replicas agree.
 
 The key depth is adaptive (`pylb.native.PrefixKeyTable`: start at depth 1, go one key block
 deeper while the prefix holds >= 6.12 % of the last 200 requests, with hysteresis down to 2 %)
-or fixed (`fixed_depth` >= 1: the boundary at min(depth, boundaries), for the ablation).
+or fixed (`fixed_depth` >= 1: the boundary at min(depth, boundaries), for the ablation). The
+deepest key covers `DEEPEST_KEY_TOKENS` (8192) tokens whatever the key-block size: the table's
+max_depth is that over the key block (128 key blocks of 64 tokens).
 Per request: one slice of the hash array and one `key_for` (O(max_depth) hash-table work).
+
+Why 64-token key blocks (512 before 2026-12-06; BENCHMARKS.md "Key blocks of 64 tokens"): a
+key block is the granularity at which the key can tell prefix groups apart. A prompt shorter
+than one key block gets a short key, which names the whole prompt: every turn of a conversation
+and every conversation of a prefix group then has its own two candidates, so the group prompt
+and the conversation's own prefix are found only by following the cache, and a group's new
+conversations pile onto the first replicas that hold its prompt. With 512-token blocks that was
+every prompt of the scaled CPU workloads (a 128-token group prompt, prompts of 200-400 tokens),
+and on those the smaller block raised dualmap's capacity by 8-12 % at 8 replicas; elsewhere the
+finer key is level (the hot-prefix walk goes as deep as before, in smaller steps).
 """
 
 from __future__ import annotations
@@ -40,6 +52,11 @@ from pylb import native
 from .interface import RouterOptions, RoutingRequest
 
 _U64 = np.uint64
+
+DEEPEST_KEY_TOKENS = 8192
+"""Tokens of the deepest prefix key, at any key-block size (the table's max_depth is this over the
+key block): a hot prefix of up to 8192 tokens still gets a deeper key (DualMap's 16 key blocks of
+512 tokens)."""
 
 
 def boundary_hashes(block_hashes: np.ndarray, blocks_per_key: int, max_depth: int | None = None) -> np.ndarray:
@@ -86,6 +103,8 @@ class PrefixKeyer:
             raise ValueError(f"fixed_depth must be >= 0 (0 = adaptive), got {fixed_depth}")
         self.blocks_per_key = options.blocks_per_key_block
         self.fixed_depth = fixed_depth
+        if "max_depth" not in table:  # the deepest key covers the same tokens at any key-block size
+            table["max_depth"] = max(1, -(-DEEPEST_KEY_TOKENS // options.key_block_tokens))
         self.table = native.PrefixKeyTable(**table)
         self.max_depth = self.table.max_depth
 

@@ -4,7 +4,9 @@ would break the SLO, and hotspot migration. DualMap, arXiv 2602.06502 (ICLR 2026
 Design
 ------
 1. Prefix key (`pylb.router.prefix.PrefixKeyer`): the chained hash at a key-block boundary
-   (512 tokens), at an adaptive depth: one key block deeper while the prefix holds a hot share of
+   (64 tokens, up to 8192 tokens deep; 512-token blocks left prompts shorter than one block
+   with a key of their own, so conversations and prefix groups did not keep their candidates:
+   `prefix.py`), at an adaptive depth: one key block deeper while the prefix holds a hot share of
    the last 200 requests (DualMap's hot-prefix expansion), so a universal system prompt does not
    send everything to two replicas while a conversation's turns keep one key. The paper's share
    is 6.12 %; pylb's default (option `hot_share`, "fleet") is at least 1/N, one replica's fair
@@ -136,7 +138,7 @@ Options (`RouterOptions.extra`, or `pylb simulate --policy dualmap:key=value`), 
                                       the other candidate's predicted TTFT x ratio < the preferred
                                       one's, at any SLO): measured mixed, so not the default
 Parameters from the paper: SLO/2 switch threshold, 200-request window, 6.12 % expansion share,
-3 s hotspot wait; 512-token key blocks and 256 virtual nodes are pylb's defaults.
+3 s hotspot wait; 64-token key blocks and 256 virtual nodes are pylb's defaults.
 """
 
 from __future__ import annotations
@@ -260,13 +262,19 @@ class DualMap(Policy):
     def _fit_hot_share(self, n: int) -> None:
         """`hot_share=fleet`: a prefix is hot (its key goes one block deeper) only when it holds
         more than one replica's fair share of the traffic, 1/N, and never less than the paper's
-        share; the shrink share keeps the paper's ratio to it. The window restarts when the share
-        changes (a membership change)."""
+        share; the shrink share keeps the paper's ratio to it. While the window fills, a prefix
+        expands once as many requests hold it as at the paper's share (2: the table judges shares
+        against at least min_samples requests, and min_samples shrinks with a larger share), so a
+        fresh router does not key its first 1/share x 2 requests under a universal system prompt
+        by that prompt alone and send them all to the replica that cached it first. The window
+        restarts when the share changes (a membership change)."""
         d = native.PREFIX_KEY_DEFAULTS
         expand = max(float(d["expand_share"]), 1.0 / n)
         if expand != self.keyer.table.expand_share:
             shrink = expand * float(d["shrink_share"]) / float(d["expand_share"])
-            self.keyer = PrefixKeyer(self.options, fixed_depth=0, expand_share=expand, shrink_share=shrink)
+            first = math.ceil(float(d["expand_share"]) * int(d["min_samples"]))  # requests that expand a prefix at the start
+            samples = min(int(d["min_samples"]), math.ceil(first / expand))
+            self.keyer = PrefixKeyer(self.options, fixed_depth=0, expand_share=expand, shrink_share=shrink, min_samples=samples)
 
     def choose(self, request: RoutingRequest, view: RouterView) -> Choice:
         """Better-cached candidate, unless its predicted TTFT > slo/2 (then the other, if it is

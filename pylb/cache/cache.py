@@ -81,7 +81,7 @@ from . import guards
 from .batcher import LookupBatcher
 from .embedders import Embedder, create_embedder
 from .keys import CachePlan, TenantKeys, plan_request
-from .store import Answer, CacheStore, Entry
+from .store import Answer, CacheStore, Entry, sse_payloads
 from .verified import Labels, VerifiedPolicy, same_answer
 
 log = logging.getLogger("pylb.cache")
@@ -120,12 +120,7 @@ def finished_with_stop(body: bytes, stream: bool) -> str | None:
     if not body.rstrip().endswith(b"data: [DONE]"):
         return "stream did not end with [DONE]"
     reasons: dict[int, Any] = {}
-    for line in body.split(b"\n"):
-        if not line.startswith(b"data:"):
-            continue
-        data = line[5:].strip()
-        if data == b"[DONE]":
-            continue
+    for data in sse_payloads(body):
         try:
             event = json.loads(data)
         except ValueError:

@@ -20,12 +20,23 @@ go first (an OrderedDict per model, touched by every hit).
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from pylb import native
+
+
+def sse_payloads(body: bytes) -> Iterator[bytes]:
+    """The `data:` payloads of a whole SSE body (a stored or re-run stream), in order, the final
+    `[DONE]` left out; each is one event's JSON text, not parsed."""
+    for line in body.split(b"\n"):
+        if line.startswith(b"data:"):
+            data = line[5:].strip()
+            if data != b"[DONE]":
+                yield data
 
 
 @dataclass(slots=True, eq=False)

@@ -81,6 +81,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .store import sse_payloads
+
 Z = 1.645
 """One-sided normal quantile of the error bound's confidence (95 %)."""
 
@@ -358,12 +360,7 @@ def answer_text(body: bytes, stream: bool) -> str | None:
             for c in obj["choices"]:
                 take(c)
         else:
-            for line in body.split(b"\n"):
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    continue
+            for data in sse_payloads(body):
                 event = json.loads(data)
                 if isinstance(event, dict):
                     for c in event.get("choices") or []:

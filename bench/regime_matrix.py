@@ -304,6 +304,19 @@ def cell_slo(workload_name: str, profile: Profile, args: argparse.Namespace) -> 
     return math.ceil(20 * float(np.percentile(ttft, 100 * DEFAULT_SLO_TARGET))) / 10
 
 
+def policy_spec(spec: str, slo: float) -> tuple[str, RouterOptions]:
+    """A matrix policy spec as (the registry's spec, the router's options) in a cell whose SLO is
+    `slo`: `NAME[+admitF][#K][@S]`, e.g. "dualmap+admit1" (admission_factor 1), "dualmap#128"
+    (128-token key blocks), "dualmap@5" (told a 5 s SLO instead of the cell's)."""
+    label, _, router_slo = spec.partition("@")
+    label, _, key_block = label.partition("#")
+    label, _, admission = label.partition("+admit")
+    options = RouterOptions(slo_ttft=float(router_slo) if router_slo else slo, seed=0,
+                            admission_factor=float(admission) if admission else 0.0,
+                            **({"key_block_tokens": int(key_block)} if key_block else {}))  # fmt: skip
+    return label, options
+
+
 def run_cell(workload_name: str, profile: Profile, replicas: int, policies: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """Every policy's capacity in one cell, with the cell's bounds."""
     cpu = is_cpu(profile)
@@ -322,12 +335,7 @@ def run_cell(workload_name: str, profile: Profile, replicas: int, policies: list
     max_scale = 2 * cell["work_bound_infinite_cache"] / cell["trace_rate"]
     first_step = 1.25
     for spec in policies:
-        label, _, router_slo = spec.partition("@")  # "dualmap@5" = dualmap told a 5 s SLO
-        label, _, key_block = label.partition("#")  # "dualmap#128" = 128-token key blocks
-        label, _, admission = label.partition("+admit")  # "dualmap+admit1" = admission_factor 1
-        options = RouterOptions(slo_ttft=float(router_slo) if router_slo else slo, seed=0,
-                                admission_factor=float(admission) if admission else 0.0,
-                                **({"key_block_tokens": int(key_block)} if key_block else {}))  # fmt: skip
+        label, options = policy_spec(spec, slo)
         extras: dict[float, dict[str, Any]] = {}
 
         def run_at(scale: float, label: str = label, options: RouterOptions = options, spec: str = spec) -> RunMetrics:
@@ -359,7 +367,7 @@ def run_cell(workload_name: str, profile: Profile, replicas: int, policies: list
 def run_matrix(args: argparse.Namespace) -> None:
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     for p in policies:
-        registry.parse_spec(p.partition("@")[0].partition("#")[0].partition("+admit")[0])  # fail early on a bad name
+        registry.parse_spec(policy_spec(p, 1.0)[0])  # fail early on a bad name
     doc: dict[str, Any] = {
         "command": "python " + " ".join(shlex.quote(a) for a in ["bench/regime_matrix.py", *sys.argv[1:]]),
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

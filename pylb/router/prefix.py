@@ -44,6 +44,7 @@ steps), and on 2 replicas, where the two candidates are the whole fleet, it chan
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,17 @@ DEEPEST_KEY_TOKENS = 8192
 """Tokens of the deepest prefix key, at any key-block size (the table's max_depth is this over the
 key block): a hot prefix of up to 8192 tokens still gets a deeper key (DualMap's 16 key blocks of
 512 tokens)."""
+
+
+def _min_samples(expand_share: float) -> int:
+    """The table's min_samples for `expand_share`: while the window fills, a prefix expands once
+    as many requests hold it as at the paper's share and min_samples (2; shares are judged against
+    at least min_samples requests), so a larger share (dualmap's hot_share=fleet, 1/N) does not
+    key a fresh router's first 1/share x 2 requests under a universal system prompt by that
+    prompt alone; never more than the default."""
+    d = native.PREFIX_KEY_DEFAULTS
+    first = math.ceil(float(d["expand_share"]) * int(d["min_samples"]))
+    return min(int(d["min_samples"]), math.ceil(first / expand_share))
 
 
 def boundary_hashes(block_hashes: np.ndarray, blocks_per_key: int, max_depth: int | None = None) -> np.ndarray:
@@ -97,7 +109,8 @@ class PrefixKeyer:
         table: `PrefixKeyTable` parameters to override (window, expand_share, shrink_share,
             min_samples, max_depth); the defaults are the table's own (`native.PREFIX_KEY_DEFAULTS`:
             DualMap's 200 requests and 6.12 %, written once in the C++ core), but for max_depth,
-            which is `DEEPEST_KEY_TOKENS` over the key block unless given.
+            which is `DEEPEST_KEY_TOKENS` over the key block unless given, and min_samples, which
+            follows a given expand_share (`_min_samples`) unless given.
     """
 
     def __init__(self, options: RouterOptions, *, fixed_depth: int = 0, **table: Any) -> None:
@@ -107,6 +120,8 @@ class PrefixKeyer:
         self.fixed_depth = fixed_depth
         if "max_depth" not in table:  # the deepest key covers the same tokens at any key-block size
             table["max_depth"] = max(1, -(-DEEPEST_KEY_TOKENS // options.key_block_tokens))
+        if "expand_share" in table and "min_samples" not in table:
+            table["min_samples"] = _min_samples(float(table["expand_share"]))
         self.table = native.PrefixKeyTable(**table)
         self.max_depth = self.table.max_depth
 

@@ -262,19 +262,15 @@ class DualMap(Policy):
     def _fit_hot_share(self, n: int) -> None:
         """`hot_share=fleet`: a prefix is hot (its key goes one block deeper) only when it holds
         more than one replica's fair share of the traffic, 1/N, and never less than the paper's
-        share; the shrink share keeps the paper's ratio to it. While the window fills, a prefix
-        expands once as many requests hold it as at the paper's share (2: the table judges shares
-        against at least min_samples requests, and min_samples shrinks with a larger share), so a
-        fresh router does not key its first 1/share x 2 requests under a universal system prompt
-        by that prompt alone and send them all to the replica that cached it first. The window
+        share; the shrink share keeps the paper's ratio to it, and min_samples shrinks with it
+        (`PrefixKeyer`), so a fresh router still expands a universal prefix after 2 requests and
+        does not send its first requests all to the replica that cached it first. The window
         restarts when the share changes (a membership change)."""
         d = native.PREFIX_KEY_DEFAULTS
         expand = max(float(d["expand_share"]), 1.0 / n)
         if expand != self.keyer.table.expand_share:
             shrink = expand * float(d["shrink_share"]) / float(d["expand_share"])
-            first = math.ceil(float(d["expand_share"]) * int(d["min_samples"]))  # requests that expand a prefix at the start
-            samples = min(int(d["min_samples"]), math.ceil(first / expand))
-            self.keyer = PrefixKeyer(self.options, fixed_depth=0, expand_share=expand, shrink_share=shrink, min_samples=samples)
+            self.keyer = PrefixKeyer(self.options, fixed_depth=0, expand_share=expand, shrink_share=shrink)
 
     def choose(self, request: RoutingRequest, view: RouterView) -> Choice:
         """Better-cached candidate, unless its predicted TTFT > slo/2 (then the other, if it is

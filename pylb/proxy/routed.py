@@ -305,11 +305,7 @@ class RoutedPath:
                     raise AttemptFailed("status", f"replica {self.names.label(replica)} answered HTTP {status}", resp)
                 return resp
             self.fleet.report_success(replica)
-            if status == 200:
-                disp.first_token(rid, replica)
-                disp.complete(rid, replica, usage_from_json_body(data))
-            else:
-                disp.complete(rid, replica, None)
+            self._book_answer(rid, replica, status, data, sse=False)
             done = True
             return resp
         finally:
@@ -356,11 +352,7 @@ class RoutedPath:
         try:
             up = await self.pool.request(replica, "POST", target, headers, body)
             data = await up.read()
-            if up.status == 200:
-                disp.first_token(rreq.request_id, replica)
-                disp.complete(rreq.request_id, replica, usage_from_sse_tail(data[-4096:]) if rreq.stream else usage_from_json_body(data))
-            else:
-                disp.complete(rreq.request_id, replica, None)
+            self._book_answer(rreq.request_id, replica, up.status, data, sse=rreq.stream)
             done = True
             return up.status, data
         except UPSTREAM_ERRORS as exc:
@@ -371,6 +363,16 @@ class RoutedPath:
                 disp.complete(rreq.request_id, replica, None)
             if up is not None:
                 up.close()
+
+    def _book_answer(self, rid: str, replica: str, status: int, data: bytes, sse: bool) -> None:
+        """The router learns of an answer read whole: a 200 is its first token and completion,
+        with the usage its body reports (an SSE body's last events when `sse`), any other status
+        a completion without usage."""
+        if status == 200:
+            self.dispatcher.first_token(rid, replica)
+            self.dispatcher.complete(rid, replica, usage_from_sse_tail(data[-4096:]) if sse else usage_from_json_body(data))
+        else:
+            self.dispatcher.complete(rid, replica, None)
 
     def _failed(self, rid: str, replica: str, exc: BaseException, when: str) -> AttemptFailed:
         """Book-keeping of a failed exchange; returns the AttemptFailed to raise."""

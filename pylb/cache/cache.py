@@ -194,8 +194,10 @@ class _Flight:
 class CacheMetrics(Collector):
     """The `pylb_cache_*` series (registered in the proxy's registry)."""
 
-    def __init__(self, store: CacheStore) -> None:
+    def __init__(self, store: CacheStore, verifying: set[asyncio.Task[None]]) -> None:
         self.store = store
+        self.verifying = verifying
+        """The cache's re-runs in flight (the gauge reads its size)."""
         self.requests = Counts("pylb_cache_requests_total", "requests seen by the cache, by model and result (hit_exact, hit_join, hit_semantic, miss, bypass)", ["model", "result"])
         self.bypass = Counts("pylb_cache_bypass_total", "requests the cache may not answer, by reason", ["reason"])
         self.refusals = Counts("pylb_cache_guard_refusals_total", "neighbours above the threshold refused by a guard", ["guard"])
@@ -209,13 +211,12 @@ class CacheMetrics(Collector):
         self.labels = Counts("pylb_cache_labels_total", "labels recorded on entries, by source (explore, verify) and label (correct, wrong)", ["model", "source", "label"])
         self.detected = Counts("pylb_cache_detected_false_hits_total", "semantic hits whose re-run on an idle replica answered differently (entry dropped)", ["model"])
         self.verify_skipped = Counts("pylb_cache_verify_skipped_total", "re-runs of served hits not made or not compared, by reason", ["reason"])
-        self.verifying = 0
 
     def collect(self) -> Iterator[Any]:
         for f in (self.requests, self.bypass, self.refusals, self.not_stored, self.false_hits, self.errors, self.lookup, self.batch, self.near,
                   self.decisions, self.labels, self.detected, self.verify_skipped):  # fmt: skip
             yield f.family()
-        yield GaugeMetricFamily("pylb_cache_verifications_in_flight", "re-runs of served hits in flight", value=self.verifying)
+        yield GaugeMetricFamily("pylb_cache_verifications_in_flight", "re-runs of served hits in flight", value=len(self.verifying))
         entries = GaugeMetricFamily("pylb_cache_entries", "entries in the cache, by model", labels=["model"])
         size = GaugeMetricFamily("pylb_cache_bytes", "answer bytes in the cache, by model", labels=["model"])
         for model, (n, b) in self.store.stats().items():
@@ -236,13 +237,13 @@ class SemanticCache:
         self.embedder = embedder or create_embedder(settings.embedder, dim=settings.dim, url=settings.embedder_url, model=settings.embedder_model)
         self.tenants = TenantKeys(settings.tenant_header)
         self.opt_in = frozenset(settings.opt_in_models)
-        self.metrics = CacheMetrics(self.store)
+        self._verifying: set[asyncio.Task[None]] = set()
+        self.metrics = CacheMetrics(self.store, self._verifying)
         self.batcher = LookupBatcher(
             self.embedder, self.store, settings.batch_window_ms / 1000.0, settings.max_batch, clock=time.monotonic, on_batch=self._on_batch
         )
         self._inflight: dict[bytes, _Flight] = {}
         self._background: set[asyncio.Task[None]] = set()
-        self._verifying: set[asyncio.Task[None]] = set()
 
     def _on_batch(self, n: int) -> None:
         self.metrics.batch.observe(n)
@@ -446,21 +447,17 @@ class SemanticCache:
         answer = rerun()  # now: it captures the request, whose handler is about to return
         task = asyncio.ensure_future(self._verify(plan, e, similarity, answer))
         self._verifying.add(task)
-        self.metrics.verifying = len(self._verifying)
         task.add_done_callback(lambda t: self._verified(t, answer))
 
     def _verified(self, task: asyncio.Task[None], answer: Awaitable[Any]) -> None:
         self._verifying.discard(task)
-        self.metrics.verifying = len(self._verifying)
         if inspect.iscoroutine(answer) and inspect.getcoroutinestate(answer) == inspect.CORO_CREATED:
             answer.close()  # cancelled before it started
 
     async def _verify(self, plan: CachePlan, e: Entry, similarity: float, answer: Awaitable[tuple[int, bytes] | None]) -> None:
         try:
             got = await answer
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
+        except Exception as exc:  # (a cancellation is not one: it ends the task)
             self.metrics.verify_skipped.inc("error")
             log.warning("re-running a cache hit failed", extra={"entry": e.id, "error": f"{type(exc).__name__}: {exc}"})
             return

@@ -189,7 +189,8 @@ def fit_counts(correct: np.ndarray, total: np.ndarray, start: np.ndarray | None 
     return _newton(_features(_CENTRES[occupied]), correct[occupied].astype(float), total[occupied].astype(float), PRIOR_MEAN, PRIOR_COV, start, iterations)
 
 
-def _bins(similarities: np.ndarray) -> np.ndarray:
+def _bins(similarities: np.ndarray | float) -> np.ndarray:
+    """The pool's bin of each similarity (of one, as a 0-d array)."""
     return np.clip(np.rint(np.asarray(similarities, float) / BIN), 0, _NBINS - 1).astype(np.intp)
 
 
@@ -212,7 +213,7 @@ class Pool:
             i, c = self.observations.popleft()
             self.total[i] -= 1
             self.correct[i] -= c
-        i = min(max(round(similarity / BIN), 0), _NBINS - 1)
+        i = int(_bins(similarity))
         self.observations.append((i, bool(correct)))
         self.total[i] += 1
         self.correct[i] += bool(correct)
@@ -230,9 +231,9 @@ class Pool:
         subtracted (never below zero: those the pool dropped as old are not subtracted twice)."""
         if not len(labels):
             return self.fit()
-        s = np.array([o[0] for o in labels.observations])
-        own_total = np.bincount(_bins(s), minlength=_NBINS)
-        own_correct = np.bincount(_bins(s), weights=np.array([o[1] for o in labels.observations], float), minlength=_NBINS).astype(np.int64)
+        bins = _bins(np.array([o[0] for o in labels.observations]))
+        own_total = np.bincount(bins, minlength=_NBINS)
+        own_correct = np.bincount(bins, weights=np.array([o[1] for o in labels.observations], float), minlength=_NBINS).astype(np.int64)
         total = np.maximum(self.total - own_total, 0)
         correct = np.clip(self.correct - own_correct, 0, total)
         return fit_counts(correct, total, start=self.fit().mean)

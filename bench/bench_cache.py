@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_support import free_port, wait_ready
+from bench_support import free_port, stop_processes, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -161,16 +161,6 @@ def run_lookup(args: argparse.Namespace) -> dict:
 # ---- proxy ----------------------------------------------------------------------------------------
 
 
-def stop(procs: list[subprocess.Popen]) -> None:
-    """Terminate the bench's child processes, last started first (killed after 10 s)."""
-    for p in reversed(procs):
-        p.terminate()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-
-
 def backend_main(port: int) -> None:
     """bench_proxy's instant backend, answering completions with finish_reason stop (storable)."""
     sys.path.insert(0, str(Path(__file__).parent))
@@ -242,7 +232,7 @@ def run_proxy(args: argparse.Namespace) -> dict:
               f"(the backend path through pylb: {out['pylb cache off']['p50_ms']:.3f} ms); load average at the end: {load()}")
         return {"requests": n, "paths": out, "miss_added_p50_ms": added}
     finally:
-        stop(procs)
+        stop_processes(procs)
 
 
 # ---- join -----------------------------------------------------------------------------------------
@@ -324,7 +314,7 @@ def run_join(args: argparse.Namespace) -> dict:
         return {"rounds": args.rounds, "followers": args.followers, "delay_s": args.delay_s, "speed": args.speed, "max_tokens": args.max_tokens,
                 "vllm": bool(args.vllm), "sides": out}
     finally:
-        stop(procs)
+        stop_processes(procs)
         if args.vllm:  # vLLM's engine processes are in the replica's session
             try:
                 os.killpg(replica.pid, signal.SIGKILL)

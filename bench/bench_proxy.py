@@ -48,7 +48,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_support import free_port, wait_ready
+from bench_support import free_port, stop_processes, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -294,13 +294,7 @@ def main() -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "proxy.json").write_text(json.dumps(results, indent=2))
     finally:
-        for p in (proxy, backend):
-            if p is not None:
-                p.terminate()
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        stop_processes([backend, proxy])  # the proxy first, as before
     return 0
 
 

@@ -58,6 +58,19 @@ def read_replica_urls(proc: subprocess.Popen, n: int) -> list[str]:
     return urls
 
 
+def stop_processes(procs: list[subprocess.Popen | None]) -> None:
+    """Terminate a bench's child processes, last started first (each killed after 10 s); None
+    entries (not started) are skipped."""
+    for p in reversed(procs):
+        if p is None:
+            continue
+        p.terminate()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def start_pylb(urls: list[str], *extra: str) -> tuple[subprocess.Popen, str]:
     """A `pylb serve --policy round-robin` process in front of `urls` on a free loopback port
     (output discarded), once its /ready answers 200; returns it and its base URL."""

@@ -12,7 +12,6 @@ request id, and `core` the router core around it. `ReplicaState` is read-only to
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import numpy as np
 from pylb.native import block_hashes
 from pylb.router.core import CoreRouter
 from pylb.router.interface import DEFAULT_BLOCK_CHARS, Dispatch, ReplicaId, ReplicaMetrics, RouterOptions, RoutingRequest
+from pylb.router.policies.dualmap import MIGRATION_ADDED_WORK_SLO_SHARES, MIGRATION_WORK_LIMITS
 from pylb.router.policy import Choice, Policy, ReplicaState, RouterView
 
 TOKENS_PER_BLOCK = DEFAULT_BLOCK_CHARS // 4
@@ -190,11 +190,12 @@ class Fixed(Policy):
 
     name = "fixed"
 
-    def __init__(self, options: RouterOptions, migrates: bool = False, neighbours: bool = True, holders: bool = False) -> None:
+    def __init__(self, options: RouterOptions, migrates: bool = False, neighbours: bool = True, migrate_to: str = "any") -> None:
         super().__init__(options)
         self.migrates = migrates  # type: ignore[misc]
         self.migrates_to_neighbours = neighbours  # type: ignore[misc]
-        self.migration_work_limit = 1.0 if holders else math.inf  # type: ignore[misc]
+        self.migration_work_limits = MIGRATION_WORK_LIMITS[migrate_to]  # type: ignore[misc]
+        self.migration_added_work_slo_share = MIGRATION_ADDED_WORK_SLO_SHARES[migrate_to]  # type: ignore[misc]
         self.memberships: list[list[str]] = []
         self.dispatched: list[tuple[str, int]] = []
         self.completed: list[tuple[str, int]] = []
@@ -219,9 +220,10 @@ def req(rid: str, tokens: int = 100, arrival: float = 0.0, priority: int = 0, ha
     return RoutingRequest(rid, np.array(hashes, dtype=np.uint64), tokens, 4, arrival, priority=priority)
 
 
-def core(n: int = 2, migrates: bool = False, neighbours: bool = True, holders: bool = False, **opts: object) -> CoreRouter:
+def core(n: int = 2, migrates: bool = False, neighbours: bool = True, migrate_to: str = "any", **opts: object) -> CoreRouter:
+    """A core over `Fixed` on n replicas; `migrate_to` is one of dualmap's migration target rules."""
     o = RouterOptions(**opts)  # type: ignore[arg-type]
-    r = CoreRouter(Fixed(o, migrates, neighbours, holders), o)
+    r = CoreRouter(Fixed(o, migrates, neighbours, migrate_to), o)
     r.on_membership([f"r{i}" for i in range(n)], 0.0)
     return r
 

@@ -322,27 +322,38 @@ def test_migration_moves_cheapest_first_and_only_while_it_helps(neighbours: bool
     assert r._entries["0/cheap/1"].alternate == 0 and r._entries["0/cheap/1"].branch == "migration"
 
 
-@pytest.mark.parametrize("holders", [False, True])
-def test_migration_to_holders_only_never_moves_a_request_off_its_cached_prefix(holders: bool) -> None:
-    # 1 ms per token, SLO 5 s. r0 holds a 3200-token prefix and has 6000 tokens in flight; queued
-    # behind them: cold (300 tokens, nothing cached anywhere) and hit (3300 tokens, 3200 cached on
-    # r0, nothing on r1). r0 is hot (6.4 s); cold moves first (cheapest), then r0 is still hot
-    # (6.1 s) and hit would be faster on r1 (3.6 s) but must compute its whole prompt there.
-    r = core(2, migrates=True, holders=holders, max_unprefilled_requests=1, prefill_seconds_per_token=1e-3, slo_ttft=5.0, hot_wait_s=100.0)
-    warm = list(range(1, 201))  # 200 blocks = 3200 tokens
-    r.submit(req("0/warm", tokens=3200, hashes=warm), 0.0)
+@pytest.mark.parametrize(
+    ("migrate_to", "prefix_blocks", "hit_moves"),
+    [
+        ("any", 200, True),  # 3.6 s on r1 < r0's 6.1 s and within the 5 s SLO
+        ("holders", 200, False),  # r1 holds none of it: never
+        ("spare", 200, False),  # it adds 3200 tokens of work: 3.6 s > SLO / 2
+        ("spare", 100, True),  # it adds 1600: 2.0 s on r1, within SLO / 2
+        ("holders", 100, False),
+    ],
+)
+def test_migration_target_rules_for_a_move_that_adds_work(migrate_to: str, prefix_blocks: int, hit_moves: bool) -> None:
+    # 1 ms per token, SLO 5 s. r0 holds a prefix (16 tokens per block) and has 6000 tokens in
+    # flight; queued behind them: cold (300 tokens, nothing cached anywhere) and hit (the prefix
+    # plus 100 tokens). r0 is hot (6.4 s); cold moves first (cheapest, and it adds no work under
+    # every rule), then r0 is still hot (6.1 s) and hit would be faster on r1 but must compute
+    # its whole prompt there.
+    r = core(2, migrates=True, migrate_to=migrate_to, max_unprefilled_requests=1, prefill_seconds_per_token=1e-3, slo_ttft=5.0, hot_wait_s=100.0)
+    warm = list(range(1, prefix_blocks + 1))
+    prefix_tokens = 16 * prefix_blocks
+    r.submit(req("0/warm", tokens=prefix_tokens, hashes=warm), 0.0)
     r.poll(0.0)
-    r.on_first_token("0/warm", "r0", 3.2)
-    r.on_complete("0/warm", "r0", 3.2, Usage(3200, 4))
+    r.on_first_token("0/warm", "r0", prefix_tokens * 1e-3)  # 1 ms per token: the estimate stays
+    r.on_complete("0/warm", "r0", prefix_tokens * 1e-3, Usage(prefix_tokens, 4))
     r.submit(req("0/busy", tokens=6000), 3.3)
     r.poll(3.3)
     r.submit(req("0/cold/1", tokens=300), 3.3)
-    r.submit(req("0/hit/1", tokens=3300, hashes=[*warm, 10_007]), 3.3)
+    r.submit(req("0/hit/1", tokens=prefix_tokens + 100, hashes=[*warm, 10_007]), 3.3)
     assert r.replica_ttft(0) == pytest.approx(6.4)
     r.poll(3.3)
     assert r._entries["0/cold/1"].replica == 1
-    assert r._entries["0/hit/1"].replica == (0 if holders else 1)
-    assert r.migrations == (1 if holders else 2)
+    assert r._entries["0/hit/1"].replica == (1 if hit_moves else 0)
+    assert r.migrations == 1 + hit_moves
 
 
 def test_no_migration_when_the_alternate_is_as_loaded() -> None:

@@ -61,9 +61,10 @@ those tests (it is as hot as h: both candidates of a busy prefix group), the req
 a *neighbour* instead, the replica where its predicted TTFT is lowest, under the same tests
 (policies with `migrates_to_neighbours`). On the DualMap profile, where TTFTs are bound by the
 SLO rather than by compute, this raises dualmap's capacity (BENCHMARKS.md, "DualMap
-ablations"). A policy's `migration_work_limit` L allows a move only to a replica where the
-request must compute at most L times the prompt tokens it must compute on h (1: only where at
-least as much of it is cached; default: no limit). A moved request keeps h as its alternate. (Without the "not hot" test, requests
+ablations"). A policy's `migration_work_limits` (L1, L2, ...) are tried in turn: under L, a move
+may go only to a replica where the request must compute at most L times the prompt tokens it
+must compute on h (1: only where at least as much of it is cached; default (inf,): no limit;
+(1, inf): a replica that holds the prefix first, any other only when none helps). A moved request keeps h as its alternate. (Without the "not hot" test, requests
 bounce between two hot replicas, several migrations per request.)
 
 Mirror size: a replica's mirror holds its KV cache's tokens (`vllm:cache_config_info`, or
@@ -816,46 +817,51 @@ class CoreRouter(Router):
                 heapq.heappush(q.moves, item)
 
     def _migration_target(self, e: _Entry, h: int, now: float) -> int | None:
-        """Where queued entry `e` on hot replica h should move: its alternate, else (policies
-        with `migrates_to_neighbours`) the neighbour with the lowest predicted TTFT; None when
-        neither lowers its predicted TTFT without turning hot."""
+        """Where queued entry `e` on hot replica h should move: under each of the policy's
+        `migration_work_limits` in turn, its alternate, else (policies with
+        `migrates_to_neighbours`) the neighbour with the lowest predicted TTFT; None when no
+        move lowers its predicted TTFT without turning its target hot."""
         assert e.cached is not None
-        tried = None
-        if e.alternate is not None and e.alternate != h:
-            tried = e.alternate
-            if self._helps(e, h, tried, now):
-                return tried
-            if not self.policy.migrates_to_neighbours:
-                return None
-        best = self._lowest_ttft(e, h)
-        if best is None or best == tried or not self._helps(e, h, best, now):
-            return None
-        return best
+        for limit in self.policy.migration_work_limits:
+            tried = None
+            if e.alternate is not None and e.alternate != h:
+                tried = e.alternate
+                if self._helps(e, h, tried, now, limit):
+                    return tried
+                if not self.policy.migrates_to_neighbours:
+                    continue
+            best = self._lowest_ttft(e, h, limit)
+            if best is not None and best != tried and self._helps(e, h, best, now, limit):
+                return best
+        return None
 
-    def _helps(self, e: _Entry, h: int, target: int, now: float) -> bool:
-        """Moving e from h to target keeps within the policy's `migration_work_limit`, lowers e's
-        predicted TTFT and does not make target hot."""
+    def _helps(self, e: _Entry, h: int, target: int, now: float, limit: float) -> bool:
+        """Moving e from h to target keeps within the work limit, lowers e's predicted TTFT and
+        does not make target hot."""
         assert e.cached is not None
-        if not self._within_work_limit(e, h, target):
+        if not self._within_work_limit(e, h, target, limit):
             return False
-        after = self._ttft_with(target, self._uncached(e.req, int(e.cached[target])))
-        return after < self.replica_ttft(h) and after <= self.options.slo_ttft and not self._waited_too_long(target, now)
+        uncached_there = self._uncached(e.req, int(e.cached[target]))
+        after = self._ttft_with(target, uncached_there)
+        if not (after < self.replica_ttft(h) and after <= self.options.slo_ttft and not self._waited_too_long(target, now)):
+            return False
+        if uncached_there > self._uncached(e.req, int(e.cached[h])):  # the move adds work to the fleet
+            return after <= self.policy.migration_added_work_slo_share * self.options.slo_ttft
+        return True
 
-    def _within_work_limit(self, e: _Entry, h: int, target: int) -> bool:
-        """e's uncached prompt tokens on target are within the policy's migration_work_limit times
-        those on h."""
+    def _within_work_limit(self, e: _Entry, h: int, target: int, limit: float) -> bool:
+        """e's uncached prompt tokens on target are within `limit` times those on h."""
         assert e.cached is not None
-        limit = self.policy.migration_work_limit
         if limit == math.inf:
             return True
         return self._uncached(e.req, int(e.cached[target])) <= limit * self._uncached(e.req, int(e.cached[h]))
 
-    def _lowest_ttft(self, e: _Entry, h: int) -> int | None:
-        """The replica other than h where e's predicted TTFT is lowest."""
+    def _lowest_ttft(self, e: _Entry, h: int, limit: float) -> int | None:
+        """The replica other than h, within the work limit, where e's predicted TTFT is lowest."""
         assert e.cached is not None
         best, best_t = None, math.inf
         for i in range(len(self.replicas)):
-            if i == h or not self._within_work_limit(e, h, i):
+            if i == h or not self._within_work_limit(e, h, i, limit):
                 continue
             t = self._ttft_with(i, self._uncached(e.req, int(e.cached[i])))
             if t < best_t:

@@ -108,10 +108,14 @@ class Policy(ABC):
     migrates_to_neighbours: ClassVar[bool] = True
     """When migrating: whether a request whose alternate cannot take it may move to a neighbour
     (the replica where its predicted TTFT is lowest), not only to its alternate."""
-    migration_work_limit: ClassVar[float] = math.inf
-    """When migrating: a request may move only to a replica where it must compute at most this many
-    times the prompt tokens it must compute on the hot one (1: only where at least as much of it is
-    cached; inf: anywhere)."""
+    migration_work_limits: ClassVar[tuple[float, ...]] = (math.inf,)
+    """When migrating, tried in turn: under limit L a request may move only to a replica where it
+    must compute at most L times the prompt tokens it must compute on the hot one (1: only where at
+    least as much of it is cached; inf: anywhere). (1, inf) prefers a replica holding the prefix."""
+    migration_added_work_slo_share: ClassVar[float] = 1.0
+    """When migrating: a move to a replica where the request computes more prompt tokens than on
+    the hot one (work the move adds to the fleet) must predict its TTFT there within this share of
+    the SLO (a move that adds none: within the SLO)."""
     Options: ClassVar[type | None] = None
     """The policy's options (read from `RouterOptions.extra`): a dataclass of `setting` fields."""
     option_defaults: ClassVar[dict[str, Any]] = {}

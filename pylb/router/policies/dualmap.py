@@ -99,9 +99,14 @@ Options (`RouterOptions.extra`, or `pylb simulate --policy dualmap:key=value`), 
                                       candidate)
     key_depth  (int, default 0)       0 = adaptive key; d >= 1 = key fixed at depth d
     neighbours (bool, default true)   step 5: migrate to a neighbour when the alternate is hot
-    migrate_to (str, default any)     step 5's targets: "any", or "holders" (only a replica where
+    migrate_to (str, default any)     step 5's targets: "any"; "holders" (only a replica where
                                       the request computes no more prompt tokens than on the hot
-                                      one, i.e. one holding at least as much of it)
+                                      one, i.e. one holding at least as much of it); "spare"
+                                      (holders first; a move that adds prompt work to the fleet
+                                      only to a replica where its predicted TTFT stays within
+                                      slo_ttft / 2, step 4's rescue budget: near capacity a move
+                                      off the cache adds a whole prompt's prefill to a saturated
+                                      fleet, and an agent loop's next steps follow it)
     follow_cache (bool, default true) step 6 on/off
     spill      (str, default off)     step 7: "fleet" or "off"
     tie        (str, default fleet)   step 3, a prompt neither candidate holds: "fleet" or "ring";
@@ -166,8 +171,11 @@ SLO_SWITCH_RULES = ("rescue", "paper", "off", "balance")
 SPILL_RULES = ("off", "fleet")
 """Values of the `spill` option."""
 
-MIGRATION_WORK_LIMITS = {"any": math.inf, "holders": 1.0}
-"""Option migrate_to -> the policy's migration_work_limit (see `pylb.router.core`)."""
+MIGRATION_WORK_LIMITS = {"any": (math.inf,), "holders": (1.0,), "spare": (1.0, math.inf)}
+"""Option migrate_to -> the policy's migration_work_limits (see `pylb.router.core`)."""
+
+MIGRATION_ADDED_WORK_SLO_SHARES = {"any": 1.0, "holders": 1.0, "spare": 0.5}
+"""Option migrate_to -> the policy's migration_added_work_slo_share (see `pylb.router.core`)."""
 
 HOT_TAILS_KEPT = 1024
 """Hot prefixes whose shared tail (step 3's floor) DualMap remembers; the oldest is forgotten."""
@@ -201,7 +209,7 @@ class DualMap(Policy):
         slo_switch: str = setting("rescue", "step 4: rescue, paper (the paper's rule), balance (rescue, or the other candidate balance_ratio x faster) or off", check=one_of(*SLO_SWITCH_RULES))
         key_depth: int = setting(0, "0 = adaptive prefix key; d >= 1 = key fixed at depth d", check=at_least(0))
         neighbours: bool = setting(True, "step 5: migrate to a neighbour when the alternate is hot")
-        migrate_to: str = setting("any", "step 5's targets: any (the alternate or a neighbour) or holders (only where the request computes no more prompt tokens than on the hot replica)", check=one_of(*MIGRATION_WORK_LIMITS))
+        migrate_to: str = setting("any", "step 5's targets: any (the alternate or a neighbour), holders (only where the request computes no more prompt tokens than on the hot replica) or spare (holders first, then any other where the predicted TTFT is within slo_ttft / 2)", check=one_of(*MIGRATION_WORK_LIMITS))
         follow_cache: bool = setting(True, "step 6 on/off")
         spill: str = setting("off", "step 7: fleet or off", check=one_of(*SPILL_RULES))
         balance_ratio: float = setting(2.0, "slo_switch=balance: also switch when the other candidate's predicted TTFT x this < the preferred one's", check=at_least(1))
@@ -215,7 +223,8 @@ class DualMap(Policy):
         super().__init__(options)
         self.migrates = bool(self.option("migration"))  # type: ignore[misc]  # per-instance ablation
         self.migrates_to_neighbours = bool(self.option("neighbours"))  # type: ignore[misc]
-        self.migration_work_limit = MIGRATION_WORK_LIMITS[str(self.option("migrate_to"))]  # type: ignore[misc]
+        self.migration_work_limits = MIGRATION_WORK_LIMITS[str(self.option("migrate_to"))]  # type: ignore[misc]
+        self.migration_added_work_slo_share = MIGRATION_ADDED_WORK_SLO_SHARES[str(self.option("migrate_to"))]  # type: ignore[misc]
         self.slo_switch = str(self.option("slo_switch"))
         self.follow_cache = bool(self.option("follow_cache"))
         self.spill = str(self.option("spill")) == "fleet"

@@ -472,9 +472,9 @@ def table(paths: list[str], baseline: list[str] | None = None, variant: str = "d
     return "\n".join(lines)
 
 
-def plot(paths: list[str], baseline: list[str] | None, out: str) -> None:
-    """Bar chart of dualmap / best other per valid cell (not short, not none): after (`paths`)
-    and, with `baseline`, before."""
+def plot(paths: list[str], baseline: list[str] | None, out: str, variant: str = "dualmap") -> None:
+    """Bar chart of `variant` (dualmap by default) / best other per valid cell (not short, not
+    none): after (`paths`) and, with `baseline`, dualmap before."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -486,11 +486,11 @@ def plot(paths: list[str], baseline: list[str] | None, out: str) -> None:
         pol = c["policies"]
         caps = [interpolated_capacity(v) for k, v in pol.items() if not k.startswith("dualmap")]
         best = max(caps, default=0.0)
-        if "dualmap" not in pol or verdict(c, max(best, interpolated_capacity(pol["dualmap"]))) or best <= 0:
+        if variant not in pol or verdict(c, max(best, interpolated_capacity(pol[variant]))) or best <= 0:
             continue
         key = (c["workload"], c["profile"], c["replicas"])
         labels.append(f"{c['workload']} {c['profile'].removeprefix('dualmap-').split('-')[0]} x{c['replicas']}")
-        after_r.append(interpolated_capacity(pol["dualmap"]) / best)
+        after_r.append(interpolated_capacity(pol[variant]) / best)
         b = next((before[key]["policies"][k] for k in BEFORE_LABELS if key in before and k in before[key]["policies"]), None)
         before_r.append(interpolated_capacity(b) / best if b else math.nan)
     fig, ax = plt.subplots(figsize=(11, 4.5))
@@ -527,12 +527,12 @@ def main() -> None:
     ap.add_argument("--table", nargs="+", metavar="RESULTS", help="print the Markdown table of results files")
     ap.add_argument("--before", nargs="+", metavar="RESULTS", help="with --table: dualmap's capacities before a change")
     ap.add_argument("--plot", metavar="OUT.png", help="with --table: also plot dualmap / best other per valid cell")
-    ap.add_argument("--variant", default="dualmap", help="with --table: the dualmap label compared (e.g. dualmap+admit1)")
+    ap.add_argument("--variant", default="dualmap", help="with --table (and --plot): the dualmap label compared (e.g. dualmap+admit1)")
     args = ap.parse_args()
     if args.table:
         print(table(args.table, args.before, args.variant))
         if args.plot:
-            plot(args.table, args.before, args.plot)
+            plot(args.table, args.before, args.plot, args.variant)
         return
     if not args.out:
         ap.error("--out is required unless --table is given")

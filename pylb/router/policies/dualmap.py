@@ -78,7 +78,7 @@ Design
    move into spare room is still made. Measured over the regime matrix and at fixed rates
    (BENCHMARKS.md, "Migration adds work only where there is room"): capacity +3 to +14 % in 10
    of 38 cells (agent x 910B x 8: 0.97 -> 1.10x the best other policy), -4 to -20 % in 5 (long x
-   910B x 32, where every policy's share is nearly flat in the load: -1 point at fixed rates).
+   910B x 32, where every policy's share is nearly flat in the load: -0.5 points at fixed rates).
 6. Follow the cache (pylb; option `follow_cache`): when a replica off the two rings holds a
    longer match above the hot floor than both candidates (a conversation that an earlier spill
    or migration moved there), it replaces the worse-matched candidate, so the next turn goes where

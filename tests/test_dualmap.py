@@ -4,6 +4,7 @@ spreading Mooncake-like traffic."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -431,6 +432,21 @@ def test_ablation_options() -> None:
     assert DualMap(RouterOptions(extra={"migration": False})).migrates is False
     assert DualMap(RouterOptions(extra={"key_depth": 3})).keyer.fixed_depth == 3
     assert "dualmap:migration=false" not in registry.names()  # ablations are specs, not policies
+
+
+@pytest.mark.parametrize(
+    ("migrate_to", "limits", "share"),
+    [(None, (1.0, math.inf), 0.5), ("spare", (1.0, math.inf), 0.5), ("any", (math.inf,), 1.0), ("holders", (1.0,), 1.0)],
+)
+def test_migrate_to_sets_the_cores_migration_rule(migrate_to: str | None, limits: tuple[float, ...], share: float) -> None:
+    """The default is spare: holders first, then a move that adds work only within half the SLO."""
+    p = DualMap(RouterOptions(extra={} if migrate_to is None else {"migrate_to": migrate_to}))
+    assert (p.migration_work_limits, p.migration_added_work_slo_share) == (limits, share)
+
+
+def test_migrate_to_refuses_an_unknown_rule_by_name() -> None:
+    with pytest.raises(PolicyOptionError, match="migrate_to='nearest'"):
+        registry.create("dualmap:migrate_to=nearest", RouterOptions())
 
 
 # ---- spreading Mooncake-like traffic ------------------------------------------------------------------

@@ -7,8 +7,8 @@ within the SLO crosses 90 % a little earlier or later, and on cells whose share 
 the load (a tight SLO that even an idle replica barely meets) a fraction of a point moves it by
 a fifth. So a routing change is confirmed here at fixed offered rates: for every cell of a
 results file that has a capacity (`regime_matrix.verdict`), each spec runs at the same rates,
-`--factors` times the best other policy's interpolated capacity (policies whose name starts with
-"dualmap" are not "other"), on the cell's own workload, SLO and fleet size. The simulator is
+`--factors` times the best other policy's interpolated capacity (`regime_matrix.best_other`:
+dualmap variants are not "other"), on the cell's own workload, SLO and fleet size. The simulator is
 deterministic, so the two specs see the same arrivals; the difference of their SLO shares is
 the change's effect at that rate. Printed per cell: each factor's shares (baseline / variant)
 and the mean difference in points; `--out` keeps every run's share and hit rate.
@@ -43,10 +43,8 @@ from pylb.sim.report import summarize  # noqa: E402
 def compare_cell(cell: dict[str, Any], specs: list[str], factors: list[float], traces: str) -> dict[str, Any] | None:
     """Every spec's SLO share and hit rate at `factors` x the best other policy's capacity in
     `cell` (a merged regime-matrix cell); None for a cell without a capacity."""
-    caps = {p: rm.interpolated_capacity(v) for p, v in cell["policies"].items()}
-    others = [p for p in caps if not p.startswith("dualmap")]
-    best = max((caps[p] for p in others), default=0.0)
-    if not others or rm.verdict(cell, best):
+    name, best = rm.best_other(cell)
+    if name is None or rm.verdict(cell, best):
         return None
     profile = load_profile(cell["profile"])
     work = prepare_workload(rm.build_workload(cell["workload"], cell["requests"], rm.is_cpu(profile), traces), profile.block_size)

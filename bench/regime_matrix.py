@@ -437,6 +437,13 @@ def verdict(c: dict[str, Any], best: float) -> str:
     return "short" if best >= c["work_bound_infinite_cache"] else ""
 
 
+def best_other(c: dict[str, Any]) -> tuple[str | None, float]:
+    """(name, interpolated capacity) of the cell's best policy that is not a dualmap variant;
+    (None, 0.0) when it has none."""
+    caps = {k: interpolated_capacity(v) for k, v in c["policies"].items() if not k.startswith("dualmap")}
+    return max(caps.items(), key=lambda kv: kv[1]) if caps else (None, 0.0)
+
+
 def table(paths: list[str], baseline: list[str] | None = None, variant: str = "dualmap") -> str:
     """Markdown: per cell, `variant` (dualmap by default) against the best other policy (dualmap
     variants excluded) by interpolated capacity, and against `baseline`'s dualmap when given."""
@@ -451,9 +458,10 @@ def table(paths: list[str], baseline: list[str] | None = None, variant: str = "d
         d = pol.get(variant)
         if d is None:
             continue
-        others = {k: v for k, v in pol.items() if not k.startswith("dualmap")}
-        caps = {k: interpolated_capacity(v) for k, v in others.items()}
-        best_name, best = max(caps.items(), key=lambda kv: kv[1]) if caps else ("-", math.nan)
+        name, best = best_other(c)
+        best_name = name or "-"
+        if name is None:
+            best = math.nan
         mine = interpolated_capacity(d)
         ratio = mine / best if best > 0 else math.nan
         hit = d["hit_rate_at_capacity"]
@@ -484,8 +492,7 @@ def plot(paths: list[str], baseline: list[str] | None, out: str, variant: str = 
     labels, after_r, before_r = [], [], []
     for c in merged_cells(paths):
         pol = c["policies"]
-        caps = [interpolated_capacity(v) for k, v in pol.items() if not k.startswith("dualmap")]
-        best = max(caps, default=0.0)
+        best = best_other(c)[1]
         if variant not in pol or verdict(c, max(best, interpolated_capacity(pol[variant]))) or best <= 0:
             continue
         key = (c["workload"], c["profile"], c["replicas"])

@@ -21,7 +21,7 @@ import numpy as np
 from pylb.native import block_hashes
 from pylb.router.core import CoreRouter
 from pylb.router.interface import DEFAULT_BLOCK_CHARS, Dispatch, ReplicaId, ReplicaMetrics, RouterOptions, RoutingRequest
-from pylb.router.policies.dualmap import MIGRATION_ADDED_WORK_SLO_SHARES, MIGRATION_WORK_LIMITS
+from pylb.router.policies.dualmap import MIGRATION_RULES
 from pylb.router.policy import Choice, Policy, ReplicaState, RouterView
 
 TOKENS_PER_BLOCK = DEFAULT_BLOCK_CHARS // 4
@@ -194,8 +194,7 @@ class Fixed(Policy):
         super().__init__(options)
         self.migrates = migrates  # type: ignore[misc]
         self.migrates_to_neighbours = neighbours  # type: ignore[misc]
-        self.migration_work_limits = MIGRATION_WORK_LIMITS[migrate_to]  # type: ignore[misc]
-        self.migration_added_work_slo_share = MIGRATION_ADDED_WORK_SLO_SHARES[migrate_to]  # type: ignore[misc]
+        self.migration_work_limits, self.migration_added_work_slo_share = MIGRATION_RULES[migrate_to]  # type: ignore[misc]
         self.memberships: list[list[str]] = []
         self.dispatched: list[tuple[str, int]] = []
         self.completed: list[tuple[str, int]] = []

@@ -180,11 +180,13 @@ SLO_SWITCH_RULES = ("rescue", "paper", "off", "balance")
 SPILL_RULES = ("off", "fleet")
 """Values of the `spill` option."""
 
-MIGRATION_WORK_LIMITS = {"any": (math.inf,), "holders": (1.0,), "spare": (1.0, math.inf)}
-"""Option migrate_to -> the policy's migration_work_limits (see `pylb.router.core`)."""
-
-MIGRATION_ADDED_WORK_SLO_SHARES = {"any": 1.0, "holders": 1.0, "spare": 0.5}
-"""Option migrate_to -> the policy's migration_added_work_slo_share (see `pylb.router.core`)."""
+MIGRATION_RULES: dict[str, tuple[tuple[float, ...], float]] = {
+    "any": ((math.inf,), 1.0),
+    "holders": ((1.0,), 1.0),
+    "spare": ((1.0, math.inf), 0.5),
+}
+"""Option migrate_to -> (migration_work_limits, migration_added_work_slo_share), the policy's
+migration rule as `pylb.router.core` reads it."""
 
 HOT_TAILS_KEPT = 1024
 """Hot prefixes whose shared tail (step 3's floor) DualMap remembers; the oldest is forgotten."""
@@ -218,7 +220,7 @@ class DualMap(Policy):
         slo_switch: str = setting("rescue", "step 4: rescue, paper (the paper's rule), balance (rescue, or the other candidate balance_ratio x faster) or off", check=one_of(*SLO_SWITCH_RULES))
         key_depth: int = setting(0, "0 = adaptive prefix key; d >= 1 = key fixed at depth d", check=at_least(0))
         neighbours: bool = setting(True, "step 5: migrate to a neighbour when the alternate is hot")
-        migrate_to: str = setting("spare", "step 5's targets: any (the alternate or a neighbour), holders (only where the request computes no more prompt tokens than on the hot replica) or spare (holders first, then any other where the predicted TTFT is within slo_ttft / 2)", check=one_of(*MIGRATION_WORK_LIMITS))
+        migrate_to: str = setting("spare", "step 5's targets: any (the alternate or a neighbour), holders (only where the request computes no more prompt tokens than on the hot replica) or spare (holders first, then any other where the predicted TTFT is within slo_ttft / 2)", check=one_of(*MIGRATION_RULES))
         follow_cache: bool = setting(True, "step 6 on/off")
         spill: str = setting("off", "step 7: fleet or off", check=one_of(*SPILL_RULES))
         balance_ratio: float = setting(2.0, "slo_switch=balance: also switch when the other candidate's predicted TTFT x this < the preferred one's", check=at_least(1))
@@ -232,8 +234,7 @@ class DualMap(Policy):
         super().__init__(options)
         self.migrates = bool(self.option("migration"))  # type: ignore[misc]  # per-instance ablation
         self.migrates_to_neighbours = bool(self.option("neighbours"))  # type: ignore[misc]
-        self.migration_work_limits = MIGRATION_WORK_LIMITS[str(self.option("migrate_to"))]  # type: ignore[misc]
-        self.migration_added_work_slo_share = MIGRATION_ADDED_WORK_SLO_SHARES[str(self.option("migrate_to"))]  # type: ignore[misc]
+        self.migration_work_limits, self.migration_added_work_slo_share = MIGRATION_RULES[str(self.option("migrate_to"))]  # type: ignore[misc]
         self.slo_switch = str(self.option("slo_switch"))
         self.follow_cache = bool(self.option("follow_cache"))
         self.spill = str(self.option("spill")) == "fleet"

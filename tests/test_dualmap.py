@@ -420,6 +420,26 @@ def test_the_hot_floor_ignores_a_universal_prefix() -> None:
     assert (c.replica, c.branch) == (b, "affinity")
 
 
+def test_a_match_shorter_than_one_key_block_counts_as_none() -> None:
+    """A prefix every prompt starts with that ends inside the first key block (4 router blocks
+    by default) is no reason to prefer its holder; one whole key block is, and so is a whole
+    prompt shorter than a key block. whole_key_block=false counts every block."""
+    p, a, b, req = two_replica_dualmap()
+    cached = [0, 0]
+    cached[b] = 3
+    assert choose(p, req, View(cached, [0.0, 0.0])).branch == "load"
+    cached[b] = 4
+    assert choose(p, req, View(cached, [0.0, 0.0])).branch == "affinity"
+    short = rr("s", [1, 2, 3])
+    assert choose(p, short, View([3, 0], [0.0, 0.0])).replica == 0
+    assert choose(p, short, View([0, 3], [0.0, 0.0])).replica == 1
+    p, a, b, req = two_replica_dualmap(whole_key_block=False)
+    cached = [0, 0]
+    cached[b] = 1
+    c = choose(p, req, View(cached, [0.0, 0.0]))
+    assert (c.replica, c.branch) == (b, "affinity")
+
+
 def test_one_replica_has_no_alternate() -> None:
     p = DualMap(RouterOptions())
     p.on_membership(["only"])

@@ -58,6 +58,15 @@ Design
    the regime matrix). Without that, the replica that served a new system prompt
    first holds a few blocks more of every later prompt than the others, and steps 3 and 6 send
    it all of them until it is hot (seen at start-up: every request on one replica for seconds).
+   A match shorter than one key block counts as none (option `whole_key_block`), unless it is
+   the whole prompt: a prefix every request starts with that ends inside the first key block
+   (Mooncake's system prompt, scaled to the CPU profiles, is 2 of the key block's 4 router
+   blocks) gives every prompt a key of its own, so it is never hot and never under the floor,
+   yet the first replicas to cache it held more of every later prompt than the empty ones. With
+   the SLO switch and migration off, one replica of 32 took half the traffic (hotspot 15.8);
+   with them on, they undid the placements at a cost: on Mooncake x CPU x 32 at 77 qps, 88.6 %
+   within the SLO against 97.5 % with the rule (BENCHMARKS.md, "Matches shorter than a key
+   block").
 4. SLO switch: if the preferred candidate's predicted TTFT (queued + un-prefilled + own uncached
    tokens, times the learned per-token time) exceeds slo_ttft / 2, take the other candidate,
    but only when its predicted TTFT is within slo_ttft / 2 ("rescue", pylb's default). The
@@ -138,6 +147,9 @@ Options (`RouterOptions.extra`, or `pylb simulate --policy dualmap:key=value`), 
                                       brought, as preble-e2's window and sglang's smallest-tree
                                       fallback do, not by an instantaneous backlog that is 0 on
                                       every replica at low load
+    whole_key_block (bool, default true) step 3: a match shorter than one key block (and not the
+                                      whole prompt) counts as none, as the keyer cannot tell a
+                                      shared fragment of the first key block from a group prefix
     tie_near   (bool, default true)   step 3's window compares only the replicas whose backlog is
                                       within the request's own prefill time (its uncached tokens
                                       at that replica's per-token time) of the least backlog: at
@@ -229,6 +241,7 @@ class DualMap(Policy):
         tie: str = setting("fleet", "step 3's tie when neither candidate holds the prompt: ring (the less loaded candidate) or fleet (the fleet's least loaded replica)", check=one_of("ring", "fleet", "cost", "fleet-cost"))
         tie_holders: bool = setting(False, "step 3's tie when both candidates hold the same match, the longest any replica holds: among every replica holding as much (fleet ties only)")
         tie_near: bool = setting(True, "step 3's window compares only the replicas whose backlog is within the request's own prefill time of the least backlog")
+        whole_key_block: bool = setting(True, "step 3: a match shorter than one key block, and not the whole prompt, counts as none")
 
     def __init__(self, options: RouterOptions) -> None:
         super().__init__(options)
@@ -245,6 +258,7 @@ class DualMap(Policy):
         self.placed = WindowLoad(window) if window > 0 else None
         self.tie_near = bool(self.option("tie_near"))
         self.tie_holders = bool(self.option("tie_holders"))
+        self.whole_key_block = bool(self.option("whole_key_block"))
         # step 3's window is used only while this router's own requests are most of the fleet's
         # work: (time, prompt tokens) it placed, and per replica (scrape time, prompt tokens the
         # engine was asked for) in the window
@@ -302,6 +316,8 @@ class DualMap(Policy):
         if a == b:
             return Choice(a, branch="affinity", note=(pending, None))
         cached = view.cached_blocks(request)
+        if self.whole_key_block:
+            cached = self._from_one_key_block(cached, len(request.block_hashes))
         floor, tail = self._hot_floor(request, key, depth)
         ca, cb = max(0, int(cached[a]) - floor), max(0, int(cached[b]) - floor)
         if self.follow_cache:
@@ -343,6 +359,11 @@ class DualMap(Policy):
             if view.predicted_ttft(request, best) <= self.slo:
                 return Choice(best, pick, branch="spill", note=(pending, tail))
         return Choice(pick, b if pick == a else a, branch=branch, note=(pending, tail))
+
+    def _from_one_key_block(self, cached: np.ndarray, prompt_blocks: int) -> np.ndarray:
+        """Per replica, its match (router blocks) counted only from one whole key block, or the
+        whole prompt when that is shorter (step 3, `whole_key_block`); shorter matches read 0."""
+        return np.where(cached >= min(prompt_blocks, self.blocks_per_key), cached, 0)
 
     def _least_loaded(self, pool: Sequence[int], request: RoutingRequest, view: RouterView, a: int, b: int) -> int:
         """Step 3's tie rule over `pool`: the least prefill placed in the window among the

@@ -428,6 +428,13 @@ BEFORE_LABELS = ("dualmap:tie=ring", "dualmap")
 """dualmap's label in a `--before` file: the pre-change rule re-run as an option where a cell was re-run, else dualmap."""
 
 
+def before_run(before: dict[tuple, dict[str, Any]], key: tuple, label: str | None = None) -> dict[str, Any] | None:
+    """The cell `key`'s dualmap results in a `--before` file: under `label` when given, else
+    under the first of `BEFORE_LABELS` present; None when the cell or the label is missing."""
+    pol = before.get(key, {}).get("policies", {})
+    return next((pol[k] for k in ((label,) if label else BEFORE_LABELS) if k in pol), None)
+
+
 def verdict(c: dict[str, Any], best: float) -> str:
     """Why a cell does not count: "short" when the best capacity is at or above the never-forgetting
     work bound (the workload ends before queues settle: a transient, not a capacity), "none" when
@@ -444,9 +451,10 @@ def best_other(c: dict[str, Any]) -> tuple[str | None, float]:
     return max(caps.items(), key=lambda kv: kv[1]) if caps else (None, 0.0)
 
 
-def table(paths: list[str], baseline: list[str] | None = None, variant: str = "dualmap") -> str:
+def table(paths: list[str], baseline: list[str] | None = None, variant: str = "dualmap", before_label: str | None = None) -> str:
     """Markdown: per cell, `variant` (dualmap by default) against the best other policy (dualmap
-    variants excluded) by interpolated capacity, and against `baseline`'s dualmap when given."""
+    variants excluded) by interpolated capacity, and against `baseline`'s dualmap (labelled
+    `before_label`, else one of `BEFORE_LABELS`) when given."""
     before = {(c["workload"], c["profile"], c["replicas"]): c for c in merged_cells(baseline)} if baseline else {}
     head = ["workload", "profile", "N", "SLO s", f"{variant} qps", "best other qps", "ratio", f"hit {variant}", "hit 1 cache",
             "work bound (1 cache / inf)", "SLO bound", "pred. err P50/P90 s", "note"]  # fmt: skip
@@ -472,15 +480,14 @@ def table(paths: list[str], baseline: list[str] | None = None, variant: str = "d
                f"{c['work_bound_fleet_cache']:.2f} / {c['work_bound_infinite_cache']:.2f}", f"{100 * c['slo_bound']:.0f} %",
                "-" if not err else f"{err[0]:.2f} / {err[1]:.2f}", verdict(c, max(best, mine))]  # fmt: skip
         if before:
-            bc = before.get((c["workload"], c["profile"], c["replicas"]), {}).get("policies", {})
-            b = next((bc[k] for k in BEFORE_LABELS if k in bc), None)
+            b = before_run(before, (c["workload"], c["profile"], c["replicas"]), before_label)
             bq = interpolated_capacity(b) if b else math.nan
             row[5:5] = [f"{bq:.2f}", f"{bq / best:.2f}" if best > 0 else "-"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-def plot(paths: list[str], baseline: list[str] | None, out: str, variant: str = "dualmap") -> None:
+def plot(paths: list[str], baseline: list[str] | None, out: str, variant: str = "dualmap", before_label: str | None = None) -> None:
     """Bar chart of `variant` (dualmap by default) / best other per valid cell (not short, not
     none): after (`paths`) and, with `baseline`, dualmap before."""
     import matplotlib
@@ -498,7 +505,7 @@ def plot(paths: list[str], baseline: list[str] | None, out: str, variant: str = 
         key = (c["workload"], c["profile"], c["replicas"])
         labels.append(f"{c['workload']} {c['profile'].removeprefix('dualmap-').split('-')[0]} x{c['replicas']}")
         after_r.append(interpolated_capacity(pol[variant]) / best)
-        b = next((before[key]["policies"][k] for k in BEFORE_LABELS if key in before and k in before[key]["policies"]), None)
+        b = before_run(before, key, before_label)
         before_r.append(interpolated_capacity(b) / best if b else math.nan)
     fig, ax = plt.subplots(figsize=(11, 4.5))
     x = np.arange(len(labels))
@@ -535,11 +542,12 @@ def main() -> None:
     ap.add_argument("--before", nargs="+", metavar="RESULTS", help="with --table: dualmap's capacities before a change")
     ap.add_argument("--plot", metavar="OUT.png", help="with --table: also plot dualmap / best other per valid cell")
     ap.add_argument("--variant", default="dualmap", help="with --table (and --plot): the dualmap label compared (e.g. dualmap+admit1)")
+    ap.add_argument("--before-variant", metavar="LABEL", help="with --before: dualmap's label in those files (default: dualmap:tie=ring, else dualmap)")
     args = ap.parse_args()
     if args.table:
-        print(table(args.table, args.before, args.variant))
+        print(table(args.table, args.before, args.variant, args.before_variant))
         if args.plot:
-            plot(args.table, args.before, args.plot, args.variant)
+            plot(args.table, args.before, args.plot, args.variant, args.before_variant)
         return
     if not args.out:
         ap.error("--out is required unless --table is given")

@@ -68,3 +68,12 @@ def test_one_small_cell_end_to_end(tmp_path: Path) -> None:
     out.write_text(json.dumps({"cells": [cell]}))
     text = rm.table([str(out)])
     assert "| chat | cpu-small-llama | 2 | 0.5 |" in text
+
+
+def test_before_run_reads_the_named_label_else_the_default_labels() -> None:
+    run = {"capacity": 1.0, "runs": []}
+    before = {("chat", "p", 8): {"policies": {"dualmap": run, "dualmap:migrate_to=spare": {**run, "capacity": 2.0}}}}
+    assert rm.before_run(before, ("chat", "p", 8)) is before[("chat", "p", 8)]["policies"]["dualmap"]
+    assert rm.before_run(before, ("chat", "p", 8), "dualmap:migrate_to=spare")["capacity"] == 2.0  # type: ignore[index]
+    assert rm.before_run(before, ("chat", "p", 8), "dualmap:other") is None
+    assert rm.before_run(before, ("chat", "p", 2)) is None

@@ -11,7 +11,9 @@ results file that has a capacity (`regime_matrix.verdict`), each spec runs at th
 dualmap variants are not "other"), on the cell's own workload, SLO and fleet size. The simulator is
 deterministic, so the two specs see the same arrivals; the difference of their SLO shares is
 the change's effect at that rate. Printed per cell: each factor's shares (baseline / variant)
-and the mean difference in points; `--out` keeps every run's share and hit rate.
+and the mean difference in points; `--out` keeps every run's share, hit rate and decisions by
+branch (the files of the first runs, `fixed_rate_migrate_spare_*.json` and
+`fixed_rate_tie_window_180_*.json`, hold the first two only).
 
 Usage (from the repository root):
 
@@ -41,7 +43,7 @@ from pylb.sim.report import summarize  # noqa: E402
 
 
 def compare_cell(cell: dict[str, Any], specs: list[str], factors: list[float], traces: str) -> dict[str, Any] | None:
-    """Every spec's SLO share and hit rate at `factors` x the best other policy's capacity in
+    """Every spec's SLO share, hit rate and decisions at `factors` x the best other policy's capacity in
     `cell` (a merged regime-matrix cell); None for a cell without a capacity."""
     name, best = rm.best_other(cell)
     if name is None or rm.verdict(cell, best):
@@ -53,9 +55,10 @@ def compare_cell(cell: dict[str, Any], specs: list[str], factors: list[float], t
     for f in factors:
         for spec in specs:
             name, options = rm.policy_spec(spec, slo)
-            result = simulate(work, profile, cell["replicas"], registry.create(name, options), rate_scale=f * best / cell["trace_rate"])
+            router = registry.create(name, options)
+            result = simulate(work, profile, cell["replicas"], router, rate_scale=f * best / cell["trace_rate"])
             m = summarize(result, spec, slo)
-            runs[f"{f}|{spec}"] = [m.slo_attainment, m.hit_rate]
+            runs[f"{f}|{spec}"] = [m.slo_attainment, m.hit_rate, dict(getattr(router, "decisions", {}))]
     return {"cell": [cell["workload"], cell["profile"], cell["replicas"]], "best_other": best, "runs": runs}
 
 

@@ -503,7 +503,8 @@ def plot(paths: list[str], baseline: list[str] | None, out: str, variant: str = 
         if variant not in pol or verdict(c, max(best, interpolated_capacity(pol[variant]))) or best <= 0:
             continue
         key = (c["workload"], c["profile"], c["replicas"])
-        labels.append(f"{c['workload']} {c['profile'].removeprefix('dualmap-').split('-')[0]} x{c['replicas']}")
+        short = c["profile"].removeprefix("dualmap-").split("-")[0] + ("-fit" if c["profile"].endswith("-fleet") else "")
+        labels.append(f"{c['workload']} {short} x{c['replicas']}")
         after_r.append(interpolated_capacity(pol[variant]) / best)
         b = before_run(before, key, before_label)
         before_r.append(interpolated_capacity(b) / best if b else math.nan)

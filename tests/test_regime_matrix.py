@@ -68,6 +68,18 @@ def test_one_small_cell_end_to_end(tmp_path: Path) -> None:
     out.write_text(json.dumps({"cells": [cell]}))
     text = rm.table([str(out)])
     assert "| chat | cpu-small-llama | 2 | 0.5 |" in text
+    # the same cell at a fixed rate (bench/fixed_rate.py): share, hit rate and decisions per spec;
+    # a short cell has no capacity to compare at (this one is short: 60 requests end too soon)
+    import fixed_rate
+
+    specs = ["dualmap", "dualmap:migration=false"]
+    assert rm.verdict(cell, rm.best_other(cell)[1]) == "short" and fixed_rate.compare_cell(cell, specs, [1.0], rm.TRACES) is None
+    row = fixed_rate.compare_cell({**cell, "work_bound_infinite_cache": math.inf}, specs, [1.0], rm.TRACES)
+    assert row is not None and set(row["runs"]) == {"1.0|dualmap", "1.0|dualmap:migration=false"}
+    for share, hit, decisions in row["runs"].values():
+        assert 0 <= share <= 1 and 0 <= hit <= 1
+        assert sum(n for branch, n in decisions.items() if branch not in ("migration", "retry")) == 60  # one placement each
+    assert row["runs"]["1.0|dualmap:migration=false"][2].get("migration", 0) == 0
 
 
 def test_before_run_reads_the_named_label_else_the_default_labels() -> None:

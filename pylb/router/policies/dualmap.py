@@ -63,10 +63,10 @@ Design
    (Mooncake's system prompt, scaled to the CPU profiles, is 2 of the key block's 4 router
    blocks) gives every prompt a key of its own, so it is never hot and never under the floor,
    yet the first replicas to cache it held more of every later prompt than the empty ones. With
-   the SLO switch and migration off, one replica of 32 took half the traffic (hotspot 15.8);
-   with them on, they undid the placements at a cost: on Mooncake x CPU x 32 at 77 qps, 88.6 %
-   within the SLO against 97.5 % with the rule (BENCHMARKS.md, "Matches shorter than a key
-   block").
+   the SLO switch and migration off, 2,779 of 3,000 placements were affinity ones (8.2 %
+   within the SLO at 77 qps on Mooncake x CPU x 32, against 96.5 % with the rule); with them on,
+   they undid the placements at a cost (88.9 % against 96.0 %; BENCHMARKS.md, "Matches shorter
+   than a key block").
 4. SLO switch: if the preferred candidate's predicted TTFT (queued + un-prefilled + own uncached
    tokens, times the learned per-token time) exceeds slo_ttft / 2, take the other candidate,
    but only when its predicted TTFT is within slo_ttft / 2 ("rescue", pylb's default). The

@@ -456,7 +456,7 @@ def test_ablation_options() -> None:
 
 @pytest.mark.parametrize(
     ("migrate_to", "limits", "share"),
-    [(None, (1.0, math.inf), 0.5), ("spare", (1.0, math.inf), 0.5), ("any", (math.inf,), 1.0), ("holders", (1.0,), 1.0)],
+    [(None, (1.0, math.inf), 0.5), ("spare", (1.0, math.inf), 0.5), ("any", (math.inf,), 1.0), ("holders", (1.0,), 1.0), ("bounded", (1.0, 2.0), 0.5)],
 )
 def test_migrate_to_sets_the_cores_migration_rule(migrate_to: str | None, limits: tuple[float, ...], share: float) -> None:
     """The default is spare: holders first, then a move that adds work only within half the SLO."""

@@ -330,6 +330,8 @@ def test_migration_moves_cheapest_first_and_only_while_it_helps(neighbours: bool
         ("spare", 200, False),  # it adds 3200 tokens of work: 3.6 s > SLO / 2
         ("spare", 100, True),  # it adds 1600: 2.0 s on r1, within SLO / 2
         ("holders", 100, False),
+        ("bounded", 100, False),  # within SLO / 2, but 1700 tokens on r1 against 100 on r0: > 2x
+        ("bounded", 5, True),  # 180 tokens against 100 (the prefix is 80): within 2x and SLO / 2
     ],
 )
 def test_migration_target_rules_for_a_move_that_adds_work(migrate_to: str, prefix_blocks: int, hit_moves: bool) -> None:

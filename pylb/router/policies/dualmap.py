@@ -124,7 +124,9 @@ Options (`RouterOptions.extra`, or `pylb simulate --policy dualmap:key=value`), 
                                       only to a replica where its predicted TTFT stays within
                                       slo_ttft / 2, step 4's rescue budget: near capacity a move
                                       off the cache adds a whole prompt's prefill to a saturated
-                                      fleet, and an agent loop's next steps follow it)
+                                      fleet, and an agent loop's next steps follow it);
+                                      "bounded" (spare, and a move that adds work at most doubles
+                                      the prompt tokens the request computes)
     follow_cache (bool, default true) step 6 on/off
     spill      (str, default off)     step 7: "fleet" or "off"
     tie        (str, default fleet)   step 3, a prompt neither candidate holds: "fleet" or "ring";
@@ -196,6 +198,7 @@ MIGRATION_RULES: dict[str, tuple[tuple[float, ...], float]] = {
     "any": ((math.inf,), 1.0),
     "holders": ((1.0,), 1.0),
     "spare": ((1.0, math.inf), 0.5),
+    "bounded": ((1.0, 2.0), 0.5),
 }
 """Option migrate_to -> (migration_work_limits, migration_added_work_slo_share), the policy's
 migration rule as `pylb.router.core` reads it."""
@@ -232,7 +235,7 @@ class DualMap(Policy):
         slo_switch: str = setting("rescue", "step 4: rescue, paper (the paper's rule), balance (rescue, or the other candidate balance_ratio x faster) or off", check=one_of(*SLO_SWITCH_RULES))
         key_depth: int = setting(0, "0 = adaptive prefix key; d >= 1 = key fixed at depth d", check=at_least(0))
         neighbours: bool = setting(True, "step 5: migrate to a neighbour when the alternate is hot")
-        migrate_to: str = setting("spare", "step 5's targets: any (the alternate or a neighbour), holders (only where the request computes no more prompt tokens than on the hot replica) or spare (holders first, then any other where the predicted TTFT is within slo_ttft / 2)", check=one_of(*MIGRATION_RULES))
+        migrate_to: str = setting("spare", "step 5's targets: any (the alternate or a neighbour), holders (only where the request computes no more prompt tokens than on the hot replica), spare (holders first, then any other where the predicted TTFT is within slo_ttft / 2) or bounded (spare, where a move computes at most twice the prompt tokens)", check=one_of(*MIGRATION_RULES))
         follow_cache: bool = setting(True, "step 6 on/off")
         spill: str = setting("off", "step 7: fleet or off", check=one_of(*SPILL_RULES))
         balance_ratio: float = setting(2.0, "slo_switch=balance: also switch when the other candidate's predicted TTFT x this < the preferred one's", check=at_least(1))

@@ -126,7 +126,9 @@ Options (`RouterOptions.extra`, or `pylb simulate --policy dualmap:key=value`), 
                                       off the cache adds a whole prompt's prefill to a saturated
                                       fleet, and an agent loop's next steps follow it);
                                       "bounded" (spare, and a move that adds work at most doubles
-                                      the prompt tokens the request computes)
+                                      the prompt tokens the request computes; measured mixed:
+                                      agent x 910B gains, long x 910B x 8 loses, BENCHMARKS.md
+                                      "Not done")
     follow_cache (bool, default true) step 6 on/off
     spill      (str, default off)     step 7: "fleet" or "off"
     tie        (str, default fleet)   step 3, a prompt neither candidate holds: "fleet" or "ring";

@@ -64,8 +64,11 @@ SLO rather than by compute, this raises dualmap's capacity (BENCHMARKS.md, "Dual
 ablations"). A policy's `migration_work_limits` (L1, L2, ...) are tried in turn: under L, a move
 may go only to a replica where the request must compute at most L times the prompt tokens it
 must compute on h (1: only where at least as much of it is cached; default (inf,): no limit;
-(1, inf): a replica that holds the prefix first, any other only when none helps). A moved request keeps h as its alternate. (Without the "not hot" test, requests
-bounce between two hot replicas, several migrations per request.)
+(1, inf): a replica that holds the prefix first, any other only when none helps). A move that
+adds prompt work to the fleet (the target holds less of the prompt than h) must also predict the
+request's TTFT within the policy's `migration_added_work_slo_share` of the SLO. A moved request
+keeps h as its alternate. (Without the "not hot" test, requests bounce between two hot
+replicas, several migrations per request.)
 
 Mirror size: a replica's mirror holds its KV cache's tokens (`vllm:cache_config_info`, or
 `cache_capacity_tokens` before the first scrape) in router blocks. A router block is
@@ -170,6 +173,12 @@ class _Queue:
 def _live(item: tuple) -> bool:
     e: _Entry = item[-1]
     return e.state == _QUEUED and e.version == item[-2]
+
+
+def _within_work_limit(there: int, here: int, limit: float) -> bool:
+    """A migration computing `there` prompt tokens on its target, against `here` on the hot
+    replica, keeps within a policy's work limit (at most `limit` times as many)."""
+    return limit == math.inf or there <= limit * here
 
 
 class CoreView:
@@ -837,33 +846,29 @@ class CoreRouter(Router):
 
     def _helps(self, e: _Entry, h: int, target: int, now: float, limit: float) -> bool:
         """Moving e from h to target keeps within the work limit, lowers e's predicted TTFT and
-        does not make target hot."""
+        does not make target hot; a move that adds prompt work to the fleet must also predict
+        its TTFT within the policy's `migration_added_work_slo_share` of the SLO."""
         assert e.cached is not None
-        if not self._within_work_limit(e, h, target, limit):
+        here, there = self._uncached(e.req, int(e.cached[h])), self._uncached(e.req, int(e.cached[target]))
+        if not _within_work_limit(there, here, limit):
             return False
-        uncached_there = self._uncached(e.req, int(e.cached[target]))
-        after = self._ttft_with(target, uncached_there)
+        after = self._ttft_with(target, there)
         if not (after < self.replica_ttft(h) and after <= self.options.slo_ttft and not self._waited_too_long(target, now)):
             return False
-        if uncached_there > self._uncached(e.req, int(e.cached[h])):  # the move adds work to the fleet
-            return after <= self.policy.migration_added_work_slo_share * self.options.slo_ttft
-        return True
-
-    def _within_work_limit(self, e: _Entry, h: int, target: int, limit: float) -> bool:
-        """e's uncached prompt tokens on target are within `limit` times those on h."""
-        assert e.cached is not None
-        if limit == math.inf:
-            return True
-        return self._uncached(e.req, int(e.cached[target])) <= limit * self._uncached(e.req, int(e.cached[h]))
+        return there <= here or after <= self.policy.migration_added_work_slo_share * self.options.slo_ttft
 
     def _lowest_ttft(self, e: _Entry, h: int, limit: float) -> int | None:
         """The replica other than h, within the work limit, where e's predicted TTFT is lowest."""
         assert e.cached is not None
+        here = self._uncached(e.req, int(e.cached[h]))
         best, best_t = None, math.inf
         for i in range(len(self.replicas)):
-            if i == h or not self._within_work_limit(e, h, i, limit):
+            if i == h:
                 continue
-            t = self._ttft_with(i, self._uncached(e.req, int(e.cached[i])))
+            there = self._uncached(e.req, int(e.cached[i]))
+            if not _within_work_limit(there, here, limit):
+                continue
+            t = self._ttft_with(i, there)
             if t < best_t:
                 best, best_t = i, t
         return best

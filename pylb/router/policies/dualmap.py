@@ -196,11 +196,15 @@ SLO_SWITCH_RULES = ("rescue", "paper", "off", "balance")
 SPILL_RULES = ("off", "fleet")
 """Values of the `spill` option."""
 
+RESCUE_SLO_SHARE = 0.5
+"""Step 4's budget, as a share of slo_ttft (the paper's SLO / 2); step 5's `spare` and `bounded`
+rules hold a move that adds prompt work to the same budget."""
+
 MIGRATION_RULES: dict[str, tuple[tuple[float, ...], float]] = {
     "any": ((math.inf,), 1.0),
     "holders": ((1.0,), 1.0),
-    "spare": ((1.0, math.inf), 0.5),
-    "bounded": ((1.0, 2.0), 0.5),
+    "spare": ((1.0, math.inf), RESCUE_SLO_SHARE),
+    "bounded": ((1.0, 2.0), RESCUE_SLO_SHARE),
 }
 """Option migrate_to -> (migration_work_limits, migration_added_work_slo_share), the policy's
 migration rule as `pylb.router.core` reads it."""
@@ -275,7 +279,7 @@ class DualMap(Policy):
         self.hot_share_fleet = str(self.option("hot_share")) == "fleet"
         self.keyer = PrefixKeyer(options, fixed_depth=self.key_depth)
         self.ring: native.DualRing | None = None
-        self.switch_budget = options.slo_ttft / 2
+        self.switch_budget = options.slo_ttft * RESCUE_SLO_SHARE
         self.blocks_per_key = options.blocks_per_key_block
         # hot prefix (its boundary hash) -> (key, block hashes) of its last request, and the
         # shortest common prefix seen between two of its requests with different keys (or None)

@@ -89,3 +89,29 @@ def test_before_run_reads_the_named_label_else_the_default_labels() -> None:
     assert rm.before_run(before, ("chat", "p", 8), "dualmap:migrate_to=spare")["capacity"] == 2.0  # type: ignore[index]
     assert rm.before_run(before, ("chat", "p", 8), "dualmap:other") is None
     assert rm.before_run(before, ("chat", "p", 2)) is None
+
+
+def test_jittered_copies_keep_the_order_of_arrivals_and_move_each_within_the_bound() -> None:
+    import fixed_rate
+
+    work = [sim(str(i), t, [i + 1], 16) for i, t in enumerate([0.0, 0.004, 1.0, 1.0, 3.0, 2.0])]
+    assert fixed_rate.jittered(work, 0, 0.5) is work  # seed 0: the workload itself
+    for seed in (1, 2, 3):
+        copy = fixed_rate.jittered(work, seed, 0.5)
+        assert [r.request_id for r in copy] == [r.request_id for r in work]  # same requests, same places
+        before = sorted(range(len(work)), key=lambda i: (work[i].arrival_s, i))
+        moved = [copy[i].arrival_s for i in before]
+        assert moved == sorted(moved)  # no two arrivals swap (the equal pair at 1.0 stays put)
+        assert copy[2].arrival_s == copy[3].arrival_s == 1.0
+        assert all(abs(a.arrival_s - b.arrival_s) <= 0.5 for a, b in zip(copy, work))
+        assert abs(copy[1].arrival_s - 0.004) <= 0.002  # at most half the gap to its neighbour
+    assert [r.arrival_s for r in fixed_rate.jittered(work, 1, 0.5)] != [r.arrival_s for r in work]
+    assert [r.arrival_s for r in fixed_rate.jittered(work, 1, 0.5)] == [r.arrival_s for r in fixed_rate.jittered(work, 1, 0.5)]
+
+
+def test_paired_differences_pair_each_workload_copy() -> None:
+    import fixed_rate
+
+    runs = {"1.0|a": [0.9], "1.0|b": [0.8], "1.0|a|1": [0.5], "1.0|b|1": [0.7], "0.9|a": [1.0], "0.9|b": [1.0], "0.9|a|1": [0.9], "0.9|b|1": [0.8]}
+    d = fixed_rate.paired_differences({"runs": runs}, ["a", "b"], [0.9, 1.0], 1)
+    assert d.tolist() == pytest.approx([-0.05, 0.05])  # (0 - 0.1) / 2 on the trace, (-0.1 + 0.2) / 2 on copy 1

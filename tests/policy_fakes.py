@@ -198,6 +198,7 @@ class Fixed(Policy):
         self.memberships: list[list[str]] = []
         self.dispatched: list[tuple[str, int]] = []
         self.completed: list[tuple[str, int]] = []
+        self.migrated: list[tuple[str, int, int]] = []
 
     def on_membership(self, replicas: Sequence[ReplicaId]) -> None:
         self.memberships.append(list(replicas))
@@ -207,6 +208,9 @@ class Fixed(Policy):
         r = int(parts[0]) % len(view.replicas)
         alt = int(parts[2]) if len(parts) > 2 else None
         return Choice(r, alt, branch="affinity")
+
+    def on_migrate(self, request: RoutingRequest, source: int, target: int, view: RouterView) -> None:
+        self.migrated.append((request.request_id, source, target))
 
     def on_dispatch(self, request: RoutingRequest, replica: int, view: RouterView) -> None:
         self.dispatched.append((request.request_id, replica))

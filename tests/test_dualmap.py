@@ -571,3 +571,45 @@ def test_keys_spread_the_real_mooncake_trace(mooncake_trace) -> None:  # noqa: A
     assert max(spread.values()) / (2 * len(reqs)) < 1.25 / 8, spread
     depths = adaptive.keyer.table.depth_counts()
     assert depths[2:].sum() >= 0.8 * depths.sum()  # keys settle past the universal block
+
+
+def test_a_turn_follows_its_previous_turn_where_migration_moved_it() -> None:
+    """Step 6 remembers where a queued turn waits; when hotspot migration moves it, the next
+    turn follows it to its new replica, not to the one it left."""
+    p, a, b, c, first = four_replica_dualmap()
+    cached, ttft = [0] * 4, [1.0] * 4
+    cached[c] = 40
+    assert choose(p, first, View(cached, ttft)).replica == c  # queued on c
+    d = min({0, 1, 2, 3} - {c})
+    p.on_migrate(first, c, d, View(cached, ttft))  # the core moved it to d while it was queued
+    nxt = rr("q2", np.arange(1, 100, dtype=U64))
+    choice = choose(p, nxt, View([0] * 4, ttft))
+    assert (choice.replica, choice.branch) == (d, "affinity")
+
+
+@pytest.mark.parametrize("rule", ["new", "move", "stay"])
+def test_the_window_moves_a_migrated_new_prefix_with_it(rule: str) -> None:
+    """Step 3's window counts a new prefix's prefill where hotspot migration moved it (its
+    cache, so its group's home, will be there: `migrated_window=new`, the default); a request
+    placed for its cache stays counted on its group's home. "move" moves both, "stay" neither."""
+    p, a, b, c, req = four_replica_dualmap(migrated_window=rule)
+    ttft = [1.0] * 4
+    empty = View([0] * 4, ttft)
+    new = choose(p, req, empty)
+    assert new.branch == "load" and p.placed is not None
+    here, there = new.replica, min({0, 1, 2, 3} - {new.replica})
+    assert p.placed.get(f"r{here}") == req.prompt_tokens
+    p.on_migrate(req, here, there, empty)
+    moved = rule in ("new", "move")
+    assert (p.placed.get(f"r{here}"), p.placed.get(f"r{there}")) == ((0, req.prompt_tokens) if moved else (req.prompt_tokens, 0))
+    p.placed.expire(60.5)  # it leaves the window when it would have where it was first counted
+    assert p.placed.get(f"r{here}") == p.placed.get(f"r{there}") == 0
+    p.on_dispatch(req, there, empty)
+    cached = [0] * 4
+    cached[c] = 40  # a turn placed for its cache on c (640 of its 1,264 tokens held there)
+    turn = rr("t", np.arange(1, 80, dtype=U64))
+    placed = choose(p, turn, View(cached, ttft, now=61.0))
+    assert (placed.replica, placed.branch) == (c, "affinity") and p.placed.get(f"r{c}") == 624
+    d = min({0, 1, 2, 3} - {c})
+    p.on_migrate(turn, c, d, View(cached, ttft, now=61.0))
+    assert (p.placed.get(f"r{c}"), p.placed.get(f"r{d}")) == ((0, 1264) if rule == "move" else (624, 0))

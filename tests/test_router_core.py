@@ -320,6 +320,9 @@ def test_migration_moves_cheapest_first_and_only_while_it_helps(neighbours: bool
     assert sorted(d[:2] for d in out) == [("0/cheap/1", "r1"), ("0/dear/2", "r2")]
     assert r.replica_ttft(0) == pytest.approx(2.0 if neighbours else 5.3)
     assert r._entries["0/cheap/1"].alternate == 0 and r._entries["0/cheap/1"].branch == "migration"
+    # the policy heard of each move, from the hot replica to the target, in the order they were made
+    moves = [("0/cheap/1", 0, 1), ("0/dear/2", 0, 2)] + ([("0/mid/2", 0, 1)] if neighbours else [])
+    assert r.policy.migrated == moves  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(

@@ -67,7 +67,7 @@ must compute on h (1: only where at least as much of it is cached; default (inf,
 (1, inf): a replica that holds the prefix first, any other only when none helps). A move that
 adds prompt work to the fleet (the target holds less of the prompt than h) must also predict the
 request's TTFT within the policy's `migration_added_work_slo_share` of the SLO. A moved request
-keeps h as its alternate. (Without the "not hot" test, requests bounce between two hot
+keeps h as its alternate, and the policy hears of the move (`policy.on_migrate`). (Without the "not hot" test, requests bounce between two hot
 replicas, several migrations per request.)
 
 Mirror size: a replica's mirror holds its KV cache's tokens (`vllm:cache_config_info`, or
@@ -818,6 +818,7 @@ class CoreRouter(Router):
                 e.alternate = h
                 assert e.cached is not None  # set when it was queued
                 self._enqueue(e, target, "migration", e.cached)
+                self.policy.on_migrate(e.req, h, target, self._view)
                 self.decisions["migration"] += 1
                 self.migrations += 1
                 if not self._hot(h, now):

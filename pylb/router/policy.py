@@ -18,6 +18,8 @@ Call sequence, made by the router core (never by drivers):
     policy.choose(request, view) -> Choice    pure: reads, decides, changes nothing
     policy.on_choice(request, choice, view)   the core queued the request where `choice` says:
                                               the policy records it (a key window, a tree)
+    policy.on_migrate(request, h, i, view)    the core moved the still-queued request from
+                                              replica h's queue to replica i's (hotspot migration)
     policy.on_dispatch(request, i, view)      when the core actually sends it to replica i
     policy.on_complete(request_id, i, view)   when it finished or failed on replica i
 
@@ -170,6 +172,11 @@ class Policy(ABC):
     def on_choice(self, request: RoutingRequest, choice: Choice, view: RouterView) -> None:
         """The core queued `request` on `choice.replica`, as `choose` answered: record it in the
         policy's private state here (once per placement; not for a retry)."""
+
+    def on_migrate(self, request: RoutingRequest, source: int, target: int, view: RouterView) -> None:
+        """The core moved the still-queued `request` from `view.replicas[source]`'s queue to
+        `view.replicas[target]`'s (hotspot migration): move what the policy recorded of it in
+        `on_choice` (a window's load, where it waits) here."""
 
     def on_dispatch(self, request: RoutingRequest, replica: int, view: RouterView) -> None:
         """The core sent `request` to `view.replicas[replica]` (update private state here)."""

@@ -88,6 +88,12 @@ Design
    (BENCHMARKS.md, "Migration adds work only where there is room"): capacity +3 to +14 % in 10
    of 38 cells (agent x 910B x 8: 0.97 -> 1.10x the best other policy), -4 to -20 % in 5 (long x
    910B x 32, where every policy's share is nearly flat in the load: -0.5 points at fixed rates).
+   The core tells the policy of each move (`on_migrate`). A moved new prefix (placed by step 3's
+   tie) is counted in step 3's window on its target from then on, as its cache, so its group's
+   home, will be there; a request placed for its cache stays counted on its group's home, since
+   the window spreads groups by the work each brings home (option `migrated_window`; moving both
+   lost agent x CPU x 8, 92.6 -> 87.8 % at 0.9x its best other policy's capacity: the hot
+   replica looked lighter and took new loops; BENCHMARKS.md, "A migrated new prefix").
 6. Follow the cache (pylb; option `follow_cache`): when a replica off the two rings holds a
    longer match above the hot floor than both candidates (a conversation that an earlier spill
    or migration moved there), it replaces the worse-matched candidate, so the next turn goes where
@@ -97,7 +103,8 @@ Design
    is dispatched), and a prompt that extends a queued one counts it as held there. Without
    that, under load a fast tool-agent loop's next step arrives while the previous one waits in
    the router's queue, matches nothing, and is placed as a new prefix, away from its cache
-   (measured in the regime matrix, agent workload on 910B: hit 83 % -> 92 %).
+   (measured in the regime matrix, agent workload on 910B: hit 83 % -> 92 %). A queued turn
+   that migration moved is remembered where it went.
 7. Spill (pylb; option `spill`, off by default): when both candidates predict a TTFT over the
    SLO, the request goes to the fleet's replica with the lowest predicted TTFT, if that one
    predicts it within the SLO (the admission-time twin of step 5's neighbours).
@@ -151,6 +158,9 @@ Options (`RouterOptions.extra`, or `pylb simulate --policy dualmap:key=value`), 
                                       brought, as preble-e2's window and sglang's smallest-tree
                                       fallback do, not by an instantaneous backlog that is 0 on
                                       every replica at low load
+    migrated_window (str, default new) step 5's moves in step 3's window: "new" (a new prefix's
+                                      prefill is counted where it moved, a cached request's stays
+                                      on its group's home), "move" (every move) or "stay" (none)
     whole_key_block (bool, default true) step 3: a match shorter than one key block (and not the
                                       whole prompt) counts as none, as the keyer cannot tell a
                                       shared fragment of the first key block from a group prefix
@@ -209,6 +219,9 @@ MIGRATION_RULES: dict[str, tuple[tuple[float, ...], float]] = {
 """Option migrate_to -> (migration_work_limits, migration_added_work_slo_share), the policy's
 migration rule as `pylb.router.core` reads it."""
 
+MIGRATED_WINDOW_RULES = ("new", "move", "stay")
+"""Values of the `migrated_window` option."""
+
 HOT_TAILS_KEPT = 1024
 """Hot prefixes whose shared tail (step 3's floor) DualMap remembers; the oldest is forgotten."""
 
@@ -251,6 +264,7 @@ class DualMap(Policy):
         tie_holders: bool = setting(False, "step 3's tie when both candidates hold the same match, the longest any replica holds: among every replica holding as much (fleet ties only)")
         tie_near: bool = setting(True, "step 3's window compares only the replicas whose backlog is within the request's own prefill time of the least backlog")
         whole_key_block: bool = setting(True, "step 3: a match shorter than one key block, and not the whole prompt, counts as none")
+        migrated_window: str = setting("new", "step 5's moves in step 3's window: new (a new prefix's prefill moves with it), move (every move's) or stay (none)", check=one_of(*MIGRATED_WINDOW_RULES))
 
     def __init__(self, options: RouterOptions) -> None:
         super().__init__(options)
@@ -268,6 +282,7 @@ class DualMap(Policy):
         self.tie_near = bool(self.option("tie_near"))
         self.tie_holders = bool(self.option("tie_holders"))
         self.whole_key_block = bool(self.option("whole_key_block"))
+        self.migrated_window = str(self.option("migrated_window"))
         # step 3's window is used only while this router's own requests are most of the fleet's
         # work: (time, prompt tokens) it placed, and per replica (scrape time, prompt tokens the
         # engine was asked for) in the window
@@ -288,6 +303,8 @@ class DualMap(Policy):
         # request id -> that hash
         self._queued: dict[int, tuple[int, str]] = {}
         self._queued_last: dict[str, int] = {}
+        # request id -> (time, prefill tokens, a new prefix) step 3's window recorded for it, until it is dispatched
+        self._placed_at: dict[str, tuple[float, int, bool]] = {}
 
     def on_membership(self, replicas: Sequence[ReplicaId]) -> None:
         """Rebuild both rings over the new replicas (off the request path)."""
@@ -399,7 +416,11 @@ class DualMap(Policy):
         if self.placed is not None:
             now = view.now
             self.placed.expire(now)
-            self.placed.add(view.replicas[choice.replica].name, now, view.uncached_tokens(request, choice.replica))
+            cost = view.uncached_tokens(request, choice.replica)
+            self.placed.add(view.replicas[choice.replica].name, now, cost)
+            self._placed_at[request.request_id] = (now, cost, choice.branch == "load")
+            if len(self._placed_at) > QUEUED_KEPT:
+                del self._placed_at[next(iter(self._placed_at))]
             self._own.append((now, request.prompt_tokens))
             while self._own and self._own[0][0] < now - 2 * self.placed.window:
                 self._own.popleft()
@@ -421,8 +442,23 @@ class DualMap(Policy):
             if len(self._hot_tails) > HOT_TAILS_KEPT:
                 del self._hot_tails[next(iter(self._hot_tails))]
 
+    def on_migrate(self, request: RoutingRequest, source: int, target: int, view: RouterView) -> None:
+        """Hotspot migration moved the queued request: step 6 finds it waiting on the target, and
+        step 3's window counts its prefill there from the time it was placed when it was a new
+        prefix (`migrated_window`, step 5)."""
+        placed = self._placed_at.get(request.request_id)
+        if self.placed is not None and placed is not None and (self.migrated_window == "move" or (self.migrated_window == "new" and placed[2])):
+            at, cost, new = placed  # new: placed by step 3's tie
+            new_cost = view.uncached_tokens(request, target)
+            self.placed.move(view.replicas[source].name, view.replicas[target].name, at, cost, new_cost)
+            self._placed_at[request.request_id] = (at, new_cost, new)
+        last = self._queued_last.get(request.request_id)
+        if last is not None and last in self._queued:
+            self._queued[last] = (int(target), request.request_id)
+
     def on_dispatch(self, request: RoutingRequest, replica: int, view: RouterView) -> None:
         """The request left its queue: the mirror holds its prefix from now on."""
+        self._placed_at.pop(request.request_id, None)
         last = self._queued_last.pop(request.request_id, None)
         if last is not None:
             self._queued.pop(last, None)

@@ -87,6 +87,18 @@ class WindowLoad:
         self.events.setdefault(name, deque()).append((now, cost))
         self.totals[name] = self.totals.get(name, 0) + cost
 
+    def move(self, source: ReplicaId, target: ReplicaId, at: float, cost: int, new_cost: int) -> None:
+        """Move a cost recorded on `source` at time `at` to `target`, where it is `new_cost`: it
+        leaves the window at the same time as if it had been recorded there (O(costs recorded
+        since `at`), a few for a request moved while queued)."""
+        for name, amount in ((source, -cost), (target, new_cost)):
+            events = self.events.setdefault(name, deque())
+            i = len(events)
+            while i and events[i - 1][0] > at:
+                i -= 1
+            events.insert(i, (at, amount))
+            self.totals[name] = self.totals.get(name, 0) + amount
+
     def expire(self, now: float) -> None:
         """Forget costs recorded before `now - window`."""
         cutoff = now - self.window

@@ -176,6 +176,10 @@ def test_tie_holders_spreads_a_shared_match_over_every_replica_holding_it() -> N
     cached[d], queued[c], queued[d] = 10, 100, 0  # d is idle but holds less
     choice = choose(p, req, View(cached, [1.0] * 4, queued))
     assert (choice.replica, choice.branch) == (c, "load") and choice.alternate in (a, b)
+    queued[a], queued[b] = 900, 600  # placed off both rings: the alternate is the better-loaded candidate
+    assert choose(p, req, View(cached, [1.0] * 4, queued)).alternate == b
+    queued[a], queued[b] = 600, 900
+    assert choose(p, req, View(cached, [1.0] * 4, queued)).alternate == a
     plain, pa, pb, pc, preq = four_replica_dualmap(tie_window_s=0)
     assert choose(plain, preq, View(cached, [1.0] * 4, queued)).replica in (pa, pb)
 
@@ -187,7 +191,7 @@ def test_follow_cache_takes_a_replica_off_the_rings_that_holds_more() -> None:
     choice = choose(p, req, View(cached, ttft))
     assert (choice.replica, choice.branch) == (c, "affinity")
     assert choice.alternate == a  # c replaced b, the worse-matched candidate
-    off, oa, ob, oc, oreq = four_replica_dualmap(follow_cache=False)
+    off, oa, ob, oc, oreq = four_replica_dualmap(follow_cache=False, weak_share=0)  # (10 of 79 blocks: weakly held)
     cached, ttft = [0] * 4, [1.0] * 4
     cached[oa], cached[oc] = 10, 40
     assert choose(off, oreq, View(cached, ttft)).replica == oa
@@ -423,8 +427,9 @@ def test_the_hot_floor_ignores_a_universal_prefix() -> None:
 def test_a_match_shorter_than_one_key_block_counts_as_none() -> None:
     """A prefix every prompt starts with that ends inside the first key block (4 router blocks
     by default) is no reason to prefer its holder; one whole key block is, and so is a whole
-    prompt shorter than a key block. whole_key_block=false counts every block."""
-    p, a, b, req = two_replica_dualmap()
+    prompt shorter than a key block. whole_key_block=false counts every block. (weak_share=0:
+    4 of the prompt's 79 blocks would otherwise be a weakly held prompt, placed by cost.)"""
+    p, a, b, req = two_replica_dualmap(weak_share=0)
     cached = [0, 0]
     cached[b] = 3
     assert choose(p, req, View(cached, [0.0, 0.0])).branch == "load"
@@ -433,7 +438,7 @@ def test_a_match_shorter_than_one_key_block_counts_as_none() -> None:
     short = rr("s", [1, 2, 3])
     assert choose(p, short, View([3, 0], [0.0, 0.0])).replica == 0
     assert choose(p, short, View([0, 3], [0.0, 0.0])).replica == 1
-    p, a, b, req = two_replica_dualmap(whole_key_block=False)
+    p, a, b, req = two_replica_dualmap(whole_key_block=False, weak_share=0)
     cached = [0, 0]
     cached[b] = 1
     c = choose(p, req, View(cached, [0.0, 0.0]))
@@ -613,3 +618,29 @@ def test_the_window_moves_a_migrated_new_prefix_with_it(rule: str) -> None:
     d = min({0, 1, 2, 3} - {c})
     p.on_migrate(turn, c, d, View(cached, ttft, now=61.0))
     assert (p.placed.get(f"r{c}"), p.placed.get(f"r{d}")) == ((0, 1264) if rule == "move" else (624, 0))
+
+
+def test_a_weakly_held_prompt_goes_where_backlog_plus_its_own_prefill_is_least_if_there_is_room() -> None:
+    """A candidate holding at most half of the prompt (weak_share, the hot prefix and a queued
+    turn counted) holds it weakly: the prompt goes to the fleet's replica with the least backlog
+    plus its own uncached prefill, if that one predicts it within slo_ttft / 2; else as before."""
+    p, a, b, c, req = four_replica_dualmap()  # the prompt: 79 blocks of 16 tokens
+    d = ({0, 1, 2, 3} - {a, b, c}).pop()
+    cached, ttft = [0] * 4, [1.0] * 4
+    cached[a] = 39  # under half of it
+    queued = [0] * 4
+    queued[a] = 700  # 0.7 s of backlog at 1 ms per token: more than the 624 tokens a saves
+    queued[b] = queued[c] = 100
+    choice = choose(p, req, View(cached, ttft, queued))
+    assert (choice.replica, choice.branch) == (d, "load")  # idle d: 0 + 1,264 tokens < 700 + 640
+    assert choice.alternate == b  # the better-loaded candidate
+    queued[a] = 500  # now a is cheapest: 500 + 640 < 1,264
+    assert (choose(p, req, View(cached, ttft, queued)).replica, choose(p, req, View(cached, ttft, queued)).branch) == (a, "load")
+    queued[a] = 700
+    assert choose(p, req, View(cached, [3.0] * 4, queued)).replica == a  # no room anywhere (> slo / 2): the holder
+    cached[a] = 40  # more than half: held, affinity as before
+    assert choose(p, req, View(cached, ttft, queued)).branch == "affinity"
+    off, oa, *_ = four_replica_dualmap(weak_share=0)
+    cached = [0] * 4
+    cached[oa] = 39
+    assert choose(off, req, View(cached, ttft, queued)).branch == "affinity"

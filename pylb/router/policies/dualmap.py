@@ -67,6 +67,16 @@ Design
    within the SLO at 77 qps on Mooncake x CPU x 32, against 96.5 % with the rule); with them on,
    they undid the placements at a cost (88.9 % against 96.0 %; BENCHMARKS.md, "Matches shorter
    than a key block").
+   A prompt the better candidate holds only weakly, at most half of it counting the hot prefix
+   and a queued turn (option `weak_share`, 0.5: Preble's exploit test, cached > missed), gains
+   less from its holder than a queue there costs it: it goes to the fleet's replica with the
+   least backlog plus its own uncached prefill (Preble's explore, with the backlog for its
+   window), if that one predicts it within slo_ttft / 2 (step 4's budget: in overload a weak
+   match still saves work, and the holder keeps it). A long prompt that shares only its
+   group's prefix with earlier ones (a new session of the long workload: 192 of ~750 tokens)
+   otherwise went to the group's holder; with 32 replicas a group's new sessions piled onto
+   one replica (long x CPU x 32 at the best other policy's capacity: 76 % within the SLO
+   against preble-e2's 90 %; BENCHMARKS.md, "A weakly held prompt").
 4. SLO switch: if the preferred candidate's predicted TTFT (queued + un-prefilled + own uncached
    tokens, times the learned per-token time) exceeds slo_ttft / 2, take the other candidate,
    but only when its predicted TTFT is within slo_ttft / 2 ("rescue", pylb's default). The
@@ -164,6 +174,10 @@ Options (`RouterOptions.extra`, or `pylb simulate --policy dualmap:key=value`), 
     whole_key_block (bool, default true) step 3: a match shorter than one key block (and not the
                                       whole prompt) counts as none, as the keyer cannot tell a
                                       shared fragment of the first key block from a group prefix
+    weak_share (float, default 0.5)   step 3: a prompt the better candidate holds at most this
+                                      share of goes to the fleet's replica with the least backlog
+                                      plus its own uncached prefill, if that one predicts it within
+                                      slo_ttft / 2 (0: off, every held match is an affinity)
     tie_near   (bool, default true)   step 3's window compares only the replicas whose backlog is
                                       within the request's own prefill time (its uncached tokens
                                       at that replica's per-token time) of the least backlog: at
@@ -222,6 +236,10 @@ migration rule as `pylb.router.core` reads it."""
 MIGRATED_WINDOW_RULES = ("new", "move", "stay")
 """Values of the `migrated_window` option."""
 
+WEAK_SHARE = 0.5
+"""Step 3: a candidate holding at most this share of the prompt holds it weakly (Preble's exploit
+test, cached > missed, is the same share)."""
+
 HOT_TAILS_KEPT = 1024
 """Hot prefixes whose shared tail (step 3's floor) DualMap remembers; the oldest is forgotten."""
 
@@ -234,6 +252,14 @@ ALONE_EVIDENCE_S = 2.0
 
 QUEUED_KEPT = 8192
 """Queued prompts step 6 remembers (entries leave at dispatch; past this, the oldest is forgotten)."""
+
+
+def _alternate(pick: int, a: int, b: int, view: RouterView) -> int:
+    """The request's other candidate (step 5's first migration target): of a and b, the one it
+    is not on; placed off both rings (step 3's fleet tie), the one with less backlog."""
+    if pick in (a, b):
+        return b if pick == a else a
+    return a if _backlog(view.replicas[a]) <= _backlog(view.replicas[b]) else b
 
 
 def _backlog(s: ReplicaState) -> float:
@@ -264,6 +290,7 @@ class DualMap(Policy):
         tie_holders: bool = setting(False, "step 3's tie when both candidates hold the same match, the longest any replica holds: among every replica holding as much (fleet ties only)")
         tie_near: bool = setting(True, "step 3's window compares only the replicas whose backlog is within the request's own prefill time of the least backlog")
         whole_key_block: bool = setting(True, "step 3: a match shorter than one key block, and not the whole prompt, counts as none")
+        weak_share: float = setting(WEAK_SHARE, "step 3: a prompt its better candidate holds at most this share of goes to the fleet's cheapest replica (backlog plus its own prefill) when that one predicts it within slo_ttft / 2 (0: off)", check=at_least(0))
         migrated_window: str = setting("new", "step 5's moves in step 3's window: new (a new prefix's prefill moves with it), move (every move's) or stay (none)", check=one_of(*MIGRATED_WINDOW_RULES))
 
     def __init__(self, options: RouterOptions) -> None:
@@ -282,6 +309,8 @@ class DualMap(Policy):
         self.tie_near = bool(self.option("tie_near"))
         self.tie_holders = bool(self.option("tie_holders"))
         self.whole_key_block = bool(self.option("whole_key_block"))
+        self.weak_share = float(self.option("weak_share"))
+        self.tokens_per_block = options.tokens_per_block
         self.migrated_window = str(self.option("migrated_window"))
         # step 3's window is used only while this router's own requests are most of the fleet's
         # work: (time, prompt tokens) it placed, and per replica (scrape time, prompt tokens the
@@ -359,6 +388,11 @@ class DualMap(Policy):
                     b, cb = c, cc
         ta, tb = view.predicted_ttft(request, a), view.predicted_ttft(request, b)
         faster = a if ta <= tb else b
+        if ca != cb and (floor + max(ca, cb)) * self.tokens_per_block <= self.weak_share * request.prompt_tokens:
+            # held weakly (the hot prefix and a queued turn counted): placed by cost where there is room
+            pick = self._cheapest(range(len(view.replicas)), request, view, a, b)
+            if view.predicted_ttft(request, pick) <= self.switch_budget:
+                return Choice(pick, _alternate(pick, a, b, view), branch="load", note=(pending, tail))
         if ca == cb:
             pool: Sequence[int] = (a, b)
             if self.tie_fleet and ca == 0:
@@ -368,8 +402,6 @@ class DualMap(Policy):
                 pool = [i for i in range(len(view.replicas)) if int(cached[i]) - floor >= ca]
             pick = self._least_loaded(pool, request, view, a, b)
             branch = "load"
-            if pick not in (a, b):  # held by neither: the new prefix's other candidate is the better-loaded ring owner
-                b = a if _backlog(view.replicas[a]) <= _backlog(view.replicas[b]) else b
         else:
             pick, branch = (a if ca > cb else b), "affinity"
             t_pick, t_other = (ta, tb) if pick == a else (tb, ta)
@@ -384,7 +416,7 @@ class DualMap(Policy):
             best = min(range(len(view.replicas)), key=lambda i: (view.predicted_ttft(request, i), i))
             if view.predicted_ttft(request, best) <= self.slo:
                 return Choice(best, pick, branch="spill", note=(pending, tail))
-        return Choice(pick, b if pick == a else a, branch=branch, note=(pending, tail))
+        return Choice(pick, _alternate(pick, a, b, view), branch=branch, note=(pending, tail))
 
     def _from_one_key_block(self, cached: np.ndarray, prompt_blocks: int) -> np.ndarray:
         """Per replica, its match (router blocks) counted only from one whole key block, or the
@@ -395,10 +427,8 @@ class DualMap(Policy):
         """Step 3's tie rule over `pool`: the least prefill placed in the window among the
         replicas near the least backlog (`tie_near`), then the least backlog, requests owed,
         the candidates before others and `a` before `b` (or by cost with `tie=cost`)."""
-        if self.tie_cost:  # backlog plus the request's own uncached prefill at one per-token time
-            t = sum(view.replicas[i].prefill_seconds_per_token for i in pool) / len(pool)
-            cost = {i: _backlog(view.replicas[i]) + view.uncached_tokens(request, i) * t for i in pool}
-            return min(pool, key=lambda i: (cost[i], view.replicas[i].load, i not in (a, b), i != a))
+        if self.tie_cost:
+            return self._cheapest(pool, request, view, a, b)
         if self.placed is not None and self._is_alone:
             placed = self.placed
             if self.tie_near:  # the window decides among the replicas that would start it about as soon
@@ -407,6 +437,14 @@ class DualMap(Policy):
                 pool = [i for i in pool if backlog[i] <= least + view.uncached_tokens(request, i) * view.replicas[i].prefill_seconds_per_token]
             return min(pool, key=lambda i: (placed.get(view.replicas[i].name), _backlog(view.replicas[i]), view.replicas[i].load, i not in (a, b), i != a))
         return min(pool, key=lambda i: (_backlog(view.replicas[i]), view.replicas[i].load, i not in (a, b), i != a))
+
+    def _cheapest(self, pool: Sequence[int], request: RoutingRequest, view: RouterView, a: int, b: int) -> int:
+        """The replica of `pool` with the least backlog plus the request's own uncached prefill
+        there, both at the pool's mean per-token time; then requests owed, the candidates before
+        others and `a` before `b` (`tie=cost` and step 3's weakly held prompts)."""
+        t = sum(view.replicas[i].prefill_seconds_per_token for i in pool) / len(pool)
+        cost = {i: _backlog(view.replicas[i]) + view.uncached_tokens(request, i) * t for i in pool}
+        return min(pool, key=lambda i: (cost[i], view.replicas[i].load, i not in (a, b), i != a))
 
     def on_choice(self, request: RoutingRequest, choice: Choice, view: RouterView) -> None:
         """Count the request in the adaptive key's window, remember its hot-prefix tail and,

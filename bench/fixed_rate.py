@@ -1,4 +1,5 @@
-"""Two dualmap variants side by side at fixed rates over a regime matrix's cells.
+"""Two policy specs side by side at fixed rates over a regime matrix's cells (two dualmap
+variants, or dualmap and the cell's best other policy), optionally on jittered copies too.
 
 Design
 ------

@@ -75,8 +75,8 @@ Design
    match still saves work, and the holder keeps it). A long prompt that shares only its
    group's prefix with earlier ones (a new session of the long workload: 192 of ~750 tokens)
    otherwise went to the group's holder; with 32 replicas a group's new sessions piled onto
-   one replica (long x CPU x 32 at the best other policy's capacity: 76 % within the SLO
-   against preble-e2's 90 %; BENCHMARKS.md, "A weakly held prompt").
+   one replica (long x CPU x 32 at the best other policy's capacity: 79 % within the SLO
+   against preble-e2's 90 %, and 90 % with the rule; BENCHMARKS.md, "A weakly held prompt").
 4. SLO switch: if the preferred candidate's predicted TTFT (queued + un-prefilled + own uncached
    tokens, times the learned per-token time) exceeds slo_ttft / 2, take the other candidate,
    but only when its predicted TTFT is within slo_ttft / 2 ("rescue", pylb's default). The

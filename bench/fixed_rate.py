@@ -130,11 +130,15 @@ def main() -> None:
         ap.error(f"--factors: expected numbers separated by commas, got {a.factors!r}")
     if a.seeds < 0 or not a.jitter_s > 0:
         ap.error(f"--seeds must be >= 0 and --jitter-s > 0, got {a.seeds} and {a.jitter_s}")
+    cells = rm.merged_cells(a.results)
     wanted = set(a.cells.split(",")) if a.cells else None
+    unknown = sorted((wanted or set()) - {f"{c['workload']}/{c['profile']}/{c['replicas']}" for c in cells})
+    if unknown:
+        ap.error(f"--cells: no cell {', '.join(map(repr, unknown))} in the results files (WORKLOAD/PROFILE/N)")
     doc: dict[str, Any] = {"command": shlex.join(["python", "bench/fixed_rate.py", *sys.argv[1:]]), "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "cells": []}
     diffs = []
     unsure = 0
-    for cell in rm.merged_cells(a.results):
+    for cell in cells:
         if wanted is not None and f"{cell['workload']}/{cell['profile']}/{cell['replicas']}" not in wanted:
             continue
         row = compare_cell(cell, specs, factors, a.traces, a.seeds, a.jitter_s)

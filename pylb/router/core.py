@@ -67,8 +67,8 @@ must compute on h (1: only where at least as much of it is cached; default (inf,
 (1, inf): a replica that holds the prefix first, any other only when none helps). A move that
 adds prompt work to the fleet (the target holds less of the prompt than h) must also predict the
 request's TTFT within the policy's `migration_added_work_slo_share` of the SLO. A moved request
-keeps h as its alternate, and the policy hears of the move (`policy.on_migrate`). (Without the "not hot" test, requests bounce between two hot
-replicas, several migrations per request.)
+keeps h as its alternate, and the policy hears of the move (`policy.on_migrate`). (Without the
+"not hot" test, requests bounce between two hot replicas, several migrations per request.)
 
 Mirror size: a replica's mirror holds its KV cache's tokens (`vllm:cache_config_info`, or
 `cache_capacity_tokens` before the first scrape) in router blocks. A router block is

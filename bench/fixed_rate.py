@@ -26,6 +26,11 @@ workloads, its standard deviation and how many the variant wins. The spec `best`
 best other policy (`regime_matrix.best_other`), so `--specs best,dualmap` asks whether dualmap's
 gap to it is more than the spread; `--cells` keeps the named cells only.
 
+The matrix sizes each cell's run to about a minute at its capacity (`regime_matrix.py`: 800 to
+3,000 requests), so on a slow fleet a cell is the workload's first minute, while the caches
+fill. `--requests N` runs every cell on N requests instead, to ask whether a gap holds on a
+longer run.
+
 Usage (from the repository root):
 
     .venv/bin/python bench/fixed_rate.py docs/results/regime_matrix_key_block_8.json \\
@@ -78,16 +83,18 @@ def jittered(work: list[SimRequest], seed: int, jitter_s: float) -> list[SimRequ
 
 
 def compare_cell(cell: dict[str, Any], specs: list[str], factors: list[float], traces: str, seeds: int = 0,
-                 jitter_s: float = 0.01) -> dict[str, Any] | None:  # fmt: skip
+                 jitter_s: float = 0.01, requests: int | None = None) -> dict[str, Any] | None:  # fmt: skip
     """Every spec's SLO share, hit rate and decisions at `factors` x the best other policy's capacity in
     `cell` (a merged regime-matrix cell), on the workload ("F|SPEC") and on `seeds` jittered
     copies of it ("F|SPEC|SEED"; `jitter_s` seconds of the run's clock); the spec `best` runs the
-    cell's best other policy. None for a cell without a capacity."""
+    cell's best other policy. The workload has the cell's own number of requests, or `requests`.
+    None for a cell without a capacity."""
     name, best = rm.best_other(cell)
     if name is None or rm.verdict(cell, best):
         return None
     profile = load_profile(cell["profile"])
-    work = prepare_workload(rm.build_workload(cell["workload"], cell["requests"], rm.is_cpu(profile), traces), profile.block_size)
+    count = cell["requests"] if requests is None else requests
+    work = prepare_workload(rm.build_workload(cell["workload"], count, rm.is_cpu(profile), traces), profile.block_size)
     slo = cell["slo_ttft"]
     runs: dict[str, list[Any]] = {}
     for f in factors:
@@ -99,7 +106,7 @@ def compare_cell(cell: dict[str, Any], specs: list[str], factors: list[float], t
                 router = registry.create(policy, options)
                 m = summarize(simulate(copy, profile, cell["replicas"], router, rate_scale=scale), spec, slo)
                 runs[f"{f}|{spec}" + (f"|{seed}" if seed else "")] = [m.slo_attainment, m.hit_rate, dict(getattr(router, "decisions", {}))]
-    return {"cell": [cell["workload"], cell["profile"], cell["replicas"]], "best_other": best, "best_other_policy": name, "runs": runs}
+    return {"cell": [cell["workload"], cell["profile"], cell["replicas"]], "best_other": best, "best_other_policy": name, "requests": len(work), "runs": runs}
 
 
 def paired_differences(row: dict[str, Any], specs: list[str], factors: list[float], seeds: int) -> np.ndarray:
@@ -120,6 +127,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=0, help="also run on this many jittered copies of each workload (default 0)")
     ap.add_argument("--jitter-s", type=float, default=0.01, help="the copies' largest move of an arrival, seconds (default 0.01)")
     ap.add_argument("--cells", help="only these cells: WORKLOAD/PROFILE/N,... (default: every cell with a capacity)")
+    ap.add_argument("--requests", type=int, help="run every cell on this many requests (default: the cell's own number, as the matrix ran it)")
     a = ap.parse_args()
     specs = a.specs.split(",")
     if len(specs) != 2:
@@ -130,6 +138,8 @@ def main() -> None:
         ap.error(f"--factors: expected numbers separated by commas, got {a.factors!r}")
     if a.seeds < 0 or not a.jitter_s > 0:
         ap.error(f"--seeds must be >= 0 and --jitter-s > 0, got {a.seeds} and {a.jitter_s}")
+    if a.requests is not None and a.requests < 1:
+        ap.error(f"--requests must be >= 1, got {a.requests}")
     cells = rm.merged_cells(a.results)
     wanted = set(a.cells.split(",")) if a.cells else None
     unknown = sorted((wanted or set()) - {f"{c['workload']}/{c['profile']}/{c['replicas']}" for c in cells})
@@ -141,7 +151,7 @@ def main() -> None:
     for cell in cells:
         if wanted is not None and f"{cell['workload']}/{cell['profile']}/{cell['replicas']}" not in wanted:
             continue
-        row = compare_cell(cell, specs, factors, a.traces, a.seeds, a.jitter_s)
+        row = compare_cell(cell, specs, factors, a.traces, a.seeds, a.jitter_s, a.requests)
         if row is None:
             continue
         doc["cells"].append(row)

@@ -80,6 +80,10 @@ def test_one_small_cell_end_to_end(tmp_path: Path) -> None:
         assert 0 <= share <= 1 and 0 <= hit <= 1
         assert sum(n for branch, n in decisions.items() if branch not in ("migration", "retry")) == 60  # one placement each
     assert row["runs"]["1.0|dualmap:migration=false"][2].get("migration", 0) == 0
+    # --requests: the same cell on a longer run of its workload
+    longer = fixed_rate.compare_cell({**cell, "work_bound_infinite_cache": math.inf}, specs[:1], [1.0], rm.TRACES, requests=90)
+    assert longer is not None and longer["requests"] == 90 and row["requests"] == 60
+    assert sum(n for branch, n in longer["runs"]["1.0|dualmap"][2].items() if branch not in ("migration", "retry")) == 90
 
 
 def test_before_run_reads_the_named_label_else_the_default_labels() -> None:

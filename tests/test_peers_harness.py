@@ -188,3 +188,25 @@ def test_interrupt_stops_everything_it_started(tmp_path: Path) -> None:
         pid = int(line.split()[0])
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+# ---- the machine ----------------------------------------------------------------------------------
+
+
+def test_host_info_reads_the_cpu_model_and_the_features_vllm_depends_on() -> None:
+    import run as harness_run
+
+    cpuinfo = ("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n\n"
+               "processor\t: 1\nmodel name\t: other\nflags\t\t: avx512f avx512_bf16\n")  # fmt: skip
+    host = harness_run.host_info(cpuinfo)
+    assert host["cpu_model"] == "AMD EPYC"  # the first processor's entry
+    assert host["cpu_features"] == ["avx2"]
+    assert host["cpus"] == os.cpu_count()
+    # bfloat16 replicas on that CPU get a note naming the missing features and the fix ...
+    note = harness_run.bf16_note(host, ["--block-size", "32"])
+    assert note is not None and "avx512_bf16" in note and "--dtype float32" in note
+    # ... unless a dtype is chosen, or the CPU has native bfloat16, or its features are unknown
+    assert harness_run.bf16_note(host, ["--dtype", "float32"]) is None
+    assert harness_run.bf16_note(host, ["--dtype=bfloat16"]) is None
+    assert harness_run.bf16_note(harness_run.host_info("flags\t: avx2 amx_bf16\n"), []) is None
+    assert harness_run.bf16_note(harness_run.host_info(""), []) is None

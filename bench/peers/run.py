@@ -109,6 +109,52 @@ PYLB_VIEW = {"predicted_hit_rate": ("pylb_predicted_prefix_cache_hit_rate", {"re
                 for b in ("affinity", "load", "slo-switch", "spill", "migration", "retry", "fallback")}}  # fmt: skip
 
 
+# ---- the machine -----------------------------------------------------------------------------------
+
+# The CPU extensions that decide how fast vLLM's CPU backend runs this model: its bfloat16 matmuls
+# need avx512_bf16 or amx_bf16, and without them take a slow path. Measured on a 2-core AVX2-only
+# AMD EPYC (BENCHMARKS.md, "Side by side on real vLLM"): uncached prefill cost 5.1 ms per prompt
+# token in bfloat16 (`../shared/vllm/serve.sh`'s dtype; `pylb calibrate`) and 1.05 ms with
+# `--dtype float32` (a 1,287-token prompt in 1.35 s), against 0.20 ms in bfloat16 on the machine
+# of the earlier runs. Results record which machine measured them.
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+BF16_FEATURES = ("avx512_bf16", "amx_bf16")
+
+
+def host_info(cpuinfo: str | None = None) -> dict[str, Any]:
+    """The machine a run measured: cores, platform and, from `/proc/cpuinfo` (or the text given),
+    the CPU model and which of `CPU_FEATURES` it has (both None where there is no cpuinfo)."""
+    info: dict[str, Any] = {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu_model": None, "cpu_features": None}
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return info
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())  # the first processor's entry
+    if "flags" in fields:
+        flags = set(fields["flags"].split())
+        info["cpu_features"] = [f for f in CPU_FEATURES if f in flags]
+    info["cpu_model"] = fields.get("model name")
+    return info
+
+
+def bf16_note(host: dict[str, Any], vllm_args: list[str]) -> str | None:
+    """A warning for replicas that will run bfloat16 on a CPU without native bfloat16 matmuls
+    (no `--dtype` in the replicas' arguments, so serve.sh's bfloat16 applies), else None."""
+    features = host.get("cpu_features")
+    if features is None or any(f in features for f in BF16_FEATURES):
+        return None
+    if any(a == "--dtype" or a.startswith("--dtype=") for a in vllm_args):
+        return None
+    return (f"note: this CPU ({host.get('cpu_model') or 'unknown'}) has neither {' nor '.join(BF16_FEATURES)}: "
+            "vLLM's bfloat16 takes a slow path here (prefill about 5x slower than float32); "
+            "add --dtype float32 to --vllm-args to measure faster replicas")  # fmt: skip
+
+
 # ---- replicas' counters ---------------------------------------------------------------------------
 
 
@@ -450,12 +496,16 @@ async def main_async(args: argparse.Namespace, targets: list[Target], procs: Pro
     print(f"workload: {info['requests']} requests, {info.get('offered_rate', 0):.2f} req/s over {info['arrival_span_s'] / args.rate_scale:.1f} s, "
           f"ideal hit rate (one unbounded cache) {info['ideal_hit_rate'] * 100:.1f} %", file=sys.stderr)  # fmt: skip
     paths = RouterPaths(args.sglang_venv, args.vllm_router_venv)
+    host = host_info()
     if args.replicas_kind == "vllm":
         missing = [f for f, v in (("--vllm-venv", args.vllm_venv), ("--vllm-model", args.vllm_model)) if not v]
         if missing:
             raise ValueError(f"real vLLM replicas need {' and '.join(missing)} (or $PYLB_VLLM_VENV / $PYLB_VLLM_MODEL)")
         # absolute paths: the replicas start in a neutral folder, where a relative path means nothing
         config = VllmConfig(*(os.path.abspath(p) for p in (args.vllm_venv, args.vllm_model, args.serve_sh)), shlex.split(args.vllm_args))
+        note = bf16_note(host, config.args)
+        if note:
+            print(note, file=sys.stderr)
         fleet: Fleet = VllmFleet(procs, args.replicas, config, restart=args.restart_replicas)
     else:
         fleet = FakeFleet(procs, args.replicas, shlex.split(args.fake_args))
@@ -481,7 +531,7 @@ async def main_async(args: argparse.Namespace, targets: list[Target], procs: Pro
     return {
         "command": command,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "host": host,
         "workload": info,
         "replicas": {"kind": args.replicas_kind, "count": args.replicas,
                      "args": args.vllm_args if args.replicas_kind == "vllm" else args.fake_args,

@@ -159,6 +159,29 @@ async def test_a_hung_replica_ejected_by_probes_fails_its_requests_promptly() ->
             assert time.monotonic() - t0 < 6.0
 
 
+async def test_a_replica_streaming_while_its_health_probe_hangs_is_busy_not_hung() -> None:
+    """A probe that times out while the replica sends data on a stream is not counted (its API
+    server is slow, its engine works): the stream ends normally and the replica stays in rotation;
+    once nothing flows, the same probes eject it."""
+    async with scripted(2) as (busy, other):
+        cfg = settings([busy.url, other.url], fleet__health_timeout_s=0.1, fleet__health_interval_s=0.1)
+        async with running_proxy(cfg) as proxy, aiohttp.ClientSession() as s:
+            busy.events, busy.event_sleep = 30, 0.05  # 1.5 s of stream, a chunk every 50 ms
+            other.health = "hang"  # so round-robin's next replica is `busy`, and `other` leaves
+            await wait_for(lambda: proxy.fleet.healthy == [busy.url], timeout=10, what="only the busy replica")
+            async with s.post(proxy.url + "/v1/completions", json={"prompt": "s", "stream": True}) as r:
+                assert r.status == 200
+                first = await r.content.readany()
+                busy.health = "hang"  # probes time out from now on, while the stream flows
+                rest = await asyncio.wait_for(r.content.read(), 10)
+                assert busy.url in proxy.fleet.healthy  # 1.5 s of probes timing out, none counted
+            text = (first + rest).decode()
+            assert '"error"' not in text and "t29" in text and text.rstrip().endswith("data: [DONE]")
+            assert value(await scrape(proxy), "pylb_ejections_total", replica=busy.url, reason="probe") == 0
+            # nothing flows any more: the hanging probes count, and the replica leaves
+            await wait_for(lambda: busy.url not in proxy.fleet.healthy, timeout=10, what="the idle hung replica out")
+
+
 async def test_a_stream_ended_without_done_is_an_error() -> None:
     async with scripted(1) as (rep,), running_proxy(settings([rep.url])) as proxy, aiohttp.ClientSession() as s:
         rep.mode = "truncate"

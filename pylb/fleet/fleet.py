@@ -17,8 +17,12 @@ Health, as a state machine per replica:
                 passive ejection--> healthy
 
   A probe is `GET <backend><health_path>`; 200 within `health_timeout_s` is good. Probes run for
-  every replica every `health_interval_s`. The thresholds give hysteresis, so a flapping replica
-  does not flap the membership; the ejection hold keeps a replica that answers /health but fails
+  every replica every `health_interval_s`. A probe of a healthy replica that times out while the
+  replica sent data on the request path within the last `health_interval_s + health_timeout_s`
+  is not counted (`sent_data_within`; logged): a replica whose API server is slow to answer
+  /health while its engine streams (seen on a 2-core CPU vLLM, BENCHMARKS.md) is busy, not hung;
+  one that stops sending is ejected as before. The thresholds give hysteresis, so a flapping
+  replica does not flap the membership; the ejection hold keeps a replica that answers /health but fails
   requests out for a while. Any request that succeeds resets the passive counters.
 
 Membership: whenever the set of healthy replicas changes, `on_membership(list)` is called with
@@ -135,6 +139,10 @@ class Fleet:
         """The TLS context for https:// replicas (None: the system's defaults); set before `start`."""
         self.on_eject: Callable[[str, str], None] | None = None
         """Called with (replica, reason) when a replica leaves rotation ("probe", "connect", "5xx")."""
+        self.sent_data_within: Callable[[str, float], bool] | None = None
+        """Asked (replica, window) when a probe of a healthy replica times out: True when the
+        replica sent data on the request path within `window` seconds, so it is busy, not hung,
+        and the probe is not counted (the proxy answers it from its connection pool)."""
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -273,7 +281,13 @@ class Fleet:
                 ok = resp.status == 200
                 if not ok:
                     r.last_error = f"health probe: HTTP {resp.status}"
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except asyncio.TimeoutError as exc:
+            r.last_error = f"health probe: {type(exc).__name__}: {exc}"
+            window = s.health_interval_s + s.health_timeout_s
+            if r.healthy and self.sent_data_within is not None and self.sent_data_within(r.url, window):
+                log.info("health probe timed out while the replica streams: busy, not counted", extra={"replica": r.url})
+                return
+        except (aiohttp.ClientError, OSError) as exc:
             r.last_error = f"health probe: {type(exc).__name__}: {exc}"
         first = not r.probed
         r.probed = True

@@ -91,6 +91,7 @@ class ProxyServer:
         self.admin_port: int | None = None
         self.fleet.ssl = self._ssl
         self.fleet.on_eject = self._on_eject
+        self.fleet.sent_data_within = self._sent_data_within
         self._guard: ConnectionGuard | None = None
         self._listener: asyncio.AbstractServer | None = None
         self._active = 0  # /v1/ requests being served
@@ -297,6 +298,10 @@ class ProxyServer:
         for fut in list(self.balancer.queued):
             if not fut.done():
                 fut.set_exception(NoReplica("pylb is shutting down; retry on another instance", headers={"Retry-After": self.balancer.retry_after}))
+
+    def _sent_data_within(self, replica: str, window: float) -> bool:
+        """Whether `replica` sent data on the request path in the last `window` seconds."""
+        return self._pool is not None and self._pool.sent_data_within(replica, window)
 
     def _on_eject(self, replica: str, reason: str) -> None:
         """The fleet took `replica` out of rotation. Ejected by its health probes (hung, or

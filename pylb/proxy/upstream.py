@@ -52,6 +52,7 @@ Only what the proxy needs: no proxies, no redirects, no cookies, no compression 
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 import ssl as ssl_mod
 from collections import deque
@@ -97,6 +98,7 @@ class _Conn(asyncio.Protocol):
         self.used = 0
         self.idle_since = 0.0
         self.limit = 0.0  # a read timeout shorter than the pool's, for this exchange (expedite)
+        self.last_data = -math.inf  # loop time of the last byte the replica sent on this connection
         self._reset()
 
     def _reset(self) -> None:
@@ -144,7 +146,7 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
-        self.last_rx = self.loop.time()
+        self.last_rx = self.last_data = self.loop.time()
         if self.state == _BODY and self.mode == _LENGTH and not self.buf:
             # fast path: a body piece of known length
             n = len(data)
@@ -607,6 +609,12 @@ class UpstreamPool:
                 c.arm_watchdog(self.read_timeout)
                 n += 1
         return n
+
+    def sent_data_within(self, base_url: str, window: float) -> bool:
+        """Whether `base_url` sent a byte on any of the pool's connections to it in the last
+        `window` seconds (a replica busy answering, as opposed to a hung one)."""
+        since = asyncio.get_running_loop().time() - window
+        return any(c.key == base_url and c.last_data >= since for c in self._all)
 
     def abort_active(self, reason: str) -> None:
         """Fail every open exchange (`UpstreamError(reason)`) and close its connection."""

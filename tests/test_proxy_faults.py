@@ -314,7 +314,10 @@ async def test_slow_replica_does_not_hold_up_others() -> None:
 
             results = await asyncio.gather(*(timed(i) for i in range(6)))
         assert sorted(r for r, _ in results) == sorted([slow.url] * 3 + [fast.url] * 3)
-        assert all(dt < 0.4 for r, dt in results if r == fast.url)
+        # held up behind the slow replica, a fast one would take its 0.8 s too; the margin below
+        # that is for a loaded machine (0.4 s failed once in a full suite run on 2 cores)
+        fast_times = [dt for r, dt in results if r == fast.url]
+        assert max(fast_times) < 0.7, fast_times
         assert all(dt >= 0.8 for r, dt in results if r == slow.url)
 
 

@@ -167,7 +167,7 @@ async def test_a_replica_streaming_while_its_health_probe_hangs_is_busy_not_hung
         cfg = settings([busy.url, other.url], fleet__health_timeout_s=0.1, fleet__health_interval_s=0.1)
         async with running_proxy(cfg) as proxy, aiohttp.ClientSession() as s:
             busy.events, busy.event_sleep = 30, 0.05  # 1.5 s of stream, a chunk every 50 ms
-            other.health = "hang"  # so round-robin's next replica is `busy`, and `other` leaves
+            other.health = "hang"  # `other` leaves rotation, so the stream goes to `busy`
             await wait_for(lambda: proxy.fleet.healthy == [busy.url], timeout=10, what="only the busy replica")
             async with s.post(proxy.url + "/v1/completions", json={"prompt": "s", "stream": True}) as r:
                 assert r.status == 200

@@ -22,8 +22,8 @@ Health, as a state machine per replica:
   is not counted (`sent_data_within`; logged): a replica whose API server is slow to answer
   /health while its engine streams (seen on a 2-core CPU vLLM, BENCHMARKS.md) is busy, not hung;
   one that stops sending is ejected as before. The thresholds give hysteresis, so a flapping
-  replica does not flap the membership; the ejection hold keeps a replica that answers /health but fails
-  requests out for a while. Any request that succeeds resets the passive counters.
+  replica does not flap the membership; the ejection hold keeps a replica that answers /health
+  but fails requests out for a while. Any request that succeeds resets the passive counters.
 
 Membership: whenever the set of healthy replicas changes, `on_membership(list)` is called with
 the healthy replicas in configuration order (the router's `on_membership`). `start()` runs one
@@ -281,14 +281,11 @@ class Fleet:
                 ok = resp.status == 200
                 if not ok:
                     r.last_error = f"health probe: HTTP {resp.status}"
-        except asyncio.TimeoutError as exc:
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             r.last_error = f"health probe: {type(exc).__name__}: {exc}"
-            window = s.health_interval_s + s.health_timeout_s
-            if r.healthy and self.sent_data_within is not None and self.sent_data_within(r.url, window):
+            if isinstance(exc, asyncio.TimeoutError) and self._busy(r):
                 log.info("health probe timed out while the replica streams: busy, not counted", extra={"replica": r.url})
                 return
-        except (aiohttp.ClientError, OSError) as exc:
-            r.last_error = f"health probe: {type(exc).__name__}: {exc}"
         first = not r.probed
         r.probed = True
         if ok:
@@ -305,6 +302,11 @@ class Fleet:
                 self._eject(r, "probe")
             elif first:
                 log.warning("replica not healthy at start", extra={"replica": r.url, "error": r.last_error})
+
+    def _busy(self, r: FleetReplica) -> bool:
+        """A healthy replica that sent data on the request path within the last probe period."""
+        window = self.settings.health_interval_s + self.settings.health_timeout_s
+        return r.healthy and self.sent_data_within is not None and self.sent_data_within(r.url, window)
 
     # ---- scraping -----------------------------------------------------------------------------------
 

@@ -38,9 +38,10 @@ replicas have a 2,048-token context and 4,420 tokens of KV, so token counts are 
 N: enough requests to last `--span` seconds (60) at the cell's never-forgetting work bound, at
 least `--min-requests` and at most `--max-requests` (the CPU budget); the search never goes above
 twice that bound (a pass there would only mean a workload too short to load the fleet). Policy
-specs may carry `+admitF` (admission_factor F), `#K` (a K-token key block, `key_block_tokens`) and
-`@S` (the router told an S-second SLO instead of the cell's), e.g. `dualmap+admit1`, `dualmap#128`
-or `dualmap@5`.
+specs may carry `+admitF` (admission_factor F), `+decoding` / `+intercept` (a term of the TTFT
+model: `prefill_decoding` / `prefill_intercept`), `#K` (a K-token key block, `key_block_tokens`)
+and `@S` (the router told an S-second SLO instead of the cell's), e.g. `dualmap+admit1`,
+`dualmap+decoding`, `dualmap#128` or `dualmap@5`.
 
 Usage (from the repository root; the full matrix takes hours of one core, so pick cells):
 
@@ -304,15 +305,25 @@ def cell_slo(workload_name: str, profile: Profile, args: argparse.Namespace) -> 
     return math.ceil(20 * float(np.percentile(ttft, 100 * DEFAULT_SLO_TARGET))) / 10
 
 
+TTFT_MODEL_MARKS = {"intercept": "prefill_intercept", "decoding": "prefill_decoding"}
+"""Policy spec marks that switch on a term of the router's TTFT model (`RouterOptions`)."""
+
+
 def policy_spec(spec: str, slo: float) -> tuple[str, RouterOptions]:
     """A matrix policy spec as (the registry's spec, the router's options) in a cell whose SLO is
-    `slo`: `NAME[+admitF][#K][@S]`, e.g. "dualmap+admit1" (admission_factor 1), "dualmap#128"
-    (128-token key blocks), "dualmap@5" (told a 5 s SLO instead of the cell's)."""
+    `slo`: `NAME[+admitF][+decoding][+intercept][#K][@S]`, e.g. "dualmap+admit1"
+    (admission_factor 1), "dualmap+decoding" (prefill_decoding), "dualmap#128" (128-token key
+    blocks), "dualmap@5" (told a 5 s SLO instead of the cell's)."""
     label, _, router_slo = spec.partition("@")
     label, _, key_block = label.partition("#")
-    label, _, admission = label.partition("+admit")
+    label, *marks = label.split("+")
+    admission = [m.removeprefix("admit") for m in marks if m.startswith("admit")]
+    unknown = [m for m in marks if not m.startswith("admit") and m not in TTFT_MODEL_MARKS]
+    if unknown:
+        raise ValueError(f"policy spec {spec!r}: unknown +{unknown[0]} (known: +admitF, {', '.join('+' + m for m in TTFT_MODEL_MARKS)})")
     options = RouterOptions(slo_ttft=float(router_slo) if router_slo else slo, seed=0,
-                            admission_factor=float(admission) if admission else 0.0,
+                            admission_factor=float(admission[-1]) if admission else 0.0,
+                            **{TTFT_MODEL_MARKS[m]: True for m in marks if m in TTFT_MODEL_MARKS},
                             **({"key_block_tokens": int(key_block)} if key_block else {}))  # fmt: skip
     return label, options
 

@@ -170,6 +170,7 @@ ROUTER_OPTION_FIELDS: dict[str, str] = {
     "prefill_s_per_token": "prefill_seconds_per_token",
     "prefill_learning_rate": "prefill_learning_rate",
     "prefill_intercept": "prefill_intercept",
+    "prefill_decoding": "prefill_decoding",
     "cache_capacity_tokens": "cache_capacity_tokens",
     "cache_state": "cache_state",
     "events_grace_s": "events_grace_s",
@@ -212,6 +213,7 @@ class RouterSettings:
     prefill_s_per_token: float = _core("prefill_seconds_per_token")
     prefill_learning_rate: float = _core("prefill_learning_rate")
     prefill_intercept: bool = _core("prefill_intercept")
+    prefill_decoding: bool = _core("prefill_decoding")
     cache_capacity_tokens: int = _core("cache_capacity_tokens")
     cache_state: str = _core("cache_state")
     events_grace_s: float = _core("events_grace_s")

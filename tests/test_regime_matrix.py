@@ -119,3 +119,12 @@ def test_paired_differences_pair_each_workload_copy() -> None:
     runs = {"1.0|a": [0.9], "1.0|b": [0.8], "1.0|a|1": [0.5], "1.0|b|1": [0.7], "0.9|a": [1.0], "0.9|b": [1.0], "0.9|a|1": [0.9], "0.9|b|1": [0.8]}
     d = fixed_rate.paired_differences({"runs": runs}, ["a", "b"], [0.9, 1.0], 1)
     assert d.tolist() == pytest.approx([-0.05, 0.05])  # (0 - 0.1) / 2 on the trace, (-0.1 + 0.2) / 2 on copy 1
+
+
+def test_policy_spec_marks_set_router_options() -> None:
+    label, o = rm.policy_spec("dualmap+admit1+decoding#128@5", 0.5)
+    assert label == "dualmap" and (o.admission_factor, o.prefill_decoding, o.prefill_intercept, o.key_block_tokens, o.slo_ttft) == (1.0, True, False, 128, 5.0)
+    label, o = rm.policy_spec("cache-aware+intercept", 0.5)
+    assert label == "cache-aware" and o.prefill_intercept and not o.prefill_decoding and o.slo_ttft == 0.5
+    with pytest.raises(ValueError, match=r"\+decodng"):
+        rm.policy_spec("dualmap+decodng", 0.5)

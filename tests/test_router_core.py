@@ -260,6 +260,52 @@ def test_the_core_adds_the_learned_intercept_to_its_predictions() -> None:
     assert core().replicas[0].ttft_intercept_s == 0  # off by default
 
 
+@pytest.mark.parametrize("affine", [False, True])
+def test_the_decoding_estimator_separates_the_running_batch_from_the_tokens_ahead(affine: bool) -> None:
+    """prefill_decoding: latencies of [0.1 s +] 1e-4 s per token ahead + 0.2 s per decoding
+    request are fitted as such; the fit without the decoding term folds it into the slope (or the
+    constant)."""
+    with_k, without = PrefillTimeEstimator(1e-4, 0.05, affine=affine, decoding=True), PrefillTimeEstimator(1e-4, 0.05, affine=affine)
+    rng = np.random.default_rng(2)
+    for _ in range(400):
+        tokens, decoding = int(rng.integers(100, 3000)), int(rng.integers(0, 8))
+        d = ((0.1 if affine else 0.0) + 1e-4 * tokens + 0.2 * decoding) * rng.uniform(0.95, 1.05)
+        with_k.observe(d, tokens, decoding)
+        without.observe(d, tokens, decoding)
+    assert with_k.seconds_per_decoding == pytest.approx(0.2, rel=0.1) and with_k.seconds_per_token == pytest.approx(1e-4, rel=0.2)
+    assert with_k.intercept_seconds == (pytest.approx(0.1, abs=0.05) if affine else 0)
+    assert without.seconds_per_decoding == 0
+    if affine:  # the batch's mean cost (0.7 s) goes into the constant
+        assert without.intercept_seconds > 0.5
+    else:  # or into the slope
+        assert without.seconds_per_token > 2e-4
+    idle = PrefillTimeEstimator(1e-4, 0.05, decoding=True)
+    for _ in range(200):  # nothing ever decoding: no cost per decoding request can be learned
+        idle.observe(0.1, 1000, 0)
+    assert idle.seconds_per_decoding == 0 and idle.seconds_per_token == pytest.approx(1e-4, rel=0.01)
+
+
+def test_the_core_prices_the_requests_decoding_on_a_replica() -> None:
+    """prefill_decoding: a replica's predicted TTFT grows by the learned cost for each request
+    past its first token there, and a request's observation counts those at its dispatch."""
+    r = core(prefill_seconds_per_token=1e-3, max_unprefilled_requests=1, prefill_decoding=True)
+    t, open_ = 0.0, []
+    for k in range(300):
+        decoding = k % 5  # requests past their first token, still streaming, on r1
+        while len(open_) > decoding:
+            r.on_complete(open_.pop(0), "r1", t, Usage(1000, 4))
+        r.submit(req(f"1/{k}", tokens=1000), t)
+        r.poll(t)
+        t += 1000 * 5e-5 + 0.1 * decoding
+        r.on_first_token(f"1/{k}", "r1", t)
+        open_.append(f"1/{k}")
+    s = r.replicas[1]
+    assert s.ttft_seconds_per_decoding == pytest.approx(0.1, rel=0.05) and s.prefill_seconds_per_token == pytest.approx(5e-5, rel=0.1)
+    assert s.inflight_requests - s.unprefilled_requests == len(open_) == 5
+    assert r.replica_ttft(1) == pytest.approx(5 * s.ttft_seconds_per_decoding)  # nothing ahead: the batch alone
+    assert core().replicas[0].ttft_seconds_per_decoding == 0  # off by default
+
+
 def test_core_learns_prefill_time_from_first_tokens() -> None:
     r = core(prefill_seconds_per_token=1e-3, max_unprefilled_requests=1)
     assert [s.prefill_seconds_per_token for s in r.replicas] == [1e-3, 1e-3]  # the seed

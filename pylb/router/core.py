@@ -43,10 +43,14 @@ seconds while anything is queued (the timer also drives hotspot detection by wai
 
 Predicted TTFT of request r on replica i (the `RouterView.predicted_ttft` every policy sees):
     (queued_tokens_i + unprefilled_tokens_i + uncached_i(r)) x prefill_seconds_per_token_i
-and of replica i itself the same without r. Its error is measured: each request carries the
-TTFT predicted when it was queued (plus the time it had waited, after a migration), and its
-first token gives |predicted - observed|, observed = first token - submit; P50 and P90 over the
-last `PREDICTION_WINDOW` first tokens are `ttft_prediction_error()` (the proxy's
+        [+ ttft_intercept_s_i]  [+ decoding_i x ttft_seconds_per_decoding_i]
+(the bracketed terms with `prefill_intercept` / `prefill_decoding`; decoding_i = requests past
+their first token in flight there) and of replica i itself the same without r. Each first token
+is logged at debug level ("ttft observation": tokens ahead, decoding, latency) for
+`bench/ttft_model.py`. The prediction's error is measured: each request carries the TTFT
+predicted when it was queued (plus the time it had waited, after a migration), and its first
+token gives |predicted - observed|, observed = first token - submit; P50 and P90 over the last
+`PREDICTION_WINDOW` first tokens are `ttft_prediction_error()` (the proxy's
 `pylb_ttft_prediction_error_seconds`, the regime matrix's prediction error column).
 
 Hotspot migration (policies with `migrates = True`; DualMap §4.3): on every poll, a replica h
@@ -105,6 +109,7 @@ with lazy deletion (entries carry a version; stale ones are skipped and periodic
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 from collections import Counter, deque
 from collections.abc import Sequence
@@ -117,7 +122,9 @@ from pylb import native
 from .event_mirror import EventMirror
 from .interface import Dispatch, Overloaded, ReplicaId, ReplicaMetrics, ReplicaState, Router, RouterOptions, RoutingRequest, Usage
 from .policy import BRANCHES, Choice, Policy
-from .ttft import PrefillTimeEstimator, blended, blended_intercept
+from .ttft import PrefillTimeEstimator, blended, blended_decoding, blended_intercept
+
+log = logging.getLogger(__name__)
 
 _QUEUED, _DISPATCHED, _PREFILLED, _UNPLACED = 0, 1, 2, 3
 
@@ -155,6 +162,7 @@ class _Entry:
     version: int = 0  # bumped whenever it leaves a queue: heap items of older versions are stale
     dispatched_at: float = math.nan
     ahead: int = 0  # un-prefilled tokens on the replica at dispatch, its own included
+    decoding: int = 0  # requests past their first token in flight on the replica at dispatch
     mirror_held: int = 0  # leading blocks the predicted mirror held on `replica` before the dispatch credited it with the rest
     submitted_at: float = math.nan
     predicted: float = math.nan  # predicted TTFT from submit, when it was (last) queued
@@ -248,7 +256,8 @@ class CoreRouter(Router):
         self._match_for: tuple[int, int, int] | None = None  # (id(request), mirror versions) of _match_val
         self._match_val: np.ndarray = np.zeros(0, dtype=np.int64)
         self._match_req: RoutingRequest | None = None  # keeps id() of the memo valid
-        self._fleet_estimator = PrefillTimeEstimator(o.prefill_seconds_per_token, o.prefill_learning_rate, o.prefill_intercept)
+        self._fleet_estimator = PrefillTimeEstimator(o.prefill_seconds_per_token, o.prefill_learning_rate, o.prefill_intercept, o.prefill_decoding)
+        self._prices_decoding = o.prefill_decoding
         self._queued_total = 0
         self._stale = 0
         self._view = CoreView(self)
@@ -308,10 +317,18 @@ class CoreRouter(Router):
         return self._ttft_with(replica, 0)
 
     def _ttft_with(self, replica: int, own_tokens: int) -> float:
-        """The predicted-TTFT formula: (queued + un-prefilled + own_tokens) x seconds per token
-        (plus the learned per-request constant with `prefill_intercept`)."""
+        """The predicted-TTFT formula: (queued + un-prefilled + own_tokens) x seconds per token,
+        plus `_ttft_constant`."""
         s = self.replicas[replica]
-        return (s.queued_tokens + s.unprefilled_tokens + own_tokens) * s.prefill_seconds_per_token + s.ttft_intercept_s
+        return (s.queued_tokens + s.unprefilled_tokens + own_tokens) * s.prefill_seconds_per_token + self._ttft_constant(s)
+
+    def _ttft_constant(self, s: ReplicaState) -> float:
+        """The part of a predicted TTFT on `s` that does not depend on the tokens ahead: the
+        learned per-request constant (`prefill_intercept`) and the learned cost of the requests
+        decoding there (`prefill_decoding`); 0 with neither."""
+        if not self._prices_decoding:
+            return s.ttft_intercept_s
+        return s.ttft_intercept_s + (s.inflight_requests - s.unprefilled_requests) * s.ttft_seconds_per_decoding
 
     def _admission_ttft(self, request: RoutingRequest, replica: int, limit: float) -> float:
         """The request's TTFT on `replica` as admission control judges it: 0 on an idle replica;
@@ -326,7 +343,7 @@ class CoreRouter(Router):
         if full <= limit or self.options.queue_order != "cheapest":
             return full
         own = self.uncached_tokens(request, replica)
-        rate, const = s.prefill_seconds_per_token, s.ttft_intercept_s
+        rate, const = s.prefill_seconds_per_token, self._ttft_constant(s)
         if (s.unprefilled_tokens + own) * rate + const > limit:
             return full  # hopeless before counting the queue
         ahead = 0
@@ -412,14 +429,22 @@ class CoreRouter(Router):
         est = self._queues[e.replica].estimator
         assert est is not None
         latency = now - e.dispatched_at
-        est.observe(latency, e.ahead)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("ttft observation", extra={
+                "replica": s.name, "ahead_tokens": e.ahead, "decoding": e.decoding, "latency_s": round(latency, 4),
+                "waited_s": round(e.dispatched_at - e.submitted_at, 4), "predicted_s": round(e.predicted, 4),
+                "running_scraped": s.metrics.num_requests_running if s.metrics is not None else None,
+            })  # fmt: skip
+        est.observe(latency, e.ahead, e.decoding)
         fleet = self._fleet_estimator
-        fleet.observe(latency, e.ahead)
+        fleet.observe(latency, e.ahead, e.decoding)
         for q, rs in zip(self._queues, self.replicas):  # every replica leans on the fleet estimate
             assert q.estimator is not None
             rs._prefill_seconds_per_token = blended(q.estimator, fleet)
             if self.options.prefill_intercept:
                 rs._ttft_intercept_s = blended_intercept(q.estimator, fleet)
+            if self.options.prefill_decoding:
+                rs._ttft_seconds_per_decoding = blended_decoding(q.estimator, fleet)
 
     def on_complete(self, request_id: str, replica: ReplicaId, now: float, usage: Usage | None) -> None:
         """Forget the request; free its in-flight slot (and budget, if it never got a first token)."""
@@ -605,7 +630,7 @@ class CoreRouter(Router):
             if self.events is not None:
                 self.events.add_replica()
             states.append(ReplicaState(n, 0, prefill_seconds_per_token=fleet_rate, cache_capacity_blocks=self._default_capacity))
-            queues.append(_Queue(estimator=PrefillTimeEstimator(fleet_rate, self.options.prefill_learning_rate, self.options.prefill_intercept)))
+            queues.append(_Queue(estimator=PrefillTimeEstimator(fleet_rate, self.options.prefill_learning_rate, self.options.prefill_intercept, self.options.prefill_decoding)))
         for k, s in enumerate(states):
             s._index = k
         self._mirror_version += 1
@@ -759,6 +784,7 @@ class CoreRouter(Router):
         e.state = _DISPATCHED
         e.dispatched_at = now
         e.ahead = s.unprefilled_tokens + e.cost
+        e.decoding = s.inflight_requests - s.unprefilled_requests
         self._count_in_flight(e, r, +1)
         if self.events is not None and e.req.engine_keys is not None:
             self._compare(e.req, r, s.name)

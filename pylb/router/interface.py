@@ -278,6 +278,7 @@ class RouterOptions:
     prefill_seconds_per_token: float = setting(1.0e-4, "seed of a replica's per-token prefill time (s), until learned: the router's TTFT prediction and the proxy's non-streamed prefill estimate", check=positive)
     prefill_learning_rate: float = setting(0.05, "weight of each observed first token in the learned per-token prefill time", check=fraction)
     prefill_intercept: bool = setting(False, "learn a per-request TTFT constant beside the per-token prefill time (fit d = c + a x s, not through the origin)")
+    prefill_decoding: bool = setting(False, "learn a TTFT cost per request decoding on the replica (fit d = a x s + k x u, k = requests past their first token in flight there)")
     cache_capacity_tokens: int = setting(262_144, "cache mirror capacity per replica (tokens) until vllm:cache_config_info is scraped", check=at_least(0))
     cache_state: str = setting(
         "predicted", f"what policies see of each replica's prefix cache: {' or '.join(CACHE_STATES)} (vLLM KV-cache events with engine-exact keys; see kv_events)", check=one_of(*CACHE_STATES)
@@ -341,11 +342,13 @@ class ReplicaState:
         cache_capacity_blocks: the mirror's capacity for it, in router blocks.
         ttft_intercept_s: the learned per-request constant of its TTFT (0 unless the
             `prefill_intercept` option is on).
+        ttft_seconds_per_decoding: the learned TTFT cost of each request decoding on it (0
+            unless the `prefill_decoding` option is on).
     """
 
     __slots__ = ("_name", "_index", "_queued_requests", "_queued_tokens", "_inflight_requests", "_unprefilled_requests",
                  "_unprefilled_tokens", "_metrics", "_metrics_at", "_prefill_seconds_per_token", "_cache_capacity_blocks",
-                 "_ttft_intercept_s")  # fmt: skip
+                 "_ttft_intercept_s", "_ttft_seconds_per_decoding")  # fmt: skip
 
     def __init__(
         self,
@@ -373,6 +376,7 @@ class ReplicaState:
         self._prefill_seconds_per_token = prefill_seconds_per_token
         self._cache_capacity_blocks = cache_capacity_blocks
         self._ttft_intercept_s = 0.0
+        self._ttft_seconds_per_decoding = 0.0
 
     name = property(lambda self: self._name, doc="The replica's id.")
     index = property(lambda self: self._index, doc="Position in `RouterView.replicas` and the mirror.")
@@ -386,6 +390,7 @@ class ReplicaState:
     prefill_seconds_per_token = property(lambda self: self._prefill_seconds_per_token, doc="Learned per-token prefill time.")
     cache_capacity_blocks = property(lambda self: self._cache_capacity_blocks, doc="The mirror's capacity, in router blocks.")
     ttft_intercept_s = property(lambda self: self._ttft_intercept_s, doc="Learned per-request TTFT constant (0 unless `prefill_intercept`).")
+    ttft_seconds_per_decoding = property(lambda self: self._ttft_seconds_per_decoding, doc="Learned TTFT cost per request decoding there (0 unless `prefill_decoding`).")
 
     @property
     def load(self) -> int:

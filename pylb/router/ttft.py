@@ -47,6 +47,18 @@ per-token slope, so a long queue is over-predicted and a short one under-predict
 back to the origin when the observations do not determine an intercept (all a alike) or give a
 negative one.
 
+Option `prefill_decoding` (off by default): also fit a cost u per request *decoding* on the
+replica at dispatch (k = requests past their first token and not yet complete, the router's own
+count, so it never lags a scrape): d = [c +] a x s + k x u, predicted as [c +] (queued +
+unprefilled + uncached) x s + k_now x u. A real engine runs each prefill chunk in a step beside
+one decode token of every running request, and on a CPU vLLM the API server streams every
+running request's tokens on the same core, so a replica with a full batch is slow to start a new
+request whatever its queue; through the origin that cost is spread over the tokens ahead. The fit
+keeps every coefficient >= 0: when the full fit is not (or the features cannot be told apart, e.g.
+nothing ever decoding), the best fit that drops the decoding term or the constant is used, and
+failing that the fit through the origin. Measured on pylb's own observations of a real CPU vLLM
+pair (`bench/ttft_model.py`, BENCHMARKS.md "Pricing the running batch").
+
 Sources: the linear prefill-time model of DualMap's SLO-aware routing (arXiv 2602.06502) and of
 Preble; the decayed ratio estimator is the standard EWMA of rate = time / work.
 """
@@ -62,18 +74,54 @@ SHRINK_SAMPLES = 16.0
 """Observations at which a replica's own estimate and the fleet's weigh the same."""
 
 
+def _shrunk(n: int, own: float, fleet: float) -> float:
+    """A replica's value with `n` observations of its own, shrunk towards the fleet's."""
+    return (n * own + SHRINK_SAMPLES * fleet) / (n + SHRINK_SAMPLES)
+
+
 def blended(own: PrefillTimeEstimator, fleet: PrefillTimeEstimator) -> float:
     """A replica's per-token time: its own estimate shrunk towards the fleet's by sample count."""
-    n = own.samples
-    if n == 0:
+    if own.samples == 0:
         return fleet.seconds_per_token
-    return (n * own.seconds_per_token + SHRINK_SAMPLES * fleet.seconds_per_token) / (n + SHRINK_SAMPLES)
+    return _shrunk(own.samples, own.seconds_per_token, fleet.seconds_per_token)
 
 
 def blended_intercept(own: PrefillTimeEstimator, fleet: PrefillTimeEstimator) -> float:
     """A replica's per-request constant, shrunk towards the fleet's as `blended` does."""
-    n = own.samples
-    return (n * own.intercept_seconds + SHRINK_SAMPLES * fleet.intercept_seconds) / (n + SHRINK_SAMPLES)
+    return _shrunk(own.samples, own.intercept_seconds, fleet.intercept_seconds)
+
+
+def blended_decoding(own: PrefillTimeEstimator, fleet: PrefillTimeEstimator) -> float:
+    """A replica's seconds per decoding request, shrunk towards the fleet's as `blended` does."""
+    return _shrunk(own.samples, own.seconds_per_decoding, fleet.seconds_per_decoding)
+
+
+def _solve(m: list[list[float]], b: list[float]) -> list[float] | None:
+    """x with m x = b for a small symmetric positive semi-definite m, or None when m is near
+    singular (its correlation matrix's determinant under 1e-3: the data cannot tell the
+    features apart). Gaussian elimination on the correlation-scaled system."""
+    n = len(b)
+    if any(m[i][i] <= 0 for i in range(n)):
+        return None
+    scale = [math.sqrt(m[i][i]) for i in range(n)]
+    a = [[m[i][j] / (scale[i] * scale[j]) for j in range(n)] + [b[i] / scale[i]] for i in range(n)]
+    det = 1.0
+    for col in range(n):
+        piv = max(range(col, n), key=lambda r: abs(a[r][col]))
+        if abs(a[piv][col]) < 1e-12:
+            return None
+        a[col], a[piv] = a[piv], a[col]
+        det *= a[col][col]
+        for r in range(col + 1, n):
+            f = a[r][col] / a[col][col]
+            for j in range(col, n + 1):
+                a[r][j] -= f * a[col][j]
+    if abs(det) < 1e-3:
+        return None
+    x = [0.0] * n
+    for i in range(n - 1, -1, -1):
+        x[i] = (a[i][n] - sum(a[i][j] * x[j] for j in range(i + 1, n))) / a[i][i]
+    return [x[i] / scale[i] for i in range(n)]
 
 
 class PrefillTimeEstimator:
@@ -82,11 +130,14 @@ class PrefillTimeEstimator:
     Args:
         seed_seconds_per_token: the estimate before any observation (> 0).
         learning_rate: weight w of each observation in the decayed sums, 0 < w <= 1.
+        affine: also fit a per-request constant (`intercept_seconds`).
+        decoding: also fit a cost per request decoding on the replica (`seconds_per_decoding`).
     """
 
-    __slots__ = ("_seconds", "_tokens", "_rate", "samples", "_affine", "_inv_tokens", "_latency_per_token", "_fit")
+    __slots__ = ("_seconds", "_tokens", "_rate", "samples", "_affine", "_inv_tokens", "_latency_per_token", "_fit",
+                 "_decoding", "_dec", "_dec_per_token", "_dec_sq_per_token", "_dec_latency_per_token")  # fmt: skip
 
-    def __init__(self, seed_seconds_per_token: float, learning_rate: float = 0.05, affine: bool = False) -> None:
+    def __init__(self, seed_seconds_per_token: float, learning_rate: float = 0.05, affine: bool = False, decoding: bool = False) -> None:
         if not (seed_seconds_per_token > 0 and math.isfinite(seed_seconds_per_token)):
             raise ValueError(f"seed_seconds_per_token must be a positive number, got {seed_seconds_per_token!r}")
         if not 0 < learning_rate <= 1:
@@ -100,17 +151,25 @@ class PrefillTimeEstimator:
         # with `affine`: decayed means of 1/a and d/a (the prior's one observation: a = A0, d = s0 A0)
         self._inv_tokens = 1.0 / PRIOR_TOKENS
         self._latency_per_token = seed_seconds_per_token
-        self._fit = (seed_seconds_per_token, 0.0)  # (slope, intercept)
+        # with `decoding`: decayed means of k, k/a, k^2/a and k d/a (the prior's k is 0)
+        self._decoding = decoding
+        self._dec = self._dec_per_token = self._dec_sq_per_token = self._dec_latency_per_token = 0.0
+        self._fit = (seed_seconds_per_token, 0.0, 0.0)  # (slope, intercept, per decoding request)
 
     @property
     def seconds_per_token(self) -> float:
         """The current estimate s (seconds per uncached prompt token)."""
-        return self._fit[0] if self._affine else self._seconds / self._tokens
+        return self._fit[0] if self._affine or self._decoding else self._seconds / self._tokens
 
     @property
     def intercept_seconds(self) -> float:
         """The fitted per-request constant c (0 unless `affine`)."""
         return self._fit[1]
+
+    @property
+    def seconds_per_decoding(self) -> float:
+        """The fitted cost u per request decoding on the replica at dispatch (0 unless `decoding`)."""
+        return self._fit[2]
 
     def _refit(self) -> None:
         """Solve the weighted normal equations c E[1/a] + s = E[d/a], c + s E[a] = E[d]."""
@@ -120,13 +179,42 @@ class PrefillTimeEstimator:
             s = (inv * d - q) / det
             c = (q * a - d) / det
             if s > 0 and c >= 0:
-                self._fit = (s, c)
+                self._fit = (s, c, 0.0)
                 return
-        self._fit = (d / a, 0.0)
+        self._fit = (d / a, 0.0, 0.0)
 
-    def observe(self, latency_s: float, tokens_ahead: int) -> None:
+    def _refit_decoding(self) -> None:
+        """The weighted least-squares fit over the features (a, k) or (1, a, k), every
+        coefficient >= 0: the full fit when it is feasible, else the best feasible fit that
+        drops one feature (a is always kept), else the fit through the origin."""
+        inv, a, q, d = self._inv_tokens, self._tokens, self._latency_per_token, self._seconds
+        k, k_inv, kk_inv, kd_inv = self._dec, self._dec_per_token, self._dec_sq_per_token, self._dec_latency_per_token
+        # moments E[w x_i x_j] and E[w x_i d] with weight w = 1/a, features "c" = 1, "a", "k"
+        gram = {("c", "c"): inv, ("c", "a"): 1.0, ("c", "k"): k_inv, ("a", "a"): a, ("a", "k"): k, ("k", "k"): kk_inv}
+        rhs = {"c": q, "a": d, "k": kd_inv}
+        full = ("c", "a", "k") if self._affine else ("a", "k")
+        subsets = [full] + [tuple(f for f in full if f != drop) for drop in full if drop != "a"]
+        best: tuple[float, dict[str, float]] | None = None
+        for feats in subsets:
+            m = [[gram[(f, g)] if (f, g) in gram else gram[(g, f)] for g in feats] for f in feats]
+            x = _solve(m, [rhs[f] for f in feats])
+            if x is None or min(x) < 0 or x[feats.index("a")] <= 0:
+                continue
+            gain = sum(xi * rhs[f] for xi, f in zip(x, feats))  # minus the weighted squared error, up to a constant
+            if best is None or gain > best[0]:
+                best = (gain, dict(zip(feats, x)))
+            if feats == full:
+                break
+        if best is None:
+            self._fit = (d / a, 0.0, 0.0)
+        else:
+            fit = best[1]
+            self._fit = (fit["a"], fit.get("c", 0.0), fit.get("k", 0.0))
+
+    def observe(self, latency_s: float, tokens_ahead: int, decoding: int = 0) -> None:
         """Add one observation: `latency_s` from dispatch to first token with `tokens_ahead`
-        un-prefilled tokens (the request's own included) on the replica at dispatch.
+        un-prefilled tokens (the request's own included) and `decoding` requests past their
+        first token on the replica at dispatch.
 
         Negative or non-finite latencies (clock glitches, a failed request) are ignored.
         """
@@ -137,7 +225,15 @@ class PrefillTimeEstimator:
         self._seconds += w * (latency_s - self._seconds)
         self._tokens += w * (a - self._tokens)
         self.samples += 1
-        if self._affine:
+        if self._affine or self._decoding:
             self._inv_tokens += w * (1.0 / a - self._inv_tokens)
             self._latency_per_token += w * (latency_s / a - self._latency_per_token)
+        if self._decoding:
+            k = max(0, decoding)
+            self._dec += w * (k - self._dec)
+            self._dec_per_token += w * (k / a - self._dec_per_token)
+            self._dec_sq_per_token += w * (k * k / a - self._dec_sq_per_token)
+            self._dec_latency_per_token += w * (k * latency_s / a - self._dec_latency_per_token)
+            self._refit_decoding()
+        elif self._affine:
             self._refit()

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/ttft_model.py LOG [LOG ...]            # a table per log
     .venv/bin/python bench/ttft_model.py --json OUT.json LOG ...   # and the numbers
+    .venv/bin/python bench/ttft_model.py --by-decoding 2 LOG ...   # and latency by running batch
 
 A pylb run with `--log-level debug` logs one "ttft observation" line per first token
 (`pylb.router.core`): the replica, the un-prefilled tokens ahead of the request at its dispatch
@@ -71,14 +72,32 @@ def replay(observations: list[dict], affine: bool, decoding: bool, seed: float, 
     return np.asarray(errors)
 
 
+def by_decoding(observations: list[dict], width: int) -> list[dict]:
+    """Latency and tokens ahead per bin of `width` decoding counts (0..width-1, width..)."""
+    k = np.array([o["decoding"] for o in observations])
+    lat = np.array([o["latency_s"] for o in observations])
+    ahead = np.array([o["ahead_tokens"] for o in observations])
+    out = []
+    for lo in range(0, int(k.max()) + 1, width):
+        m = (k >= lo) & (k < lo + width)
+        if m.any():
+            label = str(lo) if width == 1 else f"{lo}-{lo + width - 1}"
+            out.append({"decoding": label, "first_tokens": int(m.sum()), "latency_p50": float(np.median(lat[m])),
+                        "latency_p90": float(np.percentile(lat[m], 90)), "ahead_p50": float(np.median(ahead[m]))})  # fmt: skip
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("logs", nargs="+", type=Path, help="pylb logs written with --log-level debug")
     ap.add_argument("--seed", type=float, default=1e-4, help="seed per-token time (router.prefill_s_per_token; default 1e-4)")
     ap.add_argument("--rate", type=float, default=0.05, help="learning rate (router.prefill_learning_rate; default 0.05)")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
+    ap.add_argument("--by-decoding", type=int, default=0, metavar="W",
+                    help="also print each log's latency by requests decoding at dispatch, in bins of W (e.g. 2)")
     args = ap.parse_args()
     results = []
+    by_decoding_rows: list[tuple[str, list[dict]]] = []
     print("| log | runs | first tokens | latency P50 / P90 s | " + " | ".join(f"{m} P50 / P90 s" for m in MODELS) + " |")
     print("| --- | --- | --- | --- | " + " | ".join("---" for _ in MODELS) + " |")
     for path in args.logs:
@@ -95,8 +114,15 @@ def main() -> int:
             p50, p90 = float(np.median(err)), float(np.percentile(err, 90))
             row["models"][name] = {"error_p50": p50, "error_p90": p90}
             cells.append(f"{p50:.3f} / {p90:.3f}")
+        if args.by_decoding > 0:
+            row["by_decoding"] = by_decoding(obs, args.by_decoding)
+            by_decoding_rows.append((path.name, row["by_decoding"]))
         results.append(row)
         print(f"| {path.name} | {len(runs)} | {len(obs)} | {row['latency_p50']:.3f} / {row['latency_p90']:.3f} | " + " | ".join(cells) + " |")
+    for name, bins in by_decoding_rows:
+        print(f"\n{name}: latency by requests decoding at dispatch\n\n| decoding | first tokens | latency P50 / P90 s | tokens ahead P50 |\n| --- | --- | --- | --- |")
+        for b in bins:
+            print(f"| {b['decoding']} | {b['first_tokens']} | {b['latency_p50']:.2f} / {b['latency_p90']:.2f} | {b['ahead_p50']:.0f} |")
     if args.json:
         args.json.write_text(json.dumps({"command": "python " + " ".join(sys.argv), "results": results}, indent=1) + "\n")
     return 0 if results else 1

@@ -210,3 +210,23 @@ def test_host_info_reads_the_cpu_model_and_the_features_vllm_depends_on() -> Non
     assert harness_run.bf16_note(host, ["--dtype=bfloat16"]) is None
     assert harness_run.bf16_note(harness_run.host_info("flags\t: avx2 amx_bf16\n"), []) is None
     assert harness_run.bf16_note(harness_run.host_info(""), []) is None
+
+
+def test_rescore_counts_errors_as_misses_and_needs_the_request_records(tmp_path: Path) -> None:
+    import rescore  # bench/peers/rescore.py
+
+    def rec(ttft: float | None, ok: bool = True) -> dict:
+        return {"ok": ok, "ttft_s": ttft}
+
+    results = {"runs": [{"target": "a", "rep": 0, "requests": [rec(0.3), rec(0.9), rec(1.5), rec(None, ok=False)]},
+                        {"target": "a", "rep": 1, "requests": [rec(0.4), rec(2.5)]}]}  # fmt: skip
+    table = rescore.rescore(results, [0.5, 1.0, 2.0])
+    assert table == {"a": {0.5: [0.25, 0.5], 1.0: [0.5, 0.5], 2.0: [0.75, 0.5]}}
+    with pytest.raises(ValueError, match="--keep-requests"):
+        rescore.rescore({"runs": [{"target": "b", "rep": 0}]}, [1.0])
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(results))
+    out = subprocess.run([sys.executable, "-P", str(HARNESS.parent / "rescore.py"), str(f), "--slo", "0.5,2"], capture_output=True, text=True, check=True).stdout
+    assert "| a | 2 | 37.5 (25.0-50.0) % | 62.5 (50.0-75.0) % |" in out
+    bad = subprocess.run([sys.executable, "-P", str(HARNESS.parent / "rescore.py"), str(f), "--slo", "0,x"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--slo" in bad.stderr

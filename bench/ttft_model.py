@@ -21,6 +21,7 @@ before it is charged by the same per-token time and is not in these lines.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -36,9 +37,9 @@ MODELS = {"origin": (False, False), "intercept": (True, False), "decoding": (Fal
 def read_runs(path: Path) -> list[list[dict]]:
     """The "ttft observation" records of one pylb log (JSON lines; other lines skipped), split
     into runs at the "$ COMMAND" lines `bench/peers/run.py` writes before each start of pylb
-    (each run's router starts with fresh estimators)."""
+    (each run's router starts with fresh estimators). A `.gz` file is read through gzip."""
     runs: list[list[dict]] = [[]]
-    with open(path, errors="replace") as fh:
+    with (gzip.open(path, "rt", errors="replace") if path.suffix == ".gz" else open(path, errors="replace")) as fh:
         for line in fh:
             if line.startswith("$ ") and runs[-1]:
                 runs.append([])
@@ -89,7 +90,7 @@ def by_decoding(observations: list[dict], width: int) -> list[dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("logs", nargs="+", type=Path, help="pylb logs written with --log-level debug")
+    ap.add_argument("logs", nargs="+", type=Path, help="pylb logs written with --log-level debug (.gz: gzip-compressed)")
     ap.add_argument("--seed", type=float, default=1e-4, help="seed per-token time (router.prefill_s_per_token; default 1e-4)")
     ap.add_argument("--rate", type=float, default=0.05, help="learning rate (router.prefill_learning_rate; default 0.05)")
     ap.add_argument("--json", type=Path, help="also write the numbers here")

@@ -58,10 +58,11 @@ def replay(observations: list[dict], affine: bool, decoding: bool, seed: float, 
     """Absolute prediction errors (s) of one model over the observations, each predicted before
     it is learned, with the core's per-replica estimators shrunk towards the fleet's."""
     fleet = PrefillTimeEstimator(seed, rate, affine, decoding)
-    own: dict[str, PrefillTimeEstimator] = {}
+    # every replica of the run from its start, seeded as the core seeds the replicas it starts with
+    own = {name: PrefillTimeEstimator(seed, rate, affine, decoding) for name in dict.fromkeys(o["replica"] for o in observations)}
     errors = []
     for o in observations:
-        est = own.setdefault(o["replica"], PrefillTimeEstimator(fleet.seconds_per_token, rate, affine, decoding))
+        est = own[o["replica"]]
         predicted = o["ahead_tokens"] * blended(est, fleet)
         if affine:
             predicted += blended_intercept(est, fleet)

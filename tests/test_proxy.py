@@ -254,6 +254,9 @@ async def test_a_fresh_dualmap_spreads_distinct_prompts_from_the_first_second(re
     # nothing ties any of them to a replica, and they spread over the fleet from the first one
     prompts = shared_prompt_requests(40, system_chars)
     async with fake_fleet(replicas) as servers, running_proxy(settings([x.url for x in servers], router__policy="dualmap")) as proxy:
+        # placement is the question here, not start-up: on a loaded machine a first health probe
+        # can time out (0.5 s in these tests), and a fleet with no replica in rotation answers 503
+        await wait_for(lambda: len(proxy.fleet.healthy) == replicas, what="every replica in rotation")
         async with aiohttp.ClientSession() as s:
 
             async def send(i: int, prompt: str) -> str:

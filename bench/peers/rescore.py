@@ -3,8 +3,8 @@
     .venv/bin/python bench/peers/rescore.py RESULTS.json --slo 0.5,1,2
 
 `bench/peers/run.py --keep-requests` stores every request's record in its results file; this
-script recomputes each target's SLO share (TTFT <= SLO over the requests sent; errors and
-refusals are misses, as the harness counts them) at each given SLO, mean and range over the
+script recomputes each target's SLO share (`pylb.workload.replay.slo_share`, the harness's own
+rule: TTFT <= SLO over the requests sent, errors and refusals are misses) at each given SLO, mean and range over the
 repetitions. The SLO a *router* was told is part of its target's flags and does not change
 here: a target told one SLO and scored at another is labelled by its flags as it ran.
 
@@ -22,12 +22,7 @@ import statistics
 import sys
 from pathlib import Path
 
-
-def slo_share(requests: list[dict], slo_s: float) -> float:
-    """Requests that got a first token within `slo_s`, over all requests sent."""
-    if not requests:
-        return 0.0
-    return sum(1 for r in requests if r.get("ok") and r.get("ttft_s") is not None and r["ttft_s"] <= slo_s) / len(requests)
+from pylb.workload.replay import slo_share
 
 
 def rescore(results: dict, slos: list[float]) -> dict[str, dict[float, list[float]]]:
@@ -38,7 +33,7 @@ def rescore(results: dict, slos: list[float]) -> dict[str, dict[float, list[floa
             raise ValueError(f"run {run['target']} #{run.get('rep')} has no per-request records (run the harness with --keep-requests)")
         per = out.setdefault(run["target"], {s: [] for s in slos})
         for s in slos:
-            per[s].append(slo_share(run["requests"], s))
+            per[s].append(slo_share([(bool(r.get("ok")), r.get("ttft_s")) for r in run["requests"]], s) or 0.0)
     return out
 
 

@@ -172,32 +172,22 @@ class PrefillTimeEstimator:
         return self._fit[2]
 
     def _refit(self) -> None:
-        """Solve the weighted normal equations c E[1/a] + s = E[d/a], c + s E[a] = E[d]."""
-        inv, a, q, d = self._inv_tokens, self._tokens, self._latency_per_token, self._seconds
-        det = inv * a - 1.0  # >= 0 (Jensen), 0 when every a was the same
-        if det > 1e-3:
-            s = (inv * d - q) / det
-            c = (q * a - d) / det
-            if s > 0 and c >= 0:
-                self._fit = (s, c, 0.0)
-                return
-        self._fit = (d / a, 0.0, 0.0)
-
-    def _refit_decoding(self) -> None:
-        """The weighted least-squares fit over the features (a, k) or (1, a, k), every
-        coefficient >= 0: the full fit when it is feasible, else the best feasible fit that
-        drops one feature (a is always kept), else the fit through the origin."""
+        """The weighted least-squares fit (weights 1/a) over the model's features: (1, a) with
+        `affine`, (a, k) with `decoding`, (1, a, k) with both; every coefficient >= 0. The full
+        fit when it is feasible, else the best feasible fit that drops one feature (a is always
+        kept), else the fit through the origin."""
         inv, a, q, d = self._inv_tokens, self._tokens, self._latency_per_token, self._seconds
         k, k_inv, kk_inv, kd_inv = self._dec, self._dec_per_token, self._dec_sq_per_token, self._dec_latency_per_token
-        # moments E[w x_i x_j] and E[w x_i d] with weight w = 1/a, features "c" = 1, "a", "k"
-        gram = {("c", "c"): inv, ("c", "a"): 1.0, ("c", "k"): k_inv, ("a", "a"): a, ("a", "k"): k, ("k", "k"): kk_inv}
+        # moments E[w x_i x_j] and E[w x_i d], features "c" = 1, "a", "k"
+        gram: dict[tuple[str, str], float] = {}
+        for (f, g), v in ((("c", "c"), inv), (("c", "a"), 1.0), (("c", "k"), k_inv), (("a", "a"), a), (("a", "k"), k), (("k", "k"), kk_inv)):
+            gram[f, g] = gram[g, f] = v
         rhs = {"c": q, "a": d, "k": kd_inv}
-        full = ("c", "a", "k") if self._affine else ("a", "k")
+        full = tuple(f for f, on in (("c", self._affine), ("a", True), ("k", self._decoding)) if on)
         subsets = [full] + [tuple(f for f in full if f != drop) for drop in full if drop != "a"]
         best: tuple[float, dict[str, float]] | None = None
         for feats in subsets:
-            m = [[gram[(f, g)] if (f, g) in gram else gram[(g, f)] for g in feats] for f in feats]
-            x = _solve(m, [rhs[f] for f in feats])
+            x = _solve([[gram[f, g] for g in feats] for f in feats], [rhs[f] for f in feats])
             if x is None or min(x) < 0 or x[feats.index("a")] <= 0:
                 continue
             gain = sum(xi * rhs[f] for xi, f in zip(x, feats))  # minus the weighted squared error, up to a constant
@@ -234,6 +224,5 @@ class PrefillTimeEstimator:
             self._dec_per_token += w * (k / a - self._dec_per_token)
             self._dec_sq_per_token += w * (k * k / a - self._dec_sq_per_token)
             self._dec_latency_per_token += w * (k * latency_s / a - self._dec_latency_per_token)
-            self._refit_decoding()
-        elif self._affine:
+        if self._affine or self._decoding:
             self._refit()

@@ -47,7 +47,7 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -177,6 +177,14 @@ def _percentiles(values: list[float]) -> tuple[float | None, float | None, float
     return q(0.5), q(0.9), q(0.99)
 
 
+def slo_share(outcomes: Sequence[tuple[bool, float | None]], slo_ttft_s: float) -> float | None:
+    """The share of requests, given as (ok, ttft_s) pairs, that succeeded with a first token
+    within `slo_ttft_s`: failed and refused requests count as misses. None for no requests."""
+    if not outcomes:
+        return None
+    return sum(1 for ok, ttft in outcomes if ok and ttft is not None and ttft <= slo_ttft_s) / len(outcomes)
+
+
 def summarize(
     records: list[RequestRecord],
     *,
@@ -198,7 +206,6 @@ def summarize(
     with_cache = [r for r in records if r.cached_tokens is not None and r.usage_prompt_tokens]
     prompt_sum = sum(r.usage_prompt_tokens or 0 for r in with_cache)
     cached_sum = sum(r.cached_tokens or 0 for r in with_cache)
-    met = sum(1 for r in ok if r.ttft_s is not None and r.ttft_s <= slo_ttft_s)
     out_tokens = sum(r.output_tokens or 0 for r in ok)
     return ReplaySummary(
         url=url,
@@ -223,7 +230,7 @@ def summarize(
         e2e_p50=e2e[0],
         e2e_p90=e2e[1],
         e2e_p99=e2e[2],
-        slo_attainment=met / len(records) if records else None,
+        slo_attainment=slo_share([(r.ok, r.ttft_s) for r in records], slo_ttft_s),
         cached_token_rate=cached_sum / prompt_sum if prompt_sum else None,
         usage_prompt_tokens=sum(r.usage_prompt_tokens or 0 for r in records),
         usage_cached_tokens=cached_sum,

@@ -32,6 +32,24 @@ profile's `loaded_request_overhead` (the delay between dispatch and a *working* 
 on a CPU replica the API server then waits for a core the engine keeps busy), and the best pair
 is reported and written.
 
+Running overhead (`--running-overheads 0,0.1,...`): every other pair is also tried with each
+value of the profile's `running_request_overhead`, seconds added to a request's overhead per
+request its replica's engine runs at the dispatch (on a CPU replica the API server streams every
+running request's tokens on the core that a new request's tokenization waits for).
+
+Other SLOs (`--slos 0.5,1,2,...`): a share within one SLO is one point of the TTFT distribution,
+and a model can match it while the distribution is wrong (a constant overhead that puts every
+loaded request at the same latency). With the harness's per-request records (`--keep-requests`),
+each target is also scored within each of these SLOs, real against simulated; the fit error then
+takes the mean share error over the run's SLO and these, and a table prints both and the order
+of the targets at each SLO (does the simulator rank the routers as the real runs did, at short
+and at long SLOs alike?).
+
+Running batch (`--observations DIR`): each simulated pylb run's first-token observations are
+written to DIR in the live router's debug-log format ("ttft observation": tokens ahead, requests
+decoding, latency), so `bench/ttft_model.py --by-decoding 2` prints the simulated latency by
+running batch beside the real log's (`docs/results/ttft_logs/`).
+
 Inside the engines: when the harness recorded vLLM's own histograms (`engine_phases`, see
 `bench/peers/run.py`), a second table compares, per target, the mean time from entering the
 engine's queue to the first token (vLLM: queue + prefill time), the mean decode time, the
@@ -42,7 +60,11 @@ Targets map to simulated routers so:
 
     pylb ARGS                  the router `pylb serve ARGS` builds (`pylb.proxy.balancer.create_router`)
     sglang / vllm-router       pylb's analog of their policy, dispatching at once as they do
-      sglang --policy cache_aware -> cache-aware       (SGLang's algorithm, `pylb/router/policies/cache_aware.py`)
+      sglang --policy cache_aware -> cache-aware:low_match=min-load  (SGLang's algorithm, `pylb/router/policies/cache_aware.py`,
+                                    as sglang-router 0.3.2 runs it: its binary is the model gateway's, whose
+                                    cache-aware policy sends a low-match request to the least-loaded worker
+                                    (`select_worker_min_load`), not to the smallest tree; with smallest-tree the
+                                    simulated pair split the chat workload's 8 groups 4:4, the real one 5:3 or 6:2)
       --policy power_of_two      -> least-load         (with two replicas, the less loaded of both)
       --policy round_robin       -> round-robin
       vllm-router --policy cache_aware: none. Its real hit rate on the chat workload is
@@ -52,14 +74,15 @@ Targets map to simulated routers so:
 Usage (from the repository root; needs `bench/peers/` from the harness):
 
     python bench/fidelity.py --results docs/results/peers_chat.json [--results ...] \\
-        --profile cpu-small-llama [--factors 1,1.2,1.4] [--overheads 0,0.2,0.4] [--write-profile OUT.yaml] \\
-        [--json docs/results/fidelity.json]
+        --profile cpu-small-llama [--factors 1,1.2,1.4] [--overheads 0,0.2,0.4] [--running-overheads 0,0.1] \\
+        [--slos 0.5,1,2,4,8] [--observations DIR] [--write-profile OUT.yaml] [--json docs/results/fidelity.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import shlex
@@ -83,7 +106,7 @@ P50_RATIO = 0.25
 SLO_POINTS = 5.0
 
 ANALOGS: dict[tuple[str, str], str] = {
-    ("sglang", "cache_aware"): "cache-aware",
+    ("sglang", "cache_aware"): "cache-aware:low_match=min-load",
     ("sglang", "power_of_two"): "least-load",
     ("sglang", "round_robin"): "round-robin",
     ("vllm-router", "power_of_two"): "least-load",
@@ -152,6 +175,9 @@ class Row:
     sim_slo: float
     phases: dict[str, list[float | None]] = field(default_factory=dict)
     """Engine phases, each [real, simulated] (`engine_phases`); empty when the results lack them."""
+    slo_shares: dict[str, list[float]] = field(default_factory=dict)
+    """`--slos`: per SLO (seconds, as text), [real, simulated] share within it; real from the
+    harness's per-request records (`--keep-requests`), mean over repetitions. Empty without."""
 
     @property
     def hit_ok(self) -> bool:
@@ -167,10 +193,13 @@ class Row:
 
     @property
     def fit_error(self) -> float:
-        """|SLO share error| in units of SLO_POINTS plus |ln p50 ratio| in units of ln(1 + P50_RATIO)."""
+        """|SLO share error| in units of SLO_POINTS plus |ln p50 ratio| in units of ln(1 + P50_RATIO).
+        With `slo_shares` (`--slos`), the share error is the mean over the run's SLO and those, so
+        that the fit weighs the whole TTFT distribution, not one point of it."""
         if not (self.sim_p50 > 0 and self.real_p50 > 0):
             return math.inf
-        return abs(self.sim_slo - self.real_slo) * 100 / SLO_POINTS + abs(math.log(self.sim_p50 / self.real_p50)) / math.log(1 + P50_RATIO)
+        share_errors = [abs(self.sim_slo - self.real_slo)] + [abs(sim - real) for real, sim in self.slo_shares.values()]
+        return float(np.mean(share_errors)) * 100 / SLO_POINTS + abs(math.log(self.sim_p50 / self.real_p50)) / math.log(1 + P50_RATIO)
 
 
 PHASES = ("wait_prefill_s", "decode_s", "preemptions", "engine_steps")
@@ -222,10 +251,66 @@ def real_context(results_path: Path) -> dict[str, Any]:
     }
 
 
-def compare(results_path: Path, profiles: list[Profile], workloads: Any) -> list[list[Row]]:
+def real_slo_shares(doc: dict[str, Any], slos: list[float]) -> dict[str, dict[float, float]]:
+    """Per target, per SLO: the real share within it, mean over repetitions (`bench/peers/rescore.py`'s
+    rule); {} when the runs kept no per-request records."""
+    runs = doc.get("runs") or []
+    if not slos or not runs or any("requests" not in run for run in runs):
+        return {}
+    import rescore  # type: ignore[import-not-found]  # bench/peers, on sys.path with workloads
+
+    return {target: {s: float(np.mean(v)) for s, v in per.items()} for target, per in rescore.rescore(doc, slos).items()}
+
+
+OBSERVATION_FIELDS = ("replica", "ahead_tokens", "decoding", "latency_s", "waited_s", "predicted_s", "running_scraped")
+"""The fields of the router core's "ttft observation" debug line (`pylb.router.core`)."""
+
+
+class _ObservationLog(logging.Handler):
+    """Collects the router core's "ttft observation" debug lines of one simulated run as the
+    JSON records a live pylb logs, for `bench/ttft_model.py`."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "ttft observation":
+            rec = {"msg": "ttft observation", **{k: getattr(record, k, None) for k in OBSERVATION_FIELDS}}
+            self.lines.append(json.dumps(rec))
+
+
+def observed_simulation(observe_to: Path | None, *args: Any, **kwargs: Any) -> Any:
+    """`simulate(*args, **kwargs)`; with `observe_to`, the router core's first-token observations of
+    the run are written there (JSON lines, the live router's debug format)."""
+    if observe_to is None:
+        return simulate(*args, **kwargs)
+    core_log = logging.getLogger("pylb.router.core")
+    handler, level = _ObservationLog(), core_log.level
+    core_log.addHandler(handler)
+    core_log.setLevel(logging.DEBUG)
+    try:
+        res = simulate(*args, **kwargs)
+    finally:
+        core_log.removeHandler(handler)
+        core_log.setLevel(level)
+    observe_to.write_text("".join(line + "\n" for line in handler.lines))
+    return res
+
+
+def compare(
+    results_path: Path, profiles: list[Profile], workloads: Any, slos: list[float] = (), observe_dir: Path | None = None, labels: list[str] | None = None
+) -> list[list[Row]]:
     """Simulate every target of one harness results file once per profile (the profiles share
-    one geometry: slowed variants of one profile); per profile, one Row per target."""
+    one geometry: slowed variants of one profile); per profile, one Row per target. With `slos`,
+    each row also carries the real and simulated shares within each of them (when the results
+    kept per-request records). With `observe_dir`, the router core's first-token observations of
+    each pylb target's simulated run go to `observe_dir/RESULTS__TARGET__VARIANT.jsonl` (`labels`:
+    the variants' names), for `bench/ttft_model.py --by-decoding` beside the real run's log."""
     doc = json.loads(results_path.read_text())
+    real_at = real_slo_shares(doc, list(slos))
+    if slos and not real_at:
+        print(f"fidelity: {results_path.name}: no per-request records (harness --keep-requests), --slos skipped", file=sys.stderr)
     spec = doc["workload"]["spec"]
     replicas = int(doc["replicas"]["count"])
     slo = float(doc["slo_ttft_s"])
@@ -233,7 +318,7 @@ def compare(results_path: Path, profiles: list[Profile], workloads: Any) -> list
     requests = workloads.load(spec)
     prepared = prepare_workload(requests, profiles[0].block_size)
     out: list[list[Row]] = []
-    for profile in profiles:
+    for k, profile in enumerate(profiles):
         rows: list[Row] = []
         for name, t in doc["targets"].items():
             kind = shlex.split(t["spec"].partition("=")[2])[0]
@@ -243,10 +328,15 @@ def compare(results_path: Path, profiles: list[Profile], workloads: Any) -> list
                 if profile is profiles[0]:
                     print(f"fidelity: {results_path.name} target {name}: skipped: {exc}", file=sys.stderr)
                 continue
-            res = simulate(prepared, profile, replicas, router, rate_scale=scale, scrape_interval=DEFAULT_SCRAPE_INTERVAL)
+            observe_to = None
+            if observe_dir is not None and kind == "pylb":
+                label = (labels[k] if labels else f"profile{k}").replace(" ", "_")
+                observe_to = observe_dir / f"{results_path.stem}__{name}__{label}.jsonl"
+            res = observed_simulation(observe_to, prepared, profile, replicas, router, rate_scale=scale, scrape_interval=DEFAULT_SCRAPE_INTERVAL)
             m = summarize(res, name, slo)
             real_ph, sim_ph = real_phases(t), sim_phases(res)
             phases = {k: [real_ph[k], sim_ph[k]] for k in PHASES} if real_ph else {}
+            shares = {f"{s:g}": [real_at[name][s], summarize(res, name, s).slo_attainment] for s in slos} if name in real_at else {}
             rows.append(
                 Row(
                     results=results_path.name,
@@ -261,6 +351,7 @@ def compare(results_path: Path, profiles: list[Profile], workloads: Any) -> list
                     real_slo=t["slo_attainment"]["mean"],
                     sim_slo=m.slo_attainment,
                     phases=phases,
+                    slo_shares=shares,
                 )
             )
         out.append(rows)
@@ -316,6 +407,30 @@ def phases_table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+def slos_table(rows: list[Row]) -> str:
+    """Markdown table of the shares within each `--slos` SLO, real / simulated, and per results
+    file the targets' order at each SLO, real and simulated ('' when no row has them)."""
+    have = [r for r in rows if r.slo_shares]
+    if not have:
+        return ""
+    slos = list(have[0].slo_shares)
+    out = [
+        "| results | target | " + " | ".join(f"within {s} s real / sim" for s in slos) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in slos) + " |",
+    ]
+    for r in have:
+        cells = [f"{100 * real:.1f} / {100 * sim:.1f} ({100 * (sim - real):+.1f})" for real, sim in r.slo_shares.values()]
+        out.append(f"| {r.results} | {r.target} | " + " | ".join(cells) + " |")
+    out += ["", "| results | SLO | order real | order simulated | same |", "| --- | --- | --- | --- | --- |"]
+    for results in dict.fromkeys(r.results for r in have):
+        mine = [r for r in have if r.results == results]
+        for s in slos:
+            real = [r.target for r in sorted(mine, key=lambda r: -r.slo_shares[s][0])]
+            sim = [r.target for r in sorted(mine, key=lambda r: -r.slo_shares[s][1])]
+            out.append(f"| {results} | {s} s | {' > '.join(real)} | {' > '.join(sim)} | {'yes' if real == sim else 'no'} |")
+    return "\n".join(out)
+
+
 def _parse_numbers(text: str, flag: str, positive: bool) -> list[float]:
     """Comma-separated numbers for `flag` (argparse reports the value on error)."""
     try:
@@ -338,6 +453,11 @@ def parse_overheads(text: str) -> list[float]:
     return _parse_numbers(text, "--overheads", positive=False)
 
 
+def parse_running_overheads(text: str) -> list[float]:
+    """`--running-overheads`: comma-separated non-negative seconds."""
+    return _parse_numbers(text, "--running-overheads", positive=False)
+
+
 @dataclass(frozen=True)
 class Variant:
     """One candidate model: the profile slowed by `factor`, with `loaded_overhead` seconds of
@@ -345,17 +465,25 @@ class Variant:
 
     factor: float
     loaded_overhead: float | None
+    running_overhead: float | None = None
 
     @property
     def label(self) -> str:
-        return f"x{self.factor:g}" + ("" if self.loaded_overhead is None else f" loaded {self.loaded_overhead * 1e3:g} ms")
+        return (
+            f"x{self.factor:g}"
+            + ("" if self.loaded_overhead is None else f" loaded {self.loaded_overhead * 1e3:g} ms")
+            + ("" if self.running_overhead is None else f" running {self.running_overhead * 1e3:g} ms")
+        )
 
     def profile(self, base: Profile, name: str | None = None, why: str = "") -> Profile:
         p = base.slowed(self.factor, name=name, why=why) if self.factor != 1 or name else base
-        if self.loaded_overhead is None:
-            return p
-        note = f"loaded_request_overhead {self.loaded_overhead * 1e3:g} ms (fitted)"
-        return replace(p, loaded_request_overhead=self.loaded_overhead, description=f"{p.description}; {note}")
+        if self.loaded_overhead is not None:
+            note = f"loaded_request_overhead {self.loaded_overhead * 1e3:g} ms (fitted)"
+            p = replace(p, loaded_request_overhead=self.loaded_overhead, description=f"{p.description}; {note}")
+        if self.running_overhead is not None:
+            note = f"running_request_overhead {self.running_overhead * 1e3:g} ms per running request (fitted)"
+            p = replace(p, running_request_overhead=self.running_overhead, description=f"{p.description}; {note}")
+        return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -366,11 +494,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="step-time slowdown factors to try; the best fit is reported (default 1)")  # fmt: skip
     parser.add_argument("--overheads", type=parse_overheads, default=None, metavar="S,S,...",
                         help="loaded request overheads to try with every factor, seconds (default: the profile's own)")  # fmt: skip
+    parser.add_argument("--running-overheads", type=parse_running_overheads, default=None, metavar="S,S,...",
+                        help="request overheads per request running on the replica to try with every other pair, seconds (default: the profile's own)")  # fmt: skip
+    parser.add_argument("--slos", type=parse_factors, default=[], metavar="S,S,...",
+                        help="also compare the shares within these SLOs, seconds (needs the harness's --keep-requests records)")  # fmt: skip
+    parser.add_argument("--observations", type=Path, metavar="DIR",
+                        help="write each simulated pylb run's first-token observations here (for bench/ttft_model.py)")  # fmt: skip
     parser.add_argument("--write-profile", metavar="OUT.yaml", help="write the profile of the best variant over all files")
     parser.add_argument("--json", metavar="OUT", help="write the rows and the rankings as JSON")
     args = parser.parse_args(argv)
     base = load_profile(args.profile)
-    variants = [Variant(f, o) for f in args.factors for o in (args.overheads or [None])]
+    variants = [Variant(f, o, r) for f in args.factors for o in (args.overheads or [None]) for r in (args.running_overheads or [None])]
     profiles = [v.profile(base) for v in variants]
     labels = [v.label for v in variants]
     workloads = _workloads_module()
@@ -381,7 +515,9 @@ def main(argv: list[str] | None = None) -> int:
                            "load_avg": os.getloadavg(), "files": []}  # fmt: skip
     by_variant: list[list[Row]] = [[] for _ in profiles]
     for path in map(Path, args.results):
-        per_variant = compare(path, profiles, workloads)
+        if args.observations:
+            args.observations.mkdir(parents=True, exist_ok=True)
+        per_variant = compare(path, profiles, workloads, args.slos, args.observations, labels)
         errors = [fit_error(rows) for rows in per_variant]
         best = errors.index(min(errors))
         for k, rows in enumerate(per_variant):
@@ -404,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(by_variant[best]))
     if phases := phases_table(by_variant[best]):
         print("\nInside the engines (vLLM's own histograms against the simulated engines):\n" + phases)
+    if shares := slos_table(by_variant[best]):
+        print("\nAt other SLOs (the routers as they ran; only the scoring changes):\n" + shares)
     print(f"load average {os.getloadavg()[0]:.2f}; profile {base.name} {labels[best]}")
     if args.write_profile:
         from pylb.sim.calibrate import profile_yaml

@@ -428,6 +428,20 @@ def test_a_working_engine_takes_the_loaded_overhead_and_an_idle_one_the_idle_ove
     assert res.ttft[0] == pytest.approx(base.ttft[0]) and res.first_token[2] > base.first_token[2]
 
 
+def test_the_running_overhead_grows_with_the_requests_the_engine_runs() -> None:
+    import dataclasses
+
+    one = dataclasses.replace(FAST, name="one", c_prefill=1e-3, request_overhead=0.01)  # ~0.2 s per prompt
+    per_running = dataclasses.replace(one, running_request_overhead=0.05)
+    spaced = prepare_workload(workload(3, gap=0.1), one.block_size)
+    res = simulate(spaced, per_running, 1, RoundRobinRouter())
+    # the 1st finds the engine idle; the 2nd (t=0.1) and the 3rd (t=0.2) find the 1st running its
+    # prefill step (0.01-0.21), the 2nd still waiting for the next step: one running request each
+    assert res.enqueued - res.dispatch == pytest.approx([0.01, 0.06, 0.06])
+    two = simulate(spaced, one, 2, RoundRobinRouter())  # two engines: each request finds its own idle
+    assert simulate(spaced, per_running, 2, RoundRobinRouter()).enqueued - two.dispatch == pytest.approx([0.01, 0.01, 0.06])
+
+
 def test_request_overhead_survives_cancels_and_failures_in_transit() -> None:
 
     from pylb.sim.cluster import ClusterEvent

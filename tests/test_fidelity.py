@@ -77,6 +77,32 @@ def test_the_fit_recovers_a_loaded_overhead_and_compares_engine_phases(tmp_path:
     assert written.request_overhead == pytest.approx(1.2 * base.request_overhead)
 
 
+def test_slos_score_the_kept_requests_and_the_simulated_run_at_each_slo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    results = tmp_path / "peers.json"
+    harness_results(results)
+    doc = json.loads(results.read_text())
+    # two repetitions of pylb's records (the harness's --keep-requests): TTFTs 0.1-0.4 s and an error
+    records = [{"ok": True, "ttft_s": t} for t in (0.1, 0.2, 0.3, 0.4)] + [{"ok": False, "ttft_s": None}]
+    doc["runs"] = [{"target": t, "rep": k, "requests": records} for t in ("pylb", "sglang-ca") for k in (0, 1)]
+    results.write_text(json.dumps(doc))
+    (rows,) = fidelity.compare(results, [load_profile("cpu-small-llama")], fidelity._workloads_module(), [0.25, 0.3, 10])
+    by = {r.target: r for r in rows}
+    assert by["pylb"].slo_shares["0.25"][0] == pytest.approx(2 / 5)  # the error counts as a miss
+    assert by["pylb"].slo_shares["10"][0] == pytest.approx(4 / 5)
+    for r in rows:  # the simulated side at the run's own SLO (0.3 s) is the row's own share
+        assert r.slo_shares["0.3"][1] == pytest.approx(r.sim_slo)
+        assert r.slo_shares["0.25"][1] <= r.slo_shares["0.3"][1] <= r.slo_shares["10"][1]
+    assert fidelity.main(["--results", str(results), "--slos", "0.25,10"]) == 0
+    printed = capsys.readouterr().out
+    assert "within 0.25 s real / sim" in printed and "| peers.json | 10 s |" in printed
+
+    del doc["runs"]  # no records: the SLO table is left out, with a word on stderr
+    results.write_text(json.dumps(doc))
+    assert fidelity.main(["--results", str(results), "--slos", "0.25"]) == 0
+    captured = capsys.readouterr()
+    assert "within 0.25 s" not in captured.out and "--keep-requests" in captured.err
+
+
 def test_factors_must_be_positive_numbers(capsys: pytest.CaptureFixture[str]) -> None:
     for bad in ("1,x", "0", "1,-2", ""):
         with pytest.raises(SystemExit):
@@ -101,3 +127,19 @@ def test_the_shipped_fleet_profile_is_the_calibrated_one_slowed_with_a_loaded_ov
         if f != "loaded_request_overhead":
             assert getattr(fleet, f) == pytest.approx(factor * getattr(base, f))
     assert base.loaded_request_overhead == 0 and fleet.loaded_request_overhead == pytest.approx(0.3)
+
+
+def test_the_shipped_avx2_fleet_profile_is_its_calibrated_one_slowed_with_both_overheads() -> None:
+    # cpu-small-llama-avx2-fleet was written by `bench/fidelity.py --write-profile` (BENCHMARKS.md,
+    # "A second machine's profile"): refitting cpu-small-llama-avx2 means refitting it
+    base, fleet = load_profile("cpu-small-llama-avx2"), load_profile("cpu-small-llama-avx2-fleet")
+    factor = fleet.c_prefill / base.c_prefill
+    assert factor == pytest.approx(1.1)
+    assert (fleet.block_size, fleet.num_blocks, fleet.max_num_seqs, fleet.max_num_batched_tokens) == (
+        base.block_size, base.num_blocks, base.max_num_seqs, base.max_num_batched_tokens
+    )  # fmt: skip
+    for f in TIME_FIELDS:
+        if f not in ("loaded_request_overhead", "running_request_overhead"):
+            assert getattr(fleet, f) == pytest.approx(factor * getattr(base, f))
+    assert (base.loaded_request_overhead, base.running_request_overhead) == (0, 0)
+    assert (fleet.loaded_request_overhead, fleet.running_request_overhead) == (pytest.approx(0.6), pytest.approx(0.1))

@@ -17,8 +17,9 @@ clock, with a heap of timed events:
                 client that gives up (scale-out and churn, measured offline)
     engine in   with a profile's `request_overhead` > 0: a dispatched request reaches its
                 engine's queue that long after its dispatch, or `busy_request_overhead` after
-                it when that engine is working at the dispatch (dropped if it was cancelled or
-                its replica failed meanwhile: the failure already re-placed it)
+                it when that engine is working at the dispatch, plus `running_request_overhead`
+                per request the engine runs then (dropped if it was cancelled or its replica
+                failed meanwhile: the failure already re-placed it)
 
 While the whole cluster is idle (no engine working, nothing held by the router, no timer set),
 scrapes are skipped up to the next arrival: they would only repeat the same snapshot.
@@ -306,6 +307,7 @@ def simulate(
     idle_since: float | None = None
     overhead = profile.request_overhead  # dispatch -> an idle engine's queue (0: at once)
     busy_overhead = profile.busy_request_overhead  # dispatch -> a working engine's queue
+    per_running = profile.running_request_overhead  # and this much more per request it runs
     sends = np.zeros(n, dtype=np.int64)  # dispatches of each request so far (a delivery is of the last one)
     in_transit = 0  # requests dispatched and not yet in their engine
 
@@ -375,7 +377,8 @@ def simulate(
             dispatch[i] = now
             stats["dispatches"] += 1
             sends[i] += 1
-            delay = busy_overhead if engines[e].has_work() else overhead
+            eng = engines[e]
+            delay = (busy_overhead if eng.has_work() else overhead) + per_running * eng.num_running
             if delay > 0:  # the request reaches the engine's queue later (`Profile.request_overhead`)
                 in_transit += 1
                 push(now + delay, _ENGINE_IN, i, int(sends[i]))

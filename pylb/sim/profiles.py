@@ -23,7 +23,8 @@ step takes no time.
 
 Profiles come by name from `PROFILES`, or from a YAML file with exactly the fields
 `block_size, num_blocks, max_num_seqs, max_num_batched_tokens, c0, c_prefill, c_decode, c_attn`
-(and optionally `c_prefill_attn`, `request_overhead`, `loaded_request_overhead`, `name`, `description`); `load_profile(name_or_path)` accepts either and raises
+(and optionally `c_prefill_attn`, `request_overhead`, `loaded_request_overhead`, `running_request_overhead`,
+`name`, `description`); `load_profile(name_or_path)` accepts either and raises
 `ProfileError` naming the field, the value and the reason for anything else. Measured profiles
 ship as such files in `profile_data/` (written by `pylb calibrate`, their header comment says
 how) and join `PROFILES` under their file name.
@@ -76,6 +77,14 @@ class Profile:
             `pylb calibrate` cannot see it on an idle replica; `bench/fidelity.py --overheads`
             fits it to real runs, whose vLLM histograms show it (engine TTFT minus queue and
             prefill time).
+        running_request_overhead: seconds added to a request's overhead for each request running
+            on its replica's engine when it is dispatched (0: none). On a CPU replica the API
+            server streams every running request's tokens on the core a new request's
+            tokenization waits for, so the wait grows with the batch; the constant
+            `loaded_request_overhead` prices a working engine alike whether it runs one request
+            or twelve. `bench/fidelity.py --running-overheads` fits it to real runs (their
+            first-token latency by running batch: `--observations` and `bench/ttft_model.py
+            --by-decoding`).
     """
 
     name: str
@@ -91,6 +100,7 @@ class Profile:
     c_prefill_attn: float = 0.0
     request_overhead: float = 0.0
     loaded_request_overhead: float = 0.0
+    running_request_overhead: float = 0.0
 
     def __post_init__(self) -> None:
         for f in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens"):
@@ -143,7 +153,7 @@ class Profile:
 COST_FIELDS = ("c0", "c_prefill", "c_decode", "c_attn", "c_prefill_attn")
 """The step-time constants, in seconds."""
 
-TIME_FIELDS = (*COST_FIELDS, "request_overhead", "loaded_request_overhead")
+TIME_FIELDS = (*COST_FIELDS, "request_overhead", "loaded_request_overhead", "running_request_overhead")
 """Every field in seconds: the step-time constants and the request overheads (`Profile.slowed` scales them)."""
 
 
@@ -253,7 +263,7 @@ YAML_FIELDS: tuple[str, ...] = (
 )
 """Fields a YAML profile must have (times in seconds)."""
 
-_OPTIONAL_TIMES = ("c_prefill_attn", "request_overhead", "loaded_request_overhead")
+_OPTIONAL_TIMES = ("c_prefill_attn", "request_overhead", "loaded_request_overhead", "running_request_overhead")
 """Times a YAML profile may leave out (0 then)."""
 _OPTIONAL_YAML_FIELDS = ("name", "description", *_OPTIONAL_TIMES)
 

@@ -152,6 +152,7 @@ def sim_router(spec: str, slo_ttft: float) -> tuple[str, Router]:
         raise ValueError(f"no simulated analog for {kind} --policy {policy!r} (known: {known})")
     options = RouterOptions(
         slo_ttft=slo_ttft,
+        admission_factor=0.0,  # the peers refuse nothing
         max_unprefilled_tokens=_AT_ONCE.max_unprefilled_tokens,
         max_unprefilled_requests=_AT_ONCE.max_unprefilled_requests,
     )

@@ -313,7 +313,9 @@ def policy_spec(spec: str, slo: float) -> tuple[str, RouterOptions]:
     """A matrix policy spec as (the registry's spec, the router's options) in a cell whose SLO is
     `slo`: `NAME[+admitF][+decoding][+intercept][#K][@S]`, e.g. "dualmap+admit1"
     (admission_factor 1), "dualmap+decoding" (prefill_decoding), "dualmap#128" (128-token key
-    blocks), "dualmap@5" (told a 5 s SLO instead of the cell's)."""
+    blocks), "dualmap@5" (told a 5 s SLO instead of the cell's). Without +admitF a policy runs
+    without admission control (admission_factor 0, whatever the router's default): the matrix
+    compares placements, as the peer routers deploy them (refusing nothing)."""
     label, _, router_slo = spec.partition("@")
     label, _, key_block = label.partition("#")
     label, *marks = label.split("+")

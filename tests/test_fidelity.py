@@ -114,27 +114,17 @@ def test_factors_must_be_positive_numbers(capsys: pytest.CaptureFixture[str]) ->
         assert "--overheads" in capsys.readouterr().err
 
 
-def test_the_shipped_fleet_profile_is_the_calibrated_one_slowed_with_a_loaded_overhead() -> None:
-    # cpu-small-llama-fleet was written by `bench/fidelity.py --write-profile` (BENCHMARKS.md,
-    # "Fidelity under the fleet's own load"): recalibrating cpu-small-llama means refitting it
-    base, fleet = load_profile("cpu-small-llama"), load_profile("cpu-small-llama-fleet")
-    factor = fleet.c_prefill / base.c_prefill
-    assert factor == pytest.approx(1.2)
-    assert (fleet.block_size, fleet.num_blocks, fleet.max_num_seqs, fleet.max_num_batched_tokens) == (
-        base.block_size, base.num_blocks, base.max_num_seqs, base.max_num_batched_tokens
-    )  # fmt: skip
-    for f in TIME_FIELDS:
-        if f != "loaded_request_overhead":
-            assert getattr(fleet, f) == pytest.approx(factor * getattr(base, f))
-    assert base.loaded_request_overhead == 0 and fleet.loaded_request_overhead == pytest.approx(0.3)
-
-
-def test_the_shipped_avx2_fleet_profile_is_its_calibrated_one_slowed_with_both_overheads() -> None:
-    # cpu-small-llama-avx2-fleet was written by `bench/fidelity.py --write-profile` (BENCHMARKS.md,
-    # "A second machine's profile"): refitting cpu-small-llama-avx2 means refitting it
-    base, fleet = load_profile("cpu-small-llama-avx2"), load_profile("cpu-small-llama-avx2-fleet")
-    factor = fleet.c_prefill / base.c_prefill
-    assert factor == pytest.approx(1.1)
+@pytest.mark.parametrize(
+    ("calibrated", "fitted", "factor", "loaded", "running"),
+    [("cpu-small-llama", "cpu-small-llama-fleet", 1.2, 0.3, 0.0), ("cpu-small-llama-avx2", "cpu-small-llama-avx2-fleet", 1.1, 0.6, 0.1)],
+)
+def test_a_shipped_fleet_profile_is_its_calibrated_one_slowed_with_the_fitted_overheads(
+    calibrated: str, fitted: str, factor: float, loaded: float, running: float
+) -> None:
+    # each -fleet profile was written by `bench/fidelity.py --write-profile` (BENCHMARKS.md, "Fidelity
+    # under the fleet's own load" and "A second machine's profile"): recalibrating means refitting it
+    base, fleet = load_profile(calibrated), load_profile(fitted)
+    assert fleet.c_prefill / base.c_prefill == pytest.approx(factor)
     assert (fleet.block_size, fleet.num_blocks, fleet.max_num_seqs, fleet.max_num_batched_tokens) == (
         base.block_size, base.num_blocks, base.max_num_seqs, base.max_num_batched_tokens
     )  # fmt: skip
@@ -142,4 +132,4 @@ def test_the_shipped_avx2_fleet_profile_is_its_calibrated_one_slowed_with_both_o
         if f not in ("loaded_request_overhead", "running_request_overhead"):
             assert getattr(fleet, f) == pytest.approx(factor * getattr(base, f))
     assert (base.loaded_request_overhead, base.running_request_overhead) == (0, 0)
-    assert (fleet.loaded_request_overhead, fleet.running_request_overhead) == (pytest.approx(0.6), pytest.approx(0.1))
+    assert (fleet.loaded_request_overhead, fleet.running_request_overhead) == (pytest.approx(loaded), pytest.approx(running))

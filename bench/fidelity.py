@@ -454,6 +454,11 @@ def parse_overheads(text: str) -> list[float]:
     return _parse_numbers(text, "--overheads", positive=False)
 
 
+def parse_slos(text: str) -> list[float]:
+    """`--slos`: comma-separated positive seconds."""
+    return _parse_numbers(text, "--slos", positive=True)
+
+
 def parse_running_overheads(text: str) -> list[float]:
     """`--running-overheads`: comma-separated non-negative seconds."""
     return _parse_numbers(text, "--running-overheads", positive=False)
@@ -497,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="loaded request overheads to try with every factor, seconds (default: the profile's own)")  # fmt: skip
     parser.add_argument("--running-overheads", type=parse_running_overheads, default=None, metavar="S,S,...",
                         help="request overheads per request running on the replica to try with every other pair, seconds (default: the profile's own)")  # fmt: skip
-    parser.add_argument("--slos", type=parse_factors, default=[], metavar="S,S,...",
+    parser.add_argument("--slos", type=parse_slos, default=[], metavar="S,S,...",
                         help="also compare the shares within these SLOs, seconds (needs the harness's --keep-requests records)")  # fmt: skip
     parser.add_argument("--observations", type=Path, metavar="DIR",
                         help="write each simulated pylb run's first-token observations here (for bench/ttft_model.py)")  # fmt: skip

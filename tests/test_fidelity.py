@@ -108,10 +108,11 @@ def test_factors_must_be_positive_numbers(capsys: pytest.CaptureFixture[str]) ->
         with pytest.raises(SystemExit):
             fidelity.main(["--results", "r.json", "--factors", bad])
         assert "--factors" in capsys.readouterr().err
-    for bad in ("0.1,x", "-1"):
-        with pytest.raises(SystemExit):
-            fidelity.main(["--results", "r.json", "--overheads", bad])
-        assert "--overheads" in capsys.readouterr().err
+    for flag in ("--overheads", "--running-overheads", "--slos"):
+        for bad in ("0.1,x", "-1"):
+            with pytest.raises(SystemExit):
+                fidelity.main(["--results", "r.json", flag, bad])
+            assert f"argument {flag}: {flag}: expected" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

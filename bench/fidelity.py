@@ -87,12 +87,14 @@ import math
 import os
 import shlex
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pylb.observability.logging import JsonFormatter
 from pylb.router import registry
 from pylb.router.interface import Router, RouterOptions
 from pylb.sim.cluster import DEFAULT_SCRAPE_INTERVAL, prepare_workload, simulate
@@ -263,22 +265,18 @@ def real_slo_shares(doc: dict[str, Any], slos: list[float]) -> dict[str, dict[fl
     return {target: {s: float(np.mean(v)) for s, v in per.items()} for target, per in rescore.rescore(doc, slos).items()}
 
 
-OBSERVATION_FIELDS = ("replica", "ahead_tokens", "decoding", "latency_s", "waited_s", "predicted_s", "running_scraped")
-"""The fields of the router core's "ttft observation" debug line (`pylb.router.core`)."""
-
-
 class _ObservationLog(logging.Handler):
-    """Collects the router core's "ttft observation" debug lines of one simulated run as the
-    JSON records a live pylb logs, for `bench/ttft_model.py`."""
+    """Collects the router core's "ttft observation" debug lines of one simulated run, formatted
+    as a live pylb logs them (`pylb.observability.logging.JsonFormatter`), for `bench/ttft_model.py`."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
+        self.setFormatter(JsonFormatter())
         self.lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.getMessage() == "ttft observation":
-            rec = {"msg": "ttft observation", **{k: getattr(record, k, None) for k in OBSERVATION_FIELDS}}
-            self.lines.append(json.dumps(rec))
+            self.lines.append(self.format(record))
 
 
 def observed_simulation(observe_to: Path | None, *args: Any, **kwargs: Any) -> Any:
@@ -300,7 +298,7 @@ def observed_simulation(observe_to: Path | None, *args: Any, **kwargs: Any) -> A
 
 
 def compare(
-    results_path: Path, profiles: list[Profile], workloads: Any, slos: list[float] = (), observe_dir: Path | None = None, labels: list[str] | None = None
+    results_path: Path, profiles: list[Profile], workloads: Any, slos: Sequence[float] = (), observe_dir: Path | None = None, labels: list[str] | None = None
 ) -> list[list[Row]]:
     """Simulate every target of one harness results file once per profile (the profiles share
     one geometry: slowed variants of one profile); per profile, one Row per target. With `slos`,

@@ -96,6 +96,16 @@ def test_slos_score_the_kept_requests_and_the_simulated_run_at_each_slo(tmp_path
     printed = capsys.readouterr().out
     assert "within 0.25 s real / sim" in printed and "| peers.json | 10 s |" in printed
 
+    # the simulated router's first tokens, in the live router's log format (bench/ttft_model.py reads them)
+    import ttft_model
+
+    obs = tmp_path / "obs"
+    assert fidelity.main(["--results", str(results), "--observations", str(obs)]) == 0
+    capsys.readouterr()
+    (log,) = obs.glob("peers__pylb__*.jsonl")  # pylb's target only (the analogs' runs are not written)
+    (run,) = ttft_model.read_runs(log)
+    assert len(run) == 48 and all(o["latency_s"] > 0 and o["ahead_tokens"] >= 0 and o["decoding"] >= 0 for o in run)
+
     del doc["runs"]  # no records: the SLO table is left out, with a word on stderr
     results.write_text(json.dumps(doc))
     assert fidelity.main(["--results", str(results), "--slos", "0.25"]) == 0

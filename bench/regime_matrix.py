@@ -101,10 +101,12 @@ CPU_PROFILE = "cpu-small-llama"
 FLEET_CPU_PROFILE = "cpu-small-llama-fleet"
 """The CPU profile slowed to the side-by-side harness's loaded fleet (`bench/fidelity.py`): its
 cells are built and judged as the CPU profile's."""
+AVX2_FLEET_PROFILE = "cpu-small-llama-avx2-fleet"
+"""The same replica pair on the 3x slower AVX2-only machine, fitted to its real runs: CPU cells too."""
 CPU_MAX_PROMPT = 896
 """Prompt cap on the CPU profile (simulated tokens; the harness's: ~1,700 real tokens of 2,048)."""
 
-CELL_SLO = {"h100-llama3.1-8b": 5.0, "dualmap-910b": 5.0, CPU_PROFILE: 0.5, FLEET_CPU_PROFILE: 0.5}
+CELL_SLO = {"h100-llama3.1-8b": 5.0, "dualmap-910b": 5.0, CPU_PROFILE: 0.5, FLEET_CPU_PROFILE: 0.5, AVX2_FLEET_PROFILE: 0.5}
 """TTFT SLO of each profile's cells (seconds); the router is told the same SLO."""
 
 DEFAULT_POLICIES = ("dualmap", "weighted-score", "min-ttft", "preble-e2", "cache-aware")
@@ -282,8 +284,8 @@ def _write(path: str, doc: dict[str, Any]) -> None:
 
 
 def is_cpu(profile: Profile) -> bool:
-    """Whether the cells of `profile` use the CPU-scaled workloads (the CPU profile and its fleet twin)."""
-    return profile.name in (CPU_PROFILE, FLEET_CPU_PROFILE)
+    """Whether the cells of `profile` use the CPU-scaled workloads (the CPU profiles)."""
+    return profile.name in (CPU_PROFILE, FLEET_CPU_PROFILE, AVX2_FLEET_PROFILE)
 
 
 def cell_slo(workload_name: str, profile: Profile, args: argparse.Namespace) -> float:

@@ -442,24 +442,9 @@ def _parse_numbers(text: str, flag: str, positive: bool) -> list[float]:
     return values
 
 
-def parse_factors(text: str) -> list[float]:
-    """`--factors`: comma-separated positive numbers."""
-    return _parse_numbers(text, "--factors", positive=True)
-
-
-def parse_overheads(text: str) -> list[float]:
-    """`--overheads`: comma-separated non-negative seconds."""
-    return _parse_numbers(text, "--overheads", positive=False)
-
-
-def parse_slos(text: str) -> list[float]:
-    """`--slos`: comma-separated positive seconds."""
-    return _parse_numbers(text, "--slos", positive=True)
-
-
-def parse_running_overheads(text: str) -> list[float]:
-    """`--running-overheads`: comma-separated non-negative seconds."""
-    return _parse_numbers(text, "--running-overheads", positive=False)
+def numbers_arg(flag: str, positive: bool) -> Any:
+    """An argparse `type` for `flag`: comma-separated numbers, positive (or non-negative)."""
+    return lambda text: _parse_numbers(text, flag, positive)
 
 
 @dataclass(frozen=True)
@@ -494,13 +479,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", action="append", required=True, metavar="FILE", help="bench/peers/run.py results JSON (repeatable)")
     parser.add_argument("--profile", default="cpu-small-llama", metavar="NAME|FILE", help="calibrated profile (default cpu-small-llama)")
-    parser.add_argument("--factors", type=parse_factors, default=[1.0], metavar="F,F,...",
+    parser.add_argument("--factors", type=numbers_arg("--factors", positive=True), default=[1.0], metavar="F,F,...",
                         help="step-time slowdown factors to try; the best fit is reported (default 1)")  # fmt: skip
-    parser.add_argument("--overheads", type=parse_overheads, default=None, metavar="S,S,...",
+    parser.add_argument("--overheads", type=numbers_arg("--overheads", positive=False), default=None, metavar="S,S,...",
                         help="loaded request overheads to try with every factor, seconds (default: the profile's own)")  # fmt: skip
-    parser.add_argument("--running-overheads", type=parse_running_overheads, default=None, metavar="S,S,...",
+    parser.add_argument("--running-overheads", type=numbers_arg("--running-overheads", positive=False), default=None, metavar="S,S,...",
                         help="request overheads per request running on the replica to try with every other pair, seconds (default: the profile's own)")  # fmt: skip
-    parser.add_argument("--slos", type=parse_slos, default=[], metavar="S,S,...",
+    parser.add_argument("--slos", type=numbers_arg("--slos", positive=True), default=[], metavar="S,S,...",
                         help="also compare the shares within these SLOs, seconds (needs the harness's --keep-requests records)")  # fmt: skip
     parser.add_argument("--observations", type=Path, metavar="DIR",
                         help="write each simulated pylb run's first-token observations here (for bench/ttft_model.py)")  # fmt: skip

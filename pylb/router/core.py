@@ -328,7 +328,7 @@ class CoreRouter(Router):
         decoding there (`prefill_decoding`); 0 with neither."""
         if not self._prices_decoding:
             return s.ttft_intercept_s
-        return s.ttft_intercept_s + (s.inflight_requests - s.unprefilled_requests) * s.ttft_seconds_per_decoding
+        return s.ttft_intercept_s + s.decoding_requests * s.ttft_seconds_per_decoding
 
     def _admission_ttft(self, request: RoutingRequest, replica: int, limit: float) -> float:
         """The request's TTFT on `replica` as admission control judges it: 0 on an idle replica;
@@ -784,7 +784,7 @@ class CoreRouter(Router):
         e.state = _DISPATCHED
         e.dispatched_at = now
         e.ahead = s.unprefilled_tokens + e.cost
-        e.decoding = s.inflight_requests - s.unprefilled_requests
+        e.decoding = s.decoding_requests
         self._count_in_flight(e, r, +1)
         if self.events is not None and e.req.engine_keys is not None:
             self._compare(e.req, r, s.name)

@@ -393,6 +393,11 @@ class ReplicaState:
     ttft_seconds_per_decoding = property(lambda self: self._ttft_seconds_per_decoding, doc="Learned TTFT cost per request decoding there (0 unless `prefill_decoding`).")
 
     @property
+    def decoding_requests(self) -> int:
+        """Requests in flight on the replica past their first token (decoding)."""
+        return self._inflight_requests - self._unprefilled_requests
+
+    @property
     def load(self) -> int:
         """Requests the replica owes: queued in the router plus in flight on it."""
         return self._queued_requests + self._inflight_requests

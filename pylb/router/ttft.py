@@ -67,6 +67,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 PRIOR_TOKENS = 2048.0
 """Tokens of evidence the seed stands for (a small prompt: the seed is soon outweighed)."""
 
@@ -99,29 +101,16 @@ def blended_decoding(own: PrefillTimeEstimator, fleet: PrefillTimeEstimator) -> 
 def _solve(m: list[list[float]], b: list[float]) -> list[float] | None:
     """x with m x = b for a small symmetric positive semi-definite m, or None when m is near
     singular (its correlation matrix's determinant under 1e-3: the data cannot tell the
-    features apart). Gaussian elimination on the correlation-scaled system."""
-    n = len(b)
-    if any(m[i][i] <= 0 for i in range(n)):
+    features apart). Solved on the correlation-scaled system."""
+    gram, rhs = np.asarray(m, dtype=float), np.asarray(b, dtype=float)
+    diag = np.diag(gram)
+    if np.any(diag <= 0):
         return None
-    scale = [math.sqrt(m[i][i]) for i in range(n)]
-    a = [[m[i][j] / (scale[i] * scale[j]) for j in range(n)] + [b[i] / scale[i]] for i in range(n)]
-    det = 1.0
-    for col in range(n):
-        piv = max(range(col, n), key=lambda r: abs(a[r][col]))
-        if abs(a[piv][col]) < 1e-12:
-            return None
-        a[col], a[piv] = a[piv], a[col]
-        det *= a[col][col]
-        for r in range(col + 1, n):
-            f = a[r][col] / a[col][col]
-            for j in range(col, n + 1):
-                a[r][j] -= f * a[col][j]
-    if abs(det) < 1e-3:
+    scale = np.sqrt(diag)
+    corr = gram / np.outer(scale, scale)
+    if abs(np.linalg.det(corr)) < 1e-3:
         return None
-    x = [0.0] * n
-    for i in range(n - 1, -1, -1):
-        x[i] = (a[i][n] - sum(a[i][j] * x[j] for j in range(i + 1, n))) / a[i][i]
-    return [x[i] / scale[i] for i in range(n)]
+    return [float(v) for v in np.linalg.solve(corr, rhs / scale) / scale]
 
 
 class PrefillTimeEstimator:

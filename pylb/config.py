@@ -257,6 +257,11 @@ class FleetSettings:
     ejection_s: float = setting(5.0, "a passively ejected replica stays out at least this long before probes may bring it back", check=non_negative)
     metrics_path: str = setting("/metrics", "path of the replicas' Prometheus metrics", check=path_string)
     scrape_interval_s: float = setting(0.5, "seconds between scrapes of each replica's metrics", check=positive)
+    scrape_filtered: bool = setting(
+        True,
+        "ask each replica for only the series pylb reads (prometheus-client's name[] filter, which vLLM serves under "
+        "fleet.metrics_path + '/'); a replica that does not serve it is scraped whole",
+    )
     max_metrics_bytes: int = setting(8 * 1024 * 1024, "a replica's /metrics page larger than this fails the scrape", check=at_least(1024))
     scrape_timeout_s: float = setting(5.0, "a scrape without a whole answer after this long fails (a slow one delays only that replica's next scrape)", check=positive)
     discovery: str = setting(

@@ -30,6 +30,7 @@ import aiohttp
 import pytest
 
 from pylb.demo import free_port, prefix_cache_counters, pylb_proxy, wait_ready
+from pylb.fleet.scrape import FILTER_PARAMS, filtered_metrics_path, parse_vllm_metrics
 from pylb.workload.replay import replay
 from pylb.workload.synthetic import token_text
 from pylb.workload.types import WorkloadRequest
@@ -128,3 +129,23 @@ def test_dualmap_beats_round_robin_on_real_vllm_prefix_hits(vllm_replicas: list[
     dm = asyncio.run(hit_rate_through_pylb(vllm_replicas, "dualmap", "dm"))
     print(f"\nvLLM prefix-cache hit rate through pylb: round-robin {rr:.1%}, dualmap {dm:.1%}")
     assert dm > rr
+
+
+async def whole_and_filtered_pages(url: str) -> tuple[str, str]:
+    """A replica's whole /metrics page and the one pylb's scrapes ask for (fleet.scrape_filtered)."""
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url + "/metrics") as r:
+            whole = await r.text()
+        async with s.get(url + filtered_metrics_path("/metrics"), params=FILTER_PARAMS) as r:
+            assert r.status == 200
+            filtered = await r.text()
+    return whole, filtered
+
+
+def test_real_vllm_serves_the_filtered_metrics_page(vllm_replicas: list[str]) -> None:
+    # vLLM mounts prometheus-client's app under /metrics/; its name[] filter keeps only what pylb reads
+    for url in vllm_replicas:
+        whole, filtered = asyncio.run(whole_and_filtered_pages(url))
+        assert parse_vllm_metrics(filtered) == parse_vllm_metrics(whole)
+        assert len(filtered) * 5 < len(whole)
+        assert not any(line.startswith(("python_", "process_", "http_")) for line in filtered.splitlines())

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from pylb.config import load_settings
 from pylb.fleet.fleet import Fleet
-from pylb.fleet.scrape import ScrapeError, filter_lines, parse_vllm_metrics
+from pylb.fleet.scrape import FILTER_PARAMS, ScrapeError, filter_lines, filtered_metrics_path, parse_vllm_metrics
 from pylb.observability.metrics import ProxyMetrics
 from pylb.sim.profiles import Profile
 from pylb.sim.server import FakeServerConfig, FakeVllmServer
@@ -128,3 +129,116 @@ async def test_a_slow_metrics_page_is_late_not_failed_and_delays_no_other_replic
     assert 1 <= seen.count(slow.url) <= 2
     assert seen.count(fast.url) >= 20
     assert slow.metrics_calls <= 1 + 2  # the baseline, then never a scrape on top of one in flight
+
+
+# ---- the filtered page (fleet.scrape_filtered) ---------------------------------------------------
+
+
+class _PagesReplica:
+    """A replica with vLLM's two metrics routes: `/metrics` (the whole page, query ignored) and
+    `/metrics/` (prometheus-client's app: only the `name[]` series), the latter switchable off
+    (404, like a server without it). Requests to each are counted."""
+
+    def __init__(self) -> None:
+        self.serve_filtered = True
+        self.calls = {"whole": 0, "filtered": 0}
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def __aenter__(self) -> _PagesReplica:
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._whole)
+        app.router.add_get("/metrics/", self._filtered)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response()
+
+    async def _whole(self, request: web.Request) -> web.Response:
+        self.calls["whole"] += 1
+        return web.Response(text=PAGE + "# TYPE big histogram\nbig_bucket{le=\"1\"} 1\n")
+
+    async def _filtered(self, request: web.Request) -> web.Response:
+        if not self.serve_filtered:
+            return web.Response(status=404)
+        self.calls["filtered"] += 1
+        names = set(request.query.getall("name[]", []))
+        return web.Response(text="".join(line + "\n" for line in PAGE.splitlines() if line.split("{")[0] in names))
+
+
+async def _scrape_for(url: str, seconds: float, **settings: object) -> tuple[Fleet, ProxyMetrics, list]:
+    config = load_settings({"fleet.backends": [url], "fleet.scrape_interval_s": 0.05, **settings}, env={})
+    metrics = ProxyMetrics()
+    seen: list = []
+    fleet = Fleet(config.fleet, metrics, lambda replicas: None, lambda replica, m: seen.append(m))
+    await fleet.start()
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        await fleet.stop()
+    return fleet, metrics, seen
+
+
+async def test_scrapes_ask_the_fake_vllm_for_only_the_series_read() -> None:
+    profile = Profile(name="t", block_size=4, num_blocks=512, max_num_seqs=8, max_num_batched_tokens=512, c0=1e-3, c_prefill=1e-5, c_decode=0.0, c_attn=0.0)
+    async with FakeVllmServer(profile, FakeServerConfig(speed=10.0, max_model_len=1024)) as srv:
+        fleet, metrics, seen = await _scrape_for(srv.url, 0.3)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(srv.url + "/metrics") as r:
+                whole = await r.text()
+            async with s.get(srv.url + filtered_metrics_path("/metrics"), params=FILTER_PARAMS) as r:
+                filtered = await r.text()
+    assert fleet.replicas[srv.url].serves_filtered_page is True and metrics.scrape_errors.get(srv.url) == 0
+    assert seen and seen[-1] == parse_vllm_metrics(whole) == parse_vllm_metrics(filtered)
+    samples = [line for line in filtered.splitlines() if not line.startswith("#")]
+    assert samples and all(line.startswith("vllm:") for line in samples)
+    assert not any("_bucket" in line for line in samples)  # no histograms
+    assert len(filtered) * 5 < len(whole)
+
+
+async def test_a_replica_without_the_filtered_page_is_scraped_whole() -> None:
+    async with _PagesReplica() as replica:
+        replica.serve_filtered = False
+        fleet, metrics, seen = await _scrape_for(replica.url, 0.3)
+    assert fleet.replicas[replica.url].serves_filtered_page is False
+    assert metrics.scrape_errors.get(replica.url) == 0  # the fallback is not a failed scrape
+    assert len(seen) >= 3 and seen[-1] == parse_vllm_metrics(PAGE)
+    assert replica.calls["filtered"] == 0 and replica.calls["whole"] >= 3
+
+
+async def test_a_filtered_page_that_goes_away_fails_one_scrape_then_the_whole_page_is_used() -> None:
+    async with _PagesReplica() as replica:
+        config = load_settings({"fleet.backends": [replica.url], "fleet.scrape_interval_s": 0.05}, env={})
+        metrics = ProxyMetrics()
+        seen: list = []
+        fleet = Fleet(config.fleet, metrics, lambda replicas: None, lambda replica, m: seen.append(m))
+        await fleet.start()
+        try:
+            await asyncio.sleep(0.2)
+            assert fleet.replicas[replica.url].serves_filtered_page is True and replica.calls["whole"] == 0
+            replica.serve_filtered = False  # e.g. replaced by a server without prometheus-client's app
+            before = len(seen)
+            await asyncio.sleep(0.3)
+        finally:
+            await fleet.stop()
+    assert metrics.scrape_errors.get(replica.url) == 1
+    assert fleet.replicas[replica.url].serves_filtered_page is False
+    assert len(seen) > before + 2 and seen[-1] == parse_vllm_metrics(PAGE)
+
+
+async def test_scrape_filtered_off_asks_for_the_whole_page() -> None:
+    async with _PagesReplica() as replica:
+        fleet, metrics, seen = await _scrape_for(replica.url, 0.3, **{"fleet.scrape_filtered": False})
+    assert replica.calls["filtered"] == 0 and replica.calls["whole"] >= 3
+    assert fleet.replicas[replica.url].serves_filtered_page is None and seen[-1] == parse_vllm_metrics(PAGE)

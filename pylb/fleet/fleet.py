@@ -38,6 +38,10 @@ therefore generous: an idle vLLM replica on a busy CPU host measured here answer
 median, 300 ms at p99, and past the old 1 s limit about once in 5 minutes -- a scrape that slow is
 late, not failed. The fleet also keeps the increase of the replica's prefix-cache counters since
 pylb started (for the observed hit rate), handling counter resets (a restarted replica).
+With `scrape_filtered` (the default) the fleet asks for only the series it reads
+(`/metrics/?name[]=...`, prometheus-client's filter, which vLLM serves): a tenth of the
+replica's CPU per scrape; a replica that answers that request with an error status or a page
+that is not vLLM's is scraped whole from then on.
 
 Both loops catch, log and count every failure (`pylb_background_errors_total`) and go on.
 
@@ -66,7 +70,7 @@ from pylb.observability.metrics import ProxyMetrics
 from pylb.router.interface import ReplicaMetrics
 
 from .discovery import Discovery, Members
-from .scrape import ScrapeError, parse_vllm_metrics
+from .scrape import FILTER_PARAMS, ScrapeError, filtered_metrics_path, parse_vllm_metrics
 
 log = logging.getLogger("pylb.fleet")
 
@@ -107,6 +111,8 @@ class FleetReplica:
     _last_hits: int | None = None
     scrape_failing: bool = False
     draining: bool = False
+    # fleet.scrape_filtered: None until a filtered scrape was tried, then whether the replica serves it
+    serves_filtered_page: bool | None = None
 
 
 class Fleet:
@@ -325,15 +331,8 @@ class Fleet:
             log.exception("background task failed; it goes on", extra={"task": "scrape", "replica": r.url})
 
     async def _scrape(self, r: FleetReplica) -> None:
-        assert self._session is not None
-        s = self.settings
         try:
-            timeout = aiohttp.ClientTimeout(total=s.scrape_timeout_s)
-            async with self._session.get(r.url + s.metrics_path, timeout=timeout) as resp:
-                if resp.status != 200:
-                    raise ScrapeError(f"HTTP {resp.status}")
-                text = await _read_page(resp, s.max_metrics_bytes)
-            m = parse_vllm_metrics(text)
+            m = await self._fetch_metrics(r)
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ScrapeError, UnicodeDecodeError) as exc:
             self.metrics.count_scrape_error(r.url)
             if not r.scrape_failing:
@@ -347,6 +346,38 @@ class Fleet:
         # it may have left rotation, started draining or been removed while the scrape was in flight
         if r.healthy and not r.draining and self.replicas.get(r.url) is r:
             self._on_metrics(r.url, m)
+
+    async def _fetch_metrics(self, r: FleetReplica) -> ReplicaMetrics:
+        """One scrape: the filtered page where the replica serves it (fleet.scrape_filtered), else
+        the whole page. A filtered page that fails with a ScrapeError (an HTTP error status, or a
+        page that is not vLLM's) on its first try means the replica does not serve it: the whole
+        page is fetched at once and used from then on; one that had worked before fails this
+        scrape and is tried afresh next time (the replica may have been replaced)."""
+        s = self.settings
+        if s.scrape_filtered and r.serves_filtered_page is not False:
+            try:
+                m = await self._get_metrics(r, filtered_metrics_path(s.metrics_path), FILTER_PARAMS)
+            except ScrapeError as exc:
+                if r.serves_filtered_page:
+                    r.serves_filtered_page = None
+                    raise
+                r.serves_filtered_page = False
+                log.info("replica has no filtered metrics page; scraping it whole", extra={"replica": r.url, "error": str(exc)})
+            else:
+                r.serves_filtered_page = True
+                return m
+        return await self._get_metrics(r, s.metrics_path, ())
+
+    async def _get_metrics(self, r: FleetReplica, path: str, params: Sequence[tuple[str, str]]) -> ReplicaMetrics:
+        """GET one metrics page of `r` and parse it (ScrapeError for an error status or a bad page)."""
+        assert self._session is not None
+        s = self.settings
+        timeout = aiohttp.ClientTimeout(total=s.scrape_timeout_s)
+        async with self._session.get(r.url + path, params=params, timeout=timeout) as resp:
+            if resp.status != 200:
+                raise ScrapeError(f"HTTP {resp.status}")
+            text = await _read_page(resp, s.max_metrics_bytes)
+        return parse_vllm_metrics(text)
 
     @staticmethod
     def _update_observed(r: FleetReplica, m: ReplicaMetrics) -> None:

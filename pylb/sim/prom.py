@@ -37,7 +37,7 @@ simulated latencies divided by X. Buckets are vLLM's (token-count histograms use
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, exposition, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -97,8 +97,19 @@ class _EngineCollector:
         self._owner = owner
 
     def collect(self) -> Iterator[Metric]:
+        return self._families(self._owner.snapshot())
+
+    def describe(self) -> Iterator[Metric]:
+        """The families without samples: a registry made with auto_describe=False reads them at
+        registration, and its `restricted_registry` (the `name[]` filter) finds this collector
+        by these names."""
+        empty = ReplicaMetrics(0, 0, 0.0, 0, 0, block_size=0, num_gpu_blocks=0)
+        for family in self._families(empty):
+            family.samples = []
+            yield family
+
+    def _families(self, m: ReplicaMetrics) -> Iterator[Metric]:
         o = self._owner
-        m = o.snapshot()
         lv = [o.engine, o.model_name]
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -280,6 +291,7 @@ class VllmMetrics:
 
     # ---- rendering -------------------------------------------------------------------------------
 
-    def render(self) -> bytes:
-        """The `/metrics` page in the Prometheus text format."""
-        return generate_latest(self.registry)
+    def render(self, names: Sequence[str] = ()) -> bytes:
+        """The `/metrics` page in the Prometheus text format; with `names`, only those series
+        (what prometheus-client's exposition does for `name[]` query parameters)."""
+        return generate_latest(self.registry.restricted_registry(names) if names else self.registry)

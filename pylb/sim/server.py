@@ -10,6 +10,7 @@ pylb's proxy, its tests, the replay client and other routers need from a vLLM re
     GET  /v1/models             the one served model, with max_model_len
     GET  /health                200, empty body
     GET  /metrics               vLLM's Prometheus series (`pylb.sim.prom`)
+    GET  /metrics/?name[]=...   only the series named (prometheus-client's filter, as vLLM mounts it)
 
 Time. One asyncio task drives the engine: while it has work it calls `step(start)`, sleeps
 until the step's end in wall time, then delivers the step's tokens to the requests' handlers;
@@ -455,6 +456,7 @@ class FakeVllmServer:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/metrics/", self._metrics_filtered)
         return app
 
     async def start(self) -> int:
@@ -854,7 +856,13 @@ class FakeVllmServer:
         return web.Response(status=200)
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        # vLLM's /metrics is the FastAPI instrumentator's route: it ignores query parameters
         return web.Response(body=self.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    async def _metrics_filtered(self, request: web.Request) -> web.StreamResponse:
+        # vLLM mounts prometheus-client's ASGI app under /metrics/, which honours name[] filters
+        names = request.query.getall("name[]", [])
+        return web.Response(body=self.metrics.render(names), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def start_replicas(

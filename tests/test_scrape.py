@@ -136,11 +136,11 @@ async def test_a_slow_metrics_page_is_late_not_failed_and_delays_no_other_replic
 
 class _PagesReplica:
     """A replica with vLLM's two metrics routes: `/metrics` (the whole page, query ignored) and
-    `/metrics/` (prometheus-client's app: only the `name[]` series), the latter switchable off
-    (404, like a server without it). Requests to each are counted."""
+    `/metrics/` (prometheus-client's app: only the `name[]` series) answering `filtered_status`
+    instead when that is not 200 (404: a server without it). Requests to each are counted."""
 
     def __init__(self) -> None:
-        self.serve_filtered = True
+        self.filtered_status = 200
         self.calls = {"whole": 0, "filtered": 0}
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -170,8 +170,8 @@ class _PagesReplica:
         return web.Response(text=PAGE + "# TYPE big histogram\nbig_bucket{le=\"1\"} 1\n")
 
     async def _filtered(self, request: web.Request) -> web.Response:
-        if not self.serve_filtered:
-            return web.Response(status=404)
+        if self.filtered_status != 200:
+            return web.Response(status=self.filtered_status)
         self.calls["filtered"] += 1
         names = set(request.query.getall("name[]", []))
         return web.Response(text="".join(line + "\n" for line in PAGE.splitlines() if line.split("{")[0] in names))
@@ -209,7 +209,7 @@ async def test_scrapes_ask_the_fake_vllm_for_only_the_series_read() -> None:
 
 async def test_a_replica_without_the_filtered_page_is_scraped_whole() -> None:
     async with _PagesReplica() as replica:
-        replica.serve_filtered = False
+        replica.filtered_status = 404
         fleet, metrics, seen = await _scrape_for(replica.url, 0.3)
     assert fleet.replicas[replica.url].serves_filtered_page is False
     assert metrics.scrape_errors.get(replica.url) == 0  # the fallback is not a failed scrape
@@ -227,7 +227,7 @@ async def test_a_filtered_page_that_goes_away_fails_one_scrape_then_the_whole_pa
         try:
             await asyncio.sleep(0.2)
             assert fleet.replicas[replica.url].serves_filtered_page is True and replica.calls["whole"] == 0
-            replica.serve_filtered = False  # e.g. replaced by a server without prometheus-client's app
+            replica.filtered_status = 404  # e.g. replaced by a server without prometheus-client's app
             before = len(seen)
             await asyncio.sleep(0.3)
         finally:
@@ -235,6 +235,28 @@ async def test_a_filtered_page_that_goes_away_fails_one_scrape_then_the_whole_pa
     assert metrics.scrape_errors.get(replica.url) == 1
     assert fleet.replicas[replica.url].serves_filtered_page is False
     assert len(seen) > before + 2 and seen[-1] == parse_vllm_metrics(PAGE)
+
+
+async def test_a_server_error_on_the_filtered_page_is_a_failed_scrape_not_a_verdict() -> None:
+    # a 503 (a replica still starting) says nothing about the filter: the scrape fails, and the
+    # filter is asked for again next time
+    async with _PagesReplica() as replica:
+        replica.filtered_status = 503
+        config = load_settings({"fleet.backends": [replica.url], "fleet.scrape_interval_s": 0.05}, env={})
+        metrics = ProxyMetrics()
+        seen: list = []
+        fleet = Fleet(config.fleet, metrics, lambda replicas: None, lambda replica, m: seen.append(m))
+        await fleet.start()
+        try:
+            await asyncio.sleep(0.2)
+            assert fleet.replicas[replica.url].serves_filtered_page is None and not seen
+            failed = metrics.scrape_errors.get(replica.url)
+            replica.filtered_status = 200
+            await asyncio.sleep(0.2)
+        finally:
+            await fleet.stop()
+    assert failed >= 2 and replica.calls["whole"] == 0
+    assert fleet.replicas[replica.url].serves_filtered_page is True and seen[-1] == parse_vllm_metrics(PAGE)
 
 
 async def test_scrape_filtered_off_asks_for_the_whole_page() -> None:

@@ -39,9 +39,9 @@ median, 300 ms at p99, and past the old 1 s limit about once in 5 minutes -- a s
 late, not failed. The fleet also keeps the increase of the replica's prefix-cache counters since
 pylb started (for the observed hit rate), handling counter resets (a restarted replica).
 With `scrape_filtered` (the default) the fleet asks for only the series it reads
-(`/metrics/?name[]=...`, prometheus-client's filter, which vLLM serves): a tenth of the
-replica's CPU per scrape; a replica that answers that request with an error status or a page
-that is not vLLM's is scraped whole from then on.
+(`/metrics/?name[]=...`, prometheus-client's filter, which vLLM serves): a seventh of the
+replica's CPU per scrape on a CPU vLLM (`bench/scrape_cost.py`); a replica that answers that
+request with 404 or 405, or with a page that is not vLLM's, is scraped whole from then on.
 
 Both loops catch, log and count every failure (`pylb_background_errors_total`) and go on.
 
@@ -88,6 +88,18 @@ async def _read_page(resp: aiohttp.ClientResponse, limit: int) -> str:
         if len(data) > limit:
             raise ScrapeError(f"metrics page larger than fleet.max_metrics_bytes ({limit})")
     return data.decode("utf-8")
+
+
+NOT_SERVED_STATUSES = (404, 405)
+"""Answers to the filtered metrics request that mean the replica does not serve it."""
+
+
+class _ErrorStatus(ScrapeError):
+    """A metrics request answered with a status other than 200."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
 
 
 @dataclass(slots=True)
@@ -349,15 +361,18 @@ class Fleet:
 
     async def _fetch_metrics(self, r: FleetReplica) -> ReplicaMetrics:
         """One scrape: the filtered page where the replica serves it (fleet.scrape_filtered), else
-        the whole page. A filtered page that fails with a ScrapeError (an HTTP error status, or a
-        page that is not vLLM's) on its first try means the replica does not serve it: the whole
-        page is fetched at once and used from then on; one that had worked before fails this
-        scrape and is tried afresh next time (the replica may have been replaced)."""
+        the whole page. A filtered request answered 404 or 405, or with a page that is not vLLM's,
+        on its first try means the replica does not serve it: the whole page is fetched at once
+        and used from then on; where it had worked before, that fails this scrape and the filter
+        is tried afresh next time (the replica may have been replaced). Any other error status
+        (a 503 while the replica starts) is a failed scrape and proves nothing either way."""
         s = self.settings
         if s.scrape_filtered and r.serves_filtered_page is not False:
             try:
                 m = await self._get_metrics(r, filtered_metrics_path(s.metrics_path), FILTER_PARAMS)
             except ScrapeError as exc:
+                if isinstance(exc, _ErrorStatus) and exc.status not in NOT_SERVED_STATUSES:
+                    raise
                 if r.serves_filtered_page:
                     r.serves_filtered_page = None
                     raise
@@ -375,7 +390,7 @@ class Fleet:
         timeout = aiohttp.ClientTimeout(total=s.scrape_timeout_s)
         async with self._session.get(r.url + path, params=params, timeout=timeout) as resp:
             if resp.status != 200:
-                raise ScrapeError(f"HTTP {resp.status}")
+                raise _ErrorStatus(resp.status)
             text = await _read_page(resp, s.max_metrics_bytes)
         return parse_vllm_metrics(text)
 

@@ -141,6 +141,7 @@ class _PagesReplica:
 
     def __init__(self) -> None:
         self.filtered_status = 200
+        self.filtered_empty = False  # an empty 200: what a multiprocess registry's filter answers
         self.calls = {"whole": 0, "filtered": 0}
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -170,9 +171,11 @@ class _PagesReplica:
         return web.Response(text=PAGE + "# TYPE big histogram\nbig_bucket{le=\"1\"} 1\n")
 
     async def _filtered(self, request: web.Request) -> web.Response:
+        self.calls["filtered"] += 1
         if self.filtered_status != 200:
             return web.Response(status=self.filtered_status)
-        self.calls["filtered"] += 1
+        if self.filtered_empty:
+            return web.Response(text="")
         names = set(request.query.getall("name[]", []))
         return web.Response(text="".join(line + "\n" for line in PAGE.splitlines() if line.split("{")[0] in names))
 
@@ -207,14 +210,18 @@ async def test_scrapes_ask_the_fake_vllm_for_only_the_series_read() -> None:
     assert len(filtered) * 5 < len(whole)
 
 
-async def test_a_replica_without_the_filtered_page_is_scraped_whole() -> None:
+@pytest.mark.parametrize("answer", ["404", "empty page"])
+async def test_a_replica_without_the_filtered_page_is_scraped_whole(answer: str) -> None:
     async with _PagesReplica() as replica:
-        replica.filtered_status = 404
+        if answer == "404":
+            replica.filtered_status = 404
+        else:
+            replica.filtered_empty = True
         fleet, metrics, seen = await _scrape_for(replica.url, 0.3)
     assert fleet.replicas[replica.url].serves_filtered_page is False
     assert metrics.scrape_errors.get(replica.url) == 0  # the fallback is not a failed scrape
     assert len(seen) >= 3 and seen[-1] == parse_vllm_metrics(PAGE)
-    assert replica.calls["filtered"] == 0 and replica.calls["whole"] >= 3
+    assert replica.calls["filtered"] == 1 and replica.calls["whole"] >= 3  # asked once, never again
 
 
 async def test_a_filtered_page_that_goes_away_fails_one_scrape_then_the_whole_page_is_used() -> None:

@@ -28,12 +28,14 @@ A missing series reads as 0. A page with none of the `vllm:` request gauges rais
 (it is not a vLLM replica, or not a ready one).
 
 Asking for less. Rendering the whole page (~50 kB, mostly histograms) costs a CPU vLLM's API
-server about 9-12 ms of CPU per scrape, on the process that also streams the tokens. vLLM mounts
+server about 8-12 ms of CPU per scrape, on the process that also streams the tokens. vLLM mounts
 prometheus-client's ASGI app under `/metrics/` (its plain `/metrics` route is the FastAPI
 instrumentator's, which ignores query parameters), and that app renders only the series named
 by `name[]` parameters (`CollectorRegistry.restricted_registry`): ~2.7 kB and about 1 ms
 (`bench/scrape_cost.py`). `filtered_metrics_path` and `FILTER_PARAMS` build that request; the
-fleet falls back to the whole page for a replica that does not serve it.
+fleet falls back to the whole page for a replica that does not serve it (a 404, or a page
+without the series: a vLLM running several API servers collects through prometheus-client's
+multiprocess collector, which the filter cannot find by name, so its filtered page is empty).
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -180,16 +182,24 @@ class _PagesReplica:
         return web.Response(text="".join(line + "\n" for line in PAGE.splitlines() if line.split("{")[0] in names))
 
 
-async def _scrape_for(url: str, seconds: float, **settings: object) -> tuple[Fleet, ProxyMetrics, list]:
+@asynccontextmanager
+async def _scraping(url: str, **settings: object) -> AsyncIterator[tuple[Fleet, ProxyMetrics, list]]:
+    """A started fleet scraping `url` every 50 ms: (the fleet, its metrics, the ReplicaMetrics
+    delivered so far); stopped on leaving."""
     config = load_settings({"fleet.backends": [url], "fleet.scrape_interval_s": 0.05, **settings}, env={})
     metrics = ProxyMetrics()
     seen: list = []
     fleet = Fleet(config.fleet, metrics, lambda replicas: None, lambda replica, m: seen.append(m))
     await fleet.start()
     try:
-        await asyncio.sleep(seconds)
+        yield fleet, metrics, seen
     finally:
         await fleet.stop()
+
+
+async def _scrape_for(url: str, seconds: float, **settings: object) -> tuple[Fleet, ProxyMetrics, list]:
+    async with _scraping(url, **settings) as (fleet, metrics, seen):
+        await asyncio.sleep(seconds)
     return fleet, metrics, seen
 
 
@@ -225,20 +235,12 @@ async def test_a_replica_without_the_filtered_page_is_scraped_whole(answer: str)
 
 
 async def test_a_filtered_page_that_goes_away_fails_one_scrape_then_the_whole_page_is_used() -> None:
-    async with _PagesReplica() as replica:
-        config = load_settings({"fleet.backends": [replica.url], "fleet.scrape_interval_s": 0.05}, env={})
-        metrics = ProxyMetrics()
-        seen: list = []
-        fleet = Fleet(config.fleet, metrics, lambda replicas: None, lambda replica, m: seen.append(m))
-        await fleet.start()
-        try:
-            await asyncio.sleep(0.2)
-            assert fleet.replicas[replica.url].serves_filtered_page is True and replica.calls["whole"] == 0
-            replica.filtered_status = 404  # e.g. replaced by a server without prometheus-client's app
-            before = len(seen)
-            await asyncio.sleep(0.3)
-        finally:
-            await fleet.stop()
+    async with _PagesReplica() as replica, _scraping(replica.url) as (fleet, metrics, seen):
+        await asyncio.sleep(0.2)
+        assert fleet.replicas[replica.url].serves_filtered_page is True and replica.calls["whole"] == 0
+        replica.filtered_status = 404  # e.g. replaced by a server without prometheus-client's app
+        before = len(seen)
+        await asyncio.sleep(0.3)
     assert metrics.scrape_errors.get(replica.url) == 1
     assert fleet.replicas[replica.url].serves_filtered_page is False
     assert len(seen) > before + 2 and seen[-1] == parse_vllm_metrics(PAGE)
@@ -249,19 +251,12 @@ async def test_a_server_error_on_the_filtered_page_is_a_failed_scrape_not_a_verd
     # filter is asked for again next time
     async with _PagesReplica() as replica:
         replica.filtered_status = 503
-        config = load_settings({"fleet.backends": [replica.url], "fleet.scrape_interval_s": 0.05}, env={})
-        metrics = ProxyMetrics()
-        seen: list = []
-        fleet = Fleet(config.fleet, metrics, lambda replicas: None, lambda replica, m: seen.append(m))
-        await fleet.start()
-        try:
+        async with _scraping(replica.url) as (fleet, metrics, seen):
             await asyncio.sleep(0.2)
             assert fleet.replicas[replica.url].serves_filtered_page is None and not seen
             failed = metrics.scrape_errors.get(replica.url)
             replica.filtered_status = 200
             await asyncio.sleep(0.2)
-        finally:
-            await fleet.stop()
     assert failed >= 2 and replica.calls["whole"] == 0
     assert fleet.replicas[replica.url].serves_filtered_page is True and seen[-1] == parse_vllm_metrics(PAGE)
 

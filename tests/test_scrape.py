@@ -81,6 +81,9 @@ def test_older_vllm_names_and_missing_series() -> None:
     assert (m.block_size, m.num_gpu_blocks) == (0, 0)  # no cache_config_info: unknown
     m = parse_vllm_metrics('vllm:num_requests_waiting 2\nvllm:cache_config_info{block_size="None",num_gpu_blocks="x"} 1\n')
     assert (m.num_requests_waiting, m.block_size, m.num_gpu_blocks) == (2, 0, 0)
+    # labels that float() reads but no integer is (found by tests/test_hostile_input.py's fuzzing)
+    m = parse_vllm_metrics('vllm:num_requests_waiting 2\nvllm:cache_config_info{block_size="INF",num_gpu_blocks="nan"} 1\n')
+    assert (m.block_size, m.num_gpu_blocks) == (0, 0)
 
 
 @pytest.mark.parametrize(

@@ -134,10 +134,11 @@ def parse_vllm_metrics(text: str) -> ReplicaMetrics:
 
 
 def _label_int(value: str | None) -> int:
-    """An integer label value; 0 for absent, "None" or anything not an integer."""
+    """An integer label value; 0 for absent, "None", "inf", "nan" or anything not an integer."""
     if value is None:
         return 0
     try:
-        return int(float(value))
+        number = float(value)
     except ValueError:
         return 0
+    return int(number) if math.isfinite(number) else 0

@@ -466,12 +466,11 @@ class Variant:
 
     def profile(self, base: Profile, name: str | None = None, why: str = "") -> Profile:
         p = base.slowed(self.factor, name=name, why=why) if self.factor != 1 or name else base
-        if self.loaded_overhead is not None:
-            note = f"loaded_request_overhead {self.loaded_overhead * 1e3:g} ms (fitted)"
-            p = replace(p, loaded_request_overhead=self.loaded_overhead, description=f"{p.description}; {note}")
-        if self.running_overhead is not None:
-            note = f"running_request_overhead {self.running_overhead * 1e3:g} ms per running request (fitted)"
-            p = replace(p, running_request_overhead=self.running_overhead, description=f"{p.description}; {note}")
+        for field_name, value, unit in (("loaded_request_overhead", self.loaded_overhead, "ms"),
+                                        ("running_request_overhead", self.running_overhead, "ms per running request")):  # fmt: skip
+            if value is not None:
+                note = f"{field_name} {value * 1e3:g} {unit} (fitted)"
+                p = replace(p, **{field_name: value}, description=f"{p.description}; {note}")
         return p
 
 
@@ -503,9 +502,9 @@ def main(argv: list[str] | None = None) -> int:
                            "profile": base.to_dict(), "factors": args.factors, "overheads": args.overheads,
                            "load_avg": os.getloadavg(), "files": []}  # fmt: skip
     by_variant: list[list[Row]] = [[] for _ in profiles]
+    if args.observations:
+        args.observations.mkdir(parents=True, exist_ok=True)
     for path in map(Path, args.results):
-        if args.observations:
-            args.observations.mkdir(parents=True, exist_ok=True)
         per_variant = compare(path, profiles, workloads, args.slos, args.observations, labels)
         errors = [fit_error(rows) for rows in per_variant]
         best = errors.index(min(errors))

@@ -106,7 +106,10 @@ AVX2_FLEET_PROFILE = "cpu-small-llama-avx2-fleet"
 CPU_MAX_PROMPT = 896
 """Prompt cap on the CPU profile (simulated tokens; the harness's: ~1,700 real tokens of 2,048)."""
 
-CELL_SLO = {"h100-llama3.1-8b": 5.0, "dualmap-910b": 5.0, CPU_PROFILE: 0.5, FLEET_CPU_PROFILE: 0.5, AVX2_FLEET_PROFILE: 0.5}
+CPU_PROFILES = (CPU_PROFILE, FLEET_CPU_PROFILE, AVX2_FLEET_PROFILE)
+"""The profiles whose cells use the CPU-scaled workloads (`is_cpu`)."""
+
+CELL_SLO = {"h100-llama3.1-8b": 5.0, "dualmap-910b": 5.0, **dict.fromkeys(CPU_PROFILES, 0.5)}
 """TTFT SLO of each profile's cells (seconds); the router is told the same SLO."""
 
 DEFAULT_POLICIES = ("dualmap", "weighted-score", "min-ttft", "preble-e2", "cache-aware")
@@ -285,7 +288,7 @@ def _write(path: str, doc: dict[str, Any]) -> None:
 
 def is_cpu(profile: Profile) -> bool:
     """Whether the cells of `profile` use the CPU-scaled workloads (the CPU profiles)."""
-    return profile.name in (CPU_PROFILE, FLEET_CPU_PROFILE, AVX2_FLEET_PROFILE)
+    return profile.name in CPU_PROFILES
 
 
 def cell_slo(workload_name: str, profile: Profile, args: argparse.Namespace) -> float:

@@ -153,7 +153,10 @@ class Profile:
 COST_FIELDS = ("c0", "c_prefill", "c_decode", "c_attn", "c_prefill_attn")
 """The step-time constants, in seconds."""
 
-TIME_FIELDS = (*COST_FIELDS, "request_overhead", "loaded_request_overhead", "running_request_overhead")
+OVERHEAD_FIELDS = ("request_overhead", "loaded_request_overhead", "running_request_overhead")
+"""The request overheads, in seconds (optional in a YAML profile)."""
+
+TIME_FIELDS = (*COST_FIELDS, *OVERHEAD_FIELDS)
 """Every field in seconds: the step-time constants and the request overheads (`Profile.slowed` scales them)."""
 
 
@@ -263,7 +266,7 @@ YAML_FIELDS: tuple[str, ...] = (
 )
 """Fields a YAML profile must have (times in seconds)."""
 
-_OPTIONAL_TIMES = ("c_prefill_attn", "request_overhead", "loaded_request_overhead", "running_request_overhead")
+_OPTIONAL_TIMES = ("c_prefill_attn", *OVERHEAD_FIELDS)
 """Times a YAML profile may leave out (0 then)."""
 _OPTIONAL_YAML_FIELDS = ("name", "description", *_OPTIONAL_TIMES)
 

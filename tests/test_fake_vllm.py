@@ -208,6 +208,28 @@ async def test_sdk_errors(server: FakeVllmServer) -> None:
 # ---- raw HTTP ------------------------------------------------------------------------------------------
 
 
+async def test_tokenize_answers_like_vllm_with_the_tokens_the_engine_counts(server: FakeVllmServer) -> None:
+    """`POST /tokenize` (vLLM's body and answer): one token per 4 bytes, the count a completion reports."""
+    text = "tokenize me please, in words of four bytes"
+    messages = [{"role": "user", "content": "hi"}]
+    async with aiohttp.ClientSession() as s, client(server) as c:
+        async with s.post(server.url + "/tokenize", json={"model": MODEL, "prompt": text}) as r:
+            assert r.status == 200
+            body = await r.json()
+        async with s.post(server.url + "/tokenize", json={"prompt": [5, 6, 7]}) as r:
+            ids_body = await r.json()
+        async with s.post(server.url + "/tokenize", json={"messages": messages}) as r:
+            chat_body = await r.json()
+        done = await c.completions.create(model=MODEL, prompt=text, max_tokens=1)
+    assert set(body) == {"count", "max_model_len", "tokens", "token_strs"}
+    assert body["count"] == len(body["tokens"]) == tokens(text) == done.usage.prompt_tokens
+    assert body["max_model_len"] == 4096
+    packed = b"".join(t.to_bytes(4, "little") for t in body["tokens"])
+    assert packed.rstrip(b"\0") == text.encode()  # the ids pack back into the text the engine hashes
+    assert ids_body["tokens"] == [5, 6, 7]
+    assert chat_body["count"] == tokens(render_chat(messages))
+
+
 async def test_health_models_and_unknown_path(server: FakeVllmServer) -> None:
     async with aiohttp.ClientSession() as s:
         async with s.get(server.url + "/health") as r:
@@ -240,6 +262,11 @@ async def test_health_models_and_unknown_path(server: FakeVllmServer) -> None:
         ("/v1/chat/completions", {"messages": []}, 400, "messages"),
         ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, 400, "role"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "text"),
+        ("/tokenize", {"model": MODEL}, 400, "prompt"),
+        ("/tokenize", {"prompt": 5}, 400, "prompt"),
+        ("/tokenize", {"prompt": "hi", "add_special_tokens": "yes"}, 400, "add_special_tokens"),
+        ("/tokenize", {"prompt": "hi", "model": "other"}, 404, "does not exist"),
+        ("/tokenize", {"messages": []}, 400, "messages"),
     ],
 )
 async def test_request_errors(server: FakeVllmServer, path: str, body: object, status: int, needle: str) -> None:

@@ -44,10 +44,27 @@ def test_ideal_hit_rate_counts_leading_blocks_seen_before() -> None:
     # Turn 1 of session 0: nothing seen. Turn 1 of session 1: the 64-token system prompt (4 blocks of 16).
     # Turn 2 of each session: its turn 1 (80 tokens = 5 blocks) of 112. Prompts: 80, 80, 112, 112.
     assert workloads.ideal_hit_rate(chat, block_tokens=16) == pytest.approx((0 + 64 + 80 + 80) / (80 + 80 + 112 + 112))
-    # A prompt seen whole hits all but its last token (as vLLM does), never more.
+    # A prompt seen whole hits its whole blocks short of the last token (vLLM always computes the last
+    # token, and a hit is whole blocks): 2 of its 3 blocks.
     twice = workloads.load("synthetic:zipf:requests=2,prefixes=1,prefix_tokens=32,suffix_tokens=16,rate=1")
     twice[1].make_text = twice[0].make_text
-    assert workloads.ideal_hit_rate(twice, block_tokens=16) == pytest.approx((48 - 1) / 96)
+    assert workloads.ideal_hit_rate(twice, block_tokens=16) == pytest.approx(32 / 96)
+
+
+def test_cached_share_with_a_bounded_cache_evicts_the_least_recent_tails_first() -> None:
+    block = 4  # tokens per block; a token is 4 bytes
+    a, b = bytes(range(64)), bytes(range(100, 164))  # two unrelated prompts of 16 tokens (4 blocks)
+    assert workloads.cached_share([a, a], block) == pytest.approx(12 / 32)  # 3 of 4 blocks (last token computed)
+    assert workloads.cached_share([a, b, a], block) == pytest.approx(12 / 48)
+    # 6 blocks of room: b's 4 blocks evict a's two tail blocks (a's blocks were freed last-first), so a's
+    # head (2 blocks) still hits
+    assert workloads.cached_share([a, b, a], block, capacity_blocks=6) == pytest.approx(8 / 48)
+    assert workloads.cached_share([a, b, a], block, capacity_blocks=4) == 0.0  # b evicted all of a
+    # token ids packed as words replay the same as the bytes they pack
+    ids = [7, 8, 9, 10] * 4
+    assert workloads.cached_share([workloads.token_bytes(ids)] * 2, block) == pytest.approx(12 / 32)
+    with pytest.raises(ValueError, match="capacity_blocks"):
+        workloads.cached_share([a], block, capacity_blocks=0)
 
 
 def test_mooncake_scaled_keeps_prefix_structure(tmp_path: Path) -> None:
@@ -144,6 +161,11 @@ def test_smoke_run_with_fake_replicas_and_pylb(tmp_path: Path) -> None:
         assert check["hits_repeat"] > 0 and check["hits_after_reset"] == 0
     assert [(r["target"], r["rep"]) for r in res["runs"]] == [("dm", 0), ("rr", 0), ("rr", 1), ("dm", 1)]  # A B B A
     ideal = res["workload"]["ideal_hit_rate"]
+    engine = res["workload"]["engine_ideal"]  # from the replicas' /tokenize and cache_config_info
+    assert engine["block_size"] == 16 and engine["fleet_cache_blocks"] > 0
+    # the fake's tokens are the simulator's 4-byte ones and its blocks 16 of them: the same replay
+    assert engine["unbounded"] == pytest.approx(ideal) and engine["fleet_cache"] == pytest.approx(ideal)  # 12 requests fit
+    assert "engine ideal hit rate (16-token blocks" in proc.stderr
     for run in res["runs"]:
         assert run["errors"] == 0 and run["slo_attainment"] == 1.0
         assert sum(r["requests"] for r in run["per_replica"]) == 12  # every request seen by the replicas' counters

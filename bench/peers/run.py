@@ -35,8 +35,9 @@ itself under `setsid` so that its own session holds nothing else). With `--lock 
 on FILE, so others who take the same lock do not run on the shared cores at the same time; the
 lock is released between runs. Everything the harness started is stopped by PID on exit,
 Ctrl-C and errors included. Results: JSON with the exact command, the workload's description
-(ideal hit rate of one unbounded cache included), every run and, per target, the mean and
-min-max of each measure; a Markdown table on stdout.
+(ideal hit rate of one unbounded cache included, and `engine_ideal`: the same in the replicas' own
+tokens and blocks, unbounded and one LRU cache of the fleet's total size; `workloads.py`'s module
+comment), every run and, per target, the mean and min-max of each measure; a Markdown table on stdout.
 
 Usage (from the repository root; paths are examples):
 
@@ -94,7 +95,7 @@ from pylb.workload.replay import fetch_model, replay
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from procs import FakeFleet, Fleet, Procs, RouterPaths, Target, VllmConfig, VllmFleet, start_router  # noqa: E402
-from workloads import describe, load  # noqa: E402
+from workloads import describe, engine_ideal, load  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_VLLM_ARGS = "--num-gpu-blocks-override 256 --block-size 32"
@@ -410,6 +411,20 @@ async def run_one(target: Target, rep: int, args: argparse.Namespace, fleet: Fle
     return record
 
 
+async def measured_engine_ideal(urls: list[str], model: str, workload: list[Any]) -> dict[str, Any]:
+    """The workload's ideal hit rates in the replicas' own tokens and blocks (`workloads.engine_ideal`),
+    printed; a replica that cannot answer is recorded as the error, not a failed run."""
+    try:
+        ideal = await engine_ideal(urls, model, workload)
+    except (ValueError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        print(f"engine ideal not measured: {exc}", file=sys.stderr)
+        return {"error": str(exc) or type(exc).__name__}
+    print(f"engine ideal hit rate ({ideal['block_size']}-token blocks, the replicas' tokenizer): one unbounded cache "
+          f"{ideal['unbounded'] * 100:.1f} %, one LRU cache of the fleet's {ideal['fleet_cache_blocks']} blocks "
+          f"{ideal['fleet_cache'] * 100:.1f} %", file=sys.stderr)  # fmt: skip
+    return ideal
+
+
 def aggregate(runs: list[dict[str, Any]], targets: list[Target]) -> dict[str, dict[str, Any]]:
     """Per target and measure: mean, min and max over its repetitions (None values left out)."""
     out: dict[str, dict[str, Any]] = {}
@@ -517,6 +532,7 @@ async def main_async(args: argparse.Namespace, targets: list[Target], procs: Pro
         reset_check = await verify_reset(fleet, model)
     print(f"{args.replicas} {args.replicas_kind} replicas up in {time.monotonic() - t0:.0f} s; cache reset "
           f"({fleet.reset_method}) verified", file=sys.stderr)  # fmt: skip
+    info["engine_ideal"] = await measured_engine_ideal(fleet.urls, model, workload)
     runs = []
     for rep in range(args.reps):
         order = targets if rep % 2 == 0 else targets[::-1]

@@ -36,19 +36,41 @@ token, so 896 simulated tokens are about 1,700 real ones and a prompt plus its a
 
 Ideal hit rate (`ideal_hit_rate`): replay the prompts in arrival order through one cache that
 never forgets, in blocks of `block_tokens` simulated tokens (chained hashes of the text, as vLLM
-hashes token blocks); a request hits its longest run of leading blocks seen before, capped at
-prompt - 1 tokens (vLLM always computes the last token). Token-weighted: hits / prompt tokens.
-The default 16 simulated tokens are about one 32-token vLLM block of the tiny model.
+hashes token blocks); a request hits its longest run of leading blocks seen before, in whole
+blocks of at most prompt - 1 tokens (vLLM always computes the last token, and a hit is whole
+blocks). Token-weighted: hits / prompt tokens. The default 16 simulated tokens are about one
+32-token vLLM block of the tiny model.
+
+The engine's own ideal (`engine_ideal`, `python bench/peers/workloads.py --engine URL SPEC`): the
+same replay on the prompts as the replicas see them, tokenized by a replica (vLLM's
+`POST /tokenize`, special tokens added as `/v1/completions` adds them), in the replicas' block
+size (`vllm:cache_config_info`), through one never-forgetting cache (`unbounded`) and through one
+LRU cache as large as the whole fleet's KV cache (`fleet_cache`: the replicas' `num_gpu_blocks`
+summed; a request's blocks are freed last-block-first, as vLLM frees them, so an older prompt's
+tail is evicted before its head). `fleet_cache` is the hit rate the issue's simulator target
+compares with (one cache of the fleet's total size): no router over N caches of that total can
+beat it on this replay, except by the timing of its evictions. The byte-level estimate above
+differs from the engine's by the tokenizer and the block alignment (on the tiny model's chat cell
+84.8 % against 83.6 % unbounded; BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import hashlib
 import inspect
 import json
 import math
+from array import array
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from functools import partial
 from pathlib import Path
+
+import aiohttp
+
+from pylb.fleet.scrape import parse_vllm_metrics
 
 from pylb.workload.loaders import load_workload
 from pylb.workload.mooncake import MOONCAKE_BLOCK_TOKENS
@@ -141,27 +163,96 @@ def load(spec: str) -> list[WorkloadRequest]:
     return sorted(requests, key=lambda r: r.arrival_s)
 
 
-def ideal_hit_rate(requests: list[WorkloadRequest], block_tokens: int = 16) -> float:
-    """Token-weighted hit rate of one never-forgetting prefix cache (see the module comment)."""
-    seen: set[bytes] = set()
+def cached_share(prompts: Iterable[bytes], block_tokens: int, capacity_blocks: int | None = None) -> float:
+    """Token-weighted share of prompt tokens one prefix cache serves, the prompts replayed in order.
+
+    Each prompt is bytes of `BYTES_PER_TOKEN` (4) bytes per token (text as the simulator counts it,
+    or token ids packed as 4-byte words); its full blocks of `block_tokens` tokens are chained
+    hashes. A prompt hits its longest run of leading blocks cached before it, in whole blocks of at
+    most prompt - 1 tokens (vLLM's rule). With `capacity_blocks` the cache is LRU and holds that
+    many blocks; a prompt's blocks are touched last-block-first (the order vLLM frees them), so an
+    older prompt's tail goes before its head.
+    """
+    if block_tokens < 1:
+        raise ValueError(f"block_tokens must be >= 1, got {block_tokens!r}")
+    if capacity_blocks is not None and capacity_blocks < 1:
+        raise ValueError(f"capacity_blocks must be >= 1, got {capacity_blocks!r}")
+    cache: OrderedDict[bytes, None] = OrderedDict()
     hits = total = 0
     step = block_tokens * BYTES_PER_TOKEN
-    for req in sorted(requests, key=lambda r: r.arrival_s):
-        text = req.prompt_text().encode()
-        tokens = -(-len(text) // BYTES_PER_TOKEN)
+    for data in prompts:
+        tokens = -(-len(data) // BYTES_PER_TOKEN)
         h = hashlib.blake2b(digest_size=16)
-        matched, missed = 0, False
-        for start in range(0, len(text) - step + 1, step):  # full blocks only
-            h.update(text[start : start + step])
-            key = h.digest()
-            if not missed and key in seen:
-                matched += block_tokens
-            else:
-                missed = True
-                seen.add(key)
-        hits += min(matched, tokens - 1)
+        keys = []
+        for start in range(0, len(data) - step + 1, step):  # full blocks only
+            h.update(data[start : start + step])
+            keys.append(h.digest())
+        hit_blocks = 0
+        for key in keys[: (tokens - 1) // block_tokens]:
+            if key not in cache:
+                break
+            hit_blocks += 1
+        for key in reversed(keys):
+            cache[key] = None
+            cache.move_to_end(key)
+        while capacity_blocks is not None and len(cache) > capacity_blocks:
+            cache.popitem(last=False)
+        hits += hit_blocks * block_tokens
         total += tokens
     return hits / total if total else 0.0
+
+
+def ideal_hit_rate(requests: list[WorkloadRequest], block_tokens: int = 16) -> float:
+    """Token-weighted hit rate of one never-forgetting prefix cache, on the simulator's byte-level
+    tokens (see the module comment)."""
+    return cached_share((r.prompt_text().encode() for r in sorted(requests, key=lambda r: r.arrival_s)), block_tokens)
+
+
+def token_bytes(ids: Sequence[int]) -> bytes:
+    """Token ids as `cached_share` reads them: one 4-byte word per token."""
+    return array("I", ids).tobytes()
+
+
+async def engine_ideal(urls: Sequence[str], model: str, requests: list[WorkloadRequest], *, concurrency: int = 8) -> dict[str, object]:
+    """The workload's ideal hit rates in the engines' own tokens and blocks (see the module comment).
+
+    Tokenizes every prompt with the first replica's `POST /tokenize` and reads each replica's block
+    size and block count from its `/metrics` (`vllm:cache_config_info`). Raises ValueError naming
+    the replica and what it answered when a replica lacks either.
+    """
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        configs = []
+        for url in urls:
+            async with session.get(f"{url}/metrics") as resp:
+                page = await resp.text()
+            m = parse_vllm_metrics(page)
+            if m.block_size < 1 or m.num_gpu_blocks < 1:
+                raise ValueError(f"{url}/metrics: no vllm:cache_config_info with block_size and num_gpu_blocks")
+            configs.append((m.block_size, m.num_gpu_blocks))
+        if len({bs for bs, _ in configs}) != 1:
+            raise ValueError(f"replicas disagree on block_size: {[bs for bs, _ in configs]}")
+        gate = asyncio.Semaphore(concurrency)
+
+        async def tokenize(req: WorkloadRequest) -> list[int]:
+            async with gate, session.post(f"{urls[0]}/tokenize", json={"model": model, "prompt": req.prompt_text()}) as resp:
+                body = await resp.json(content_type=None)
+                if resp.status != 200 or not isinstance(body, dict) or not isinstance(body.get("tokens"), list):
+                    raise ValueError(f"{urls[0]}/tokenize answered {resp.status}: {str(body)[:200]}")
+                return [int(t) for t in body["tokens"]]
+
+        ordered = sorted(requests, key=lambda r: r.arrival_s)
+        ids = await asyncio.gather(*(tokenize(r) for r in ordered))
+    block_size = configs[0][0]
+    fleet_blocks = sum(n for _, n in configs)
+    prompts = [token_bytes(t) for t in ids]
+    return {
+        "block_size": block_size,
+        "fleet_cache_blocks": fleet_blocks,
+        "prompt_tokens_mean": sum(map(len, ids)) / len(ids) if ids else 0.0,
+        "unbounded": cached_share(prompts, block_size),
+        "fleet_cache": cached_share(prompts, block_size, fleet_blocks),
+    }
 
 
 def describe(spec: str, requests: list[WorkloadRequest]) -> dict[str, object]:
@@ -182,8 +273,32 @@ def describe(spec: str, requests: list[WorkloadRequest]) -> dict[str, object]:
     }
 
 
-if __name__ == "__main__":  # python bench/peers/workloads.py SPEC...: describe workloads without running them
-    import sys
+def main(argv: list[str] | None = None) -> int:
+    """Describe workloads without running them; with --engine, their ideal in a replica's tokens too."""
+    ap = argparse.ArgumentParser(description="Describe harness workloads (size, rate, ideal hit rates, digest).")
+    ap.add_argument("specs", nargs="+", metavar="SPEC", help="workload spec (see the module comment)")
+    ap.add_argument("--engine", action="append", default=[], metavar="URL",
+                    help="a running replica (vLLM or pylb sim-replicas); repeat for each replica of the fleet: "
+                         "adds engine_ideal (its tokenizer, block size and the fleet's blocks)")  # fmt: skip
+    ap.add_argument("--model", default=None, help="model name for /tokenize (default: the engine's first)")
+    args = ap.parse_args(argv)
+    for spec in args.specs:
+        requests = load(spec)
+        info = describe(spec, requests)
+        if args.engine:
+            info["engine_ideal"] = asyncio.run(_engine_ideal_cli(args.engine, args.model, requests))
+        print(json.dumps(info, indent=1))
+    return 0
 
-    for arg in sys.argv[1:]:
-        print(json.dumps(describe(arg, load(arg)), indent=1))
+
+async def _engine_ideal_cli(urls: list[str], model: str | None, requests: list[WorkloadRequest]) -> dict[str, object]:
+    if model is None:
+        from pylb.workload.replay import fetch_model
+
+        async with aiohttp.ClientSession() as session:
+            model = await fetch_model(session, urls[0], 30.0)
+    return await engine_ideal(urls, model, requests)
+
+
+if __name__ == "__main__":  # python bench/peers/workloads.py [--engine URL ...] SPEC...
+    raise SystemExit(main())

@@ -8,6 +8,8 @@ pylb's proxy, its tests, the replay client and other routers need from a vLLM re
     POST /v1/completions        OpenAI completions, streaming (SSE) or not
     POST /v1/chat/completions   OpenAI chat completions, streaming (SSE) or not
     GET  /v1/models             the one served model, with max_model_len
+    POST /tokenize              a prompt's (or chat's) token ids, as vLLM answers: one token per
+                                4 bytes of text (`text_token_ids`)
     GET  /health                200, empty body
     GET  /metrics               vLLM's Prometheus series (`pylb.sim.prom`)
     GET  /metrics/?name[]=...   only the series named (prometheus-client's filter, as vLLM mounts it)
@@ -294,6 +296,14 @@ def _token_ids(value: list[Any]) -> np.ndarray | None:
     return np.asarray(value, dtype=np.uint32)
 
 
+def text_token_ids(text: bytes) -> list[int]:
+    """The fake's tokenizer, as `/tokenize` answers it: one token per `BYTES_PER_TOKEN` (4) bytes of
+    text, its id those bytes as a little-endian word (the last zero-padded), so token ids packed
+    back into 4-byte words give the text the engine hashes."""
+    padded = text + b"\0" * (-len(text) % BYTES_PER_TOKEN)
+    return np.frombuffer(padded, dtype="<u4").tolist()
+
+
 def parse_prompt(prompt: Any, block_size: int) -> tuple[int, np.ndarray]:
     """(prompt_tokens, block_hashes) of a completions `prompt`.
 
@@ -454,6 +464,7 @@ class FakeVllmServer:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/tokenize", self._tokenize)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/metrics/", self._metrics_filtered)
@@ -851,6 +862,26 @@ class FakeVllmServer:
             "max_model_len": self.max_model_len,
         }
         return web.json_response({"object": "list", "data": [card]})
+
+    async def _tokenize(self, request: web.Request) -> web.StreamResponse:
+        """vLLM's `POST /tokenize`: `prompt` (text or token ids) or chat `messages`, answered with
+        count, max_model_len and tokens."""
+        body = await self._read_json(request)
+        self._check_model(body)
+        if "messages" in body:
+            add_gen = _bool_field(body, "add_generation_prompt", True)
+            tokens = text_token_ids(render_chat(body.get("messages"), add_gen).encode("utf-8"))
+        else:
+            prompt = body.get("prompt")
+            ids = _token_ids(prompt) if isinstance(prompt, list) and prompt else None
+            if ids is not None:
+                tokens = ids.tolist()
+            elif isinstance(prompt, str):
+                tokens = text_token_ids(prompt.encode("utf-8"))
+            else:
+                raise ApiError("prompt must be a string or a list of token ids (or give messages)", param="prompt")
+        _bool_field(body, "add_special_tokens", True)  # checked like vLLM's; the fake has no special tokens
+        return web.json_response({"count": len(tokens), "max_model_len": self.max_model_len, "tokens": tokens, "token_strs": None})
 
     async def _health(self, request: web.Request) -> web.StreamResponse:
         return web.Response(status=200)

@@ -249,6 +249,33 @@ def test_spill_only_when_both_candidates_would_miss_the_slo() -> None:
         registry.create("dualmap:spill=everywhere", RouterOptions())
 
 
+def test_overload_protect_sends_the_hopeless_to_the_candidate_hopeless_for_long_enough() -> None:
+    p, a, b, req = two_replica_dualmap(overload="protect")  # SLO 5 s, overload_wait_s 3 s
+    cached, ttft, queued = [0, 0], [0.0, 0.0], [0, 0]
+    cached[a], ttft[a], ttft[b] = 40, 6.0, 9.0  # both over the SLO; a holds the prompt
+    queued[a], queued[b] = 5500, 8000  # backlogs 5.5 s and 8 s (1 ms per token): both over the SLO
+
+    def at(now: float) -> Choice:
+        return choose(p, req, View(cached, ttft, queued_tokens=queued, now=now))
+
+    assert at(0.0).replica == a  # over the SLO only now: the rules above (affinity)
+    assert at(2.9).replica == a
+    c = at(3.0)  # b's backlog has been over the SLO for 3 s: it takes the hopeless
+    assert (c.replica, c.alternate, c.branch) == (b, a, "load")
+    ttft[a] = 4.0  # the request can still meet the SLO on a: not hopeless
+    assert at(3.5).replica == a
+    ttft[a], queued[b] = 6.0, 4000  # b's backlog fell within the SLO: its clock restarts
+    assert at(4.0).replica == a
+    queued[b] = 8000  # over again from the next placement that sees it
+    assert at(5.0).replica == a and at(7.9).replica == a and at(8.0).replica == b
+    share, sa, sb, sreq = two_replica_dualmap()  # the default: share
+    cached, ttft, queued = [0, 0], [0.0, 0.0], [0, 0]
+    cached[sa], ttft[sa], ttft[sb], queued[sa], queued[sb] = 40, 6.0, 9.0, 5500, 8000
+    assert all(choose(share, sreq, View(cached, ttft, queued_tokens=queued, now=t)).replica == sa for t in (0.0, 10.0))
+    with pytest.raises(PolicyOptionError, match="overload='drop'"):
+        registry.create("dualmap:overload=drop", RouterOptions())
+
+
 def test_slo_switch_when_the_affine_candidate_would_exceed_half_the_slo() -> None:
     p, a, b, req = two_replica_dualmap()  # the default rule: "rescue"
     cached, ttft = [0, 0], [0.0, 0.0]
@@ -540,7 +567,7 @@ def test_dualmap_keeps_conversations_together_and_balances_in_a_run() -> None:
 
 
 @pytest.mark.parametrize(
-    "spec", ["dualmap", "dualmap:migration=false", "dualmap:slo_switch=paper", "dualmap:slo_switch=off", "dualmap:key_depth=2"]
+    "spec", ["dualmap", "dualmap:migration=false", "dualmap:slo_switch=paper", "dualmap:slo_switch=off", "dualmap:key_depth=2", "dualmap:overload=protect"]
 )
 def test_ablations_run(spec: str) -> None:
     fleet = FakeFleet(registry.create(spec), ["a", "b", "c"], prefill_tps=20_000.0).run(mooncake_like(200, seed=2))

@@ -123,6 +123,19 @@ Design
    min-ttft's; spill alone helps, but with neighbours it adds nothing and on the compute-bound
    H100 profile it costs a sweep step, so it is off. Follow-the-cache is neutral on capacity
    and adds hit rate on 910B.
+8. Overload (pylb; option `overload`): when both candidates predict the request over the SLO,
+   "share" (the default) places it by the rules above, which spread a queue no replica can serve
+   within the SLO over both, so every request waits. "protect" sends it to the candidate with
+   the longer backlog if that backlog (queued plus un-prefilled prefill, its wait alone) has been
+   over the SLO at every placement that saw it for at least `overload_wait_s` (3 s): in sustained
+   overload the hopeless go to the replica that is already hopeless, and the other keeps a queue
+   within the SLO for the requests that can still meet it (the uneven split by which sglang's
+   router won short SLOs in overload on two real vLLM replicas). Its backlog, not the request's
+   predicted TTFT, and the 3 s persistence are what keep it off below capacity: a rule on the
+   predictions alone (tried before) crossed the SLO for moments below capacity and lost there.
+   Migration (step 5) still moves a sink's queued requests to the other while it predicts them
+   within the SLO. Measured at fixed rates over the regime matrix (BENCHMARKS.md, "Overload:
+   protect one replica").
 Rings are rebuilt only in `on_membership`; adding one of N replicas moves about 1/N of the keys
 on each ring. Per request: one key_if_recorded (and one key_for in on_choice), one candidates
 lookup, one mirror match.
@@ -188,6 +201,9 @@ Options (`RouterOptions.extra`, or `pylb simulate --policy dualmap:key=value`), 
                                       least 1/N, one replica's fair share of the traffic (on a
                                       small fleet a prefix with 12 % of the traffic is no hotspot,
                                       and deepening its key spreads its group over every replica)
+    overload   (str, default share)   step 8: "share" or "protect"
+    overload_wait_s (float, default 3) step 8: how long a candidate's backlog must stay over the
+                                      SLO before it takes the hopeless
     balance_ratio (float, default 2)  slo_switch="balance" (step 4's rescue, and also switch when
                                       the other candidate's predicted TTFT x ratio < the preferred
                                       one's, at any SLO): measured mixed, so not the default
@@ -291,6 +307,8 @@ class DualMap(Policy):
         tie_near: bool = setting(True, "step 3's window compares only the replicas whose backlog is within the request's own prefill time of the least backlog")
         whole_key_block: bool = setting(True, "step 3: a match shorter than one key block, and not the whole prompt, counts as none")
         weak_share: float = setting(WEAK_SHARE, "step 3: a prompt its better candidate holds at most this share of goes to the fleet's cheapest replica (backlog plus its own prefill) when that one predicts it within slo_ttft / 2 (0: off)", check=at_least(0))
+        overload: str = setting("share", "both candidates over the SLO: share (the rules above) or protect (the one over it for at least overload_wait_s takes it, so the other stays within the SLO)", check=one_of("share", "protect"))
+        overload_wait_s: float = setting(3.0, "overload=protect: how long a candidate must have predicted over the SLO at every placement to take the hopeless", check=at_least(0))
         migrated_window: str = setting("new", "step 5's moves in step 3's window: new (a new prefix's prefill moves with it), move (every move's) or stay (none)", check=one_of(*MIGRATED_WINDOW_RULES))
 
     def __init__(self, options: RouterOptions) -> None:
@@ -319,6 +337,9 @@ class DualMap(Policy):
         self._engine: dict[ReplicaId, deque[tuple[float, int]]] = {}
         self._is_alone = False  # `_alone`'s verdict at the last new scrape (read by `choose`)
         self.slo = options.slo_ttft
+        self.protect = str(self.option("overload")) == "protect"
+        self.overload_wait_s = float(self.option("overload_wait_s"))
+        self._over_slo_since: dict[ReplicaId, float] = {}  # replica -> since when every placement predicted it over the SLO
         self.key_depth = int(self.option("key_depth"))
         self.hot_share_fleet = str(self.option("hot_share")) == "fleet"
         self.keyer = PrefixKeyer(options, fixed_depth=self.key_depth)
@@ -412,6 +433,20 @@ class DualMap(Policy):
                 pick, branch = (b if pick == a else a), "slo-switch"
             elif self.slo_switch == "balance" and t_other * self.balance_ratio < t_pick:
                 pick, branch = (b if pick == a else a), "slo-switch"
+        if self.protect:
+            now = view.now
+            backlog = {i: _backlog(view.replicas[i]) for i in (a, b)}
+            for i in (a, b):
+                name = view.replicas[i].name
+                if backlog[i] <= self.slo:
+                    self._over_slo_since.pop(name, None)
+                else:
+                    self._over_slo_since.setdefault(name, now)
+            if min(ta, tb) > self.slo:
+                slow = a if backlog[a] >= backlog[b] else b
+                since = self._over_slo_since.get(view.replicas[slow].name, now)
+                if now - since >= self.overload_wait_s:
+                    return Choice(slow, b if slow == a else a, branch="load", note=(pending, tail))
         if self.spill and min(ta, tb) > self.slo:
             best = min(range(len(view.replicas)), key=lambda i: (view.predicted_ttft(request, i), i))
             if view.predicted_ttft(request, best) <= self.slo:

@@ -134,8 +134,11 @@ Design
    predicted TTFT, and the 3 s persistence are what keep it off below capacity: a rule on the
    predictions alone (tried before) crossed the SLO for moments below capacity and lost there.
    Migration (step 5) still moves a sink's queued requests to the other while it predicts them
-   within the SLO. Measured at fixed rates over the regime matrix (BENCHMARKS.md, "Overload:
-   protect one replica").
+   within the SLO. Off by default: on two real vLLM replicas with a 0.5 s SLO it raised the share
+   within the SLO in overload (29-34 % against 18-23 %, level with sglang's router) but at ~2/3
+   load cost 6 points, since a short SLO's backlog stays over it for seconds there too; the
+   simulator's fixed-rate screen did not show that loss (BENCHMARKS.md, "Overload: protect one
+   replica").
 Rings are rebuilt only in `on_membership`; adding one of N replicas moves about 1/N of the keys
 on each ring. Per request: one key_if_recorded (and one key_for in on_choice), one candidates
 lookup, one mirror match.

@@ -310,8 +310,8 @@ class DualMap(Policy):
         tie_near: bool = setting(True, "step 3's window compares only the replicas whose backlog is within the request's own prefill time of the least backlog")
         whole_key_block: bool = setting(True, "step 3: a match shorter than one key block, and not the whole prompt, counts as none")
         weak_share: float = setting(WEAK_SHARE, "step 3: a prompt its better candidate holds at most this share of goes to the fleet's cheapest replica (backlog plus its own prefill) when that one predicts it within slo_ttft / 2 (0: off)", check=at_least(0))
-        overload: str = setting("share", "both candidates over the SLO: share (the rules above) or protect (the one over it for at least overload_wait_s takes it, so the other stays within the SLO)", check=one_of("share", "protect"))
-        overload_wait_s: float = setting(3.0, "overload=protect: how long a candidate must have predicted over the SLO at every placement to take the hopeless", check=at_least(0))
+        overload: str = setting("share", "both candidates over the SLO: share (the rules above) or protect (the one whose backlog has been over the SLO for at least overload_wait_s takes it, so the other stays within the SLO)", check=one_of("share", "protect"))
+        overload_wait_s: float = setting(3.0, "overload=protect: how long a candidate's backlog must have been over the SLO at every placement that saw it before it takes the hopeless", check=at_least(0))
         migrated_window: str = setting("new", "step 5's moves in step 3's window: new (a new prefix's prefill moves with it), move (every move's) or stay (none)", check=one_of(*MIGRATED_WINDOW_RULES))
 
     def __init__(self, options: RouterOptions) -> None:
@@ -365,6 +365,7 @@ class DualMap(Policy):
         if self.hot_share_fleet and not self.key_depth and replicas:
             self._fit_hot_share(len(replicas))
         self._queued.clear()  # replica indices change with the membership
+        self._over_slo_since = {name: t for name, t in self._over_slo_since.items() if name in replicas}
         if self.placed is not None:
             self.placed.keep(replicas)
         for name in [n for n in self._engine if n not in set(replicas)]:

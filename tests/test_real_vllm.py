@@ -31,7 +31,7 @@ import pytest
 
 from pylb.demo import free_port, prefix_cache_counters, pylb_proxy, wait_ready
 from pylb.fleet.scrape import FILTER_PARAMS, filtered_metrics_path, parse_vllm_metrics
-from pylb.workload.replay import replay
+from pylb.workload.replay import fetch_model, replay
 from pylb.workload.synthetic import token_text
 from pylb.workload.types import WorkloadRequest
 
@@ -149,3 +149,28 @@ def test_real_vllm_serves_the_filtered_metrics_page(vllm_replicas: list[str]) ->
         assert parse_vllm_metrics(filtered) == parse_vllm_metrics(whole)
         assert len(filtered) * 5 < len(whole)
         assert not any(line.startswith(("python_", "process_", "http_")) for line in filtered.splitlines())
+
+
+def test_the_harness_ideal_reads_a_real_vllms_tokens_and_blocks(vllm_replicas: list[str]) -> None:
+    """bench/peers/workloads.engine_ideal against real vLLM: its /tokenize and cache_config_info."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "peers"))
+    import workloads  # the harness's module (bench/peers/workloads.py)
+
+    async def ideal_and_config() -> tuple[dict, list]:
+        async with aiohttp.ClientSession() as s:
+            model = await fetch_model(s, vllm_replicas[0], 30.0)
+            pages = []
+            for url in vllm_replicas:
+                async with s.get(url + "/metrics") as r:
+                    pages.append(parse_vllm_metrics(await r.text()))
+        return await workloads.engine_ideal(vllm_replicas, model, requests), pages
+
+    requests = shared_prefix_workload("ideal", groups=2, rounds=3)  # 2 prefixes of ~1,000 tokens, each sent 3 times
+    ideal, pages = asyncio.run(ideal_and_config())
+    assert ideal["block_size"] == pages[0].block_size > 0
+    assert ideal["fleet_cache_blocks"] == sum(m.num_gpu_blocks for m in pages)
+    # the 4 later prompts of 6 hit their prefix's whole blocks (nearly all of each prompt)
+    assert 0.5 < ideal["fleet_cache"] <= ideal["unbounded"] < 4 / 6
+    assert abs(ideal["unbounded"] - workloads.ideal_hit_rate(requests)) < 0.05  # the byte-level estimate is close

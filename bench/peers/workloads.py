@@ -62,18 +62,18 @@ import hashlib
 import inspect
 import json
 import math
-from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from functools import partial
 from pathlib import Path
 
 import aiohttp
+import numpy as np
 
 from pylb.fleet.scrape import parse_vllm_metrics
-
 from pylb.workload.loaders import load_workload
 from pylb.workload.mooncake import MOONCAKE_BLOCK_TOKENS
+from pylb.workload.replay import fetch_model
 from pylb.workload.synthetic import token_text
 from pylb.workload.types import BYTES_PER_TOKEN, WorkloadRequest
 
@@ -209,8 +209,9 @@ def ideal_hit_rate(requests: list[WorkloadRequest], block_tokens: int = 16) -> f
 
 
 def token_bytes(ids: Sequence[int]) -> bytes:
-    """Token ids as `cached_share` reads them: one 4-byte word per token."""
-    return array("I", ids).tobytes()
+    """Token ids as `cached_share` reads them: one little-endian 4-byte word per token (the fake
+    vLLM's `text_token_ids` packs back into its text this way)."""
+    return np.asarray(ids, dtype="<u4").tobytes()
 
 
 async def engine_ideal(urls: Sequence[str], model: str, requests: list[WorkloadRequest], *, concurrency: int = 8) -> dict[str, object]:
@@ -293,8 +294,6 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _engine_ideal_cli(urls: list[str], model: str | None, requests: list[WorkloadRequest]) -> dict[str, object]:
     if model is None:
-        from pylb.workload.replay import fetch_model
-
         async with aiohttp.ClientSession() as session:
             model = await fetch_model(session, urls[0], 30.0)
     return await engine_ideal(urls, model, requests)

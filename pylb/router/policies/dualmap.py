@@ -342,7 +342,7 @@ class DualMap(Policy):
         self.slo = options.slo_ttft
         self.protect = str(self.option("overload")) == "protect"
         self.overload_wait_s = float(self.option("overload_wait_s"))
-        self._over_slo_since: dict[ReplicaId, float] = {}  # replica -> since when every placement predicted it over the SLO
+        self._over_slo_since: dict[ReplicaId, float] = {}  # replica -> since when every placement saw its backlog over the SLO
         self.key_depth = int(self.option("key_depth"))
         self.hot_share_fleet = str(self.option("hot_share")) == "fleet"
         self.keyer = PrefixKeyer(options, fixed_depth=self.key_depth)

@@ -127,13 +127,18 @@ def test_factors_must_be_positive_numbers(capsys: pytest.CaptureFixture[str]) ->
 
 @pytest.mark.parametrize(
     ("calibrated", "fitted", "factor", "loaded", "running"),
-    [("cpu-small-llama", "cpu-small-llama-fleet", 1.2, 0.3, 0.0), ("cpu-small-llama-avx2", "cpu-small-llama-avx2-fleet", 1.1, 0.6, 0.1)],
+    [
+        ("cpu-small-llama", "cpu-small-llama-fleet", 1.2, 0.3, 0.0),
+        ("cpu-small-llama-avx2", "cpu-small-llama-avx2-fleet", 1.1, 0.6, 0.1),
+        ("cpu-small-llama-avx2", "cpu-small-llama-avx2-quiet", 0.77, 0.0, 0.075),
+    ],
 )
 def test_a_shipped_fleet_profile_is_its_calibrated_one_slowed_with_the_fitted_overheads(
     calibrated: str, fitted: str, factor: float, loaded: float, running: float
 ) -> None:
-    # each -fleet profile was written by `bench/fidelity.py --write-profile` (BENCHMARKS.md, "Fidelity
-    # under the fleet's own load" and "A second machine's profile"): recalibrating means refitting it
+    # each fitted profile was written by `bench/fidelity.py --write-profile` (BENCHMARKS.md, "Fidelity
+    # under the fleet's own load", "A second machine's profile" and "The AVX2 machine alone"):
+    # recalibrating means refitting it
     base, fleet = load_profile(calibrated), load_profile(fitted)
     assert fleet.c_prefill / base.c_prefill == pytest.approx(factor)
     assert (fleet.block_size, fleet.num_blocks, fleet.max_num_seqs, fleet.max_num_batched_tokens) == (

@@ -276,6 +276,35 @@ def test_overload_protect_sends_the_hopeless_to_the_candidate_hopeless_for_long_
         registry.create("dualmap:overload=drop", RouterOptions())
 
 
+def test_overload_protect_release_lets_a_draining_sink_go() -> None:
+    p, a, b, req = two_replica_dualmap(overload="protect", overload_draining="release")  # SLO 5 s, wait 3 s
+    cached, ttft, queued = [0, 0], [0.0, 0.0], [0, 0]
+    cached[a], ttft[a], ttft[b] = 40, 6.0, 9.0  # hopeless on both; a holds the prompt
+    queued[a], queued[b] = 5500, 8000  # b's backlog 8 s, over the SLO from t = 0
+
+    def at(now: float) -> Choice:
+        return choose(p, req, View(cached, ttft, queued_tokens=queued, now=now))
+
+    assert at(0.0).replica == a and at(1.5).replica == a
+    queued[b] = 9000  # growing: after 3 s over the SLO it takes the hopeless, as with keep
+    assert at(3.0).replica == b and at(4.0).replica == b
+    queued[b] = 7000  # still over the SLO, but lower than 3 s ago (9 s at t = 3 or 4): draining
+    assert at(6.5).replica == a
+    keep, ka, kb, kreq = two_replica_dualmap(overload="protect")  # the default, keep: still the sink
+    kcached, kttft, kqueued = [0, 0], [0.0, 0.0], [0, 0]
+    kcached[ka], kttft[ka], kttft[kb], kqueued[ka], kqueued[kb] = 40, 6.0, 9.0, 5500, 9000
+    for t in (0.0, 3.0, 4.0):
+        choose(keep, kreq, View(kcached, kttft, queued_tokens=kqueued, now=t))
+    kqueued[kb] = 7000
+    assert choose(keep, kreq, View(kcached, kttft, queued_tokens=kqueued, now=6.5)).replica == kb
+    queued[b] = 7500  # rising again over the last 3 s (7 s at 6.5): a sink once more
+    assert at(9.6).replica == b
+    p.on_membership(["r0"])  # a replica that leaves takes its history with it
+    assert set(p._backlogs) <= {"r0"}
+    with pytest.raises(PolicyOptionError, match="overload_draining='drop'"):
+        registry.create("dualmap:overload=protect:overload_draining=drop", RouterOptions())
+
+
 def test_slo_switch_when_the_affine_candidate_would_exceed_half_the_slo() -> None:
     p, a, b, req = two_replica_dualmap()  # the default rule: "rescue"
     cached, ttft = [0, 0], [0.0, 0.0]

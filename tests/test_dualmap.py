@@ -300,7 +300,7 @@ def test_overload_protect_release_lets_a_draining_sink_go() -> None:
     queued[b] = 7500  # rising again over the last 3 s (7 s at 6.5): a sink once more
     assert at(9.6).replica == b
     p.on_membership(["r0"])  # a replica that leaves takes its history with it
-    assert set(p._backlogs) <= {"r0"}
+    assert set(p._backlog_history) == {"r0"}
     with pytest.raises(PolicyOptionError, match="overload_draining='drop'"):
         registry.create("dualmap:overload=protect:overload_draining=drop", RouterOptions())
 

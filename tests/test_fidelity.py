@@ -133,19 +133,19 @@ def test_factors_must_be_positive_numbers(capsys: pytest.CaptureFixture[str]) ->
         ("cpu-small-llama-avx2", "cpu-small-llama-avx2-quiet", 0.77, 0.0, 0.075),
     ],
 )
-def test_a_shipped_fleet_profile_is_its_calibrated_one_slowed_with_the_fitted_overheads(
+def test_a_shipped_fitted_profile_is_its_calibrated_one_scaled_with_the_fitted_overheads(
     calibrated: str, fitted: str, factor: float, loaded: float, running: float
 ) -> None:
     # each fitted profile was written by `bench/fidelity.py --write-profile` (BENCHMARKS.md, "Fidelity
     # under the fleet's own load", "A second machine's profile" and "The AVX2 machine alone"):
     # recalibrating means refitting it
-    base, fleet = load_profile(calibrated), load_profile(fitted)
-    assert fleet.c_prefill / base.c_prefill == pytest.approx(factor)
-    assert (fleet.block_size, fleet.num_blocks, fleet.max_num_seqs, fleet.max_num_batched_tokens) == (
+    base, fitted_profile = load_profile(calibrated), load_profile(fitted)
+    assert fitted_profile.c_prefill / base.c_prefill == pytest.approx(factor)
+    assert (fitted_profile.block_size, fitted_profile.num_blocks, fitted_profile.max_num_seqs, fitted_profile.max_num_batched_tokens) == (
         base.block_size, base.num_blocks, base.max_num_seqs, base.max_num_batched_tokens
     )  # fmt: skip
     for f in TIME_FIELDS:
         if f not in ("loaded_request_overhead", "running_request_overhead"):
-            assert getattr(fleet, f) == pytest.approx(factor * getattr(base, f))
+            assert getattr(fitted_profile, f) == pytest.approx(factor * getattr(base, f))
     assert (base.loaded_request_overhead, base.running_request_overhead) == (0, 0)
-    assert (fleet.loaded_request_overhead, fleet.running_request_overhead) == (pytest.approx(loaded), pytest.approx(running))
+    assert (fitted_profile.loaded_request_overhead, fitted_profile.running_request_overhead) == (pytest.approx(loaded), pytest.approx(running))

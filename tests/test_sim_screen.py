@@ -19,8 +19,10 @@ SPEC = "synthetic:multi-turn:groups=2,sessions=12,turns=3,system_tokens=256,user
 def test_with_seed_sets_or_replaces_the_generators_seed() -> None:
     assert sim_screen.with_seed(SPEC, 3) == SPEC + ",seed=3"
     assert sim_screen.with_seed(SPEC + ",seed=7", 3) == SPEC + ",seed=3"
+    assert sim_screen.with_seed(SPEC + ", seed = -7", 3) == SPEC + ",seed=3"  # one seed, the new one
     assert sim_screen.with_seed("synthetic:multi-turn", 2) == "synthetic:multi-turn:seed=2"
-    assert sim_screen.with_seed("synthetic:zipf:seed=1,requests=50", 4) == "synthetic:zipf:seed=4,requests=50"
+    assert sim_screen.with_seed("synthetic:multi-turn:", 2) == "synthetic:multi-turn:seed=2"
+    assert sim_screen.with_seed("synthetic:zipf:seed=1,requests=50", 4) == "synthetic:zipf:requests=50,seed=4"
     with pytest.raises(ValueError, match="only synthetic"):
         sim_screen.with_seed("mooncake:trace.jsonl", 1)
 
@@ -43,12 +45,22 @@ def test_a_screen_ranks_load_as_it_should_and_writes_its_command(tmp_path: Path,
     assert light["sglang-ca"]["hit"] > light["rr"]["hit"]  # the cache-aware analog keeps the prefixes
 
 
-def test_bad_arguments_name_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_arguments_name_the_flag_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--workload", SPEC, "--rate-scales", "1"]
     for argv, message in (
-        (["--workload", SPEC, "--rate-scales", "1", "--target", "nameless"], "--target 'nameless'"),
-        (["--workload", SPEC, "--rate-scales", "1", "--target", "a=pylb", "--seeds", "x"], "--seeds 'x'"),
-        (["--workload", SPEC, "--rate-scales", "0", "--target", "a=pylb"], "--rate-scales"),
+        ([*base, "--target", "nameless"], "--target 'nameless': expected NAME=KIND ARGS"),
+        ([*base, "--target", "a=pylb", "--target", "a=pylb"], "the name 'a' is given twice"),
+        ([*base, "--target", "a=sglang --policy bogus"], "no simulated analog"),
+        ([*base, "--target", "a=pylb --no-such-flag"], "its arguments are not `pylb serve`'s"),
+        ([*base, "--target", "a=pylb", "--seeds", "x"], "--seeds 'x'"),
+        ([*base, "--target", "a=pylb", "--slo-ttft", "0"], "--slo-ttft 0.0: expected a positive"),
+        ([*base, "--target", "a=pylb", "--replicas", "0"], "--replicas 0: expected at least 1"),
+        (["--workload", SPEC, "--rate-scales", "0", "--target", "a=pylb"], "--rate-scales: --rate-scales: expected"),
+        (["--workload", SPEC, "--rate-scales", "1,1.0", "--target", "a=pylb"], "each scale once"),
+        (["--workload", "mooncake:x.jsonl", "--rate-scales", "1", "--target", "a=pylb"], "only synthetic"),
+        (["--workload", "synthetic:multi-turn:turns=0", "--rate-scales", "1", "--target", "a=pylb"], "turns"),
+        ([*base, "--target", "a=pylb", "--json", str(tmp_path / "no" / "out.json")], "no directory"),
     ):
         with pytest.raises(SystemExit):
             sim_screen.main(argv)
-        assert message in capsys.readouterr().err
+        assert message in capsys.readouterr().err, argv

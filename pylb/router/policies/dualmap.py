@@ -138,13 +138,14 @@ Design
    within the SLO in overload (29-34 % against 18-23 %, level with sglang's router) but at ~2/3
    load cost 6 points, since a short SLO's backlog stays over it for seconds there too; the
    simulator's fixed-rate screen did not show that loss (BENCHMARKS.md, "Overload: protect one
-   replica"). With `overload_draining=release` a candidate whose backlog is lower than
-   `overload_wait_s` ago (draining) takes no more of the hopeless, so a sink left by a burst
-   below capacity drains under the rules above. Not kept either: on the real pair with a 10 s
-   wait it was level with told-SLO pylb at ~2/3 load (34.0 against 32.2 % within 0.5 s over 6
-   repetitions) at protect's cost (p99 21-23 s against 7-8 s, hit -4 points, hotspot 1.15-1.22),
-   and in overload it was below told-SLO pylb without it (28.3 against 31.8 %), where protect
-   had been 11 points above in its batch (BENCHMARKS.md, "Releasing a draining sink").
+   replica"). With `overload_draining=release` a candidate whose backlog (in seconds at its
+   learned per-token time) is lower than at the last time it was a candidate at least
+   `overload_wait_s` before (draining) takes no more of the hopeless, so a sink left by a burst
+   below capacity drains under the rules above; its over-SLO clock keeps running, so it is a
+   sink again as soon as its backlog rises. Only with `overload=protect` and a wait above 0.
+   Not kept either: on the real pair, level with told-SLO pylb at ~2/3 load within 0.5 s at
+   protect's cost in the tail, hit rate and hotspot, and below it in overload (BENCHMARKS.md,
+   "Releasing a draining sink").
 Rings are rebuilt only in `on_membership`; adding one of N replicas moves about 1/N of the keys
 on each ring. Per request: one key_if_recorded (and one key_for in on_choice), one candidates
 lookup, one mirror match.
@@ -214,7 +215,8 @@ Options (`RouterOptions.extra`, or `pylb simulate --policy dualmap:key=value`), 
     overload_wait_s (float, default 3) step 8: how long a candidate's backlog must stay over the
                                       SLO before it takes the hopeless
     overload_draining (str, default keep) step 8: "keep" or "release": a candidate whose backlog
-                                      is lower than overload_wait_s ago takes no more hopeless
+                                      is lower than at its last sample overload_wait_s or more
+                                      ago takes no more hopeless (overload=protect only)
     balance_ratio (float, default 2)  slo_switch="balance" (step 4's rescue, and also switch when
                                       the other candidate's predicted TTFT x ratio < the preferred
                                       one's, at any SLO): measured mixed, so not the default
@@ -319,7 +321,7 @@ class DualMap(Policy):
         whole_key_block: bool = setting(True, "step 3: a match shorter than one key block, and not the whole prompt, counts as none")
         weak_share: float = setting(WEAK_SHARE, "step 3: a prompt its better candidate holds at most this share of goes to the fleet's cheapest replica (backlog plus its own prefill) when that one predicts it within slo_ttft / 2 (0: off)", check=at_least(0))
         overload: str = setting("share", "both candidates over the SLO: share (the rules above) or protect (the one whose backlog has been over the SLO for at least overload_wait_s takes it, so the other stays within the SLO)", check=one_of("share", "protect"))
-        overload_draining: str = setting("keep", "overload=protect: a candidate whose backlog is lower than overload_wait_s ago (draining): keep (still takes the hopeless) or release (it does not)", check=one_of("keep", "release"))
+        overload_draining: str = setting("keep", "overload=protect: a candidate whose backlog is lower than at its last sample at least overload_wait_s old (draining): keep (still takes the hopeless) or release (it does not)", check=one_of("keep", "release"))
         overload_wait_s: float = setting(3.0, "overload=protect: how long a candidate's backlog must have been over the SLO at every placement that saw it before it takes the hopeless", check=at_least(0))
         migrated_window: str = setting("new", "step 5's moves in step 3's window: new (a new prefix's prefill moves with it), move (every move's) or stay (none)", check=one_of(*MIGRATED_WINDOW_RULES))
 
@@ -352,7 +354,8 @@ class DualMap(Policy):
         self.protect = str(self.option("overload")) == "protect"
         self.overload_wait_s = float(self.option("overload_wait_s"))
         self.release_draining = str(self.option("overload_draining")) == "release"
-        self._backlogs: dict[ReplicaId, deque[tuple[float, float]]] = {}  # replica -> (time, backlog) at its placements within overload_wait_s
+        # replica -> (time, backlog) each time it was a candidate, back to the last one at least overload_wait_s old
+        self._backlog_history: dict[ReplicaId, deque[tuple[float, float]]] = {}
         self._over_slo_since: dict[ReplicaId, float] = {}  # replica -> since when every placement saw its backlog over the SLO
         self.key_depth = int(self.option("key_depth"))
         self.hot_share_fleet = str(self.option("hot_share")) == "fleet"
@@ -377,7 +380,7 @@ class DualMap(Policy):
             self._fit_hot_share(len(replicas))
         self._queued.clear()  # replica indices change with the membership
         self._over_slo_since = {name: t for name, t in self._over_slo_since.items() if name in replicas}
-        self._backlogs = {name: seen for name, seen in self._backlogs.items() if name in replicas}
+        self._backlog_history = {name: seen for name, seen in self._backlog_history.items() if name in replicas}
         if self.placed is not None:
             self.placed.keep(replicas)
         for name in [n for n in self._engine if n not in set(replicas)]:
@@ -459,14 +462,14 @@ class DualMap(Policy):
                 else:
                     self._over_slo_since.setdefault(name, now)
                 if self.release_draining:
-                    seen = self._backlogs.setdefault(name, deque())
+                    seen = self._backlog_history.setdefault(name, deque())
                     seen.append((now, backlog[i]))
                     while len(seen) > 1 and seen[1][0] <= now - self.overload_wait_s:
                         seen.popleft()
             if min(ta, tb) > self.slo:
                 slow = a if backlog[a] >= backlog[b] else b
                 since = self._over_slo_since.get(view.replicas[slow].name, now)
-                seen = self._backlogs.get(view.replicas[slow].name)
+                seen = self._backlog_history.get(view.replicas[slow].name)
                 draining = self.release_draining and seen is not None and backlog[slow] < seen[0][1]
                 if now - since >= self.overload_wait_s and not draining:
                     return Choice(slow, b if slow == a else a, branch="load", note=(pending, tail))

@@ -469,8 +469,8 @@ class DualMap(Policy):
             if min(ta, tb) > self.slo:
                 slow = a if backlog[a] >= backlog[b] else b
                 since = self._over_slo_since.get(view.replicas[slow].name, now)
-                seen = self._backlog_history.get(view.replicas[slow].name)
-                draining = self.release_draining and seen is not None and backlog[slow] < seen[0][1]
+                history = self._backlog_history.get(view.replicas[slow].name)
+                draining = self.release_draining and history is not None and backlog[slow] < history[0][1]
                 if now - since >= self.overload_wait_s and not draining:
                     return Choice(slow, b if slow == a else a, branch="load", note=(pending, tail))
         if self.spill and min(ta, tb) > self.slo:
